@@ -1,0 +1,155 @@
+//! Element types the ops accept: logits and activations in f32, bf16 or f16
+//! (always accumulated in f32), token ids as u32, i32 or i64.
+
+use half::{bf16, f16};
+
+/// The floating-point storage types of logits, hidden states and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// bfloat16: f32's exponent, 8 bits of mantissa.
+    BF16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// Suffix of the CUDA kernel instantiated for this dtype.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for u32 {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+}
+
+/// A storage float: converts to and from f32, in bulk where that is faster.
+pub trait Float:
+    sealed::Sealed + Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 'static
+{
+    /// This type's [`DType`].
+    const DTYPE: DType;
+    /// Exact widening to f32.
+    fn to_f32(self) -> f32;
+    /// Round-to-nearest-even narrowing from f32.
+    fn from_f32(v: f32) -> Self;
+
+    /// `dst[i] = src[i] as f32 * scale`; `dst.len() == src.len()`.
+    #[inline]
+    fn load_scaled(src: &[Self], scale: f32, dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32() * scale;
+        }
+    }
+
+    /// `dst[i] = round(src[i])`; `dst.len() == src.len()`.
+    #[inline]
+    fn store(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(*s);
+        }
+    }
+}
+
+impl Float for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Float for bf16 {
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // bf16 is the top half of an f32: a shift, which vectorizes.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Float for f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    #[inline]
+    fn load_scaled(src: &[Self], scale: f32, dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        // half converts with F16C where the CPU has it.
+        src.convert_to_f32_slice(dst);
+        for d in dst.iter_mut() {
+            *d *= scale;
+        }
+    }
+    #[inline]
+    fn store(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+/// Token id types. Negative ids only mean something as an `ignore_index`.
+pub trait TokenId: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// Suffix of the CUDA kernel instantiated for this id type.
+    const NAME: &'static str;
+    /// The id as a signed 64-bit integer.
+    fn to_i64(self) -> i64;
+}
+
+impl TokenId for u32 {
+    const NAME: &'static str = "u32";
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+
+impl TokenId for i32 {
+    const NAME: &'static str = "i32";
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+
+impl TokenId for i64 {
+    const NAME: &'static str = "i64";
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self
+    }
+}

@@ -1,0 +1,140 @@
+//! One error type for every op: it names the op, the argument and what was
+//! wrong, so a trainer can print it and a test can match on it.
+
+use std::fmt;
+
+/// Everything an op can refuse or fail with. Ops never panic on bad input.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+#[allow(missing_docs)] // fields: `op` is the op's name, the rest as the variant says
+pub enum Error {
+    /// A buffer's length disagrees with the shape the op derived from its other inputs.
+    ShapeMismatch {
+        op: &'static str,
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// An input that must hold at least one element holds none.
+    Empty { op: &'static str, what: &'static str },
+    /// A token id outside `0..vocab` (ignored ids excepted).
+    TokenOutOfRange {
+        op: &'static str,
+        index: usize,
+        token: i64,
+        vocab: usize,
+    },
+    /// A scalar parameter outside its domain.
+    InvalidParameter {
+        op: &'static str,
+        name: &'static str,
+        value: f64,
+        expected: &'static str,
+    },
+    /// A NaN or +inf in an input (or a logit row with no finite value).
+    NonFinite {
+        op: &'static str,
+        what: &'static str,
+        index: usize,
+    },
+    /// Sequence offsets or groups that do not describe the data.
+    InvalidLayout { op: &'static str, reason: String },
+    /// Inputs on different devices, of an unsupported dtype, or otherwise unusable together.
+    Unsupported { op: &'static str, reason: String },
+    /// The CUDA driver, cuBLAS or a kernel launch failed.
+    Cuda(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ShapeMismatch {
+                op,
+                what,
+                expected,
+                got,
+            } => write!(f, "{op}: `{what}` has {got} elements, expected {expected}"),
+            Error::Empty { op, what } => write!(f, "{op}: `{what}` is empty"),
+            Error::TokenOutOfRange {
+                op,
+                index,
+                token,
+                vocab,
+            } => write!(
+                f,
+                "{op}: token id {token} at row {index} is outside the vocabulary 0..{vocab}"
+            ),
+            Error::InvalidParameter {
+                op,
+                name,
+                value,
+                expected,
+            } => write!(f, "{op}: parameter `{name}` = {value} must be {expected}"),
+            Error::NonFinite { op, what, index } => {
+                write!(f, "{op}: `{what}` holds a NaN or infinity at index {index}")
+            }
+            Error::InvalidLayout { op, reason } => write!(f, "{op}: invalid layout: {reason}"),
+            Error::Unsupported { op, reason } => write!(f, "{op}: {reason}"),
+            Error::Cuda(msg) => write!(f, "CUDA: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Checks shared by every op's validation.
+pub(crate) mod check {
+    use super::{Error, Result};
+
+    pub fn len(op: &'static str, what: &'static str, expected: usize, got: usize) -> Result<()> {
+        if expected == got {
+            Ok(())
+        } else {
+            Err(Error::ShapeMismatch {
+                op,
+                what,
+                expected,
+                got,
+            })
+        }
+    }
+
+    pub fn non_empty(op: &'static str, what: &'static str, n: usize) -> Result<()> {
+        if n == 0 {
+            Err(Error::Empty { op, what })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `value` must be finite and satisfy `ok`; `expected` describes the domain.
+    pub fn param(
+        op: &'static str,
+        name: &'static str,
+        value: f64,
+        ok: bool,
+        expected: &'static str,
+    ) -> Result<()> {
+        if value.is_finite() && ok {
+            Ok(())
+        } else {
+            Err(Error::InvalidParameter {
+                op,
+                name,
+                value,
+                expected,
+            })
+        }
+    }
+
+    /// First non-finite value, as a `NonFinite` error.
+    pub fn finite(op: &'static str, what: &'static str, xs: &[f32]) -> Result<()> {
+        match xs.iter().position(|x| !x.is_finite()) {
+            None => Ok(()),
+            Some(index) => Err(Error::NonFinite { op, what, index }),
+        }
+    }
+}

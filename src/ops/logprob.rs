@@ -1,0 +1,424 @@
+//! Token log-probs: the log-probability of each row's target token under
+//! `softmax(logits / T)`, optionally the entropy of that distribution, and
+//! the row's log-sum-exp, saved for the backward pass.
+//!
+//! For row `i` with scaled logits `x_j = z_j / T` and target `y`:
+//!
+//! ```text
+//! lse_i  = log sum_j e^(x_j)
+//! logp_i = x_y - lse_i
+//! H_i    = -sum_j p_j log p_j,          p_j = e^(x_j - lse_i)
+//! ```
+//!
+//! Backward, for upstream gradients `g` (of logp), `g_H` (of H) and `g_L`
+//! (of lse):
+//!
+//! ```text
+//! dz_j = ( g (1[j=y] - p_j) + g_L p_j - g_H p_j (log p_j + H) ) / T
+//! ```
+//!
+//! One pass over the logits in the forward (online max/sum merge, see
+//! [`SoftmaxState`]), one read and one write in the backward; only `lse`
+//! (and `H` when its gradient is wanted) is saved in between. This is TRL's
+//! `selective_log_softmax` and entropy, fused.
+//!
+//! **Layouts.** The op is row-wise: a padded batch `[B, T, V]` is `B*T` rows
+//! with a `mask` (or targets equal to `ignore_index`) marking padding, and a
+//! packed batch is its `cu_seqlens[S]` rows back to back. Rows that are
+//! masked or ignored are never read: their outputs and gradients are 0.
+//!
+//! **Non-finite logits.** `-inf` is allowed and means probability 0 (a row
+//! needs one finite logit). A NaN or `+inf` in an active row is an
+//! [`Error::NonFinite`](crate::Error::NonFinite) naming the row.
+
+use rayon::prelude::*;
+
+use crate::element::{Float, TokenId};
+use crate::error::{check, Error, Result};
+use crate::memory::{opt_len, Host, Memory};
+use crate::ops::math::{self, multiversion, BLOCK};
+
+pub(crate) const OP: &str = "token_logprobs";
+pub(crate) const OP_BWD: &str = "token_logprobs_backward";
+
+/// Parameters of [`token_logprobs`] and its backward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogProbConfig {
+    /// Softmax temperature `T > 0`; logits are divided by it.
+    pub temperature: f32,
+    /// Also compute each row's entropy.
+    pub entropy: bool,
+    /// Rows whose target equals this id are skipped (Hugging Face uses -100).
+    pub ignore_index: Option<i64>,
+}
+
+impl Default for LogProbConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            entropy: false,
+            ignore_index: Some(-100),
+        }
+    }
+}
+
+impl LogProbConfig {
+    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+        let t = self.temperature as f64;
+        check::param(op, "temperature", t, t > 0.0, "finite and > 0")
+    }
+
+    /// Whether a row with this target (and mask value) is computed.
+    #[inline(always)]
+    pub(crate) fn is_active(&self, target: i64, mask: u8) -> bool {
+        mask != 0 && Some(target) != self.ignore_index
+    }
+}
+
+/// Logit rows and their targets: `logits` is `[rows, vocab]` row-major,
+/// `targets` and the optional `mask` (0 = skip) are `[rows]`.
+pub struct LogitRows<'a, T: 'a, I: 'a, M: Memory = Host> {
+    /// `[rows, vocab]`, row-major.
+    pub logits: M::Buf<'a, T>,
+    /// `[rows]`: the token whose log-prob is wanted.
+    pub targets: M::Buf<'a, I>,
+    /// `[rows]`: 0 skips the row.
+    pub mask: Option<M::Buf<'a, u8>>,
+    /// Vocabulary size `V`.
+    pub vocab: usize,
+}
+
+impl<'a, T: 'a, I: 'a, M: Memory> LogitRows<'a, T, I, M> {
+    /// Number of rows (tokens).
+    pub fn rows(&self) -> usize {
+        M::len(&self.targets)
+    }
+
+    /// Checks every length; returns the row count.
+    pub(crate) fn validate(&self, op: &'static str) -> Result<usize> {
+        validate_lens(
+            op,
+            self.vocab,
+            M::len(&self.logits),
+            self.rows(),
+            opt_len::<M, u8>(&self.mask),
+        )
+    }
+}
+
+impl<'a, T, I> LogitRows<'a, T, I, Host> {
+    /// `logits` `[rows, vocab]` and `targets` `[rows]`, no mask.
+    pub fn new(logits: &'a [T], targets: &'a [I], vocab: usize) -> Self {
+        Self {
+            logits,
+            targets,
+            mask: None,
+            vocab,
+        }
+    }
+
+    /// The same rows with a mask (0 = skip the row).
+    pub fn with_mask(self, mask: &'a [u8]) -> Self {
+        Self {
+            mask: Some(mask),
+            ..self
+        }
+    }
+}
+
+/// Length checks of a `[rows, vocab]` logits buffer with its targets and mask.
+pub(crate) fn validate_lens(
+    op: &'static str,
+    vocab: usize,
+    logits: usize,
+    rows: usize,
+    mask: Option<usize>,
+) -> Result<usize> {
+    check::non_empty(op, "targets", rows)?;
+    check::non_empty(op, "vocab", vocab)?;
+    let expected = rows.checked_mul(vocab).ok_or_else(|| Error::InvalidLayout {
+        op,
+        reason: format!("{rows} rows x {vocab} vocab overflows usize"),
+    })?;
+    check::len(op, "logits", expected, logits)?;
+    if let Some(n) = mask {
+        check::len(op, "mask", rows, n)?;
+    }
+    Ok(rows)
+}
+
+/// Forward results, one value per row (0 for skipped rows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogProbs<M: Memory = Host> {
+    /// `log p(target)`.
+    pub logp: M::Owned<f32>,
+    /// Entropy of the row's distribution, if asked for.
+    pub entropy: Option<M::Owned<f32>>,
+    /// `logsumexp(logits / T)`, saved for the backward.
+    pub lse: M::Owned<f32>,
+}
+
+/// What the backward needs from the forward.
+pub struct LogProbSaved<'a, M: Memory = Host> {
+    /// The forward's `lse`.
+    pub lse: M::Buf<'a, f32>,
+    /// Needed only when an entropy gradient is given.
+    pub entropy: Option<M::Buf<'a, f32>>,
+}
+
+impl LogProbs<Host> {
+    /// Borrows what [`token_logprobs_backward`] needs.
+    pub fn saved(&self) -> LogProbSaved<'_, Host> {
+        LogProbSaved {
+            lse: &self.lse,
+            entropy: self.entropy.as_deref(),
+        }
+    }
+}
+
+/// Upstream gradients of the forward's outputs, one per row. Absent
+/// gradients are zero.
+pub struct LogProbGrads<'a, M: Memory = Host> {
+    /// `dL/dlogp`.
+    pub logp: M::Buf<'a, f32>,
+    /// `dL/dH`.
+    pub entropy: Option<M::Buf<'a, f32>>,
+    /// `dL/dlse`.
+    pub lse: Option<M::Buf<'a, f32>>,
+}
+
+impl<M: Memory> LogProbGrads<'_, M> {
+    pub(crate) fn validate(&self, op: &'static str, rows: usize, saved: &LogProbSaved<'_, M>) -> Result<()> {
+        check::len(op, "grad_logp", rows, M::len(&self.logp))?;
+        check::len(op, "lse", rows, M::len(&saved.lse))?;
+        if let Some(n) = opt_len::<M, f32>(&self.lse) {
+            check::len(op, "grad_lse", rows, n)?;
+        }
+        if let Some(n) = opt_len::<M, f32>(&self.entropy) {
+            check::len(op, "grad_entropy", rows, n)?;
+            match opt_len::<M, f32>(&saved.entropy) {
+                Some(n) => check::len(op, "entropy", rows, n)?,
+                None => {
+                    return Err(Error::Unsupported {
+                        op,
+                        reason: "an entropy gradient needs the forward's entropy \
+                                 (run the forward with `entropy: true`)"
+                            .into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-row token log-probs, entropies and log-sum-exps of `softmax(logits / T)`.
+///
+/// Errors: empty input, length mismatches, `temperature <= 0`, a target
+/// outside `0..vocab` (unless ignored), a NaN or `+inf` logit in an active row.
+pub fn token_logprobs<T: Float, I: TokenId>(
+    rows: &LogitRows<'_, T, I>,
+    cfg: &LogProbConfig,
+) -> Result<LogProbs> {
+    let n = rows.validate(OP)?;
+    cfg.validate(OP)?;
+    let vocab = rows.vocab;
+    let active = active_rows(OP, rows.targets, rows.mask, vocab, cfg)?;
+    let inv_t = 1.0 / cfg.temperature;
+
+    let mut logp = vec![0.0f32; n];
+    let mut entropy = vec![0.0f32; n];
+    let mut lse = vec![0.0f32; n];
+    rows.logits
+        .par_chunks(vocab)
+        .zip(&active)
+        .zip(
+            logp.par_iter_mut()
+                .zip(entropy.par_iter_mut())
+                .zip(lse.par_iter_mut()),
+        )
+        .with_min_len((1 << 16) / vocab + 1)
+        .for_each_init(
+            || Box::new([0.0f32; BLOCK]),
+            |buf, ((row, &target), ((lp, h), l))| {
+                let Some(y) = target else { return };
+                match math::softmax_state(row, inv_t, buf).finish() {
+                    Some((row_lse, row_h)) => {
+                        *lp = row[y].to_f32() * inv_t - row_lse;
+                        *h = row_h;
+                        *l = row_lse;
+                    }
+                    None => *l = f32::NAN,
+                }
+            },
+        );
+    if let Some(index) = lse.iter().position(|l| l.is_nan()) {
+        return Err(Error::NonFinite {
+            op: OP,
+            what: "logits",
+            index,
+        });
+    }
+    Ok(LogProbs {
+        logp,
+        entropy: cfg.entropy.then_some(entropy),
+        lse,
+    })
+}
+
+/// Gradient of a loss with respect to the logits, given its gradients with
+/// respect to [`token_logprobs`]'s outputs. Returns `[rows, vocab]` in the
+/// logits' dtype.
+pub fn token_logprobs_backward<T: Float, I: TokenId>(
+    rows: &LogitRows<'_, T, I>,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_>,
+    grads: &LogProbGrads<'_>,
+) -> Result<Vec<T>> {
+    let n = rows.validate(OP_BWD)?;
+    let coefs = backward_coefs(n, rows.targets, rows.mask, rows.vocab, cfg, saved, grads)?;
+    let mut dlogits = vec![T::default(); rows.logits.len()];
+    rows.logits
+        .par_chunks(rows.vocab)
+        .zip(dlogits.par_chunks_mut(rows.vocab))
+        .zip(&coefs)
+        .with_min_len((1 << 16) / rows.vocab + 1)
+        .for_each_init(
+            || Box::new([0.0f32; BLOCK]),
+            |buf, ((src, dst), coef)| backward_row(coef, Some(src), dst, buf),
+        );
+    Ok(dlogits)
+}
+
+/// [`token_logprobs_backward`] writing the gradient over the logits buffer,
+/// so that logits and their gradient are never held at once.
+pub fn token_logprobs_backward_inplace<T: Float, I: TokenId>(
+    logits: &mut [T],
+    targets: &[I],
+    mask: Option<&[u8]>,
+    vocab: usize,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_>,
+    grads: &LogProbGrads<'_>,
+) -> Result<()> {
+    let n = validate_lens(OP_BWD, vocab, logits.len(), targets.len(), mask.map(<[u8]>::len))?;
+    let coefs = backward_coefs(n, targets, mask, vocab, cfg, saved, grads)?;
+    logits
+        .par_chunks_mut(vocab)
+        .zip(&coefs)
+        .with_min_len((1 << 16) / vocab + 1)
+        .for_each_init(
+            || Box::new([0.0f32; BLOCK]),
+            |buf, (row, coef)| backward_row(coef, None, row, buf),
+        );
+    Ok(())
+}
+
+/// Validates targets and mask; returns each row's target, `None` if skipped.
+pub(crate) fn active_rows<I: TokenId>(
+    op: &'static str,
+    targets: &[I],
+    mask: Option<&[u8]>,
+    vocab: usize,
+    cfg: &LogProbConfig,
+) -> Result<Vec<Option<usize>>> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let token = t.to_i64();
+            if !cfg.is_active(token, mask.map_or(1, |m| m[i])) {
+                return Ok(None);
+            }
+            if token < 0 || token as u64 >= vocab as u64 {
+                return Err(Error::TokenOutOfRange {
+                    op,
+                    index: i,
+                    token,
+                    vocab,
+                });
+            }
+            Ok(Some(token as usize))
+        })
+        .collect()
+}
+
+/// Per-row constants of the backward. With `c = g_L - g - g_H (H - lse)`:
+/// `dz_j = (p_j (c - g_H x_j) + g 1[j=y]) / T`, `x_j = z_j / T`,
+/// `p_j = e^(x_j - lse)`.
+pub(crate) struct RowGrad {
+    target: Option<usize>,
+    inv_t: f32,
+    lse: f32,
+    g: f32,
+    g_h: f32,
+    c: f32,
+}
+
+fn backward_coefs<I: TokenId>(
+    n: usize,
+    targets: &[I],
+    mask: Option<&[u8]>,
+    vocab: usize,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_>,
+    grads: &LogProbGrads<'_>,
+) -> Result<Vec<RowGrad>> {
+    cfg.validate(OP_BWD)?;
+    grads.validate(OP_BWD, n, saved)?;
+    let active = active_rows(OP_BWD, targets, mask, vocab, cfg)?;
+    check::finite(OP_BWD, "lse", saved.lse)?;
+    let inv_t = 1.0 / cfg.temperature;
+    Ok((0..n)
+        .map(|i| {
+            let g = grads.logp[i];
+            let g_h = grads.entropy.map_or(0.0, |ge| ge[i]);
+            let g_l = grads.lse.map_or(0.0, |gl| gl[i]);
+            let h = saved.entropy.map_or(0.0, |e| e[i]);
+            let lse = saved.lse[i];
+            RowGrad {
+                target: active[i],
+                inv_t,
+                lse,
+                g,
+                g_h,
+                c: g_l - g - g_h * (h - lse),
+            }
+        })
+        .collect())
+}
+
+/// Writes one row's gradient into `dst`, reading logits from `src`, or from
+/// `dst` itself when `src` is `None` (in place). Skipped rows get zeros.
+fn backward_row<T: Float>(coef: &RowGrad, src: Option<&[T]>, dst: &mut [T], buf: &mut [f32; BLOCK]) {
+    let Some(y) = coef.target else {
+        dst.fill(T::from_f32(0.0));
+        return;
+    };
+    let len = dst.len();
+    for (start, end) in (0..len).step_by(BLOCK).map(|s| (s, (s + BLOCK).min(len))) {
+        let block = &mut buf[..end - start];
+        T::load_scaled(
+            src.map_or(&dst[start..end], |s| &s[start..end]),
+            coef.inv_t,
+            block,
+        );
+        grad_block(block, coef);
+        if (start..end).contains(&y) {
+            block[y - start] += coef.g * coef.inv_t;
+        }
+        T::store(block, &mut dst[start..end]);
+    }
+}
+
+multiversion! {
+    /// `x <- p (c - g_H x) / T` over a block of scaled logits `x`.
+    fn grad_block(xs: &mut [f32], coef: &RowGrad) {
+        let (lse, c, g_h, inv_t) = (coef.lse, coef.c, coef.g_h, coef.inv_t);
+        for x in xs.iter_mut() {
+            let p = math::exp(*x - lse);
+            // p == 0 for -inf logits, where g_H x would be NaN.
+            *x = if p > 0.0 { p * (c - g_h * *x) * inv_t } else { 0.0 };
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The CPU's shared numerics: a vectorizable `exp`, the online softmax state
+//! every row-wise op reduces with, and runtime dispatch to AVX2+FMA.
+//!
+//! The hot loops are written over fixed-width lane arrays with no branches,
+//! so LLVM turns them into SIMD; [`multiversion!`] compiles each one twice
+//! (baseline x86-64 and AVX2+FMA) and picks at run time, so one binary is
+//! fast on any x86-64 machine.
+
+/// Lanes per accumulator array: two AVX2 registers, enough independent adds
+/// to hide FMA latency.
+pub const LANES: usize = 16;
+
+/// Rows are processed in blocks of this many f32: a block stays in L1
+/// between its max pass and its exp pass.
+pub const BLOCK: usize = 2048;
+
+/// Defines `fn $name(args) -> ret` whose body is compiled for the baseline
+/// target and for AVX2+FMA, choosing at run time.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($gen:ident : $bound:path),*>)? ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name $(<$($gen: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic $(<$($gen: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2 $(<$($gen: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                if $crate::ops::math::has_avx2_fma() {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Whether this CPU has AVX2 and FMA (cached by std after the first call).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Below this, `exp` returns exactly 0 (e^-87.3 is the smallest normal f32).
+const EXP_LO: f32 = -87.33;
+const EXP_HI: f32 = 88.37;
+
+/// `e^x` to about 1 ulp, branch-free so it vectorizes: `x = n ln2 + r`,
+/// `e^r` by the Cephes minimax polynomial on `|r| <= ln2/2`, `2^n` built in
+/// the exponent bits. Exactly 0 below -87.33 (so `-inf` gives 0), NaN in
+/// gives NaN out.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 * 2^23: adding it rounds to an integer held in the mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Comparisons, not f32::max/min: those would turn NaN into the bound.
+    let xc = if x > EXP_HI { EXP_HI } else { x };
+    let xc = if xc < EXP_LO { EXP_LO } else { xc };
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let er = p * r2 + r + 1.0;
+    // t - ROUND is exactly n, and so is the difference of their bit
+    // patterns (both lie in [2^23, 2^24)); 2^n goes in the exponent field.
+    let bits = (t.to_bits().wrapping_sub(ROUND.to_bits()) as i32 + 127) << 23;
+    let y = er * f32::from_bits(bits as u32);
+    if x < EXP_LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// Largest element (-inf for an empty slice; NaN elements are skipped here
+/// and caught by [`SoftmaxState::finish`], since they make the sums NaN).
+#[inline(always)]
+pub fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &x in chunks.remainder() {
+        m = m.max(x);
+    }
+    m
+}
+
+/// `(sum e^(x-m), sum e^(x-m) (x-m))` over a block; the second sum feeds the
+/// entropy. Terms with `e^(x-m) == 0` contribute 0 (so `-inf` logits are fine).
+#[inline(always)]
+pub fn sum_exp(xs: &[f32], m: f32) -> (f32, f32) {
+    let mut s = [0.0f32; LANES];
+    let mut e = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let d = c[i] - m;
+            let p = exp(d);
+            s[i] += p;
+            e[i] += if p > 0.0 { p * d } else { 0.0 };
+        }
+    }
+    let (mut s1, mut e1) = (s.iter().sum::<f32>(), e.iter().sum::<f32>());
+    for &x in chunks.remainder() {
+        let d = x - m;
+        let p = exp(d);
+        s1 += p;
+        e1 += if p > 0.0 { p * d } else { 0.0 };
+    }
+    (s1, e1)
+}
+
+/// The online softmax state of a sequence of values `x`:
+/// `m = max x`, `s = sum e^(x-m)`, `e = sum e^(x-m) (x-m)`.
+///
+/// From it, `logsumexp = m + ln s` and the entropy of `softmax(x)` is
+/// `H = ln s - e / s`. States of disjoint parts merge exactly (up to
+/// rounding), which is how rows are split across blocks, threads, vocab
+/// chunks and GPU blocks alike (Milakov & Gimelshein, "Online normalizer
+/// calculation for softmax", 2018, extended with the entropy term).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoftmaxState {
+    /// Running maximum.
+    pub m: f32,
+    /// `sum e^(x-m)`.
+    pub s: f32,
+    /// `sum e^(x-m) (x-m)`.
+    pub e: f32,
+}
+
+impl Default for SoftmaxState {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl SoftmaxState {
+    /// The state of no values.
+    pub const EMPTY: Self = Self {
+        m: f32::NEG_INFINITY,
+        s: 0.0,
+        e: 0.0,
+    };
+
+    /// The state after also seeing `block` (already temperature-scaled).
+    #[inline(always)]
+    pub fn update(self, block: &[f32]) -> Self {
+        let bm = max(block);
+        let merged = self.rebase(self.m.max(bm));
+        let (s, e) = sum_exp(block, merged.m);
+        Self {
+            m: merged.m,
+            s: merged.s + s,
+            e: merged.e + e,
+        }
+    }
+
+    /// The same state expressed relative to a new maximum `m >= self.m`:
+    /// `s' = a s`, `e' = a (e + (m_old - m) s)` with `a = e^(m_old - m)`.
+    #[inline(always)]
+    fn rebase(self, m: f32) -> Self {
+        if self.s == 0.0 || m == self.m {
+            return Self { m, ..self };
+        }
+        let delta = self.m - m;
+        let a = exp(delta);
+        Self {
+            m,
+            s: a * self.s,
+            e: a * (self.e + delta * self.s),
+        }
+    }
+
+    /// The state of the union of the values behind `self` and `other`.
+    #[inline]
+    pub fn merge(self, other: Self) -> Self {
+        let m = self.m.max(other.m);
+        if m == f32::NEG_INFINITY {
+            return Self::EMPTY;
+        }
+        let a = self.rebase(m);
+        let b = other.rebase(m);
+        Self {
+            m,
+            s: a.s + b.s,
+            e: a.e + b.e,
+        }
+    }
+
+    /// `(logsumexp, entropy)`, or `None` when a value was NaN or +inf, or no
+    /// value was finite.
+    #[inline]
+    pub fn finish(self) -> Option<(f32, f32)> {
+        if !(self.m.is_finite() && self.s.is_finite() && self.e.is_finite() && self.s > 0.0) {
+            return None;
+        }
+        let ln_s = self.s.ln();
+        Some((self.m + ln_s, ln_s - self.e / self.s))
+    }
+}
+
+multiversion! {
+    /// Online softmax state of `src * scale`, converting from the storage
+    /// type one L1-sized block at a time.
+    pub fn softmax_state<T: crate::Float>(src: &[T], scale: f32, buf: &mut [f32; BLOCK]) -> SoftmaxState {
+        let mut state = SoftmaxState::EMPTY;
+        for chunk in src.chunks(BLOCK) {
+            let block = &mut buf[..chunk.len()];
+            T::load_scaled(chunk, scale, block);
+            state = state.update(block);
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std_to_two_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, exact) = (exp(x), (x as f64).exp());
+            let rel = ((ours as f64 - exact) / exact).abs();
+            assert!(rel < 2.5e-7, "exp({x}) = {ours}, exact {exact}, rel {rel}");
+            x += 0.0137;
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn merge_equals_one_pass() {
+        let xs: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 3.0)
+            .collect();
+        let whole = SoftmaxState::EMPTY.update(&xs);
+        let parts = SoftmaxState::EMPTY
+            .update(&xs[..333])
+            .merge(SoftmaxState::EMPTY.update(&xs[333..]));
+        let (l1, h1) = whole.finish().unwrap();
+        let (l2, h2) = parts.finish().unwrap();
+        assert!((l1 - l2).abs() < 1e-5 && (h1 - h2).abs() < 1e-5);
+        assert_eq!(
+            SoftmaxState::EMPTY.merge(SoftmaxState::EMPTY),
+            SoftmaxState::EMPTY
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! The ops: one module per family, each holding the family's spec (inputs,
+//! parameters, validation) and its CPU kernel, which is both the reference
+//! the CUDA kernels are tested against and a multithreaded fallback.
+
+pub mod math;
+
+pub mod logprob;

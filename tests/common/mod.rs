@@ -1,0 +1,79 @@
+//! Shared by the test suites: a seeded generator, dtype round-trips, and
+//! tolerance checks. Reference implementations live beside the tests that
+//! use them, written in f64 and as plainly as possible.
+#![allow(dead_code)]
+
+use grpo_kernels::Float;
+
+/// SplitMix64: small, seedable, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// `n` values `scale * N(0, 1)`, rounded to `T`.
+    pub fn normals<T: Float>(&mut self, n: usize, scale: f64) -> Vec<T> {
+        (0..n)
+            .map(|_| T::from_f32((self.normal() * scale) as f32))
+            .collect()
+    }
+}
+
+/// Exact widening of stored values to f64, so references see exactly what
+/// the op saw.
+pub fn widen<T: Float>(xs: &[T]) -> Vec<f64> {
+    xs.iter().map(|x| x.to_f32() as f64).collect()
+}
+
+/// Asserts `|got - want| <= atol + rtol |want|` elementwise; NaN never passes.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        let ok = (g - w).abs() <= atol + rtol * w.abs();
+        assert!(
+            ok && g.is_finite() == w.is_finite(),
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+/// Central finite differences of `f` at `x`, step `h`.
+pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let x0 = x[i];
+            x[i] = x0 + h;
+            let up = f(&x);
+            x[i] = x0 - h;
+            let down = f(&x);
+            x[i] = x0;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
