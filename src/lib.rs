@@ -19,6 +19,7 @@ pub mod ops;
 pub use element::{DType, Float, TokenId};
 pub use error::{Error, Result};
 pub use memory::{Host, Memory};
+pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,

@@ -79,7 +79,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let er = p * r2 + r + 1.0;
     // t - ROUND is exactly n, and so is the difference of their bit
     // patterns (both lie in [2^23, 2^24)); 2^n goes in the exponent field.

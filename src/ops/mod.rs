@@ -4,4 +4,5 @@
 
 pub mod math;
 
+pub mod layout;
 pub mod logprob;
