@@ -41,8 +41,33 @@ pub enum Error {
     InvalidLayout { op: &'static str, reason: String },
     /// Inputs on different devices, of an unsupported dtype, or otherwise unusable together.
     Unsupported { op: &'static str, reason: String },
+    /// A CUDA kernel found bad data (reported by `Gpu::check`): `index` is
+    /// the first row, token or offset concerned.
+    Device {
+        op: &'static str,
+        fault: DeviceFault,
+        index: usize,
+    },
     /// The CUDA driver, cuBLAS or a kernel launch failed.
     Cuda(String),
+}
+
+/// What a CUDA kernel found wrong with its input data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceFault {
+    /// A token id outside `0..vocab`.
+    TokenOutOfRange,
+    /// A NaN or infinity where a finite value is required.
+    NonFinite,
+    /// Sequence offsets that do not describe the data.
+    InvalidLayout,
+}
+
+impl Error {
+    /// Wraps a CUDA driver or library error.
+    pub fn cuda(e: impl fmt::Display) -> Self {
+        Error::Cuda(e.to_string())
+    }
 }
 
 impl fmt::Display for Error {
@@ -75,6 +100,14 @@ impl fmt::Display for Error {
             }
             Error::InvalidLayout { op, reason } => write!(f, "{op}: invalid layout: {reason}"),
             Error::Unsupported { op, reason } => write!(f, "{op}: {reason}"),
+            Error::Device { op, fault, index } => {
+                let what = match fault {
+                    DeviceFault::TokenOutOfRange => "a token id outside the vocabulary",
+                    DeviceFault::NonFinite => "a NaN or infinity",
+                    DeviceFault::InvalidLayout => "invalid sequence offsets",
+                };
+                write!(f, "{op} (CUDA): {what}, first at index {index}")
+            }
             Error::Cuda(msg) => write!(f, "CUDA: {msg}"),
         }
     }

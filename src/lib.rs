@@ -16,8 +16,11 @@ pub mod error;
 pub mod memory;
 pub mod ops;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 pub use element::{DType, Float, TokenId};
-pub use error::{Error, Result};
+pub use error::{DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{

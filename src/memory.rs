@@ -9,10 +9,14 @@
 pub trait Memory {
     /// A borrowed, read-only buffer of `T`.
     type Buf<'a, T: 'a>;
+    /// A borrowed buffer an op writes into.
+    type BufMut<'a, T: 'a>;
     /// A buffer an op allocates and returns.
     type Owned<T>;
     /// Number of elements of a borrowed buffer.
     fn len<T>(buf: &Self::Buf<'_, T>) -> usize;
+    /// Number of elements of a borrowed output buffer.
+    fn len_mut<T>(buf: &Self::BufMut<'_, T>) -> usize;
 }
 
 /// Host memory: `&[T]` in, `Vec<T>` out.
@@ -21,8 +25,12 @@ pub struct Host;
 
 impl Memory for Host {
     type Buf<'a, T: 'a> = &'a [T];
+    type BufMut<'a, T: 'a> = &'a mut [T];
     type Owned<T> = Vec<T>;
     fn len<T>(buf: &&[T]) -> usize {
+        buf.len()
+    }
+    fn len_mut<T>(buf: &&mut [T]) -> usize {
         buf.len()
     }
 }

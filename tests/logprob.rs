@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, finite_diff, widen, Rng};
+use common::{assert_close, assert_close_rows, finite_diff, softmax_row_atol, widen, Rng};
 use grpo_kernels::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, Error, Float, LogProbConfig,
     LogProbGrads, LogitRows,
@@ -230,6 +230,56 @@ fn backward_matches_finite_differences() {
             check_backward::<bf16>(rows, vocab, t, 300 + i as u64, 4e-3);
             check_backward::<f16>(rows, vocab, t, 400 + i as u64, 5e-4);
         }
+    }
+}
+
+/// The backward's closed form in f64: `dz_j = (g (1[j=y] - p_j) + g_L p_j - g_H p_j (log p_j + H)) / T`.
+fn reference_grad(logits: &[f64], targets: &[usize], vocab: usize, t: f64, g: &[[f64; 3]]) -> Vec<f64> {
+    let outs = reference(logits, targets, vocab, t);
+    let mut d = Vec::with_capacity(logits.len());
+    for (i, row) in logits.chunks(vocab).enumerate() {
+        let (_, h, lse) = outs[i];
+        for (j, z) in row.iter().enumerate() {
+            let log_p = z / t - lse;
+            let p = log_p.exp();
+            let onehot = (j == targets[i]) as u8 as f64;
+            d.push((g[i][0] * (onehot - p) + g[i][2] * p - g[i][1] * p * (log_p + h)) / t);
+        }
+    }
+    d
+}
+
+#[test]
+fn backward_is_accurate_at_low_temperature_and_large_logits() {
+    // x and lse both near 40: a formula with x - lse computed late cancels.
+    let (rows, vocab) = (64, 4051);
+    let mut rng = Rng::new(21);
+    for &(t, scale) in &[(0.35f32, 4.0), (0.1, 3.0), (1.0, 50.0)] {
+        let logits: Vec<f32> = rng.normals(rows * vocab, scale);
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+        let g: Vec<[f64; 3]> = (0..rows)
+            .map(|_| [rng.normal() as f32 as f64, rng.normal() as f32 as f64, 0.0])
+            .collect();
+        let (gl, gh): (Vec<f32>, Vec<f32>) = g.iter().map(|x| (x[0] as f32, x[1] as f32)).unzip();
+        let input = LogitRows::new(&logits, &targets, vocab);
+        let fwd = token_logprobs(&input, &cfg(t)).unwrap();
+        let grads: LogProbGrads = LogProbGrads {
+            logp: &gl,
+            entropy: Some(&gh),
+            lse: None,
+        };
+        let got = token_logprobs_backward(&input, &cfg(t), &fwd.saved(), &grads).unwrap();
+        let tgt: Vec<usize> = targets.iter().map(|&t| t as usize).collect();
+        let want = reference_grad(&widen(&logits), &tgt, vocab, t as f64, &g);
+        let atol = softmax_row_atol(&logits, t);
+        assert_close_rows(
+            &format!("dlogits T={t} scale={scale}"),
+            &got,
+            &want,
+            vocab,
+            atol,
+            1e-4,
+        );
     }
 }
 

@@ -343,9 +343,10 @@ pub(crate) fn active_rows<I: TokenId>(
         .collect()
 }
 
-/// Per-row constants of the backward. With `c = g_L - g - g_H (H - lse)`:
-/// `dz_j = (p_j (c - g_H x_j) + g 1[j=y]) / T`, `x_j = z_j / T`,
-/// `p_j = e^(x_j - lse)`.
+/// Per-row constants of the backward. With `c = g_L - g - g_H H` and
+/// `l_j = x_j - lse = log p_j`: `dz_j = (p_j (c - g_H l_j) + g 1[j=y]) / T`.
+/// (Written with `l_j` rather than `x_j` so that no two large terms cancel:
+/// at low temperature `x_j` and `lse` are both large.)
 pub(crate) struct RowGrad {
     target: Option<usize>,
     inv_t: f32,
@@ -375,14 +376,13 @@ fn backward_coefs<I: TokenId>(
             let g_h = grads.entropy.map_or(0.0, |ge| ge[i]);
             let g_l = grads.lse.map_or(0.0, |gl| gl[i]);
             let h = saved.entropy.map_or(0.0, |e| e[i]);
-            let lse = saved.lse[i];
             RowGrad {
                 target: active[i],
                 inv_t,
-                lse,
+                lse: saved.lse[i],
                 g,
                 g_h,
-                c: g_l - g - g_h * (h - lse),
+                c: g_l - g - g_h * h,
             }
         })
         .collect())
@@ -412,13 +412,14 @@ fn backward_row<T: Float>(coef: &RowGrad, src: Option<&[T]>, dst: &mut [T], buf:
 }
 
 multiversion! {
-    /// `x <- p (c - g_H x) / T` over a block of scaled logits `x`.
+    /// `x <- p (c - g_H log p) / T` over a block of scaled logits `x`.
     fn grad_block(xs: &mut [f32], coef: &RowGrad) {
         let (lse, c, g_h, inv_t) = (coef.lse, coef.c, coef.g_h, coef.inv_t);
         for x in xs.iter_mut() {
-            let p = math::exp(*x - lse);
-            // p == 0 for -inf logits, where g_H x would be NaN.
-            *x = if p > 0.0 { p * (c - g_h * *x) * inv_t } else { 0.0 };
+            let log_p = *x - lse;
+            let p = math::exp(log_p);
+            // p == 0 for -inf logits, where g_H log p would be NaN.
+            *x = if p > 0.0 { p * (c - g_h * log_p) * inv_t } else { 0.0 };
         }
     }
 }

@@ -62,7 +62,38 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     }
 }
 
+/// Like [`assert_close`] for `[rows, row_len]` data whose error scales with
+/// each row's magnitude (gradients of a softmax row): element `j` of a row
+/// passes if `|got - want| <= row_atol * max|want_row| + rtol |want|`.
+#[track_caller]
+pub fn assert_close_rows(what: &str, got: &[f32], want: &[f64], row_len: usize, row_atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (r, (g, w)) in got.chunks(row_len).zip(want.chunks(row_len)).enumerate() {
+        let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (j, (&g, &w)) in g.iter().zip(w).enumerate() {
+            let g = g as f64;
+            let ok = (g - w).abs() <= row_atol * scale + rtol * w.abs();
+            assert!(
+                ok && g.is_finite() == w.is_finite(),
+                "{what}[row {r}, col {j}]: got {g}, want {w} (row max {scale})"
+            );
+        }
+    }
+}
+
+/// f32's resolution for softmax gradients of logits `z / t`: 4 ulps of the
+/// largest scaled logit (`log p = x - lse` is no more exact than that).
+pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
+    let xmax = logits
+        .iter()
+        .fold(1.0f64, |m, z| m.max((z.to_f32() / t).abs() as f64));
+    4.0 * f32::EPSILON as f64 * xmax
+}
+
 /// Central finite differences of `f` at `x`, step `h`.
+#[cfg(feature = "cuda")]
+pub mod gpu;
+
 pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
     let mut x = x.to_vec();
     (0..x.len())

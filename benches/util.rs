@@ -1,0 +1,58 @@
+//! Shared by the benches: seeded data, the memory-copy floors, and CUDA
+//! event timing.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use grpo_kernels::Float;
+
+/// Seeded standard-normal-ish values (SplitMix64 + Box-Muller), times `scale`.
+pub fn normals<T: Float>(n: usize, scale: f32, seed: u64) -> Vec<T> {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (next().max(1e-300), next());
+            let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            T::from_f32(g as f32 * scale)
+        })
+        .collect()
+}
+
+/// Token ids in `0..vocab`.
+pub fn targets(rows: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..rows as u64)
+        .map(|i| ((i.wrapping_mul(0x9E37_79B9) ^ seed) % vocab as u64) as u32)
+        .collect()
+}
+
+#[cfg(feature = "cuda")]
+pub mod gpu {
+    use super::Duration;
+    use cudarc::driver::sys::CUevent_flags;
+    use grpo_kernels::cuda::Gpu;
+
+    /// Device time of `iters` runs of `f`, measured with CUDA events (after
+    /// the stream drains whatever was queued before).
+    pub fn time(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
+        let stream = gpu.stream();
+        let ctx = stream.context();
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+        stream.synchronize().unwrap();
+        start.record(stream).unwrap();
+        for _ in 0..iters {
+            f();
+        }
+        end.record(stream).unwrap();
+        end.synchronize().unwrap();
+        gpu.check().expect("kernels raised a data error during the bench");
+        Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 / 1e3)
+    }
+}

@@ -1,0 +1,290 @@
+//! Launches of the token log-prob kernels (`cuda/logprob.cu`). The spec,
+//! math and validation are those of [`crate::ops::logprob`].
+
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+
+use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt};
+use crate::error::{check, Error, Result};
+use crate::ops::logprob::{
+    validate_lens, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogitRows, OP, OP_BWD,
+};
+
+const FILE: KernelFile = KernelFile {
+    name: "logprob",
+    ptx: ptx::LOGPROB,
+};
+/// Threads per block of the forward and backward (`THREADS` in the .cu).
+const THREADS: u32 = 512;
+/// Rows per block of the merge: one warp each.
+const MERGE_ROWS_PER_BLOCK: u32 = 8;
+/// A vocab slice is at least this long, so a block's sweep amortizes its reduction.
+const MIN_SLICE: usize = 8192;
+
+/// Where the forward writes its outputs (each `[rows]`).
+pub struct LogProbsOut<'a> {
+    /// `log p(target)`.
+    pub logp: CudaViewMut<'a, f32>,
+    /// Entropy; must be present exactly when `cfg.entropy`.
+    pub entropy: Option<CudaViewMut<'a, f32>>,
+    /// `logsumexp(logits / T)`.
+    pub lse: CudaViewMut<'a, f32>,
+}
+
+impl LogProbs<Device> {
+    /// Borrows what the backward needs.
+    pub fn saved(&self) -> LogProbSaved<'_, Device> {
+        LogProbSaved {
+            lse: self.lse.as_view(),
+            entropy: self.entropy.as_ref().map(|e| e.as_view()),
+        }
+    }
+}
+
+/// Grid over (row, vocab slice); rows must fit a grid dimension.
+fn grid(op: &'static str, rows: usize, splits: usize) -> Result<(u32, u32)> {
+    if rows > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            op,
+            reason: format!("{rows} rows exceed a CUDA grid (2^31 - 1)"),
+        });
+    }
+    Ok((rows as u32, splits.min(u16::MAX as usize) as u32))
+}
+
+/// [`crate::token_logprobs`] on the GPU, into caller-provided buffers.
+pub fn token_logprobs_into<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LogitRows<'_, T, I, Device>,
+    cfg: &LogProbConfig,
+    out: &mut LogProbsOut<'_>,
+) -> Result<()> {
+    let n = rows.validate(OP)?;
+    cfg.validate(OP)?;
+    check::len(OP, "logp (output)", n, out.logp.len())?;
+    check::len(OP, "lse (output)", n, out.lse.len())?;
+    match &out.entropy {
+        Some(e) if cfg.entropy => check::len(OP, "entropy (output)", n, e.len())?,
+        None if !cfg.entropy => {}
+        _ => {
+            return Err(Error::Unsupported {
+                op: OP,
+                reason: "an entropy output buffer is given exactly when `cfg.entropy` is set".into(),
+            })
+        }
+    }
+    let vocab = rows.vocab;
+    let (grid_rows, splits) = grid(OP, n, gpu.vocab_splits(n, vocab, MIN_SLICE))?;
+    let partials: Option<CudaSlice<[f32; 3]>> = match splits {
+        1 => None,
+        s => Some(gpu.alloc(n * s as usize)?),
+    };
+    let (ignore, has_ignore) = (cfg.ignore_index.unwrap_or(0), cfg.ignore_index.is_some() as i32);
+    let inv_t = 1.0 / cfg.temperature;
+    let (vocab_i, splits_i) = (vocab as i64, splits as i64);
+    let suffix = format!("{}_{}", T::DTYPE.name(), I::NAME);
+    let status = gpu.status();
+
+    let name = format!("logprob_fwd_{suffix}");
+    let f = gpu.function(FILE, &name)?;
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(&rows.logits)
+        .arg(&rows.targets)
+        .opt(&rows.mask)
+        .arg(&vocab_i)
+        .arg(&ignore)
+        .arg(&has_ignore)
+        .arg(&inv_t)
+        .arg(&splits_i)
+        .arg(&mut out.logp)
+        .opt_mut(&mut out.entropy)
+        .arg(&mut out.lse);
+    match &partials {
+        Some(p) => launch.arg(p),
+        None => launch.arg(&super::NULL),
+    };
+    launch.arg(&*status);
+    let cfg_fwd = LaunchConfig {
+        grid_dim: (grid_rows, splits, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(unsafe { launch.launch(cfg_fwd) }.map(drop), &name)?;
+
+    if let Some(partials) = &partials {
+        let name = format!("logprob_merge_{suffix}");
+        let f = gpu.function(FILE, &name)?;
+        let n_i = n as i64;
+        let mut launch = gpu.stream().launch_builder(&f);
+        launch
+            .arg(&rows.logits)
+            .arg(&rows.targets)
+            .opt(&rows.mask)
+            .arg(&n_i)
+            .arg(&vocab_i)
+            .arg(&ignore)
+            .arg(&has_ignore)
+            .arg(&inv_t)
+            .arg(&splits_i)
+            .arg(partials)
+            .arg(&mut out.logp)
+            .opt_mut(&mut out.entropy)
+            .arg(&mut out.lse)
+            .arg(&*status);
+        let cfg_merge = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
+            block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launched(unsafe { launch.launch(cfg_merge) }.map(drop), &name)?;
+    }
+    Ok(())
+}
+
+/// [`crate::token_logprobs`] on the GPU, allocating its outputs.
+pub fn token_logprobs<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LogitRows<'_, T, I, Device>,
+    cfg: &LogProbConfig,
+) -> Result<LogProbs<Device>> {
+    let n = rows.validate(OP)?;
+    let mut logp = gpu.alloc::<f32>(n)?;
+    let mut lse = gpu.alloc::<f32>(n)?;
+    let mut entropy = if cfg.entropy {
+        Some(gpu.alloc::<f32>(n)?)
+    } else {
+        None
+    };
+    token_logprobs_into(
+        gpu,
+        rows,
+        cfg,
+        &mut LogProbsOut {
+            logp: logp.as_view_mut(),
+            entropy: entropy.as_mut().map(|e| e.as_view_mut()),
+            lse: lse.as_view_mut(),
+        },
+    )?;
+    Ok(LogProbs { logp, entropy, lse })
+}
+
+/// [`crate::token_logprobs_backward`] on the GPU, writing `dlogits`
+/// (`[rows, vocab]`, the logits' dtype).
+pub fn token_logprobs_backward_into<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LogitRows<'_, T, I, Device>,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_, Device>,
+    grads: &LogProbGrads<'_, Device>,
+    dlogits: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let n = rows.validate(OP_BWD)?;
+    check::len(OP_BWD, "dlogits (output)", rows.logits.len(), dlogits.len())?;
+    let (src, _read) = rows.logits.device_ptr(gpu.stream());
+    let (dst, _written) = dlogits.device_ptr_mut(gpu.stream());
+    let rows_ref = RowRefs {
+        n,
+        vocab: rows.vocab,
+        targets: &rows.targets,
+        mask: &rows.mask,
+    };
+    launch_backward::<T, I>(gpu, src, dst, rows_ref, cfg, saved, grads)
+}
+
+/// [`crate::token_logprobs_backward_inplace`] on the GPU: the gradient
+/// replaces the logits.
+pub fn token_logprobs_backward_inplace<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    logits: &mut CudaViewMut<'_, T>,
+    targets: &CudaView<'_, I>,
+    mask: &Option<CudaView<'_, u8>>,
+    vocab: usize,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_, Device>,
+    grads: &LogProbGrads<'_, Device>,
+) -> Result<()> {
+    let n = validate_lens(
+        OP_BWD,
+        vocab,
+        logits.len(),
+        targets.len(),
+        mask.as_ref().map(|m| m.len()),
+    )?;
+    let (ptr, _written) = logits.device_ptr_mut(gpu.stream());
+    let rows = RowRefs {
+        n,
+        vocab,
+        targets,
+        mask,
+    };
+    launch_backward::<T, I>(gpu, ptr, ptr, rows, cfg, saved, grads)
+}
+
+/// Targets and mask of validated rows.
+struct RowRefs<'a, 'b, I> {
+    n: usize,
+    vocab: usize,
+    targets: &'a CudaView<'b, I>,
+    mask: &'a Option<CudaView<'b, u8>>,
+}
+
+/// Launches the backward on raw logits and gradient pointers (equal when
+/// in place), keeping cudarc's read/write tracking through the callers'
+/// guards.
+fn launch_backward<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    logits: u64,
+    dlogits: u64,
+    rows: RowRefs<'_, '_, I>,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_, Device>,
+    grads: &LogProbGrads<'_, Device>,
+) -> Result<()> {
+    cfg.validate(OP_BWD)?;
+    grads.validate(OP_BWD, rows.n, saved)?;
+    let (grid_rows, splits) = grid(OP_BWD, rows.n, gpu.vocab_splits(rows.n, rows.vocab, MIN_SLICE))?;
+    let (ignore, has_ignore) = (cfg.ignore_index.unwrap_or(0), cfg.ignore_index.is_some() as i32);
+    let inv_t = 1.0 / cfg.temperature;
+    let (vocab_i, splits_i) = (rows.vocab as i64, splits as i64);
+    let name = format!("logprob_bwd_{}_{}", T::DTYPE.name(), I::NAME);
+    let f = gpu.function(FILE, &name)?;
+    let status = gpu.status();
+    let mut launch = gpu.stream().launch_builder(&f);
+    launch
+        .arg(&logits)
+        .arg(&dlogits)
+        .arg(rows.targets)
+        .opt(rows.mask)
+        .arg(&vocab_i)
+        .arg(&ignore)
+        .arg(&has_ignore)
+        .arg(&inv_t)
+        .arg(&splits_i)
+        .arg(&saved.lse)
+        .opt(&saved.entropy)
+        .arg(&grads.logp)
+        .opt(&grads.entropy)
+        .opt(&grads.lse)
+        .arg(&*status);
+    let cfg_bwd = LaunchConfig {
+        grid_dim: (grid_rows, splits, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(unsafe { launch.launch(cfg_bwd) }.map(drop), &name)
+}
+
+/// [`crate::token_logprobs_backward`] on the GPU, allocating `dlogits`.
+pub fn token_logprobs_backward<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LogitRows<'_, T, I, Device>,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_, Device>,
+    grads: &LogProbGrads<'_, Device>,
+) -> Result<CudaSlice<T>> {
+    let mut dlogits = gpu.alloc::<T>(rows.logits.len())?;
+    token_logprobs_backward_into(gpu, rows, cfg, saved, grads, &mut dlogits.as_view_mut())?;
+    Ok(dlogits)
+}

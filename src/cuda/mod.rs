@@ -1,0 +1,285 @@
+//! The CUDA path: every op on cudarc device buffers, on a caller's stream.
+//!
+//! ```no_run
+//! # fn main() -> grpo_kernels::Result<()> {
+//! use grpo_kernels::cuda::{self, Gpu};
+//! let gpu = Gpu::new(cudarc::driver::CudaContext::new(0).map_err(grpo_kernels::Error::cuda)?.default_stream())?;
+//! // ... launch ops with `cuda::token_logprobs(&gpu, ...)` etc., then, once a step:
+//! gpu.check()?; // data errors raised by the kernels (one synchronization)
+//! # Ok(()) }
+//! ```
+//!
+//! **Asynchrony and errors.** Ops validate shapes and parameters on the host
+//! and return a typed [`Error`] before launching anything. What only the data
+//! can show (a token id out of range, a NaN logit, bad `cu_seqlens`) is found
+//! by the kernels, which then write NaN into the affected outputs (never a
+//! plausible wrong value) and raise a bit in the [`Gpu`]'s status word;
+//! [`Gpu::check`] synchronizes the stream and turns the bits into
+//! [`Error::Device`]. Nothing in an op synchronizes unless its docs say so.
+//!
+//! **Loading.** The PTX of `cuda/*.cu` is embedded in the crate at build
+//! time and loaded once per CUDA context, whoever asks (this API or the
+//! candle ops), on first use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
+    LaunchArgs, PushKernelArg, ValidAsZeroBits,
+};
+
+use crate::element::{Float, TokenId};
+use crate::error::{DeviceFault, Error, Result};
+use crate::memory::Memory;
+
+pub mod logprob;
+
+pub use logprob::{
+    token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_backward_into,
+    token_logprobs_into, LogProbsOut,
+};
+
+/// The PTX of each kernel file, embedded by build.rs.
+pub(crate) mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Device memory: cudarc views in, cudarc slices out.
+#[derive(Debug, Clone, Copy)]
+pub struct Device;
+
+impl Memory for Device {
+    type Buf<'a, T: 'a> = CudaView<'a, T>;
+    type BufMut<'a, T: 'a> = CudaViewMut<'a, T>;
+    type Owned<T> = CudaSlice<T>;
+    fn len<T>(buf: &CudaView<'_, T>) -> usize {
+        buf.len()
+    }
+    fn len_mut<T>(buf: &CudaViewMut<'_, T>) -> usize {
+        buf.len()
+    }
+}
+
+/// Float types with CUDA kernels.
+pub trait GpuFloat: Float + DeviceRepr + ValidAsZeroBits {}
+impl GpuFloat for f32 {}
+impl GpuFloat for half::bf16 {}
+impl GpuFloat for half::f16 {}
+
+/// Token id types with CUDA kernels.
+pub trait GpuId: TokenId + DeviceRepr {}
+impl GpuId for u32 {}
+impl GpuId for i32 {}
+impl GpuId for i64 {}
+
+/// A kernel file: its PTX and its name in the module cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct KernelFile {
+    pub name: &'static str,
+    pub ptx: &'static str,
+}
+
+/// Modules and functions loaded into one CUDA context, shared by every
+/// [`Gpu`] on it.
+struct Loaded {
+    ctx: Arc<CudaContext>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl Loaded {
+    /// The context's cache, created on first use. Weak references: the
+    /// modules unload when the last `Gpu` on the context is dropped.
+    fn for_context(ctx: &Arc<CudaContext>) -> Arc<Loaded> {
+        static REGISTRY: OnceLock<Mutex<Vec<Weak<Loaded>>>> = OnceLock::new();
+        let mut registry = REGISTRY.get_or_init(Default::default).lock().unwrap();
+        registry.retain(|w| w.strong_count() > 0);
+        if let Some(found) = registry
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|l| l.ctx.cu_ctx() == ctx.cu_ctx())
+        {
+            return found;
+        }
+        let loaded = Arc::new(Loaded {
+            ctx: ctx.clone(),
+            modules: Default::default(),
+            functions: Default::default(),
+        });
+        registry.push(Arc::downgrade(&loaded));
+        loaded
+    }
+
+    fn function(&self, file: KernelFile, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(file.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.ctx.load_module(file.ptx.into()).map_err(Error::cuda)?;
+                    modules.insert(file.name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module
+            .load_function(name)
+            .map_err(|e| Error::Cuda(format!("kernel `{name}` of {}.cu: {e}", file.name)))?;
+        self.functions.lock().unwrap().insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+/// Status word layout, shared with `cuda/common.cuh`: word 0 holds bit
+/// `4 * op + kind`, word `1 + kind` the smallest index that raised `kind`.
+const STATUS_WORDS: usize = 4;
+const STATUS_CLEAR: [u32; STATUS_WORDS] = [0, u32::MAX, u32::MAX, u32::MAX];
+/// Op ids in the order of `OpId` in `cuda/common.cuh`.
+const OP_NAMES: [&str; 6] = [
+    "token_logprobs",
+    "fused_linear_logprobs",
+    "group_advantages",
+    "policy_loss",
+    "kl_divergence",
+    "sample",
+];
+const FAULTS: [DeviceFault; 3] = [
+    DeviceFault::TokenOutOfRange,
+    DeviceFault::NonFinite,
+    DeviceFault::InvalidLayout,
+];
+
+/// The handle every CUDA op takes: a stream, the kernels loaded for its
+/// context, and the status word the kernels report bad data into.
+pub struct Gpu {
+    stream: Arc<CudaStream>,
+    loaded: Arc<Loaded>,
+    status: Mutex<CudaSlice<u32>>,
+    sm_count: usize,
+}
+
+impl Gpu {
+    /// Ops will run on `stream`. Fails (without panicking) when no CUDA
+    /// driver can be loaded.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::cuda)? as usize;
+        let status = stream.clone_htod(&STATUS_CLEAR).map_err(Error::cuda)?;
+        Ok(Self {
+            loaded: Loaded::for_context(&ctx),
+            stream,
+            status: Mutex::new(status),
+            sm_count,
+        })
+    }
+
+    /// A `Gpu` on device `ordinal`'s default stream, or `Ok(None)` when this
+    /// machine has no usable CUDA driver or device (so callers and tests can
+    /// fall back to the CPU instead of crashing).
+    pub fn try_default(ordinal: usize) -> Result<Option<Self>> {
+        if !driver_present() {
+            return Ok(None);
+        }
+        match CudaContext::device_count() {
+            Ok(n) if (ordinal as i32) < n => {}
+            _ => return Ok(None),
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::cuda)?;
+        Self::new(ctx.default_stream()).map(Some)
+    }
+
+    /// The stream ops run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Streaming multiprocessors on the device.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// Waits for the stream, then reports (and clears) what the kernels
+    /// found wrong with their data since the last check.
+    pub fn check(&self) -> Result<()> {
+        let mut status = self.status.lock().unwrap();
+        let words = self.stream.clone_dtoh(&*status).map_err(Error::cuda)?;
+        if words[0] == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(&STATUS_CLEAR, &mut *status)
+            .map_err(Error::cuda)?;
+        let bit = words[0].trailing_zeros() as usize;
+        let (op, kind) = (bit / 4, bit % 4);
+        Err(Error::Device {
+            op: OP_NAMES.get(op).copied().unwrap_or("unknown op"),
+            fault: FAULTS[kind.min(FAULTS.len() - 1)],
+            index: words[1 + kind.min(2)] as usize,
+        })
+    }
+
+    pub(crate) fn function(&self, file: KernelFile, name: &str) -> Result<CudaFunction> {
+        self.loaded.function(file, name)
+    }
+
+    /// The status word, to pass to a kernel launch.
+    pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, CudaSlice<u32>> {
+        self.status.lock().unwrap()
+    }
+
+    /// An uninitialized buffer, for outputs a kernel writes in full.
+    pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every caller launches a kernel that writes all `len` elements
+        // before the buffer is handed out.
+        unsafe { self.stream.alloc::<T>(len) }.map_err(Error::cuda)
+    }
+
+    /// How many slices to split each of `rows` rows of `vocab` elements into,
+    /// so that about four blocks per SM are in flight, with slices no shorter
+    /// than `min_slice`.
+    pub(crate) fn vocab_splits(&self, rows: usize, vocab: usize, min_slice: usize) -> usize {
+        let want = (4 * self.sm_count).div_ceil(rows.max(1));
+        want.clamp(1, (vocab / min_slice).max(1))
+    }
+}
+
+/// Whether a CUDA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// A null pointer argument, for optional buffers.
+static NULL: u64 = 0;
+
+/// Pushing optional buffers and the status word onto a launch.
+pub(crate) trait LaunchExt<'a> {
+    fn opt<T>(&mut self, buf: &'a Option<CudaView<'_, T>>) -> &mut Self;
+    fn opt_mut<T>(&mut self, buf: &'a mut Option<CudaViewMut<'_, T>>) -> &mut Self;
+}
+
+impl<'a> LaunchExt<'a> for LaunchArgs<'a> {
+    fn opt<T>(&mut self, buf: &'a Option<CudaView<'_, T>>) -> &mut Self {
+        match buf {
+            Some(b) => self.arg(b),
+            None => self.arg(&NULL),
+        }
+    }
+    fn opt_mut<T>(&mut self, buf: &'a mut Option<CudaViewMut<'_, T>>) -> &mut Self {
+        match buf {
+            Some(b) => self.arg(b),
+            None => self.arg(&NULL),
+        }
+    }
+}
+
+/// A launch's result as this crate's error.
+pub(crate) fn launched(r: std::result::Result<(), cudarc::driver::DriverError>, kernel: &str) -> Result<()> {
+    r.map_err(|e| Error::Cuda(format!("launching `{kernel}`: {e}")))
+}

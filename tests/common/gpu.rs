@@ -1,0 +1,29 @@
+//! GPU test helpers: a device handle that fails loudly when the build asked
+//! for GPU tests but no GPU is there, uploads, downloads, NaN poisoning.
+#![allow(dead_code)]
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use grpo_kernels::cuda::Gpu;
+
+/// The GPU, or a panic explaining why not (GPU tests only run in builds
+/// made with GK_GPU_TESTS=1, for a machine that has one).
+pub fn gpu() -> Gpu {
+    match Gpu::try_default(0) {
+        Ok(Some(gpu)) => gpu,
+        Ok(None) => panic!("GPU tests were built to run (GK_GPU_TESTS=1), but no CUDA device is usable here"),
+        Err(e) => panic!("CUDA device unusable: {e}"),
+    }
+}
+
+pub fn up<T: DeviceRepr>(gpu: &Gpu, xs: &[T]) -> CudaSlice<T> {
+    gpu.stream().clone_htod(xs).expect("upload")
+}
+
+pub fn down<T: DeviceRepr + Default + Clone>(gpu: &Gpu, xs: &CudaSlice<T>) -> Vec<T> {
+    gpu.stream().clone_dtoh(xs).expect("download")
+}
+
+/// A device buffer of `n` NaNs: anything a kernel fails to write stays NaN.
+pub fn poisoned(gpu: &Gpu, n: usize) -> CudaSlice<f32> {
+    up(gpu, &vec![f32::NAN; n])
+}
