@@ -1,0 +1,224 @@
+// Clipped policy loss with KL and aggregation (math: src/ops/policy_loss.rs).
+//
+// Forward: one block per sequence computes its tokens' losses and its
+// partial sums; the last block to finish (a wrapping atomic ticket) folds
+// the partials in sequence order into the summary: one launch, and
+// deterministic, since no float is ever accumulated in a racy order.
+// Backward: one block per sequence; the loss gradient is read from device
+// memory, so an autograd backward never waits for the host.
+#include "common.cuh"
+#include "kl.cuh"
+
+using namespace gk;
+
+namespace {
+
+constexpr int THREADS = 256;
+
+enum Aggregation : int { TOKEN_MEAN = 0, SEQ_MEAN_TOKEN_MEAN = 1, SEQ_MEAN_TOKEN_SUM = 2, SEQ_MEAN_TOKEN_SUM_NORM = 3 };
+
+// Summary order, shared with the Rust side.
+enum Summary : int { LOSS = 0, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, RATIO_MEAN, RATIO_MAX, KL_MEAN, TOKENS, SUMMARY_LEN };
+
+struct Params {
+    const float *logp, *old_logp, *ref_logp, *adv_seq, *adv_tok;
+    const uint8_t* mask;
+    const uint32_t* cu_seqlens;  // null: padded, sequence s = [s * seq_len, (s + 1) * seq_len)
+    int64_t seqs, tokens, seq_len;
+    float eps_low, eps_high, dual_clip;  // dual_clip 0 = off
+    float log_ratio_clamp, beta, agg_constant;
+    int seq_level, kl_kind, aggregation;
+};
+
+// Sequence s's token range; bad offsets raise BAD_LAYOUT and read as empty.
+__device__ __forceinline__ void seq_range(const Params& p, int64_t s, int64_t* begin, int64_t* end, uint32_t* status) {
+    if (!p.cu_seqlens) {
+        *begin = s * p.seq_len;
+        *end = *begin + p.seq_len;
+        return;
+    }
+    const int64_t a = p.cu_seqlens[s], b = p.cu_seqlens[s + 1];
+    const bool ok = a <= b && b <= p.tokens && (s != 0 || a == 0) && (s != p.seqs - 1 || b == p.tokens);
+    if (!ok) {
+        if (threadIdx.x == 0) raise(status, OP_POLICY_LOSS, BAD_LAYOUT, s);
+        *begin = *end = 0;
+        return;
+    }
+    *begin = a;
+    *end = b;
+}
+
+__device__ __forceinline__ bool active(const Params& p, int64_t t) { return !p.mask || p.mask[t] != 0; }
+
+__device__ __forceinline__ float log_ratio(const Params& p, int64_t t) {
+    return p.old_logp ? p.logp[t] - p.old_logp[t] : 0.f;
+}
+
+struct CountSum {
+    float count, lr_sum;
+    __device__ __forceinline__ CountSum operator+(const CountSum& o) const { return {count + o.count, lr_sum + o.lr_sum}; }
+};
+
+// Masked token count of the sequence and, for sequence-level importance
+// sampling, its mean log-ratio (GSPO). Every thread gets both.
+__device__ __forceinline__ CountSum seq_totals(const Params& p, int64_t begin, int64_t end) {
+    __shared__ CountSum scratch[THREADS / 32];
+    CountSum acc = {0.f, 0.f};
+    for (int64_t t = begin + threadIdx.x; t < end; t += THREADS)
+        if (active(p, t)) acc = acc + CountSum{1.f, p.seq_level ? log_ratio(p, t) : 0.f};
+    return block_reduce(acc, Sum{}, scratch);
+}
+
+// One token's loss pieces. Gradient flows through the unclipped term iff it
+// is the larger loss (ties flow: inside the clip range both are equal).
+struct TokenTerms {
+    float ratio, loss, kl, dloss_dlogp;
+    bool clip_low, clip_high, dual;
+};
+
+__device__ __forceinline__ TokenTerms token_terms(const Params& p, int64_t t, float adv, float seq_lr, bool* bad) {
+    const float logp = p.logp[t];
+    const float lr = p.seq_level ? seq_lr : log_ratio(p, t);
+    *bad = !isfinite(logp) || !isfinite(lr) || !isfinite(adv);
+    const float lr_c = fminf(fmaxf(lr, -p.log_ratio_clamp), p.log_ratio_clamp);
+    const float r = expf(lr_c);
+    const float r_clip = fminf(fmaxf(r, 1.f - p.eps_low), 1.f + p.eps_high);
+    const float unclipped = -r * adv, clipped = -r_clip * adv;
+    float pg = fmaxf(unclipped, clipped);
+    float dpg = unclipped >= clipped && lr_c == lr ? -adv * r : 0.f;  // d(-r A)/dlogp = -A r
+    bool dual = false;
+    if (p.dual_clip > 0.f && adv < 0.f && pg > -p.dual_clip * adv) {
+        pg = -p.dual_clip * adv;
+        dpg = 0.f;
+        dual = true;
+    }
+    float kl = 0.f, dkl = 0.f;
+    if (p.ref_logp) {
+        const float ref = p.ref_logp[t];
+        *bad = *bad || !isfinite(ref);
+        const KlValueGrad k = kl_estimate(p.kl_kind, ref - logp);
+        kl = k.value;
+        dkl = k.grad_logp;
+    }
+    return {r, pg + p.beta * kl, kl, dpg + p.beta * dkl, r < 1.f - p.eps_low && adv < 0.f,
+            r > 1.f + p.eps_high && adv > 0.f, dual};
+}
+
+// Per-sequence sums; ratio_max combines by max.
+struct Partial {
+    float loss, count, clip_low, clip_high, dual, ratio_sum, ratio_max, kl_sum;
+};
+struct CombinePartial {
+    __device__ __forceinline__ Partial operator()(const Partial& a, const Partial& b) const {
+        return {a.loss + b.loss,           a.count + b.count, a.clip_low + b.clip_low, a.clip_high + b.clip_high,
+                a.dual + b.dual,           a.ratio_sum + b.ratio_sum, fmaxf(a.ratio_max, b.ratio_max),
+                a.kl_sum + b.kl_sum};
+    }
+};
+
+__device__ __forceinline__ float advantage(const Params& p, int64_t s, int64_t t) {
+    return p.adv_tok ? p.adv_tok[t] : p.adv_seq[s];
+}
+
+}  // namespace
+
+// grid (seqs), THREADS threads. `partials` holds [seqs] Partial; `ticket`
+// a u32 that is 0 between launches.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    policy_loss_fwd(const Params p, float* per_token, Partial* partials, float* summary, uint32_t* ticket,
+                    uint32_t* status) {
+    __shared__ Partial scratch[THREADS / 32];
+    __shared__ bool is_last;
+    const int64_t s = blockIdx.x;
+    int64_t begin, end;
+    seq_range(p, s, &begin, &end, status);
+    const CountSum totals = seq_totals(p, begin, end);
+    const float seq_lr = totals.lr_sum / fmaxf(totals.count, 1.f);
+
+    Partial acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -INFINITY, 0.f};
+    for (int64_t t = begin + threadIdx.x; t < end; t += THREADS) {
+        if (!active(p, t)) {
+            per_token[t] = 0.f;
+            continue;
+        }
+        bool bad;
+        const TokenTerms k = token_terms(p, t, advantage(p, s, t), seq_lr, &bad);
+        if (bad) raise(status, OP_POLICY_LOSS, NON_FINITE, t);
+        per_token[t] = bad ? NAN : k.loss;
+        acc = CombinePartial{}(acc, {bad ? NAN : k.loss, 1.f, (float)k.clip_low, (float)k.clip_high, (float)k.dual,
+                                     k.ratio, k.ratio, k.kl});
+    }
+    acc = block_reduce(acc, CombinePartial{}, scratch);
+    if (threadIdx.x == 0) {
+        partials[s] = acc;
+        __threadfence();  // publish the partial before taking a ticket
+        is_last = atomicInc(ticket, (uint32_t)(p.seqs - 1)) == (uint32_t)(p.seqs - 1);
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+
+    // The last block: fold all partials in sequence order per thread, then
+    // in thread order: the same sums on every run.
+    Partial total = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -INFINITY, 0.f};
+    float seq_mean_sum = 0.f;  // sum over sequences of loss_s / max(1, L_s)
+    for (int64_t q = threadIdx.x; q < p.seqs; q += THREADS) {
+        const Partial part = partials[q];
+        total = CombinePartial{}(total, part);
+        seq_mean_sum += part.loss / fmaxf(part.count, 1.f);
+    }
+    total = block_reduce(total, CombinePartial{}, scratch);
+    __shared__ float seq_scratch[THREADS / 32];
+    seq_mean_sum = block_reduce(seq_mean_sum, Sum{}, seq_scratch);
+    if (threadIdx.x != 0) return;
+    const float seqs = (float)p.seqs, m = total.count, per = m > 0.f ? 1.f / m : 0.f;
+    float loss;
+    switch (p.aggregation) {
+        case TOKEN_MEAN: loss = total.loss / (p.agg_constant > 0.f ? p.agg_constant : fmaxf(m, 1.f)); break;
+        case SEQ_MEAN_TOKEN_MEAN: loss = seq_mean_sum / seqs; break;
+        case SEQ_MEAN_TOKEN_SUM: loss = total.loss / seqs; break;
+        default: loss = total.loss / (seqs * p.agg_constant); break;
+    }
+    summary[LOSS] = loss;
+    summary[CLIP_LOW] = total.clip_low * per;
+    summary[CLIP_HIGH] = total.clip_high * per;
+    summary[DUAL_CLIP] = total.dual * per;
+    summary[RATIO_MEAN] = total.ratio_sum * per;
+    summary[RATIO_MAX] = m > 0.f ? total.ratio_max : 0.f;
+    summary[KL_MEAN] = total.kl_sum * per;
+    summary[TOKENS] = m;
+}
+
+// dlogp_t = m_t (g w_t + g_t) dl_t/dlogp_t, with g = grad_loss[0], g_t the
+// optional per-token gradient, w_t the aggregation weight. Token-mean
+// without an explicit normalizer reads the count from the forward's summary.
+// grid (seqs), THREADS threads.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    policy_loss_bwd(const Params p, const float* summary, const float* grad_loss, const float* grad_per_token,
+                    float* dlogp, uint32_t* status) {
+    const int64_t s = blockIdx.x;
+    int64_t begin, end;
+    seq_range(p, s, &begin, &end, status);
+    const CountSum totals = seq_totals(p, begin, end);
+    const float seq_lr = totals.lr_sum / fmaxf(totals.count, 1.f);
+    const float seqs = (float)p.seqs;
+    float w;
+    switch (p.aggregation) {
+        case TOKEN_MEAN: w = 1.f / (p.agg_constant > 0.f ? p.agg_constant : fmaxf(summary[TOKENS], 1.f)); break;
+        case SEQ_MEAN_TOKEN_MEAN: w = 1.f / (seqs * fmaxf(totals.count, 1.f)); break;
+        case SEQ_MEAN_TOKEN_SUM: w = 1.f / seqs; break;
+        default: w = 1.f / (seqs * p.agg_constant); break;
+    }
+    const float g = grad_loss[0] * w;
+    for (int64_t t = begin + threadIdx.x; t < end; t += THREADS) {
+        if (!active(p, t)) {
+            dlogp[t] = 0.f;
+            continue;
+        }
+        bool bad;
+        const TokenTerms k = token_terms(p, t, advantage(p, s, t), seq_lr, &bad);
+        if (bad) raise(status, OP_POLICY_LOSS, NON_FINITE, t);
+        const float c = g + (grad_per_token ? grad_per_token[t] : 0.f);
+        dlogp[t] = bad ? NAN : c * k.dloss_dlogp;
+    }
+}
