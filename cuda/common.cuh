@@ -156,6 +156,11 @@ struct MergeSoftmax {
 // `f(vals, j0, n)` gets n = VEC values starting at column j0, or n = 1 on
 // the ends (vals[1..] then hold `pad`). UNROLL vectors are loaded before
 // any is used, to keep enough bytes in flight.
+// A plain type of exactly B bytes (B = 8 or 16), for vector loads/stores.
+template <int B> struct Bytes;
+template <> struct alignas(16) Bytes<16> { uint4 v; };
+template <> struct alignas(8) Bytes<8> { uint2 v; };
+
 template <typename T> struct VecOf {
     static constexpr int N = 16 / sizeof(T);
 };
@@ -202,32 +207,34 @@ __device__ __forceinline__ void for_each_in_row(const T* __restrict__ row, int64
     for (int64_t j = body_end + tid; j < end; j += nthreads) scalar(j);
 }
 
-// Rewrites y[begin, end) of a row from x (which may be the same buffer):
-// y[j] = g(x[j] * scale, j). Same access pattern as above.
-template <typename T, typename G>
-__device__ __forceinline__ void map_row(const T* x, T* y, int64_t begin, int64_t end, float scale, G&& g) {
-    constexpr int N = VecOf<T>::N;
+// Writes y[begin, end) of a row from x: y[j] = g(x[j] * scale, j), x and y
+// possibly of different types (or the same buffer). 16-byte vectors when
+// both rows allow them at the same element offsets.
+template <typename Tin, typename Tout, typename G>
+__device__ __forceinline__ void map_row(const Tin* x, Tout* y, int64_t begin, int64_t end, float scale, G&& g) {
+    constexpr int N = VecOf<Tin>::N < VecOf<Tout>::N ? VecOf<Tin>::N : VecOf<Tout>::N;
     const int tid = threadIdx.x, nthreads = blockDim.x;
     const uintptr_t ax = reinterpret_cast<uintptr_t>(x + begin), ay = reinterpret_cast<uintptr_t>(y + begin);
-    int64_t head = (int64_t)(((16 - ax % 16) % 16) / sizeof(T));
-    // Vectors only when both rows share their alignment.
-    if (ax % 16 != ay % 16) head = end - begin;
+    constexpr uintptr_t in_bytes = N * sizeof(Tin), out_bytes = N * sizeof(Tout);
+    int64_t head = (int64_t)(((in_bytes - ax % in_bytes) % in_bytes) / sizeof(Tin));
+    // Vectors only when the output is aligned at the same element offset.
+    if ((ay + head * sizeof(Tout)) % out_bytes != 0) head = end - begin;
     head = min(head, end - begin);
     const int64_t body_vecs = (end - begin - head) / N;
     const int64_t body_end = begin + head + body_vecs * N;
 
-    for (int64_t j = begin + tid; j < begin + head; j += nthreads) y[j] = from_float<T>(g(to_float(x[j]) * scale, j));
-    const uint4* xs = reinterpret_cast<const uint4*>(x + begin + head);
-    uint4* ys = reinterpret_cast<uint4*>(y + begin + head);
+    for (int64_t j = begin + tid; j < begin + head; j += nthreads) y[j] = from_float<Tout>(g(to_float(x[j]) * scale, j));
     for (int64_t k = tid; k < body_vecs; k += nthreads) {
-        uint4 raw = xs[k];  // not __ldg: x may alias y
-        T* t = reinterpret_cast<T*>(&raw);
         const int64_t j0 = begin + head + k * N;
+        Tin in[N];
+        Tout out[N];
+        // Not __ldg: x may alias y.
+        *reinterpret_cast<Bytes<in_bytes>*>(in) = *reinterpret_cast<const Bytes<in_bytes>*>(x + j0);
 #pragma unroll
-        for (int i = 0; i < N; ++i) t[i] = from_float<T>(g(to_float(t[i]) * scale, j0 + i));
-        ys[k] = raw;
+        for (int i = 0; i < N; ++i) out[i] = from_float<Tout>(g(to_float(in[i]) * scale, j0 + i));
+        *reinterpret_cast<Bytes<out_bytes>*>(y + j0) = *reinterpret_cast<const Bytes<out_bytes>*>(out);
     }
-    for (int64_t j = body_end + tid; j < end; j += nthreads) y[j] = from_float<T>(g(to_float(x[j]) * scale, j));
+    for (int64_t j = body_end + tid; j < end; j += nthreads) y[j] = from_float<Tout>(g(to_float(x[j]) * scale, j));
 }
 
 }  // namespace gk

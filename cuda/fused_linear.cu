@@ -1,0 +1,97 @@
+// Fused linear log-probs (math: src/ops/fused_linear.rs): the kernels that
+// run between cuBLAS GEMMs. The host loops over row chunks, then vocab
+// chunks; each GEMM writes an f32 logits tile [rows, cols] for columns
+// [col0, col0 + cols) of a vocabulary of `vocab`, which these kernels fold
+// into per-row softmax states (forward) or turn into dlogits (backward),
+// with the row math of logprob.cuh. [N, V] logits never exist.
+#include "logprob.cuh"
+
+using namespace gk;
+
+namespace {
+
+// Forward, one tile: each row's state over the tile's columns into
+// partials[row * chunks + chunk]; the target's raw logit into
+// target_logits[row] when the target falls in the tile. grid (rows).
+template <typename I>
+__device__ void tile_fwd(const float* tile, int64_t cols, int64_t col0, int64_t vocab, const I* targets,
+                         const uint8_t* mask, int64_t ignore_index, int has_ignore, float inv_t, int entropy,
+                         int64_t chunk, int64_t chunks, Softmax* partials, float* target_logits) {
+    const int64_t row = blockIdx.x;
+    const RowSpec spec = row_spec(targets, mask, row, vocab, ignore_index, has_ignore);
+    if (spec.target < 0 || !spec.in_range) return;  // the merge reports and fills these rows
+    const float* x = tile + row * cols;
+    const Softmax st = entropy ? slice_state<true>(x, 0, cols, inv_t) : slice_state<false>(x, 0, cols, inv_t);
+    if (threadIdx.x != 0) return;
+    partials[row * chunks + chunk] = st;
+    const int64_t y = spec.target - col0;
+    if (y >= 0 && y < cols) target_logits[row] = x[y];
+}
+
+// Backward, one tile: dlogits for the tile's columns, read from the f32 tile
+// and written in the GEMM dtype T. grid (rows).
+template <typename T, typename I>
+__device__ void tile_bwd(const float* tile, T* dtile, int64_t cols, int64_t col0, int64_t vocab, const I* targets,
+                         const uint8_t* mask, int64_t ignore_index, int has_ignore, float inv_t, const float* lse,
+                         const float* entropy, const float* grad_logp, const float* grad_entropy,
+                         const float* grad_lse, uint32_t* status) {
+    const int64_t row = blockIdx.x;
+    const RowSpec spec = row_spec(targets, mask, row, vocab, ignore_index, has_ignore);
+    if (!spec.in_range && col0 == 0 && threadIdx.x == 0) raise(status, OP_FUSED_LINEAR, TOKEN_OUT_OF_RANGE, row);
+    const bool live = spec.target >= 0 && spec.in_range;
+    backward_slice(tile + row * cols, dtile + row * cols, spec, col0, 0, cols, inv_t, live ? lse[row] : 0.f,
+                   live && grad_entropy ? entropy[row] : 0.f, live ? grad_logp[row] : 0.f,
+                   live && grad_entropy ? grad_entropy[row] : 0.f, live && grad_lse ? grad_lse[row] : 0.f);
+}
+
+}  // namespace
+
+// Per dtype: bias added to a tile (bias offset to the chunk), the f32 dhidden
+// accumulator cast to the output dtype, and a fill (the ones of db's GEMV).
+#define GK_FUSED_FLOAT_KERNELS(T, TN)                                                                          \
+    extern "C" __global__ void fused_add_bias_##TN(float* tile, const T* bias, int64_t rows, int64_t cols) {   \
+        for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * cols;                      \
+             i += (int64_t)gridDim.x * blockDim.x)                                                             \
+            tile[i] += to_float(bias[i % cols]);                                                               \
+    }                                                                                                          \
+    extern "C" __global__ void fused_cast_##TN(const float* src, T* dst, int64_t n) {                          \
+        for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) \
+            dst[i] = from_float<T>(src[i]);                                                                    \
+    }                                                                                                          \
+    extern "C" __global__ void fused_fill_##TN(T* dst, float value, int64_t n) {                               \
+        for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) \
+            dst[i] = from_float<T>(value);                                                                     \
+    }
+
+#define GK_FUSED_ID_KERNELS(I, IN)                                                                             \
+    extern "C" __global__ void __launch_bounds__(LOGPROB_THREADS) fused_tile_fwd_##IN(                         \
+        const float* tile, int64_t cols, int64_t col0, int64_t vocab, const I* targets, const uint8_t* mask,   \
+        int64_t ignore_index, int has_ignore, float inv_t, int entropy, int64_t chunk, int64_t chunks,         \
+        Softmax* partials, float* target_logits) {                                                             \
+        tile_fwd<I>(tile, cols, col0, vocab, targets, mask, ignore_index, has_ignore, inv_t, entropy, chunk,   \
+                    chunks, partials, target_logits);                                                          \
+    }                                                                                                          \
+    extern "C" __global__ void fused_merge_##IN(const float* target_logits, const I* targets,                  \
+                                                const uint8_t* mask, int64_t rows, int64_t vocab,              \
+                                                int64_t ignore_index, int has_ignore, float inv_t,             \
+                                                int64_t chunks, const Softmax* partials, float* logp,          \
+                                                float* entropy, float* lse, uint32_t* status) {                \
+        merge_rows<float, I>(nullptr, target_logits, targets, mask, rows, vocab, ignore_index, has_ignore,     \
+                             inv_t, chunks, partials, logp, entropy, lse, status, OP_FUSED_LINEAR);            \
+    }
+
+#define GK_FUSED_BWD_KERNEL(T, TN, I, IN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(LOGPROB_THREADS) fused_tile_bwd_##TN##_##IN(                  \
+        const float* tile, T* dtile, int64_t cols, int64_t col0, int64_t vocab, const I* targets,              \
+        const uint8_t* mask, int64_t ignore_index, int has_ignore, float inv_t, const float* lse,              \
+        const float* entropy, const float* grad_logp, const float* grad_entropy, const float* grad_lse,        \
+        uint32_t* status) {                                                                                    \
+        tile_bwd<T, I>(tile, dtile, cols, col0, vocab, targets, mask, ignore_index, has_ignore, inv_t, lse,    \
+                       entropy, grad_logp, grad_entropy, grad_lse, status);                                    \
+    }
+
+GK_FOR_EACH_FLOAT(GK_FUSED_FLOAT_KERNELS)
+GK_FUSED_ID_KERNELS(uint32_t, u32)
+GK_FUSED_ID_KERNELS(int32_t, i32)
+GK_FUSED_ID_KERNELS(int64_t, i64)
+GK_FOR_EACH_FLOAT_ID(GK_FUSED_BWD_KERNEL)
