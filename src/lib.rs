@@ -19,6 +19,9 @@ pub mod ops;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+#[cfg(feature = "candle")]
+pub mod candle;
+
 pub use element::{DType, Float, TokenId};
 pub use error::{DeviceFault, Error, Result};
 pub use memory::{Host, Memory};

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::reference::logprob_rows as reference;
 use common::{assert_close, assert_close_rows, finite_diff, softmax_row_atol, widen, Rng};
 use grpo_kernels::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, Error, Float, LogProbConfig,
@@ -10,31 +11,6 @@ use grpo_kernels::{
 };
 use half::{bf16, f16};
 use proptest::prelude::*;
-
-/// `(logp, entropy, lse)` of each row in f64, straight from the definitions.
-fn reference(logits: &[f64], targets: &[usize], vocab: usize, t: f64) -> Vec<(f64, f64, f64)> {
-    logits
-        .chunks(vocab)
-        .zip(targets)
-        .map(|(row, &y)| {
-            let x: Vec<f64> = row.iter().map(|z| z / t).collect();
-            let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-            let h = -x
-                .iter()
-                .map(|v| {
-                    let p = (v - lse).exp();
-                    if p > 0.0 {
-                        p * (v - lse)
-                    } else {
-                        0.0
-                    }
-                })
-                .sum::<f64>();
-            (x[y] - lse, h, lse)
-        })
-        .collect()
-}
 
 fn cfg(t: f32) -> LogProbConfig {
     LogProbConfig {

@@ -93,6 +93,7 @@ pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
 /// Central finite differences of `f` at `x`, step `h`.
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod reference;
 
 pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
     let mut x = x.to_vec();

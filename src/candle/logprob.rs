@@ -1,0 +1,419 @@
+//! [`token_logprobs`] on candle tensors: one `CustomOp1` on the logits whose
+//! output packs `[logp; entropy; lse]` as `[3, N]`, so a gradient reaching
+//! any of the three flows back to the logits through this crate's backward
+//! kernel (the math of [`crate::ops::logprob`]).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::{host_ids, host_slice, same_device, with_cpu, wrap, HostIds};
+use crate::ops::logprob::{self as op, LogProbConfig, LogProbGrads, LogProbSaved, LogitRows};
+
+/// Outputs of [`token_logprobs`], shaped like the logits without their last
+/// dimension.
+#[derive(Debug, Clone)]
+pub struct LogProbTensors {
+    /// `log p(target)`, F32.
+    pub logp: Tensor,
+    /// Entropy of each row's distribution (F32), when asked for.
+    pub entropy: Option<Tensor>,
+    /// `logsumexp(logits / T)`, F32.
+    pub lse: Tensor,
+}
+
+/// Token log-probs of `logits` (`[..., V]`, F32/BF16/F16) at `targets`
+/// (`[...]`, U32 or I64), with an optional U8 `mask` (0 = skip): see
+/// [`crate::token_logprobs`] for the math. Differentiable with respect to
+/// the logits through all three outputs.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor};
+/// use grpo_kernels::{candle::token_logprobs, LogProbConfig};
+/// let logits = candle_core::Var::randn(0f32, 1., (2, 5, 11), &Device::Cpu)?;
+/// let targets = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &Device::Cpu)?;
+/// let out = token_logprobs(&logits, &targets, None, &LogProbConfig::default())?;
+/// let grads = out.logp.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&logits).unwrap().dims(), &[2, 5, 11]);
+/// # Ok(()) }
+/// ```
+pub fn token_logprobs(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+    cfg: &LogProbConfig,
+) -> Result<LogProbTensors> {
+    let logits = logits.contiguous()?;
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    let lead = logits.dims()[..logits.rank() - 1].to_vec();
+    same_device(logits.device(), op::OP, &[("targets", targets)])?;
+    if let Some(m) = mask {
+        same_device(logits.device(), op::OP, &[("mask", m)])?;
+    }
+    let fwd = TokenLogProbs {
+        targets: targets.contiguous()?.flatten_all()?,
+        mask: mask.map(|m| m.contiguous()?.flatten_all()).transpose()?,
+        cfg: *cfg,
+        vocab,
+    };
+    let packed = logits.apply_op1(fwd)?;
+    let row = |i: usize| packed.get(i)?.reshape(lead.as_slice());
+    Ok(LogProbTensors {
+        logp: row(0)?,
+        entropy: if cfg.entropy { Some(row(1)?) } else { None },
+        lse: row(2)?,
+    })
+}
+
+/// The forward op; targets and mask are captured (not differentiable).
+struct TokenLogProbs {
+    targets: Tensor,
+    mask: Option<Tensor>,
+    cfg: LogProbConfig,
+    vocab: usize,
+}
+
+/// The backward op: dlogits from the forward's packed output and its gradient.
+struct TokenLogProbsBackward {
+    fwd: TokenLogProbsInputs,
+    saved: Tensor,
+    grads: Tensor,
+}
+
+/// What both ops capture.
+#[derive(Clone)]
+struct TokenLogProbsInputs {
+    targets: Tensor,
+    mask: Option<Tensor>,
+    cfg: LogProbConfig,
+    vocab: usize,
+}
+
+impl TokenLogProbs {
+    fn inputs(&self) -> TokenLogProbsInputs {
+        TokenLogProbsInputs {
+            targets: self.targets.clone(),
+            mask: self.mask.clone(),
+            cfg: self.cfg,
+            vocab: self.vocab,
+        }
+    }
+}
+
+/// Runs `f` with the logits as a typed slice (F32, BF16 or F16).
+macro_rules! with_float_slice {
+    ($storage:expr, $layout:expr, |$s:ident| $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                let $s = host_slice::<f32>($storage, $layout, "logits")?;
+                $body
+            }
+            CpuStorage::BF16(_) => {
+                let $s = host_slice::<bf16>($storage, $layout, "logits")?;
+                $body
+            }
+            CpuStorage::F16(_) => {
+                let $s = host_slice::<f16>($storage, $layout, "logits")?;
+                $body
+            }
+            other => candle_core::bail!(
+                "logits must be F32, BF16 or F16, got {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+
+/// Runs `f` with the captured targets and mask as host slices.
+fn with_host_rows<R>(
+    inputs: &TokenLogProbsInputs,
+    f: impl FnOnce(HostIds<'_>, Option<&[u8]>) -> Result<R>,
+) -> Result<R> {
+    with_cpu(&inputs.targets, "targets", |ts, tl| {
+        let ids = host_ids(ts, tl)?;
+        match &inputs.mask {
+            None => f(ids, None),
+            Some(m) => with_cpu(m, "mask", |ms, ml| {
+                f(ids, Some(host_slice::<u8>(ms, ml, "mask")?))
+            }),
+        }
+    })
+}
+
+/// Packs per-row outputs as `[logp; entropy; lse]`.
+fn pack(out: op::LogProbs) -> Vec<f32> {
+    let n = out.logp.len();
+    let mut packed = out.logp;
+    match out.entropy {
+        Some(e) => packed.extend_from_slice(&e),
+        None => packed.resize(2 * n, 0.0),
+    }
+    packed.extend_from_slice(&out.lse);
+    packed
+}
+
+impl CustomOp1 for TokenLogProbs {
+    fn name(&self) -> &'static str {
+        "grpo-token-logprobs"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let vocab = self.vocab;
+        let packed = with_host_rows(&self.inputs(), |ids, mask| {
+            with_float_slice!(storage, layout, |logits| {
+                let out = match ids {
+                    HostIds::U32(t) => op::token_logprobs(
+                        &LogitRows {
+                            logits,
+                            targets: t,
+                            mask,
+                            vocab,
+                        },
+                        &self.cfg,
+                    ),
+                    HostIds::I64(t) => op::token_logprobs(
+                        &LogitRows {
+                            logits,
+                            targets: t,
+                            mask,
+                            vocab,
+                        },
+                        &self.cfg,
+                    ),
+                };
+                out.map(pack).map_err(wrap)
+            })
+        })?;
+        let n = packed.len() / 3;
+        Ok((CpuStorage::F32(packed), Shape::from((3, n))))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(&self.inputs(), storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let bwd = TokenLogProbsBackward {
+            fwd: self.inputs(),
+            saved: res.contiguous()?,
+            grads: grad_res.contiguous()?,
+        };
+        Ok(Some(arg.apply_op1_no_bwd(&bwd)?))
+    }
+}
+
+impl CustomOp1 for TokenLogProbsBackward {
+    fn name(&self) -> &'static str {
+        "grpo-token-logprobs-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let saved = with_cpu(&self.saved, "saved", |s, l| {
+            Ok(host_slice::<f32>(s, l, "saved")?.to_vec())
+        })?;
+        let grads = with_cpu(&self.grads, "grads", |s, l| {
+            Ok(host_slice::<f32>(s, l, "grads")?.to_vec())
+        })?;
+        let n = saved.len() / 3;
+        let (cfg, vocab) = (self.fwd.cfg, self.fwd.vocab);
+        let saved_ref = LogProbSaved {
+            lse: &saved[2 * n..],
+            entropy: cfg.entropy.then(|| &saved[n..2 * n]),
+        };
+        let grads_ref = LogProbGrads {
+            logp: &grads[..n],
+            entropy: cfg.entropy.then(|| &grads[n..2 * n]),
+            lse: Some(&grads[2 * n..]),
+        };
+        let shape = layout.shape().clone();
+        let out = with_host_rows(&self.fwd, |ids, mask| {
+            with_float_slice!(storage, layout, |logits| {
+                macro_rules! run {
+                    ($t:expr) => {
+                        op::token_logprobs_backward(
+                            &LogitRows {
+                                logits,
+                                targets: $t,
+                                mask,
+                                vocab,
+                            },
+                            &cfg,
+                            &saved_ref,
+                            &grads_ref,
+                        )
+                        .map(candle_core::WithDType::to_cpu_storage_owned)
+                        .map_err(wrap)
+                    };
+                }
+                match ids {
+                    HostIds::U32(t) => run!(t),
+                    HostIds::I64(t) => run!(t),
+                }
+            })
+        })?;
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(self, storage, layout)
+    }
+}
+
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use candle_core::cuda_backend::{CudaDType, CudaStorage};
+    use candle_core::{Layout, Result, Shape};
+    use cudarc::driver::CudaView;
+
+    use super::{TokenLogProbsBackward, TokenLogProbsInputs};
+    use crate::candle::gpu::{checked, gpu, view, with_cuda};
+    use crate::candle::wrap;
+    use crate::cuda::{self as kernels, Device, GpuFloat, GpuId, LogProbsOut};
+    use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogitRows};
+
+    pub fn forward(
+        inputs: &TokenLogProbsInputs,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        dispatch(inputs, storage, layout, Work::Forward)
+    }
+
+    pub fn backward(
+        op: &TokenLogProbsBackward,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        dispatch(
+            &op.fwd,
+            storage,
+            layout,
+            Work::Backward {
+                saved: &op.saved,
+                grads: &op.grads,
+            },
+        )
+    }
+
+    enum Work<'a> {
+        Forward,
+        Backward {
+            saved: &'a candle_core::Tensor,
+            grads: &'a candle_core::Tensor,
+        },
+    }
+
+    fn dispatch(
+        inputs: &TokenLogProbsInputs,
+        storage: &CudaStorage,
+        layout: &Layout,
+        work: Work<'_>,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::DType;
+        match storage.dtype() {
+            DType::F32 => by_id::<f32>(inputs, storage, layout, work),
+            DType::BF16 => by_id::<half::bf16>(inputs, storage, layout, work),
+            DType::F16 => by_id::<half::f16>(inputs, storage, layout, work),
+            d => candle_core::bail!("logits must be F32, BF16 or F16, got {d:?}"),
+        }
+    }
+
+    fn by_id<T: GpuFloat + CudaDType>(
+        inputs: &TokenLogProbsInputs,
+        storage: &CudaStorage,
+        layout: &Layout,
+        work: Work<'_>,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::DType;
+        match inputs.targets.dtype() {
+            DType::U32 => run::<T, u32>(inputs, storage, layout, work),
+            DType::I64 => run::<T, i64>(inputs, storage, layout, work),
+            d => candle_core::bail!("token ids must be U32 or I64, got {d:?}"),
+        }
+    }
+
+    fn run<T: GpuFloat + CudaDType, I: GpuId + CudaDType>(
+        inputs: &TokenLogProbsInputs,
+        storage: &CudaStorage,
+        layout: &Layout,
+        work: Work<'_>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &storage.device;
+        let g = gpu(dev)?;
+        let logits: CudaView<'_, T> = view(storage, layout, "logits")?;
+        with_cuda(&inputs.targets, "targets", |ts, tl| {
+            let targets: CudaView<'_, I> = view(ts, tl, "targets")?;
+            let mask_guard = inputs.mask.as_ref().map(|m| m.storage_and_layout());
+            let mask = match &mask_guard {
+                Some((st, ml)) => match &**st {
+                    candle_core::Storage::Cuda(ms) => Some(view::<u8>(ms, ml, "mask")?),
+                    _ => candle_core::bail!("mask is not on a CUDA device"),
+                },
+                None => None,
+            };
+            let rows = LogitRows::<T, I, Device> {
+                logits,
+                targets,
+                mask,
+                vocab: inputs.vocab,
+            };
+            let n = rows.rows();
+            let cfg = &inputs.cfg;
+            match work {
+                Work::Forward => {
+                    let mut packed = g
+                        .stream()
+                        .alloc_zeros::<f32>(3 * n)
+                        .map_err(candle_core::Error::wrap)?;
+                    {
+                        let (logp, rest) = packed.split_at_mut(n);
+                        let (entropy, lse) = rest.split_at_mut(n);
+                        let mut out = LogProbsOut {
+                            logp,
+                            entropy: cfg.entropy.then_some(entropy),
+                            lse,
+                        };
+                        kernels::token_logprobs_into(&g, &rows, cfg, &mut out).map_err(wrap)?;
+                    }
+                    checked(&g)?;
+                    Ok((
+                        CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+                        Shape::from((3, n)),
+                    ))
+                }
+                Work::Backward { saved, grads } => with_cuda(saved, "saved", |ss, sl| {
+                    with_cuda(grads, "grads", |gs, gl| {
+                        let saved: CudaView<'_, f32> = view(ss, sl, "saved")?;
+                        let grads: CudaView<'_, f32> = view(gs, gl, "grads")?;
+                        let saved = LogProbSaved::<Device> {
+                            lse: saved.slice(2 * n..3 * n),
+                            entropy: cfg.entropy.then(|| saved.slice(n..2 * n)),
+                        };
+                        let grads = LogProbGrads::<Device> {
+                            logp: grads.slice(0..n),
+                            entropy: cfg.entropy.then(|| grads.slice(n..2 * n)),
+                            lse: Some(grads.slice(2 * n..3 * n)),
+                        };
+                        let d =
+                            kernels::token_logprobs_backward(&g, &rows, cfg, &saved, &grads).map_err(wrap)?;
+                        checked(&g)?;
+                        Ok((
+                            CudaStorage::wrap_cuda_slice(d, dev.clone()),
+                            layout.shape().clone(),
+                        ))
+                    })
+                }),
+            }
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! Every op on candle tensors, taking part in candle's autograd on CPU and
+//! CUDA (feature `candle`; `candle-cuda` adds the CUDA path).
+//!
+//! Differentiable ops are `CustomOp`s applied with `apply_op*` (never the
+//! `_no_bwd` variants), whose `bwd` runs this crate's backward kernels, so
+//! `loss.backward()` reaches logits (or hidden states and the LM head) and
+//! from there the model. Inputs must be contiguous (call `.contiguous()`),
+//! on one device, in F32, BF16 or F16 (token ids U32 or I64, masks U8).
+//!
+//! On CUDA each op runs on the tensor's device stream with the same kernels
+//! as [`crate::cuda`], then checks the kernels' status word, which waits for
+//! the stream once, so bad data is a typed error here too.
+//!
+//! # Gradients that stop silently in candle-nn
+//! candle-nn's `rotary_emb::rope`, `ops::rms_norm` (which `RmsNorm` uses on
+//! contiguous input) and `ops::softmax_last_dim` are applied with
+//! `apply_op*_no_bwd`: no error, no gradient. A model trained through them
+//! learns nothing upstream of them. [`nn`] has differentiable replacements,
+//! built from candle tensor ops, for CPU and CUDA.
+
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+pub mod logprob;
+pub mod nn;
+
+pub use logprob::{token_logprobs, LogProbTensors};
+
+/// This crate's error as candle's.
+pub(crate) fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// The contiguous elements of a CPU storage under `layout`.
+pub(crate) fn host_slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous (call .contiguous())")))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+/// Fails unless every tensor is on `device`.
+pub(crate) fn same_device(device: &candle_core::Device, op: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if !t.device().same_device(device) {
+            candle_core::bail!(
+                "{op}: `{name}` is on {:?}, the other inputs on {:?}",
+                t.device(),
+                device
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Token ids of a captured tensor as a host slice, for whatever id dtype it has.
+pub(crate) enum HostIds<'a> {
+    U32(&'a [u32]),
+    I64(&'a [i64]),
+}
+
+/// Reads a captured tensor's CPU storage with `f` (contiguous only).
+pub(crate) fn with_cpu<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CpuStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(s, layout),
+        _ => candle_core::bail!("{what} is not on the CPU"),
+    }
+}
+
+pub(crate) fn host_ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<HostIds<'a>> {
+    match s {
+        CpuStorage::U32(_) => Ok(HostIds::U32(host_slice(s, l, "targets")?)),
+        CpuStorage::I64(_) => Ok(HostIds::I64(host_slice(s, l, "targets")?)),
+        other => candle_core::bail!(
+            "token ids must be U32 or I64, got {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    }
+}
+
+#[cfg(feature = "candle-cuda")]
+pub(crate) mod gpu {
+    //! CUDA plumbing: one [`Gpu`] per candle device, views of storages.
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+    use candle_core::{Layout, Result, Storage, Tensor};
+    use cudarc::driver::CudaView;
+
+    use crate::cuda::Gpu;
+
+    /// The [`Gpu`] on a candle device's stream (created once per device).
+    pub fn gpu(dev: &CudaDevice) -> Result<Arc<Gpu>> {
+        static GPUS: OnceLock<Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<Gpu>>>> =
+            OnceLock::new();
+        let mut gpus = GPUS.get_or_init(Default::default).lock().unwrap();
+        if let Some(g) = gpus.get(&dev.id()) {
+            return Ok(g.clone());
+        }
+        let g = Arc::new(Gpu::new(dev.cuda_stream()).map_err(super::wrap)?);
+        gpus.insert(dev.id(), g.clone());
+        Ok(g)
+    }
+
+    /// The contiguous elements of a CUDA storage under `layout`, as a view.
+    pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{what} must be contiguous (call .contiguous())"))
+        })?;
+        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// Reads a captured tensor's CUDA storage with `f`.
+    pub fn with_cuda<R>(
+        t: &Tensor,
+        what: &str,
+        f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>,
+    ) -> Result<R> {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => f(s, layout),
+            _ => candle_core::bail!("{what} is not on a CUDA device"),
+        }
+    }
+
+    /// Reports the kernels' data errors (waits for the stream).
+    pub fn checked(gpu: &Gpu) -> Result<()> {
+        gpu.check().map_err(super::wrap)
+    }
+}
