@@ -27,3 +27,18 @@ pub fn down<T: DeviceRepr + Default + Clone>(gpu: &Gpu, xs: &CudaSlice<T>) -> Ve
 pub fn poisoned(gpu: &Gpu, n: usize) -> CudaSlice<f32> {
     up(gpu, &vec![f32::NAN; n])
 }
+
+/// Under compute-sanitizer (GK_SANITIZER=1) the suites keep their small
+/// cases: the tool runs kernels 10-100x slower.
+pub fn sanitizer() -> bool {
+    std::env::var("GK_SANITIZER").is_ok_and(|v| v == "1")
+}
+
+/// `cases` without those over `max_elems` elements when under the sanitizer.
+pub fn sized<T>(cases: Vec<T>, elems: impl Fn(&T) -> usize, max_elems: usize) -> Vec<T> {
+    if sanitizer() {
+        cases.into_iter().filter(|c| elems(c) <= max_elems).collect()
+    } else {
+        cases
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, what bench/gpu/run.sh runs on one:
+# the CUDA test and bench binaries (GPU tests enabled, PTX for sm_90) and
+# the candle-cuda tests, copied into .gpu/ (ignored by git; carry it).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source <(bash .ci/cuda-toolchain.sh --link)
+export GK_GPU_TESTS=1 CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+rm -rf .gpu && mkdir -p .gpu
+git rev-parse HEAD > .gpu/COMMIT
+git diff --quiet || echo "+ uncommitted changes" >> .gpu/COMMIT
+copy() {  # cargo's JSON messages -> executables -> .gpu/<prefix><target name>
+  python3 -c '
+import json, sys, shutil
+prefix = sys.argv[1]
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        shutil.copy(m["executable"], ".gpu/" + prefix + m["target"]["name"])
+' "$1"
+}
+tests=$(for f in tests/cuda_*.rs tests/candle_*.rs; do printf -- '--test %s ' "$(basename "$f" .rs)"; done)
+cargo test --release --features candle-cuda $tests --no-run --message-format=json | copy test_
+cargo bench --features cuda --no-run --message-format=json | copy bench_
+strip .gpu/test_* .gpu/bench_*
+du -sh .gpu
