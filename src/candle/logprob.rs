@@ -319,7 +319,7 @@ mod cuda {
         layout: &Layout,
         work: Work<'_>,
     ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::DType;
+        use candle_core::{backend::BackendStorage, DType};
         match storage.dtype() {
             DType::F32 => by_id::<f32>(inputs, storage, layout, work),
             DType::BF16 => by_id::<half::bf16>(inputs, storage, layout, work),
@@ -376,7 +376,7 @@ mod cuda {
                         .alloc_zeros::<f32>(3 * n)
                         .map_err(candle_core::Error::wrap)?;
                     {
-                        let (logp, rest) = packed.split_at_mut(n);
+                        let (logp, mut rest) = packed.split_at_mut(n);
                         let (entropy, lse) = rest.split_at_mut(n);
                         let mut out = LogProbsOut {
                             logp,
