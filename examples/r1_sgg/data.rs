@@ -820,6 +820,38 @@ mod tests {
     }
 
     #[test]
+    fn relation_rules_by_hand() {
+        // On a 100-pixel canvas `near` means a gap of at most 8 pixels.
+        let p = |[x0, y0, x1, y1]: [u32; 4]| Placed {
+            category: 0,
+            x0,
+            y0,
+            x1,
+            y1,
+        };
+        let rel = |first: [u32; 4], second: [u32; 4]| relate(&[p(first), p(second)], 0, 1, 100);
+        // Containment, whichever is drawn first.
+        assert_eq!(rel([10, 10, 50, 50], [20, 20, 30, 30]), (1, "inside", 0));
+        assert_eq!(rel([20, 20, 30, 30], [10, 10, 50, 50]), (0, "inside", 1));
+        // Overlap: the later one is on the earlier one.
+        assert_eq!(rel([10, 10, 50, 50], [40, 40, 70, 70]), (1, "on", 0));
+        assert_eq!(rel([40, 40, 70, 70], [10, 10, 50, 50]), (1, "on", 0));
+        // Boxes touching along an edge do not overlap: gap 0, near.
+        assert_eq!(rel([10, 10, 30, 30], [30, 10, 50, 30]), (0, "near", 1));
+        // Gap 8: near; gap 9: equal sizes, so left of.
+        assert_eq!(rel([38, 10, 58, 30], [10, 10, 30, 30]), (1, "near", 0));
+        assert_eq!(rel([39, 10, 59, 30], [10, 10, 30, 30]), (1, "left of", 0));
+        // Vertical pairs: above, the upper one first.
+        assert_eq!(rel([10, 60, 30, 80], [10, 10, 30, 30]), (1, "above", 0));
+        assert_eq!(rel([10, 10, 30, 30], [12, 40, 32, 60]), (0, "above", 1));
+        // Areas 2500 and 1000: ratio 2.5, bigger than; 2500 and 1050: not.
+        assert_eq!(rel([80, 0, 100, 50], [0, 0, 50, 50]), (1, "bigger than", 0));
+        assert_eq!(rel([79, 0, 100, 50], [0, 0, 50, 50]), (1, "left of", 0));
+        // Near wins over bigger than.
+        assert_eq!(rel([0, 0, 50, 50], [55, 0, 65, 10]), (0, "near", 1));
+    }
+
+    #[test]
     fn five_thousand_samples_in_seconds() {
         let start = std::time::Instant::now();
         let samples = generate_split(Split::Train, 5000, 1);

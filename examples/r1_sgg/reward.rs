@@ -47,7 +47,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::format::{parse_answer, AnswerForm, ParsedAnswer};
-use crate::scene::{giou, iou, l1, normalize_label, SceneGraph};
+use crate::scene::{giou, iou, l1, normalize_label, BBox, SceneGraph};
 
 /// Boxes match when their IoU reaches this.
 pub const IOU_THRESHOLD: f64 = 0.5;
@@ -243,7 +243,7 @@ impl<'a> Labels<'a> {
         }
     }
 
-    fn bbox(&self, i: usize) -> &crate::scene::BBox {
+    fn bbox(&self, i: usize) -> &BBox {
         &self.graph.objects[i].bbox
     }
 }
@@ -806,6 +806,12 @@ mod tests {
         p.objects[1].bbox = [0.5, 0.5, 1.0, 0.7499];
         close(hard(&p), 0.5);
         p.objects[1].bbox = [0.5, 0.5, 1.0, 0.75];
+        // The same on the subject side: the man halved to [0,0,.5,.25].
+        p.objects[0].bbox = [0.0, 0.0, 0.5, 0.25];
+        close(hard(&p), 1.0);
+        p.objects[0].bbox = [0.0, 0.0, 0.5, 0.2499];
+        close(hard(&p), 0.0);
+        p.objects[0].bbox = [0.0, 0.0, 0.5, 0.5];
         // Duplicating a hit does not count it twice.
         p.relations.push(p.relations[0].clone());
         close(hard(&p), 1.0);
