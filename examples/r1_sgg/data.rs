@@ -1,0 +1,1031 @@
+//! Scene-graph data: a synthetic generator for the demo, and a loader for
+//! R1-SGG's real data layout.
+//!
+//! **Synthetic scenes.** Each image holds a few objects of the
+//! [`SYNTHETIC`] vocabulary: eight shapes, each in its own colour
+//! (circle red, square blue, triangle green, diamond yellow, cross magenta,
+//! ring cyan, star orange, frame white), on a dark noisy background. Each
+//! shape reaches all four sides of its box. Relations are computed from
+//! geometry and drawing order for the `max_relations` closest pairs (by
+//! centre distance); each pair gets the first predicate that holds, in this
+//! order:
+//!
+//! | predicate | holds when | subject |
+//! |---|---|---|
+//! | `inside` | one box contains the other | the contained one |
+//! | `on` | the boxes overlap | the one drawn on top |
+//! | `near` | the gap between the boxes is at most [`NEAR`] (normalized) | left one, or upper one if the pair is more vertical |
+//! | `bigger than` | one area is at least [`BIGGER`] times the other | the bigger one |
+//! | `left of` | the pair is more horizontal than vertical | the left one |
+//! | `above` | otherwise | the upper one |
+//!
+//! Objects are listed in reading order (top to bottom, then left to right)
+//! and numbered from 1 in that order (`"circle.1"`, `"star.2"`, ...);
+//! relations are sorted by subject then object.
+//!
+//! Everything is deterministic: sample `i` of a split is generated from
+//! `(seed, split, i)` alone, so a split is the same at any length and on any
+//! number of threads. [`Split::Shifted`] draws from other statistics (a
+//! larger canvas, more and smaller objects clustered around a point, more
+//! containment) to measure out-of-distribution generalization.
+//!
+//! **Real data.** [`load_jsonl`] reads the layout R1-SGG's data is exported
+//! to: a JSONL file beside its image folder, one record per line (see its
+//! docs for the fields); boxes are absolute `xyxy` pixels there and are
+//! normalized here.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use image::{imageops, Rgb, RgbImage};
+use rayon::prelude::*;
+use serde_json::Value;
+
+use crate::scene::{Object, Relation, Rng, SceneGraph, SYNTHETIC};
+
+/// Two boxes at most this far apart (normalized, along the axis that
+/// separates them most) are `near`.
+pub const NEAR: f32 = 0.08;
+/// An area at least this many times another's is `bigger than` it.
+pub const BIGGER: f32 = 2.5;
+
+/// One image and its scene graph.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Unique name (`"train-000042"`, or the record's `image_id`).
+    pub id: String,
+    /// The RGB image.
+    pub image: RgbImage,
+    /// Its scene graph, boxes normalized to the image.
+    pub graph: SceneGraph,
+}
+
+impl Sample {
+    /// The same sample with its image resized to `width x height` (boxes are
+    /// normalized, so the graph is unchanged).
+    pub fn resized(&self, width: u32, height: u32) -> Sample {
+        Sample {
+            id: self.id.clone(),
+            image: imageops::resize(&self.image, width, height, imageops::FilterType::Triangle),
+            graph: self.graph.clone(),
+        }
+    }
+}
+
+/// The dataset splits. Train, val and test share one distribution (with
+/// disjoint seeds); shifted uses other statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// Training data.
+    Train,
+    /// Validation data, same distribution as train.
+    Val,
+    /// Test data, same distribution as train.
+    Test,
+    /// Out-of-distribution test data (see [`Split::config`]).
+    Shifted,
+}
+
+impl Split {
+    /// All splits.
+    pub const ALL: [Split; 4] = [Split::Train, Split::Val, Split::Test, Split::Shifted];
+
+    /// Lowercase name, used in sample ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+            Split::Shifted => "shifted",
+        }
+    }
+
+    /// Scene statistics of the split: 64x64 canvases with 2-5 objects of
+    /// 20-42% of the side spread uniformly for train/val/test; 96x96
+    /// canvases with 4-7 objects of 12-30% of the side clustered around a
+    /// random point, with twice the containment, for shifted.
+    pub fn config(self) -> SceneConfig {
+        match self {
+            Split::Train | Split::Val | Split::Test => SceneConfig {
+                canvas: 64,
+                objects: (2, 5),
+                size: (0.2, 0.42),
+                layout: Layout::Uniform,
+                inside_prob: 0.15,
+                max_overlap: 0.2,
+                max_relations: 4,
+            },
+            Split::Shifted => SceneConfig {
+                canvas: 96,
+                objects: (4, 7),
+                size: (0.12, 0.3),
+                layout: Layout::Clustered { spread: 0.3 },
+                inside_prob: 0.3,
+                max_overlap: 0.3,
+                max_relations: 6,
+            },
+        }
+    }
+}
+
+/// Where objects are placed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Layout {
+    /// Anywhere on the canvas.
+    Uniform,
+    /// Centres within `spread` (a fraction of the side) of a random point.
+    Clustered {
+        /// Half-width of the cluster, as a fraction of the canvas side.
+        spread: f32,
+    },
+}
+
+/// Statistics of generated scenes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SceneConfig {
+    /// Image width and height in pixels.
+    pub canvas: u32,
+    /// Inclusive range of the number of objects attempted (fewer are
+    /// placed if the canvas is too crowded, never fewer than one).
+    pub objects: (usize, usize),
+    /// Range of an object's side, as a fraction of the canvas side.
+    pub size: (f32, f32),
+    /// Placement of free objects.
+    pub layout: Layout,
+    /// Probability that a new object is placed inside an existing one.
+    pub inside_prob: f32,
+    /// A new object may cover at most this fraction of an existing one.
+    pub max_overlap: f32,
+    /// Relations per image: those of the closest pairs.
+    pub max_relations: usize,
+}
+
+/// Pixel box `[x0, y0, x1, y1)`, in drawing order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Placed {
+    category: usize,
+    x0: u32,
+    y0: u32,
+    x1: u32,
+    y1: u32,
+}
+
+impl Placed {
+    fn area(&self) -> u32 {
+        (self.x1 - self.x0) * (self.y1 - self.y0)
+    }
+
+    fn intersection(&self, o: &Placed) -> u32 {
+        let w = self.x1.min(o.x1).saturating_sub(self.x0.max(o.x0));
+        let h = self.y1.min(o.y1).saturating_sub(self.y0.max(o.y0));
+        w * h
+    }
+
+    fn contains(&self, o: &Placed) -> bool {
+        self.x0 <= o.x0 && o.x1 <= self.x1 && self.y0 <= o.y0 && o.y1 <= self.y1
+    }
+
+    /// Centre, doubled so it stays an integer.
+    fn centre2(&self) -> (i64, i64) {
+        ((self.x0 + self.x1) as i64, (self.y0 + self.y1) as i64)
+    }
+}
+
+/// The shape of each [`SYNTHETIC`] category, in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Circle,
+    Square,
+    Triangle,
+    Diamond,
+    Cross,
+    Ring,
+    Star,
+    Frame,
+}
+
+/// Each object's colour varies by up to this much per channel.
+const JITTER: usize = 15;
+
+/// Shape and base colour of each category. Colours are at least 120 apart
+/// (summed over channels), more than jitter can close (6 * 15), so colour
+/// alone names the category, and so does shape.
+const SHAPES: [(Shape, [u8; 3]); 8] = [
+    (Shape::Circle, [220, 50, 50]),
+    (Shape::Square, [50, 90, 230]),
+    (Shape::Triangle, [50, 190, 70]),
+    (Shape::Diamond, [230, 210, 50]),
+    (Shape::Cross, [210, 60, 210]),
+    (Shape::Ring, [60, 210, 220]),
+    (Shape::Star, [250, 120, 20]),
+    (Shape::Frame, [235, 235, 235]),
+];
+
+/// A five-pointed star, point up, scaled to touch all four sides of
+/// `[-1, 1]^2`.
+fn star_vertices() -> [(f32, f32); 10] {
+    let (inner, half_width, bottom) = (0.45f32, 18f32.to_radians().cos(), 36f32.to_radians().cos());
+    std::array::from_fn(|k| {
+        let r = if k % 2 == 0 { 1.0 } else { inner };
+        let angle = (-90.0 + 36.0 * k as f32).to_radians();
+        let (x, y) = (r * angle.cos(), r * angle.sin());
+        (x / half_width, (y + 1.0) / (1.0 + bottom) * 2.0 - 1.0)
+    })
+}
+
+/// Even-odd point-in-polygon test.
+fn in_polygon(vertices: &[(f32, f32)], u: f32, v: f32) -> bool {
+    let mut inside = false;
+    for (i, &(xi, yi)) in vertices.iter().enumerate() {
+        let (xj, yj) = vertices[(i + vertices.len() - 1) % vertices.len()];
+        if (yi > v) != (yj > v) && u < (xj - xi) * (v - yi) / (yj - yi) + xi {
+            inside = !inside;
+        }
+    }
+    inside
+}
+
+impl Shape {
+    /// Whether the point `(u, v)` of the box, mapped to `[-1, 1]^2` (`v`
+    /// down), is painted.
+    fn covers(self, u: f32, v: f32, star: &[(f32, f32)]) -> bool {
+        match self {
+            Shape::Circle => u * u + v * v <= 1.0,
+            Shape::Square => true,
+            Shape::Triangle => u.abs() <= (v + 1.0) / 2.0,
+            Shape::Diamond => u.abs() + v.abs() <= 1.0,
+            Shape::Cross => u.abs() <= 0.3 || v.abs() <= 0.3,
+            Shape::Ring => (0.3..=1.0).contains(&(u * u + v * v)),
+            Shape::Star => in_polygon(star, u, v),
+            Shape::Frame => u.abs().max(v.abs()) >= 0.6,
+        }
+    }
+}
+
+/// Generates the `index`-th sample of a split.
+pub fn generate(split: Split, index: usize, seed: u64) -> Sample {
+    let mut rng = Rng::derive(&[seed, split as u64, index as u64]);
+    let id = format!("{}-{index:06}", split.name());
+    generate_scene(&split.config(), &mut rng, id)
+}
+
+/// Samples `0..count` of a split, generated in parallel.
+pub fn generate_split(split: Split, count: usize, seed: u64) -> Vec<Sample> {
+    (0..count)
+        .into_par_iter()
+        .map(|i| generate(split, i, seed))
+        .collect()
+}
+
+/// One scene with the given statistics, drawn from `rng`.
+pub fn generate_scene(cfg: &SceneConfig, rng: &mut Rng, id: String) -> Sample {
+    let placed = place_objects(cfg, rng);
+    let image = render(cfg.canvas, &placed, rng);
+    let graph = describe(cfg, &placed);
+    Sample { id, image, graph }
+}
+
+/// Draws object boxes until `cfg.objects` are placed or attempts run out.
+fn place_objects(cfg: &SceneConfig, rng: &mut Rng) -> Vec<Placed> {
+    let (lo, hi) = cfg.objects;
+    let wanted = lo + rng.below(hi.saturating_sub(lo) + 1);
+    let canvas = cfg.canvas as f32;
+    let cluster = (rng.range(0.3, 0.7) * canvas, rng.range(0.3, 0.7) * canvas);
+    let mut placed: Vec<Placed> = Vec::with_capacity(wanted);
+    for _ in 0..50 * wanted.max(1) {
+        if placed.len() >= wanted {
+            break;
+        }
+        let category = rng.below(SHAPES.len());
+        // Containers must leave room for a child of at least 5 pixels.
+        let containers: Vec<usize> = (0..placed.len())
+            .filter(|&i| (placed[i].x1 - placed[i].x0).min(placed[i].y1 - placed[i].y0) >= 12)
+            .collect();
+        let candidate = if !containers.is_empty() && rng.uniform() < cfg.inside_prob {
+            let parent = placed[containers[rng.below(containers.len())]];
+            let side = (parent.x1 - parent.x0).min(parent.y1 - parent.y0) as f32;
+            let child = ((side * rng.range(0.35, 0.55)).round() as u32).max(5);
+            let x0 = parent.x0 + 1 + rng.below((parent.x1 - parent.x0 - child - 1) as usize) as u32;
+            let y0 = parent.y0 + 1 + rng.below((parent.y1 - parent.y0 - child - 1) as usize) as u32;
+            let child = Placed {
+                category,
+                x0,
+                y0,
+                x1: x0 + child,
+                y1: y0 + child,
+            };
+            // Inside its parent, clear of everything else.
+            let clear = placed
+                .iter()
+                .all(|p| *p == parent || p.intersection(&child) == 0 || p.contains(&parent));
+            clear.then_some(child)
+        } else {
+            let side = rng.range(cfg.size.0, cfg.size.1) * canvas;
+            let aspect = rng.range(0.8, 1.25).sqrt();
+            let w = ((side * aspect).round() as u32).clamp(5, cfg.canvas);
+            let h = ((side / aspect).round() as u32).clamp(5, cfg.canvas);
+            let (x0, y0) = match cfg.layout {
+                Layout::Uniform => (
+                    rng.below((cfg.canvas - w + 1) as usize) as u32,
+                    rng.below((cfg.canvas - h + 1) as usize) as u32,
+                ),
+                Layout::Clustered { spread } => {
+                    let jitter = spread * canvas;
+                    let cx = cluster.0 + rng.range(-jitter, jitter);
+                    let cy = cluster.1 + rng.range(-jitter, jitter);
+                    let x0 = (cx - w as f32 / 2.0).round().clamp(0.0, (cfg.canvas - w) as f32);
+                    let y0 = (cy - h as f32 / 2.0).round().clamp(0.0, (cfg.canvas - h) as f32);
+                    (x0 as u32, y0 as u32)
+                }
+            };
+            let new = Placed {
+                category,
+                x0,
+                y0,
+                x1: x0 + w,
+                y1: y0 + h,
+            };
+            // Drawn on top, it must leave every earlier object mostly visible.
+            let visible = placed
+                .iter()
+                .all(|p| p.intersection(&new) as f32 <= cfg.max_overlap * p.area() as f32);
+            visible.then_some(new)
+        };
+        placed.extend(candidate);
+    }
+    placed
+}
+
+/// Paints the background and the objects in drawing order.
+fn render(canvas: u32, placed: &[Placed], rng: &mut Rng) -> RgbImage {
+    let base = 25 + rng.below(35) as i32;
+    let mut image = RgbImage::from_fn(canvas, canvas, |_, _| {
+        let v = (base + rng.below(13) as i32 - 6) as u8;
+        Rgb([v, v, v])
+    });
+    let star = star_vertices();
+    for p in placed {
+        let (shape, colour) = SHAPES[p.category];
+        let colour =
+            colour.map(|c| (c as i32 + rng.below(2 * JITTER + 1) as i32 - JITTER as i32).clamp(0, 255) as u8);
+        let (cx, cy) = ((p.x0 + p.x1) as f32 / 2.0, (p.y0 + p.y1) as f32 / 2.0);
+        let (hw, hh) = ((p.x1 - p.x0) as f32 / 2.0, (p.y1 - p.y0) as f32 / 2.0);
+        for y in p.y0..p.y1 {
+            for x in p.x0..p.x1 {
+                // Pixel centres map to (-1, 1).
+                let u = (x as f32 + 0.5 - cx) / hw;
+                let v = (y as f32 + 0.5 - cy) / hh;
+                if shape.covers(u, v, &star) {
+                    image.put_pixel(x, y, Rgb(colour));
+                }
+            }
+        }
+    }
+    image
+}
+
+/// The scene graph of placed objects: reading-order ids and the relations
+/// of the closest pairs (see the module docs for the rules).
+fn describe(cfg: &SceneConfig, placed: &[Placed]) -> SceneGraph {
+    let mut order: Vec<usize> = (0..placed.len()).collect();
+    order.sort_by_key(|&i| (placed[i].y0, placed[i].x0, i));
+    let mut rank = vec![0; placed.len()];
+    for (r, &i) in order.iter().enumerate() {
+        rank[i] = r;
+    }
+    let canvas = cfg.canvas as f32;
+    let objects: Vec<Object> = order
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| {
+            let p = placed[i];
+            let name = SYNTHETIC.objects[p.category];
+            Object {
+                id: format!("{name}.{}", r + 1),
+                category: name.to_string(),
+                bbox: [p.x0, p.y0, p.x1, p.y1].map(|v| v as f32 / canvas),
+            }
+        })
+        .collect();
+
+    let mut pairs: Vec<(i64, usize, usize)> = Vec::new();
+    for a in 0..placed.len() {
+        for b in a + 1..placed.len() {
+            let ((ax, ay), (bx, by)) = (placed[a].centre2(), placed[b].centre2());
+            pairs.push(((ax - bx).pow(2) + (ay - by).pow(2), a, b));
+        }
+    }
+    pairs.sort_unstable();
+    let mut triplets: Vec<(usize, &str, usize)> = pairs
+        .iter()
+        .take(cfg.max_relations)
+        .map(|&(_, a, b)| {
+            let (s, predicate, o) = relate(placed, a, b, cfg.canvas);
+            (rank[s], predicate, rank[o])
+        })
+        .collect();
+    triplets.sort_unstable_by_key(|&(s, _, o)| (s, o));
+    let relations = triplets
+        .into_iter()
+        .map(|(s, predicate, o)| Relation::new(&objects[s].id, predicate, &objects[o].id))
+        .collect();
+    SceneGraph { objects, relations }
+}
+
+/// The predicate of a pair (drawing indices, `a` drawn before `b`) and
+/// which one is its subject.
+fn relate(placed: &[Placed], a: usize, b: usize, canvas: u32) -> (usize, &'static str, usize) {
+    let (pa, pb) = (&placed[a], &placed[b]);
+    if pb.contains(pa) {
+        return (a, "inside", b);
+    }
+    if pa.contains(pb) {
+        return (b, "inside", a);
+    }
+    if pa.intersection(pb) > 0 {
+        return (b, "on", a); // b is drawn over a
+    }
+    let ((ax, ay), (bx, by)) = (pa.centre2(), pb.centre2());
+    let horizontal = (ax - bx).abs() >= (ay - by).abs();
+    let (first, second) = if (horizontal && ax <= bx) || (!horizontal && ay <= by) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let gap_x = pa.x0.max(pb.x0).saturating_sub(pa.x1.min(pb.x1));
+    let gap_y = pa.y0.max(pb.y0).saturating_sub(pa.y1.min(pb.y1));
+    if gap_x.max(gap_y) as f32 <= NEAR * canvas as f32 {
+        return (first, "near", second);
+    }
+    let (area_a, area_b) = (pa.area() as f32, pb.area() as f32);
+    if area_a >= BIGGER * area_b {
+        return (a, "bigger than", b);
+    }
+    if area_b >= BIGGER * area_a {
+        return (b, "bigger than", a);
+    }
+    (first, if horizontal { "left of" } else { "above" }, second)
+}
+
+/// A grid of samples, each scaled `scale` times (nearest neighbour) with
+/// its boxes outlined in white, `cols` per row, for eyeballing the data.
+pub fn render_preview(samples: &[Sample], cols: usize, scale: u32) -> RgbImage {
+    const GAP: u32 = 4;
+    let cols = cols.clamp(1, samples.len().max(1));
+    let rows = samples.len().div_ceil(cols).max(1);
+    let tile = samples
+        .iter()
+        .map(|s| s.image.width().max(s.image.height()))
+        .max()
+        .unwrap_or(1)
+        * scale;
+    let mut grid = RgbImage::from_pixel(
+        cols as u32 * (tile + GAP) + GAP,
+        rows as u32 * (tile + GAP) + GAP,
+        Rgb([90, 90, 90]),
+    );
+    for (k, s) in samples.iter().enumerate() {
+        let (w, h) = (s.image.width() * scale, s.image.height() * scale);
+        let big = imageops::resize(&s.image, w, h, imageops::FilterType::Nearest);
+        let (ox, oy) = (
+            GAP + (k % cols) as u32 * (tile + GAP),
+            GAP + (k / cols) as u32 * (tile + GAP),
+        );
+        imageops::replace(&mut grid, &big, ox as i64, oy as i64);
+        for o in &s.graph.objects {
+            let to_px = |v: f32, side: u32| ((v * side as f32).round() as u32).min(side.max(1) - 1);
+            let [x0, x1] = [o.bbox[0], o.bbox[2]].map(|v| ox + to_px(v, w));
+            let [y0, y1] = [o.bbox[1], o.bbox[3]].map(|v| oy + to_px(v, h));
+            for x in x0..=x1 {
+                grid.put_pixel(x, y0, Rgb([255, 255, 255]));
+                grid.put_pixel(x, y1, Rgb([255, 255, 255]));
+            }
+            for y in y0..=y1 {
+                grid.put_pixel(x0, y, Rgb([255, 255, 255]));
+                grid.put_pixel(x1, y, Rgb([255, 255, 255]));
+            }
+        }
+    }
+    grid
+}
+
+/// Why a real-data file could not be loaded.
+#[derive(Debug)]
+pub enum DataError {
+    /// The JSONL file itself could not be read.
+    Io {
+        /// The JSONL file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A line is not a valid record.
+    Record {
+        /// The JSONL file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A record's image is missing or cannot be decoded.
+    Image {
+        /// The JSONL file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The image file, as resolved.
+        image: PathBuf,
+        /// What the decoder or the OS said.
+        reason: String,
+    },
+}
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DataError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            DataError::Record { path, line, reason } => write!(f, "{}:{line}: {reason}", path.display()),
+            DataError::Image {
+                path,
+                line,
+                image,
+                reason,
+            } => write!(
+                f,
+                "{}:{line}: image {}: {reason}",
+                path.display(),
+                image.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DataError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DataError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Loads R1-SGG-style scene-graph data: a JSONL file, one record per
+/// non-blank line, beside the images it names.
+///
+/// A record is a JSON object with
+/// - `"image"`: the image's path, relative to the JSONL file's folder;
+/// - `"image_id"` (optional, string or number): the sample's id, else
+///   `"line N"`;
+/// - `"width"`, `"height"` (optional, both or neither): the pixel frame the
+///   boxes are written in, when the stored image was resized; else the
+///   image's own size;
+/// - `"objects"`: `[{"id": "man.1", "bbox": [x1, y1, x2, y2]}, ...]`,
+///   absolute pixel boxes;
+/// - `"relationships"`: `[{"subject": "man.1", "predicate": "riding",
+///   "object": "horse.2"}, ...]`.
+///
+/// `objects` and `relationships` may also be JSON-encoded strings, as in
+/// R1-SGG's Hugging Face datasets. Boxes are normalized by the frame and
+/// clipped to it; a box with `x2 < x1` or `y2 < y1`, a duplicated id or a
+/// relation naming an undefined object is an error naming the line.
+pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let folder = path.parent().unwrap_or(Path::new("."));
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| load_record(path, folder, n + 1, l))
+        .collect()
+}
+
+fn load_record(path: &Path, folder: &Path, line: usize, text: &str) -> Result<Sample, DataError> {
+    let bad = |reason: String| DataError::Record {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    };
+    let record: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let image_name = record
+        .get("image")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("missing string field \"image\"".into()))?;
+    let image_path = folder.join(image_name);
+    let image = image::open(&image_path)
+        .map_err(|e| DataError::Image {
+            path: path.to_path_buf(),
+            line,
+            image: image_path.clone(),
+            reason: e.to_string(),
+        })?
+        .to_rgb8();
+    let id = match record.get("image_id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => format!("line {line}"),
+    };
+    let frame = match (record.get("width"), record.get("height")) {
+        (None, None) => (image.width() as f64, image.height() as f64),
+        (Some(w), Some(h)) => match (w.as_f64(), h.as_f64()) {
+            (Some(w), Some(h)) if w > 0.0 && h > 0.0 => (w, h),
+            _ => return Err(bad(format!("width {w} and height {h} must be positive numbers"))),
+        },
+        _ => return Err(bad("\"width\" and \"height\" must come together".into())),
+    };
+    let objects = embedded_list(&record, "objects")
+        .map_err(&bad)?
+        .iter()
+        .enumerate()
+        .map(|(i, o)| read_object(o, frame).map_err(|e| bad(format!("objects[{i}]: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let relations = embedded_list(&record, "relationships")
+        .map_err(&bad)?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| read_relation(r).map_err(|e| bad(format!("relationships[{i}]: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let graph = SceneGraph { objects, relations };
+    graph.check().map_err(bad)?;
+    Ok(Sample { id, image, graph })
+}
+
+/// A list field, written either as a JSON array or as a string holding one.
+fn embedded_list(record: &Value, key: &str) -> Result<Vec<Value>, String> {
+    match record.get(key) {
+        Some(Value::Array(items)) => Ok(items.clone()),
+        Some(Value::String(s)) => match serde_json::from_str(s) {
+            Ok(Value::Array(items)) => Ok(items),
+            Ok(_) => Err(format!("\"{key}\" holds a string that is not a JSON array")),
+            Err(e) => Err(format!("\"{key}\" holds invalid JSON: {e}")),
+        },
+        Some(_) => Err(format!("\"{key}\" must be an array")),
+        None => Err(format!("missing field \"{key}\"")),
+    }
+}
+
+fn read_object(o: &Value, (w, h): (f64, f64)) -> Result<Object, String> {
+    let id = o
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or("needs a non-empty string \"id\"")?;
+    let coords: Vec<f64> = match o.get("bbox").and_then(Value::as_array) {
+        Some(b) if b.len() == 4 => b.iter().filter_map(Value::as_f64).collect(),
+        _ => Vec::new(),
+    };
+    let &[x1, y1, x2, y2] = coords.as_slice() else {
+        return Err(format!("{id:?} needs \"bbox\": [x1, y1, x2, y2] of 4 numbers"));
+    };
+    if x2 < x1 || y2 < y1 {
+        return Err(format!("{id:?} has an inverted box {coords:?}"));
+    }
+    let norm = |v: f64, side: f64| (v / side).clamp(0.0, 1.0) as f32;
+    Ok(Object::from_id(
+        id,
+        [norm(x1, w), norm(y1, h), norm(x2, w), norm(y2, h)],
+    ))
+}
+
+fn read_relation(r: &Value) -> Result<Relation, String> {
+    let field = |k: &str| {
+        r.get(k).and_then(Value::as_str).ok_or(format!(
+            "needs string fields \"subject\", \"predicate\", \"object\"; {k:?} is not"
+        ))
+    };
+    Ok(Relation::new(
+        field("subject")?,
+        field("predicate")?,
+        field("object")?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scene::iou;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/r1_sgg/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn shapes_match_the_vocabulary() {
+        assert_eq!(SHAPES.len(), SYNTHETIC.objects.len());
+        // Every shape reaches all four sides of its box (to within 3%, the
+        // star's sharp tips), so boxes are tight.
+        let star = star_vertices();
+        for (shape, _) in SHAPES {
+            // Points along the line u = `at` (or v = `at`, if `horizontal`).
+            let touches = |at: f32, horizontal: bool| {
+                (-1000..=1000).any(|t| {
+                    let t = t as f32 / 1000.0;
+                    let (u, v) = if horizontal { (t, at) } else { (at, t) };
+                    shape.covers(u, v, &star)
+                })
+            };
+            assert!(touches(-0.97, false), "{shape:?} left");
+            assert!(touches(0.97, false), "{shape:?} right");
+            assert!(touches(-0.97, true), "{shape:?} top");
+            assert!(touches(0.97, true), "{shape:?} bottom");
+        }
+        for (i, (_, a)) in SHAPES.iter().enumerate() {
+            for (_, b) in &SHAPES[i + 1..] {
+                let d: i32 = a.iter().zip(b).map(|(x, y)| (*x as i32 - *y as i32).abs()).sum();
+                assert!(d >= 120, "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn generation_is_deterministic_and_well_formed() {
+        for split in Split::ALL {
+            let cfg = split.config();
+            let samples = generate_split(split, 200, 11);
+            assert_eq!(samples[17].image, generate(split, 17, 11).image);
+            assert_eq!(samples[17].graph, generate(split, 17, 11).graph);
+            assert_ne!(samples[17].graph, generate(split, 17, 12).graph);
+            let mut predicates = std::collections::BTreeSet::new();
+            for s in &samples {
+                assert_eq!(s.image.dimensions(), (cfg.canvas, cfg.canvas));
+                s.graph.check().unwrap();
+                let n = s.graph.objects.len();
+                assert!((1..=cfg.objects.1).contains(&n), "{} objects", n);
+                assert!(s.graph.relations.len() <= cfg.max_relations.min(n * (n - 1) / 2));
+                for o in &s.graph.objects {
+                    assert!(SYNTHETIC.has_object(&o.category));
+                }
+                for r in &s.graph.relations {
+                    assert!(SYNTHETIC.has_predicate(&r.predicate));
+                    predicates.insert(r.predicate.clone());
+                }
+                // Reading order: tops never decrease.
+                assert!(s.graph.objects.windows(2).all(|w| w[0].bbox[1] <= w[1].bbox[1]));
+            }
+            // 200 scenes exercise every predicate.
+            assert_eq!(
+                predicates.len(),
+                SYNTHETIC.predicates.len(),
+                "{split:?}: {predicates:?}"
+            );
+            let mean = samples.iter().map(|s| s.graph.objects.len()).sum::<usize>() as f32 / 200.0;
+            let (lo, hi) = cfg.objects;
+            assert!(
+                mean >= lo as f32 + 0.5 * (hi - lo) as f32 - 0.6,
+                "{split:?}: {mean} objects"
+            );
+        }
+        let train = generate_split(Split::Train, 50, 3);
+        let val = generate_split(Split::Val, 50, 3);
+        assert!(train.iter().zip(&val).all(|(a, b)| a.image != b.image));
+    }
+
+    #[test]
+    fn pixels_show_the_objects_and_relations_follow_the_rules() {
+        for i in 0..100 {
+            let s = generate(Split::Train, i, 5);
+            let (w, h) = s.image.dimensions();
+            for o in &s.graph.objects {
+                // The box's centre row holds pixels of the object's colour
+                // (unless a later object covers them: a majority check would
+                // be too strict, so look for any).
+                let (_, colour) = SHAPES[SYNTHETIC.objects.iter().position(|c| *c == o.category).unwrap()];
+                let y = (((o.bbox[1] + o.bbox[3]) / 2.0) * h as f32) as u32;
+                let (x0, x1) = ((o.bbox[0] * w as f32) as u32, (o.bbox[2] * w as f32) as u32);
+                let near_colour = (x0..x1).any(|x| {
+                    let p = s.image.get_pixel(x, y).0;
+                    p.iter()
+                        .zip(colour)
+                        .all(|(a, b)| (*a as i32 - b as i32).abs() <= JITTER as i32)
+                });
+                assert!(near_colour, "{}: {} not visible", s.id, o.id);
+            }
+            for t in s.graph.triplets() {
+                let (a, b) = (&s.graph.objects[t.subject].bbox, &s.graph.objects[t.object].bbox);
+                match t.predicate {
+                    "inside" => assert!(b[0] <= a[0] && a[2] <= b[2] && b[1] <= a[1] && a[3] <= b[3]),
+                    "on" => assert!(iou(a, b) > 0.0),
+                    "left of" => assert!(a[0] + a[2] <= b[0] + b[2]),
+                    "above" => assert!(a[1] + a[3] <= b[1] + b[3]),
+                    "bigger than" => assert!(crate::scene::area(a) >= 2.4 * crate::scene::area(b)),
+                    "near" => assert_eq!(iou(a, b), 0.0),
+                    other => panic!("unexpected predicate {other}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn relation_rules_by_hand() {
+        // On a 100-pixel canvas `near` means a gap of at most 8 pixels.
+        let p = |[x0, y0, x1, y1]: [u32; 4]| Placed {
+            category: 0,
+            x0,
+            y0,
+            x1,
+            y1,
+        };
+        let rel = |first: [u32; 4], second: [u32; 4]| relate(&[p(first), p(second)], 0, 1, 100);
+        // Containment, whichever is drawn first.
+        assert_eq!(rel([10, 10, 50, 50], [20, 20, 30, 30]), (1, "inside", 0));
+        assert_eq!(rel([20, 20, 30, 30], [10, 10, 50, 50]), (0, "inside", 1));
+        // Overlap: the later one is on the earlier one.
+        assert_eq!(rel([10, 10, 50, 50], [40, 40, 70, 70]), (1, "on", 0));
+        assert_eq!(rel([40, 40, 70, 70], [10, 10, 50, 50]), (1, "on", 0));
+        // Boxes touching along an edge do not overlap: gap 0, near.
+        assert_eq!(rel([10, 10, 30, 30], [30, 10, 50, 30]), (0, "near", 1));
+        // Gap 8: near; gap 9: equal sizes, so left of.
+        assert_eq!(rel([38, 10, 58, 30], [10, 10, 30, 30]), (1, "near", 0));
+        assert_eq!(rel([39, 10, 59, 30], [10, 10, 30, 30]), (1, "left of", 0));
+        // Vertical pairs: above, the upper one first.
+        assert_eq!(rel([10, 60, 30, 80], [10, 10, 30, 30]), (1, "above", 0));
+        assert_eq!(rel([10, 10, 30, 30], [12, 40, 32, 60]), (0, "above", 1));
+        // Areas 2500 and 1000: ratio 2.5, bigger than; 2500 and 1050: not.
+        assert_eq!(rel([80, 0, 100, 50], [0, 0, 50, 50]), (1, "bigger than", 0));
+        assert_eq!(rel([79, 0, 100, 50], [0, 0, 50, 50]), (1, "left of", 0));
+        // Near wins over bigger than.
+        assert_eq!(rel([0, 0, 50, 50], [55, 0, 65, 10]), (0, "near", 1));
+    }
+
+    #[test]
+    fn five_thousand_samples_in_seconds() {
+        let start = std::time::Instant::now();
+        let samples = generate_split(Split::Train, 5000, 1);
+        let elapsed = start.elapsed();
+        assert_eq!(samples.len(), 5000);
+        // Debug builds are ~10x slower than release; both stay in seconds.
+        assert!(elapsed.as_secs_f32() < 20.0, "{elapsed:?}");
+    }
+
+    #[test]
+    fn preview_grid_has_the_expected_size() {
+        let samples = generate_split(Split::Train, 5, 2);
+        let grid = render_preview(&samples, 3, 2);
+        // 3 columns and 2 rows of 128-pixel tiles with 4-pixel gaps.
+        assert_eq!(grid.dimensions(), (3 * 132 + 4, 2 * 132 + 4));
+        assert!(render_preview(&[], 3, 2).width() > 0);
+    }
+
+    #[test]
+    fn resizing_keeps_the_graph() {
+        let s = generate(Split::Shifted, 0, 1);
+        let r = s.resized(64, 64);
+        assert_eq!(r.image.dimensions(), (64, 64));
+        assert_eq!(r.graph, s.graph);
+    }
+
+    #[test]
+    fn loads_the_fixture() {
+        let samples = load_jsonl(&fixture("scenes.jsonl")).unwrap();
+        assert_eq!(samples.len(), 3);
+        // Line 1: image 48x32, man.1 at [6, 4, 24, 28] px.
+        let s = &samples[0];
+        assert_eq!(s.id, "2343");
+        assert_eq!(s.image.dimensions(), (48, 32));
+        let man = &s.graph.objects[0];
+        assert_eq!((man.id.as_str(), man.category.as_str()), ("man.1", "man"));
+        assert_eq!(man.bbox, [6.0 / 48.0, 4.0 / 32.0, 24.0 / 48.0, 28.0 / 32.0]);
+        assert_eq!(s.graph.relations[0], Relation::new("man.1", "riding", "horse.2"));
+        // Line 2 stores objects and relationships as JSON strings, with a
+        // numeric image id and a box past the right edge (clipped to 1).
+        let s = &samples[1];
+        assert_eq!(s.id, "17");
+        assert_eq!(s.graph.objects.len(), 3);
+        assert_eq!(s.graph.objects[2].bbox[2], 1.0);
+        assert_eq!(s.graph.relations.len(), 2);
+        // Line 3 gives a 96x64 frame for a 48x32 image: boxes halve.
+        let s = &samples[2];
+        assert_eq!(s.graph.objects[0].bbox, [0.25, 0.25, 0.5, 0.75]);
+        for s in &samples {
+            s.graph.check().unwrap();
+        }
+    }
+
+    /// Writes `lines` as a JSONL file in a fresh temporary folder holding a
+    /// copy of the fixture images, and loads it.
+    fn load_lines(name: &str, lines: &[&str]) -> Result<Vec<Sample>, DataError> {
+        let dir = std::env::temp_dir().join(format!("r1_sgg_data_{name}_{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        for f in std::fs::read_dir(fixture("images")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join("images").join(f.file_name().unwrap())).unwrap();
+        }
+        std::fs::write(dir.join("images/corrupt.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+        std::fs::write(dir.join("data.jsonl"), lines.join("\n")).unwrap();
+        let result = load_jsonl(&dir.join("data.jsonl"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn bad_files_give_clear_errors() {
+        let missing = load_jsonl(Path::new("/nonexistent/r1_sgg.jsonl")).unwrap_err();
+        assert!(matches!(missing, DataError::Io { .. }), "{missing}");
+        assert!(missing.to_string().contains("/nonexistent/r1_sgg.jsonl"));
+
+        let ok = r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [1, 1, 5, 5]}], "relationships": []}"#;
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"image": "images/nope.png", "objects": [], "relationships": []}"#,
+                "nope.png",
+            ),
+            (
+                r#"{"image": "images/corrupt.png", "objects": [], "relationships": []}"#,
+                "corrupt.png",
+            ),
+            (r#"{"image": "images/1.png", "objects": [}"#, "invalid JSON"),
+            (r#"{"objects": [], "relationships": []}"#, "\"image\""),
+            (
+                r#"{"image": "images/1.png", "relationships": []}"#,
+                "missing field \"objects\"",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": "[{", "relationships": []}"#,
+                "\"objects\" holds invalid JSON",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": 3, "relationships": []}"#,
+                "must be an array",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"bbox": [1, 1, 5, 5]}], "relationships": []}"#,
+                "objects[0]",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [1, 1, 5]}], "relationships": []}"#,
+                "4 numbers",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [1, "1", 5, 5]}], "relationships": []}"#,
+                "4 numbers",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [5, 1, 1, 5]}], "relationships": []}"#,
+                "inverted",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [1, 1, 5, 5]}, {"id": "a.1", "bbox": [1, 1, 5, 5]}], "relationships": []}"#,
+                "share the id",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [1, 1, 5, 5]}], "relationships": [{"subject": "a.1", "predicate": "on", "object": "b.2"}]}"#,
+                "undefined object \"b.2\"",
+            ),
+            (
+                r#"{"image": "images/1.png", "objects": [{"id": "a.1", "bbox": [1, 1, 5, 5]}], "relationships": [{"subject": "a.1", "object": "a.1"}]}"#,
+                "\"predicate\"",
+            ),
+            (
+                r#"{"image": "images/1.png", "width": 10, "objects": [], "relationships": []}"#,
+                "together",
+            ),
+            (
+                r#"{"image": "images/1.png", "width": 0, "height": 5, "objects": [], "relationships": []}"#,
+                "positive",
+            ),
+        ];
+        for (k, (line, needle)) in cases.iter().enumerate() {
+            // The bad record is on line 2, after a good one.
+            let err = load_lines(&format!("case{k}"), &[ok, line]).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(":2:") && msg.contains(needle), "case {k}: {msg}");
+        }
+        let image_err = load_lines(
+            "image",
+            &[r#"{"image": "images/nope.png", "objects": [], "relationships": []}"#],
+        );
+        assert!(matches!(image_err, Err(DataError::Image { line: 1, .. })));
+        assert_eq!(load_lines("blank", &["", ok, "   "]).unwrap().len(), 1);
+    }
+
+    /// Rewrites the fixture images (run with `--ignored` after changing them).
+    #[test]
+    #[ignore]
+    fn write_fixture_images() {
+        let dir = fixture("images");
+        std::fs::create_dir_all(&dir).unwrap();
+        let rect = |img: &mut RgbImage, [x0, y0, x1, y1]: [u32; 4], c: [u8; 3]| {
+            for y in y0..y1.min(img.height()) {
+                for x in x0..x1.min(img.width()) {
+                    img.put_pixel(x, y, Rgb(c));
+                }
+            }
+        };
+        let mut a = RgbImage::from_pixel(48, 32, Rgb([120, 170, 90]));
+        rect(&mut a, [20, 14, 46, 30], [110, 70, 30]); // horse
+        rect(&mut a, [6, 4, 24, 28], [200, 160, 140]); // man
+        a.save(dir.join("1.png")).unwrap();
+        let mut b = RgbImage::from_pixel(40, 40, Rgb([150, 190, 230]));
+        rect(&mut b, [2, 20, 30, 38], [140, 100, 60]); // table
+        rect(&mut b, [8, 10, 16, 20], [240, 240, 240]); // cup
+        rect(&mut b, [30, 5, 40, 35], [200, 40, 40]); // chair, past the edge
+        b.save(dir.join("2.png")).unwrap();
+        let mut c = RgbImage::from_pixel(48, 32, Rgb([60, 60, 70]));
+        rect(&mut c, [12, 8, 24, 24], [230, 200, 40]); // lamp, in a 96x64 frame
+        c.save(dir.join("3.png")).unwrap();
+    }
+}
