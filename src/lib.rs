@@ -7,6 +7,7 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
+//! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -19,6 +20,7 @@ pub mod ops;
 pub use element::{DType, Float, TokenId};
 pub use error::{Error, Result};
 pub use memory::{Host, Memory};
+pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,

@@ -4,5 +4,6 @@
 
 pub mod math;
 
+pub mod kl;
 pub mod layout;
 pub mod logprob;
