@@ -7,6 +7,7 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
+//! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
 //! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
 
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod ops;
 pub use element::{DType, Float, TokenId};
 pub use error::{Error, Result};
 pub use memory::{Host, Memory};
+pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
 pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{

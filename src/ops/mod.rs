@@ -4,6 +4,7 @@
 
 pub mod math;
 
+pub mod advantages;
 pub mod kl;
 pub mod layout;
 pub mod logprob;
