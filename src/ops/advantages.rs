@@ -264,7 +264,7 @@ impl<'a> Rewards<'a, Host> {
 }
 
 /// Results of [`group_advantages`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GroupAdvantages<M: Memory = Host> {
     /// `[P * G]` advantages.
     pub advantages: M::Owned<f32>,

@@ -8,3 +8,4 @@ pub mod advantages;
 pub mod kl;
 pub mod layout;
 pub mod logprob;
+pub mod policy_loss;
