@@ -692,7 +692,15 @@ impl SeqData<'_> {
     /// Tokens `at..at + LANES` (fewer at the end).
     #[inline(always)]
     fn load(&self, at: usize) -> Lanes {
-        let k = LANES.min(self.len() - at);
+        // A constant length for full chunks, so the copies become vector moves.
+        match self.len() - at {
+            k if k >= LANES => self.load_span(at, LANES),
+            k => self.load_span(at, k),
+        }
+    }
+
+    #[inline(always)]
+    fn load_span(&self, at: usize, k: usize) -> Lanes {
         let mut x = Lanes {
             logp: [0.0; LANES],
             old: [0.0; LANES],
@@ -721,6 +729,15 @@ impl SeqData<'_> {
             }
         }
         x
+    }
+
+    /// Writes the first `min(LANES, len - at)` lanes of `values` at `at`.
+    #[inline(always)]
+    fn store(out: &mut [f32], at: usize, values: &[f32; LANES]) {
+        match out.len() - at {
+            k if k >= LANES => out[at..at + LANES].copy_from_slice(values),
+            k => out[at..at + k].copy_from_slice(&values[..k]),
+        }
     }
 
     /// `(masked-in tokens, their mean log-ratio)`: the sequence's importance
@@ -828,46 +845,24 @@ impl LaneSums {
     }
 }
 
+/// Calls `f` with a copy of `cfg` whose KL estimator is a constant to the
+/// optimizer: the estimator's `match` folds away inside `f`'s loops, which
+/// then vectorize (one copy per estimator).
+#[inline(always)]
+fn with_fixed_kl<R>(cfg: &PolicyLossConfig, f: impl FnOnce(&PolicyLossConfig) -> R) -> R {
+    let fixed = |kl| PolicyLossConfig { kl, ..*cfg };
+    match cfg.kl {
+        KlEstimator::K1 => f(&fixed(KlEstimator::K1)),
+        KlEstimator::K2 => f(&fixed(KlEstimator::K2)),
+        KlEstimator::K3 => f(&fixed(KlEstimator::K3)),
+        KlEstimator::LowVarK3 => f(&fixed(KlEstimator::LowVarK3)),
+    }
+}
+
 multiversion! {
     /// One sequence's loss terms into `out` (`m_t l_t`) and its sums.
     fn seq_forward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
-        let (tokens, seq_log_ratio) = match cfg.importance {
-            ImportanceLevel::Token => (seq.tokens(), None),
-            ImportanceLevel::Sequence => {
-                let (tokens, lr) = seq.mean_log_ratio();
-                (tokens, Some(lr))
-            }
-        };
-        let mut sums = SeqSums { tokens, finite: true, ..SeqSums::default() };
-        for block in (0..seq.len()).step_by(BLOCK) {
-            let mut acc = LaneSums::new();
-            for at in (block..seq.len().min(block + BLOCK)).step_by(LANES) {
-                let x = seq.load(at);
-                let mut terms = [0.0f32; LANES];
-                for (i, term) in terms.iter_mut().enumerate() {
-                    let t = cfg.token_loss(
-                        SeqData::log_ratio(&x, i, seq_log_ratio),
-                        x.adv[i],
-                        x.ref_logp[i] - x.logp[i],
-                    );
-                    let on = x.active[i];
-                    let count = |flag: bool| (on & flag) as u32 as f32;
-                    *term = if on { t.loss } else { 0.0 };
-                    acc.loss[i] += *term;
-                    acc.clip_low[i] += count(t.clip_low);
-                    acc.clip_high[i] += count(t.clip_high);
-                    acc.dual_clip[i] += count(t.dual_clip);
-                    acc.ratio[i] += if on { t.ratio } else { 0.0 };
-                    acc.ratio_max[i] = if on && t.ratio > acc.ratio_max[i] { t.ratio } else { acc.ratio_max[i] };
-                    acc.kl[i] += if on { t.kl } else { 0.0 };
-                    acc.finite[i] &= SeqData::lane_finite(&x, i);
-                }
-                let k = LANES.min(seq.len() - at);
-                out[at..at + k].copy_from_slice(&terms[..k]);
-            }
-            acc.flush(&mut sums);
-        }
-        sums
+        with_fixed_kl(cfg, |cfg| forward_lanes(cfg, seq, out))
     }
 }
 
@@ -875,26 +870,84 @@ multiversion! {
     /// One sequence's `dlogp` into `out`, each token's weight being
     /// `scale = grad_loss * w_s`; whether every read input was finite.
     fn seq_backward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
-        let seq_log_ratio = match cfg.importance {
-            ImportanceLevel::Token => None,
-            ImportanceLevel::Sequence => Some(seq.mean_log_ratio().1),
-        };
-        let mut finite = [true; LANES];
-        for at in (0..seq.len()).step_by(LANES) {
+        with_fixed_kl(cfg, |cfg| backward_lanes(cfg, seq, scale, out))
+    }
+}
+
+/// The body of [`seq_forward`].
+#[inline(always)]
+fn forward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
+    let (tokens, seq_log_ratio) = match cfg.importance {
+        ImportanceLevel::Token => (seq.tokens(), None),
+        ImportanceLevel::Sequence => {
+            let (tokens, lr) = seq.mean_log_ratio();
+            (tokens, Some(lr))
+        }
+    };
+    let mut sums = SeqSums {
+        tokens,
+        finite: true,
+        ..SeqSums::default()
+    };
+    for block in (0..seq.len()).step_by(BLOCK) {
+        let mut acc = LaneSums::new();
+        for at in (block..seq.len().min(block + BLOCK)).step_by(LANES) {
             let x = seq.load(at);
-            let mut grads = [0.0f32; LANES];
-            for i in 0..LANES {
+            let mut terms = [0.0f32; LANES];
+            for (i, term) in terms.iter_mut().enumerate() {
                 let t = cfg.token_loss(
                     SeqData::log_ratio(&x, i, seq_log_ratio),
                     x.adv[i],
                     x.ref_logp[i] - x.logp[i],
                 );
-                grads[i] = if x.active[i] { (scale + x.grad[i]) * t.grad } else { 0.0 };
-                finite[i] &= SeqData::lane_finite(&x, i);
+                let on = x.active[i];
+                let count = |flag: bool| (on & flag) as u32 as f32;
+                *term = if on { t.loss } else { 0.0 };
+                acc.loss[i] += *term;
+                acc.clip_low[i] += count(t.clip_low);
+                acc.clip_high[i] += count(t.clip_high);
+                acc.dual_clip[i] += count(t.dual_clip);
+                acc.ratio[i] += if on { t.ratio } else { 0.0 };
+                acc.ratio_max[i] = if on && t.ratio > acc.ratio_max[i] {
+                    t.ratio
+                } else {
+                    acc.ratio_max[i]
+                };
+                acc.kl[i] += if on { t.kl } else { 0.0 };
+                acc.finite[i] &= SeqData::lane_finite(&x, i);
             }
-            let k = LANES.min(seq.len() - at);
-            out[at..at + k].copy_from_slice(&grads[..k]);
+            SeqData::store(out, at, &terms);
         }
-        finite.iter().all(|&f| f)
+        acc.flush(&mut sums);
     }
+    sums
+}
+
+/// The body of [`seq_backward`].
+#[inline(always)]
+fn backward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
+    let seq_log_ratio = match cfg.importance {
+        ImportanceLevel::Token => None,
+        ImportanceLevel::Sequence => Some(seq.mean_log_ratio().1),
+    };
+    let mut finite = [true; LANES];
+    for at in (0..seq.len()).step_by(LANES) {
+        let x = seq.load(at);
+        let mut grads = [0.0f32; LANES];
+        for i in 0..LANES {
+            let t = cfg.token_loss(
+                SeqData::log_ratio(&x, i, seq_log_ratio),
+                x.adv[i],
+                x.ref_logp[i] - x.logp[i],
+            );
+            grads[i] = if x.active[i] {
+                (scale + x.grad[i]) * t.grad
+            } else {
+                0.0
+            };
+            finite[i] &= SeqData::lane_finite(&x, i);
+        }
+        SeqData::store(out, at, &grads);
+    }
+    finite.iter().all(|&f| f)
 }
