@@ -7,6 +7,9 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
+//! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
+//! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
+//! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -25,8 +28,14 @@ pub mod candle;
 pub use element::{DType, Float, TokenId};
 pub use error::{DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
+pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
+pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,
+};
+pub use ops::policy_loss::{
+    policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,
+    PolicyLossInputs, PolicyLossStats, TokenLoss,
 };

@@ -4,5 +4,8 @@
 
 pub mod math;
 
+pub mod advantages;
+pub mod kl;
 pub mod layout;
 pub mod logprob;
+pub mod policy_loss;

@@ -1,0 +1,253 @@
+//! Policy loss (with a k3 KL penalty), KL estimators and group advantages on
+//! the CPU, each beside a naive single-threaded version of the same op
+//! written plainly here, so the speedup reads as a ratio.
+//!
+//! Sizes: 128 sequences x 2048 tokens (N = 262144) for the loss and KL; 256
+//! rewards (R1-SGG's 32 prompts x 8) and 1M rewards (G = 8) for advantages.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use grpo_kernels::{
+    group_advantages, kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, Advantage,
+    AdvantageMode, KlEstimator, KlInputs, PolicyLossConfig, PolicyLossInputs, Rewards, SeqLayout,
+};
+
+const SEQS: usize = 128;
+const SEQ_LEN: usize = 2048;
+
+/// Uniform values in `[lo, hi)` from a seeded SplitMix64.
+fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        })
+        .collect()
+}
+
+/// The obvious policy loss: one thread, std's exp, per sequence then per
+/// token, clip fractions and means alongside (token ratios, k3, seq-mean-token-mean).
+fn naive_policy_loss(
+    logp: &[f32],
+    old: &[f32],
+    ref_logp: &[f32],
+    adv: &[f32],
+    mask: &[u8],
+    beta: f32,
+) -> (f32, Vec<f32>, [f32; 4]) {
+    let mut per_token = vec![0.0f32; logp.len()];
+    let (mut loss, mut clipped, mut ratio_sum, mut kl_sum, mut tokens) = (0.0f64, 0.0, 0.0, 0.0, 0usize);
+    for s in 0..SEQS {
+        let (mut seq_sum, mut seq_tokens) = (0.0f64, 0usize);
+        for t in s * SEQ_LEN..(s + 1) * SEQ_LEN {
+            if mask[t] == 0 {
+                continue;
+            }
+            let r = (logp[t] - old[t]).clamp(-20.0, 20.0).exp();
+            let a = adv[s];
+            let pg = -(r * a).min(r.clamp(0.8, 1.2) * a);
+            let d = ref_logp[t] - logp[t];
+            let kl = d.exp() - d - 1.0;
+            per_token[t] = pg + beta * kl;
+            seq_sum += per_token[t] as f64;
+            seq_tokens += 1;
+            clipped += ((r < 0.8 && a < 0.0) || (r > 1.2 && a > 0.0)) as u32 as f64;
+            ratio_sum += r as f64;
+            kl_sum += kl as f64;
+        }
+        loss += seq_sum / seq_tokens.max(1) as f64 / SEQS as f64;
+        tokens += seq_tokens;
+    }
+    let m = tokens.max(1) as f64;
+    let stats = [
+        (clipped / m) as f32,
+        (ratio_sum / m) as f32,
+        (kl_sum / m) as f32,
+        tokens as f32,
+    ];
+    (loss as f32, per_token, stats)
+}
+
+/// Its gradient, as plainly.
+fn naive_policy_loss_backward(
+    logp: &[f32],
+    old: &[f32],
+    ref_logp: &[f32],
+    adv: &[f32],
+    mask: &[u8],
+    beta: f32,
+) -> Vec<f32> {
+    let mut grad = vec![0.0f32; logp.len()];
+    for s in 0..SEQS {
+        let range = s * SEQ_LEN..(s + 1) * SEQ_LEN;
+        let seq_tokens = range.clone().filter(|&t| mask[t] != 0).count();
+        let w = 1.0 / (SEQS * seq_tokens.max(1)) as f32;
+        for t in range {
+            if mask[t] == 0 {
+                continue;
+            }
+            let lr = logp[t] - old[t];
+            let r = lr.clamp(-20.0, 20.0).exp();
+            let a = adv[s];
+            let clipped = (r < 0.8 && a < 0.0) || (r > 1.2 && a > 0.0) || lr.abs() > 20.0;
+            let dpg = if clipped { 0.0 } else { -a * r };
+            let dkl = 1.0 - (ref_logp[t] - logp[t]).exp();
+            grad[t] = w * (dpg + beta * dkl);
+        }
+    }
+    grad
+}
+
+fn bench_policy_loss(c: &mut Criterion) {
+    let n = SEQS * SEQ_LEN;
+    let logp = uniform(n, -4.0, -0.01, 1);
+    let old: Vec<f32> = logp
+        .iter()
+        .zip(uniform(n, -0.4, 0.4, 2))
+        .map(|(l, d)| l - d)
+        .collect();
+    let ref_logp: Vec<f32> = logp
+        .iter()
+        .zip(uniform(n, -0.5, 0.5, 3))
+        .map(|(l, d)| l + d)
+        .collect();
+    let adv = uniform(SEQS, -1.5, 1.5, 4);
+    // Completions of 256..2048 tokens, padded to 2048.
+    let lens = uniform(SEQS, 256.0, 2048.0, 5);
+    let mask: Vec<u8> = (0..n)
+        .map(|t| ((t % SEQ_LEN) < lens[t / SEQ_LEN] as usize) as u8)
+        .collect();
+    let inputs = PolicyLossInputs::new(
+        &logp,
+        Advantage::per_sequence(&adv),
+        SeqLayout::Padded {
+            batch: SEQS,
+            seq_len: SEQ_LEN,
+        },
+    )
+    .with_old(&old)
+    .with_ref(&ref_logp)
+    .with_mask(&mask);
+    let cfg = PolicyLossConfig {
+        beta: 0.04,
+        kl: KlEstimator::K3,
+        ..PolicyLossConfig::default()
+    };
+    // The naive versions compute the same numbers.
+    let ours = policy_loss(&inputs, &cfg).unwrap();
+    let (naive_loss, ..) = naive_policy_loss(&logp, &old, &ref_logp, &adv, &mask, cfg.beta);
+    assert!((ours.loss() - naive_loss).abs() < 1e-5 * naive_loss.abs().max(1.0));
+    let ours_grad = policy_loss_backward(&inputs, &cfg, 1.0, None).unwrap();
+    let naive_grad = naive_policy_loss_backward(&logp, &old, &ref_logp, &adv, &mask, cfg.beta);
+    assert!(ours_grad
+        .iter()
+        .zip(&naive_grad)
+        .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs() + 1e-9));
+
+    let id = format!("{SEQS}x{SEQ_LEN}");
+    let mut g = c.benchmark_group("policy_loss");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(BenchmarkId::new("forward", &id), |b| {
+        b.iter(|| policy_loss(&inputs, &cfg).unwrap())
+    });
+    g.bench_function(BenchmarkId::new("naive_forward_1thread", &id), |b| {
+        b.iter(|| naive_policy_loss(&logp, &old, &ref_logp, &adv, &mask, cfg.beta))
+    });
+    g.bench_function(BenchmarkId::new("backward", &id), |b| {
+        b.iter(|| policy_loss_backward(&inputs, &cfg, 1.0, None).unwrap())
+    });
+    g.bench_function(BenchmarkId::new("naive_backward_1thread", &id), |b| {
+        b.iter(|| naive_policy_loss_backward(&logp, &old, &ref_logp, &adv, &mask, cfg.beta))
+    });
+    g.finish();
+}
+
+fn bench_kl(c: &mut Criterion) {
+    let n = SEQS * SEQ_LEN;
+    let logp = uniform(n, -4.0, -0.01, 6);
+    let ref_logp: Vec<f32> = logp
+        .iter()
+        .zip(uniform(n, -0.5, 0.5, 7))
+        .map(|(l, d)| l + d)
+        .collect();
+    let grad = uniform(n, -1.0, 1.0, 8);
+    let inputs = KlInputs::new(&logp, &ref_logp);
+    let est = KlEstimator::K3;
+    let naive_k3 = || -> Vec<f32> {
+        logp.iter()
+            .zip(&ref_logp)
+            .map(|(l, r)| {
+                let d = r - l;
+                d.exp() - d - 1.0
+            })
+            .collect()
+    };
+    let naive_k3_backward = || -> Vec<f32> {
+        logp.iter()
+            .zip(&ref_logp)
+            .zip(&grad)
+            .map(|((l, r), g)| g * (1.0 - (r - l).exp()))
+            .collect()
+    };
+    let mut g = c.benchmark_group("kl_k3");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function(BenchmarkId::new("forward", n), |b| {
+        b.iter(|| kl_divergence(&inputs, est).unwrap())
+    });
+    g.bench_function(BenchmarkId::new("naive_forward_1thread", n), |b| b.iter(naive_k3));
+    g.bench_function(BenchmarkId::new("backward", n), |b| {
+        b.iter(|| kl_divergence_backward(&inputs, est, &grad).unwrap())
+    });
+    g.bench_function(BenchmarkId::new("naive_backward_1thread", n), |b| {
+        b.iter(naive_k3_backward)
+    });
+    g.finish();
+}
+
+/// GRPO's advantages, plainly: per group, mean, unbiased std, normalize.
+fn naive_advantages(r: &[f32], g: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(r.len());
+    for group in r.chunks(g) {
+        let mean = group.iter().map(|&x| x as f64).sum::<f64>() / g as f64;
+        let var = group.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (g - 1) as f64;
+        let std = if group.iter().all(|&x| x == group[0]) {
+            0.0
+        } else {
+            var.sqrt()
+        };
+        out.extend(group.iter().map(|&x| {
+            if std == 0.0 {
+                0.0
+            } else {
+                ((x as f64 - mean) / (std + 1e-4)) as f32
+            }
+        }));
+    }
+    out
+}
+
+fn bench_advantages(c: &mut Criterion) {
+    let g_size = 8;
+    let mut g = c.benchmark_group("advantages_group_norm");
+    for n in [256usize, 1 << 20] {
+        // Binary-ish rewards like R1-SGG's, with some flat groups.
+        let values: Vec<f32> = uniform(n, 0.0, 3.0, 9).iter().map(|x| x.floor()).collect();
+        let rewards = Rewards::new(&values, g_size);
+        let mode = AdvantageMode::default();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::new("ours", n), |b| {
+            b.iter(|| group_advantages(&rewards, mode).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("naive_1thread", n), |b| {
+            b.iter(|| naive_advantages(&values, g_size))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_policy_loss, bench_kl, bench_advantages);
+criterion_main!(benches);

@@ -1,0 +1,222 @@
+//! Per-token KL estimators between the policy and a reference model, from
+//! samples of the policy (Schulman, "Approximating KL Divergence", 2020).
+//!
+//! With `d = ref_logp - logp` for a token sampled from the policy, so that
+//! `E[e^d] = 1`:
+//!
+//! ```text
+//! k1 = -d                        unbiased, high variance, can be negative
+//! k2 = d^2 / 2                   biased, low variance
+//! k3 = e^d - d - 1               unbiased, low variance, >= 0 (GRPO's KL term)
+//! low_var_k3 = clamp(k3(clamp(d, -20, 20)), -10, 10)     verl's `low_var_kl`
+//! ```
+//!
+//! Gradients with respect to `logp` (`dd/dlogp = -1`): `1`, `-d`,
+//! `1 - e^d`, and for `low_var_k3` the k3 gradient where neither clamp is
+//! active, 0 where one is (torch's `clamp` passes the gradient at the bounds
+//! themselves, and so does this). Every estimator depends on `d` alone, so
+//! `dL/dref_logp = -dL/dlogp`.
+//!
+//! `k3` is computed as [`math::exp_excess`]`(d)`, accurate near `d = 0`
+//! where the policy is close to the reference and `e^d - d - 1` computed
+//! literally loses every digit. For `d > 88.37` the value saturates at about
+//! `2.4e38` (the largest `e^x` [`math::exp`] returns) instead of overflowing;
+//! use [`KlEstimator::LowVarK3`] where such tokens occur.
+//!
+//! **Inputs.** Both log-probs must be finite: `-inf` (a token the model
+//! cannot produce) makes every estimator infinite or NaN, so it is an
+//! [`Error::NonFinite`](crate::Error::NonFinite) here, like NaN and `+inf`.
+
+use rayon::prelude::*;
+
+use crate::error::{check, Result};
+use crate::memory::{Host, Memory};
+use crate::ops::math::{self, multiversion};
+
+pub(crate) const OP: &str = "kl_divergence";
+pub(crate) const OP_BWD: &str = "kl_divergence_backward";
+
+/// Elements per parallel task: large enough to amortize rayon's scheduling,
+/// small enough to balance two to a few dozen cores at the bench size.
+const CHUNK: usize = 1 << 14;
+
+/// verl's `low_var_kl` clamps `d` to `[-D_BOUND, D_BOUND]` ...
+const LOW_VAR_D_BOUND: f32 = 20.0;
+/// ... and the estimate to `[-KL_BOUND, KL_BOUND]`.
+const LOW_VAR_KL_BOUND: f32 = 10.0;
+
+/// Which estimate of `KL(policy || ref)` to compute per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KlEstimator {
+    /// `k1 = -d = logp - ref_logp`.
+    K1,
+    /// `k2 = d^2 / 2`.
+    K2,
+    /// `k3 = e^d - d - 1`: DeepSeekMath's GRPO KL term, TRL's and verl's
+    /// `low_var_kl` without clamps.
+    #[default]
+    K3,
+    /// verl's `low_var_kl`: `k3` with `d` clamped to `[-20, 20]` and the
+    /// estimate clamped to `[-10, 10]`, zero gradient where clamped.
+    LowVarK3,
+}
+
+impl KlEstimator {
+    /// The estimate for one token, from `d = ref_logp - logp`.
+    #[inline(always)]
+    pub fn value(self, d: f32) -> f32 {
+        match self {
+            KlEstimator::K1 => -d,
+            KlEstimator::K2 => 0.5 * d * d,
+            KlEstimator::K3 => math::exp_excess(d),
+            KlEstimator::LowVarK3 => {
+                let k = math::exp_excess(clamp(d, LOW_VAR_D_BOUND));
+                clamp(k, LOW_VAR_KL_BOUND)
+            }
+        }
+    }
+
+    /// `d value / d logp` for one token, from `d = ref_logp - logp`.
+    #[inline(always)]
+    pub fn grad_logp(self, d: f32) -> f32 {
+        match self {
+            KlEstimator::K1 => 1.0,
+            KlEstimator::K2 => -d,
+            // 1 - e^d, without the cancellation near d = 0.
+            KlEstimator::K3 => -(d + math::exp_excess(d)),
+            KlEstimator::LowVarK3 => {
+                let k = math::exp_excess(d);
+                let inside = d.abs() <= LOW_VAR_D_BOUND && k <= LOW_VAR_KL_BOUND;
+                if inside {
+                    -(d + k)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// `x` clamped to `[-bound, bound]`, with comparisons (NaN stays NaN).
+#[inline(always)]
+fn clamp(x: f32, bound: f32) -> f32 {
+    let x = if x > bound { bound } else { x };
+    if x < -bound {
+        -bound
+    } else {
+        x
+    }
+}
+
+/// Per-token log-probs of the sampled tokens under the policy and the
+/// reference model, `[N]` each.
+pub struct KlInputs<'a, M: Memory = Host> {
+    /// Policy log-probs (the differentiated input).
+    pub logp: M::Buf<'a, f32>,
+    /// Reference model log-probs.
+    pub ref_logp: M::Buf<'a, f32>,
+}
+
+impl<M: Memory> KlInputs<'_, M> {
+    /// Checks the lengths; returns `N`.
+    pub(crate) fn validate(&self, op: &'static str) -> Result<usize> {
+        let n = M::len(&self.logp);
+        check::non_empty(op, "logp", n)?;
+        check::len(op, "ref_logp", n, M::len(&self.ref_logp))?;
+        Ok(n)
+    }
+}
+
+impl<'a> KlInputs<'a, Host> {
+    /// `logp` and `ref_logp`, `[N]` each.
+    pub fn new(logp: &'a [f32], ref_logp: &'a [f32]) -> Self {
+        Self { logp, ref_logp }
+    }
+}
+
+/// The estimate `est` of each token's KL term, `[N]`.
+///
+/// Errors: empty input, length mismatch, a non-finite log-prob
+/// ([`Error::NonFinite`](crate::Error::NonFinite) at the first one in
+/// `logp`, else in `ref_logp`).
+pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>> {
+    let n = inputs.validate(OP)?;
+    let mut out = vec![0.0f32; n];
+    let finite = out
+        .par_chunks_mut(CHUNK)
+        .zip(inputs.logp.par_chunks(CHUNK))
+        .zip(inputs.ref_logp.par_chunks(CHUNK))
+        .map(|((out, logp), ref_logp)| kl_block(est, logp, ref_logp, out))
+        .reduce(|| true, |a, b| a && b);
+    if !finite {
+        check::finite(OP, "logp", inputs.logp)?;
+        check::finite(OP, "ref_logp", inputs.ref_logp)?;
+    }
+    Ok(out)
+}
+
+/// `dL/dlogp = grad * d kl / d logp` for each token, given `grad = dL/dkl`
+/// `[N]`. The gradient with respect to `ref_logp` is its negation.
+///
+/// Errors: as [`kl_divergence`], plus `grad`'s length and non-finite values.
+pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f32]) -> Result<Vec<f32>> {
+    let n = inputs.validate(OP_BWD)?;
+    check::len(OP_BWD, "grad", n, grad.len())?;
+    let mut out = vec![0.0f32; n];
+    let finite = out
+        .par_chunks_mut(CHUNK)
+        .zip(inputs.logp.par_chunks(CHUNK))
+        .zip(inputs.ref_logp.par_chunks(CHUNK))
+        .zip(grad.par_chunks(CHUNK))
+        .map(|(((out, logp), ref_logp), grad)| kl_grad_block(est, logp, ref_logp, grad, out))
+        .reduce(|| true, |a, b| a && b);
+    if !finite {
+        check::finite(OP_BWD, "logp", inputs.logp)?;
+        check::finite(OP_BWD, "ref_logp", inputs.ref_logp)?;
+        check::finite(OP_BWD, "grad", grad)?;
+    }
+    Ok(out)
+}
+
+/// `out[i] = f(ref_logp[i] - logp[i])`; whether every input was finite.
+/// Inlined into each estimator's arm so each loop is branch-free.
+#[inline(always)]
+fn map_d(logp: &[f32], ref_logp: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) -> bool {
+    let mut finite = true;
+    for ((o, &lp), &rf) in out.iter_mut().zip(logp).zip(ref_logp) {
+        finite &= lp.is_finite() & rf.is_finite();
+        *o = f(rf - lp);
+    }
+    finite
+}
+
+multiversion! {
+    /// The estimate over one block; whether every input was finite.
+    fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [f32]) -> bool {
+        match est {
+            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.value(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.value(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.value(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.value(d)),
+        }
+    }
+}
+
+multiversion! {
+    /// `grad * d kl / d logp` over one block; whether every input was finite.
+    fn kl_grad_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], grad: &[f32], out: &mut [f32]) -> bool {
+        // Stage the local derivative in `out`, then scale it by `grad`.
+        let finite = match est {
+            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.grad_logp(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.grad_logp(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.grad_logp(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.grad_logp(d)),
+        };
+        let mut grad_finite = true;
+        for (o, &g) in out.iter_mut().zip(grad) {
+            grad_finite &= g.is_finite();
+            *o *= g;
+        }
+        finite & grad_finite
+    }
+}

@@ -1,0 +1,953 @@
+//! The clipped policy-gradient loss of GRPO (Shao et al., "DeepSeekMath",
+//! 2024) with its variants, an optional KL penalty, and the aggregations
+//! used by TRL, verl and DAPO.
+//!
+//! For token `t` of sequence `s`, with mask `m_t`, advantage `A_t` and
+//! `C = log_ratio_clamp`:
+//!
+//! ```text
+//! lr_t   = logp_t - old_t                      (old = detached logp when absent: ratio 1)
+//! Token:     r_t = exp(clamp(lr_t, -C, C))
+//! Sequence:  r_t = exp(clamp(mean_{t' in s, m = 1} lr_t', -C, C))    (GSPO-token)
+//! pg_t   = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+//!          if dual clip c and A_t < 0:  pg_t = min(pg_t, -c A_t)
+//! l_t    = pg_t + beta kl_t,       kl_t = KlEstimator::value(ref_t - logp_t)
+//! loss   = sum_t m_t w_t l_t
+//! ```
+//!
+//! **Gradient.** `d r_t / d logp_t = r_t` at both importance levels: at the
+//! sequence level the ratio's value is the sequence's, but its gradient flows
+//! only through the token's own log-prob, `r_t = sg(r_s) exp(logp_t -
+//! sg(logp_t))` (verl's `gspo` loss, "GSPO-token" in Zheng et al., "Group
+//! Sequence Policy Optimization", 2025). `pg_t` has gradient `-A_t r_t` where
+//! the unclipped term is the one taken, and 0 where the ratio is clipped
+//! (`r < 1 - eps_low` with `A < 0`, or `r > 1 + eps_high` with `A > 0`, strict
+//! as in torch), the dual clip binds, or the log-ratio is clamped (strictly
+//! beyond `C`). The backward returns
+//! `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`.
+//!
+//! **Aggregation** (`S` sequences, `L_s` masked-in tokens of sequence `s`,
+//! `M` in all):
+//!
+//! | [`Aggregation`] | `w_t` | used by |
+//! |---|---|---|
+//! | `TokenMean { normalizer }` | `1 / normalizer`, default `max(1, M)` | DAPO, TRL "bnpo"/"dapo", verl "token-mean" |
+//! | `SeqMeanTokenMean` | `1 / (S max(1, L_s))` | GRPO paper, TRL "grpo" |
+//! | `SeqMeanTokenSum` | `1 / S` | verl "seq-mean-token-sum" |
+//! | `SeqMeanTokenSumNorm { constant }` | `1 / (S constant)` | Dr. GRPO, TRL "dr_grpo" (constant = max completion length) |
+//!
+//! `S` counts every sequence of the layout, empty or fully masked ones too
+//! (as TRL's `.mean()` over the batch does). A multi-GPU trainer passes the
+//! global token count as `normalizer`.
+//!
+//! **Statistics** (means over masked-in tokens, 0 when there are none):
+//! clip fractions as TRL logs them, the dual-clip fraction as verl's
+//! `pg_clipfrac_lower`, mean and max ratio, mean KL (reported whenever
+//! `ref_logp` is given, also with `beta = 0`). They are returned with the
+//! loss in one small buffer, [`PolicyLoss::summary`], in a fixed order
+//! ([`PolicyLossStats::LOSS`] and the other index constants), so a CUDA
+//! kernel can write them all to one device buffer.
+//!
+//! **Masking.** Masked-out tokens are never read: NaN there is fine, and
+//! their loss and gradient are 0. So is the advantage of a sequence with no
+//! masked-in token. A NaN or infinity in `logp`, `old_logp`, `ref_logp`,
+//! the advantages (or the backward's `grad_per_token`) at a masked-in token
+//! is an [`Error::NonFinite`] naming the first such token (or sequence, for
+//! per-sequence advantages).
+//!
+//! **Parameters.** `eps_low` lies in `[0, 1]` (the lower bound `1 - eps_low`
+//! is a ratio; `eps_low = 1` turns lower clipping off), `eps_high >= 0`, the
+//! dual clip `c > 1` (verl's `clip_ratio_c`, typically 3),
+//! `log_ratio_clamp > 0`, `beta >= 0`, and `ref_logp` is required when
+//! `beta != 0`.
+//!
+//! The CPU kernel runs one rayon task per run of sequences, each in
+//! [`BLOCK`]-token blocks of 16-lane f32 accumulators, reduced to f64 per
+//! block and combined in sequence order: the result does not depend on the
+//! thread count.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::error::{check, Error, Result};
+use crate::memory::{opt_len, Host, Memory};
+use crate::ops::kl::KlEstimator;
+use crate::ops::layout::SeqLayout;
+use crate::ops::math::{self, multiversion, BLOCK, LANES};
+
+pub(crate) const OP: &str = "policy_loss";
+pub(crate) const OP_BWD: &str = "policy_loss_backward";
+
+/// Tokens per parallel task (rayon splits no finer).
+const MIN_TASK_TOKENS: usize = 1 << 14;
+
+/// Advantages, per sequence or per token.
+pub enum Advantage<'a, M: Memory = Host> {
+    /// `[S]`: one value for every token of a sequence (GRPO's outcome advantages).
+    PerSequence(M::Buf<'a, f32>),
+    /// `[N]`: one value per token.
+    PerToken(M::Buf<'a, f32>),
+}
+
+impl<'a> Advantage<'a, Host> {
+    /// `[S]` advantages, one per sequence.
+    pub fn per_sequence(values: &'a [f32]) -> Self {
+        Advantage::PerSequence(values)
+    }
+
+    /// `[N]` advantages, one per token.
+    pub fn per_token(values: &'a [f32]) -> Self {
+        Advantage::PerToken(values)
+    }
+}
+
+/// Where the importance ratio is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImportanceLevel {
+    /// Per token: `r_t = exp(logp_t - old_t)` (PPO, GRPO).
+    #[default]
+    Token,
+    /// Per sequence, from the masked mean log-ratio (GSPO-token).
+    Sequence,
+}
+
+/// How per-token losses sum to the loss; see the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Aggregation {
+    /// `sum l / normalizer`, default `max(1, M)`.
+    TokenMean {
+        /// Token count to divide by, `> 0`; `None`: this batch's masked-in count.
+        normalizer: Option<f32>,
+    },
+    /// Mean over sequences of each sequence's token mean.
+    SeqMeanTokenMean,
+    /// Mean over sequences of each sequence's token sum.
+    SeqMeanTokenSum,
+    /// Mean over sequences of each sequence's token sum divided by `constant`.
+    SeqMeanTokenSumNorm {
+        /// Divisor of every sequence's sum, `> 0` (the max completion length).
+        constant: f32,
+    },
+}
+
+impl Default for Aggregation {
+    /// GRPO's `SeqMeanTokenMean`.
+    fn default() -> Self {
+        Aggregation::SeqMeanTokenMean
+    }
+}
+
+impl Aggregation {
+    fn validate(self, op: &'static str) -> Result<()> {
+        match self {
+            Aggregation::TokenMean { normalizer: Some(x) } => {
+                check::param(op, "normalizer", x as f64, x > 0.0, "finite and > 0")
+            }
+            Aggregation::SeqMeanTokenSumNorm { constant } => {
+                check::param(op, "constant", constant as f64, constant > 0.0, "finite and > 0")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The weight `w_t` of every masked-in token of a sequence with
+    /// `seq_tokens` of them, in a batch of `seqs` sequences and `tokens`
+    /// masked-in tokens.
+    #[inline]
+    pub fn weight(self, seq_tokens: usize, seqs: usize, tokens: usize) -> f64 {
+        let s = seqs as f64;
+        match self {
+            Aggregation::TokenMean { normalizer } => {
+                1.0 / normalizer.map_or(tokens.max(1) as f64, |x| x as f64)
+            }
+            Aggregation::SeqMeanTokenMean => 1.0 / (s * seq_tokens.max(1) as f64),
+            Aggregation::SeqMeanTokenSum => 1.0 / s,
+            Aggregation::SeqMeanTokenSumNorm { constant } => 1.0 / (s * constant as f64),
+        }
+    }
+}
+
+/// Parameters of [`policy_loss`] and its backward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyLossConfig {
+    /// Lower clip: the ratio is clipped below at `1 - eps_low`; in `[0, 1]`.
+    pub eps_low: f32,
+    /// Upper clip: the ratio is clipped above at `1 + eps_high` (DAPO's
+    /// clip-higher uses 0.28); `>= 0`.
+    pub eps_high: f32,
+    /// Dual clip `c > 1` (Ye et al., 2020; verl's `clip_ratio_c`): for
+    /// `A < 0` the loss is at most `-c A`.
+    pub dual_clip: Option<f32>,
+    /// Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]`
+    /// before `exp` (verl: 20); `> 0`.
+    pub log_ratio_clamp: f32,
+    /// Token or sequence importance ratio.
+    pub importance: ImportanceLevel,
+    /// KL penalty coefficient, `>= 0`; non-zero needs `ref_logp`.
+    pub beta: f32,
+    /// KL estimator of the penalty (and of the reported mean KL).
+    pub kl: KlEstimator,
+    /// How token losses sum to the loss.
+    pub aggregation: Aggregation,
+}
+
+impl Default for PolicyLossConfig {
+    /// GRPO as R1-SGG trains it: `eps = 0.2` both sides, no dual clip, clamp
+    /// 20, token ratios, `beta = 0` (k3 when enabled), sequence-mean of token-means.
+    fn default() -> Self {
+        Self {
+            eps_low: 0.2,
+            eps_high: 0.2,
+            dual_clip: None,
+            log_ratio_clamp: 20.0,
+            importance: ImportanceLevel::Token,
+            beta: 0.0,
+            kl: KlEstimator::K3,
+            aggregation: Aggregation::SeqMeanTokenMean,
+        }
+    }
+}
+
+/// One token's loss, its derivative and what the statistics count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLoss {
+    /// `l_t = pg_t + beta kl_t`.
+    pub loss: f32,
+    /// `dl_t / dlogp_t`.
+    pub grad: f32,
+    /// The importance ratio `r_t` (after the log-ratio clamp).
+    pub ratio: f32,
+    /// `kl_t`.
+    pub kl: f32,
+    /// `r < 1 - eps_low` and `A < 0`: the ratio is clipped below.
+    pub clip_low: bool,
+    /// `r > 1 + eps_high` and `A > 0`: the ratio is clipped above.
+    pub clip_high: bool,
+    /// `A < 0` and the dual-clip bound `-c A` binds.
+    pub dual_clip: bool,
+}
+
+impl PolicyLossConfig {
+    pub(crate) fn validate(&self, op: &'static str, has_ref: bool) -> Result<()> {
+        let (lo, hi) = (self.eps_low as f64, self.eps_high as f64);
+        check::param(
+            op,
+            "eps_low",
+            lo,
+            (0.0..=1.0).contains(&lo),
+            "finite and in [0, 1]",
+        )?;
+        check::param(op, "eps_high", hi, hi >= 0.0, "finite and >= 0")?;
+        if let Some(c) = self.dual_clip {
+            check::param(op, "dual_clip", c as f64, c > 1.0, "finite and > 1")?;
+        }
+        let clamp = self.log_ratio_clamp as f64;
+        check::param(op, "log_ratio_clamp", clamp, clamp > 0.0, "finite and > 0")?;
+        let beta = self.beta as f64;
+        check::param(op, "beta", beta, beta >= 0.0, "finite and >= 0")?;
+        check::param(
+            op,
+            "beta",
+            beta,
+            beta == 0.0 || has_ref,
+            "0 when `ref_logp` is None",
+        )?;
+        self.aggregation.validate(op)
+    }
+
+    /// The loss of one token from its (unclamped) importance log-ratio
+    /// `log_ratio` (the token's, or its sequence's mean), its advantage and
+    /// `d_ref = ref_logp - logp` (0 without a reference model).
+    #[inline(always)]
+    pub fn token_loss(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
+        let c = self.log_ratio_clamp;
+        let clamped = log_ratio > c || log_ratio < -c;
+        let lr = if log_ratio > c { c } else { log_ratio };
+        let lr = if lr < -c { -c } else { lr };
+        let ratio = math::exp(lr);
+
+        let (lo, hi) = (1.0 - self.eps_low, 1.0 + self.eps_high);
+        let clipped_ratio = if ratio < lo { lo } else { ratio };
+        let clipped_ratio = if clipped_ratio > hi { hi } else { clipped_ratio };
+        let clip_low = ratio < lo && adv < 0.0;
+        let clip_high = ratio > hi && adv > 0.0;
+        // -min(r A, clip(r) A) = max(-r A, -clip(r) A).
+        let (unclipped_pg, clipped_pg) = (-adv * ratio, -adv * clipped_ratio);
+        let pg = if unclipped_pg > clipped_pg {
+            unclipped_pg
+        } else {
+            clipped_pg
+        };
+
+        let dual_bound = -self.dual_clip.unwrap_or(f32::INFINITY) * adv;
+        let dual_clip = adv < 0.0 && pg > dual_bound;
+        let pg = if dual_clip { dual_bound } else { pg };
+        let constant = clip_low || clip_high || dual_clip || clamped;
+        let pg_grad = if constant { 0.0 } else { -adv * ratio };
+
+        let kl = self.kl.value(d_ref);
+        TokenLoss {
+            loss: pg + self.beta * kl,
+            grad: pg_grad + self.beta * self.kl.grad_logp(d_ref),
+            ratio,
+            kl,
+            clip_low,
+            clip_high,
+            dual_clip,
+        }
+    }
+}
+
+/// Inputs of [`policy_loss`], `N` tokens in `S` sequences.
+pub struct PolicyLossInputs<'a, M: Memory = Host> {
+    /// `[N]` log-probs of the sampled tokens under the policy (differentiated).
+    pub logp: M::Buf<'a, f32>,
+    /// `[N]` log-probs under the sampling policy; `None`: on-policy, the
+    /// detached `logp` (ratio 1, gradient `r`).
+    pub old_logp: Option<M::Buf<'a, f32>>,
+    /// `[N]` log-probs under the reference model, for the KL term.
+    pub ref_logp: Option<M::Buf<'a, f32>>,
+    /// Per-sequence `[S]` or per-token `[N]` advantages.
+    pub advantages: Advantage<'a, M>,
+    /// `[N]`: 0 = padding (never read), any other value = 1; `None`: every token counts.
+    pub mask: Option<M::Buf<'a, u8>>,
+    /// How the `N` tokens group into sequences.
+    pub layout: SeqLayout<'a, M>,
+}
+
+impl<M: Memory> PolicyLossInputs<'_, M> {
+    /// Checks every length and the parameters; returns `(N, S)`.
+    pub(crate) fn validate(&self, op: &'static str, cfg: &PolicyLossConfig) -> Result<(usize, usize)> {
+        let n = M::len(&self.logp);
+        check::non_empty(op, "logp", n)?;
+        let seqs = self.layout.validate_shape(op, n)?;
+        if let Some(len) = opt_len::<M, f32>(&self.old_logp) {
+            check::len(op, "old_logp", n, len)?;
+        }
+        if let Some(len) = opt_len::<M, f32>(&self.ref_logp) {
+            check::len(op, "ref_logp", n, len)?;
+        }
+        if let Some(len) = opt_len::<M, u8>(&self.mask) {
+            check::len(op, "mask", n, len)?;
+        }
+        match &self.advantages {
+            Advantage::PerSequence(a) => check::len(op, "advantages (per sequence)", seqs, M::len(a))?,
+            Advantage::PerToken(a) => check::len(op, "advantages (per token)", n, M::len(a))?,
+        }
+        cfg.validate(op, self.ref_logp.is_some())?;
+        Ok((n, seqs))
+    }
+}
+
+impl<'a> PolicyLossInputs<'a, Host> {
+    /// On-policy inputs with no reference model and no mask.
+    pub fn new(logp: &'a [f32], advantages: Advantage<'a>, layout: SeqLayout<'a>) -> Self {
+        Self {
+            logp,
+            old_logp: None,
+            ref_logp: None,
+            advantages,
+            mask: None,
+            layout,
+        }
+    }
+
+    /// The same inputs with the sampling policy's log-probs.
+    pub fn with_old(self, old_logp: &'a [f32]) -> Self {
+        Self {
+            old_logp: Some(old_logp),
+            ..self
+        }
+    }
+
+    /// The same inputs with the reference model's log-probs.
+    pub fn with_ref(self, ref_logp: &'a [f32]) -> Self {
+        Self {
+            ref_logp: Some(ref_logp),
+            ..self
+        }
+    }
+
+    /// The same inputs with a mask (0 = padding).
+    pub fn with_mask(self, mask: &'a [u8]) -> Self {
+        Self {
+            mask: Some(mask),
+            ..self
+        }
+    }
+
+    /// Full host validation of lengths, parameters and offsets; returns
+    /// each sequence's token range.
+    fn validate_host(&self, op: &'static str, cfg: &PolicyLossConfig) -> Result<Vec<Range<usize>>> {
+        let (n, _) = self.validate(op, cfg)?;
+        self.layout.validate(op, n)?;
+        Ok(self.layout.ranges().collect())
+    }
+
+    /// Sequence `s`'s inputs, with absent ones resolved: `old = logp` gives
+    /// log-ratio 0, `ref = logp` gives `d = 0` (KL 0, gradient 0).
+    fn seq<'b>(&'b self, s: usize, range: Range<usize>, grad_per_token: Option<&'b [f32]>) -> SeqData<'b> {
+        let logp = &self.logp[range.clone()];
+        SeqData {
+            logp,
+            old: self.old_logp.map_or(logp, |o| &o[range.clone()]),
+            ref_logp: self.ref_logp.map_or(logp, |r| &r[range.clone()]),
+            adv: match self.advantages {
+                Advantage::PerSequence(a) => SeqAdv::Const(a[s]),
+                Advantage::PerToken(a) => SeqAdv::Tokens(&a[range.clone()]),
+            },
+            mask: self.mask.map(|m| &m[range.clone()]),
+            grad_per_token: grad_per_token.map(|g| &g[range]),
+        }
+    }
+
+    /// Errors on the first non-finite value read at a masked-in token (run
+    /// only once a kernel has seen one: the kernels check as they go).
+    fn check_finite(
+        &self,
+        op: &'static str,
+        ranges: &[Range<usize>],
+        grad_per_token: Option<&[f32]>,
+    ) -> Result<()> {
+        let bad = |x: f32| !x.is_finite();
+        for (s, range) in ranges.iter().enumerate() {
+            for t in range.clone() {
+                if self.mask.is_some_and(|m| m[t] == 0) {
+                    continue;
+                }
+                let found = if bad(self.logp[t]) {
+                    Some(("logp", t))
+                } else if self.old_logp.is_some_and(|o| bad(o[t])) {
+                    Some(("old_logp", t))
+                } else if self.ref_logp.is_some_and(|r| bad(r[t])) {
+                    Some(("ref_logp", t))
+                } else if grad_per_token.is_some_and(|g| bad(g[t])) {
+                    Some(("grad_per_token", t))
+                } else {
+                    match self.advantages {
+                        Advantage::PerSequence(a) if bad(a[s]) => Some(("advantages (per sequence)", s)),
+                        Advantage::PerToken(a) if bad(a[t]) => Some(("advantages (per token)", t)),
+                        _ => None,
+                    }
+                };
+                if let Some((what, index)) = found {
+                    return Err(Error::NonFinite { op, what, index });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Results of [`policy_loss`].
+#[derive(Debug, Clone)]
+pub struct PolicyLoss<M: Memory = Host> {
+    /// `[N]`: `m_t l_t`, unweighted.
+    pub per_token: M::Owned<f32>,
+    /// `[PolicyLossStats::SUMMARY_LEN]`: the loss and statistics in the
+    /// order of [`PolicyLossStats`]'s index constants, loss first.
+    pub summary: M::Owned<f32>,
+}
+
+impl PolicyLoss<Host> {
+    /// The aggregated loss.
+    pub fn loss(&self) -> f32 {
+        self.summary[PolicyLossStats::LOSS]
+    }
+
+    /// The summary buffer as named fields.
+    pub fn stats(&self) -> PolicyLossStats {
+        PolicyLossStats::from_summary(&self.summary)
+    }
+}
+
+/// The loss and statistics of a batch; every field but `loss` and `tokens`
+/// is a mean over masked-in tokens (0 when there are none).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyLossStats {
+    /// The aggregated loss.
+    pub loss: f32,
+    /// Fraction with `r < 1 - eps_low` and `A < 0` (TRL's `clip_ratio/low_mean`).
+    pub clip_frac_low: f32,
+    /// Fraction with `r > 1 + eps_high` and `A > 0` (TRL's `clip_ratio/high_mean`).
+    pub clip_frac_high: f32,
+    /// Fraction with `A < 0` where the dual clip binds (verl's `pg_clipfrac_lower`).
+    pub dual_clip_frac: f32,
+    /// Mean importance ratio.
+    pub ratio_mean: f32,
+    /// Largest importance ratio (0 with no tokens).
+    pub ratio_max: f32,
+    /// Mean KL estimate (0 without `ref_logp`).
+    pub kl_mean: f32,
+    /// Number of masked-in tokens `M`.
+    pub tokens: f32,
+}
+
+impl PolicyLossStats {
+    /// Index of [`Self::loss`] in the summary buffer.
+    pub const LOSS: usize = 0;
+    /// Index of [`Self::clip_frac_low`].
+    pub const CLIP_FRAC_LOW: usize = 1;
+    /// Index of [`Self::clip_frac_high`].
+    pub const CLIP_FRAC_HIGH: usize = 2;
+    /// Index of [`Self::dual_clip_frac`].
+    pub const DUAL_CLIP_FRAC: usize = 3;
+    /// Index of [`Self::ratio_mean`].
+    pub const RATIO_MEAN: usize = 4;
+    /// Index of [`Self::ratio_max`].
+    pub const RATIO_MAX: usize = 5;
+    /// Index of [`Self::kl_mean`].
+    pub const KL_MEAN: usize = 6;
+    /// Index of [`Self::tokens`].
+    pub const TOKENS: usize = 7;
+    /// Length of the summary buffer.
+    pub const SUMMARY_LEN: usize = 8;
+
+    /// The fields, in summary order.
+    pub fn to_summary(&self) -> [f32; Self::SUMMARY_LEN] {
+        [
+            self.loss,
+            self.clip_frac_low,
+            self.clip_frac_high,
+            self.dual_clip_frac,
+            self.ratio_mean,
+            self.ratio_max,
+            self.kl_mean,
+            self.tokens,
+        ]
+    }
+
+    /// Reads a summary buffer (of at least [`Self::SUMMARY_LEN`] values).
+    pub fn from_summary(s: &[f32]) -> Self {
+        Self {
+            loss: s[Self::LOSS],
+            clip_frac_low: s[Self::CLIP_FRAC_LOW],
+            clip_frac_high: s[Self::CLIP_FRAC_HIGH],
+            dual_clip_frac: s[Self::DUAL_CLIP_FRAC],
+            ratio_mean: s[Self::RATIO_MEAN],
+            ratio_max: s[Self::RATIO_MAX],
+            kl_mean: s[Self::KL_MEAN],
+            tokens: s[Self::TOKENS],
+        }
+    }
+}
+
+/// The loss, its per-token terms and statistics.
+///
+/// Errors: empty `logp`; an invalid layout; a length that disagrees with `N`
+/// (`old_logp`, `ref_logp`, `mask`, per-token advantages) or `S`
+/// (per-sequence advantages); a parameter out of range (see the module
+/// docs); a non-finite input at a masked-in token.
+pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Result<PolicyLoss> {
+    let ranges = inputs.validate_host(OP, cfg)?;
+    let mut per_token = vec![0.0f32; inputs.logp.len()];
+    let outs = split_by_ranges(&mut per_token, &ranges);
+    let sums: Vec<SeqSums> = ranges
+        .par_iter()
+        .zip(outs)
+        .enumerate()
+        .with_min_len(min_seqs_per_task(&ranges))
+        .map(|(s, (range, out))| seq_forward(cfg, &inputs.seq(s, range.clone(), None), out))
+        .collect();
+    if sums.iter().any(|s| !s.finite) {
+        inputs.check_finite(OP, &ranges, None)?;
+    }
+
+    let tokens: usize = sums.iter().map(|s| s.tokens).sum();
+    let mut total = SeqSums::default();
+    let mut loss = 0.0f64;
+    for s in &sums {
+        loss += cfg.aggregation.weight(s.tokens, ranges.len(), tokens) * s.loss;
+        total.merge(s);
+    }
+    let mean = |x: f64| {
+        if tokens == 0 {
+            0.0
+        } else {
+            (x / tokens as f64) as f32
+        }
+    };
+    let stats = PolicyLossStats {
+        loss: loss as f32,
+        clip_frac_low: mean(total.clip_low),
+        clip_frac_high: mean(total.clip_high),
+        dual_clip_frac: mean(total.dual_clip),
+        ratio_mean: mean(total.ratio),
+        ratio_max: if tokens == 0 { 0.0 } else { total.ratio_max },
+        kl_mean: mean(total.kl),
+        tokens: tokens as f32,
+    };
+    Ok(PolicyLoss {
+        per_token,
+        summary: stats.to_summary().to_vec(),
+    })
+}
+
+/// `dL/dlogp` for `L = grad_loss * loss + sum_t grad_per_token_t * per_token_t`:
+/// `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`, `[N]`.
+///
+/// Errors: as [`policy_loss`], plus a non-finite `grad_loss`, and
+/// `grad_per_token`'s length or a non-finite value at a masked-in token.
+pub fn policy_loss_backward(
+    inputs: &PolicyLossInputs<'_>,
+    cfg: &PolicyLossConfig,
+    grad_loss: f32,
+    grad_per_token: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let ranges = inputs.validate_host(OP_BWD, cfg)?;
+    let n = inputs.logp.len();
+    check::param(OP_BWD, "grad_loss", grad_loss as f64, true, "finite")?;
+    if let Some(g) = grad_per_token {
+        check::len(OP_BWD, "grad_per_token", n, g.len())?;
+    }
+    let min_seqs = min_seqs_per_task(&ranges);
+    // Token weights need every sequence's masked-in count first.
+    let counts: Vec<usize> = ranges
+        .par_iter()
+        .enumerate()
+        .with_min_len(min_seqs)
+        .map(|(s, range)| inputs.seq(s, range.clone(), None).tokens())
+        .collect();
+    let tokens = counts.iter().sum();
+
+    let mut dlogp = vec![0.0f32; n];
+    let outs = split_by_ranges(&mut dlogp, &ranges);
+    let finite = ranges
+        .par_iter()
+        .zip(outs)
+        .zip(&counts)
+        .enumerate()
+        .with_min_len(min_seqs)
+        .map(|(s, ((range, out), &count))| {
+            let seq = inputs.seq(s, range.clone(), grad_per_token);
+            let w = cfg.aggregation.weight(count, ranges.len(), tokens) as f32;
+            seq_backward(cfg, &seq, grad_loss * w, out)
+        })
+        .reduce(|| true, |a, b| a && b);
+    if !finite {
+        inputs.check_finite(OP_BWD, &ranges, grad_per_token)?;
+    }
+    Ok(dlogp)
+}
+
+/// Sequences per rayon task, so that a task holds about `MIN_TASK_TOKENS`.
+fn min_seqs_per_task(ranges: &[Range<usize>]) -> usize {
+    let tokens = ranges.last().map_or(0, |r| r.end);
+    (MIN_TASK_TOKENS * ranges.len() / tokens.max(1)).max(1)
+}
+
+/// `buf` cut into the given consecutive ranges (which start at 0 and
+/// cover it, as validated layouts do).
+fn split_by_ranges<'b>(mut buf: &'b mut [f32], ranges: &[Range<usize>]) -> Vec<&'b mut [f32]> {
+    ranges
+        .iter()
+        .map(|r| {
+            let (head, tail) = std::mem::take(&mut buf).split_at_mut(r.len());
+            buf = tail;
+            head
+        })
+        .collect()
+}
+
+/// A sequence's advantage source.
+#[derive(Clone, Copy)]
+enum SeqAdv<'a> {
+    Const(f32),
+    Tokens(&'a [f32]),
+}
+
+/// One sequence's inputs, absent ones resolved (see `PolicyLossInputs::seq`).
+struct SeqData<'a> {
+    logp: &'a [f32],
+    old: &'a [f32],
+    ref_logp: &'a [f32],
+    adv: SeqAdv<'a>,
+    mask: Option<&'a [u8]>,
+    grad_per_token: Option<&'a [f32]>,
+}
+
+/// `LANES` consecutive tokens, loaded for the branch-free lane loops; lanes
+/// past the sequence's end are inactive.
+struct Lanes {
+    logp: [f32; LANES],
+    old: [f32; LANES],
+    ref_logp: [f32; LANES],
+    adv: [f32; LANES],
+    grad: [f32; LANES],
+    active: [bool; LANES],
+}
+
+impl SeqData<'_> {
+    fn len(&self) -> usize {
+        self.logp.len()
+    }
+
+    /// Number of masked-in tokens.
+    fn tokens(&self) -> usize {
+        self.mask
+            .map_or(self.len(), |m| m.iter().map(|&x| (x != 0) as usize).sum())
+    }
+
+    /// Tokens `at..at + LANES` (fewer at the end).
+    #[inline(always)]
+    fn load(&self, at: usize) -> Lanes {
+        // A constant length for full chunks, so the copies become vector moves.
+        match self.len() - at {
+            k if k >= LANES => self.load_span(at, LANES),
+            k => self.load_span(at, k),
+        }
+    }
+
+    #[inline(always)]
+    fn load_span(&self, at: usize, k: usize) -> Lanes {
+        let mut x = Lanes {
+            logp: [0.0; LANES],
+            old: [0.0; LANES],
+            ref_logp: [0.0; LANES],
+            adv: [0.0; LANES],
+            grad: [0.0; LANES],
+            active: [false; LANES],
+        };
+        let span = at..at + k;
+        x.logp[..k].copy_from_slice(&self.logp[span.clone()]);
+        x.old[..k].copy_from_slice(&self.old[span.clone()]);
+        x.ref_logp[..k].copy_from_slice(&self.ref_logp[span.clone()]);
+        match self.adv {
+            SeqAdv::Const(a) => x.adv[..k].fill(a),
+            SeqAdv::Tokens(a) => x.adv[..k].copy_from_slice(&a[span.clone()]),
+        }
+        if let Some(g) = self.grad_per_token {
+            x.grad[..k].copy_from_slice(&g[span.clone()]);
+        }
+        match self.mask {
+            None => x.active[..k].fill(true),
+            Some(m) => {
+                for (a, &mi) in x.active[..k].iter_mut().zip(&m[span]) {
+                    *a = mi != 0;
+                }
+            }
+        }
+        x
+    }
+
+    /// Writes the first `min(LANES, len - at)` lanes of `values` at `at`.
+    #[inline(always)]
+    fn store(out: &mut [f32], at: usize, values: &[f32; LANES]) {
+        match out.len() - at {
+            k if k >= LANES => out[at..at + LANES].copy_from_slice(values),
+            k => out[at..at + k].copy_from_slice(&values[..k]),
+        }
+    }
+
+    /// `(masked-in tokens, their mean log-ratio)`: the sequence's importance
+    /// log-ratio at the sequence level.
+    #[inline(always)]
+    fn mean_log_ratio(&self) -> (usize, f32) {
+        let (mut tokens, mut sum) = (0usize, 0.0f64);
+        for block in (0..self.len()).step_by(BLOCK) {
+            let mut acc = [0.0f32; LANES];
+            let mut count = [0u32; LANES];
+            for at in (block..self.len().min(block + BLOCK)).step_by(LANES) {
+                let x = self.load(at);
+                for i in 0..LANES {
+                    acc[i] += if x.active[i] { x.logp[i] - x.old[i] } else { 0.0 };
+                    count[i] += x.active[i] as u32;
+                }
+            }
+            sum += acc.iter().map(|&v| v as f64).sum::<f64>();
+            tokens += count.iter().sum::<u32>() as usize;
+        }
+        (tokens, (sum / tokens.max(1) as f64) as f32)
+    }
+
+    /// The log-ratio of lane `i`: its own, or the sequence's.
+    #[inline(always)]
+    fn log_ratio(x: &Lanes, i: usize, seq_log_ratio: Option<f32>) -> f32 {
+        seq_log_ratio.unwrap_or(x.logp[i] - x.old[i])
+    }
+
+    /// Whether every input of lane `i` is finite, or the lane is inactive.
+    #[inline(always)]
+    fn lane_finite(x: &Lanes, i: usize) -> bool {
+        let all = x.logp[i].is_finite()
+            & x.old[i].is_finite()
+            & x.ref_logp[i].is_finite()
+            & x.adv[i].is_finite()
+            & x.grad[i].is_finite();
+        all | !x.active[i]
+    }
+}
+
+/// A sequence's sums, in f64.
+#[derive(Debug, Clone, Copy, Default)]
+struct SeqSums {
+    tokens: usize,
+    loss: f64,
+    clip_low: f64,
+    clip_high: f64,
+    dual_clip: f64,
+    ratio: f64,
+    ratio_max: f32,
+    kl: f64,
+    finite: bool,
+}
+
+impl SeqSums {
+    fn merge(&mut self, o: &SeqSums) {
+        self.loss += o.loss;
+        self.clip_low += o.clip_low;
+        self.clip_high += o.clip_high;
+        self.dual_clip += o.dual_clip;
+        self.ratio += o.ratio;
+        self.ratio_max = self.ratio_max.max(o.ratio_max);
+        self.kl += o.kl;
+    }
+}
+
+/// Per-lane f32 sums of one block.
+struct LaneSums {
+    loss: [f32; LANES],
+    clip_low: [f32; LANES],
+    clip_high: [f32; LANES],
+    dual_clip: [f32; LANES],
+    ratio: [f32; LANES],
+    ratio_max: [f32; LANES],
+    kl: [f32; LANES],
+    finite: [bool; LANES],
+}
+
+impl LaneSums {
+    fn new() -> Self {
+        Self {
+            loss: [0.0; LANES],
+            clip_low: [0.0; LANES],
+            clip_high: [0.0; LANES],
+            dual_clip: [0.0; LANES],
+            ratio: [0.0; LANES],
+            ratio_max: [0.0; LANES],
+            kl: [0.0; LANES],
+            finite: [true; LANES],
+        }
+    }
+
+    /// Adds the lanes into `sums`.
+    fn flush(&self, sums: &mut SeqSums) {
+        let total = |xs: &[f32; LANES]| xs.iter().map(|&v| v as f64).sum::<f64>();
+        sums.loss += total(&self.loss);
+        sums.clip_low += total(&self.clip_low);
+        sums.clip_high += total(&self.clip_high);
+        sums.dual_clip += total(&self.dual_clip);
+        sums.ratio += total(&self.ratio);
+        sums.kl += total(&self.kl);
+        sums.ratio_max = self.ratio_max.iter().copied().fold(sums.ratio_max, f32::max);
+        sums.finite &= self.finite.iter().all(|&f| f);
+    }
+}
+
+/// Calls `f` with a copy of `cfg` whose KL estimator is a constant to the
+/// optimizer: the estimator's `match` folds away inside `f`'s loops, which
+/// then vectorize (one copy per estimator).
+#[inline(always)]
+fn with_fixed_kl<R>(cfg: &PolicyLossConfig, f: impl FnOnce(&PolicyLossConfig) -> R) -> R {
+    let fixed = |kl| PolicyLossConfig { kl, ..*cfg };
+    match cfg.kl {
+        KlEstimator::K1 => f(&fixed(KlEstimator::K1)),
+        KlEstimator::K2 => f(&fixed(KlEstimator::K2)),
+        KlEstimator::K3 => f(&fixed(KlEstimator::K3)),
+        KlEstimator::LowVarK3 => f(&fixed(KlEstimator::LowVarK3)),
+    }
+}
+
+multiversion! {
+    /// One sequence's loss terms into `out` (`m_t l_t`) and its sums.
+    fn seq_forward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
+        with_fixed_kl(cfg, |cfg| forward_lanes(cfg, seq, out))
+    }
+}
+
+multiversion! {
+    /// One sequence's `dlogp` into `out`, each token's weight being
+    /// `scale = grad_loss * w_s`; whether every read input was finite.
+    fn seq_backward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
+        with_fixed_kl(cfg, |cfg| backward_lanes(cfg, seq, scale, out))
+    }
+}
+
+/// The body of [`seq_forward`].
+#[inline(always)]
+fn forward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
+    let (tokens, seq_log_ratio) = match cfg.importance {
+        ImportanceLevel::Token => (seq.tokens(), None),
+        ImportanceLevel::Sequence => {
+            let (tokens, lr) = seq.mean_log_ratio();
+            (tokens, Some(lr))
+        }
+    };
+    let mut sums = SeqSums {
+        tokens,
+        finite: true,
+        ..SeqSums::default()
+    };
+    for block in (0..seq.len()).step_by(BLOCK) {
+        let mut acc = LaneSums::new();
+        for at in (block..seq.len().min(block + BLOCK)).step_by(LANES) {
+            let x = seq.load(at);
+            let mut terms = [0.0f32; LANES];
+            for (i, term) in terms.iter_mut().enumerate() {
+                let t = cfg.token_loss(
+                    SeqData::log_ratio(&x, i, seq_log_ratio),
+                    x.adv[i],
+                    x.ref_logp[i] - x.logp[i],
+                );
+                let on = x.active[i];
+                let count = |flag: bool| (on & flag) as u32 as f32;
+                *term = if on { t.loss } else { 0.0 };
+                acc.loss[i] += *term;
+                acc.clip_low[i] += count(t.clip_low);
+                acc.clip_high[i] += count(t.clip_high);
+                acc.dual_clip[i] += count(t.dual_clip);
+                acc.ratio[i] += if on { t.ratio } else { 0.0 };
+                acc.ratio_max[i] = if on && t.ratio > acc.ratio_max[i] {
+                    t.ratio
+                } else {
+                    acc.ratio_max[i]
+                };
+                acc.kl[i] += if on { t.kl } else { 0.0 };
+                acc.finite[i] &= SeqData::lane_finite(&x, i);
+            }
+            SeqData::store(out, at, &terms);
+        }
+        acc.flush(&mut sums);
+    }
+    sums
+}
+
+/// The body of [`seq_backward`].
+#[inline(always)]
+fn backward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
+    let seq_log_ratio = match cfg.importance {
+        ImportanceLevel::Token => None,
+        ImportanceLevel::Sequence => Some(seq.mean_log_ratio().1),
+    };
+    let mut finite = [true; LANES];
+    for at in (0..seq.len()).step_by(LANES) {
+        let x = seq.load(at);
+        let mut grads = [0.0f32; LANES];
+        for i in 0..LANES {
+            let t = cfg.token_loss(
+                SeqData::log_ratio(&x, i, seq_log_ratio),
+                x.adv[i],
+                x.ref_logp[i] - x.logp[i],
+            );
+            grads[i] = if x.active[i] {
+                (scale + x.grad[i]) * t.grad
+            } else {
+                0.0
+            };
+            finite[i] &= SeqData::lane_finite(&x, i);
+        }
+        SeqData::store(out, at, &grads);
+    }
+    finite.iter().all(|&f| f)
+}
