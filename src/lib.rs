@@ -7,6 +7,7 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
+//! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -24,3 +25,5 @@ pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,
 };
+pub use ops::philox::{philox4x32_10, RowStream};
+pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};

@@ -6,3 +6,5 @@ pub mod math;
 
 pub mod layout;
 pub mod logprob;
+pub mod philox;
+pub mod sampling;
