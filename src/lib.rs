@@ -7,9 +7,13 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
+<<<<<<< HEAD
 //! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
 //! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
+=======
+//! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
+>>>>>>> sampling
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -35,7 +39,12 @@ pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,
 };
+<<<<<<< HEAD
 pub use ops::policy_loss::{
     policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,
     PolicyLossInputs, PolicyLossStats, TokenLoss,
 };
+=======
+pub use ops::philox::{philox4x32_10, RowStream};
+pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};
+>>>>>>> sampling

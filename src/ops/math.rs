@@ -85,6 +85,7 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+<<<<<<< HEAD
 /// The Cephes minimax polynomial `p` with `e^r = 1 + r + r^2 p(r)` on
 /// `|r| <= ln2/2`.
 #[inline(always)]
@@ -111,6 +112,48 @@ pub fn exp_excess(x: f32) -> f32 {
         near
     } else {
         far
+=======
+/// `ln x` to about 1 ulp, branch-free so it vectorizes: `x = 2^e m` with
+/// `m` in `[sqrt(1/2), sqrt(2))`, `ln m` by the Cephes minimax polynomial in
+/// `m - 1` (exact, so results near `x = 1` keep their relative precision),
+/// `e ln2` added in two parts. `ln 0 = -inf`, `ln inf = inf`, NaN for
+/// negative or NaN input; subnormal inputs are scaled into range first.
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Subnormals: multiply by 2^23 and take 23 off the exponent.
+    let tiny = x < f32::MIN_POSITIVE;
+    let xs = if tiny { x * 8_388_608.0 } else { x };
+    let bits = xs.to_bits();
+    // Mantissa bits with the exponent of 0.5: m in [0.5, 1), x = 2^e m.
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let e = ((bits >> 23) & 0xff) as i32 - 126 - if tiny { 23 } else { 0 };
+    let low = m < SQRT_HALF;
+    let e = (e - low as i32) as f32;
+    let r = if low { m + m - 1.0 } else { m - 1.0 };
+    let r2 = r * r;
+    let p = 7.037_683_6e-2_f32;
+    let p = p * r - 1.151_461e-1;
+    let p = p * r + 1.167_699_9e-1;
+    let p = p * r - 1.242_014_1e-1;
+    let p = p * r + 1.424_932_3e-1;
+    let p = p * r - 1.666_805_8e-1;
+    let p = p * r + 2.000_071_5e-1;
+    let p = p * r - 2.499_999_4e-1;
+    let p = p * r + 3.333_333e-1;
+    let y = p * r * r2 + e * LN2_LO - 0.5 * r2;
+    let y = r + y + e * LN2_HI;
+    if x > 0.0 && x < f32::INFINITY {
+        y
+    } else if x == 0.0 {
+        f32::NEG_INFINITY
+    } else if x == f32::INFINITY {
+        x
+    } else {
+        f32::NAN
+>>>>>>> sampling
     }
 }
 
@@ -280,6 +323,7 @@ mod tests {
     }
 
     #[test]
+<<<<<<< HEAD
     fn exp_excess_is_accurate_near_zero_and_far() {
         let mut x = -30.0f64;
         while x < 30.0 {
@@ -294,6 +338,33 @@ mod tests {
         }
         assert_eq!(exp_excess(0.0), 0.0);
         assert!(exp_excess(f32::NAN).is_nan());
+=======
+    fn ln_matches_std_to_two_ulp() {
+        // Geometric sweep over the normal range, and a fine one around 1.
+        let mut xs: Vec<f32> = Vec::new();
+        let mut x = f32::MIN_POSITIVE;
+        while x < 3e38 {
+            xs.push(x);
+            x *= 1.0137;
+        }
+        xs.extend((1..20_000).map(|i| 1.0 + (i as f32 - 10_000.0) * 3e-6));
+        xs.extend([1.0 - f32::EPSILON / 2.0, 1.0 + f32::EPSILON, 0.5, 2.0]);
+        for &x in &xs {
+            let (ours, exact) = (ln(x) as f64, (x as f64).ln());
+            let ulp = (exact.abs() as f32).max(f32::MIN_POSITIVE);
+            let ulp = (f32::from_bits(ulp.to_bits() + 1) - ulp) as f64;
+            assert!(
+                (ours - exact).abs() <= 2.0 * ulp,
+                "ln({x}) = {ours}, exact {exact}"
+            );
+        }
+        assert_eq!(ln(1.0), 0.0);
+        assert_eq!(ln(0.0), f32::NEG_INFINITY);
+        assert_eq!(ln(f32::INFINITY), f32::INFINITY);
+        assert!(ln(-1.0).is_nan() && ln(f32::NAN).is_nan() && ln(f32::NEG_INFINITY).is_nan());
+        let sub = f32::MIN_POSITIVE / 1024.0;
+        assert!(((ln(sub) as f64) - (sub as f64).ln()).abs() < 1e-5);
+>>>>>>> sampling
     }
 
     #[test]

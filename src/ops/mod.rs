@@ -8,4 +8,9 @@ pub mod advantages;
 pub mod kl;
 pub mod layout;
 pub mod logprob;
+<<<<<<< HEAD
 pub mod policy_loss;
+=======
+pub mod philox;
+pub mod sampling;
+>>>>>>> sampling

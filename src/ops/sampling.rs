@@ -1,0 +1,441 @@
+//! Fused token sampling: temperature, top-k, top-p and min-p filtering and
+//! a draw from the filtered distribution, one token per row of logits
+//! `[B, V]`, reproducible from `(seed, step)`, returning the token and its
+//! log-probability.
+//!
+//! The filters follow Hugging Face transformers' logits warpers, applied in
+//! its order: `TemperatureLogitsWarper`, `TopKLogitsWarper`,
+//! `TopPLogitsWarper`, `MinPLogitsWarper`. The draw is the Gumbel-max trick
+//! over the [Philox stream](crate::ops::philox): `argmax_j (x_j + g_j)` with
+//! independent standard Gumbel `g_j` is an exact sample of `softmax(x)`
+//! restricted to the `j` taken (Gumbel 1954; Maddison et al., "A* Sampling",
+//! 2014), and needs no sort, no normalization and no prefix sum.
+//!
+//! # The rule, step by step
+//!
+//! A CUDA kernel follows the same steps, so that it picks the same token for
+//! the same seed; they can disagree only where two values tie within
+//! rounding (a key `x_j + g_j` or a threshold statistic below). Row `b`:
+//!
+//! 1. **Scale.** `x_j = z_j * (1 / T)` in f32, with `1 / T` rounded to f32
+//!    (`T = 0`, greedy, uses 1). `M = max_j x_j`;
+//!    `lse = M + ln sum_j e^(x_j - M)`.
+//! 2. **Greedy** (`T = 0`): the token is the lowest `j` with `x_j = M`; no
+//!    filter and no randomness. Go to 6.
+//! 3. **Thresholds.** Every filter keeps `{ j : x_j >= tau }` for a `tau`,
+//!    so the filters combine as `tau = max(tau_k, tau_p, tau_m)`; an
+//!    inactive filter has `tau = -inf`.
+//!    - top-k (`0 < k < V`): `tau_k` = the k-th largest `x`. Ties with it
+//!      are kept (HF removes `scores < kth largest`), so more than k tokens
+//!      may stay.
+//!    - top-p (`p < 1`), on the distribution renormalized over the top-k set
+//!      `K = { j : x_j >= tau_k }`: with `w_j = e^(x_j - M)` and
+//!      `Z = sum_{i in K} w_i`, keep `j in K` iff
+//!      `sum_{i in K, x_i > x_j} w_i < p Z`: the mass strictly above `j` has
+//!      not yet reached `p`. This is HF's rule (it sorts ascending and drops
+//!      tokens whose cumulative probability is `<= 1 - p`), with ties at
+//!      the threshold all kept. The kept set is `{ x_j >= tau_p }`, `tau_p`
+//!      the smallest such `x_j`; the top token is always kept.
+//!    - min-p (`min_p > 0`): HF removes `p_j < min_p * max_i p_i`, that is
+//!      `x_j < M + ln(min_p)`: `tau_m = M + ln(min_p)` in f32.
+//! 4. **Noise.** `g_j = -ln(-ln u_j)`, `u_j` the uniform of
+//!    `(seed, row b, step, j)` (see [`RowStream`]).
+//! 5. **Draw.** The token is `argmax_{j : x_j >= tau} (x_j + g_j)`, the key
+//!    `x_j + g_j` rounded to f32, ties to the lowest `j`.
+//! 6. **Log-prob.** `logp = x_token - lse`: the log-probability of the token
+//!    under `softmax(z / T)` **before** filtering (under `softmax(z)` when
+//!    greedy). This is the sampling policy's own log-prob, which a GRPO
+//!    trainer compares with the log-probs it recomputes; it is not the
+//!    log-prob under the truncated distribution actually sampled from.
+//!
+//! # How the CPU finds the thresholds (no sort of V)
+//!
+//! Only the thresholds above are part of the rule; how they are found is
+//! free. Here, for one row, after the scaling pass:
+//!
+//! - A **histogram** pass puts each `x_j` in bucket
+//!   `min(floor((M - x_j) * 64), 2047)` (1/64-nat buckets below the max;
+//!   the last one holds everything 32 nats or more below it, `-inf`
+//!   included) and adds up each bucket's count and mass `w_j` (f64). The
+//!   bucket index never increases with `x`, so a bucket's tokens all lie
+//!   strictly above the next bucket's.
+//! - **top-k**: the first bucket `c` where the cumulative count reaches `k`
+//!   holds the k-th largest value; its tokens are gathered (one pass) and
+//!   `select_nth_unstable` finds `tau_k` among them (O(bucket)). Bucket `c`'s
+//!   mass is replaced by its kept part and later buckets are dropped.
+//! - **top-p**: walk the buckets, adding masses, to the first bucket where
+//!   the mass reaches `p Z`; every earlier token is kept, every later one
+//!   dropped, and `tau_p` lies in that bucket: gather and sort it alone,
+//!   then scan its values in descending order (ties together) applying the
+//!   rule above.
+//! - **Draw**: the Gumbel keys are computed 64 indices at a time (16 Philox
+//!   counters side by side, which vectorizes), skipping every block whose
+//!   largest `x` is below `tau`, or is too small to win even with the
+//!   largest possible noise (`max x + 17 <` the key of the row's argmax).
+//!   Skipping never changes the result; it makes a top-k/top-p draw touch
+//!   only the few blocks holding kept tokens.
+//!
+//! So a filtered row costs about five passes over `V` f32 values (scale,
+//! histogram, one or two gathers, block maxima) plus sorting one bucket; a
+//! plain-temperature row costs the scaling pass and one Gumbel pass.
+//! Rows are independent and run in parallel (rayon), each thread with its
+//! own scratch.
+//!
+//! # Non-finite logits
+//!
+//! `-inf` means probability 0; such a token is never drawn. A NaN or `+inf`
+//! logit, a scaled logit `z / T` that overflows f32, or a row with no finite
+//! logit is an [`Error::NonFinite`](crate::Error::NonFinite) naming the row.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::element::Float;
+use crate::error::{check, Error, Result};
+use crate::memory::{Host, Memory};
+use crate::ops::math::{self, multiversion, SoftmaxState, BLOCK};
+use crate::ops::philox::{self, RowStream, BLOCK_TOKENS, GUMBEL_MAX};
+
+pub(crate) const OP: &str = "sample";
+
+/// Histogram buckets per nat below the row maximum.
+const BUCKETS_PER_NAT: f32 = 64.0;
+/// Number of buckets; the last one collects everything further down.
+const BUCKETS: usize = 2048;
+const LAST_BUCKET: usize = BUCKETS - 1;
+
+/// How to pick one token per row. The default samples from `softmax(z)`
+/// with no filter, seed 0, step 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingConfig {
+    /// Softmax temperature `T >= 0`; logits are multiplied by `1 / T`.
+    /// `0` is greedy decoding (argmax, no filter, no randomness).
+    pub temperature: f32,
+    /// Keep the `top_k` largest logits (and ties with the k-th); `0`, or a
+    /// value `>= V`, keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of top tokens whose mass reaches `top_p`
+    /// (nucleus sampling), in `(0, 1]`; `1` keeps all.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times the largest, in
+    /// `[0, 1]`; `0` keeps all.
+    pub min_p: f32,
+    /// Key of the random stream.
+    pub seed: u64,
+    /// Decoding step: each step draws from a fresh part of the stream.
+    pub step: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            step: 0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+        let t = self.temperature as f64;
+        check::param(op, "temperature", t, t >= 0.0, "finite and >= 0 (0 = greedy)")?;
+        let p = self.top_p as f64;
+        check::param(op, "top_p", p, p > 0.0 && p <= 1.0, "in (0, 1]")?;
+        let p = self.min_p as f64;
+        check::param(op, "min_p", p, (0.0..=1.0).contains(&p), "in [0, 1]")
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Logit rows to sample from: `logits` is `[B, vocab]`, row-major.
+pub struct SampleInputs<'a, T: 'a, M: Memory = Host> {
+    /// `[B, vocab]`, row-major; `B = len / vocab`.
+    pub logits: M::Buf<'a, T>,
+    /// Vocabulary size `V`.
+    pub vocab: usize,
+}
+
+impl<'a, T: 'a, M: Memory> SampleInputs<'a, T, M> {
+    /// Number of rows `B` (0 when `vocab` is 0).
+    pub fn rows(&self) -> usize {
+        M::len(&self.logits).checked_div(self.vocab).unwrap_or(0)
+    }
+
+    /// Checks the lengths; returns the row count. A length that is not a
+    /// multiple of `vocab` is reported against the next multiple up.
+    pub(crate) fn validate(&self, op: &'static str) -> Result<usize> {
+        let len = M::len(&self.logits);
+        check::non_empty(op, "vocab", self.vocab)?;
+        check::non_empty(op, "logits", len)?;
+        let rows = len.div_ceil(self.vocab);
+        check::len(op, "logits", rows.saturating_mul(self.vocab), len)?;
+        // Tokens are returned as u32 and rows index the stream as u32.
+        let limit = u32::MAX as usize + 1;
+        if self.vocab > limit || rows > limit {
+            return Err(Error::Unsupported {
+                op,
+                reason: format!("{rows} rows x {} vocab: both must be at most 2^32", self.vocab),
+            });
+        }
+        Ok(rows)
+    }
+}
+
+impl<'a, T> SampleInputs<'a, T, Host> {
+    /// `logits` `[B, vocab]`.
+    pub fn new(logits: &'a [T], vocab: usize) -> Self {
+        Self { logits, vocab }
+    }
+}
+
+/// One draw per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Samples<M: Memory = Host> {
+    /// `[B]`: the chosen token ids.
+    pub tokens: M::Owned<u32>,
+    /// `[B]`: `log softmax(z / T)` at the chosen token, before filtering
+    /// (`T = 1` when greedy); see the module docs.
+    pub logp: M::Owned<f32>,
+}
+
+/// Samples one token per row (see the module docs for the exact rule).
+///
+/// Errors: `vocab == 0`, empty logits, a length that is not a multiple of
+/// `vocab`, a parameter out of range or non-finite, a row holding a NaN or
+/// `+inf` (or no finite logit).
+pub fn sample<T: Float>(inputs: &SampleInputs<'_, T>, cfg: &SamplingConfig) -> Result<Samples> {
+    inputs.validate(OP)?;
+    cfg.validate(OP)?;
+    let vocab = inputs.vocab;
+    let picks: Vec<Option<(u32, f32)>> = inputs
+        .logits
+        .par_chunks(vocab)
+        .enumerate()
+        .with_min_len((1 << 16) / vocab + 1)
+        .map(|(row, logits)| SCRATCH.with_borrow_mut(|s| sample_row(logits, row as u32, cfg, s)))
+        .collect();
+    let mut tokens = Vec::with_capacity(picks.len());
+    let mut logp = Vec::with_capacity(picks.len());
+    for (index, pick) in picks.into_iter().enumerate() {
+        let (token, lp) = pick.ok_or(Error::NonFinite {
+            op: OP,
+            what: "logits",
+            index,
+        })?;
+        tokens.push(token);
+        logp.push(lp);
+    }
+    Ok(Samples { tokens, logp })
+}
+
+/// A thread's working memory, kept between calls.
+struct Scratch {
+    /// The row's scaled logits.
+    x: Vec<f32>,
+    thresholds: ThresholdScratch,
+}
+
+/// What finding the thresholds needs beside the row.
+struct ThresholdScratch {
+    /// Histogram counts and masses.
+    counts: Vec<u32>,
+    mass: Vec<f64>,
+    /// The scaled logits of one bucket.
+    bucket: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            x: Vec::new(),
+            thresholds: ThresholdScratch {
+                counts: Vec::new(),
+                mass: Vec::new(),
+                bucket: Vec::new(),
+            },
+        })
+    };
+}
+
+/// `(token, logp)` of one row, `None` if the row is not finite.
+fn sample_row<T: Float>(logits: &[T], row: u32, cfg: &SamplingConfig, s: &mut Scratch) -> Option<(u32, f32)> {
+    let inv_t = if cfg.is_greedy() {
+        1.0
+    } else {
+        1.0 / cfg.temperature
+    };
+    s.x.resize(logits.len(), 0.0);
+    let state = scale_row(logits, inv_t, &mut s.x);
+    let (lse, _) = state.finish()?;
+    let m = state.m;
+    let x = &s.x[..];
+    let first_max = x.iter().position(|&v| v == m)?;
+    let token = if cfg.is_greedy() {
+        first_max
+    } else {
+        let tau = threshold(x, m, cfg, &mut s.thresholds);
+        let stream = RowStream::new(cfg.seed, row, cfg.step);
+        // The argmax's own key: no block whose keys all lie below it can win.
+        let floor = m + stream.gumbel(first_max as u32);
+        gumbel_argmax(x, tau, floor, &stream)
+    };
+    Some((token as u32, x[token] - lse))
+}
+
+multiversion! {
+    /// `dst = src * scale` in f32, and the online softmax state of `dst`,
+    /// one L1-sized block at a time.
+    fn scale_row<T: crate::Float>(src: &[T], scale: f32, dst: &mut [f32]) -> SoftmaxState {
+        let mut state = SoftmaxState::EMPTY;
+        for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+            T::load_scaled(s, scale, d);
+            state = state.update(d);
+        }
+        state
+    }
+}
+
+/// Histogram bucket of a scaled logit `v <= m`: non-increasing in `v`.
+#[inline(always)]
+fn bucket(v: f32, m: f32) -> usize {
+    ((m - v) * BUCKETS_PER_NAT).min(LAST_BUCKET as f32) as usize
+}
+
+/// Unnormalized probability `e^(v - m)` of a scaled logit.
+#[inline(always)]
+fn weight(v: f32, m: f32) -> f64 {
+    math::exp(v - m) as f64
+}
+
+multiversion! {
+    /// Count and mass `e^(x - m)` of every bucket.
+    fn histogram(x: &[f32], m: f32, counts: &mut [u32], mass: &mut [f64]) {
+        const CHUNK: usize = 64;
+        let (mut index, mut w) = ([0usize; CHUNK], [0.0f32; CHUNK]);
+        for chunk in x.chunks(CHUNK) {
+            // Vectorized: bucket indices and weights; then the scalar scatter.
+            for (i, &v) in chunk.iter().enumerate() {
+                index[i] = bucket(v, m);
+                w[i] = math::exp(v - m);
+            }
+            for (&b, &w) in index.iter().zip(&w).take(chunk.len()) {
+                counts[b] += 1;
+                mass[b] += w as f64;
+            }
+        }
+    }
+}
+
+/// The scaled logits `>= min` of bucket `b`, into `out`.
+fn gather(x: &[f32], m: f32, b: usize, min: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.iter().copied().filter(|&v| bucket(v, m) == b && v >= min));
+}
+
+/// `tau = max(tau_k, tau_p, tau_m)` of one row (module docs, step 3).
+fn threshold(x: &[f32], m: f32, cfg: &SamplingConfig, s: &mut ThresholdScratch) -> f32 {
+    let tau_m = m + cfg.min_p.ln();
+    let top_k = (cfg.top_k > 0 && cfg.top_k < x.len()).then_some(cfg.top_k);
+    let top_p = (cfg.top_p < 1.0).then_some(cfg.top_p as f64);
+    if top_k.is_none() && top_p.is_none() {
+        return tau_m;
+    }
+    let ThresholdScratch {
+        counts,
+        mass,
+        bucket: cand,
+    } = s;
+    counts.clear();
+    counts.resize(BUCKETS, 0);
+    mass.clear();
+    mass.resize(BUCKETS, 0.0);
+    histogram(x, m, counts, mass);
+
+    // top-k: select the k-th largest inside the bucket that holds it.
+    let mut tau_k = f32::NEG_INFINITY;
+    let mut last = LAST_BUCKET;
+    if let Some(k) = top_k {
+        let mut above = 0;
+        let mut c = 0;
+        while above + (counts[c] as usize) < k {
+            above += counts[c] as usize;
+            c += 1;
+        }
+        gather(x, m, c, f32::NEG_INFINITY, cand);
+        let (_, kth, _) = cand.select_nth_unstable_by(k - above - 1, |a, b| b.total_cmp(a));
+        tau_k = *kth;
+        cand.retain(|&v| v >= tau_k);
+        mass[c] = cand.iter().map(|&v| weight(v, m)).sum();
+        last = c;
+    }
+
+    // top-p: the bucket where the mass crosses p Z, then that bucket sorted.
+    let mut tau_p = f32::NEG_INFINITY;
+    if let Some(p) = top_p {
+        let target = p * mass[..=last].iter().sum::<f64>();
+        let mut above = 0.0;
+        let mut c = 0;
+        while c < last && above + mass[c] < target {
+            above += mass[c];
+            c += 1;
+        }
+        if top_k.is_none() || c != last {
+            gather(x, m, c, tau_k, cand);
+        }
+        cand.sort_unstable_by(|a, b| b.total_cmp(a));
+        // C(c) < p Z, so the bucket's top value is always kept.
+        let mut i = 0;
+        while i < cand.len() && above < target {
+            tau_p = cand[i];
+            while i < cand.len() && cand[i] == tau_p {
+                above += weight(cand[i], m);
+                i += 1;
+            }
+        }
+    }
+    tau_k.max(tau_p).max(tau_m)
+}
+
+multiversion! {
+    /// `argmax_{x_j >= tau} (x_j + g_j)`, lowest `j` on ties, skipping blocks
+    /// that cannot reach `floor`, a key the winner is known to reach.
+    fn gumbel_argmax(x: &[f32], tau: f32, floor: f32, stream: &RowStream) -> usize {
+        let mut best = (f32::NEG_INFINITY, 0);
+        let mut padded = [f32::NEG_INFINITY; BLOCK_TOKENS];
+        let mut bits = [0u32; BLOCK_TOKENS];
+        let mut keys = [0.0f32; BLOCK_TOKENS];
+        for (block, chunk) in x.chunks(BLOCK_TOKENS).enumerate() {
+            let top = math::max(chunk);
+            // Rounding is monotone: every key of the block is <= top + 17.
+            if top < tau || top + GUMBEL_MAX < floor {
+                continue;
+            }
+            let xs: &[f32; BLOCK_TOKENS] = match chunk.try_into() {
+                Ok(full) => full,
+                Err(_) => {
+                    padded[..chunk.len()].copy_from_slice(chunk);
+                    &padded
+                }
+            };
+            stream.bits_block(block as u32, &mut bits);
+            for ((key, &v), &r) in keys.iter_mut().zip(xs).zip(&bits) {
+                let k = v + philox::gumbel(philox::uniform(r));
+                *key = if v >= tau { k } else { f32::NEG_INFINITY };
+            }
+            for (i, &k) in keys.iter().enumerate() {
+                if k > best.0 {
+                    best = (k, block * BLOCK_TOKENS + i);
+                }
+            }
+        }
+        best.1
+    }
+}
