@@ -7,6 +7,7 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
+//! | fused linear log-probs: the same from hidden states and the LM head, without `[N, V]` logits | [`ops::fused_linear`] |
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -25,6 +26,9 @@ pub mod candle;
 pub use element::{DType, Float, TokenId};
 pub use error::{DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
+pub use ops::fused_linear::{
+    fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
+};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,

@@ -4,5 +4,6 @@
 
 pub mod math;
 
+pub mod fused_linear;
 pub mod layout;
 pub mod logprob;
