@@ -47,11 +47,12 @@
 //! hold anything, NaN included) and get zero outputs and gradients. Row
 //! chunks are made of active rows only, so padding costs no compute.
 //!
-//! **Non-finite values.** A NaN or infinity in `h`, `W` or `b` that reaches
-//! an active row's logits (or a logit overflowing f32) is an
-//! [`Error::NonFinite`] with `what: "logits"` and the row's index, as
-//! token_logprobs reports a bad logit row. A bad weight row spoils every
-//! row, so the first active row is named.
+//! **Non-finite values.** As in token_logprobs, a `-inf` logit means
+//! probability 0 (a `-inf` bias bans a token), and a NaN or `+inf` logit of
+//! an active row, whether from a NaN or infinity in `h`, `W` or `b` or from
+//! f32 overflow, is an [`Error::NonFinite`] with `what: "logits"` and the
+//! row's index. A NaN weight spoils every row, so the first active row is
+//! named.
 //!
 //! **Threads.** The GEMMs run on all rayon threads (the `gemm` crate splits
 //! the output, never the inner dimension) and the row math is split over
@@ -220,7 +221,7 @@ impl<'a, T, I> LinearRows<'a, T, I, Host> {
 }
 
 /// Gradients of [`fused_linear_logprobs_backward`], in the inputs' dtype.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LinearGrads<T, M: Memory = Host> {
     /// `[rows, hidden_size]`; zero for skipped rows.
     pub hidden: M::Owned<T>,
