@@ -93,9 +93,11 @@ impl Default for FusedLinearConfig {
     /// the pace: 512 rows amortize each pass over `W` (and its f32
     /// conversion for bf16/f16) over many rows, and a 2048-wide tile gives
     /// the GEMM a large enough panel while one tile row (8 KiB) stays in L1
-    /// between the max and exp passes of its softmax fold. The tile is
-    /// 4 MiB; at H = 896 the other buffers are 1.8 MiB (rows) and 7 MiB
-    /// (bf16 weight chunk).
+    /// between the max and exp passes of its softmax fold. Measured at
+    /// Qwen2.5-0.5B's head (N = 512, H = 896, V = 151936, 2 AVX-512 cores):
+    /// 512 x 2048 and 512 x 4096 were fastest, 256 x 1024 and 128 x 2048
+    /// 10-20% slower in the forward. The tile is 4 MiB; at H = 896 the other
+    /// buffers are 1.8 MiB (rows) and 7 MiB (bf16 weight chunk).
     fn default() -> Self {
         Self {
             logprob: LogProbConfig::default(),
@@ -236,8 +238,7 @@ pub struct LinearGrads<T, M: Memory = Host> {
 ///
 /// Errors: empty input, length mismatches (the weight must hold whole rows
 /// of `hidden_size`), `temperature <= 0`, zero chunk sizes, a target outside
-/// `0..vocab` (unless ignored), a NaN or infinity reaching an active row's
-/// logits.
+/// `0..vocab` (unless ignored), a NaN or `+inf` logit in an active row.
 pub fn fused_linear_logprobs<T: Float, I: TokenId>(
     rows: &LinearRows<'_, T, I>,
     cfg: &FusedLinearConfig,
