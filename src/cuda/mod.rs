@@ -253,10 +253,16 @@ impl Gpu {
 /// panics on first use when it cannot, whether it loads the driver itself
 /// or was linked against it by candle.)
 pub fn driver_present() -> bool {
-    let names: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
+    let names: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
     // SAFETY: loading the driver library runs no code of ours; it is
     // unloaded again when the handle drops.
-    names.iter().any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
+    names
+        .iter()
+        .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
 }
 
 /// A null pointer argument, for optional buffers.

@@ -276,7 +276,7 @@ pub fn token_logprobs_backward<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<Vec<T>> {
     let n = rows.validate(OP_BWD)?;
-    let coefs = backward_coefs(n, rows.targets, rows.mask, rows.vocab, cfg, saved, grads)?;
+    let coefs = backward_coefs(OP_BWD, n, rows.targets, rows.mask, rows.vocab, cfg, saved, grads)?;
     let mut dlogits = vec![T::default(); rows.logits.len()];
     rows.logits
         .par_chunks(rows.vocab)
@@ -302,7 +302,7 @@ pub fn token_logprobs_backward_inplace<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<()> {
     let n = validate_lens(OP_BWD, vocab, logits.len(), targets.len(), mask.map(<[u8]>::len))?;
-    let coefs = backward_coefs(n, targets, mask, vocab, cfg, saved, grads)?;
+    let coefs = backward_coefs(OP_BWD, n, targets, mask, vocab, cfg, saved, grads)?;
     logits
         .par_chunks_mut(vocab)
         .zip(&coefs)
@@ -348,7 +348,7 @@ pub(crate) fn active_rows<I: TokenId>(
 /// (Written with `l_j` rather than `x_j` so that no two large terms cancel:
 /// at low temperature `x_j` and `lse` are both large.)
 pub(crate) struct RowGrad {
-    target: Option<usize>,
+    pub(crate) target: Option<usize>,
     inv_t: f32,
     lse: f32,
     g: f32,
@@ -356,7 +356,21 @@ pub(crate) struct RowGrad {
     c: f32,
 }
 
-fn backward_coefs<I: TokenId>(
+impl RowGrad {
+    /// Turns a block of this row's scaled logits, columns
+    /// `start..start + block.len()`, into their gradient.
+    #[inline]
+    pub(crate) fn apply(&self, block: &mut [f32], start: usize) {
+        grad_block(block, self);
+        if let Some(y) = self.target.filter(|y| (start..start + block.len()).contains(y)) {
+            block[y - start] += self.g * self.inv_t;
+        }
+    }
+}
+
+/// Validates the backward's inputs (for `op`); returns each row's constants.
+pub(crate) fn backward_coefs<I: TokenId>(
+    op: &'static str,
     n: usize,
     targets: &[I],
     mask: Option<&[u8]>,
@@ -365,10 +379,10 @@ fn backward_coefs<I: TokenId>(
     saved: &LogProbSaved<'_>,
     grads: &LogProbGrads<'_>,
 ) -> Result<Vec<RowGrad>> {
-    cfg.validate(OP_BWD)?;
-    grads.validate(OP_BWD, n, saved)?;
-    let active = active_rows(OP_BWD, targets, mask, vocab, cfg)?;
-    check::finite(OP_BWD, "lse", saved.lse)?;
+    cfg.validate(op)?;
+    grads.validate(op, n, saved)?;
+    let active = active_rows(op, targets, mask, vocab, cfg)?;
+    check::finite(op, "lse", saved.lse)?;
     let inv_t = 1.0 / cfg.temperature;
     Ok((0..n)
         .map(|i| {
@@ -391,10 +405,10 @@ fn backward_coefs<I: TokenId>(
 /// Writes one row's gradient into `dst`, reading logits from `src`, or from
 /// `dst` itself when `src` is `None` (in place). Skipped rows get zeros.
 fn backward_row<T: Float>(coef: &RowGrad, src: Option<&[T]>, dst: &mut [T], buf: &mut [f32; BLOCK]) {
-    let Some(y) = coef.target else {
+    if coef.target.is_none() {
         dst.fill(T::from_f32(0.0));
         return;
-    };
+    }
     let len = dst.len();
     for (start, end) in (0..len).step_by(BLOCK).map(|s| (s, (s + BLOCK).min(len))) {
         let block = &mut buf[..end - start];
@@ -403,10 +417,7 @@ fn backward_row<T: Float>(coef: &RowGrad, src: Option<&[T]>, dst: &mut [T], buf:
             coef.inv_t,
             block,
         );
-        grad_block(block, coef);
-        if (start..end).contains(&y) {
-            block[y - start] += coef.g * coef.inv_t;
-        }
+        coef.apply(block, start);
         T::store(block, &mut dst[start..end]);
     }
 }

@@ -4,8 +4,12 @@
 
 pub mod math;
 
+<<<<<<< HEAD
 pub mod advantages;
 pub mod kl;
+=======
+pub mod fused_linear;
+>>>>>>> fused
 pub mod layout;
 pub mod logprob;
 <<<<<<< HEAD

@@ -1,0 +1,218 @@
+//! Fused linear log-probs on the CPU at Qwen2.5-0.5B's LM head (N = 512
+//! tokens, H = 896, V = 151936), f32 and bf16, against
+//! - `matmul`: the f32 GEMMs the op cannot avoid, alone (`h W^T` into a
+//!   preallocated `[N, V]` buffer; for forward + backward also `dz W` and
+//!   `dz^T h`), on f32 copies of the inputs made outside the timing;
+//! - `naive`: the obvious code: widen the inputs to f32, materialize the
+//!   logits with the same GEMM, then a plain scalar log-softmax on one thread
+//!   (and for the backward, scalar `dz = onehot - p` in place and the same
+//!   two GEMMs).
+//!
+//! Throughput is in FLOPs of the GEMMs (`2NHV` per GEMM), so each line reads
+//! as the rate the matmul alone reaches. Also prints the op's peak extra
+//! memory (computed from the chunk sizes) against the `N x V x 4` bytes of
+//! f32 logits the naive code holds.
+
+#[path = "util.rs"]
+mod util;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gemm::Parallelism;
+use grpo_kernels::{
+    fused_linear_logprobs, fused_linear_logprobs_backward, DType, Float, FusedLinearConfig, LinearRows,
+    LogProbGrads,
+};
+use half::bf16;
+
+const N: usize = 512;
+const H: usize = 896;
+const V: usize = 151_936;
+
+/// `dst [m, n] = a b` in f32 (the `gemm` crate, all threads), `a` stored
+/// row-major as `[m, k]` (or `[k, m]` when `a_t`), `b` as `[k, n]` (or
+/// `[n, k]` when `b_t`).
+fn gemm_f32(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: &[f32], a_t: bool, b: &[f32], b_t: bool) {
+    assert!(dst.len() == m * n && a.len() == m * k && b.len() == k * n);
+    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
+    // SAFETY: the buffers hold the shapes asserted above at these strides,
+    // and `dst` is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// Buffers of the naive code and of the matmul baseline.
+struct Naive {
+    hidden: Vec<f32>,
+    weight: Vec<f32>,
+    logits: Vec<f32>,
+    d_hidden: Vec<f32>,
+    d_weight: Vec<f32>,
+}
+
+impl Naive {
+    fn new() -> Self {
+        Self {
+            hidden: vec![0.0; N * H],
+            weight: vec![0.0; V * H],
+            logits: vec![0.0; N * V],
+            d_hidden: vec![0.0; N * H],
+            d_weight: vec![0.0; V * H],
+        }
+    }
+
+    fn widen<T: Float>(&mut self, hidden: &[T], weight: &[T]) {
+        for (d, s) in self.hidden.iter_mut().zip(hidden) {
+            *d = s.to_f32();
+        }
+        for (d, s) in self.weight.iter_mut().zip(weight) {
+            *d = s.to_f32();
+        }
+    }
+
+    /// Materialized logits, then per row max, sum of exps, log; returns `(logp, lse)`.
+    fn forward<T: Float>(&mut self, hidden: &[T], weight: &[T], targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        self.widen(hidden, weight);
+        gemm_f32(&mut self.logits, (N, V, H), &self.hidden, false, &self.weight, true);
+        self.logits
+            .chunks(V)
+            .zip(targets)
+            .map(|(row, &y)| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+                (row[y as usize] - lse, lse)
+            })
+            .unzip()
+    }
+
+    /// The forward, then `dz = onehot - p` (upstream gradient 1) in place
+    /// of the logits, `dh = dz W`, `dW = dz^T h`, narrowed to `T`.
+    fn forward_backward<T: Float>(&mut self, hidden: &[T], weight: &[T], targets: &[u32]) -> (Vec<T>, Vec<T>) {
+        let (_, lse) = self.forward(hidden, weight, targets);
+        for ((row, &y), lse) in self.logits.chunks_mut(V).zip(targets).zip(lse) {
+            for x in row.iter_mut() {
+                *x = -(*x - lse).exp();
+            }
+            row[y as usize] += 1.0;
+        }
+        gemm_f32(&mut self.d_hidden, (N, H, V), &self.logits, false, &self.weight, false);
+        gemm_f32(&mut self.d_weight, (V, H, N), &self.logits, true, &self.hidden, false);
+        let narrow = |xs: &[f32]| xs.iter().map(|&x| T::from_f32(x)).collect();
+        (narrow(&self.d_hidden), narrow(&self.d_weight))
+    }
+
+    /// The GEMMs alone, on inputs already widened.
+    fn matmuls(&mut self, backward: bool) {
+        gemm_f32(&mut self.logits, (N, V, H), &self.hidden, false, &self.weight, true);
+        if backward {
+            gemm_f32(&mut self.d_hidden, (N, H, V), &self.logits, false, &self.weight, false);
+            gemm_f32(&mut self.d_weight, (V, H, N), &self.logits, true, &self.hidden, false);
+        }
+    }
+}
+
+/// The op's largest simultaneous f32 buffers (see `ops::fused_linear`):
+/// hidden rows and tile, the widened weight chunk for bf16/f16, and in the
+/// backward the dh accumulator and, for bf16/f16, a dW chunk.
+fn peak_extra_bytes(cfg: &FusedLinearConfig, dtype: DType, backward: bool) -> usize {
+    let (rows, cols) = (cfg.chunk_rows.min(N), cfg.chunk_vocab.min(V));
+    let widened = (dtype != DType::F32) as usize;
+    let forward = rows * H + rows * cols + widened * cols * H;
+    4 * if backward {
+        forward + rows * H + widened * cols * H
+    } else {
+        forward
+    }
+}
+
+fn case<T: Float>(c: &mut Criterion) {
+    let hidden: Vec<T> = util::normals(N * H, 1.0, 1);
+    // Logits of spread about 2.
+    let weight: Vec<T> = util::normals(V * H, 2.0 / (H as f32).sqrt(), 2);
+    let targets = util::targets(N, V, 3);
+    let cfg = FusedLinearConfig::default();
+    let rows = LinearRows::new(&hidden, &weight, &targets, H);
+    let ones = vec![1.0f32; N];
+    let grads: LogProbGrads = LogProbGrads {
+        logp: &ones,
+        entropy: None,
+        lse: None,
+    };
+    let logits_bytes = N * V * 4;
+    for backward in [false, true] {
+        let peak = peak_extra_bytes(&cfg, T::DTYPE, backward);
+        eprintln!(
+            "{:?} {}: peak extra memory {:.1} MiB (chunks {}x{}) vs f32 logits {:.1} MiB ({:.1}%)",
+            T::DTYPE,
+            if backward { "forward+backward" } else { "forward" },
+            peak as f64 / (1 << 20) as f64,
+            cfg.chunk_rows,
+            cfg.chunk_vocab,
+            logits_bytes as f64 / (1 << 20) as f64,
+            100.0 * peak as f64 / logits_bytes as f64,
+        );
+    }
+
+    let mut naive = Naive::new();
+    let id = format!("{:?}/{N}x{H}x{V}", T::DTYPE);
+    let flops = (2 * N * H * V) as u64;
+    let mut g = c.benchmark_group("cpu_fused_linear");
+    g.sample_size(10);
+
+    g.throughput(Throughput::Elements(flops));
+    g.bench_function(BenchmarkId::new("forward/ours", &id), |b| {
+        b.iter(|| fused_linear_logprobs(&rows, &cfg).unwrap())
+    });
+    naive.widen(&hidden, &weight);
+    g.bench_function(BenchmarkId::new("forward/matmul", &id), |b| {
+        b.iter(|| naive.matmuls(false))
+    });
+    g.bench_function(BenchmarkId::new("forward/naive", &id), |b| {
+        b.iter(|| naive.forward(&hidden, &weight, &targets))
+    });
+
+    g.throughput(Throughput::Elements(3 * flops));
+    g.bench_function(BenchmarkId::new("forward_backward/ours", &id), |b| {
+        b.iter(|| {
+            let fwd = fused_linear_logprobs(&rows, &cfg).unwrap();
+            fused_linear_logprobs_backward(&rows, &cfg, &fwd.saved(), &grads).unwrap()
+        })
+    });
+    naive.widen(&hidden, &weight);
+    g.bench_function(BenchmarkId::new("forward_backward/matmul", &id), |b| {
+        b.iter(|| naive.matmuls(true))
+    });
+    g.bench_function(BenchmarkId::new("forward_backward/naive", &id), |b| {
+        b.iter(|| naive.forward_backward(&hidden, &weight, &targets))
+    });
+    g.finish();
+}
+
+fn cpu(c: &mut Criterion) {
+    case::<f32>(c);
+    case::<bf16>(c);
+}
+
+criterion_group!(benches, cpu);
+criterion_main!(benches);

@@ -1,0 +1,635 @@
+//! Fused linear log-probs: [`token_logprobs`](crate::token_logprobs) of an
+//! LM head's logits `z = h W^T + b`, computed from the hidden states
+//! `h [N, H]`, the head's weight `W [V, H]` and optional bias `b [V]`,
+//! without ever holding the `[N, V]` logits.
+//!
+//! ```text
+//! z_i  = W h_i + b,   x_i = z_i / T
+//! lse_i, logp_i, H_i  exactly as token_logprobs defines them on z
+//! dh = dz W           [N, H]
+//! dW = dz^T h         [V, H]
+//! db = sum_i dz_i     [V]
+//! ```
+//!
+//! where `dz` is [`token_logprobs_backward`](crate::token_logprobs_backward)'s
+//! gradient of the logits.
+//!
+//! **Tiles.** Rows are taken `chunk_rows` at a time (outer loop), the
+//! vocabulary `chunk_vocab` columns at a time (inner loop). Forward: each
+//! `[rows, cols]` tile `(h_rows W_cols^T + b_cols) / T` is one f32 GEMM,
+//! folded into each row's [`SoftmaxState`]; the target's logit is picked up
+//! from the tile holding it. Backward: each tile is recomputed, turned into
+//! `dz` in place by token_logprobs_backward's row math, then
+//! `dh_rows += dz W_cols`, `dW_cols += dz^T h_rows`, `db_cols += column
+//! sums of dz`. This is the chunked scheme of Liger-Kernel's fused linear
+//! cross-entropy (which chunks rows only), extended to vocab chunks so that
+//! memory does not grow with V either; the CUDA version (`cuda/fused_linear.cu`)
+//! runs the same loops with cuBLAS.
+//!
+//! **Memory.** Besides the per-row outputs, a call holds f32 buffers of
+//! `chunk_rows x H` (the row chunk's hidden states) and `chunk_rows x
+//! chunk_vocab` (the tile); for bf16/f16 inputs also `chunk_vocab x H` (the
+//! weight chunk in f32). The backward adds `chunk_rows x H` (the dh
+//! accumulator) and, for bf16/f16, `chunk_vocab x H` (a dW contribution).
+//! None of it depends on N, and none on V beyond the outputs.
+//!
+//! **Precision.** GEMMs run in f32 on f32 copies of bf16/f16 inputs. `dh`
+//! accumulates over the whole vocabulary in f32 and is rounded once. For
+//! `dW` and `db` stored in f32, the output itself is the accumulator. For
+//! bf16/f16 an f32 `[V, H]` accumulator would not be bounded by the chunk
+//! sizes, so each row chunk's contribution is computed in f32 and added into
+//! the output: `dW` and `db` are rounded once per row chunk, i.e.
+//! `ceil(active rows / chunk_rows)` times instead of once (each rounding
+//! within half an ulp of the running sum, 2^-9 relative for bf16). A larger
+//! `chunk_rows` trades memory for fewer roundings.
+//!
+//! **Rows.** Masked and ignored rows are never read (their hidden states may
+//! hold anything, NaN included) and get zero outputs and gradients. Row
+//! chunks are made of active rows only, so padding costs no compute.
+//!
+//! **Non-finite values.** As in token_logprobs, a `-inf` logit means
+//! probability 0 (a `-inf` bias bans a token), and a NaN or `+inf` logit of
+//! an active row, whether from a NaN or infinity in `h`, `W` or `b` or from
+//! f32 overflow, is an [`Error::NonFinite`] with `what: "logits"` and the
+//! row's index. A NaN weight spoils every row, so the first active row is
+//! named.
+//!
+//! **Threads.** The GEMMs run on all rayon threads (the `gemm` crate splits
+//! the output, never the inner dimension) and the row math is split over
+//! rows, so every value is computed by the same operations in the same
+//! order on every run: results are deterministic.
+
+use std::any::TypeId;
+use std::ops::Range;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::element::{Float, TokenId};
+use crate::error::{check, Error, Result};
+use crate::memory::{opt_len, Host, Memory};
+use crate::ops::logprob::{active_rows, backward_coefs, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs};
+use crate::ops::math::{multiversion, SoftmaxState, BLOCK};
+
+pub(crate) const OP: &str = "fused_linear_logprobs";
+pub(crate) const OP_BWD: &str = "fused_linear_logprobs_backward";
+
+/// Parallel loops hand each task at least this many f32 elements.
+const MIN_TASK: usize = 1 << 16;
+
+/// Parameters of [`fused_linear_logprobs`] and its backward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedLinearConfig {
+    /// Temperature, entropy and ignore index, as for token_logprobs.
+    pub logprob: LogProbConfig,
+    /// Active rows per row chunk (outer loop), `>= 1`.
+    pub chunk_rows: usize,
+    /// Vocabulary columns per tile (inner loop), `>= 1`.
+    pub chunk_vocab: usize,
+}
+
+impl Default for FusedLinearConfig {
+    /// `chunk_rows = 512`, `chunk_vocab = 2048`. On the CPU the GEMMs set
+    /// the pace: 512 rows amortize each pass over `W` (and its f32
+    /// conversion for bf16/f16) over many rows, and a 2048-wide tile gives
+    /// the GEMM a large enough panel while one tile row (8 KiB) stays in L1
+    /// between the max and exp passes of its softmax fold. Measured at
+    /// Qwen2.5-0.5B's head (N = 512, H = 896, V = 151936, 2 AVX-512 cores):
+    /// 512 x 2048 and 512 x 4096 were fastest, 256 x 1024 and 128 x 2048
+    /// 10-20% slower in the forward. The tile is 4 MiB; at H = 896 the other
+    /// buffers are 1.8 MiB (rows) and 7 MiB (bf16 weight chunk).
+    fn default() -> Self {
+        Self {
+            logprob: LogProbConfig::default(),
+            chunk_rows: 512,
+            chunk_vocab: 2048,
+        }
+    }
+}
+
+impl FusedLinearConfig {
+    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+        self.logprob.validate(op)?;
+        check::param(
+            op,
+            "chunk_rows",
+            self.chunk_rows as f64,
+            self.chunk_rows > 0,
+            ">= 1",
+        )?;
+        check::param(
+            op,
+            "chunk_vocab",
+            self.chunk_vocab as f64,
+            self.chunk_vocab > 0,
+            ">= 1",
+        )
+    }
+}
+
+/// An LM head's inputs: hidden states `[rows, hidden_size]` and weight
+/// `[vocab, hidden_size]`, both row-major, the optional bias `[vocab]`, and
+/// per row the target token and an optional mask (0 = skip the row). The
+/// vocabulary size is `weight.len() / hidden_size`.
+pub struct LinearRows<'a, T: 'a, I: 'a, M: Memory = Host> {
+    /// `[rows, hidden_size]`: the last hidden states.
+    pub hidden: M::Buf<'a, T>,
+    /// `[vocab, hidden_size]`: the LM head (`lm_head.weight` in PyTorch's layout).
+    pub weight: M::Buf<'a, T>,
+    /// `[vocab]`: the LM head's bias, if it has one.
+    pub bias: Option<M::Buf<'a, T>>,
+    /// `[rows]`: the token whose log-prob is wanted.
+    pub targets: M::Buf<'a, I>,
+    /// `[rows]`: 0 skips the row.
+    pub mask: Option<M::Buf<'a, u8>>,
+    /// `H`, the length of a hidden state.
+    pub hidden_size: usize,
+}
+
+/// The dimensions [`LinearRows::validate`] derives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LinearShape {
+    pub(crate) rows: usize,
+    pub(crate) hidden: usize,
+    pub(crate) vocab: usize,
+}
+
+impl<'a, T: 'a, I: 'a, M: Memory> LinearRows<'a, T, I, M> {
+    /// Number of rows (tokens).
+    pub fn rows(&self) -> usize {
+        M::len(&self.targets)
+    }
+
+    /// Checks every length; derives the vocabulary size from the weight.
+    pub(crate) fn validate(&self, op: &'static str) -> Result<LinearShape> {
+        let (rows, hidden) = (self.rows(), self.hidden_size);
+        check::non_empty(op, "targets", rows)?;
+        check::non_empty(op, "hidden_size", hidden)?;
+        let expected = rows.checked_mul(hidden).ok_or_else(|| Error::InvalidLayout {
+            op,
+            reason: format!("{rows} rows x {hidden} hidden_size overflows usize"),
+        })?;
+        check::len(op, "hidden", expected, M::len(&self.hidden))?;
+        let weight = M::len(&self.weight);
+        check::non_empty(op, "weight", weight)?;
+        if weight % hidden != 0 {
+            return Err(Error::InvalidLayout {
+                op,
+                reason: format!(
+                    "`weight` holds {weight} elements, not a whole number of rows of hidden_size {hidden}"
+                ),
+            });
+        }
+        let vocab = weight / hidden;
+        if let Some(n) = opt_len::<M, T>(&self.bias) {
+            check::len(op, "bias", vocab, n)?;
+        }
+        if let Some(n) = opt_len::<M, u8>(&self.mask) {
+            check::len(op, "mask", rows, n)?;
+        }
+        Ok(LinearShape { rows, hidden, vocab })
+    }
+}
+
+impl<'a, T, I> LinearRows<'a, T, I, Host> {
+    /// `hidden` `[rows, hidden_size]`, `weight` `[vocab, hidden_size]` and
+    /// `targets` `[rows]`; no bias, no mask.
+    pub fn new(hidden: &'a [T], weight: &'a [T], targets: &'a [I], hidden_size: usize) -> Self {
+        Self {
+            hidden,
+            weight,
+            bias: None,
+            targets,
+            mask: None,
+            hidden_size,
+        }
+    }
+
+    /// The same head with a bias `[vocab]`.
+    pub fn with_bias(self, bias: &'a [T]) -> Self {
+        Self {
+            bias: Some(bias),
+            ..self
+        }
+    }
+
+    /// The same rows with a mask (0 = skip the row).
+    pub fn with_mask(self, mask: &'a [u8]) -> Self {
+        Self {
+            mask: Some(mask),
+            ..self
+        }
+    }
+}
+
+/// Gradients of [`fused_linear_logprobs_backward`], in the inputs' dtype.
+#[derive(Debug, Clone)]
+pub struct LinearGrads<T, M: Memory = Host> {
+    /// `[rows, hidden_size]`; zero for skipped rows.
+    pub hidden: M::Owned<T>,
+    /// `[vocab, hidden_size]`.
+    pub weight: M::Owned<T>,
+    /// `[vocab]`, present exactly when the inputs have a bias.
+    pub bias: Option<M::Owned<T>>,
+}
+
+/// Per-row token log-probs, entropies and log-sum-exps of
+/// `softmax((h W^T + b) / T)`, one tile of logits at a time.
+///
+/// Errors: empty input, length mismatches (the weight must hold whole rows
+/// of `hidden_size`), `temperature <= 0`, zero chunk sizes, a target outside
+/// `0..vocab` (unless ignored), a NaN or `+inf` logit in an active row.
+pub fn fused_linear_logprobs<T: Float, I: TokenId>(
+    rows: &LinearRows<'_, T, I>,
+    cfg: &FusedLinearConfig,
+) -> Result<LogProbs> {
+    let shape = rows.validate(OP)?;
+    cfg.validate(OP)?;
+    let active: Vec<(usize, usize)> = active_rows(OP, rows.targets, rows.mask, shape.vocab, &cfg.logprob)?
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, target)| target.map(|y| (i, y)))
+        .collect();
+    let head = Head::new(rows, shape, cfg);
+    let n = shape.rows;
+    let (mut logp, mut entropy, mut lse) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+    let mut buf = Buffers::default();
+    let mut states = Vec::new();
+    let mut target_logits = Vec::new();
+    for chunk in active.chunks(cfg.chunk_rows) {
+        gather_rows(
+            rows.hidden,
+            shape.hidden,
+            chunk.iter().map(|&(i, _)| i),
+            &mut buf.hidden,
+        );
+        states.clear();
+        states.resize(chunk.len(), SoftmaxState::EMPTY);
+        target_logits.clear();
+        target_logits.resize(chunk.len(), 0.0f32);
+        for cols in head.col_chunks() {
+            let width = cols.len();
+            let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
+            head.logits(&buf.hidden, w_cols, cols.clone(), &mut buf.bias, &mut buf.tile);
+            let rows_per_task = MIN_TASK / width + 1;
+            buf.tile
+                .par_chunks(width * rows_per_task)
+                .zip(states.par_chunks_mut(rows_per_task))
+                .for_each(|(tile, states)| fold_rows(tile, width, states));
+            for ((&(_, y), x), row) in chunk.iter().zip(&mut target_logits).zip(buf.tile.chunks(width)) {
+                if cols.contains(&y) {
+                    *x = row[y - cols.start];
+                }
+            }
+        }
+        for ((&(i, _), state), &x) in chunk.iter().zip(&states).zip(&target_logits) {
+            let (row_lse, row_h) = state.finish().ok_or(Error::NonFinite {
+                op: OP,
+                what: "logits",
+                index: i,
+            })?;
+            logp[i] = x - row_lse;
+            entropy[i] = row_h;
+            lse[i] = row_lse;
+        }
+    }
+    Ok(LogProbs {
+        logp,
+        entropy: cfg.logprob.entropy.then_some(entropy),
+        lse,
+    })
+}
+
+/// Gradients with respect to the hidden states, weight and bias of a loss,
+/// given its gradients with respect to [`fused_linear_logprobs`]'s outputs
+/// (and what that forward saved). Each logits tile is recomputed.
+///
+/// Errors: those of the forward (but no scan for non-finite values: the
+/// forward has seen the same inputs), gradient lengths, an entropy gradient
+/// without a saved entropy, a non-finite saved `lse`.
+pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
+    rows: &LinearRows<'_, T, I>,
+    cfg: &FusedLinearConfig,
+    saved: &LogProbSaved<'_>,
+    grads: &LogProbGrads<'_>,
+) -> Result<LinearGrads<T>> {
+    let shape = rows.validate(OP_BWD)?;
+    cfg.validate(OP_BWD)?;
+    let coefs = backward_coefs(
+        OP_BWD,
+        shape.rows,
+        rows.targets,
+        rows.mask,
+        shape.vocab,
+        &cfg.logprob,
+        saved,
+        grads,
+    )?;
+    let active: Vec<usize> = (0..shape.rows).filter(|&i| coefs[i].target.is_some()).collect();
+    let head = Head::new(rows, shape, cfg);
+    let h = shape.hidden;
+    let mut grad: LinearGrads<T> = LinearGrads {
+        hidden: vec![T::default(); shape.rows * h],
+        weight: vec![T::default(); shape.vocab * h],
+        bias: rows.bias.map(|_| vec![T::default(); shape.vocab]),
+    };
+    let mut buf = Buffers::default();
+    let mut d_hidden = Vec::new();
+    let (mut d_weight, mut d_bias) = (Vec::new(), Vec::new());
+    for (c, chunk) in active.chunks(cfg.chunk_rows).enumerate() {
+        let first = c == 0;
+        gather_rows(rows.hidden, h, chunk.iter().copied(), &mut buf.hidden);
+        let n_rows = chunk.len();
+        d_hidden.resize(n_rows * h, 0.0f32);
+        for (k, cols) in head.col_chunks().enumerate() {
+            let width = cols.len();
+            let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
+            head.logits(&buf.hidden, w_cols, cols.clone(), &mut buf.bias, &mut buf.tile);
+            buf.tile
+                .par_chunks_mut(width)
+                .zip(chunk)
+                .with_min_len(MIN_TASK / width + 1)
+                .for_each(|(row, &i)| coefs[i].apply(row, cols.start));
+            let dz = Mat::new(&buf.tile, n_rows, width);
+            matmul(
+                &mut d_hidden,
+                (k > 0).then_some(1.0),
+                1.0,
+                dz,
+                Mat::new(w_cols, width, h),
+            );
+            let d_weight_cols = &mut grad.weight[cols.start * h..cols.end * h];
+            accumulate(d_weight_cols, &mut d_weight, first, |acc, add| {
+                matmul(
+                    acc,
+                    add.then_some(1.0),
+                    1.0,
+                    dz.t(),
+                    Mat::new(&buf.hidden, n_rows, h),
+                )
+            });
+            if let Some(bias) = &mut grad.bias {
+                accumulate(&mut bias[cols], &mut d_bias, first, |acc, add| {
+                    column_sums(&buf.tile, width, acc, add)
+                });
+            }
+        }
+        for (src, &i) in d_hidden.chunks(h).zip(chunk) {
+            T::store(src, &mut grad.hidden[i * h..(i + 1) * h]);
+        }
+    }
+    Ok(grad)
+}
+
+/// The LM head of one call, as the tile loops see it.
+struct Head<'a, T> {
+    weight: &'a [T],
+    bias: Option<&'a [T]>,
+    hidden: usize,
+    vocab: usize,
+    chunk_vocab: usize,
+    inv_t: f32,
+}
+
+/// f32 working buffers, reused from tile to tile.
+#[derive(Default)]
+struct Buffers {
+    /// `[rows, H]`: the row chunk's hidden states.
+    hidden: Vec<f32>,
+    /// `[cols, H]`: the weight chunk, when not stored as f32.
+    weight: Vec<f32>,
+    /// `[cols]`: the bias chunk, when not stored as f32.
+    bias: Vec<f32>,
+    /// `[rows, cols]`: logits, then (backward) their gradient.
+    tile: Vec<f32>,
+}
+
+impl<'a, T: Float> Head<'a, T> {
+    fn new<I>(rows: &LinearRows<'a, T, I>, shape: LinearShape, cfg: &FusedLinearConfig) -> Self {
+        Self {
+            weight: rows.weight,
+            bias: rows.bias,
+            hidden: shape.hidden,
+            vocab: shape.vocab,
+            chunk_vocab: cfg.chunk_vocab,
+            inv_t: 1.0 / cfg.logprob.temperature,
+        }
+    }
+
+    /// The vocabulary's column ranges, in order.
+    fn col_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        (0..self.vocab)
+            .step_by(self.chunk_vocab)
+            .map(|start| start..(start + self.chunk_vocab).min(self.vocab))
+    }
+
+    /// Weight rows `cols` in f32: borrowed when stored as f32, else
+    /// converted into `buf`.
+    fn weight_rows<'b>(&'b self, cols: Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        f32_view(
+            &self.weight[cols.start * self.hidden..cols.end * self.hidden],
+            buf,
+        )
+    }
+
+    /// `tile = (h_rows W_cols^T + b_cols) / T`, `[rows, cols.len()]` row-major.
+    fn logits(
+        &self,
+        h_rows: &[f32],
+        w_cols: &[f32],
+        cols: Range<usize>,
+        bias_buf: &mut Vec<f32>,
+        tile: &mut Vec<f32>,
+    ) {
+        let (n_rows, width) = (h_rows.len() / self.hidden, cols.len());
+        tile.resize(n_rows * width, 0.0);
+        // With a bias the tile starts as b_cols in every row and the GEMM
+        // adds to it: dst = (1/T) dst + (1/T) h W^T.
+        let keep = self.bias.map(|bias| {
+            let b_cols = f32_view(&bias[cols], bias_buf);
+            for row in tile.chunks_mut(width) {
+                row.copy_from_slice(b_cols);
+            }
+            self.inv_t
+        });
+        matmul(
+            tile,
+            keep,
+            self.inv_t,
+            Mat::new(h_rows, n_rows, self.hidden),
+            Mat::new(w_cols, width, self.hidden).t(),
+        );
+    }
+}
+
+/// The given rows of `hidden` (`h` wide), in f32, one after another in `dst`.
+fn gather_rows<T: Float>(hidden: &[T], h: usize, rows: impl Iterator<Item = usize>, dst: &mut Vec<f32>) {
+    dst.clear();
+    for i in rows {
+        let start = dst.len();
+        dst.resize(start + h, 0.0);
+        T::load_scaled(&hidden[i * h..(i + 1) * h], 1.0, &mut dst[start..]);
+    }
+}
+
+/// `xs` itself when `T` is f32.
+fn as_f32<T: Float>(xs: &[T]) -> Option<&[f32]> {
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32, so the slice's memory is `xs.len()` f32s.
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), xs.len()) }
+    })
+}
+
+/// `xs` itself when `T` is f32.
+fn as_f32_mut<T: Float>(xs: &mut [T]) -> Option<&mut [f32]> {
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32, so the slice's memory is `xs.len()` f32s,
+        // borrowed mutably for as long as `xs` is.
+        unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<f32>(), xs.len()) }
+    })
+}
+
+/// `xs` in f32: borrowed when `T` is f32, else converted into `buf`.
+fn f32_view<'b, T: Float>(xs: &'b [T], buf: &'b mut Vec<f32>) -> &'b [f32] {
+    if let Some(xs) = as_f32(xs) {
+        return xs;
+    }
+    buf.resize(xs.len(), 0.0);
+    buf.par_chunks_mut(BLOCK)
+        .zip(xs.par_chunks(BLOCK))
+        .with_min_len(MIN_TASK / BLOCK)
+        .for_each(|(dst, src)| T::load_scaled(src, 1.0, dst));
+    buf
+}
+
+/// Adds an f32 contribution into `out`, or stores it there if it is the
+/// `first`. `contribute(acc, add)` writes it into `acc` (`add == false`) or
+/// adds it to `acc` (`add == true`): `acc` is `out` itself when `T` is f32
+/// (so `out` accumulates in f32), else `buf`, then added into `out` with one
+/// rounding per element.
+///
+/// The first contribution is written, not added to zeros: reading a fresh
+/// zeroed allocation before writing it faults each page twice (zero page,
+/// then copy on write), which doubled the time of the dW GEMM.
+fn accumulate<T: Float>(
+    out: &mut [T],
+    buf: &mut Vec<f32>,
+    first: bool,
+    contribute: impl FnOnce(&mut [f32], bool),
+) {
+    if let Some(out) = as_f32_mut(out) {
+        return contribute(out, !first);
+    }
+    buf.resize(out.len(), 0.0);
+    contribute(buf, false);
+    if first {
+        return T::store(buf, out);
+    }
+    out.par_chunks_mut(BLOCK)
+        .zip(buf.par_chunks(BLOCK))
+        .with_min_len(MIN_TASK / BLOCK)
+        .for_each_init(
+            || Box::new([0.0f32; BLOCK]),
+            |sum, (out, add)| {
+                let sum = &mut sum[..out.len()];
+                T::load_scaled(out, 1.0, sum);
+                for (s, a) in sum.iter_mut().zip(add) {
+                    *s += a;
+                }
+                T::store(sum, out);
+            },
+        );
+}
+
+multiversion! {
+    /// Folds each `cols`-wide row of `tile` into its softmax state.
+    fn fold_rows(tile: &[f32], cols: usize, states: &mut [SoftmaxState]) {
+        for (row, state) in tile.chunks(cols).zip(states) {
+            *state = state.update(row);
+        }
+    }
+}
+
+multiversion! {
+    /// The column sums of a `cols`-wide row-major tile, written into
+    /// `sums` (`add == false`) or added to it.
+    fn column_sums(tile: &[f32], cols: usize, sums: &mut [f32], add: bool) {
+        if !add {
+            sums.fill(0.0);
+        }
+        for row in tile.chunks(cols) {
+            for (s, x) in sums.iter_mut().zip(row) {
+                *s += x;
+            }
+        }
+    }
+}
+
+/// A strided view of an f32 matrix: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// `data` as a row-major `[rows, cols]` matrix; it must hold exactly that.
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "matrix buffer length");
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose, over the same data.
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+/// `dst = beta a b`, or `dst = alpha dst + beta a b` when `alpha` is given,
+/// for a row-major `dst [a.rows, b.cols]`; f32 GEMM on all rayon threads.
+fn matmul(dst: &mut [f32], alpha: Option<f32>, beta: f32, a: Mat<'_>, b: Mat<'_>) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() == m * n, "matmul shapes");
+    // SAFETY: `Mat::new` checked that each operand's buffer holds its rows x
+    // cols elements at its strides (a transpose swaps both), `dst` holds
+    // m x n, and `dst` is borrowed mutably, so it aliases neither operand.
+    // `gemm` takes column stride before row stride.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            alpha.is_some(),
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            alpha.unwrap_or(0.0),
+            beta,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        )
+    }
+}
