@@ -94,7 +94,14 @@ impl Naive {
     /// Materialized logits, then per row max, sum of exps, log; returns `(logp, lse)`.
     fn forward<T: Float>(&mut self, hidden: &[T], weight: &[T], targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
         self.widen(hidden, weight);
-        gemm_f32(&mut self.logits, (N, V, H), &self.hidden, false, &self.weight, true);
+        gemm_f32(
+            &mut self.logits,
+            (N, V, H),
+            &self.hidden,
+            false,
+            &self.weight,
+            true,
+        );
         self.logits
             .chunks(V)
             .zip(targets)
@@ -108,7 +115,12 @@ impl Naive {
 
     /// The forward, then `dz = onehot - p` (upstream gradient 1) in place
     /// of the logits, `dh = dz W`, `dW = dz^T h`, narrowed to `T`.
-    fn forward_backward<T: Float>(&mut self, hidden: &[T], weight: &[T], targets: &[u32]) -> (Vec<T>, Vec<T>) {
+    fn forward_backward<T: Float>(
+        &mut self,
+        hidden: &[T],
+        weight: &[T],
+        targets: &[u32],
+    ) -> (Vec<T>, Vec<T>) {
         let (_, lse) = self.forward(hidden, weight, targets);
         for ((row, &y), lse) in self.logits.chunks_mut(V).zip(targets).zip(lse) {
             for x in row.iter_mut() {
@@ -116,18 +128,53 @@ impl Naive {
             }
             row[y as usize] += 1.0;
         }
-        gemm_f32(&mut self.d_hidden, (N, H, V), &self.logits, false, &self.weight, false);
-        gemm_f32(&mut self.d_weight, (V, H, N), &self.logits, true, &self.hidden, false);
+        gemm_f32(
+            &mut self.d_hidden,
+            (N, H, V),
+            &self.logits,
+            false,
+            &self.weight,
+            false,
+        );
+        gemm_f32(
+            &mut self.d_weight,
+            (V, H, N),
+            &self.logits,
+            true,
+            &self.hidden,
+            false,
+        );
         let narrow = |xs: &[f32]| xs.iter().map(|&x| T::from_f32(x)).collect();
         (narrow(&self.d_hidden), narrow(&self.d_weight))
     }
 
     /// The GEMMs alone, on inputs already widened.
     fn matmuls(&mut self, backward: bool) {
-        gemm_f32(&mut self.logits, (N, V, H), &self.hidden, false, &self.weight, true);
+        gemm_f32(
+            &mut self.logits,
+            (N, V, H),
+            &self.hidden,
+            false,
+            &self.weight,
+            true,
+        );
         if backward {
-            gemm_f32(&mut self.d_hidden, (N, H, V), &self.logits, false, &self.weight, false);
-            gemm_f32(&mut self.d_weight, (V, H, N), &self.logits, true, &self.hidden, false);
+            gemm_f32(
+                &mut self.d_hidden,
+                (N, H, V),
+                &self.logits,
+                false,
+                &self.weight,
+                false,
+            );
+            gemm_f32(
+                &mut self.d_weight,
+                (V, H, N),
+                &self.logits,
+                true,
+                &self.hidden,
+                false,
+            );
         }
     }
 }

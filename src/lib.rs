@@ -7,17 +7,11 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
-<<<<<<< HEAD
-<<<<<<< HEAD
 //! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
 //! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
-=======
 //! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
->>>>>>> sampling
-=======
 //! | fused linear log-probs: the same from hidden states and the LM head, without `[N, V]` logits | [`ops::fused_linear`] |
->>>>>>> fused
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -36,25 +30,19 @@ pub mod candle;
 pub use element::{DType, Float, TokenId};
 pub use error::{DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
-<<<<<<< HEAD
 pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
-pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
-=======
 pub use ops::fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
 };
->>>>>>> fused
+pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,
 };
-<<<<<<< HEAD
+pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::policy_loss::{
     policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,
     PolicyLossInputs, PolicyLossStats, TokenLoss,
 };
-=======
-pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};
->>>>>>> sampling

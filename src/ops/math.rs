@@ -85,7 +85,6 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-<<<<<<< HEAD
 /// The Cephes minimax polynomial `p` with `e^r = 1 + r + r^2 p(r)` on
 /// `|r| <= ln2/2`.
 #[inline(always)]
@@ -112,7 +111,9 @@ pub fn exp_excess(x: f32) -> f32 {
         near
     } else {
         far
-=======
+    }
+}
+
 /// `ln x` to about 1 ulp, branch-free so it vectorizes: `x = 2^e m` with
 /// `m` in `[sqrt(1/2), sqrt(2))`, `ln m` by the Cephes minimax polynomial in
 /// `m - 1` (exact, so results near `x = 1` keep their relative precision),
@@ -153,7 +154,6 @@ pub fn ln(x: f32) -> f32 {
         x
     } else {
         f32::NAN
->>>>>>> sampling
     }
 }
 
@@ -323,7 +323,6 @@ mod tests {
     }
 
     #[test]
-<<<<<<< HEAD
     fn exp_excess_is_accurate_near_zero_and_far() {
         let mut x = -30.0f64;
         while x < 30.0 {
@@ -338,7 +337,9 @@ mod tests {
         }
         assert_eq!(exp_excess(0.0), 0.0);
         assert!(exp_excess(f32::NAN).is_nan());
-=======
+    }
+
+    #[test]
     fn ln_matches_std_to_two_ulp() {
         // Geometric sweep over the normal range, and a fine one around 1.
         let mut xs: Vec<f32> = Vec::new();
@@ -364,7 +365,6 @@ mod tests {
         assert!(ln(-1.0).is_nan() && ln(f32::NAN).is_nan() && ln(f32::NEG_INFINITY).is_nan());
         let sub = f32::MIN_POSITIVE / 1024.0;
         assert!(((ln(sub) as f64) - (sub as f64).ln()).abs() < 1e-5);
->>>>>>> sampling
     }
 
     #[test]

@@ -4,17 +4,11 @@
 
 pub mod math;
 
-<<<<<<< HEAD
 pub mod advantages;
-pub mod kl;
-=======
 pub mod fused_linear;
->>>>>>> fused
+pub mod kl;
 pub mod layout;
 pub mod logprob;
-<<<<<<< HEAD
-pub mod policy_loss;
-=======
 pub mod philox;
+pub mod policy_loss;
 pub mod sampling;
->>>>>>> sampling

@@ -2,7 +2,7 @@
 //! event timing.
 #![allow(dead_code)]
 
-use std::time::Duration;
+
 
 use grpo_kernels::Float;
 
@@ -34,7 +34,7 @@ pub fn targets(rows: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 #[cfg(feature = "cuda")]
 pub mod gpu {
-    use super::Duration;
+    use std::time::Duration;
     use cudarc::driver::sys::CUevent_flags;
     use grpo_kernels::cuda::Gpu;
 
