@@ -13,7 +13,6 @@
 //! memory (computed from the chunk sizes) against the `N x V x 4` bytes of
 //! f32 logits the naive code holds.
 
-#[path = "util.rs"]
 mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

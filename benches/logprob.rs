@@ -4,7 +4,6 @@
 //! Throughput is reported in bytes of logits, so each line reads as a
 //! fraction of the copy's rate.
 
-#[path = "util.rs"]
 mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -51,7 +51,9 @@ for step in $steps; do
     bench)
       for b in $bin/bench_*; do
         run "$(basename "$b")" "$b" --bench cuda_ --warm-up-time 1 --measurement-time 3 --noplot
-      done ;;
+      done
+      # Criterion's estimates, for compare_torch.py here and the record at home.
+      (cd target && find criterion -name estimates.json -path '*/new/*' | tar -cf - -T - | tar -xf - -C "$out") ;;
     compare)
       if ls .whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
