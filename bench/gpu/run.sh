@@ -52,8 +52,15 @@ for step in $steps; do
       for b in $bin/bench_*; do
         run "$(basename "$b")" "$b" --bench cuda_ --warm-up-time 1 --measurement-time 3 --noplot
       done
-      # Criterion's estimates, for compare_torch.py here and the record at home.
-      (cd target && find criterion -name estimates.json -path '*/new/*' | tar -cf - -T - | tar -xf - -C "$out") ;;
+      # Criterion's medians, one line per bench (group/function/parameter).
+      python3 - target/criterion > "$out/criterion_medians.tsv" <<'PY'
+import json, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+for f in sorted(root.glob("**/new/estimates.json")):
+    ns = json.loads(f.read_text())["median"]["point_estimate"]
+    print(f"{f.parent.parent.relative_to(root)}\t{ns:.1f} ns")
+PY
+      ;;
     compare)
       if ls .whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
