@@ -134,7 +134,13 @@ fn check<T: GpuFloat>(gpu: &Gpu, case: &Case, seed: u64) {
         &to64(&want_d),
         vocab,
         atol,
-        |r| if entropy { (g_h[r] / temperature).abs() as f64 } else { 0.0 },
+        |r| {
+            if entropy {
+                (g_h[r] / temperature).abs() as f64
+            } else {
+                0.0
+            }
+        },
         rtol,
     );
 

@@ -2,8 +2,6 @@
 //! event timing.
 #![allow(dead_code)]
 
-
-
 use grpo_kernels::Float;
 
 /// Seeded standard-normal-ish values (SplitMix64 + Box-Muller), times `scale`.
@@ -34,9 +32,9 @@ pub fn targets(rows: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 #[cfg(feature = "cuda")]
 pub mod gpu {
-    use std::time::Duration;
     use cudarc::driver::sys::CUevent_flags;
     use grpo_kernels::cuda::Gpu;
+    use std::time::Duration;
 
     /// Device time of `iters` runs of `f`, measured with CUDA events (after
     /// the stream drains whatever was queued before).

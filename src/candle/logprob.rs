@@ -3,11 +3,9 @@
 //! any of the three flows back to the logits through this crate's backward
 //! kernel (the math of [`crate::ops::logprob`]).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
-
-use super::{host_ids, host_slice, same_device, with_cpu, wrap, HostIds};
+use super::{host_ids, host_slice, same_device, with_cpu, with_float_slice, wrap, HostIds};
 use crate::ops::logprob::{self as op, LogProbConfig, LogProbGrads, LogProbSaved, LogitRows};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// Outputs of [`token_logprobs`], shaped like the logits without their last
 /// dimension.
@@ -82,11 +80,11 @@ struct TokenLogProbsBackward {
 
 /// What both ops capture.
 #[derive(Clone)]
-struct TokenLogProbsInputs {
-    targets: Tensor,
-    mask: Option<Tensor>,
-    cfg: LogProbConfig,
-    vocab: usize,
+pub(super) struct TokenLogProbsInputs {
+    pub(super) targets: Tensor,
+    pub(super) mask: Option<Tensor>,
+    pub(super) cfg: LogProbConfig,
+    pub(super) vocab: usize,
 }
 
 impl TokenLogProbs {
@@ -100,32 +98,8 @@ impl TokenLogProbs {
     }
 }
 
-/// Runs `f` with the logits as a typed slice (F32, BF16 or F16).
-macro_rules! with_float_slice {
-    ($storage:expr, $layout:expr, |$s:ident| $body:expr) => {
-        match $storage {
-            CpuStorage::F32(_) => {
-                let $s = host_slice::<f32>($storage, $layout, "logits")?;
-                $body
-            }
-            CpuStorage::BF16(_) => {
-                let $s = host_slice::<bf16>($storage, $layout, "logits")?;
-                $body
-            }
-            CpuStorage::F16(_) => {
-                let $s = host_slice::<f16>($storage, $layout, "logits")?;
-                $body
-            }
-            other => candle_core::bail!(
-                "logits must be F32, BF16 or F16, got {:?}",
-                candle_core::backend::BackendStorage::dtype(other)
-            ),
-        }
-    };
-}
-
 /// Runs `f` with the captured targets and mask as host slices.
-fn with_host_rows<R>(
+pub(super) fn with_host_rows<R>(
     inputs: &TokenLogProbsInputs,
     f: impl FnOnce(HostIds<'_>, Option<&[u8]>) -> Result<R>,
 ) -> Result<R> {
@@ -141,7 +115,7 @@ fn with_host_rows<R>(
 }
 
 /// Packs per-row outputs as `[logp; entropy; lse]`.
-fn pack(out: op::LogProbs) -> Vec<f32> {
+pub(super) fn pack(out: op::LogProbs) -> Vec<f32> {
     let n = out.logp.len();
     let mut packed = out.logp;
     match out.entropy {
@@ -160,7 +134,7 @@ impl CustomOp1 for TokenLogProbs {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let vocab = self.vocab;
         let packed = with_host_rows(&self.inputs(), |ids, mask| {
-            with_float_slice!(storage, layout, |logits| {
+            with_float_slice!(storage, layout, "logits", |logits| {
                 let out = match ids {
                     HostIds::U32(t) => op::token_logprobs(
                         &LogitRows {
@@ -232,7 +206,7 @@ impl CustomOp1 for TokenLogProbsBackward {
         };
         let shape = layout.shape().clone();
         let out = with_host_rows(&self.fwd, |ids, mask| {
-            with_float_slice!(storage, layout, |logits| {
+            with_float_slice!(storage, layout, "logits", |logits| {
                 macro_rules! run {
                     ($t:expr) => {
                         op::token_logprobs_backward(

@@ -20,10 +20,44 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
+pub mod fused_linear;
 pub mod logprob;
 pub mod nn;
+pub mod policy_loss;
+pub mod sampling;
 
+pub use fused_linear::fused_linear_logprobs;
 pub use logprob::{token_logprobs, LogProbTensors};
+pub use policy_loss::{policy_loss, PolicyLossOutput, PolicyLossTensors};
+pub use sampling::sample;
+
+/// Runs `$body` with `$s` bound to a float storage as a typed slice (F32,
+/// BF16 or F16), `$what` naming it in errors.
+macro_rules! with_float_slice {
+    ($storage:expr, $layout:expr, $what:expr, |$s:ident| $body:expr) => {
+        match $storage {
+            candle_core::CpuStorage::F32(_) => {
+                let $s = $crate::candle::host_slice::<f32>($storage, $layout, $what)?;
+                $body
+            }
+            candle_core::CpuStorage::BF16(_) => {
+                let $s = $crate::candle::host_slice::<half::bf16>($storage, $layout, $what)?;
+                $body
+            }
+            candle_core::CpuStorage::F16(_) => {
+                let $s = $crate::candle::host_slice::<half::f16>($storage, $layout, $what)?;
+                $body
+            }
+            other => candle_core::bail!(
+                "{} must be F32, BF16 or F16, got {:?}",
+                $what,
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+
+pub(crate) use with_float_slice;
 
 /// This crate's error as candle's.
 pub(crate) fn wrap(e: crate::Error) -> candle_core::Error {

@@ -1,0 +1,270 @@
+//! [`fused_linear_logprobs`] on candle tensors: token log-probs straight from
+//! hidden states and an LM head, never holding `[N, V]` logits. One
+//! `CustomOp2` on `(hidden, weight)` whose output packs `[logp; entropy;
+//! lse]` as `[3, N]`; its backward recomputes logits tile by tile (the math
+//! of [`crate::ops::fused_linear`]) and returns both `dhidden` and `dweight`.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::logprob::{pack, with_host_rows, LogProbTensors, TokenLogProbsInputs};
+use super::{host_slice, same_device, with_cpu, wrap, HostIds};
+use crate::element::Float;
+use crate::ops::fused_linear::{self as op, FusedLinearConfig, LinearRows, OP};
+use crate::ops::logprob::{LogProbGrads, LogProbSaved};
+
+/// Token log-probs of `softmax(hidden W^T / T)` at `targets`: `hidden` is
+/// `[..., H]`, `weight` `[V, H]` (PyTorch's `lm_head.weight` layout, no
+/// bias), both F32, BF16 or F16 of one dtype; `targets` `[...]` U32 or I64;
+/// `mask` `[...]` U8 (0 = skip). Outputs are F32 shaped like `targets`.
+/// Differentiable with respect to `hidden` and `weight`; see
+/// [`crate::fused_linear_logprobs`] for the math and the chunking.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor, Var};
+/// use grpo_kernels::{candle::fused_linear_logprobs, FusedLinearConfig};
+/// let dev = Device::Cpu;
+/// let hidden = Var::randn(0f32, 1., (2, 3, 8), &dev)?;
+/// let weight = Var::randn(0f32, 0.3, (17, 8), &dev)?;
+/// let targets = Tensor::new(&[[1u32, 2, 3], [4, 5, 16]], &dev)?;
+/// let out = fused_linear_logprobs(&hidden, &weight, &targets, None, &FusedLinearConfig::default())?;
+/// let grads = out.logp.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&weight).unwrap().dims(), &[17, 8]);
+/// # Ok(()) }
+/// ```
+pub fn fused_linear_logprobs(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+    cfg: &FusedLinearConfig,
+) -> Result<LogProbTensors> {
+    let (vocab, h) = weight.dims2()?;
+    let lead = hidden.dims()[..hidden.rank().saturating_sub(1)].to_vec();
+    if hidden.dims().last() != Some(&h) || hidden.dtype() != weight.dtype() {
+        candle_core::bail!(
+            "{OP}: hidden {:?} {:?} and weight {:?} {:?} must share the last dimension and dtype",
+            hidden.dims(),
+            hidden.dtype(),
+            weight.dims(),
+            weight.dtype()
+        );
+    }
+    same_device(hidden.device(), OP, &[("weight", weight), ("targets", targets)])?;
+    if let Some(m) = mask {
+        same_device(hidden.device(), OP, &[("mask", m)])?;
+    }
+    let fwd = FusedLinear {
+        rows: TokenLogProbsInputs {
+            targets: targets.contiguous()?.flatten_all()?,
+            mask: mask.map(|m| m.contiguous()?.flatten_all()).transpose()?,
+            cfg: cfg.logprob,
+            vocab,
+        },
+        cfg: *cfg,
+    };
+    let packed = hidden.contiguous()?.apply_op2(&weight.contiguous()?, fwd)?;
+    let row = |i: usize| packed.get(i)?.reshape(lead.as_slice());
+    Ok(LogProbTensors {
+        logp: row(0)?,
+        entropy: if cfg.logprob.entropy { Some(row(1)?) } else { None },
+        lse: row(2)?,
+    })
+}
+
+/// The forward op; targets and mask are captured (not differentiable).
+#[derive(Clone)]
+struct FusedLinear {
+    rows: TokenLogProbsInputs,
+    cfg: FusedLinearConfig,
+}
+
+/// The backward op: `[dhidden; dweight]` flattened into one buffer.
+struct FusedLinearBackward {
+    fwd: FusedLinear,
+    saved: Tensor,
+    grads: Tensor,
+}
+
+/// Runs `$body` with `$h` and `$w` bound to the hidden and weight storages
+/// as slices of one float type.
+macro_rules! with_float_pair {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, |$h:ident, $w:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let ($h, $w) = (
+                    host_slice::<f32>($s1, $l1, "hidden")?,
+                    host_slice::<f32>($s2, $l2, "weight")?,
+                );
+                $body
+            }
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                let ($h, $w) = (
+                    host_slice::<half::bf16>($s1, $l1, "hidden")?,
+                    host_slice::<half::bf16>($s2, $l2, "weight")?,
+                );
+                $body
+            }
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => {
+                let ($h, $w) = (
+                    host_slice::<half::f16>($s1, $l1, "hidden")?,
+                    host_slice::<half::f16>($s2, $l2, "weight")?,
+                );
+                $body
+            }
+            _ => candle_core::bail!("{OP}: hidden and weight must both be F32, BF16 or F16"),
+        }
+    };
+}
+
+/// Runs `action` on the CPU op's rows over `hidden` and `weight`, for the
+/// captured targets' id type.
+fn run_rows<T: Float, R>(
+    rows: &TokenLogProbsInputs,
+    hidden: &[T],
+    weight: &[T],
+    action: &impl RowsFn<T, R>,
+) -> Result<R> {
+    let hidden_size = weight.len() / rows.vocab.max(1);
+    with_host_rows(rows, |ids, mask| match ids {
+        HostIds::U32(targets) => action.u32(&LinearRows {
+            hidden,
+            weight,
+            bias: None,
+            targets,
+            mask,
+            hidden_size,
+        }),
+        HostIds::I64(targets) => action.i64(&LinearRows {
+            hidden,
+            weight,
+            bias: None,
+            targets,
+            mask,
+            hidden_size,
+        }),
+    })
+}
+
+/// An action on the CPU op's rows, for either token id type.
+trait RowsFn<T, R> {
+    fn u32(&self, rows: &LinearRows<'_, T, u32>) -> Result<R>;
+    fn i64(&self, rows: &LinearRows<'_, T, i64>) -> Result<R>;
+}
+
+struct Forward<'a>(&'a FusedLinearConfig);
+
+impl<T: Float> RowsFn<T, Vec<f32>> for Forward<'_> {
+    fn u32(&self, rows: &LinearRows<'_, T, u32>) -> Result<Vec<f32>> {
+        op::fused_linear_logprobs(rows, self.0).map(pack).map_err(wrap)
+    }
+    fn i64(&self, rows: &LinearRows<'_, T, i64>) -> Result<Vec<f32>> {
+        op::fused_linear_logprobs(rows, self.0).map(pack).map_err(wrap)
+    }
+}
+
+struct Backward<'a> {
+    cfg: &'a FusedLinearConfig,
+    saved: LogProbSaved<'a>,
+    grads: LogProbGrads<'a>,
+}
+
+impl<T: Float + candle_core::WithDType> RowsFn<T, CpuStorage> for Backward<'_> {
+    fn u32(&self, rows: &LinearRows<'_, T, u32>) -> Result<CpuStorage> {
+        self.run(rows)
+    }
+    fn i64(&self, rows: &LinearRows<'_, T, i64>) -> Result<CpuStorage> {
+        self.run(rows)
+    }
+}
+
+impl Backward<'_> {
+    /// `[dhidden; dweight]` as one storage.
+    fn run<T: Float + candle_core::WithDType, I: crate::TokenId>(
+        &self,
+        rows: &LinearRows<'_, T, I>,
+    ) -> Result<CpuStorage> {
+        let g = op::fused_linear_logprobs_backward(rows, self.cfg, &self.saved, &self.grads).map_err(wrap)?;
+        let mut packed = g.hidden;
+        packed.extend_from_slice(&g.weight);
+        Ok(T::to_cpu_storage_owned(packed))
+    }
+}
+
+impl CustomOp2 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "grpo-fused-linear-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let packed = with_float_pair!(s1, l1, s2, l2, |hidden, weight| {
+            run_rows(&self.rows, hidden, weight, &Forward(&self.cfg))?
+        });
+        let n = packed.len() / 3;
+        Ok((CpuStorage::F32(packed), Shape::from((3, n))))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let bwd = FusedLinearBackward {
+            fwd: self.clone(),
+            saved: res.contiguous()?,
+            grads: grad_res.contiguous()?,
+        };
+        let packed = hidden.apply_op2_no_bwd(weight, &bwd)?;
+        let nh = hidden.elem_count();
+        let dhidden = packed.narrow(0, 0, nh)?.reshape(hidden.shape())?;
+        let dweight = packed
+            .narrow(0, nh, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((Some(dhidden), Some(dweight)))
+    }
+}
+
+impl CustomOp2 for FusedLinearBackward {
+    fn name(&self) -> &'static str {
+        "grpo-fused-linear-logprobs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let read =
+            |t: &Tensor, what: &str| with_cpu(t, what, |s, l| Ok(host_slice::<f32>(s, l, what)?.to_vec()));
+        let (saved, grads) = (read(&self.saved, "saved")?, read(&self.grads, "grads")?);
+        let n = saved.len() / 3;
+        let entropy = self.fwd.cfg.logprob.entropy;
+        let bwd = Backward {
+            cfg: &self.fwd.cfg,
+            saved: LogProbSaved {
+                lse: &saved[2 * n..],
+                entropy: entropy.then(|| &saved[n..2 * n]),
+            },
+            grads: LogProbGrads {
+                logp: &grads[..n],
+                entropy: entropy.then(|| &grads[n..2 * n]),
+                lse: Some(&grads[2 * n..]),
+            },
+        };
+        let out = with_float_pair!(s1, l1, s2, l2, |hidden, weight| {
+            run_rows(&self.fwd.rows, hidden, weight, &bwd)?
+        });
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}

@@ -1,0 +1,330 @@
+//! The policy loss, fused linear log-probs and sampling through candle:
+//! same values as the raw ops, and gradients through candle's autograd
+//! equal to those of the same math composed from candle tensor ops.
+#![cfg(feature = "candle")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use common::{assert_close, Rng};
+use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
+use grpo_kernels::{
+    Advantage, Aggregation, FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig,
+    PolicyLossInputs, SamplingConfig, SeqLayout,
+};
+
+fn to64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn to32(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// GRPO's loss composed from candle ops (token ratios, two-sided clip, k3
+/// KL, seq-mean-token-mean), the textbook form TRL writes in PyTorch.
+fn composed_grpo(
+    logp: &Tensor,
+    old: &Tensor,
+    reference: &Tensor,
+    adv: &Tensor,
+    mask: &Tensor,
+    cfg: &PolicyLossConfig,
+) -> Tensor {
+    let ratio = (logp - old).unwrap().exp().unwrap();
+    let adv = adv.unsqueeze(1).unwrap().broadcast_as(logp.shape()).unwrap();
+    let unclipped = (&ratio * &adv).unwrap();
+    let clipped = (ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high).unwrap() * &adv).unwrap();
+    let surrogate = unclipped.minimum(&clipped).unwrap();
+    let d = (reference - logp).unwrap();
+    let k3 = ((d.exp().unwrap() - &d).unwrap() - 1.0).unwrap();
+    let per_token = ((k3 * cfg.beta as f64).unwrap() - surrogate).unwrap();
+    let masked = (per_token * mask).unwrap();
+    let per_seq = (masked.sum(1).unwrap() / mask.sum(1).unwrap().clamp(1.0, f64::MAX).unwrap()).unwrap();
+    per_seq.mean_all().unwrap()
+}
+
+#[test]
+fn policy_loss_equals_raw_op_and_composed_candle_math() {
+    let mut rng = Rng::new(11);
+    let dev = Device::Cpu;
+    let (s, t) = (5, 23);
+    let n = s * t;
+    let logp: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.3 - 2.0) as f32).collect();
+    let old: Vec<f32> = logp.iter().map(|&x| x + (rng.normal() * 0.2) as f32).collect();
+    let reference: Vec<f32> = logp.iter().map(|&x| x + (rng.normal() * 0.2) as f32).collect();
+    let adv: Vec<f32> = (0..s).map(|_| rng.normal() as f32).collect();
+    let mask: Vec<u8> = (0..n).map(|i| (i % t < t - (i / t) * 3) as u8).collect();
+    let cfg = PolicyLossConfig {
+        beta: 0.04,
+        kl: KlEstimator::K3,
+        aggregation: Aggregation::SeqMeanTokenMean,
+        ..Default::default()
+    };
+
+    let raw = grpo_kernels::policy_loss(
+        &PolicyLossInputs::new(
+            &logp,
+            Advantage::per_sequence(&adv),
+            SeqLayout::Padded { batch: s, seq_len: t },
+        )
+        .with_old(&old)
+        .with_ref(&reference)
+        .with_mask(&mask),
+        &cfg,
+    )
+    .unwrap();
+
+    let logp_t = Var::from_tensor(&Tensor::from_vec(logp, (s, t), &dev).unwrap()).unwrap();
+    let old_t = Tensor::from_vec(old, (s, t), &dev).unwrap();
+    let ref_t = Tensor::from_vec(reference, (s, t), &dev).unwrap();
+    let adv_t = Tensor::from_vec(adv, s, &dev).unwrap();
+    let mask_t = Tensor::from_vec(mask, (s, t), &dev).unwrap();
+    let inputs = PolicyLossTensors {
+        old_logp: Some(&old_t),
+        ref_logp: Some(&ref_t),
+        advantages: &adv_t,
+        mask: Some(&mask_t),
+        cu_seqlens: None,
+    };
+    let ours = policy_loss(&logp_t, &inputs, &cfg).unwrap();
+    assert_eq!(ours.loss.to_scalar::<f32>().unwrap(), raw.loss());
+    assert_eq!(to32(&ours.per_token), raw.per_token);
+    assert_eq!(ours.stats, raw.stats());
+
+    let composed = composed_grpo(
+        &logp_t,
+        &old_t,
+        &ref_t,
+        &adv_t,
+        &mask_t.to_dtype(DType::F32).unwrap(),
+        &cfg,
+    );
+    let want_loss = composed.to_scalar::<f32>().unwrap() as f64;
+    assert_close("loss", &[raw.loss()], &[want_loss], 1e-6, 1e-5);
+    let g_ours = ours.loss.backward().unwrap();
+    let g_composed = composed.backward().unwrap();
+    assert_close(
+        "dlogp",
+        &to32(g_ours.get(&logp_t).unwrap()),
+        &to64(g_composed.get(&logp_t).unwrap()),
+        1e-6,
+        1e-4,
+    );
+}
+
+#[test]
+fn policy_loss_packed_per_token_advantages_gradient_matches_raw_backward() {
+    let mut rng = Rng::new(12);
+    let dev = Device::Cpu;
+    let cu: Vec<u32> = vec![0, 4, 4, 11, 20];
+    let n = 20;
+    let logp: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.3 - 1.0) as f32).collect();
+    let adv: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let cfg = PolicyLossConfig {
+        beta: 0.0,
+        aggregation: Aggregation::TokenMean {
+            normalizer: Some(64.0),
+        },
+        ..Default::default()
+    };
+    let inputs = PolicyLossInputs::new(
+        &logp,
+        Advantage::per_token(&adv),
+        SeqLayout::Packed { cu_seqlens: &cu },
+    );
+    // d(3 loss + sum 2 l_t)/dlogp, through candle and raw.
+    let want = grpo_kernels::policy_loss_backward(&inputs, &cfg, 3.0, Some(&vec![2.0; n])).unwrap();
+    let logp_t = Var::from_tensor(&Tensor::from_vec(logp, n, &dev).unwrap()).unwrap();
+    let adv_t = Tensor::from_vec(adv, n, &dev).unwrap();
+    let cu_t = Tensor::from_vec(cu, 5, &dev).unwrap();
+    let out = policy_loss(
+        &logp_t,
+        &PolicyLossTensors {
+            old_logp: None,
+            ref_logp: None,
+            advantages: &adv_t,
+            mask: None,
+            cu_seqlens: Some(&cu_t),
+        },
+        &cfg,
+    )
+    .unwrap();
+    let total = ((out.loss * 3.0).unwrap() + (out.per_token.sum_all().unwrap() * 2.0).unwrap()).unwrap();
+    let got = total.backward().unwrap();
+    assert_eq!(to32(got.get(&logp_t).unwrap()), want);
+}
+
+#[test]
+fn policy_loss_rejects_bad_shapes_and_dtypes() {
+    let dev = Device::Cpu;
+    let logp = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+    let adv = Tensor::zeros(2, DType::F32, &dev).unwrap();
+    let base = PolicyLossTensors {
+        old_logp: None,
+        ref_logp: None,
+        advantages: &adv,
+        mask: None,
+        cu_seqlens: None,
+    };
+    let cfg = PolicyLossConfig {
+        beta: 0.0,
+        ..Default::default()
+    };
+    let err = |r: candle_core::Result<_>| {
+        r.map(|_: grpo_kernels::candle::PolicyLossOutput| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(policy_loss(&logp.flatten_all().unwrap(), &base, &cfg)).contains("padded"));
+    let bad_adv = Tensor::zeros(3, DType::F32, &dev).unwrap();
+    assert!(err(policy_loss(
+        &logp,
+        &PolicyLossTensors {
+            advantages: &bad_adv,
+            ..base
+        },
+        &cfg
+    ))
+    .contains("advantages"));
+    let f64_mask = Tensor::zeros((2, 3), DType::F64, &dev).unwrap();
+    assert!(err(policy_loss(
+        &logp,
+        &PolicyLossTensors {
+            mask: Some(&f64_mask),
+            ..base
+        },
+        &cfg
+    ))
+    .contains("mask"));
+    let nan = Tensor::new(&[[0.0f32, f32::NAN, 0.0], [0.0, 0.0, 0.0]], &dev).unwrap();
+    assert!(err(policy_loss(&nan, &base, &cfg))
+        .to_lowercase()
+        .contains("non-finite"));
+}
+
+#[test]
+fn fused_linear_equals_matmul_then_logprobs_with_gradients() {
+    let mut rng = Rng::new(13);
+    let dev = Device::Cpu;
+    let (b, t, h, v) = (2, 7, 12, 53);
+    let hidden =
+        Var::from_tensor(&Tensor::from_vec(rng.normals::<f32>(b * t * h, 1.0), (b, t, h), &dev).unwrap())
+            .unwrap();
+    let weight =
+        Var::from_tensor(&Tensor::from_vec(rng.normals::<f32>(v * h, 0.4), (v, h), &dev).unwrap()).unwrap();
+    let targets = Tensor::from_vec(
+        (0..b * t).map(|_| rng.below(v) as u32).collect::<Vec<_>>(),
+        (b, t),
+        &dev,
+    )
+    .unwrap();
+    let mask = Tensor::from_vec(
+        (0..b * t).map(|i| (i % 5 != 0) as u8).collect::<Vec<_>>(),
+        (b, t),
+        &dev,
+    )
+    .unwrap();
+    let cfg = FusedLinearConfig {
+        logprob: LogProbConfig {
+            temperature: 0.9,
+            entropy: true,
+            ignore_index: None,
+        },
+        chunk_rows: 4,
+        chunk_vocab: 16,
+    };
+    let fused = fused_linear_logprobs(&hidden, &weight, &targets, Some(&mask), &cfg).unwrap();
+    // The same through materialized logits: candle matmul, then our log-prob op.
+    let logits = hidden.broadcast_matmul(&weight.t().unwrap()).unwrap();
+    let plain = token_logprobs(&logits, &targets, Some(&mask), &cfg.logprob).unwrap();
+    assert_close("logp", &to32(&fused.logp), &to64(&plain.logp), 1e-5, 1e-5);
+    assert_close("lse", &to32(&fused.lse), &to64(&plain.lse), 1e-5, 1e-5);
+    let h_ent = |o: &grpo_kernels::candle::LogProbTensors| o.entropy.clone().unwrap();
+    assert_close(
+        "entropy",
+        &to32(&h_ent(&fused)),
+        &to64(&h_ent(&plain)),
+        1e-5,
+        1e-5,
+    );
+
+    // A loss on all three outputs, with different weights.
+    let loss = |o: &grpo_kernels::candle::LogProbTensors| {
+        let a = o.logp.sum_all().unwrap();
+        let b = (h_ent(o).sum_all().unwrap() * 0.3).unwrap();
+        let c = (o.lse.sqr().unwrap().sum_all().unwrap() * 0.01).unwrap();
+        ((a + b).unwrap() + c).unwrap()
+    };
+    let (gf, gp) = (loss(&fused).backward().unwrap(), loss(&plain).backward().unwrap());
+    for (name, var) in [("dhidden", &hidden), ("dweight", &weight)] {
+        assert_close(
+            name,
+            &to32(gf.get(var).unwrap()),
+            &to64(gp.get(var).unwrap()),
+            1e-5,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn fused_linear_rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let hidden = Tensor::zeros((3, 8), DType::F32, &dev).unwrap();
+    let weight = Tensor::zeros((5, 7), DType::F32, &dev).unwrap();
+    let targets = Tensor::zeros(3, DType::U32, &dev).unwrap();
+    let cfg = FusedLinearConfig::default();
+    assert!(fused_linear_logprobs(&hidden, &weight, &targets, None, &cfg).is_err());
+    let weight16 = Tensor::zeros((5, 8), DType::F16, &dev).unwrap();
+    assert!(fused_linear_logprobs(&hidden, &weight16, &targets, None, &cfg).is_err());
+    let bad_targets = Tensor::new(&[0u32, 9, 1], &dev).unwrap();
+    let weight = Tensor::zeros((5, 8), DType::F32, &dev).unwrap();
+    assert!(fused_linear_logprobs(&hidden, &weight, &bad_targets, None, &cfg).is_err());
+}
+
+#[test]
+fn sampling_equals_raw_op_for_every_dtype() {
+    let mut rng = Rng::new(14);
+    let (b, v) = (9, 101);
+    let logits: Vec<f32> = rng.normals(b * v, 2.0);
+    let cfg = SamplingConfig {
+        temperature: 0.8,
+        top_k: 20,
+        top_p: 0.9,
+        seed: 5,
+        step: 3,
+        ..Default::default()
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let t = Tensor::from_vec(logits.clone(), (b, v), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let rounded = to32(&t);
+        let want = grpo_kernels::sample(&grpo_kernels::SampleInputs::new(&rounded, v), &cfg).unwrap();
+        let (tokens, logp) = sample(&t, &cfg).unwrap();
+        assert_eq!(tokens.to_vec1::<u32>().unwrap(), want.tokens, "{dtype:?}");
+        assert_eq!(logp.to_vec1::<f32>().unwrap(), want.logp, "{dtype:?}");
+    }
+    let greedy = SamplingConfig {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let t = Tensor::from_vec(logits, (b, v), &Device::Cpu).unwrap();
+    let (tokens, _) = sample(&t, &greedy).unwrap();
+    assert_eq!(
+        tokens.to_vec1::<u32>().unwrap(),
+        t.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap()
+    );
+}
