@@ -5,6 +5,8 @@
 //! Sizes: 128 sequences x 2048 tokens (N = 262144) for the loss and KL; 256
 //! rewards (R1-SGG's 32 prompts x 8) and 1M rewards (G = 8) for advantages.
 
+mod util;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grpo_kernels::{
     group_advantages, kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, Advantage,
@@ -249,5 +251,155 @@ fn bench_advantages(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_policy_loss, bench_kl, bench_advantages);
+/// On an H100: the policy loss + KL forward and backward at N = 262144 (the
+/// size `compare_torch.py` times TRL's eager chain at), and the whole GRPO
+/// loss step from bf16 logits `[8 x 2048, 151936]`: token log-probs, loss
+/// forward and backward, log-prob backward in place over the logits (the
+/// size it times eager PyTorch and Liger-Kernel's fused GRPO loss at).
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use grpo_kernels::cuda::{self, Device, Gpu};
+    use grpo_kernels::{LogProbConfig, LogProbGrads, LogitRows};
+    use half::bf16;
+    let Some(gpu) = Gpu::try_default(0).unwrap() else {
+        eprintln!("cuda benches SKIPPED: no CUDA device");
+        return;
+    };
+    let up = |v: &[f32]| gpu.stream().clone_htod(v).unwrap();
+    let loss_cfg = PolicyLossConfig {
+        beta: 0.04,
+        kl: KlEstimator::K3,
+        ..PolicyLossConfig::default()
+    };
+    let one = up(&[1.0]);
+
+    let n = SEQS * SEQ_LEN;
+    let logp = uniform(n, -3.0, -1.0, 1);
+    let old: Vec<f32> = logp
+        .iter()
+        .zip(uniform(n, -0.1, 0.1, 2))
+        .map(|(a, b)| a + b)
+        .collect();
+    let reference: Vec<f32> = logp
+        .iter()
+        .zip(uniform(n, -0.1, 0.1, 3))
+        .map(|(a, b)| a + b)
+        .collect();
+    let adv = uniform(SEQS, -1.0, 1.0, 4);
+    let mask: Vec<u8> = uniform(n, 0.0, 1.0, 5).iter().map(|&u| (u > 0.1) as u8).collect();
+    let (d_logp, d_old, d_ref, d_adv) = (up(&logp), up(&old), up(&reference), up(&adv));
+    let d_mask = gpu.stream().clone_htod(&mask).unwrap();
+    let inputs = PolicyLossInputs::<Device> {
+        logp: d_logp.as_view(),
+        old_logp: Some(d_old.as_view()),
+        ref_logp: Some(d_ref.as_view()),
+        advantages: Advantage::PerSequence(d_adv.as_view()),
+        mask: Some(d_mask.as_view()),
+        layout: SeqLayout::Padded {
+            batch: SEQS,
+            seq_len: SEQ_LEN,
+        },
+    };
+    let mut g = c.benchmark_group("cuda_policy_loss");
+    g.sample_size(30).throughput(Throughput::Elements(n as u64));
+    g.bench_function(BenchmarkId::new("forward+backward", n), |b| {
+        b.iter_custom(|iters| {
+            util::gpu::time(&gpu, iters, || {
+                let out = cuda::policy_loss(&gpu, &inputs, &loss_cfg).unwrap();
+                cuda::policy_loss_backward(
+                    &gpu,
+                    &inputs,
+                    &loss_cfg,
+                    &out.summary.as_view(),
+                    &one.as_view(),
+                    None,
+                )
+                .unwrap();
+            })
+        })
+    });
+    g.finish();
+
+    let (seqs, len, vocab) = (8usize, 2048usize, 151_936usize);
+    let rows = seqs * len;
+    let logits: Vec<bf16> = util::normals(rows * vocab, 3.0, 6);
+    let targets = util::targets(rows, vocab, 7);
+    // The step overwrites the logits with their gradient, so later
+    // iterations run on the previous gradient: the kernels' work does not
+    // depend on the values, and no copy is timed.
+    let mut d_logits = gpu.stream().clone_htod(&logits).unwrap();
+    drop(logits);
+    let d_targets = gpu.stream().clone_htod(&targets).unwrap();
+    let old = uniform(rows, -13.0, -11.0, 8);
+    let reference: Vec<f32> = old
+        .iter()
+        .zip(uniform(rows, -0.05, 0.05, 9))
+        .map(|(a, b)| a + b)
+        .collect();
+    let (d_old, d_ref, d_adv) = (up(&old), up(&reference), up(&uniform(seqs, -1.0, 1.0, 10)));
+    let lp_cfg = LogProbConfig::default();
+    let mut g = c.benchmark_group("cuda_grpo_step");
+    g.sample_size(10)
+        .throughput(Throughput::Bytes((rows * vocab * 2) as u64));
+    g.bench_function(
+        BenchmarkId::new("logits_to_loss_fwd_bwd", format!("bf16/{rows}x{vocab}")),
+        |b| {
+            b.iter_custom(|iters| {
+                util::gpu::time(&gpu, iters, || {
+                    let rows_in = LogitRows::<bf16, u32, Device> {
+                        logits: d_logits.as_view(),
+                        targets: d_targets.as_view(),
+                        mask: None,
+                        vocab,
+                    };
+                    let lp = cuda::token_logprobs(&gpu, &rows_in, &lp_cfg).unwrap();
+                    drop(rows_in);
+                    let step = PolicyLossInputs::<Device> {
+                        logp: lp.logp.as_view(),
+                        old_logp: Some(d_old.as_view()),
+                        ref_logp: Some(d_ref.as_view()),
+                        advantages: Advantage::PerSequence(d_adv.as_view()),
+                        mask: None,
+                        layout: SeqLayout::Padded {
+                            batch: seqs,
+                            seq_len: len,
+                        },
+                    };
+                    let out = cuda::policy_loss(&gpu, &step, &loss_cfg).unwrap();
+                    let dlogp = cuda::policy_loss_backward(
+                        &gpu,
+                        &step,
+                        &loss_cfg,
+                        &out.summary.as_view(),
+                        &one.as_view(),
+                        None,
+                    )
+                    .unwrap();
+                    let grads = LogProbGrads::<Device> {
+                        logp: dlogp.as_view(),
+                        entropy: None,
+                        lse: None,
+                    };
+                    cuda::token_logprobs_backward_inplace(
+                        &gpu,
+                        &mut d_logits.as_view_mut(),
+                        &d_targets.as_view(),
+                        &None,
+                        vocab,
+                        &lp_cfg,
+                        &lp.saved(),
+                        &grads,
+                    )
+                    .unwrap();
+                })
+            })
+        },
+    );
+    g.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mut Criterion) {}
+
+criterion_group!(benches, bench_policy_loss, bench_kl, bench_advantages, bench_cuda);
 criterion_main!(benches);

@@ -3,6 +3,8 @@
 //! CDF), and one parallel pass over the logits (a sum), so that each line
 //! also reads as a number of passes over the logits.
 
+mod util;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grpo_kernels::{sample, Float, SampleInputs, SamplingConfig};
 use half::bf16;
@@ -130,5 +132,62 @@ fn cpu(c: &mut Criterion) {
     case::<bf16>(c);
 }
 
-criterion_group!(benches, cpu);
+/// On a GPU, at the batch `compare_torch.py` times Hugging Face's warpers
+/// and `torch.multinomial` at: 256 rows of f32 logits over V = 151936.
+#[cfg(feature = "cuda")]
+fn gpu(c: &mut Criterion) {
+    use grpo_kernels::cuda::{self, Device, Gpu};
+    let Some(gpu) = Gpu::try_default(0).unwrap() else {
+        eprintln!("cuda benches SKIPPED: no CUDA device");
+        return;
+    };
+    let rows = 256;
+    let mut state = 11u64;
+    let logits: Vec<f32> = (0..rows * VOCAB)
+        .map(|_| 3.0 * (next_uniform(&mut state) as f32 - 0.5) * 3.46)
+        .collect();
+    let d_logits = gpu.stream().clone_htod(&logits).unwrap();
+    let inputs = SampleInputs::<f32, Device> {
+        logits: d_logits.as_view(),
+        vocab: VOCAB,
+    };
+    let mut g = c.benchmark_group("cuda_sampling");
+    g.sample_size(30)
+        .throughput(Throughput::Bytes((rows * VOCAB * 4) as u64));
+    let settings = [
+        (
+            "topk50_topp0.9",
+            SamplingConfig {
+                temperature: 0.7,
+                top_k: 50,
+                top_p: 0.9,
+                ..Default::default()
+            },
+        ),
+        (
+            "temperature",
+            SamplingConfig {
+                temperature: 0.7,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, cfg) in settings {
+        let mut step = 0;
+        g.bench_function(BenchmarkId::new(name, format!("f32/{rows}x{VOCAB}")), |b| {
+            b.iter_custom(|iters| {
+                util::gpu::time(&gpu, iters, || {
+                    step += 1;
+                    cuda::sample(&gpu, &inputs, &SamplingConfig { step, ..cfg }).unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu(_: &mut Criterion) {}
+
+criterion_group!(benches, cpu, gpu);
 criterion_main!(benches);

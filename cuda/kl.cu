@@ -15,12 +15,12 @@ extern "C" __global__ void kl_fwd(const float* logp, const float* ref, int64_t n
     }
 }
 
-// dlogp[i] = grad[i] * d estimate / d logp.
+// dlogp[i] = grad[i] * d estimate / d logp; non-finite inputs or grad raise NON_FINITE.
 extern "C" __global__ void kl_bwd(const float* logp, const float* ref, const float* grad, int64_t n, int kind,
                                   float* dlogp, uint32_t* status) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float a = logp[i], b = ref[i];
-        if (!isfinite(a) || !isfinite(b)) raise(status, OP_KL, NON_FINITE, i);
+        if (!isfinite(a) || !isfinite(b) || !isfinite(grad[i])) raise(status, OP_KL, NON_FINITE, i);
         dlogp[i] = grad[i] * kl_estimate(kind, b - a).grad_logp;
     }
 }

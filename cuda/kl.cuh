@@ -16,21 +16,37 @@ struct KlValueGrad {
     float grad_logp;  // d(value) / d(logp)
 };
 
-// k1 = -d; k2 = d^2 / 2; k3 = e^d - d - 1 (gradient 1 - e^d); low_var: k3 with
-// clamps, zero gradient where a clamp is active.
+// e^d - 1 - d without the cancellation near 0: on |d| <= ln2/2 it is d^2 p(d)
+// with the Cephes polynomial of e^r = 1 + r + r^2 p(r) (as math::exp_excess on
+// the CPU); elsewhere the subtraction loses nothing that matters.
+__device__ __forceinline__ float exp_excess(float d) {
+    if (fabsf(d) <= 0.3465736f) {
+        float p = 1.9875691e-4f;
+        p = fmaf(p, d, 1.3981999e-3f);
+        p = fmaf(p, d, 8.333452e-3f);
+        p = fmaf(p, d, 4.1665796e-2f);
+        p = fmaf(p, d, 1.6666665e-1f);
+        p = fmaf(p, d, 0.5f);
+        return p * (d * d);
+    }
+    return expf(d) - d - 1.f;
+}
+
+// k1 = -d; k2 = d^2 / 2; k3 = e^d - d - 1 (gradient 1 - e^d = -(d + k3));
+// low_var: k3 with clamps, zero gradient where a clamp is active.
 __device__ __forceinline__ KlValueGrad kl_estimate(int kind, float d) {
     switch (kind) {
         case KL_K1: return {-d, 1.f};
         case KL_K2: return {0.5f * d * d, -d};
         case KL_K3: {
-            const float ed = expf(d);
-            return {ed - d - 1.f, 1.f - ed};
+            const float k = exp_excess(d);
+            return {k, -(d + k)};
         }
         default: {
             const float dc = fminf(fmaxf(d, -LOW_VAR_D_CLAMP), LOW_VAR_D_CLAMP);
-            const float ed = expf(dc), k = ed - dc - 1.f;
-            const bool d_free = dc == d, k_free = k >= -LOW_VAR_KL_CLAMP && k <= LOW_VAR_KL_CLAMP;
-            return {fminf(fmaxf(k, -LOW_VAR_KL_CLAMP), LOW_VAR_KL_CLAMP), d_free && k_free ? 1.f - ed : 0.f};
+            const float k = exp_excess(dc);
+            const bool free = dc == d && k <= LOW_VAR_KL_CLAMP;
+            return {fminf(k, LOW_VAR_KL_CLAMP), free ? -(d + k) : 0.f};
         }
     }
 }

@@ -217,8 +217,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
         bool bad;
         const TokenTerms k = token_terms(p, t, advantage(p, s, t), seq_lr, &bad);
+        const float g_t = grad_per_token ? grad_per_token[t] : 0.f;
+        bad = bad || !isfinite(g_t);
         if (bad) raise(status, OP_POLICY_LOSS, NON_FINITE, t);
-        const float c = g + (grad_per_token ? grad_per_token[t] : 0.f);
+        const float c = g + g_t;
         dlogp[t] = bad ? NAN : c * k.dloss_dlogp;
     }
 }

@@ -45,7 +45,8 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint2 k) {
 }
 
 // Gumbel noise of token j: lane j % 4 of Philox([j / 4, row, step], seed),
-// u = (bits >> 8 + 0.5) 2^-24 in (0, 1), g = -ln(-ln u).
+// u = ((bits >> 9) + 0.5) 2^-23 in (0, 1), g = -ln(-ln u), as the CPU's
+// RowStream (24 bits would round the top value to u = 1, g = +inf).
 struct Noise {
     uint2 key;
     uint32_t row, step_lo, step_hi;
@@ -60,7 +61,7 @@ struct Noise {
         }
         // Selects, not an indexed array: that would live in local memory.
         const uint32_t bits = (j & 2) ? ((j & 1) ? cached.w : cached.z) : ((j & 1) ? cached.y : cached.x);
-        const float u = ((float)(bits >> 8) + 0.5f) * (1.f / 16777216.f);
+        const float u = ((float)(bits >> 9) + 0.5f) * (1.f / 8388608.f);
         return -logf(-logf(u));
     }
 };
@@ -85,7 +86,7 @@ struct CombineMinMax {
 };
 
 __device__ __forceinline__ uint64_t fixed_mass(float x, float mx) {
-    return (uint64_t)((double)__expf(x - mx) * MASS_ONE + 0.5);
+    return (uint64_t)((double)expf(x - mx) * MASS_ONE + 0.5);
 }
 
 // One refinement level. Level 0 admits values in [lo, hi]; every level puts

@@ -48,7 +48,8 @@ fn main() -> Result<(), grpo_kernels::Error> {
         batch: seqs,
         seq_len: len,
     };
-    let inputs = PolicyLossInputs::new(&lp.logp, Advantage::per_sequence(&adv.advantages), layout).with_old(&old);
+    let inputs =
+        PolicyLossInputs::new(&lp.logp, Advantage::per_sequence(&adv.advantages), layout).with_old(&old);
     let loss_cfg = PolicyLossConfig {
         beta: 0.0,
         ..PolicyLossConfig::default()
@@ -66,13 +67,19 @@ fn main() -> Result<(), grpo_kernels::Error> {
     let norm = dlogits.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
 
     let stats = loss.stats();
-    let mean_entropy = lp.entropy.as_ref().map_or(0.0, |h| h.iter().sum::<f32>() / rows as f32);
+    let mean_entropy = lp
+        .entropy
+        .as_ref()
+        .map_or(0.0, |h| h.iter().sum::<f32>() / rows as f32);
     println!("{seqs} completions x {len} tokens, vocabulary {vocab}");
     println!("loss                 {:+.6}", stats.loss);
     println!("|dloss/dlogits|      {norm:.6}");
     println!("clip fraction low    {:.4}", stats.clip_frac_low);
     println!("clip fraction high   {:.4}", stats.clip_frac_high);
-    println!("mean ratio           {:.4} (max {:.4})", stats.ratio_mean, stats.ratio_max);
+    println!(
+        "mean ratio           {:.4} (max {:.4})",
+        stats.ratio_mean, stats.ratio_max
+    );
     println!("mean entropy         {mean_entropy:.4} nats");
     println!("advantages, group 0  {:?}", &adv.advantages[..group]);
     Ok(())

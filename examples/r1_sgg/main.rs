@@ -346,7 +346,8 @@ fn sft_chart(log: &[SftLog]) -> String {
 }
 
 fn grpo_chart(log: &[GrpoLog]) -> String {
-    let curve = |f: fn(&GrpoLog) -> f64| smooth(&log.iter().map(|l| (l.step as f64, f(l))).collect::<Vec<_>>(), 5);
+    let curve =
+        |f: fn(&GrpoLog) -> f64| smooth(&log.iter().map(|l| (l.step as f64, f(l))).collect::<Vec<_>>(), 5);
     line_chart(
         "GRPO: mean reward per completion (mean of 5 steps)",
         "step",
@@ -385,8 +386,20 @@ fn grpo_csv(log: &[GrpoLog]) -> String {
         let (r, s) = (&l.rewards, &l.stats);
         csv += &format!(
             "{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.6},{:.4},{:.4},{:.5},{:.5},{},{:.1},{:.2}\n",
-            l.step, l.total, r.format, r.node_acc, r.node_box, r.edge, s.loss, s.clip_frac_low, s.clip_frac_high,
-            s.ratio_mean, s.ratio_max, s.tokens, l.length, l.seconds
+            l.step,
+            l.total,
+            r.format,
+            r.node_acc,
+            r.node_box,
+            r.edge,
+            s.loss,
+            s.clip_frac_low,
+            s.clip_frac_high,
+            s.ratio_mean,
+            s.ratio_max,
+            s.tokens,
+            l.length,
+            l.seconds
         );
     }
     csv

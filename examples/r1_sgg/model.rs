@@ -145,7 +145,9 @@ struct Mlp {
 impl Mlp {
     fn new(dim: usize, hidden: usize, gated: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            gate: gated.then(|| linear_no_bias(dim, hidden, vb.pp("gate"))).transpose()?,
+            gate: gated
+                .then(|| linear_no_bias(dim, hidden, vb.pp("gate")))
+                .transpose()?,
             up: linear_no_bias(dim, hidden, vb.pp("up"))?,
             down: linear_no_bias(hidden, dim, vb.pp("down"))?,
         })
@@ -192,7 +194,10 @@ impl Block {
 }
 
 fn norm(dim: usize, vb: VarBuilder) -> Result<RmsNorm> {
-    Ok(RmsNorm::new(vb.get_with_hints(dim, "weight", Init::Const(1.0))?, 1e-6))
+    Ok(RmsNorm::new(
+        vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+        1e-6,
+    ))
 }
 
 /// Keys and values of every LM layer for the positions decoded so far.
@@ -222,18 +227,41 @@ pub struct Vlm {
 impl Vlm {
     /// A model with fresh (or `vb`-provided) weights.
     pub fn new(cfg: &VlmConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.image_size % cfg.patch_size != 0 || cfg.vit_dim % cfg.vit_heads != 0 || cfg.lm_dim % cfg.lm_heads != 0
+        if cfg.image_size % cfg.patch_size != 0
+            || cfg.vit_dim % cfg.vit_heads != 0
+            || cfg.lm_dim % cfg.lm_heads != 0
         {
             candle_core::bail!("model config: patch size must divide the image, heads the widths: {cfg:?}");
         }
         let p = cfg.patch_size;
         let device = vb.device().clone();
-        let (cos, sin) = rope_tables(cfg.max_positions, cfg.lm_dim / cfg.lm_heads, cfg.rope_theta, &device)?;
+        let (cos, sin) = rope_tables(
+            cfg.max_positions,
+            cfg.lm_dim / cfg.lm_heads,
+            cfg.rope_theta,
+            &device,
+        )?;
         let vit = (0..cfg.vit_layers)
-            .map(|i| Block::new(cfg.vit_dim, cfg.vit_heads, cfg.mlp_ratio, false, vb.pp(format!("vit.{i}"))))
+            .map(|i| {
+                Block::new(
+                    cfg.vit_dim,
+                    cfg.vit_heads,
+                    cfg.mlp_ratio,
+                    false,
+                    vb.pp(format!("vit.{i}")),
+                )
+            })
             .collect::<Result<_>>()?;
         let lm = (0..cfg.lm_layers)
-            .map(|i| Block::new(cfg.lm_dim, cfg.lm_heads, cfg.mlp_ratio, true, vb.pp(format!("lm.{i}"))))
+            .map(|i| {
+                Block::new(
+                    cfg.lm_dim,
+                    cfg.lm_heads,
+                    cfg.mlp_ratio,
+                    true,
+                    vb.pp(format!("lm.{i}")),
+                )
+            })
             .collect::<Result<_>>()?;
         let std = 1.0 / (cfg.lm_dim as f64).sqrt();
         Ok(Self {
@@ -241,7 +269,10 @@ impl Vlm {
             patch_pos: vb.get_with_hints(
                 (cfg.image_tokens(), cfg.vit_dim),
                 "patch_pos",
-                Init::Randn { mean: 0.0, stdev: 0.02 },
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
             )?,
             vit,
             vit_norm: norm(cfg.vit_dim, vb.pp("vit_norm"))?,
@@ -253,7 +284,10 @@ impl Vlm {
             lm_head: vb.get_with_hints(
                 (cfg.vocab_size, cfg.lm_dim),
                 "lm_head.weight",
-                Init::Randn { mean: 0.0, stdev: std },
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
             )?,
             cos,
             sin,
@@ -281,7 +315,11 @@ impl Vlm {
         let p = self.cfg.patch_size;
         let g = s / p;
         if c != 3 || s != self.cfg.image_size {
-            candle_core::bail!("images must be [B, 3, {s0}, {s0}], got {:?}", images.dims(), s0 = self.cfg.image_size);
+            candle_core::bail!(
+                "images must be [B, 3, {s0}, {s0}], got {:?}",
+                images.dims(),
+                s0 = self.cfg.image_size
+            );
         }
         let x = ((images - 0.5)? * 2.0)?
             .reshape((b, 3, g, p, g, p))?
@@ -305,7 +343,11 @@ impl Vlm {
     ) -> Result<Tensor> {
         let l = x.dim(1)?;
         if start + l > self.cfg.max_positions {
-            candle_core::bail!("sequence of {} positions exceeds max_positions {}", start + l, self.cfg.max_positions);
+            candle_core::bail!(
+                "sequence of {} positions exceeds max_positions {}",
+                start + l,
+                self.cfg.max_positions
+            );
         }
         let (cos, sin) = (self.cos.narrow(0, start, l)?, self.sin.narrow(0, start, l)?);
         let mut x = x;
@@ -330,7 +372,13 @@ impl Vlm {
         let l = n + t;
         // Additive mask: causal over all positions, and no attention to padding keys.
         let causal = causal_mask(l, &self.device)?;
-        let keys = Tensor::cat(&[Tensor::ones((b, n), DType::F32, &self.device)?, mask.to_dtype(DType::F32)?], 1)?;
+        let keys = Tensor::cat(
+            &[
+                Tensor::ones((b, n), DType::F32, &self.device)?,
+                mask.to_dtype(DType::F32)?,
+            ],
+            1,
+        )?;
         let pad = ((keys - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?;
         let full = causal.broadcast_add(&pad)?;
         let h = self.run_lm(x, 0, Some(&full), None)?;
@@ -341,7 +389,8 @@ impl Vlm {
     /// tests check the cache against (training uses the fused op instead).
     #[cfg(test)]
     pub fn logits(&self, images: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        self.hidden_states(images, tokens, mask)?.broadcast_matmul(&self.lm_head.t()?)
+        self.hidden_states(images, tokens, mask)?
+            .broadcast_matmul(&self.lm_head.t()?)
     }
 
     /// Starts decoding: runs `[image][prompt]` (prompt `[B, P]`, no padding)
@@ -449,17 +498,32 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
     fn every_parameter_gets_a_gradient() {
         let (vars, m) = model();
         let (images, tokens, mask) = inputs(2, 5);
-        let loss = m.logits(&images, &tokens, &mask).unwrap().sqr().unwrap().mean_all().unwrap();
+        let loss = m
+            .logits(&images, &tokens, &mask)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         for (name, var) in vars.data().lock().unwrap().iter() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
             let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
             assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
         }
@@ -518,7 +582,10 @@ mod tests {
         let (mut vars2, m2) = model();
         load_checkpoint(&mut vars2, &path).unwrap();
         let (images, tokens, mask) = inputs(1, 4);
-        let (a, b) = (m.logits(&images, &tokens, &mask).unwrap(), m2.logits(&images, &tokens, &mask).unwrap());
+        let (a, b) = (
+            m.logits(&images, &tokens, &mask).unwrap(),
+            m2.logits(&images, &tokens, &mask).unwrap(),
+        );
         assert_eq!(max_diff(&a, &b), 0.0);
         let missing = load_checkpoint(&mut vars2, &dir.join("nope.safetensors")).unwrap_err();
         assert!(missing.to_string().contains("does not exist"));
@@ -532,7 +599,14 @@ mod tests {
     fn a_few_steps_overfit_a_small_batch() {
         let (vars, m) = model();
         let (images, tokens, mask) = inputs(4, 8);
-        let mut opt = AdamW::new(vars.all_vars(), ParamsAdamW { lr: 1e-2, ..Default::default() }).unwrap();
+        let mut opt = AdamW::new(
+            vars.all_vars(),
+            ParamsAdamW {
+                lr: 1e-2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let ce = |m: &Vlm| {
             let logits = m.logits(&images, &tokens, &mask).unwrap();
             let logits = logits.narrow(1, 0, 7).unwrap().reshape((28, 23)).unwrap();

@@ -44,7 +44,10 @@ fn label(v: f64) -> String {
 
 /// An SVG line chart of `series` (empty series are skipped).
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
-    let points = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
+    let points = series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|p| p.0.is_finite() && p.1.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in points {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -180,7 +183,10 @@ mod tests {
     fn ticks_are_round_and_cover_the_range() {
         let t = ticks(0.0, 1.0);
         assert_eq!(t.len(), 6);
-        assert!(t.iter().zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]).all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!(t
+            .iter()
+            .zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+            .all(|(a, b)| (a - b).abs() < 1e-12));
         let t = ticks(-3.7, 12.2);
         assert!(t.first().unwrap() >= &-3.7 && t.last().unwrap() <= &12.2 && t.len() >= 3);
     }
@@ -189,8 +195,14 @@ mod tests {
     fn chart_is_well_formed_even_for_degenerate_input() {
         for series in [
             vec![],
-            vec![Series { name: "flat", points: vec![(0.0, 1.0), (1.0, 1.0)] }],
-            vec![Series { name: "one <point>", points: vec![(3.0, f64::NAN), (3.0, 2.0)] }],
+            vec![Series {
+                name: "flat",
+                points: vec![(0.0, 1.0), (1.0, 1.0)],
+            }],
+            vec![Series {
+                name: "one <point>",
+                points: vec![(3.0, f64::NAN), (3.0, 2.0)],
+            }],
         ] {
             let svg = line_chart("t & t", "x", "y", &series);
             assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

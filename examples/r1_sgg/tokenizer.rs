@@ -132,7 +132,13 @@ mod tests {
     #[test]
     fn any_text_encodes_and_decodes_without_panicking() {
         let tok = Tokenizer::new(&SYNTHETIC, 16);
-        for text in ["", "é∑ unicode ✓", "<answer>{\"objects\":[", "\u{0}\u{7f}", "1000000"] {
+        for text in [
+            "",
+            "é∑ unicode ✓",
+            "<answer>{\"objects\":[",
+            "\u{0}\u{7f}",
+            "1000000",
+        ] {
             let ids = tok.encode(text);
             assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
             let back = tok.decode(&ids);

@@ -35,9 +35,11 @@ pub const FORM: AnswerForm = AnswerForm::Relaxed;
 pub fn progress(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>5} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>5} [{bar:30}] {pos}/{len} {elapsed_precise} (eta {eta}) {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     bar
@@ -63,7 +65,10 @@ pub fn image_batch(samples: &[&Sample], size: u32, device: &Device) -> Result<Te
 /// [B, T] u8)`, the mask 1 on real tokens.
 pub fn token_batch(rows: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
     let t = 1 + rows.iter().map(Vec::len).max().unwrap_or(0);
-    let (mut tokens, mut mask) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
+    let (mut tokens, mut mask) = (
+        Vec::with_capacity(rows.len() * t),
+        Vec::with_capacity(rows.len() * t),
+    );
     for r in rows {
         tokens.push(TASK);
         tokens.extend_from_slice(r);
@@ -79,7 +84,12 @@ pub fn token_batch(rows: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor
 
 /// Log-probs `[B, T - 1]` of each next token (masked positions give 0),
 /// differentiable in the model, from the fused LM-head op.
-pub fn completion_logprobs(model: &Vlm, images: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn completion_logprobs(
+    model: &Vlm,
+    images: &Tensor,
+    tokens: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let t = tokens.dim(1)?;
     let hidden = model.hidden_states(images, tokens, mask)?;
     let hidden = hidden.narrow(1, 0, t - 1)?;
@@ -92,7 +102,13 @@ pub fn completion_logprobs(model: &Vlm, images: &Tensor, tokens: &Tensor, mask: 
         },
         ..FusedLinearConfig::default()
     };
-    let out = fused_linear_logprobs(&hidden, model.lm_head_weight(), &targets, Some(&target_mask), &cfg)?;
+    let out = fused_linear_logprobs(
+        &hidden,
+        model.lm_head_weight(),
+        &targets,
+        Some(&target_mask),
+        &cfg,
+    )?;
     Ok((out.logp, target_mask))
 }
 
@@ -114,7 +130,13 @@ pub struct SftLog {
 
 /// Supervised fine-tuning on `train` (answers augmented by shuffling and
 /// renumbering objects, as R1-SGG does); returns the loss curve.
-pub fn sft(model: &Vlm, vars: &VarMap, tok: &Tokenizer, train: &[Sample], cfg: &SftConfig) -> Result<Vec<SftLog>> {
+pub fn sft(
+    model: &Vlm,
+    vars: &VarMap,
+    tok: &Tokenizer,
+    train: &[Sample],
+    cfg: &SftConfig,
+) -> Result<Vec<SftLog>> {
     let device = model.device().clone();
     let mut opt = AdamW::new(
         vars.all_vars(),
@@ -240,7 +262,13 @@ pub struct GrpoLog {
 }
 
 /// GRPO on `train`; returns the per-step log.
-pub fn grpo(model: &Vlm, vars: &VarMap, tok: &Tokenizer, train: &[Sample], cfg: &GrpoConfig) -> Result<Vec<GrpoLog>> {
+pub fn grpo(
+    model: &Vlm,
+    vars: &VarMap,
+    tok: &Tokenizer,
+    train: &[Sample],
+    cfg: &GrpoConfig,
+) -> Result<Vec<GrpoLog>> {
     let device = model.device().clone();
     let mut opt = AdamW::new(
         vars.all_vars(),
@@ -324,7 +352,13 @@ pub fn grpo(model: &Vlm, vars: &VarMap, tok: &Tokenizer, train: &[Sample], cfg: 
 }
 
 /// Predictions of greedy decoding on `samples`, `batch` images at a time.
-pub fn predict(model: &Vlm, tok: &Tokenizer, samples: &[Sample], batch: usize, max_new: usize) -> Result<Vec<String>> {
+pub fn predict(
+    model: &Vlm,
+    tok: &Tokenizer,
+    samples: &[Sample],
+    batch: usize,
+    max_new: usize,
+) -> Result<Vec<String>> {
     let greedy = SamplingConfig {
         temperature: 0.0,
         ..SamplingConfig::default()

@@ -42,3 +42,10 @@ pub fn sized<T>(cases: Vec<T>, elems: impl Fn(&T) -> usize, max_elems: usize) ->
         cases
     }
 }
+
+/// Fills and frees `n` floats of NaN, so that the next allocations of an op
+/// (which come from the stream's memory pool) most likely start as NaN:
+/// outputs the kernels fail to write then show.
+pub fn poison_pool(gpu: &Gpu, n: usize) {
+    drop(poisoned(gpu, n));
+}

@@ -1,0 +1,426 @@
+//! CUDA KL estimators and clipped policy loss against the CPU ops: fresh
+//! random inputs of awkward sizes, every estimator, layout, aggregation and
+//! option, a NaN-poisoned memory pool, and the status word for bad data.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::gpu::{down, gpu, poison_pool, sanitizer, up};
+use common::{assert_close, Rng};
+use cudarc::driver::CudaSlice;
+use grpo_kernels::cuda::{self, Device, Gpu};
+use grpo_kernels::{
+    kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, Advantage, Aggregation,
+    DeviceFault, Error, ImportanceLevel, KlEstimator, KlInputs, PolicyLossConfig, PolicyLossInputs,
+    PolicyLossStats, SeqLayout,
+};
+
+const ESTIMATORS: [KlEstimator; 4] = [
+    KlEstimator::K1,
+    KlEstimator::K2,
+    KlEstimator::K3,
+    KlEstimator::LowVarK3,
+];
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn kl_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(1);
+    let sizes: &[usize] = if sanitizer() {
+        &[1, 7, 1000]
+    } else {
+        &[1, 7, 1000, 262_147]
+    };
+    for &n in sizes {
+        for est in ESTIMATORS {
+            // Log-ratios from tiny (cancellation in k3) to past verl's clamps.
+            let logp: Vec<f32> = (0..n).map(|_| (rng.normal() * 2.0 - 3.0) as f32).collect();
+            let scale = [1e-4, 0.1, 3.0, 30.0][rng.below(4)];
+            let ref_logp: Vec<f32> = logp.iter().map(|&l| l + (rng.normal() * scale) as f32).collect();
+            let grad: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let host = KlInputs::new(&logp, &ref_logp);
+            let want = kl_divergence(&host, est).unwrap();
+            let want_d = kl_divergence_backward(&host, est, &grad).unwrap();
+
+            let (d_logp, d_ref, d_grad) = (up(&gpu, &logp), up(&gpu, &ref_logp), up(&gpu, &grad));
+            let dev = KlInputs::<Device> {
+                logp: d_logp.as_view(),
+                ref_logp: d_ref.as_view(),
+            };
+            poison_pool(&gpu, 2 * n);
+            let got = cuda::kl_divergence(&gpu, &dev, est).unwrap();
+            let got_d = cuda::kl_divergence_backward(&gpu, &dev, est, &d_grad.as_view()).unwrap();
+            gpu.check().unwrap();
+            let what = format!("{est:?} n={n} scale={scale}");
+            assert_close(
+                &format!("kl {what}"),
+                &down(&gpu, &got),
+                &widen(&want),
+                1e-6,
+                2e-6,
+            );
+            assert_close(
+                &format!("dkl {what}"),
+                &down(&gpu, &got_d),
+                &widen(&want_d),
+                1e-6,
+                2e-6,
+            );
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn kl_reports_non_finite_inputs_by_index() {
+    let gpu = gpu();
+    let mut logp = vec![-1.0f32; 5000];
+    let ref_logp = vec![-1.5f32; 5000];
+    logp[3210] = f32::NAN;
+    logp[4000] = f32::INFINITY;
+    let (d_logp, d_ref) = (up(&gpu, &logp), up(&gpu, &ref_logp));
+    let dev = KlInputs::<Device> {
+        logp: d_logp.as_view(),
+        ref_logp: d_ref.as_view(),
+    };
+    cuda::kl_divergence(&gpu, &dev, KlEstimator::K3).unwrap();
+    let err = gpu.check().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Device {
+                fault: DeviceFault::NonFinite,
+                index: 3210,
+                op: "kl_divergence"
+            }
+        ),
+        "{err}"
+    );
+    gpu.check().expect("check clears the status");
+}
+
+/// One random policy-loss problem, on the host.
+struct Problem {
+    logp: Vec<f32>,
+    old: Option<Vec<f32>>,
+    reference: Option<Vec<f32>>,
+    adv: Vec<f32>,
+    per_token_adv: bool,
+    mask: Option<Vec<u8>>,
+    cu_seqlens: Option<Vec<u32>>,
+    padded: (usize, usize),
+    grad_per_token: Vec<f32>,
+}
+
+impl Problem {
+    fn random(rng: &mut Rng, seqs: usize, max_len: usize, packed: bool) -> Self {
+        let (cu, n, padded) = if packed {
+            let mut cu = vec![0u32];
+            for _ in 0..seqs {
+                // Some sequences are empty.
+                let len = if rng.below(6) == 0 {
+                    0
+                } else {
+                    rng.below(max_len + 1)
+                };
+                cu.push(cu.last().unwrap() + len as u32);
+            }
+            let n = *cu.last().unwrap() as usize;
+            (Some(cu), n.max(1), (0, 0))
+        } else {
+            let len = 1 + rng.below(max_len);
+            (None, seqs * len, (seqs, len))
+        };
+        let cu = cu.map(|mut c| {
+            // An all-empty packed batch still needs one token.
+            if *c.last().unwrap() == 0 {
+                *c.last_mut().unwrap() = 1;
+            }
+            c
+        });
+        let logp: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.5 - 2.0) as f32).collect();
+        let jitter = |rng: &mut Rng, s: f64| {
+            logp.iter()
+                .map(|&l| l + (rng.normal() * s) as f32)
+                .collect::<Vec<_>>()
+        };
+        let old = (rng.below(3) != 0).then(|| jitter(rng, 0.3));
+        let reference = (rng.below(2) == 0).then(|| jitter(rng, 0.2));
+        let per_token_adv = rng.below(3) == 0;
+        let adv = (0..if per_token_adv { n } else { seqs })
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let mask = (rng.below(2) == 0).then(|| (0..n).map(|_| (rng.below(5) != 0) as u8).collect());
+        let grad_per_token = (0..n).map(|_| rng.normal() as f32 * 0.1).collect();
+        Self {
+            logp,
+            old,
+            reference,
+            adv,
+            per_token_adv,
+            mask,
+            cu_seqlens: cu,
+            padded,
+            grad_per_token,
+        }
+    }
+
+    fn host(&self) -> PolicyLossInputs<'_> {
+        PolicyLossInputs {
+            logp: &self.logp,
+            old_logp: self.old.as_deref(),
+            ref_logp: self.reference.as_deref(),
+            advantages: if self.per_token_adv {
+                Advantage::PerToken(&self.adv[..])
+            } else {
+                Advantage::PerSequence(&self.adv[..])
+            },
+            mask: self.mask.as_deref(),
+            layout: match &self.cu_seqlens {
+                Some(cu) => SeqLayout::Packed { cu_seqlens: cu },
+                None => SeqLayout::Padded {
+                    batch: self.padded.0,
+                    seq_len: self.padded.1,
+                },
+            },
+        }
+    }
+}
+
+/// The problem's buffers on the device.
+struct OnDevice {
+    logp: CudaSlice<f32>,
+    old: Option<CudaSlice<f32>>,
+    reference: Option<CudaSlice<f32>>,
+    adv: CudaSlice<f32>,
+    mask: Option<CudaSlice<u8>>,
+    cu: Option<CudaSlice<u32>>,
+}
+
+impl OnDevice {
+    fn new(gpu: &Gpu, p: &Problem) -> Self {
+        Self {
+            logp: up(gpu, &p.logp),
+            old: p.old.as_ref().map(|v| up(gpu, v)),
+            reference: p.reference.as_ref().map(|v| up(gpu, v)),
+            adv: up(gpu, &p.adv),
+            mask: p.mask.as_ref().map(|v| up(gpu, v)),
+            cu: p.cu_seqlens.as_ref().map(|v| up(gpu, v)),
+        }
+    }
+
+    fn inputs<'a>(&'a self, p: &Problem) -> PolicyLossInputs<'a, Device> {
+        PolicyLossInputs {
+            logp: self.logp.as_view(),
+            old_logp: self.old.as_ref().map(|v| v.as_view()),
+            ref_logp: self.reference.as_ref().map(|v| v.as_view()),
+            advantages: if p.per_token_adv {
+                Advantage::PerToken(self.adv.as_view())
+            } else {
+                Advantage::PerSequence(self.adv.as_view())
+            },
+            mask: self.mask.as_ref().map(|v| v.as_view()),
+            layout: match &self.cu {
+                Some(cu) => SeqLayout::Packed {
+                    cu_seqlens: cu.as_view(),
+                },
+                None => SeqLayout::Padded {
+                    batch: p.padded.0,
+                    seq_len: p.padded.1,
+                },
+            },
+        }
+    }
+}
+
+fn random_config(rng: &mut Rng, has_ref: bool) -> PolicyLossConfig {
+    let aggregation = match rng.below(5) {
+        0 => Aggregation::TokenMean { normalizer: None },
+        1 => Aggregation::TokenMean {
+            normalizer: Some(4096.0),
+        },
+        2 => Aggregation::SeqMeanTokenMean,
+        3 => Aggregation::SeqMeanTokenSum,
+        _ => Aggregation::SeqMeanTokenSumNorm { constant: 333.0 },
+    };
+    PolicyLossConfig {
+        eps_low: [0.2, 0.1, 1.0][rng.below(3)],
+        eps_high: [0.2, 0.28][rng.below(2)],
+        dual_clip: (rng.below(2) == 0).then_some(3.0),
+        log_ratio_clamp: [20.0, 0.25][rng.below(2)],
+        importance: if rng.below(3) == 0 {
+            ImportanceLevel::Sequence
+        } else {
+            ImportanceLevel::Token
+        },
+        beta: if has_ref { 0.04 } else { 0.0 },
+        kl: ESTIMATORS[rng.below(4)],
+        aggregation,
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn policy_loss_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng::new(2);
+    let runs = if sanitizer() { 8 } else { 120 };
+    for run in 0..runs {
+        let (seqs, max_len) = match run % 4 {
+            0 => (1, 1),
+            1 => (3 + rng.below(10), 40),
+            2 => (64, 700),
+            _ if sanitizer() => (16, 100),
+            _ => (32, 2048),
+        };
+        let packed = rng.below(2) == 0;
+        let p = Problem::random(&mut rng, seqs, max_len, packed);
+        let cfg = random_config(&mut rng, p.reference.is_some());
+        let what = format!("run {run}: {seqs} seqs, n={} {cfg:?}", p.logp.len());
+        let host = p.host();
+        let want = policy_loss(&host, &cfg).unwrap();
+        let grad_loss = rng.normal() as f32;
+        let want_d = policy_loss_backward(&host, &cfg, grad_loss, Some(&p.grad_per_token)).unwrap();
+
+        let d = OnDevice::new(&gpu, &p);
+        let dev = d.inputs(&p);
+        poison_pool(&gpu, 4 * p.logp.len() + 64);
+        let got = cuda::policy_loss(&gpu, &dev, &cfg).unwrap();
+        let (g_loss, g_tok) = (up(&gpu, &[grad_loss]), up(&gpu, &p.grad_per_token));
+        let got_d = cuda::policy_loss_backward(
+            &gpu,
+            &dev,
+            &cfg,
+            &got.summary.as_view(),
+            &g_loss.as_view(),
+            Some(&g_tok.as_view()),
+        )
+        .unwrap();
+        gpu.check().unwrap();
+
+        assert_close(
+            &format!("per-token {what}"),
+            &down(&gpu, &got.per_token),
+            &widen(&want.per_token),
+            2e-6,
+            2e-5,
+        );
+        let (gs, ws) = (
+            PolicyLossStats::from_summary(&down(&gpu, &got.summary)),
+            want.stats(),
+        );
+        let field = |name: &str, g: f32, w: f32, tol: f64| {
+            assert_close(&format!("{name} {what}"), &[g], &[w as f64], tol, tol);
+        };
+        field("loss", gs.loss, ws.loss, 2e-5);
+        // A ratio within an ulp of a clip bound may fall either side (the
+        // GPU's expf and the CPU's exp differ by an ulp): one token of slack.
+        let one_token = 1.5 / ws.tokens.max(1.0) as f64;
+        field("clip_frac_low", gs.clip_frac_low, ws.clip_frac_low, one_token);
+        field("clip_frac_high", gs.clip_frac_high, ws.clip_frac_high, one_token);
+        field("dual_clip_frac", gs.dual_clip_frac, ws.dual_clip_frac, one_token);
+        field("ratio_mean", gs.ratio_mean, ws.ratio_mean, 1e-5);
+        field("ratio_max", gs.ratio_max, ws.ratio_max, 1e-6);
+        field("kl_mean", gs.kl_mean, ws.kl_mean, 1e-5);
+        assert_eq!(gs.tokens, ws.tokens, "tokens {what}");
+        let got_d = down(&gpu, &got_d);
+        let off: Vec<usize> = (0..got_d.len())
+            .filter(|&i| {
+                let (g, w) = (got_d[i] as f64, want_d[i] as f64);
+                !((g - w).abs() <= 1e-7 + 2e-5 * w.abs())
+            })
+            .collect();
+        assert!(
+            off.len() <= 1,
+            "dlogp {what}: {} tokens differ, first {:?}",
+            off.len(),
+            off.iter()
+                .take(3)
+                .map(|&i| (i, got_d[i], want_d[i]))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn policy_loss_reports_bad_offsets_and_non_finite_tokens() {
+    let gpu = gpu();
+    let cfg = PolicyLossConfig::default();
+    let logp = vec![-1.0f32; 10];
+    let adv = vec![1.0f32, -1.0];
+    let (d_logp, d_adv) = (up(&gpu, &logp), up(&gpu, &adv));
+    // Offsets that run past the tokens.
+    let bad_cu = up(&gpu, &[0u32, 7, 12]);
+    let inputs = PolicyLossInputs::<Device> {
+        logp: d_logp.as_view(),
+        old_logp: None,
+        ref_logp: None,
+        advantages: Advantage::PerSequence(d_adv.as_view()),
+        mask: None,
+        layout: SeqLayout::Packed {
+            cu_seqlens: bad_cu.as_view(),
+        },
+    };
+    cuda::policy_loss(&gpu, &inputs, &cfg).unwrap();
+    let err = gpu.check().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Device {
+                fault: DeviceFault::InvalidLayout,
+                index: 1,
+                op: "policy_loss"
+            }
+        ),
+        "{err}"
+    );
+    // A NaN at a masked-in token is reported; one at a masked-out token is not read.
+    let mut logp = logp;
+    logp[2] = f32::NAN;
+    logp[8] = f32::NAN;
+    let mut mask = vec![1u8; 10];
+    mask[2] = 0;
+    let (d_logp, d_mask, cu) = (up(&gpu, &logp), up(&gpu, &mask), up(&gpu, &[0u32, 5, 10]));
+    let inputs = PolicyLossInputs::<Device> {
+        logp: d_logp.as_view(),
+        old_logp: None,
+        ref_logp: None,
+        advantages: Advantage::PerSequence(d_adv.as_view()),
+        mask: Some(d_mask.as_view()),
+        layout: SeqLayout::Packed {
+            cu_seqlens: cu.as_view(),
+        },
+    };
+    cuda::policy_loss(&gpu, &inputs, &cfg).unwrap();
+    let err = gpu.check().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Device {
+                fault: DeviceFault::NonFinite,
+                index: 8,
+                op: "policy_loss"
+            }
+        ),
+        "{err}"
+    );
+    gpu.check().expect("check clears the status");
+}
