@@ -254,7 +254,7 @@ fn bench_advantages(c: &mut Criterion) {
 /// On an H100: the policy loss + KL forward and backward at N = 262144 (the
 /// size `compare_torch.py` times TRL's eager chain at), and the whole GRPO
 /// loss step from bf16 logits `[8 x 2048, 151936]`: token log-probs, loss
-/// forward and backward, log-prob backward in place over the logits (the
+/// forward and backward, log-prob backward into a gradient buffer (the
 /// size it times eager PyTorch and Liger-Kernel's fused GRPO loss at).
 #[cfg(feature = "cuda")]
 fn bench_cuda(c: &mut Criterion) {
@@ -324,11 +324,11 @@ fn bench_cuda(c: &mut Criterion) {
     let rows = seqs * len;
     let logits: Vec<bf16> = util::normals(rows * vocab, 3.0, 6);
     let targets = util::targets(rows, vocab, 7);
-    // The step overwrites the logits with their gradient, so later
-    // iterations run on the previous gradient: the kernels' work does not
-    // depend on the values, and no copy is timed.
-    let mut d_logits = gpu.stream().clone_htod(&logits).unwrap();
+    // The gradient goes to its own buffer (as PyTorch's autograd does), so
+    // every iteration runs on the same logits.
+    let d_logits = gpu.stream().clone_htod(&logits).unwrap();
     drop(logits);
+    let mut d_grad = gpu.stream().alloc_zeros::<bf16>(rows * vocab).unwrap();
     let d_targets = gpu.stream().clone_htod(&targets).unwrap();
     let old = uniform(rows, -13.0, -11.0, 8);
     let reference: Vec<f32> = old
@@ -353,7 +353,6 @@ fn bench_cuda(c: &mut Criterion) {
                         vocab,
                     };
                     let lp = cuda::token_logprobs(&gpu, &rows_in, &lp_cfg).unwrap();
-                    drop(rows_in);
                     let step = PolicyLossInputs::<Device> {
                         logp: lp.logp.as_view(),
                         old_logp: Some(d_old.as_view()),
@@ -380,15 +379,13 @@ fn bench_cuda(c: &mut Criterion) {
                         entropy: None,
                         lse: None,
                     };
-                    cuda::token_logprobs_backward_inplace(
+                    cuda::token_logprobs_backward_into(
                         &gpu,
-                        &mut d_logits.as_view_mut(),
-                        &d_targets.as_view(),
-                        &None,
-                        vocab,
+                        &rows_in,
                         &lp_cfg,
                         &lp.saved(),
                         &grads,
+                        &mut d_grad.as_view_mut(),
                     )
                     .unwrap();
                 })

@@ -1,0 +1,91 @@
+//! The candle ops on CUDA tensors against the same ops on CPU tensors:
+//! values and gradients through candle's autograd (feature `candle-cuda`).
+#![cfg(feature = "candle-cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_close, Rng};
+use grpo_kernels::candle::token_logprobs;
+use grpo_kernels::LogProbConfig;
+
+fn to64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn to32(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn token_logprobs_on_cuda_equal_cpu_with_gradients() {
+    let cuda = Device::new_cuda(0).expect("a CUDA device");
+    let mut rng = Rng::new(21);
+    let (b, t, v) = (3, 37, 4099);
+    for dtype in [DType::F32, DType::BF16] {
+        let logits: Vec<f32> = rng.normals(b * t * v, 3.0);
+        let targets: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
+        let mask: Vec<u8> = (0..b * t).map(|i| (i % 7 != 0) as u8).collect();
+        let w: Vec<f32> = (0..3 * b * t).map(|_| rng.normal() as f32).collect();
+        let cfg = LogProbConfig {
+            temperature: 0.8,
+            entropy: true,
+            ignore_index: None,
+        };
+        let run = |dev: &Device| {
+            let x = Var::from_tensor(
+                &Tensor::from_vec(logits.clone(), (b, t, v), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let tt = Tensor::from_vec(targets.clone(), (b, t), dev).unwrap();
+            let mt = Tensor::from_vec(mask.clone(), (b, t), dev).unwrap();
+            let wt = Tensor::from_vec(w.clone(), (3, b, t), dev).unwrap();
+            let out = token_logprobs(&x, &tt, Some(&mt), &cfg).unwrap();
+            let h = out.entropy.clone().unwrap();
+            let loss = ((out.logp.mul(&wt.get(0).unwrap()).unwrap().sum_all().unwrap()
+                + h.mul(&wt.get(1).unwrap()).unwrap().sum_all().unwrap())
+            .unwrap()
+                + out.lse.mul(&wt.get(2).unwrap()).unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let dx = grads.get(&x).unwrap().clone();
+            (out.logp, h, out.lse, dx)
+        };
+        let (cpu, gpu) = (run(&Device::Cpu), run(&cuda));
+        let what = format!("{dtype:?}");
+        assert_close(&format!("logp {what}"), &to32(&gpu.0), &to64(&cpu.0), 1e-4, 1e-4);
+        assert_close(
+            &format!("entropy {what}"),
+            &to32(&gpu.1),
+            &to64(&cpu.1),
+            1e-4,
+            1e-4,
+        );
+        assert_close(&format!("lse {what}"), &to32(&gpu.2), &to64(&cpu.2), 1e-4, 1e-4);
+        let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
+        assert_close(
+            &format!("dlogits {what}"),
+            &to32(&gpu.3),
+            &to64(&cpu.3),
+            1e-4,
+            tol,
+        );
+    }
+}
