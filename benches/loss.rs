@@ -5,6 +5,9 @@
 //! Sizes: 128 sequences x 2048 tokens (N = 262144) for the loss and KL; 256
 //! rewards (R1-SGG's 32 prompts x 8) and 1M rewards (G = 8) for advantages.
 
+// The naive versions are plain index loops on purpose.
+#![allow(clippy::needless_range_loop)]
+
 mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

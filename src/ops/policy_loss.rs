@@ -845,24 +845,50 @@ impl LaneSums {
     }
 }
 
-/// Calls `f` with a copy of `cfg` whose KL estimator is a constant to the
-/// optimizer: the estimator's `match` folds away inside `f`'s loops, which
-/// then vectorize (one copy per estimator).
-#[inline(always)]
-fn with_fixed_kl<R>(cfg: &PolicyLossConfig, f: impl FnOnce(&PolicyLossConfig) -> R) -> R {
-    let fixed = |kl| PolicyLossConfig { kl, ..*cfg };
-    match cfg.kl {
-        KlEstimator::K1 => f(&fixed(KlEstimator::K1)),
-        KlEstimator::K2 => f(&fixed(KlEstimator::K2)),
-        KlEstimator::K3 => f(&fixed(KlEstimator::K3)),
-        KlEstimator::LowVarK3 => f(&fixed(KlEstimator::LowVarK3)),
-    }
+/// `$call` with `$cfg` rebound to a copy whose KL estimator is a constant
+/// to the optimizer: the estimator's `match` folds away inside the loops,
+/// which then vectorize (one copy per estimator). A macro, not a closure:
+/// a closure would be compiled apart from the `multiversion!` copy that
+/// calls it, without its target features.
+macro_rules! with_fixed_kl {
+    ($cfg:ident, $call:expr) => {
+        match $cfg.kl {
+            KlEstimator::K1 => {
+                let $cfg = &PolicyLossConfig {
+                    kl: KlEstimator::K1,
+                    ..*$cfg
+                };
+                $call
+            }
+            KlEstimator::K2 => {
+                let $cfg = &PolicyLossConfig {
+                    kl: KlEstimator::K2,
+                    ..*$cfg
+                };
+                $call
+            }
+            KlEstimator::K3 => {
+                let $cfg = &PolicyLossConfig {
+                    kl: KlEstimator::K3,
+                    ..*$cfg
+                };
+                $call
+            }
+            KlEstimator::LowVarK3 => {
+                let $cfg = &PolicyLossConfig {
+                    kl: KlEstimator::LowVarK3,
+                    ..*$cfg
+                };
+                $call
+            }
+        }
+    };
 }
 
 multiversion! {
     /// One sequence's loss terms into `out` (`m_t l_t`) and its sums.
     fn seq_forward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
-        with_fixed_kl(cfg, |cfg| forward_lanes(cfg, seq, out))
+        with_fixed_kl!(cfg, forward_lanes(cfg, seq, out))
     }
 }
 
@@ -870,7 +896,7 @@ multiversion! {
     /// One sequence's `dlogp` into `out`, each token's weight being
     /// `scale = grad_loss * w_s`; whether every read input was finite.
     fn seq_backward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
-        with_fixed_kl(cfg, |cfg| backward_lanes(cfg, seq, scale, out))
+        with_fixed_kl!(cfg, backward_lanes(cfg, seq, scale, out))
     }
 }
 
