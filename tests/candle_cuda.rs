@@ -89,3 +89,89 @@ fn token_logprobs_on_cuda_equal_cpu_with_gradients() {
         );
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn policy_loss_and_sampling_on_cuda_equal_cpu() {
+    use grpo_kernels::candle::{policy_loss, sample, PolicyLossTensors};
+    use grpo_kernels::{Aggregation, KlEstimator, PolicyLossConfig, SamplingConfig};
+    let cuda = Device::new_cuda(0).expect("a CUDA device");
+    let mut rng = Rng::new(22);
+    let (s, t) = (6, 333);
+    let logp: Vec<f32> = (0..s * t).map(|_| (rng.normal() * 0.5 - 2.0) as f32).collect();
+    let old: Vec<f32> = logp.iter().map(|&l| l + (rng.normal() * 0.3) as f32).collect();
+    let reference: Vec<f32> = logp.iter().map(|&l| l + (rng.normal() * 0.2) as f32).collect();
+    let adv: Vec<f32> = (0..s).map(|_| rng.normal() as f32).collect();
+    let mask: Vec<u8> = (0..s * t).map(|i| (i % 11 != 0) as u8).collect();
+    for aggregation in [
+        Aggregation::TokenMean { normalizer: None },
+        Aggregation::SeqMeanTokenMean,
+    ] {
+        let cfg = PolicyLossConfig {
+            beta: 0.04,
+            kl: KlEstimator::K3,
+            aggregation,
+            ..PolicyLossConfig::default()
+        };
+        let run = |dev: &Device| {
+            let x = Var::from_tensor(&Tensor::from_vec(logp.clone(), (s, t), dev).unwrap()).unwrap();
+            let o = Tensor::from_vec(old.clone(), (s, t), dev).unwrap();
+            let r = Tensor::from_vec(reference.clone(), (s, t), dev).unwrap();
+            let a = Tensor::from_vec(adv.clone(), s, dev).unwrap();
+            let m = Tensor::from_vec(mask.clone(), (s, t), dev).unwrap();
+            let inputs = PolicyLossTensors {
+                old_logp: Some(&o),
+                ref_logp: Some(&r),
+                advantages: &a,
+                mask: Some(&m),
+                cu_seqlens: None,
+            };
+            let out = policy_loss(&x, &inputs, &cfg).unwrap();
+            // Gradient through both the loss and the per-token terms.
+            let total = (&out.loss + (out.per_token.sum_all().unwrap() * 0.5).unwrap()).unwrap();
+            let grads = total.backward().unwrap();
+            (out.loss, out.per_token, out.stats, grads.get(&x).unwrap().clone())
+        };
+        let (cpu, gpu) = (run(&Device::Cpu), run(&cuda));
+        let what = format!("{aggregation:?}");
+        assert_close(&format!("loss {what}"), &to32(&gpu.0), &to64(&cpu.0), 1e-6, 1e-5);
+        assert_close(
+            &format!("per-token {what}"),
+            &to32(&gpu.1),
+            &to64(&cpu.1),
+            1e-6,
+            2e-5,
+        );
+        assert_eq!(gpu.2.tokens, cpu.2.tokens);
+        assert_close(&format!("dlogp {what}"), &to32(&gpu.3), &to64(&cpu.3), 1e-7, 2e-5);
+    }
+
+    let (b, v) = (16, 5003);
+    let logits: Vec<f32> = rng.normals(b * v, 3.0);
+    let cfg = SamplingConfig {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        seed: 9,
+        step: 4,
+        ..SamplingConfig::default()
+    };
+    let draw = |dev: &Device| {
+        let x = Tensor::from_vec(logits.clone(), (b, v), dev).unwrap();
+        let (tokens, logp) = sample(&x, &cfg).unwrap();
+        assert!(tokens.device().same_device(dev));
+        (tokens.to_vec1::<u32>().unwrap(), to32(&logp))
+    };
+    let (cpu, gpu) = (draw(&Device::Cpu), draw(&cuda));
+    assert_eq!(gpu.0, cpu.0);
+    assert_close(
+        "sampled logp",
+        &gpu.1,
+        &cpu.1.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        2e-5,
+        2e-5,
+    );
+}

@@ -64,24 +64,24 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// SFT steps.
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 2400)]
         sft_steps: usize,
         /// GRPO steps.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 150)]
         grpo_steps: usize,
     },
     /// Supervised fine-tuning from scratch (or from --init).
     Sft {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 2400)]
         steps: usize,
     },
     /// GRPO from a checkpoint (--init, usually the SFT one).
     Grpo {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 150)]
         steps: usize,
     },
     /// Failure rate, recall and mean recall of a checkpoint (--init).

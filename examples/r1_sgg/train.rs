@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, PolicyLossTensors};
+use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
 use grpo_kernels::{
     group_advantages, AdvantageMode, Aggregation, FusedLinearConfig, LogProbConfig, PolicyLossConfig,
     PolicyLossStats, Rewards as RewardValues, SamplingConfig,
@@ -83,7 +83,7 @@ pub fn token_batch(rows: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor
 }
 
 /// Log-probs `[B, T - 1]` of each next token (masked positions give 0),
-/// differentiable in the model, from the fused LM-head op.
+/// differentiable in the model, from the fused LM-head op (on the CPU).
 pub fn completion_logprobs(
     model: &Vlm,
     images: &Tensor,
@@ -102,13 +102,20 @@ pub fn completion_logprobs(
         },
         ..FusedLinearConfig::default()
     };
-    let out = fused_linear_logprobs(
-        &hidden,
-        model.lm_head_weight(),
-        &targets,
-        Some(&target_mask),
-        &cfg,
-    )?;
+    let out = if hidden.device().is_cpu() {
+        fused_linear_logprobs(
+            &hidden,
+            model.lm_head_weight(),
+            &targets,
+            Some(&target_mask),
+            &cfg,
+        )?
+    } else {
+        // The fused op has no CUDA launch wrapper yet: logits, then the
+        // CUDA token log-prob kernel.
+        let logits = hidden.broadcast_matmul(&model.lm_head_weight().t()?)?;
+        token_logprobs(&logits, &targets, Some(&target_mask), &cfg.logprob)?
+    };
     Ok((out.logp, target_mask))
 }
 

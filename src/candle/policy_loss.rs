@@ -141,9 +141,12 @@ struct PolicyLossOp {
     captured: std::sync::Arc<Captured>,
 }
 
-/// `dlogp` from the gradient of the packed output.
+/// `dlogp` from the gradient of the packed output (and, on CUDA, the
+/// forward's summary, whose token count normalizes `TokenMean`).
 struct PolicyLossBackward {
     captured: std::sync::Arc<Captured>,
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    packed: Tensor,
     grad: Tensor,
 }
 
@@ -225,9 +228,19 @@ impl CustomOp1 for PolicyLossOp {
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(&self.captured, storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let bwd = PolicyLossBackward {
             captured: self.captured.clone(),
+            packed: res.contiguous()?,
             grad: grad_res.contiguous()?,
         };
         Ok(Some(arg.apply_op1_no_bwd(&bwd)?))
@@ -250,5 +263,143 @@ impl CustomOp1 for PolicyLossBackward {
             op::policy_loss_backward(inputs, &self.captured.cfg, grad_loss, Some(&grad[..n])).map_err(wrap)
         })?;
         Ok((CpuStorage::F32(dlogp), layout.shape().clone()))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(self, storage, layout)
+    }
+}
+
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{Layout, Result, Shape, Tensor};
+    use cudarc::driver::CudaView;
+
+    use super::{Captured, PolicyLossBackward, Sequences};
+    use crate::candle::gpu::{checked, gpu, view};
+    use crate::candle::wrap;
+    use crate::cuda::{self as kernels, Device};
+    use crate::ops::layout::SeqLayout;
+    use crate::ops::policy_loss::{Advantage, PolicyLossInputs, PolicyLossStats};
+
+    /// Runs `f` on the kernels' inputs over `logp`, from the captured CUDA tensors.
+    fn with_inputs<R>(
+        c: &Captured,
+        logp: CudaView<'_, f32>,
+        f: impl FnOnce(&PolicyLossInputs<'_, Device>) -> Result<R>,
+    ) -> Result<R> {
+        // A typed view of a guarded storage.
+        fn v<'a, T: candle_core::cuda_backend::CudaDType>(
+            storage: &'a candle_core::Storage,
+            layout: &Layout,
+            what: &str,
+        ) -> Result<CudaView<'a, T>> {
+            match storage {
+                candle_core::Storage::Cuda(s) => view(s, layout, what),
+                _ => candle_core::bail!("{what} is not on a CUDA device"),
+            }
+        }
+        let old = c.old.as_ref().map(Tensor::storage_and_layout);
+        let reference = c.reference.as_ref().map(Tensor::storage_and_layout);
+        let adv = c.advantages.storage_and_layout();
+        let mask = c.mask.as_ref().map(Tensor::storage_and_layout);
+        let cu = match &c.layout {
+            Sequences::Packed(t) => Some(t.storage_and_layout()),
+            Sequences::Padded { .. } => None,
+        };
+        let adv_view = v::<f32>(&adv.0, adv.1, "advantages")?;
+        let inputs = PolicyLossInputs::<Device> {
+            logp,
+            old_logp: old
+                .as_ref()
+                .map(|g| v::<f32>(&g.0, g.1, "old_logp"))
+                .transpose()?,
+            ref_logp: reference
+                .as_ref()
+                .map(|g| v::<f32>(&g.0, g.1, "ref_logp"))
+                .transpose()?,
+            advantages: if c.per_token_adv {
+                Advantage::PerToken(adv_view)
+            } else {
+                Advantage::PerSequence(adv_view)
+            },
+            mask: mask.as_ref().map(|g| v::<u8>(&g.0, g.1, "mask")).transpose()?,
+            layout: match (&c.layout, &cu) {
+                (&Sequences::Padded { batch, seq_len }, _) => SeqLayout::Padded { batch, seq_len },
+                (Sequences::Packed(_), Some(g)) => SeqLayout::Packed {
+                    cu_seqlens: v::<u32>(&g.0, g.1, "cu_seqlens")?,
+                },
+                (Sequences::Packed(_), None) => candle_core::bail!("cu_seqlens missing"),
+            },
+        };
+        f(&inputs)
+    }
+
+    pub fn forward(c: &Captured, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = &storage.device;
+        let g = gpu(dev)?;
+        let logp: CudaView<'_, f32> = view(storage, layout, "logp")?;
+        let n = logp.len();
+        let out = with_inputs(c, logp, |inputs| {
+            kernels::policy_loss(&g, inputs, &c.cfg).map_err(wrap)
+        })?;
+        // Pack [per-token; summary] like the CPU op.
+        let stream = g.stream();
+        let mut packed = stream
+            .alloc_zeros::<f32>(n + PolicyLossStats::SUMMARY_LEN)
+            .map_err(candle_core::Error::wrap)?;
+        stream
+            .memcpy_dtod(&out.per_token, &mut packed.slice_mut(0..n))
+            .map_err(candle_core::Error::wrap)?;
+        stream
+            .memcpy_dtod(&out.summary, &mut packed.slice_mut(n..))
+            .map_err(candle_core::Error::wrap)?;
+        checked(&g)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+            Shape::from(n + PolicyLossStats::SUMMARY_LEN),
+        ))
+    }
+
+    pub fn backward(
+        op: &PolicyLossBackward,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = &storage.device;
+        let g = gpu(dev)?;
+        let logp: CudaView<'_, f32> = view(storage, layout, "logp")?;
+        let n = logp.len();
+        let (packed, grad) = (op.packed.storage_and_layout(), op.grad.storage_and_layout());
+        let (candle_core::Storage::Cuda(ps), candle_core::Storage::Cuda(gs)) = (&*packed.0, &*grad.0) else {
+            candle_core::bail!("policy loss backward: saved output and gradient must be on the CUDA device");
+        };
+        let packed_view: CudaView<'_, f32> = view(ps, packed.1, "saved")?;
+        let grad_view: CudaView<'_, f32> = view(gs, grad.1, "grad")?;
+        let summary = packed_view.slice(n..n + PolicyLossStats::SUMMARY_LEN);
+        let grad_loss = grad_view.slice(n + PolicyLossStats::LOSS..n + PolicyLossStats::LOSS + 1);
+        let grad_per_token = grad_view.slice(0..n);
+        let dlogp = with_inputs(&op.captured, logp, |inputs| {
+            kernels::policy_loss_backward(
+                &g,
+                inputs,
+                &op.captured.cfg,
+                &summary,
+                &grad_loss,
+                Some(&grad_per_token),
+            )
+            .map_err(wrap)
+        })?;
+        checked(&g)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(dlogp, dev.clone()),
+            layout.shape().clone(),
+        ))
     }
 }

@@ -33,7 +33,9 @@ pub fn sample(logits: &Tensor, cfg: &SamplingConfig) -> Result<(Tensor, Tensor)>
             cfg
         )
         .map_err(wrap)?),
-        _ => candle_core::bail!("{OP}: the candle op runs on CPU tensors in this build"),
+        #[cfg(feature = "candle-cuda")]
+        Storage::Cuda(s) => return cuda::sample(s, layout, vocab, cfg),
+        _ => candle_core::bail!("{OP}: logits on an unsupported device (build with `candle-cuda` for CUDA)"),
     };
     let b = out.tokens.len();
     let dev = logits.device();
@@ -41,4 +43,54 @@ pub fn sample(logits: &Tensor, cfg: &SamplingConfig) -> Result<(Tensor, Tensor)>
         Tensor::from_vec(out.tokens, b, dev)?,
         Tensor::from_vec(out.logp, b, dev)?,
     ))
+}
+
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaDType, CudaStorage};
+    use candle_core::op::BackpropOp;
+    use candle_core::{DType, Layout, Result, Storage, Tensor};
+
+    use crate::candle::gpu::{checked, gpu, view};
+    use crate::candle::wrap;
+    use crate::cuda::{self as kernels, Device, GpuFloat};
+    use crate::ops::sampling::{SampleInputs, SamplingConfig};
+
+    /// The kernel on the logits' stream; outputs stay on the device.
+    pub fn sample(
+        storage: &CudaStorage,
+        layout: &Layout,
+        vocab: usize,
+        cfg: &SamplingConfig,
+    ) -> Result<(Tensor, Tensor)> {
+        match storage.dtype() {
+            DType::F32 => run::<f32>(storage, layout, vocab, cfg),
+            DType::BF16 => run::<half::bf16>(storage, layout, vocab, cfg),
+            DType::F16 => run::<half::f16>(storage, layout, vocab, cfg),
+            d => candle_core::bail!("logits must be F32, BF16 or F16, got {d:?}"),
+        }
+    }
+
+    fn run<T: GpuFloat + CudaDType>(
+        storage: &CudaStorage,
+        layout: &Layout,
+        vocab: usize,
+        cfg: &SamplingConfig,
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = &storage.device;
+        let g = gpu(dev)?;
+        let inputs = SampleInputs::<T, Device> {
+            logits: view(storage, layout, "logits")?,
+            vocab,
+        };
+        let out = kernels::sample(&g, &inputs, cfg).map_err(wrap)?;
+        checked(&g)?;
+        let b = out.tokens.len();
+        let tensor = |s: CudaStorage| Tensor::from_storage(Storage::Cuda(s), b, BackpropOp::none(), false);
+        Ok((
+            tensor(CudaStorage::wrap_cuda_slice(out.tokens, dev.clone())),
+            tensor(CudaStorage::wrap_cuda_slice(out.logp, dev.clone())),
+        ))
+    }
 }
