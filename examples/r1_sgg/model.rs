@@ -409,7 +409,7 @@ impl Vlm {
             len: 0,
         };
         let hidden = self.run_lm(x, 0, Some(&causal), Some(&mut cache))?;
-        let last = hidden.narrow(1, l - 1, 1)?.squeeze(1)?;
+        let last = hidden.narrow(1, l - 1, 1)?.squeeze(1)?.contiguous()?;
         Ok((cache, last.matmul(&self.lm_head.t()?)?))
     }
 
@@ -418,7 +418,7 @@ impl Vlm {
         let x = self.embed.forward(&tokens.unsqueeze(1)?)?;
         let start = cache.len;
         let hidden = self.run_lm(x, start, None, Some(cache))?;
-        hidden.squeeze(1)?.matmul(&self.lm_head.t()?)
+        hidden.squeeze(1)?.contiguous()?.matmul(&self.lm_head.t()?)
     }
 }
 

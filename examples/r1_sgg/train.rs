@@ -113,7 +113,7 @@ pub fn completion_logprobs(
     } else {
         // The fused op has no CUDA launch wrapper yet: logits, then the
         // CUDA token log-prob kernel.
-        let logits = hidden.broadcast_matmul(&model.lm_head_weight().t()?)?;
+        let logits = hidden.contiguous()?.broadcast_matmul(&model.lm_head_weight().t()?)?;
         token_logprobs(&logits, &targets, Some(&target_mask), &cfg.logprob)?
     };
     Ok((out.logp, target_mask))
