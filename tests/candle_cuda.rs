@@ -5,27 +5,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
+use common::tensors::{to32, to64};
 use common::{assert_close, Rng};
 use grpo_kernels::candle::token_logprobs;
 use grpo_kernels::LogProbConfig;
-
-fn to64(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn to32(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 #[test]
 #[cfg_attr(

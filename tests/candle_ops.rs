@@ -6,30 +6,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::tensors::{to32, to64};
 use common::{assert_close, Rng};
 use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
 use grpo_kernels::{
     Advantage, Aggregation, FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig,
     PolicyLossInputs, SamplingConfig, SeqLayout,
 };
-
-fn to64(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn to32(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 /// GRPO's loss composed from candle ops (token ratios, two-sided clip, k3
 /// KL, seq-mean-token-mean), the textbook form TRL writes in PyTorch.

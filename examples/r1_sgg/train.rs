@@ -113,10 +113,24 @@ pub fn completion_logprobs(
     } else {
         // The fused op has no CUDA launch wrapper yet: logits, then the
         // CUDA token log-prob kernel.
-        let logits = hidden.contiguous()?.broadcast_matmul(&model.lm_head_weight().t()?)?;
+        let logits = hidden
+            .contiguous()?
+            .broadcast_matmul(&model.lm_head_weight().t()?)?;
         token_logprobs(&logits, &targets, Some(&target_mask), &cfg.logprob)?
     };
     Ok((out.logp, target_mask))
+}
+
+/// AdamW over every variable, without weight decay.
+fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW> {
+    AdamW::new(
+        vars.all_vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )
 }
 
 /// Settings of the SFT stage.
@@ -145,14 +159,7 @@ pub fn sft(
     cfg: &SftConfig,
 ) -> Result<Vec<SftLog>> {
     let device = model.device().clone();
-    let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vars, cfg.lr)?;
     let bar = progress(cfg.steps as u64, "SFT");
     let mut log = Vec::with_capacity(cfg.steps);
     let mut rng = crate::scene::Rng::new(cfg.seed);
@@ -277,14 +284,7 @@ pub fn grpo(
     cfg: &GrpoConfig,
 ) -> Result<Vec<GrpoLog>> {
     let device = model.device().clone();
-    let mut opt = AdamW::new(
-        vars.all_vars(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: 0.0,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vars, cfg.lr)?;
     let bar = progress(cfg.steps as u64, "GRPO");
     let mut rng = crate::scene::Rng::new(cfg.seed);
     let mut log = Vec::with_capacity(cfg.steps);

@@ -120,3 +120,27 @@ pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Candle tensors flattened to host vectors.
+#[cfg(feature = "candle")]
+pub mod tensors {
+    use candle_core::{DType, Tensor};
+
+    pub fn to64(t: &Tensor) -> Vec<f64> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    pub fn to32(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+}
