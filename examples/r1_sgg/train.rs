@@ -121,6 +121,36 @@ pub fn completion_logprobs(
     Ok((out.logp, target_mask))
 }
 
+/// Gradients are rescaled to at most this global L2 norm (TRL's default).
+const MAX_GRAD_NORM: f64 = 1.0;
+
+/// One optimizer step on `loss` with the gradients clipped to a global L2
+/// norm of `max_norm`; a non-finite loss or gradient skips the step (and
+/// returns false) rather than writing NaN into the weights.
+fn clipped_step(opt: &mut AdamW, vars: &VarMap, loss: &Tensor, max_norm: f64) -> Result<bool> {
+    let mut grads = loss.backward()?;
+    let mut sq = 0.0f64;
+    for v in vars.all_vars() {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = sq.sqrt();
+    if !norm.is_finite() || !loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+        return Ok(false);
+    }
+    if norm > max_norm {
+        let scale = max_norm / norm;
+        for v in vars.all_vars() {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    opt.step(&grads)?;
+    Ok(true)
+}
+
 /// AdamW over every variable, without weight decay.
 fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW> {
     AdamW::new(
@@ -180,8 +210,13 @@ pub fn sft(
         let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask)?;
         let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
         let loss = logp.sum_all()?.neg()?.div(&count)?;
-        opt.backward_step(&loss)?;
-        let loss = loss.to_scalar::<f32>()?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !clipped_step(&mut opt, vars, &loss, MAX_GRAD_NORM)? {
+            bar.println(format!(
+                "SFT step {step}: non-finite loss or gradient, step skipped"
+            ));
+        }
+        let loss = loss_value;
         log.push(SftLog { step, loss });
         bar.set_message(format!("loss {loss:.3}"));
         bar.inc(1);
@@ -330,7 +365,11 @@ pub fn grpo(
             },
             &cfg.loss,
         )?;
-        opt.backward_step(&out.loss)?;
+        if !clipped_step(&mut opt, vars, &out.loss, MAX_GRAD_NORM)? {
+            bar.println(format!(
+                "GRPO step {step}: non-finite loss or gradient, step skipped"
+            ));
+        }
 
         let n = scored.len() as f64;
         let mean = |f: fn(&Rewards) -> f64| scored.iter().map(f).sum::<f64>() / n;
