@@ -234,10 +234,17 @@ def main():
         extra = (torch.cuda.max_memory_allocated() - base) / 2**30
         param = f"bf16_{n}x{h}x{V}"
         ours = ours_ms(c, "cuda_fused_linear", "forward", param)
-        results.append(rows_for(ours, t_gemm, None, "fused linear forward", f"{n}x{h}x{V} bf16",
+        results.append(rows_for(ours, t_gemm, t_gemm, "fused linear forward", f"{n}x{h}x{V} bf16",
                                 "torch GEMM alone (hidden @ W.T)"))
         results.append(rows_for(ours, t_mat, None, "fused linear forward", f"{n}x{h}x{V} bf16",
                                 f"GEMM + selective log-softmax (extra {extra:.1f} GiB)"))
+        # Forward + backward: the three GEMMs (logits, dh = dz W, dW = dz^T h).
+        dz = torch.randn(n, V, device=DEV, dtype=torch.bfloat16)
+        t_gemm3 = t_gemm + cuda_time_ms(lambda: dz @ w, reps=10) + cuda_time_ms(lambda: dz.T @ hid, reps=10)
+        del dz
+        ours = ours_ms(c, "cuda_fused_linear", "forward_backward", param)
+        results.append(rows_for(ours, t_gemm3, t_gemm3, "fused linear fwd+bwd", f"{n}x{h}x{V} bf16",
+                                "torch's 3 GEMMs alone"))
         del hid, w
 
     print()

@@ -260,5 +260,76 @@ fn cpu(c: &mut Criterion) {
     case::<bf16>(c);
 }
 
-criterion_group!(benches, cpu);
+/// On a GPU: the op at Qwen2.5-7B's head (H = 3584, V = 151936, bf16) for
+/// N = 2048 and 8192 tokens with [`FusedLinearConfig::gpu`], forward and
+/// forward + backward. `compare_torch.py` times PyTorch's GEMMs alone (the
+/// floor) and GEMM + selective log-softmax at the same sizes.
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use grpo_kernels::cuda::{self, Device, Gpu};
+    let Some(gpu) = Gpu::try_default(0).unwrap() else {
+        eprintln!("cuda benches SKIPPED: no CUDA device");
+        return;
+    };
+    const H_GPU: usize = 3584;
+    let stream = gpu.stream();
+    let weight: Vec<bf16> = util::normals(V * H_GPU, 0.02, 2);
+    let d_weight = stream.clone_htod(&weight).unwrap();
+    drop(weight);
+    let cfg = FusedLinearConfig::gpu();
+    let mut g = c.benchmark_group("cuda_fused_linear");
+    g.sample_size(10);
+    for n in [2048usize, 8192] {
+        let hidden: Vec<bf16> = util::normals(n * H_GPU, 0.05, 1);
+        let (d_hidden, d_targets) = (
+            stream.clone_htod(&hidden).unwrap(),
+            stream.clone_htod(&util::targets(n, V, 3)).unwrap(),
+        );
+        let d_ones = stream.clone_htod(&vec![1.0f32; n]).unwrap();
+        let rows = LinearRows::<bf16, u32, Device> {
+            hidden: d_hidden.as_view(),
+            weight: d_weight.as_view(),
+            bias: None,
+            targets: d_targets.as_view(),
+            mask: None,
+            hidden_size: H_GPU,
+        };
+        let (rc, vc) = (cfg.chunk_rows.min(n), cfg.chunk_vocab);
+        eprintln!(
+            "cuda bf16 N={n}: workspace forward {:.0} MiB, backward {:.0} MiB (logits would be {:.0} MiB in bf16)",
+            (4 * rc * vc + 16 * n * V.div_ceil(vc)) as f64 / (1 << 20) as f64,
+            (6 * rc * vc + 6 * rc * H_GPU) as f64 / (1 << 20) as f64,
+            (2 * n * V) as f64 / (1 << 20) as f64,
+        );
+        let param = format!("bf16_{n}x{H_GPU}x{V}");
+        g.throughput(Throughput::Elements((2 * n * H_GPU * V) as u64));
+        g.bench_function(BenchmarkId::new("forward", &param), |b| {
+            b.iter_custom(|iters| {
+                util::gpu::time(&gpu, iters, || {
+                    cuda::fused_linear_logprobs(&gpu, &rows, &cfg).unwrap();
+                })
+            })
+        });
+        g.throughput(Throughput::Elements((6 * n * H_GPU * V) as u64));
+        g.bench_function(BenchmarkId::new("forward_backward", &param), |b| {
+            b.iter_custom(|iters| {
+                util::gpu::time(&gpu, iters, || {
+                    let out = cuda::fused_linear_logprobs(&gpu, &rows, &cfg).unwrap();
+                    let grads = LogProbGrads::<Device> {
+                        logp: d_ones.as_view(),
+                        entropy: None,
+                        lse: None,
+                    };
+                    cuda::fused_linear_logprobs_backward(&gpu, &rows, &cfg, &out.saved(), &grads).unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mut Criterion) {}
+
+criterion_group!(benches, cpu, bench_cuda);
 criterion_main!(benches);

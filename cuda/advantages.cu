@@ -1,7 +1,9 @@
-// Group advantages (math: src/ops/advantages.rs), all modes in one launch of
-// one block: rewards are few (P * G, hundreds to a million), and one block
-// lets the batch statistics follow the group statistics without a second
-// launch. f64 accumulation, as on the CPU.
+// Group advantages (math and conventions: src/ops/advantages.rs), every
+// mode in one launch of one block: rewards are few (P * G, hundreds to a
+// million), and one block lets the batch statistics follow the group
+// statistics without a second launch. f64 throughout and the CPU's
+// operations in the CPU's order, so the two agree to f32 rounding, and a
+// flat group (all rewards exactly equal, or G = 1) gets exactly 0.
 #include "common.cuh"
 
 using namespace gk;
@@ -9,93 +11,168 @@ using namespace gk;
 namespace {
 
 constexpr int THREADS = 1024;
+constexpr int WARPS = THREADS / 32;
 
 enum Mode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4 };
 
-struct MeanVar {
-    double mean, std;
+// A group's sums, kept for the batch statistics.
+struct GroupStats {
+    double sum, mean, sq_dev;
+    bool flat;
 };
 
-// Mean and standard deviation of x[0..n) by one warp (two passes, f64).
-__device__ __forceinline__ MeanVar warp_mean_std(const float* x, int64_t n, bool unbiased) {
+// The layout the host allocates: four f64 per group.
+static_assert(sizeof(GroupStats) == 32, "GroupStats is [f64; 4] on the host");
+
+struct MinF64 {
+    __device__ double operator()(double a, double b) const { return fmin(a, b); }
+};
+struct MaxF64 {
+    __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+
+// The combined reward of completion i, sum_k w_k values[k][i] in f64 (k in
+// order); NaN when a component is not finite, which is raised.
+__device__ __forceinline__ double combined(const float* values, const float* weights, int64_t components, int64_t n,
+                                           int64_t i, uint32_t* status) {
+    if (weights == nullptr) {
+        const float v = values[i];
+        if (!isfinite(v)) raise(status, OP_ADVANTAGES, NON_FINITE, i);
+        return isfinite(v) ? (double)v : NAN;
+    }
+    double r = 0.0;
+    for (int64_t k = 0; k < components; ++k) {
+        const float v = values[k * n + i];
+        if (!isfinite(v)) {
+            raise(status, OP_ADVANTAGES, NON_FINITE, k * n + i);
+            return NAN;
+        }
+        r += (double)weights[k] * v;
+    }
+    return r;
+}
+
+// Standard deviation over `count` rewards; 0 for a flat group or a divisor of 0.
+__device__ __forceinline__ double std_of(const GroupStats& s, int64_t count, bool unbiased) {
+    const int64_t div = unbiased ? count - 1 : count;
+    return s.flat || div <= 0 ? 0.0 : sqrt(s.sq_dev / (double)div);
+}
+
+// A group's statistics by one warp: sum, min and max, then the squared
+// deviations from the mean. The mean of a flat group is its value exactly.
+__device__ GroupStats warp_group_stats(const float* values, const float* weights, int64_t components, int64_t n,
+                                       int64_t start, int64_t g, uint32_t* status) {
     const int lane = threadIdx.x & 31;
-    double sum = 0.0;
-    for (int64_t i = lane; i < n; i += 32) sum += x[i];
-    const double mean = warp_reduce(sum, Sum{}) / (double)n;
+    double sum = 0.0, lo = INFINITY, hi = -INFINITY;
+    bool bad = false;
+    for (int64_t i = lane; i < g; i += 32) {
+        const double r = combined(values, weights, components, n, start + i, status);
+        bad |= isnan(r);
+        sum += r;
+        lo = fmin(lo, r);
+        hi = fmax(hi, r);
+    }
+    sum = warp_reduce(sum, Sum{});
+    lo = warp_reduce(lo, MinF64{});
+    hi = warp_reduce(hi, MaxF64{});
+    if (__any_sync(0xffffffffu, bad)) return {NAN, NAN, NAN, false};
+    const bool flat = lo == hi;
+    const double mean = flat ? lo : sum / (double)g;
     double sq = 0.0;
-    for (int64_t i = lane; i < n; i += 32) sq += (x[i] - mean) * (x[i] - mean);
-    sq = warp_reduce(sq, Sum{});
-    const double dof = unbiased ? (double)n - 1.0 : (double)n;
-    return {mean, dof > 0.0 ? sqrt(sq / dof) : 0.0};
+    if (!flat)
+        for (int64_t i = lane; i < g; i += 32) {
+            const double d = combined(values, weights, components, n, start + i, status) - mean;
+            sq += d * d;
+        }
+    return {sum, mean, warp_reduce(sq, Sum{}), flat};
+}
+
+// A = (r - shift) * scale, as AdvantageMode::group_affine.
+__device__ __forceinline__ void affine(int mode, const GroupStats& s, int64_t g, float eps, bool unbiased,
+                                       double batch_std, double* shift, double* scale) {
+    *shift = s.mean;
+    if (mode == NONE) {
+        *shift = 0.0;
+        *scale = 1.0;
+    } else if (s.flat) {
+        *scale = 0.0;
+    } else if (mode == GROUP_NORM) {
+        *scale = 1.0 / (std_of(s, g, unbiased) + (double)eps);
+    } else if (mode == GROUP_MEAN) {
+        *scale = 1.0;
+    } else if (mode == BATCH_NORM) {
+        *scale = 1.0 / (batch_std + (double)eps);
+    } else {  // LEAVE_ONE_OUT, G >= 2 here
+        *scale = (double)g / ((double)g - 1.0);
+    }
 }
 
 }  // namespace
 
-// values [K * n] component-major, weights [K]; outputs advantages and
-// rewards [n], group_mean and group_std [n / G]. One block of THREADS.
+// values [K * n] component-major; weights [K] or null (one component, used
+// as is); outputs advantages and combined rewards [n], group_mean and
+// group_std [n / G]; stats [n / G] is scratch. One block of THREADS.
+// `unbiased` is the std convention of the mode (true for modes without one).
 extern "C" __global__ void __launch_bounds__(THREADS)
     group_advantages(const float* values, const float* weights, int64_t components, int64_t n, int64_t group_size,
                      int mode, float eps, int unbiased, float* advantages, float* rewards, float* group_mean,
-                     float* group_std, uint32_t* status) {
-    // 1. Weighted sum of the components.
-    for (int64_t i = threadIdx.x; i < n; i += THREADS) {
-        double r = 0.0;
-        for (int64_t k = 0; k < components; ++k) {
-            const float v = values[k * n + i];
-            if (!isfinite(v)) raise(status, OP_ADVANTAGES, NON_FINITE, k * n + i);
-            r += (double)weights[k] * v;
-        }
-        rewards[i] = (float)r;
-    }
-    __syncthreads();
-
-    // 2. Group statistics (a warp per group) and, for the group modes, the
-    //    advantages. A group of one, or whose rewards are all equal, has
-    //    r - mean = 0 exactly in f64, hence advantage 0.
+                     float* group_std, GroupStats* stats, uint32_t* status) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t groups = n / group_size, g_size = group_size;
-    for (int64_t g = warp; g < groups; g += THREADS / 32) {
-        const float* r = rewards + g * g_size;
-        const MeanVar mv = warp_mean_std(r, g_size, unbiased);
-        if (lane == 0) {
-            group_mean[g] = (float)mv.mean;
-            group_std[g] = (float)mv.std;
+    const int64_t g = group_size, groups = n / group_size;
+
+    // 1. Group statistics, a warp per group; the combined rewards.
+    for (int64_t p = warp; p < groups; p += WARPS) {
+        const GroupStats s = warp_group_stats(values, weights, components, n, p * g, g, status);
+        for (int64_t i = lane; i < g; i += 32) {
+            const float r = (float)combined(values, weights, components, n, p * g + i, status);
+            if (isinf(r)) raise(status, OP_ADVANTAGES, NON_FINITE, p * g + i);  // overflows f32
+            rewards[p * g + i] = r;
         }
-        if (mode == BATCH_NORM) continue;
-        for (int64_t i = lane; i < g_size; i += 32) {
-            const double centered = r[i] - mv.mean;
-            double a;
-            switch (mode) {
-                case GROUP_NORM: a = centered / (mv.std + eps); break;
-                case GROUP_MEAN: a = centered; break;
-                case LEAVE_ONE_OUT: a = g_size > 1 ? centered * g_size / (g_size - 1.0) : 0.0; break;
-                default: a = r[i]; break;
-            }
-            advantages[g * g_size + i] = (float)a;
+        if (lane == 0) {
+            stats[p] = s;
+            group_mean[p] = (float)s.mean;
+            group_std[p] = (float)std_of(s, g, unbiased);
         }
     }
-    if (mode != BATCH_NORM) return;
 
-    // 3. Batch standard deviation of the rewards, then centered by group.
-    __shared__ double scratch[THREADS / 32];
-    __syncthreads();
-    double sum = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += THREADS) sum += rewards[i];
-    const double mean = block_reduce(sum, Sum{}, scratch) / (double)n;
-    double sq = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += THREADS) sq += (rewards[i] - mean) * (rewards[i] - mean);
-    sq = block_reduce(sq, Sum{}, scratch);
-    const double dof = unbiased ? (double)n - 1.0 : (double)n;
-    const double batch_std = dof > 0.0 ? sqrt(sq / dof) : 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += THREADS) {
-        const double centered = rewards[i] - (double)group_mean[i / g_size];
-        advantages[i] = (float)(centered / (batch_std + eps));
+    // 2. Batch std from the group sums (Chan et al.: SS = sum_g SS_g + G
+    //    (mean_g - mean)^2), for BatchNorm only.
+    double batch_std = 0.0;
+    if (mode == BATCH_NORM) {
+        __shared__ double scratch[WARPS];
+        __syncthreads();
+        double sum = 0.0;
+        for (int64_t p = threadIdx.x; p < groups; p += THREADS) sum += stats[p].sum;
+        const double mean = block_reduce(sum, Sum{}, scratch) / (double)n;
+        double sq = 0.0;
+        for (int64_t p = threadIdx.x; p < groups; p += THREADS) {
+            const double d = stats[p].mean - mean;
+            sq += stats[p].sq_dev + (double)g * d * d;
+        }
+        sq = block_reduce(sq, Sum{}, scratch);
+        const int64_t div = unbiased ? n - 1 : n;
+        batch_std = div > 0 ? sqrt(sq / (double)div) : 0.0;
+    }
+
+    // 3. Advantages, each group's affine map of its rewards. A warp reads
+    //    the stats its own lane 0 wrote (BatchNorm has synced the block).
+    __syncwarp();
+    for (int64_t p = warp; p < groups; p += WARPS) {
+        const GroupStats s = stats[p];
+        double shift, scale;
+        affine(mode, s, g, eps, unbiased, batch_std, &shift, &scale);
+        for (int64_t i = lane; i < g; i += 32) {
+            const double r = combined(values, weights, components, n, p * g + i, status);
+            advantages[p * g + i] = (float)((r - shift) * scale);
+        }
     }
 }
 
-// tokens of sequence s = [start, end) get per_seq[s]; cu_seqlens null means
+// Tokens of sequence s, [begin, end), get per_seq[s]; cu_seqlens null means
 // padded sequences of seq_len. Offsets outside [0, tokens] or decreasing
-// raise BAD_LAYOUT and write nothing. grid (seqs), 256 threads.
+// raise BAD_LAYOUT and write nothing; a non-finite value raises NON_FINITE
+// and writes NaN.
+// grid (seqs), 256 threads.
 extern "C" __global__ void broadcast_to_tokens(const float* per_seq, const uint32_t* cu_seqlens, int64_t seq_len,
                                                int64_t tokens, float* per_token, uint32_t* status) {
     const int64_t s = blockIdx.x;
@@ -105,6 +182,10 @@ extern "C" __global__ void broadcast_to_tokens(const float* per_seq, const uint3
         if (threadIdx.x == 0) raise(status, OP_ADVANTAGES, BAD_LAYOUT, s);
         return;
     }
-    const float v = per_seq[s];
+    float v = per_seq[s];
+    if (!isfinite(v)) {
+        if (threadIdx.x == 0) raise(status, OP_ADVANTAGES, NON_FINITE, s);
+        v = NAN;
+    }
     for (int64_t t = begin + threadIdx.x; t < end; t += blockDim.x) per_token[t] = v;
 }

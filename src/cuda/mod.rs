@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use cudarc::cublas::{sys::cudaDataType_t, CudaBlas};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
     LaunchArgs, PushKernelArg, ValidAsZeroBits,
@@ -33,11 +34,15 @@ use crate::element::{Float, TokenId};
 use crate::error::{DeviceFault, Error, Result};
 use crate::memory::Memory;
 
+pub mod advantages;
+pub mod fused_linear;
 pub mod kl;
 pub mod logprob;
 pub mod policy_loss;
 pub mod sampling;
 
+pub use advantages::{broadcast_to_tokens, group_advantages};
+pub use fused_linear::{fused_linear_logprobs, fused_linear_logprobs_backward};
 pub use kl::{kl_divergence, kl_divergence_backward};
 pub use logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_backward_into,
@@ -48,9 +53,6 @@ pub use sampling::sample;
 
 /// The PTX of each kernel file, embedded by build.rs.
 pub(crate) mod ptx {
-    // advantages.cu and fused_linear.cu are compiled and checked by ptxas,
-    // but have no launch wrapper yet.
-    #![allow(dead_code)]
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
@@ -71,10 +73,19 @@ impl Memory for Device {
 }
 
 /// Float types with CUDA kernels.
-pub trait GpuFloat: Float + DeviceRepr + ValidAsZeroBits {}
-impl GpuFloat for f32 {}
-impl GpuFloat for half::bf16 {}
-impl GpuFloat for half::f16 {}
+pub trait GpuFloat: Float + DeviceRepr + ValidAsZeroBits {
+    /// The type's id for cuBLAS.
+    const CUBLAS: cudaDataType_t;
+}
+impl GpuFloat for f32 {
+    const CUBLAS: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
+}
+impl GpuFloat for half::bf16 {
+    const CUBLAS: cudaDataType_t = cudaDataType_t::CUDA_R_16BF;
+}
+impl GpuFloat for half::f16 {
+    const CUBLAS: cudaDataType_t = cudaDataType_t::CUDA_R_16F;
+}
 
 /// Token id types with CUDA kernels.
 pub trait GpuId: TokenId + DeviceRepr {}
@@ -169,6 +180,8 @@ pub struct Gpu {
     loaded: Arc<Loaded>,
     status: Mutex<CudaSlice<u32>>,
     sm_count: usize,
+    /// cuBLAS on the same stream, created by the first op that needs it.
+    blas: OnceLock<CudaBlas>,
 }
 
 impl Gpu {
@@ -185,6 +198,7 @@ impl Gpu {
             stream,
             status: Mutex::new(status),
             sm_count,
+            blas: OnceLock::new(),
         })
     }
 
@@ -233,6 +247,24 @@ impl Gpu {
         })
     }
 
+    /// cuBLAS on this stream; an error (not cudarc's panic) when the
+    /// library cannot be loaded.
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(blas) = self.blas.get() {
+            return Ok(blas);
+        }
+        if !library_present(&["libcublas.so.13", "libcublas.so"], &["cublas64_13.dll"]) {
+            return Err(Error::Cuda(
+                "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 toolkit or the \
+                 nvidia-cublas wheel and add its lib folder to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let blas = CudaBlas::new(self.stream.clone())
+            .map_err(|e| Error::Cuda(format!("creating a cuBLAS handle: {e}")))?;
+        Ok(self.blas.get_or_init(|| blas))
+    }
+
     pub(crate) fn function(&self, file: KernelFile, name: &str) -> Result<CudaFunction> {
         self.loaded.function(file, name)
     }
@@ -262,13 +294,14 @@ impl Gpu {
 /// panics on first use when it cannot, whether it loads the driver itself
 /// or was linked against it by candle.)
 pub fn driver_present() -> bool {
-    let names: &[&str] = if cfg!(windows) {
-        &["nvcuda.dll"]
-    } else {
-        &["libcuda.so.1", "libcuda.so"]
-    };
-    // SAFETY: loading the driver library runs no code of ours; it is
-    // unloaded again when the handle drops.
+    library_present(&["libcuda.so.1", "libcuda.so"], &["nvcuda.dll"])
+}
+
+/// Whether one of the shared libraries named (per OS) can be loaded.
+fn library_present(unix: &[&str], windows: &[&str]) -> bool {
+    let names = if cfg!(windows) { windows } else { unix };
+    // SAFETY: loading a CUDA library runs no code of ours; it is unloaded
+    // again when the handle drops.
     names
         .iter()
         .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())

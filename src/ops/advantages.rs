@@ -81,7 +81,7 @@ impl Default for AdvantageMode {
 }
 
 impl AdvantageMode {
-    fn validate(self, op: &'static str) -> Result<()> {
+    pub(crate) fn validate(self, op: &'static str) -> Result<()> {
         match self {
             AdvantageMode::GroupNorm { eps, .. } | AdvantageMode::BatchNorm { eps, .. } => {
                 check::param(op, "eps", eps as f64, eps >= 0.0, "finite and >= 0")
@@ -92,7 +92,7 @@ impl AdvantageMode {
 
     /// Whether std divides by `count - 1` rather than `count`. Modes without
     /// a std of their own report the unbiased one (TRL's logged `reward_std`).
-    fn unbiased(self) -> bool {
+    pub(crate) fn unbiased(self) -> bool {
         match self {
             AdvantageMode::GroupNorm { unbiased, .. } | AdvantageMode::BatchNorm { unbiased, .. } => unbiased,
             _ => true,

@@ -1,0 +1,483 @@
+//! Fused linear log-probs on the GPU: cuBLAS GEMMs by tile feeding the
+//! hand-written kernels of `cuda/fused_linear.cu`. The spec, math and
+//! validation are those of [`crate::ops::fused_linear`], and so are the
+//! loops: row chunks outside, vocabulary chunks inside, `[N, V]` never held.
+//!
+//! **Workspace** (device memory beyond inputs and outputs), with `R` =
+//! `chunk_rows`, `C` = `chunk_vocab` and `s` the dtype's size: forward
+//! `4 R C` (the f32 tile) plus `12 N ceil(V / C) + 4 N` (per-row partial
+//! softmax states and target logits: 1.6 MiB at N = 16384, V = 151936); backward `(4 + s) R C` (the tile and its gradient) plus
+//! `(4 + s) R H` (the dh accumulator and the rows' hidden states with
+//! skipped rows zeroed). [`FusedLinearConfig::gpu`] keeps it under 0.5 GiB
+//! at Qwen2.5-7B's head (H = 3584) whatever N is.
+//!
+//! **Precision.** GEMMs take the inputs' dtype and accumulate in f32
+//! (`CUBLAS_COMPUTE_32F`, no TF32 for f32 inputs); logits tiles are f32.
+//! The backward rounds `dlogits` to the inputs' dtype before its GEMMs (as
+//! PyTorch's bf16 autograd and Liger-Kernel do); `dh` accumulates over the
+//! vocabulary in f32 and is rounded once; `dW` and `db` are rounded once per
+//! row chunk, as on the CPU.
+//!
+//! **Rows.** Skipped rows cost their share of the GEMMs (the GPU computes
+//! whole tiles) but never affect a result: their hidden states may hold
+//! anything, NaN included, and their gradients are exactly 0.
+
+use cudarc::cublas::result::gemm_ex;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt};
+use crate::error::{Error, Result};
+use crate::ops::fused_linear::{FusedLinearConfig, LinearGrads, LinearRows, OP, OP_BWD};
+use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogProbs};
+
+const FILE: KernelFile = KernelFile {
+    name: "fused_linear",
+    ptx: ptx::FUSED_LINEAR,
+};
+/// Threads per row of the tile kernels (`LOGPROB_THREADS` in logprob.cuh).
+const TILE_THREADS: u32 = 512;
+/// Rows per block of the merge: one warp each.
+const MERGE_ROWS_PER_BLOCK: u32 = 8;
+/// Threads of the elementwise kernels.
+const THREADS: u32 = 256;
+
+impl FusedLinearConfig {
+    /// Chunks sized for a datacenter GPU: `chunk_rows = 4096`,
+    /// `chunk_vocab = 16384`. The GEMMs of a `4096 x 16384` tile are large
+    /// enough to run near cuBLAS's peak, and the workspace (see
+    /// [`crate::cuda::fused_linear`]) is 384 MiB of tiles plus `6 * 4096 * H`
+    /// bytes for bf16: 470 MiB at H = 3584.
+    pub fn gpu() -> Self {
+        Self {
+            chunk_rows: 4096,
+            chunk_vocab: 16384,
+            ..Self::default()
+        }
+    }
+}
+
+/// A row-major matrix in device memory: its address, dtype and shape.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: u64,
+    dtype: cudaDataType_t,
+    rows: usize,
+    cols: usize,
+}
+
+impl Mat {
+    fn new<T: GpuFloat>(ptr: u64, rows: usize, cols: usize) -> Self {
+        Mat {
+            ptr,
+            dtype: T::CUBLAS,
+            rows,
+            cols,
+        }
+    }
+
+    /// As a GEMM operand, transposed or not: `(storage, op, rows of op(X), cols of op(X))`.
+    fn op(self, transposed: bool) -> (Mat, cublasOperation_t, usize, usize) {
+        // A row-major [r, c] matrix is a column-major [c, r] one, so
+        // row-major C = A B is column-major C^T = B^T A^T: cuBLAS gets the
+        // operands swapped, each untransposed as stored (or transposed).
+        if transposed {
+            (self, cublasOperation_t::CUBLAS_OP_T, self.cols, self.rows)
+        } else {
+            (self, cublasOperation_t::CUBLAS_OP_N, self.rows, self.cols)
+        }
+    }
+}
+
+fn int(op: &'static str, what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::Unsupported {
+        op,
+        reason: format!("{what} = {n} exceeds cuBLAS's 32-bit dimensions"),
+    })
+}
+
+/// Row-major `c = op(a) op(b) + beta c`, f32 accumulation.
+fn gemm(gpu: &Gpu, op: &'static str, c: Mat, beta: f32, a: (Mat, bool), b: (Mat, bool)) -> Result<()> {
+    let (a, op_a, m, k) = a.0.op(a.1);
+    let (b, op_b, k_b, n) = b.0.op(b.1);
+    debug_assert!(k == k_b && c.rows == m && c.cols == n, "GEMM shapes");
+    let alpha = 1.0f32;
+    let blas = gpu.blas()?;
+    // SAFETY: the callers pass live device buffers of at least these shapes,
+    // on the stream the handle is bound to, and keep their guards until after
+    // this call; cuBLAS reads alpha and beta before returning.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            op_b,
+            op_a,
+            int(op, "GEMM n", n)?,
+            int(op, "GEMM m", m)?,
+            int(op, "GEMM k", k)?,
+            (&alpha as *const f32).cast(),
+            b.ptr as *const _,
+            b.dtype,
+            int(op, "leading dimension", b.cols)?,
+            a.ptr as *const _,
+            a.dtype,
+            int(op, "leading dimension", a.cols)?,
+            (&beta as *const f32).cast(),
+            c.ptr as *mut _,
+            c.dtype,
+            int(op, "leading dimension", c.cols)?,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| Error::Cuda(format!("{op}: cuBLAS GEMM: {e}")))
+}
+
+/// A grid-stride elementwise launch over `n` elements.
+fn elementwise(gpu: &Gpu, n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).min(8 * gpu.sm_count()).max(1);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row of a chunk.
+fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Validated dimensions, raw pointers and kernel parameters shared by the
+/// forward and the backward.
+struct Plan {
+    rows: usize,
+    hidden: usize,
+    vocab: usize,
+    chunk_rows: usize,
+    chunk_vocab: usize,
+    ignore: i64,
+    has_ignore: i32,
+    inv_t: f32,
+}
+
+impl Plan {
+    fn new<T, I>(
+        op: &'static str,
+        rows: &LinearRows<'_, T, I, Device>,
+        cfg: &FusedLinearConfig,
+    ) -> Result<Self> {
+        let shape = rows.validate(op)?;
+        cfg.validate(op)?;
+        Ok(Plan {
+            rows: shape.rows,
+            hidden: shape.hidden,
+            vocab: shape.vocab,
+            chunk_rows: cfg.chunk_rows.min(shape.rows).min(i32::MAX as usize),
+            chunk_vocab: cfg.chunk_vocab.min(shape.vocab),
+            ignore: cfg.logprob.ignore_index.unwrap_or(0),
+            has_ignore: cfg.logprob.ignore_index.is_some() as i32,
+            inv_t: 1.0 / cfg.logprob.temperature,
+        })
+    }
+
+    /// `(first row, row count)` of each row chunk.
+    fn row_chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.rows)
+            .step_by(self.chunk_rows)
+            .map(|r0| (r0, self.chunk_rows.min(self.rows - r0)))
+    }
+
+    /// `(chunk index, first column, column count)` of each vocabulary chunk.
+    fn col_chunks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.vocab)
+            .step_by(self.chunk_vocab)
+            .enumerate()
+            .map(|(c, c0)| (c, c0, self.chunk_vocab.min(self.vocab - c0)))
+    }
+
+    fn num_col_chunks(&self) -> usize {
+        self.vocab.div_ceil(self.chunk_vocab)
+    }
+}
+
+/// `tile[rows, cols] = hidden[r0..r0 + rows] W[c0..c0 + cols]^T + b[c0..]`,
+/// f32, from device addresses of the inputs.
+#[allow(clippy::too_many_arguments)]
+fn logits_tile<T: GpuFloat>(
+    gpu: &Gpu,
+    op: &'static str,
+    plan: &Plan,
+    hidden_rows: u64,
+    weight: u64,
+    bias: Option<u64>,
+    (rows, c0, cols): (usize, usize, usize),
+    tile: u64,
+) -> Result<()> {
+    let size = std::mem::size_of::<T>() as u64;
+    let h = plan.hidden;
+    let w_cols = Mat::new::<T>(weight + (c0 * h) as u64 * size, cols, h);
+    let c = Mat::new::<f32>(tile, rows, cols);
+    gemm(
+        gpu,
+        op,
+        c,
+        0.0,
+        (Mat::new::<T>(hidden_rows, rows, h), false),
+        (w_cols, true),
+    )?;
+    if let Some(bias) = bias {
+        let name = format!("fused_add_bias_{}", T::DTYPE.name());
+        let f = gpu.function(FILE, &name)?;
+        let (bias_cols, rows_i, cols_i) = (bias + c0 as u64 * size, rows as i64, cols as i64);
+        let mut launch = gpu.stream().launch_builder(&f);
+        launch.arg(&tile).arg(&bias_cols).arg(&rows_i).arg(&cols_i);
+        launched(
+            unsafe { launch.launch(elementwise(gpu, rows * cols)) }.map(drop),
+            &name,
+        )?;
+    }
+    Ok(())
+}
+
+/// [`crate::fused_linear_logprobs`] on the GPU: per-row log-probs, optional
+/// entropies and log-sum-exps of `softmax((h W^T + b) / T)`, one cuBLAS
+/// tile of logits at a time. A target out of range or a non-finite logit
+/// is reported by [`Gpu::check`] (the row's outputs are NaN).
+///
+/// Errors (on the host): those of the CPU op's validation, dimensions past
+/// cuBLAS's 32-bit limits, cuBLAS not loadable.
+pub fn fused_linear_logprobs<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LinearRows<'_, T, I, Device>,
+    cfg: &FusedLinearConfig,
+) -> Result<LogProbs<Device>> {
+    let plan = Plan::new(OP, rows, cfg)?;
+    let (n, chunks) = (plan.rows, plan.num_col_chunks());
+    let stream = gpu.stream();
+    let mut logp = gpu.alloc::<f32>(n)?;
+    let mut lse = gpu.alloc::<f32>(n)?;
+    let mut entropy = if cfg.logprob.entropy {
+        Some(gpu.alloc::<f32>(n)?)
+    } else {
+        None
+    };
+    let mut partials = gpu.alloc::<[f32; 3]>(n * chunks)?;
+    let mut target_logits = gpu.alloc::<f32>(n)?;
+    let mut tile = gpu.alloc::<f32>(plan.chunk_rows * plan.chunk_vocab)?;
+
+    let (hidden, _h) = rows.hidden.device_ptr(stream);
+    let (weight, _w) = rows.weight.device_ptr(stream);
+    let bias_guard = rows.bias.as_ref().map(|b| b.device_ptr(stream));
+    let bias = bias_guard.as_ref().map(|(p, _)| *p);
+    let (tile_ptr, _t) = tile.device_ptr_mut(stream);
+    let size = std::mem::size_of::<T>();
+    let tile_name = format!("fused_tile_fwd_{}", I::NAME);
+    let tile_fn = gpu.function(FILE, &tile_name)?;
+    let (vocab_i, chunks_i, entropy_i) = (plan.vocab as i64, chunks as i64, cfg.logprob.entropy as i32);
+    let status = gpu.status();
+    for (r0, r) in plan.row_chunks() {
+        let hidden_rows = hidden + (r0 * plan.hidden * size) as u64;
+        for (c, c0, cols) in plan.col_chunks() {
+            logits_tile::<T>(gpu, OP, &plan, hidden_rows, weight, bias, (r, c0, cols), tile_ptr)?;
+            let (cols_i, c0_i, r0_i, c_i) = (cols as i64, c0 as i64, r0 as i64, c as i64);
+            let mut launch = stream.launch_builder(&tile_fn);
+            launch
+                .arg(&tile_ptr)
+                .arg(&cols_i)
+                .arg(&c0_i)
+                .arg(&vocab_i)
+                .arg(&r0_i)
+                .arg(&rows.targets)
+                .opt(&rows.mask)
+                .arg(&plan.ignore)
+                .arg(&plan.has_ignore)
+                .arg(&plan.inv_t)
+                .arg(&entropy_i)
+                .arg(&c_i)
+                .arg(&chunks_i)
+                .arg(&mut partials)
+                .arg(&mut target_logits)
+                .arg(&*status);
+            launched(
+                unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
+                &tile_name,
+            )?;
+        }
+    }
+
+    let merge_name = format!("fused_merge_{}", I::NAME);
+    let f = gpu.function(FILE, &merge_name)?;
+    let n_i = n as i64;
+    let mut entropy_view = entropy.as_mut().map(|e| e.as_view_mut());
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&target_logits)
+        .arg(&rows.targets)
+        .opt(&rows.mask)
+        .arg(&n_i)
+        .arg(&vocab_i)
+        .arg(&plan.ignore)
+        .arg(&plan.has_ignore)
+        .arg(&plan.inv_t)
+        .arg(&chunks_i)
+        .arg(&partials)
+        .arg(&mut logp)
+        .opt_mut(&mut entropy_view)
+        .arg(&mut lse)
+        .arg(&*status);
+    let merge = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
+        block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(unsafe { launch.launch(merge) }.map(drop), &merge_name)?;
+    Ok(LogProbs { logp, entropy, lse })
+}
+
+/// [`crate::fused_linear_logprobs_backward`] on the GPU: `dh`, `dW` and `db`
+/// (present exactly when the inputs have a bias) in the inputs' dtype,
+/// recomputing each logits tile. Rows whose target is out of range get NaN
+/// gradients and are reported by [`Gpu::check`].
+///
+/// Errors (on the host): those of the CPU op's validation, dimensions past
+/// cuBLAS's 32-bit limits, cuBLAS not loadable.
+pub fn fused_linear_logprobs_backward<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LinearRows<'_, T, I, Device>,
+    cfg: &FusedLinearConfig,
+    saved: &LogProbSaved<'_, Device>,
+    grads: &LogProbGrads<'_, Device>,
+) -> Result<LinearGrads<T, Device>> {
+    let plan = Plan::new(OP_BWD, rows, cfg)?;
+    grads.validate(OP_BWD, plan.rows, saved)?;
+    let (h, rc, vc) = (plan.hidden, plan.chunk_rows, plan.chunk_vocab);
+    let stream = gpu.stream();
+    let mut d_hidden = gpu.alloc::<T>(plan.rows * h)?;
+    // dW and db are written by beta = 0 GEMMs on the first row chunk.
+    let mut d_weight = gpu.alloc::<T>(plan.vocab * h)?;
+    let mut d_bias = match rows.bias {
+        Some(_) => Some(gpu.alloc::<T>(plan.vocab)?),
+        None => None,
+    };
+    let mut tile = gpu.alloc::<f32>(rc * vc)?;
+    let mut d_tile = gpu.alloc::<T>(rc * vc)?;
+    let mut hidden_active = gpu.alloc::<T>(rc * h)?;
+    let mut d_hidden_acc = gpu.alloc::<f32>(rc * h)?;
+    let mut ones = gpu.alloc::<T>(rc)?;
+    {
+        let (hidden, _h) = rows.hidden.device_ptr(stream);
+        let (weight, _w) = rows.weight.device_ptr(stream);
+        let bias_guard = rows.bias.as_ref().map(|b| b.device_ptr(stream));
+        let bias = bias_guard.as_ref().map(|(p, _)| *p);
+        let (tile, _t) = tile.device_ptr_mut(stream);
+        let (d_tile, _dt) = d_tile.device_ptr_mut(stream);
+        let (active, _a) = hidden_active.device_ptr_mut(stream);
+        let (acc, _acc) = d_hidden_acc.device_ptr_mut(stream);
+        let (ones, _o) = ones.device_ptr_mut(stream);
+        let (d_hidden, _dh) = d_hidden.device_ptr_mut(stream);
+        let (d_weight, _dw) = d_weight.device_ptr_mut(stream);
+        let d_bias_guard = d_bias.as_mut().map(|b| b.device_ptr_mut(stream));
+        let d_bias = d_bias_guard.as_ref().map(|(p, _)| *p);
+        let size = std::mem::size_of::<T>() as u64;
+        let offset = |rows: usize| rows as u64 * h as u64 * size;
+        let dtype = T::DTYPE.name();
+
+        let fill_name = format!("fused_fill_{dtype}");
+        let f = gpu.function(FILE, &fill_name)?;
+        let (one, rc_i) = (1.0f32, rc as i64);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(&ones).arg(&one).arg(&rc_i);
+        launched(
+            unsafe { launch.launch(elementwise(gpu, rc)) }.map(drop),
+            &fill_name,
+        )?;
+
+        let active_name = format!("fused_active_hidden_{dtype}_{}", I::NAME);
+        let active_fn = gpu.function(FILE, &active_name)?;
+        let tile_name = format!("fused_tile_bwd_{dtype}_{}", I::NAME);
+        let tile_fn = gpu.function(FILE, &tile_name)?;
+        let cast_name = format!("fused_cast_{dtype}");
+        let cast_fn = gpu.function(FILE, &cast_name)?;
+        let (vocab_i, h_i) = (plan.vocab as i64, h as i64);
+        let status = gpu.status();
+        for (chunk, (r0, r)) in plan.row_chunks().enumerate() {
+            let r0_i = r0 as i64;
+            let mut launch = stream.launch_builder(&active_fn);
+            launch
+                .arg(&hidden)
+                .arg(&active)
+                .arg(&h_i)
+                .arg(&r0_i)
+                .arg(&rows.targets)
+                .opt(&rows.mask)
+                .arg(&plan.ignore)
+                .arg(&plan.has_ignore);
+            launched(
+                unsafe { launch.launch(per_row(r, THREADS)) }.map(drop),
+                &active_name,
+            )?;
+
+            let h_active = Mat::new::<T>(active, r, h);
+            let acc_rows = Mat::new::<f32>(acc, r, h);
+            let first_rows = if chunk == 0 { 0.0 } else { 1.0 };
+            for (_, c0, cols) in plan.col_chunks() {
+                logits_tile::<T>(gpu, OP_BWD, &plan, active, weight, bias, (r, c0, cols), tile)?;
+                let (cols_i, c0_i) = (cols as i64, c0 as i64);
+                let mut launch = stream.launch_builder(&tile_fn);
+                launch
+                    .arg(&tile)
+                    .arg(&d_tile)
+                    .arg(&cols_i)
+                    .arg(&c0_i)
+                    .arg(&vocab_i)
+                    .arg(&r0_i)
+                    .arg(&rows.targets)
+                    .opt(&rows.mask)
+                    .arg(&plan.ignore)
+                    .arg(&plan.has_ignore)
+                    .arg(&plan.inv_t)
+                    .arg(&saved.lse)
+                    .opt(&saved.entropy)
+                    .arg(&grads.logp)
+                    .opt(&grads.entropy)
+                    .opt(&grads.lse)
+                    .arg(&*status);
+                launched(
+                    unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
+                    &tile_name,
+                )?;
+
+                let dz = Mat::new::<T>(d_tile, r, cols);
+                let w_cols = Mat::new::<T>(weight + offset(c0), cols, h);
+                // dh[r, H] (+)= dz W_cols: f32, over the whole vocabulary.
+                let first_cols = if c0 == 0 { 0.0 } else { 1.0 };
+                gemm(gpu, OP_BWD, acc_rows, first_cols, (dz, false), (w_cols, false))?;
+                // dW_cols (+)= dz^T h: one rounding per row chunk.
+                let dw_cols = Mat::new::<T>(d_weight + offset(c0), cols, h);
+                gemm(gpu, OP_BWD, dw_cols, first_rows, (dz, true), (h_active, false))?;
+                // db_cols (+)= 1^T dz.
+                if let Some(db) = d_bias {
+                    let db_cols = Mat::new::<T>(db + c0 as u64 * size, 1, cols);
+                    let ones = Mat::new::<T>(ones, 1, r);
+                    gemm(gpu, OP_BWD, db_cols, first_rows, (ones, false), (dz, false))?;
+                }
+            }
+            let (dst, n_i) = (d_hidden + offset(r0), (r * h) as i64);
+            let mut launch = stream.launch_builder(&cast_fn);
+            launch.arg(&acc).arg(&dst).arg(&n_i);
+            launched(
+                unsafe { launch.launch(elementwise(gpu, r * h)) }.map(drop),
+                &cast_name,
+            )?;
+        }
+    }
+    Ok(LinearGrads {
+        hidden: d_hidden,
+        weight: d_weight,
+        bias: d_bias,
+    })
+}

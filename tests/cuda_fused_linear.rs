@@ -1,0 +1,285 @@
+//! CUDA fused linear log-probs (cuBLAS tiles + hand-written kernels) against
+//! the CPU op: awkward sizes and chunkings, bias, mask with NaN hidden
+//! states in skipped rows, temperature, entropy, every dtype, a
+//! NaN-poisoned memory pool, and the status word for bad data.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::gpu::{down, gpu, poison_pool, sized, up};
+use common::{assert_close, assert_close_rows, Rng};
+use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
+use grpo_kernels::{
+    fused_linear_logprobs, fused_linear_logprobs_backward, DType, DeviceFault, Error, FusedLinearConfig,
+    LinearRows, LogProbConfig, LogProbGrads, LogProbSaved,
+};
+use half::{bf16, f16};
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    rows: usize,
+    hidden: usize,
+    vocab: usize,
+    chunk_rows: usize,
+    chunk_vocab: usize,
+    bias: bool,
+    temperature: f32,
+    entropy: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let shapes = [
+        // rows, hidden, vocab, chunk_rows, chunk_vocab
+        (1, 1, 1, 1, 1),
+        (5, 7, 1021, 2, 300),
+        (64, 96, 4099, 16, 1024),
+        (300, 64, 32_000, 128, 8192),
+        (33, 128, 151_936, 32, 16_384),
+        (513, 256, 151_936, 4096, 16_384), // FusedLinearConfig::gpu()'s chunks
+    ];
+    let cases = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(rows, hidden, vocab, chunk_rows, chunk_vocab))| Case {
+            rows,
+            hidden,
+            vocab,
+            chunk_rows,
+            chunk_vocab,
+            bias: i % 2 == 1,
+            temperature: [1.0, 0.7, 1.3][i % 3],
+            entropy: i % 2 == 0,
+        })
+        .collect();
+    sized(cases, |c| c.rows * c.vocab, 1 << 22)
+}
+
+/// Forward and backward on both devices, compared.
+fn check<T: GpuFloat>(gpu: &Gpu, c: Case, seed: u64) {
+    let what = format!("{:?} {c:?}", T::DTYPE);
+    let mut rng = Rng::new(seed);
+    let (n, h, v) = (c.rows, c.hidden, c.vocab);
+    // Logits of order 1-10: hidden ~ N(0, 1), weight ~ N(0, 3 / sqrt(H)).
+    let mut hidden: Vec<T> = rng.normals(n * h, 1.0);
+    let weight: Vec<T> = rng.normals(v * h, 3.0 / (h as f64).sqrt());
+    let bias: Vec<T> = rng.normals(v, 1.0);
+    let targets: Vec<i64> = (0..n)
+        .map(|_| {
+            if rng.below(7) == 0 {
+                -100
+            } else {
+                rng.below(v) as i64
+            }
+        })
+        .collect();
+    let mask: Vec<u8> = (0..n).map(|_| (rng.below(5) != 0) as u8).collect();
+    // Skipped rows' hidden states are never read: make them NaN.
+    for i in 0..n {
+        if mask[i] == 0 || targets[i] == -100 {
+            hidden[i * h..(i + 1) * h].fill(T::from_f32(f32::NAN));
+        }
+    }
+    let cfg = FusedLinearConfig {
+        logprob: LogProbConfig {
+            temperature: c.temperature,
+            entropy: c.entropy,
+            ignore_index: Some(-100),
+        },
+        chunk_rows: c.chunk_rows,
+        chunk_vocab: c.chunk_vocab,
+    };
+    let host = LinearRows::new(&hidden, &weight, &targets, h).with_mask(&mask);
+    let host = if c.bias { host.with_bias(&bias) } else { host };
+    let want = fused_linear_logprobs(&host, &cfg).unwrap();
+
+    let (d_hidden, d_weight, d_bias) = (up(gpu, &hidden), up(gpu, &weight), up(gpu, &bias));
+    let (d_targets, d_mask) = (up(gpu, &targets), up(gpu, &mask));
+    let dev = LinearRows::<T, i64, Device> {
+        hidden: d_hidden.as_view(),
+        weight: d_weight.as_view(),
+        bias: c.bias.then(|| d_bias.as_view()),
+        targets: d_targets.as_view(),
+        mask: Some(d_mask.as_view()),
+        hidden_size: h,
+    };
+    poison_pool(
+        gpu,
+        2 * c.chunk_rows.min(n) * c.chunk_vocab.min(v) + 4 * n * v.div_ceil(c.chunk_vocab),
+    );
+    let got = cuda::fused_linear_logprobs(gpu, &dev, &cfg).unwrap();
+    gpu.check().unwrap();
+    // Both sides accumulate the same products in f32, in different orders.
+    let tol = 1e-4 * (h as f64).sqrt().max(1.0) * (v as f64).ln().max(1.0);
+    let widen = |x: &[f32]| x.iter().map(|&y| y as f64).collect::<Vec<_>>();
+    assert_close(
+        &format!("logp {what}"),
+        &down(gpu, &got.logp),
+        &widen(&want.logp),
+        tol,
+        tol,
+    );
+    assert_close(
+        &format!("lse {what}"),
+        &down(gpu, &got.lse),
+        &widen(&want.lse),
+        tol,
+        tol,
+    );
+    if c.entropy {
+        let (g, w) = (got.entropy.as_ref().unwrap(), want.entropy.as_ref().unwrap());
+        assert_close(&format!("entropy {what}"), &down(gpu, g), &widen(w), tol, tol);
+    }
+
+    // Backward from the CPU's saved values.
+    let g: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let g_h: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let grads = LogProbGrads {
+        logp: &g[..],
+        entropy: c.entropy.then_some(&g_h[..]),
+        lse: None,
+    };
+    let want_d = fused_linear_logprobs_backward(&host, &cfg, &want.saved(), &grads).unwrap();
+    let (d_g, d_gh, d_lse) = (up(gpu, &g), up(gpu, &g_h), up(gpu, &want.lse));
+    let d_ent = want.entropy.as_ref().map(|e| up(gpu, e));
+    let saved = LogProbSaved::<Device> {
+        lse: d_lse.as_view(),
+        entropy: d_ent.as_ref().map(|e| e.as_view()),
+    };
+    let d_grads = LogProbGrads::<Device> {
+        logp: d_g.as_view(),
+        entropy: c.entropy.then(|| d_gh.as_view()),
+        lse: None,
+    };
+    poison_pool(gpu, n * h + v * h);
+    let got_d = cuda::fused_linear_logprobs_backward(gpu, &dev, &cfg, &saved, &d_grads).unwrap();
+    gpu.check().unwrap();
+    // The GPU rounds dlogits to the dtype before its GEMMs (the CPU keeps
+    // f32), and both round dW, db once per row chunk: errors scale with each
+    // gradient row's magnitude.
+    let row_tol = match T::DTYPE {
+        DType::F32 => 1e-4,
+        DType::BF16 => 3e-2,
+        DType::F16 => 5e-3,
+    };
+    let to32 = |x: &[T]| x.iter().map(|y| y.to_f32()).collect::<Vec<_>>();
+    let to64 = |x: &[T]| x.iter().map(|y| y.to_f32() as f64).collect::<Vec<_>>();
+    let d_hidden_got = to32(&down(gpu, &got_d.hidden));
+    for (i, row) in d_hidden_got.chunks(h).enumerate() {
+        let skipped = mask[i] == 0 || targets[i] == -100;
+        assert!(
+            !skipped || row.iter().all(|&x| x == 0.0),
+            "dh of skipped row {i} ({what})"
+        );
+    }
+    let pairs = [
+        ("dh", d_hidden_got, to64(&want_d.hidden), h),
+        ("dW", to32(&down(gpu, &got_d.weight)), to64(&want_d.weight), h),
+    ];
+    for (name, got, want, row_len) in pairs {
+        assert_close_rows(
+            &format!("{name} {what}"),
+            &got,
+            &want,
+            row_len,
+            row_tol,
+            |_| 1e-6,
+            0.0,
+        );
+    }
+    assert_eq!(got_d.bias.is_some(), c.bias, "db present exactly with a bias");
+    if let (Some(got_b), Some(want_b)) = (&got_d.bias, &want_d.bias) {
+        assert_close_rows(
+            &format!("db {what}"),
+            &to32(&down(gpu, got_b)),
+            &to64(want_b),
+            v,
+            row_tol,
+            |_| 1e-6,
+            0.0,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn fused_linear_matches_cpu_f32() {
+    let gpu = gpu();
+    for (i, c) in cases().into_iter().enumerate() {
+        check::<f32>(&gpu, c, 100 + i as u64);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn fused_linear_matches_cpu_half() {
+    let gpu = gpu();
+    for (i, c) in cases().into_iter().enumerate() {
+        check::<bf16>(&gpu, c, 200 + i as u64);
+        check::<f16>(&gpu, c, 300 + i as u64);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn bad_rows_are_reported_by_index() {
+    let gpu = gpu();
+    let (n, h, v) = (6, 8, 50);
+    let mut rng = Rng::new(7);
+    let mut hidden: Vec<f32> = rng.normals(n * h, 1.0);
+    let weight: Vec<f32> = rng.normals(v * h, 0.5);
+    let cfg = FusedLinearConfig {
+        chunk_rows: 4,
+        chunk_vocab: 16,
+        ..FusedLinearConfig::default()
+    };
+    let run = |hidden: &[f32], targets: &[i64]| {
+        let (d_h, d_w, d_t) = (up(&gpu, hidden), up(&gpu, &weight), up(&gpu, targets));
+        let dev = LinearRows::<f32, i64, Device> {
+            hidden: d_h.as_view(),
+            weight: d_w.as_view(),
+            bias: None,
+            targets: d_t.as_view(),
+            mask: None,
+            hidden_size: h,
+        };
+        let out = cuda::fused_linear_logprobs(&gpu, &dev, &cfg).unwrap();
+        (gpu.check(), down(&gpu, &out.logp))
+    };
+    // A target past the vocabulary, in the second row chunk.
+    let (status, logp) = run(&hidden, &[1, 2, 3, 4, 50, 5]);
+    assert!(
+        matches!(
+            status,
+            Err(Error::Device {
+                op: "fused_linear_logprobs",
+                fault: DeviceFault::TokenOutOfRange,
+                index: 4
+            })
+        ),
+        "{status:?}"
+    );
+    assert!(logp[4].is_nan() && logp.iter().enumerate().all(|(i, x)| i == 4 || x.is_finite()));
+    // A NaN hidden state in an active row.
+    hidden[2 * h + 3] = f32::NAN;
+    let (status, _) = run(&hidden, &[1, 2, 3, 4, 5, 6]);
+    assert!(
+        matches!(
+            status,
+            Err(Error::Device {
+                op: "fused_linear_logprobs",
+                fault: DeviceFault::NonFinite,
+                index: 2
+            })
+        ),
+        "{status:?}"
+    );
+}
