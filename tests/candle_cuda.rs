@@ -158,3 +158,83 @@ fn policy_loss_and_sampling_on_cuda_equal_cpu() {
         2e-5,
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(gpu_tests),
+    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
+)]
+fn fused_linear_kl_and_advantages_on_cuda_equal_cpu() {
+    use grpo_kernels::candle::{fused_linear_logprobs, group_advantages, kl_divergence};
+    use grpo_kernels::{AdvantageMode, FusedLinearConfig, KlEstimator};
+    let cuda = Device::new_cuda(0).expect("a CUDA device");
+    let mut rng = Rng::new(22);
+
+    // Fused linear log-probs with gradients for hidden and weight.
+    let (n, h, v) = (300, 64, 5003);
+    let hidden: Vec<f32> = rng.normals(n * h, 1.0);
+    let weight: Vec<f32> = rng.normals(v * h, 0.3);
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+    let w: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let cfg = FusedLinearConfig {
+        chunk_rows: 128,
+        chunk_vocab: 2048,
+        ..FusedLinearConfig::default()
+    };
+    let run = |dev: &Device| {
+        let hv = Var::from_tensor(&Tensor::from_vec(hidden.clone(), (n, h), dev).unwrap()).unwrap();
+        let wv = Var::from_tensor(&Tensor::from_vec(weight.clone(), (v, h), dev).unwrap()).unwrap();
+        let tt = Tensor::from_vec(targets.clone(), n, dev).unwrap();
+        let out = fused_linear_logprobs(&hv, &wv, &tt, None, &cfg).unwrap();
+        let wt = Tensor::from_vec(w.clone(), n, dev).unwrap();
+        let grads = out.logp.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+        (
+            out.logp,
+            grads.get(&hv).unwrap().clone(),
+            grads.get(&wv).unwrap().clone(),
+        )
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda));
+    assert_close("fused logp", &to32(&gpu.0), &to64(&cpu.0), 1e-4, 1e-4);
+    assert_close("fused dhidden", &to32(&gpu.1), &to64(&cpu.1), 1e-4, 1e-3);
+    assert_close("fused dweight", &to32(&gpu.2), &to64(&cpu.2), 1e-4, 1e-3);
+
+    // KL with gradients for both inputs.
+    let logp: Vec<f32> = (0..1000).map(|_| rng.range(-5.0, -0.1) as f32).collect();
+    let reference: Vec<f32> = logp.iter().map(|&l| l + rng.range(-1.0, 1.0) as f32).collect();
+    let run = |dev: &Device| {
+        let a = Var::from_tensor(&Tensor::new(logp.as_slice(), dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(reference.as_slice(), dev).unwrap()).unwrap();
+        let kl = kl_divergence(&a, &b, KlEstimator::K3).unwrap();
+        let grads = kl.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        (kl, grads.get(&a).unwrap().clone(), grads.get(&b).unwrap().clone())
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda));
+    assert_close("kl", &to32(&gpu.0), &to64(&cpu.0), 1e-6, 1e-5);
+    assert_close("dkl/dlogp", &to32(&gpu.1), &to64(&cpu.1), 1e-6, 1e-5);
+    assert_close("dkl/dref", &to32(&gpu.2), &to64(&cpu.2), 1e-6, 1e-5);
+
+    // Advantages of weighted components.
+    let (k, p, g) = (3, 64, 8);
+    let values: Vec<f32> = (0..k * p * g).map(|_| (rng.below(5) as f32) * 0.25).collect();
+    let weights = [1.0f32, 2.0, 5.0];
+    let run = |dev: &Device| {
+        let t = Tensor::from_vec(values.clone(), (k, p, g), dev).unwrap();
+        group_advantages(&t, Some(&weights), AdvantageMode::default()).unwrap()
+    };
+    let (cpu, gpu) = (run(&Device::Cpu), run(&cuda));
+    assert_close(
+        "advantages",
+        &to32(&gpu.advantages),
+        &to64(&cpu.advantages),
+        1e-6,
+        1e-5,
+    );
+    assert_close(
+        "group_std",
+        &to32(&gpu.group_std),
+        &to64(&cpu.group_std),
+        1e-6,
+        1e-6,
+    );
+}

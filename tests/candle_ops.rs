@@ -6,6 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::composed::composed_grpo;
 use common::tensors::{to32, to64};
 use common::{assert_close, Rng};
 use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
@@ -13,29 +14,6 @@ use grpo_kernels::{
     Advantage, Aggregation, FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig,
     PolicyLossInputs, SamplingConfig, SeqLayout,
 };
-
-/// GRPO's loss composed from candle ops (token ratios, two-sided clip, k3
-/// KL, seq-mean-token-mean), the textbook form TRL writes in PyTorch.
-fn composed_grpo(
-    logp: &Tensor,
-    old: &Tensor,
-    reference: &Tensor,
-    adv: &Tensor,
-    mask: &Tensor,
-    cfg: &PolicyLossConfig,
-) -> Tensor {
-    let ratio = (logp - old).unwrap().exp().unwrap();
-    let adv = adv.unsqueeze(1).unwrap().broadcast_as(logp.shape()).unwrap();
-    let unclipped = (&ratio * &adv).unwrap();
-    let clipped = (ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high).unwrap() * &adv).unwrap();
-    let surrogate = unclipped.minimum(&clipped).unwrap();
-    let d = (reference - logp).unwrap();
-    let k3 = ((d.exp().unwrap() - &d).unwrap() - 1.0).unwrap();
-    let per_token = ((k3 * cfg.beta as f64).unwrap() - surrogate).unwrap();
-    let masked = (per_token * mask).unwrap();
-    let per_seq = (masked.sum(1).unwrap() / mask.sum(1).unwrap().clamp(1.0, f64::MAX).unwrap()).unwrap();
-    per_seq.mean_all().unwrap()
-}
 
 #[test]
 fn policy_loss_equals_raw_op_and_composed_candle_math() {
@@ -92,7 +70,8 @@ fn policy_loss_equals_raw_op_and_composed_candle_math() {
         &adv_t,
         &mask_t.to_dtype(DType::F32).unwrap(),
         &cfg,
-    );
+    )
+    .unwrap();
     let want_loss = composed.to_scalar::<f32>().unwrap() as f64;
     assert_close("loss", &[raw.loss()], &[want_loss], 1e-6, 1e-5);
     let g_ours = ours.loss.backward().unwrap();
@@ -308,4 +287,70 @@ fn sampling_equals_raw_op_for_every_dtype() {
         tokens.to_vec1::<u32>().unwrap(),
         t.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap()
     );
+}
+
+#[test]
+fn group_advantages_equal_raw_op_with_weighted_components() {
+    use grpo_kernels::candle::group_advantages as candle_advantages;
+    use grpo_kernels::{group_advantages, AdvantageMode, Rewards};
+    let mut rng = Rng::new(31);
+    let (k, p, g) = (3usize, 5usize, 4usize);
+    let mut values: Vec<f32> = (0..k * p * g).map(|_| (rng.below(5) as f32) * 0.25).collect();
+    // Prompt 2 flat in every component: exactly 0.
+    for c in 0..k {
+        values[c * p * g + 2 * g..c * p * g + 3 * g].fill(0.5);
+    }
+    let weights = [1.0f32, 2.0, 5.0];
+    let t = Tensor::from_vec(values.clone(), (k, p, g), &Device::Cpu).unwrap();
+    for mode in [
+        AdvantageMode::default(),
+        AdvantageMode::GroupMean,
+        AdvantageMode::LeaveOneOut,
+    ] {
+        let got = candle_advantages(&t, Some(&weights), mode).unwrap();
+        let want = group_advantages(&Rewards::new(&values, g).with_weights(&weights), mode).unwrap();
+        assert_eq!(got.advantages.dims(), &[p, g]);
+        assert_eq!(to32(&got.advantages), want.advantages);
+        assert_eq!(to32(&got.rewards), want.rewards);
+        assert_eq!(to32(&got.group_mean), want.group_mean);
+        assert_eq!(to32(&got.group_std), want.group_std);
+        assert!(to32(&got.advantages)[2 * g..3 * g].iter().all(|&a| a == 0.0));
+    }
+    // One component without weights; shapes that do not match the weights.
+    let one = Tensor::from_vec(values[..p * g].to_vec(), (p, g), &Device::Cpu).unwrap();
+    assert!(candle_advantages(&one, None, AdvantageMode::default()).is_ok());
+    assert!(candle_advantages(&one, Some(&weights), AdvantageMode::default()).is_err());
+    assert!(candle_advantages(&t, None, AdvantageMode::default()).is_err());
+    assert!(candle_advantages(
+        &t.to_dtype(DType::F64).unwrap(),
+        Some(&weights),
+        AdvantageMode::default()
+    )
+    .is_err());
+}
+
+#[test]
+fn kl_equals_raw_op_and_rejects_bad_inputs() {
+    use grpo_kernels::candle::kl_divergence as candle_kl;
+    use grpo_kernels::{kl_divergence, KlEstimator, KlInputs};
+    let mut rng = Rng::new(32);
+    let logp: Vec<f32> = (0..37).map(|_| rng.range(-5.0, -0.1) as f32).collect();
+    let reference: Vec<f32> = logp.iter().map(|&l| l + rng.range(-1.0, 1.0) as f32).collect();
+    let (a, b) = (
+        Tensor::new(logp.as_slice(), &Device::Cpu).unwrap(),
+        Tensor::new(reference.as_slice(), &Device::Cpu).unwrap(),
+    );
+    for est in [
+        KlEstimator::K1,
+        KlEstimator::K2,
+        KlEstimator::K3,
+        KlEstimator::LowVarK3,
+    ] {
+        let want = kl_divergence(&KlInputs::new(&logp, &reference), est).unwrap();
+        assert_eq!(to32(&candle_kl(&a, &b, est).unwrap()), want);
+    }
+    assert!(candle_kl(&a, &b.narrow(0, 0, 36).unwrap(), KlEstimator::K3).is_err());
+    assert!(candle_kl(&a.to_dtype(DType::BF16).unwrap(), &b, KlEstimator::K3).is_err());
+    let nan = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap();
+    assert!(candle_kl(&nan, &nan, KlEstimator::K3).is_err());
 }

@@ -3,6 +3,9 @@
 //! `CustomOp2` on `(hidden, weight)` whose output packs `[logp; entropy;
 //! lse]` as `[3, N]`; its backward recomputes logits tile by tile (the math
 //! of [`crate::ops::fused_linear`]) and returns both `dhidden` and `dweight`.
+//! On CUDA tensors both passes run `crate::cuda::fused_linear`'s cuBLAS
+//! tiles (feature `candle-cuda`), where [`FusedLinearConfig::gpu`]'s chunk
+//! sizes suit the GPU far better than the CPU-tuned default.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -210,6 +213,17 @@ impl CustomOp2 for FusedLinear {
         Ok((CpuStorage::F32(packed), Shape::from((3, n))))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::run(self, None, (s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         hidden: &Tensor,
@@ -266,5 +280,144 @@ impl CustomOp2 for FusedLinearBackward {
         });
         let len = l1.shape().elem_count() + l2.shape().elem_count();
         Ok((out, Shape::from(len)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::run(&self.fwd, Some((&self.saved, &self.grads)), (s1, l1), (s2, l2))
+    }
+}
+
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    //! Both passes on the CUDA kernels of [`crate::cuda::fused_linear`], into
+    //! the packed outputs the CPU path produces.
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaDType, CudaStorage};
+    use candle_core::{Layout, Result, Shape, Tensor};
+    use cudarc::driver::CudaView;
+
+    use super::FusedLinear;
+    use crate::candle::gpu::{checked, for_dtypes, gpu, view, with_cuda, ForDTypes};
+    use crate::candle::logprob::with_device_rows;
+    use crate::candle::wrap;
+    use crate::cuda::{self as kernels, Device, GpuFloat, GpuId, LinearGradsOut, LogProbsOut};
+    use crate::ops::fused_linear::LinearRows;
+    use crate::ops::logprob::{LogProbGrads, LogProbSaved};
+
+    type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+    /// The forward (`backward: None`: `[3, N]` F32) or the backward (the
+    /// forward's packed outputs and their gradients: `[dhidden; dweight]`).
+    pub fn run(
+        op: &FusedLinear,
+        backward: Option<(&Tensor, &Tensor)>,
+        hidden: Operand<'_>,
+        weight: Operand<'_>,
+    ) -> Result<(CudaStorage, Shape)> {
+        if hidden.0.dtype() != weight.0.dtype() {
+            candle_core::bail!("{}: hidden and weight must share a dtype", super::OP);
+        }
+        let job = Job {
+            op,
+            backward,
+            hidden,
+            weight,
+        };
+        for_dtypes(hidden.0.dtype(), op.rows.targets.dtype(), "hidden", job)
+    }
+
+    struct Job<'a> {
+        op: &'a FusedLinear,
+        backward: Option<(&'a Tensor, &'a Tensor)>,
+        hidden: Operand<'a>,
+        weight: Operand<'a>,
+    }
+
+    impl ForDTypes<(CudaStorage, Shape)> for Job<'_> {
+        fn run<T: GpuFloat + CudaDType, I: GpuId + CudaDType>(self) -> Result<(CudaStorage, Shape)> {
+            let dev = &self.hidden.0.device;
+            let g = gpu(dev)?;
+            let hidden: CudaView<'_, T> = view(self.hidden.0, self.hidden.1, "hidden")?;
+            let weight: CudaView<'_, T> = view(self.weight.0, self.weight.1, "weight")?;
+            let (nh, nw) = (hidden.len(), weight.len());
+            let cfg = &self.op.cfg;
+            let entropy = cfg.logprob.entropy;
+            with_device_rows::<I, _>(&self.op.rows, |targets, mask| {
+                let rows = LinearRows::<T, I, Device> {
+                    hidden,
+                    weight,
+                    bias: None,
+                    targets,
+                    mask,
+                    hidden_size: nw / self.op.rows.vocab.max(1),
+                };
+                let n = rows.rows();
+                let Some((saved, grads)) = self.backward else {
+                    // Zeros: the entropy row when it is not computed.
+                    let mut packed = g
+                        .stream()
+                        .alloc_zeros::<f32>(3 * n)
+                        .map_err(candle_core::Error::wrap)?;
+                    {
+                        let (logp, mut rest) = packed.split_at_mut(n);
+                        let (entropy_row, lse) = rest.split_at_mut(n);
+                        let mut out = LogProbsOut {
+                            logp,
+                            entropy: entropy.then_some(entropy_row),
+                            lse,
+                        };
+                        kernels::fused_linear_logprobs_into(&g, &rows, cfg, &mut out).map_err(wrap)?;
+                    }
+                    checked(&g)?;
+                    return Ok((
+                        CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+                        Shape::from((3, n)),
+                    ));
+                };
+                with_cuda(saved, "saved", |ss, sl| {
+                    with_cuda(grads, "grads", |gs, gl| {
+                        let saved: CudaView<'_, f32> = view(ss, sl, "saved")?;
+                        let grads: CudaView<'_, f32> = view(gs, gl, "grads")?;
+                        let saved = LogProbSaved::<Device> {
+                            lse: saved.slice(2 * n..3 * n),
+                            entropy: entropy.then(|| saved.slice(n..2 * n)),
+                        };
+                        let grads = LogProbGrads::<Device> {
+                            logp: grads.slice(0..n),
+                            entropy: entropy.then(|| grads.slice(n..2 * n)),
+                            lse: Some(grads.slice(2 * n..3 * n)),
+                        };
+                        let mut packed = g
+                            .stream()
+                            .alloc_zeros::<T>(nh + nw)
+                            .map_err(candle_core::Error::wrap)?;
+                        {
+                            let (d_hidden, d_weight) = packed.split_at_mut(nh);
+                            let mut out = LinearGradsOut {
+                                hidden: d_hidden,
+                                weight: d_weight,
+                                bias: None,
+                            };
+                            kernels::fused_linear_logprobs_backward_into(
+                                &g, &rows, cfg, &saved, &grads, &mut out,
+                            )
+                            .map_err(wrap)?;
+                        }
+                        checked(&g)?;
+                        Ok((
+                            CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+                            Shape::from(nh + nw),
+                        ))
+                    })
+                })
+            })
+        }
     }
 }

@@ -114,6 +114,22 @@ pub(super) fn with_host_rows<R>(
     })
 }
 
+/// Runs `f` with the captured targets and mask as views of CUDA memory.
+#[cfg(feature = "candle-cuda")]
+pub(super) fn with_device_rows<I: candle_core::cuda_backend::CudaDType, R>(
+    inputs: &TokenLogProbsInputs,
+    f: impl FnOnce(cudarc::driver::CudaView<'_, I>, Option<cudarc::driver::CudaView<'_, u8>>) -> Result<R>,
+) -> Result<R> {
+    use super::gpu::{view, with_cuda};
+    with_cuda(&inputs.targets, "targets", |ts, tl| {
+        let targets = view::<I>(ts, tl, "targets")?;
+        match &inputs.mask {
+            None => f(targets, None),
+            Some(m) => with_cuda(m, "mask", |ms, ml| f(targets, Some(view::<u8>(ms, ml, "mask")?))),
+        }
+    })
+}
+
 /// Packs per-row outputs as `[logp; entropy; lse]`.
 pub(super) fn pack(out: op::LogProbs) -> Vec<f32> {
     let n = out.logp.len();
@@ -249,8 +265,8 @@ mod cuda {
     use candle_core::{Layout, Result, Shape};
     use cudarc::driver::CudaView;
 
-    use super::{TokenLogProbsBackward, TokenLogProbsInputs};
-    use crate::candle::gpu::{checked, gpu, view, with_cuda};
+    use super::{with_device_rows, TokenLogProbsBackward, TokenLogProbsInputs};
+    use crate::candle::gpu::{checked, for_dtypes, gpu, view, with_cuda, ForDTypes};
     use crate::candle::wrap;
     use crate::cuda::{self as kernels, Device, GpuFloat, GpuId, LogProbsOut};
     use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogitRows};
@@ -293,26 +309,26 @@ mod cuda {
         layout: &Layout,
         work: Work<'_>,
     ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::{backend::BackendStorage, DType};
-        match storage.dtype() {
-            DType::F32 => by_id::<f32>(inputs, storage, layout, work),
-            DType::BF16 => by_id::<half::bf16>(inputs, storage, layout, work),
-            DType::F16 => by_id::<half::f16>(inputs, storage, layout, work),
-            d => candle_core::bail!("logits must be F32, BF16 or F16, got {d:?}"),
-        }
+        use candle_core::backend::BackendStorage;
+        let job = Job {
+            inputs,
+            storage,
+            layout,
+            work,
+        };
+        for_dtypes(storage.dtype(), inputs.targets.dtype(), "logits", job)
     }
 
-    fn by_id<T: GpuFloat + CudaDType>(
-        inputs: &TokenLogProbsInputs,
-        storage: &CudaStorage,
-        layout: &Layout,
-        work: Work<'_>,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::DType;
-        match inputs.targets.dtype() {
-            DType::U32 => run::<T, u32>(inputs, storage, layout, work),
-            DType::I64 => run::<T, i64>(inputs, storage, layout, work),
-            d => candle_core::bail!("token ids must be U32 or I64, got {d:?}"),
+    struct Job<'a> {
+        inputs: &'a TokenLogProbsInputs,
+        storage: &'a CudaStorage,
+        layout: &'a Layout,
+        work: Work<'a>,
+    }
+
+    impl ForDTypes<(CudaStorage, Shape)> for Job<'_> {
+        fn run<T: GpuFloat + CudaDType, I: GpuId + CudaDType>(self) -> Result<(CudaStorage, Shape)> {
+            run::<T, I>(self.inputs, self.storage, self.layout, self.work)
         }
     }
 
@@ -325,16 +341,7 @@ mod cuda {
         let dev = &storage.device;
         let g = gpu(dev)?;
         let logits: CudaView<'_, T> = view(storage, layout, "logits")?;
-        with_cuda(&inputs.targets, "targets", |ts, tl| {
-            let targets: CudaView<'_, I> = view(ts, tl, "targets")?;
-            let mask_guard = inputs.mask.as_ref().map(|m| m.storage_and_layout());
-            let mask = match &mask_guard {
-                Some((st, ml)) => match &**st {
-                    candle_core::Storage::Cuda(ms) => Some(view::<u8>(ms, ml, "mask")?),
-                    _ => candle_core::bail!("mask is not on a CUDA device"),
-                },
-                None => None,
-            };
+        with_device_rows::<I, _>(inputs, |targets, mask| {
             let rows = LogitRows::<T, I, Device> {
                 logits,
                 targets,

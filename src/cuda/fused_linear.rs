@@ -24,10 +24,10 @@
 
 use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt};
-use crate::error::{Error, Result};
+use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt, LogProbsOut};
+use crate::error::{check, Error, Result};
 use crate::ops::fused_linear::{FusedLinearConfig, LinearGrads, LinearRows, OP, OP_BWD};
 use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogProbs};
 
@@ -41,21 +41,6 @@ const TILE_THREADS: u32 = 512;
 const MERGE_ROWS_PER_BLOCK: u32 = 8;
 /// Threads of the elementwise kernels.
 const THREADS: u32 = 256;
-
-impl FusedLinearConfig {
-    /// Chunks sized for a datacenter GPU: `chunk_rows = 4096`,
-    /// `chunk_vocab = 16384`. The GEMMs of a `4096 x 16384` tile are large
-    /// enough to run near cuBLAS's peak, and the workspace (see
-    /// [`crate::cuda::fused_linear`]) is 384 MiB of tiles plus `6 * 4096 * H`
-    /// bytes for bf16: 470 MiB at H = 3584.
-    pub fn gpu() -> Self {
-        Self {
-            chunk_rows: 4096,
-            chunk_vocab: 16384,
-            ..Self::default()
-        }
-    }
-}
 
 /// A row-major matrix in device memory: its address, dtype and shape.
 #[derive(Clone, Copy)]
@@ -243,28 +228,24 @@ fn logits_tile<T: GpuFloat>(
     Ok(())
 }
 
-/// [`crate::fused_linear_logprobs`] on the GPU: per-row log-probs, optional
-/// entropies and log-sum-exps of `softmax((h W^T + b) / T)`, one cuBLAS
-/// tile of logits at a time. A target out of range or a non-finite logit
-/// is reported by [`Gpu::check`] (the row's outputs are NaN).
+/// [`crate::fused_linear_logprobs`] on the GPU, into caller-provided
+/// buffers: per-row log-probs, optional entropies and log-sum-exps of
+/// `softmax((h W^T + b) / T)`, one cuBLAS tile of logits at a time. A
+/// target out of range or a non-finite logit is reported by [`Gpu::check`]
+/// (the row's outputs are NaN).
 ///
-/// Errors (on the host): those of the CPU op's validation, dimensions past
-/// cuBLAS's 32-bit limits, cuBLAS not loadable.
-pub fn fused_linear_logprobs<T: GpuFloat, I: GpuId>(
+/// Errors (on the host): those of the CPU op's validation, output lengths,
+/// dimensions past cuBLAS's 32-bit limits, cuBLAS not loadable.
+pub fn fused_linear_logprobs_into<T: GpuFloat, I: GpuId>(
     gpu: &Gpu,
     rows: &LinearRows<'_, T, I, Device>,
     cfg: &FusedLinearConfig,
-) -> Result<LogProbs<Device>> {
+    out: &mut LogProbsOut<'_>,
+) -> Result<()> {
     let plan = Plan::new(OP, rows, cfg)?;
     let (n, chunks) = (plan.rows, plan.num_col_chunks());
+    out.validate(OP, n, cfg.logprob.entropy)?;
     let stream = gpu.stream();
-    let mut logp = gpu.alloc::<f32>(n)?;
-    let mut lse = gpu.alloc::<f32>(n)?;
-    let mut entropy = if cfg.logprob.entropy {
-        Some(gpu.alloc::<f32>(n)?)
-    } else {
-        None
-    };
     let mut partials = gpu.alloc::<[f32; 3]>(n * chunks)?;
     let mut target_logits = gpu.alloc::<f32>(n)?;
     let mut tile = gpu.alloc::<f32>(plan.chunk_rows * plan.chunk_vocab)?;
@@ -312,7 +293,6 @@ pub fn fused_linear_logprobs<T: GpuFloat, I: GpuId>(
     let merge_name = format!("fused_merge_{}", I::NAME);
     let f = gpu.function(FILE, &merge_name)?;
     let n_i = n as i64;
-    let mut entropy_view = entropy.as_mut().map(|e| e.as_view_mut());
     let mut launch = stream.launch_builder(&f);
     launch
         .arg(&target_logits)
@@ -325,44 +305,82 @@ pub fn fused_linear_logprobs<T: GpuFloat, I: GpuId>(
         .arg(&plan.inv_t)
         .arg(&chunks_i)
         .arg(&partials)
-        .arg(&mut logp)
-        .opt_mut(&mut entropy_view)
-        .arg(&mut lse)
+        .arg(&mut out.logp)
+        .opt_mut(&mut out.entropy)
+        .arg(&mut out.lse)
         .arg(&*status);
     let merge = LaunchConfig {
         grid_dim: ((n as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
         block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(unsafe { launch.launch(merge) }.map(drop), &merge_name)?;
+    launched(unsafe { launch.launch(merge) }.map(drop), &merge_name)
+}
+
+/// [`fused_linear_logprobs_into`], allocating its outputs.
+pub fn fused_linear_logprobs<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LinearRows<'_, T, I, Device>,
+    cfg: &FusedLinearConfig,
+) -> Result<LogProbs<Device>> {
+    let n = rows.rows();
+    let (mut logp, mut lse) = (gpu.alloc::<f32>(n)?, gpu.alloc::<f32>(n)?);
+    let mut entropy = if cfg.logprob.entropy {
+        Some(gpu.alloc::<f32>(n)?)
+    } else {
+        None
+    };
+    let mut out = LogProbsOut {
+        logp: logp.as_view_mut(),
+        entropy: entropy.as_mut().map(|e| e.as_view_mut()),
+        lse: lse.as_view_mut(),
+    };
+    fused_linear_logprobs_into(gpu, rows, cfg, &mut out)?;
     Ok(LogProbs { logp, entropy, lse })
 }
 
-/// [`crate::fused_linear_logprobs_backward`] on the GPU: `dh`, `dW` and `db`
-/// (present exactly when the inputs have a bias) in the inputs' dtype,
-/// recomputing each logits tile. Rows whose target is out of range get NaN
-/// gradients and are reported by [`Gpu::check`].
+/// Where [`fused_linear_logprobs_backward_into`] writes its gradients, in
+/// the inputs' dtype.
+pub struct LinearGradsOut<'a, T> {
+    /// `[rows, H]`.
+    pub hidden: CudaViewMut<'a, T>,
+    /// `[V, H]`.
+    pub weight: CudaViewMut<'a, T>,
+    /// `[V]`; present exactly when the inputs have a bias.
+    pub bias: Option<CudaViewMut<'a, T>>,
+}
+
+/// [`crate::fused_linear_logprobs_backward`] on the GPU, into
+/// caller-provided buffers: `dh`, `dW` and `db`, recomputing each logits
+/// tile. Rows whose target is out of range get NaN gradients and are
+/// reported by [`Gpu::check`].
 ///
-/// Errors (on the host): those of the CPU op's validation, dimensions past
-/// cuBLAS's 32-bit limits, cuBLAS not loadable.
-pub fn fused_linear_logprobs_backward<T: GpuFloat, I: GpuId>(
+/// Errors (on the host): those of the CPU op's validation, output lengths,
+/// dimensions past cuBLAS's 32-bit limits, cuBLAS not loadable.
+pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
     gpu: &Gpu,
     rows: &LinearRows<'_, T, I, Device>,
     cfg: &FusedLinearConfig,
     saved: &LogProbSaved<'_, Device>,
     grads: &LogProbGrads<'_, Device>,
-) -> Result<LinearGrads<T, Device>> {
+    out: &mut LinearGradsOut<'_, T>,
+) -> Result<()> {
     let plan = Plan::new(OP_BWD, rows, cfg)?;
     grads.validate(OP_BWD, plan.rows, saved)?;
     let (h, rc, vc) = (plan.hidden, plan.chunk_rows, plan.chunk_vocab);
+    check::len(OP_BWD, "dhidden (output)", plan.rows * h, out.hidden.len())?;
+    check::len(OP_BWD, "dweight (output)", plan.vocab * h, out.weight.len())?;
+    match (&rows.bias, &out.bias) {
+        (Some(_), Some(db)) => check::len(OP_BWD, "dbias (output)", plan.vocab, db.len())?,
+        (None, None) => {}
+        _ => {
+            return Err(Error::Unsupported {
+                op: OP_BWD,
+                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
+            })
+        }
+    }
     let stream = gpu.stream();
-    let mut d_hidden = gpu.alloc::<T>(plan.rows * h)?;
-    // dW and db are written by beta = 0 GEMMs on the first row chunk.
-    let mut d_weight = gpu.alloc::<T>(plan.vocab * h)?;
-    let mut d_bias = match rows.bias {
-        Some(_) => Some(gpu.alloc::<T>(plan.vocab)?),
-        None => None,
-    };
     let mut tile = gpu.alloc::<f32>(rc * vc)?;
     let mut d_tile = gpu.alloc::<T>(rc * vc)?;
     let mut hidden_active = gpu.alloc::<T>(rc * h)?;
@@ -378,9 +396,9 @@ pub fn fused_linear_logprobs_backward<T: GpuFloat, I: GpuId>(
         let (active, _a) = hidden_active.device_ptr_mut(stream);
         let (acc, _acc) = d_hidden_acc.device_ptr_mut(stream);
         let (ones, _o) = ones.device_ptr_mut(stream);
-        let (d_hidden, _dh) = d_hidden.device_ptr_mut(stream);
-        let (d_weight, _dw) = d_weight.device_ptr_mut(stream);
-        let d_bias_guard = d_bias.as_mut().map(|b| b.device_ptr_mut(stream));
+        let (d_hidden, _dh) = out.hidden.device_ptr_mut(stream);
+        let (d_weight, _dw) = out.weight.device_ptr_mut(stream);
+        let d_bias_guard = out.bias.as_mut().map(|b| b.device_ptr_mut(stream));
         let d_bias = d_bias_guard.as_ref().map(|(p, _)| *p);
         let size = std::mem::size_of::<T>() as u64;
         let offset = |rows: usize| rows as u64 * h as u64 * size;
@@ -475,9 +493,31 @@ pub fn fused_linear_logprobs_backward<T: GpuFloat, I: GpuId>(
             )?;
         }
     }
-    Ok(LinearGrads {
-        hidden: d_hidden,
-        weight: d_weight,
-        bias: d_bias,
-    })
+    Ok(())
+}
+
+/// [`fused_linear_logprobs_backward_into`], allocating its outputs.
+pub fn fused_linear_logprobs_backward<T: GpuFloat, I: GpuId>(
+    gpu: &Gpu,
+    rows: &LinearRows<'_, T, I, Device>,
+    cfg: &FusedLinearConfig,
+    saved: &LogProbSaved<'_, Device>,
+    grads: &LogProbGrads<'_, Device>,
+) -> Result<LinearGrads<T, Device>> {
+    let shape = rows.validate(OP_BWD)?;
+    // Every element is written: dh by the casts, dW and db by the first row
+    // chunk's beta = 0 GEMMs.
+    let mut hidden = gpu.alloc::<T>(shape.rows * shape.hidden)?;
+    let mut weight = gpu.alloc::<T>(shape.vocab * shape.hidden)?;
+    let mut bias = match rows.bias {
+        Some(_) => Some(gpu.alloc::<T>(shape.vocab)?),
+        None => None,
+    };
+    let mut out = LinearGradsOut {
+        hidden: hidden.as_view_mut(),
+        weight: weight.as_view_mut(),
+        bias: bias.as_mut().map(|b| b.as_view_mut()),
+    };
+    fused_linear_logprobs_backward_into(gpu, rows, cfg, saved, grads, &mut out)?;
+    Ok(LinearGrads { hidden, weight, bias })
 }

@@ -32,6 +32,22 @@ pub struct LogProbsOut<'a> {
     pub lse: CudaViewMut<'a, f32>,
 }
 
+impl LogProbsOut<'_> {
+    /// Output lengths for `rows` rows; entropy present exactly when asked for.
+    pub(crate) fn validate(&self, op: &'static str, rows: usize, entropy: bool) -> Result<()> {
+        check::len(op, "logp (output)", rows, self.logp.len())?;
+        check::len(op, "lse (output)", rows, self.lse.len())?;
+        match &self.entropy {
+            Some(e) if entropy => check::len(op, "entropy (output)", rows, e.len()),
+            None if !entropy => Ok(()),
+            _ => Err(Error::Unsupported {
+                op,
+                reason: "an entropy output buffer is given exactly when `entropy` is set".into(),
+            }),
+        }
+    }
+}
+
 impl LogProbs<Device> {
     /// Borrows what the backward needs.
     pub fn saved(&self) -> LogProbSaved<'_, Device> {
@@ -62,18 +78,7 @@ pub fn token_logprobs_into<T: GpuFloat, I: GpuId>(
 ) -> Result<()> {
     let n = rows.validate(OP)?;
     cfg.validate(OP)?;
-    check::len(OP, "logp (output)", n, out.logp.len())?;
-    check::len(OP, "lse (output)", n, out.lse.len())?;
-    match &out.entropy {
-        Some(e) if cfg.entropy => check::len(OP, "entropy (output)", n, e.len())?,
-        None if !cfg.entropy => {}
-        _ => {
-            return Err(Error::Unsupported {
-                op: OP,
-                reason: "an entropy output buffer is given exactly when `cfg.entropy` is set".into(),
-            })
-        }
-    }
+    out.validate(OP, n, cfg.entropy)?;
     let vocab = rows.vocab;
     let (grid_rows, splits) = grid(OP, n, gpu.vocab_splits(n, vocab, MIN_SLICE))?;
     let partials: Option<CudaSlice<[f32; 3]>> = match splits {

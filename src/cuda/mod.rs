@@ -42,7 +42,10 @@ pub mod policy_loss;
 pub mod sampling;
 
 pub use advantages::{broadcast_to_tokens, group_advantages};
-pub use fused_linear::{fused_linear_logprobs, fused_linear_logprobs_backward};
+pub use fused_linear::{
+    fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
+    fused_linear_logprobs_into, LinearGradsOut,
+};
 pub use kl::{kl_divergence, kl_divergence_backward};
 pub use logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_backward_into,

@@ -102,6 +102,8 @@ pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
 }
 
 /// Central finite differences of `f` at `x`, step `h`.
+#[cfg(feature = "candle")]
+pub mod composed;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod reference;
