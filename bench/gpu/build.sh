@@ -21,6 +21,6 @@ for line in sys.stdin:
 }
 tests=$(for f in tests/cuda_*.rs tests/candle_*.rs; do printf -- '--test %s ' "$(basename "$f" .rs)"; done)
 cargo test --release --features candle-cuda $tests --no-run --message-format=json | copy test_
-cargo bench --features cuda --no-run --message-format=json | copy bench_
+cargo bench --features candle-cuda --no-run --message-format=json | copy bench_
 strip .gpu/test_* .gpu/bench_*
 du -sh .gpu

@@ -7,7 +7,7 @@
 # parity:    every CUDA parity suite (tests/cuda_*.rs, candle CUDA tests)
 # sanitizer: the parity suites under compute-sanitizer memcheck and
 #            racecheck, on the smaller cases (GK_SANITIZER=1)
-# bench:     the criterion benches' CUDA groups
+# bench:     the criterion benches' CUDA groups (names containing "cuda")
 # compare:   benches/compare_torch.py: PyTorch and Liger-Kernel, same GPU
 # Results go to $OUT (or ./gpu-out).
 set -uo pipefail
@@ -50,7 +50,7 @@ for step in $steps; do
       done ;;
     bench)
       for b in $bin/bench_*; do
-        run "$(basename "$b")" "$b" --bench cuda_ --warm-up-time 1 --measurement-time 3 --noplot
+        run "$(basename "$b")" "$b" --bench cuda --warm-up-time 1 --measurement-time 3 --noplot
       done
       # Criterion's medians, one line per bench (group/function/parameter).
       python3 - target/criterion > "$out/criterion_medians.tsv" <<'PY'

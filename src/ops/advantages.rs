@@ -235,24 +235,42 @@ impl<'a> Rewards<'a, Host> {
         }
     }
 
-    /// Sums of the group starting at completion `start`.
-    fn group_stats(&self, n: usize, start: usize) -> GroupStats {
-        let g = self.group_size;
-        let r = |i: usize| self.combined(n, start + i);
+    /// The combined rewards of the group starting at completion `start`, in f64.
+    #[inline]
+    fn fill_group(&self, n: usize, start: usize, buf: &mut [f64]) {
+        match self.weights {
+            // One component: widening is exact, no weights to apply.
+            None => {
+                for (b, &v) in buf.iter_mut().zip(&self.values[start..]) {
+                    *b = v as f64;
+                }
+            }
+            Some(_) => {
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = self.combined(n, start + i);
+                }
+            }
+        }
+    }
+}
+
+impl GroupStats {
+    /// Sums of one group's combined rewards.
+    #[inline]
+    fn of(r: &[f64]) -> Self {
         let (mut sum, mut lo, mut hi) = (0.0, f64::INFINITY, f64::NEG_INFINITY);
-        for i in 0..g {
-            let ri = r(i);
-            sum += ri;
-            lo = lo.min(ri);
-            hi = hi.max(ri);
+        for &x in r {
+            sum += x;
+            lo = lo.min(x);
+            hi = hi.max(x);
         }
         let flat = lo == hi;
         // A flat group's mean is its value exactly (sum / G may round).
-        let mean = if flat { lo } else { sum / g as f64 };
+        let mean = if flat { lo } else { sum / r.len() as f64 };
         let sq_dev = if flat {
             0.0
         } else {
-            (0..g).map(|i| (r(i) - mean).powi(2)).sum()
+            r.iter().map(|&x| (x - mean) * (x - mean)).sum()
         };
         GroupStats {
             sum,
@@ -291,38 +309,74 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
     check::finite(OP, "values", rewards.values)?;
     let g = rewards.group_size;
     let min_groups = (MIN_TASK / g).max(1);
+    // Small batches (GRPO's usual few hundred rewards) run on this thread:
+    // a rayon dispatch costs more than the whole op.
+    let parallel = n > MIN_TASK;
+    let batch_mode = matches!(mode, AdvantageMode::BatchNorm { .. });
 
+    // One pass per group: its combined rewards (into a reused f64 buffer),
+    // its statistics and, except in BatchNorm (which needs every group's
+    // statistics first), its advantages.
     let mut combined = vec![0.0f32; n];
-    let stats: Vec<GroupStats> = combined
-        .par_chunks_mut(g)
-        .enumerate()
-        .with_min_len(min_groups)
-        .map(|(p, out)| {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = rewards.combined(n, p * g + i) as f32;
+    let mut advantages = vec![0.0f32; n];
+    let group = |buf: &mut Vec<f64>, (p, (comb, adv)): (usize, (&mut [f32], &mut [f32]))| {
+        buf.resize(g, 0.0);
+        rewards.fill_group(n, p * g, buf);
+        for (c, &r) in comb.iter_mut().zip(buf.iter()) {
+            *c = r as f32;
+        }
+        let stats = GroupStats::of(buf);
+        if !batch_mode {
+            let affine = mode.group_affine(&stats, g, 0.0);
+            for (a, &r) in adv.iter_mut().zip(buf.iter()) {
+                *a = affine.apply(r) as f32;
             }
-            rewards.group_stats(n, p * g)
-        })
-        .collect();
+        }
+        stats
+    };
+    let stats: Vec<GroupStats> = if parallel {
+        combined
+            .par_chunks_mut(g)
+            .zip(advantages.par_chunks_mut(g))
+            .enumerate()
+            .with_min_len(min_groups)
+            .map_init(Vec::new, group)
+            .collect()
+    } else {
+        let mut buf = Vec::new();
+        combined
+            .chunks_mut(g)
+            .zip(advantages.chunks_mut(g))
+            .enumerate()
+            .map(|item| group(&mut buf, item))
+            .collect()
+    };
     check::finite(OP, "weighted rewards", &combined)?;
 
     let unbiased = mode.unbiased();
-    let batch_std = match mode {
-        AdvantageMode::BatchNorm { .. } => batch_std(&stats, g, unbiased),
-        _ => 0.0,
-    };
-    let mut advantages = vec![0.0f32; n];
-    advantages
-        .par_chunks_mut(g)
-        .zip(&stats)
-        .enumerate()
-        .with_min_len(min_groups)
-        .for_each(|(p, (out, st))| {
+    if batch_mode {
+        let batch_std = batch_std(&stats, g, unbiased);
+        let normalize = |(p, (adv, st)): (usize, (&mut [f32], &GroupStats))| {
             let affine = mode.group_affine(st, g, batch_std);
-            for (i, a) in out.iter_mut().enumerate() {
+            for (i, a) in adv.iter_mut().enumerate() {
                 *a = affine.apply(rewards.combined(n, p * g + i)) as f32;
             }
-        });
+        };
+        if parallel {
+            advantages
+                .par_chunks_mut(g)
+                .zip(&stats)
+                .enumerate()
+                .with_min_len(min_groups)
+                .for_each(normalize);
+        } else {
+            advantages
+                .chunks_mut(g)
+                .zip(&stats)
+                .enumerate()
+                .for_each(normalize);
+        }
+    }
     Ok(GroupAdvantages {
         advantages,
         rewards: combined,
