@@ -3,31 +3,9 @@
 
 mod common;
 
-use common::{assert_close, widen, Rng};
+use common::{assert_close, widen, Rng, ADVANTAGE_MODES};
 use grpo_kernels::{broadcast_to_tokens, group_advantages, AdvantageMode, Error, Rewards, SeqLayout};
 use proptest::prelude::*;
-
-const MODES: [AdvantageMode; 7] = [
-    AdvantageMode::GroupNorm {
-        eps: 1e-4,
-        unbiased: true,
-    },
-    AdvantageMode::GroupNorm {
-        eps: 1e-6,
-        unbiased: false,
-    },
-    AdvantageMode::GroupMean,
-    AdvantageMode::BatchNorm {
-        eps: 1e-4,
-        unbiased: true,
-    },
-    AdvantageMode::BatchNorm {
-        eps: 0.0,
-        unbiased: false,
-    },
-    AdvantageMode::LeaveOneOut,
-    AdvantageMode::None,
-];
 
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
@@ -106,7 +84,7 @@ fn check(p: usize, g: usize, weights: Option<&[f32]>, discrete: bool, seed: u64)
     let k = weights.map_or(1, <[f32]>::len);
     let values = rewards(&mut rng, k * p * g, discrete);
     let w64 = weights.map_or(vec![1.0], widen);
-    for mode in MODES {
+    for mode in ADVANTAGE_MODES {
         let rw = Rewards {
             values: &values[..],
             weights,
@@ -160,7 +138,7 @@ fn flat_groups_and_singletons_give_exact_zeros() {
     // (adjacent f32 values), which is real and must be normalized.
     let tiny = f32::from_bits(1.0f32.to_bits() + 1);
     let values = [0.1f32, 0.1, 0.1, 1.0, tiny, 1.0];
-    for mode in MODES {
+    for mode in ADVANTAGE_MODES {
         let out = group_advantages(&Rewards::new(&values, 3), mode).unwrap();
         if mode == AdvantageMode::None {
             assert_eq!(out.advantages, values);
@@ -174,7 +152,7 @@ fn flat_groups_and_singletons_give_exact_zeros() {
     // Groups of one, and a batch with no spread at all.
     for values in [vec![0.3f32, -2.0, 7.5], vec![4.0f32; 12]] {
         for g in [1, 3] {
-            for mode in MODES {
+            for mode in ADVANTAGE_MODES {
                 let out = group_advantages(&Rewards::new(&values, g), mode).unwrap();
                 let want = if mode == AdvantageMode::None {
                     values.clone()

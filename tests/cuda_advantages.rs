@@ -6,33 +6,11 @@
 mod common;
 
 use common::gpu::{down, gpu, poison_pool, up};
-use common::{assert_close, Rng};
+use common::{assert_close, Rng, ADVANTAGE_MODES};
 use grpo_kernels::cuda::{self, Device};
 use grpo_kernels::{
     broadcast_to_tokens, group_advantages, AdvantageMode, DeviceFault, Error, Rewards, SeqLayout,
 };
-
-const MODES: [AdvantageMode; 7] = [
-    AdvantageMode::GroupNorm {
-        eps: 1e-4,
-        unbiased: true,
-    },
-    AdvantageMode::GroupNorm {
-        eps: 1e-6,
-        unbiased: false,
-    },
-    AdvantageMode::GroupMean,
-    AdvantageMode::BatchNorm {
-        eps: 1e-4,
-        unbiased: true,
-    },
-    AdvantageMode::BatchNorm {
-        eps: 0.0,
-        unbiased: false,
-    },
-    AdvantageMode::LeaveOneOut,
-    AdvantageMode::None,
-];
 
 fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -72,7 +50,7 @@ fn advantages_match_cpu() {
     for &(p, g) in &shapes {
         for k in [1, 3] {
             let values = rewards(&mut rng, k, p, g);
-            for mode in MODES {
+            for mode in ADVANTAGE_MODES {
                 let host = Rewards::new(&values, g);
                 let host = if k == 3 { host.with_weights(&weights) } else { host };
                 let want = group_advantages(&host, mode).unwrap();

@@ -458,12 +458,7 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
                     .arg(&plan.ignore)
                     .arg(&plan.has_ignore)
                     .arg(&plan.inv_t)
-                    .arg(&saved.lse)
-                    .opt(&saved.entropy)
-                    .arg(&grads.logp)
-                    .opt(&grads.entropy)
-                    .opt(&grads.lse)
-                    .arg(&*status);
+                    .logprob_grads(saved, grads, &status);
                 launched(
                     unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
                     &tile_name,

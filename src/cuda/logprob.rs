@@ -267,12 +267,7 @@ fn launch_backward<T: GpuFloat, I: GpuId>(
         .arg(&has_ignore)
         .arg(&inv_t)
         .arg(&splits_i)
-        .arg(&saved.lse)
-        .opt(&saved.entropy)
-        .arg(&grads.logp)
-        .opt(&grads.entropy)
-        .opt(&grads.lse)
-        .arg(&*status);
+        .logprob_grads(saved, grads, &status);
     let cfg_bwd = LaunchConfig {
         grid_dim: (grid_rows, splits, 1),
         block_dim: (THREADS, 1, 1),

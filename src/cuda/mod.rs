@@ -317,9 +317,31 @@ static NULL: u64 = 0;
 pub(crate) trait LaunchExt<'a> {
     fn opt<T>(&mut self, buf: &'a Option<CudaView<'_, T>>) -> &mut Self;
     fn opt_mut<T>(&mut self, buf: &'a mut Option<CudaViewMut<'_, T>>) -> &mut Self;
+    /// What every log-prob backward kernel reads after its rows (`lse`,
+    /// `entropy`, `grad_logp`, `grad_entropy`, `grad_lse`), then the status word.
+    fn logprob_grads(
+        &mut self,
+        saved: &'a crate::ops::logprob::LogProbSaved<'_, Device>,
+        grads: &'a crate::ops::logprob::LogProbGrads<'_, Device>,
+        status: &'a CudaSlice<u32>,
+    ) -> &mut Self;
 }
 
 impl<'a> LaunchExt<'a> for LaunchArgs<'a> {
+    fn logprob_grads(
+        &mut self,
+        saved: &'a crate::ops::logprob::LogProbSaved<'_, Device>,
+        grads: &'a crate::ops::logprob::LogProbGrads<'_, Device>,
+        status: &'a CudaSlice<u32>,
+    ) -> &mut Self {
+        self.arg(&saved.lse)
+            .opt(&saved.entropy)
+            .arg(&grads.logp)
+            .opt(&grads.entropy)
+            .opt(&grads.lse)
+            .arg(status)
+    }
+
     fn opt<T>(&mut self, buf: &'a Option<CudaView<'_, T>>) -> &mut Self {
         match buf {
             Some(b) => self.arg(b),

@@ -146,3 +146,27 @@ pub mod tensors {
             .unwrap()
     }
 }
+
+/// Every advantage mode, with both std conventions and eps from TRL's and
+/// verl's defaults down to 0.
+pub const ADVANTAGE_MODES: [grpo_kernels::AdvantageMode; 7] = [
+    grpo_kernels::AdvantageMode::GroupNorm {
+        eps: 1e-4,
+        unbiased: true,
+    },
+    grpo_kernels::AdvantageMode::GroupNorm {
+        eps: 1e-6,
+        unbiased: false,
+    },
+    grpo_kernels::AdvantageMode::GroupMean,
+    grpo_kernels::AdvantageMode::BatchNorm {
+        eps: 1e-4,
+        unbiased: true,
+    },
+    grpo_kernels::AdvantageMode::BatchNorm {
+        eps: 0.0,
+        unbiased: false,
+    },
+    grpo_kernels::AdvantageMode::LeaveOneOut,
+    grpo_kernels::AdvantageMode::None,
+];
