@@ -352,8 +352,9 @@ pub struct LinearGradsOut<'a, T> {
 
 /// [`crate::fused_linear_logprobs_backward`] on the GPU, into
 /// caller-provided buffers: `dh`, `dW` and `db`, recomputing each logits
-/// tile. Rows whose target is out of range get NaN gradients and are
-/// reported by [`Gpu::check`].
+/// tile. A row whose target is out of range is reported by [`Gpu::check`]
+/// and poisons the gradients with NaN: its own `dh` row, and all of `dW`
+/// and `db`, to which every row contributes (never a plausible value).
 ///
 /// Errors (on the host): those of the CPU op's validation, output lengths,
 /// dimensions past cuBLAS's 32-bit limits, cuBLAS not loadable.
