@@ -9,8 +9,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::logprob::{pack, with_host_rows, LogProbTensors, TokenLogProbsInputs};
-use super::{host_slice, same_device, with_cpu, wrap, HostIds};
+use super::logprob::{pack, with_host_grads, with_host_rows, LogProbTensors, TokenLogProbsInputs};
+use super::{host_slice, same_device, wrap, HostIds};
 use crate::element::Float;
 use crate::ops::fused_linear::{self as op, FusedLinearConfig, LinearRows, OP};
 use crate::ops::logprob::{LogProbGrads, LogProbSaved};
@@ -166,13 +166,13 @@ impl<T: Float> RowsFn<T, Vec<f32>> for Forward<'_> {
     }
 }
 
-struct Backward<'a> {
-    cfg: &'a FusedLinearConfig,
+struct Backward<'c, 'a> {
+    cfg: &'c FusedLinearConfig,
     saved: LogProbSaved<'a>,
     grads: LogProbGrads<'a>,
 }
 
-impl<T: Float + candle_core::WithDType> RowsFn<T, CpuStorage> for Backward<'_> {
+impl<T: Float + candle_core::WithDType> RowsFn<T, CpuStorage> for Backward<'_, '_> {
     fn u32(&self, rows: &LinearRows<'_, T, u32>) -> Result<CpuStorage> {
         self.run(rows)
     }
@@ -181,7 +181,7 @@ impl<T: Float + candle_core::WithDType> RowsFn<T, CpuStorage> for Backward<'_> {
     }
 }
 
-impl Backward<'_> {
+impl Backward<'_, '_> {
     /// `[dhidden; dweight]` as one storage.
     fn run<T: Float + candle_core::WithDType, I: crate::TokenId>(
         &self,
@@ -258,26 +258,21 @@ impl CustomOp2 for FusedLinearBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let read =
-            |t: &Tensor, what: &str| with_cpu(t, what, |s, l| Ok(host_slice::<f32>(s, l, what)?.to_vec()));
-        let (saved, grads) = (read(&self.saved, "saved")?, read(&self.grads, "grads")?);
-        let n = saved.len() / 3;
-        let entropy = self.fwd.cfg.logprob.entropy;
-        let bwd = Backward {
-            cfg: &self.fwd.cfg,
-            saved: LogProbSaved {
-                lse: &saved[2 * n..],
-                entropy: entropy.then(|| &saved[n..2 * n]),
+        let out = with_host_grads(
+            &self.saved,
+            &self.grads,
+            self.fwd.cfg.logprob.entropy,
+            |saved, grads| {
+                let bwd = Backward {
+                    cfg: &self.fwd.cfg,
+                    saved,
+                    grads,
+                };
+                Ok(with_float_pair!(s1, l1, s2, l2, |hidden, weight| {
+                    run_rows(&self.fwd.rows, hidden, weight, &bwd)?
+                }))
             },
-            grads: LogProbGrads {
-                logp: &grads[..n],
-                entropy: entropy.then(|| &grads[n..2 * n]),
-                lse: Some(&grads[2 * n..]),
-            },
-        };
-        let out = with_float_pair!(s1, l1, s2, l2, |hidden, weight| {
-            run_rows(&self.fwd.rows, hidden, weight, &bwd)?
-        });
+        )?;
         let len = l1.shape().elem_count() + l2.shape().elem_count();
         Ok((out, Shape::from(len)))
     }
@@ -304,12 +299,11 @@ mod cuda {
     use cudarc::driver::CudaView;
 
     use super::FusedLinear;
-    use crate::candle::gpu::{checked, for_dtypes, gpu, view, with_cuda, ForDTypes};
-    use crate::candle::logprob::with_device_rows;
+    use crate::candle::gpu::{checked, for_dtypes, gpu, view, ForDTypes};
+    use crate::candle::logprob::{with_device_grads, with_device_rows};
     use crate::candle::wrap;
     use crate::cuda::{self as kernels, Device, GpuFloat, GpuId, LinearGradsOut, LogProbsOut};
     use crate::ops::fused_linear::LinearRows;
-    use crate::ops::logprob::{LogProbGrads, LogProbSaved};
 
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -381,41 +375,27 @@ mod cuda {
                         Shape::from((3, n)),
                     ));
                 };
-                with_cuda(saved, "saved", |ss, sl| {
-                    with_cuda(grads, "grads", |gs, gl| {
-                        let saved: CudaView<'_, f32> = view(ss, sl, "saved")?;
-                        let grads: CudaView<'_, f32> = view(gs, gl, "grads")?;
-                        let saved = LogProbSaved::<Device> {
-                            lse: saved.slice(2 * n..3 * n),
-                            entropy: entropy.then(|| saved.slice(n..2 * n)),
+                with_device_grads(saved, grads, entropy, |saved, grads| {
+                    // SAFETY (of the uninitialized buffer): the backward writes
+                    // every element of dhidden and dweight.
+                    let mut packed = g.alloc::<T>(nh + nw).map_err(wrap)?;
+                    {
+                        let (d_hidden, d_weight) = packed.split_at_mut(nh);
+                        let mut out = LinearGradsOut {
+                            hidden: d_hidden,
+                            weight: d_weight,
+                            bias: None,
                         };
-                        let grads = LogProbGrads::<Device> {
-                            logp: grads.slice(0..n),
-                            entropy: entropy.then(|| grads.slice(n..2 * n)),
-                            lse: Some(grads.slice(2 * n..3 * n)),
-                        };
-                        let mut packed = g
-                            .stream()
-                            .alloc_zeros::<T>(nh + nw)
-                            .map_err(candle_core::Error::wrap)?;
-                        {
-                            let (d_hidden, d_weight) = packed.split_at_mut(nh);
-                            let mut out = LinearGradsOut {
-                                hidden: d_hidden,
-                                weight: d_weight,
-                                bias: None,
-                            };
-                            kernels::fused_linear_logprobs_backward_into(
-                                &g, &rows, cfg, &saved, &grads, &mut out,
-                            )
-                            .map_err(wrap)?;
-                        }
-                        checked(&g)?;
-                        Ok((
-                            CudaStorage::wrap_cuda_slice(packed, dev.clone()),
-                            Shape::from(nh + nw),
-                        ))
-                    })
+                        kernels::fused_linear_logprobs_backward_into(
+                            &g, &rows, cfg, &saved, &grads, &mut out,
+                        )
+                        .map_err(wrap)?;
+                    }
+                    checked(&g)?;
+                    Ok((
+                        CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+                        Shape::from(nh + nw),
+                    ))
                 })
             })
         }

@@ -38,23 +38,22 @@ pub fn kl_divergence(logp: &Tensor, ref_logp: &Tensor, est: KlEstimator) -> Resu
             ref_logp.dims()
         );
     }
-    logp.contiguous()?.apply_op2(&ref_logp.contiguous()?, Kl { est })
+    logp.contiguous()?
+        .apply_op2(&ref_logp.contiguous()?, Kl { est, grad: None })
 }
 
-/// The forward op.
+/// The estimates (`grad: None`), or, as the backward, `grad * d kl / d logp`.
 struct Kl {
     est: KlEstimator,
-}
-
-/// The backward op: `grad * d kl / d logp`.
-struct KlBackward {
-    est: KlEstimator,
-    grad: Tensor,
+    grad: Option<Tensor>,
 }
 
 impl CustomOp2 for Kl {
     fn name(&self) -> &'static str {
-        "grpo-kl-divergence"
+        match self.grad {
+            None => "grpo-kl-divergence",
+            Some(_) => "grpo-kl-divergence-backward",
+        }
     }
 
     fn cpu_fwd(
@@ -65,8 +64,13 @@ impl CustomOp2 for Kl {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let inputs = KlInputs::new(host_slice(s1, l1, "logp")?, host_slice(s2, l2, "ref_logp")?);
-        let kl = op::kl_divergence(&inputs, self.est).map_err(wrap)?;
-        Ok((CpuStorage::F32(kl), l1.shape().clone()))
+        let out = match &self.grad {
+            None => op::kl_divergence(&inputs, self.est).map_err(wrap)?,
+            Some(grad) => with_cpu(grad, "grad", |s, l| {
+                op::kl_divergence_backward(&inputs, self.est, host_slice(s, l, "grad")?).map_err(wrap)
+            })?,
+        };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -77,7 +81,7 @@ impl CustomOp2 for Kl {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.est, None, (s1, l1), (s2, l2))
+        cuda::run(self.est, self.grad.as_ref(), (s1, l1), (s2, l2))
     }
 
     fn bwd(
@@ -87,44 +91,13 @@ impl CustomOp2 for Kl {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let bwd = KlBackward {
+        let bwd = Kl {
             est: self.est,
-            grad: grad.contiguous()?,
+            grad: Some(grad.contiguous()?),
         };
         let d_logp = logp.apply_op2_no_bwd(ref_logp, &bwd)?;
         let d_ref = d_logp.neg()?;
         Ok((Some(d_logp), Some(d_ref)))
-    }
-}
-
-impl CustomOp2 for KlBackward {
-    fn name(&self) -> &'static str {
-        "grpo-kl-divergence-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let inputs = KlInputs::new(host_slice(s1, l1, "logp")?, host_slice(s2, l2, "ref_logp")?);
-        let d = with_cpu(&self.grad, "grad", |s, l| {
-            op::kl_divergence_backward(&inputs, self.est, host_slice(s, l, "grad")?).map_err(wrap)
-        })?;
-        Ok((CpuStorage::F32(d), l1.shape().clone()))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::run(self.est, Some(&self.grad), (s1, l1), (s2, l2))
     }
 }
 

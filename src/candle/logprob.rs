@@ -114,6 +114,79 @@ pub(super) fn with_host_rows<R>(
     })
 }
 
+/// Runs `f` with the forward's packed `[logp; entropy; lse]` outputs
+/// (`saved`, `[3, N]`) and their gradients (`grads`, `[3, N]`) as the
+/// backward's inputs, on the host.
+pub(super) fn with_host_grads<R>(
+    saved: &Tensor,
+    grads: &Tensor,
+    entropy: bool,
+    f: impl for<'a> FnOnce(LogProbSaved<'a>, LogProbGrads<'a>) -> Result<R>,
+) -> Result<R> {
+    with_cpu(saved, "saved", |ss, sl| {
+        with_cpu(grads, "grads", |gs, gl| {
+            let [_, saved_h, saved_lse] = thirds(host_slice(ss, sl, "saved")?);
+            let [g_logp, g_h, g_lse] = thirds(host_slice(gs, gl, "grads")?);
+            f(
+                LogProbSaved {
+                    lse: saved_lse,
+                    entropy: entropy.then_some(saved_h),
+                },
+                LogProbGrads {
+                    logp: g_logp,
+                    entropy: entropy.then_some(g_h),
+                    lse: Some(g_lse),
+                },
+            )
+        })
+    })
+}
+
+/// Rows 0, 1, 2 of a packed `[3, N]` buffer.
+fn thirds(x: &[f32]) -> [&[f32]; 3] {
+    let n = x.len() / 3;
+    [0, 1, 2].map(|k| &x[k * n..(k + 1) * n])
+}
+
+/// [`thirds`] of a buffer in CUDA memory.
+#[cfg(feature = "candle-cuda")]
+fn device_thirds<'a>(x: &'a cudarc::driver::CudaView<'_, f32>) -> [cudarc::driver::CudaView<'a, f32>; 3] {
+    let n = x.len() / 3;
+    [0, 1, 2].map(move |k| x.slice(k * n..(k + 1) * n))
+}
+
+/// [`with_host_grads`] for tensors in CUDA memory.
+#[cfg(feature = "candle-cuda")]
+pub(super) fn with_device_grads<R>(
+    saved: &Tensor,
+    grads: &Tensor,
+    entropy: bool,
+    f: impl for<'a> FnOnce(
+        LogProbSaved<'a, crate::cuda::Device>,
+        LogProbGrads<'a, crate::cuda::Device>,
+    ) -> Result<R>,
+) -> Result<R> {
+    use super::gpu::{view, with_cuda};
+    with_cuda(saved, "saved", |ss, sl| {
+        with_cuda(grads, "grads", |gs, gl| {
+            let (saved, grads) = (view::<f32>(ss, sl, "saved")?, view::<f32>(gs, gl, "grads")?);
+            let [_, saved_h, saved_lse] = device_thirds(&saved);
+            let [g_logp, g_h, g_lse] = device_thirds(&grads);
+            f(
+                LogProbSaved {
+                    lse: saved_lse,
+                    entropy: entropy.then_some(saved_h),
+                },
+                LogProbGrads {
+                    logp: g_logp,
+                    entropy: entropy.then_some(g_h),
+                    lse: Some(g_lse),
+                },
+            )
+        })
+    })
+}
+
 /// Runs `f` with the captured targets and mask as views of CUDA memory.
 #[cfg(feature = "candle-cuda")]
 pub(super) fn with_device_rows<I: candle_core::cuda_backend::CudaDType, R>(
@@ -203,47 +276,33 @@ impl CustomOp1 for TokenLogProbsBackward {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let saved = with_cpu(&self.saved, "saved", |s, l| {
-            Ok(host_slice::<f32>(s, l, "saved")?.to_vec())
-        })?;
-        let grads = with_cpu(&self.grads, "grads", |s, l| {
-            Ok(host_slice::<f32>(s, l, "grads")?.to_vec())
-        })?;
-        let n = saved.len() / 3;
         let (cfg, vocab) = (self.fwd.cfg, self.fwd.vocab);
-        let saved_ref = LogProbSaved {
-            lse: &saved[2 * n..],
-            entropy: cfg.entropy.then(|| &saved[n..2 * n]),
-        };
-        let grads_ref = LogProbGrads {
-            logp: &grads[..n],
-            entropy: cfg.entropy.then(|| &grads[n..2 * n]),
-            lse: Some(&grads[2 * n..]),
-        };
         let shape = layout.shape().clone();
-        let out = with_host_rows(&self.fwd, |ids, mask| {
-            with_float_slice!(storage, layout, "logits", |logits| {
-                macro_rules! run {
-                    ($t:expr) => {
-                        op::token_logprobs_backward(
-                            &LogitRows {
-                                logits,
-                                targets: $t,
-                                mask,
-                                vocab,
-                            },
-                            &cfg,
-                            &saved_ref,
-                            &grads_ref,
-                        )
-                        .map(candle_core::WithDType::to_cpu_storage_owned)
-                        .map_err(wrap)
-                    };
-                }
-                match ids {
-                    HostIds::U32(t) => run!(t),
-                    HostIds::I64(t) => run!(t),
-                }
+        let out = with_host_grads(&self.saved, &self.grads, cfg.entropy, |saved, grads| {
+            with_host_rows(&self.fwd, |ids, mask| {
+                with_float_slice!(storage, layout, "logits", |logits| {
+                    macro_rules! run {
+                        ($t:expr) => {
+                            op::token_logprobs_backward(
+                                &LogitRows {
+                                    logits,
+                                    targets: $t,
+                                    mask,
+                                    vocab,
+                                },
+                                &cfg,
+                                &saved,
+                                &grads,
+                            )
+                            .map(candle_core::WithDType::to_cpu_storage_owned)
+                            .map_err(wrap)
+                        };
+                    }
+                    match ids {
+                        HostIds::U32(t) => run!(t),
+                        HostIds::I64(t) => run!(t),
+                    }
+                })
             })
         })?;
         Ok((out, shape))
@@ -265,11 +324,11 @@ mod cuda {
     use candle_core::{Layout, Result, Shape};
     use cudarc::driver::CudaView;
 
-    use super::{with_device_rows, TokenLogProbsBackward, TokenLogProbsInputs};
-    use crate::candle::gpu::{checked, for_dtypes, gpu, view, with_cuda, ForDTypes};
+    use super::{with_device_grads, with_device_rows, TokenLogProbsBackward, TokenLogProbsInputs};
+    use crate::candle::gpu::{checked, for_dtypes, gpu, view, ForDTypes};
     use crate::candle::wrap;
     use crate::cuda::{self as kernels, Device, GpuFloat, GpuId, LogProbsOut};
-    use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogitRows};
+    use crate::ops::logprob::LogitRows;
 
     pub fn forward(
         inputs: &TokenLogProbsInputs,
@@ -372,19 +431,8 @@ mod cuda {
                         Shape::from((3, n)),
                     ))
                 }
-                Work::Backward { saved, grads } => with_cuda(saved, "saved", |ss, sl| {
-                    with_cuda(grads, "grads", |gs, gl| {
-                        let saved: CudaView<'_, f32> = view(ss, sl, "saved")?;
-                        let grads: CudaView<'_, f32> = view(gs, gl, "grads")?;
-                        let saved = LogProbSaved::<Device> {
-                            lse: saved.slice(2 * n..3 * n),
-                            entropy: cfg.entropy.then(|| saved.slice(n..2 * n)),
-                        };
-                        let grads = LogProbGrads::<Device> {
-                            logp: grads.slice(0..n),
-                            entropy: cfg.entropy.then(|| grads.slice(n..2 * n)),
-                            lse: Some(grads.slice(2 * n..3 * n)),
-                        };
+                Work::Backward { saved, grads } => {
+                    with_device_grads(saved, grads, cfg.entropy, |saved, grads| {
                         let d =
                             kernels::token_logprobs_backward(&g, &rows, cfg, &saved, &grads).map_err(wrap)?;
                         checked(&g)?;
@@ -393,7 +441,7 @@ mod cuda {
                             layout.shape().clone(),
                         ))
                     })
-                }),
+                }
             }
         })
     }

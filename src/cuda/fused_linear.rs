@@ -386,7 +386,11 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
     let mut d_tile = gpu.alloc::<T>(rc * vc)?;
     let mut hidden_active = gpu.alloc::<T>(rc * h)?;
     let mut d_hidden_acc = gpu.alloc::<f32>(rc * h)?;
-    let mut ones = gpu.alloc::<T>(rc)?;
+    // The ones of db's GEMV, only with a bias.
+    let mut ones = match rows.bias {
+        Some(_) => Some(gpu.alloc::<T>(rc)?),
+        None => None,
+    };
     {
         let (hidden, _h) = rows.hidden.device_ptr(stream);
         let (weight, _w) = rows.weight.device_ptr(stream);
@@ -396,7 +400,8 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
         let (d_tile, _dt) = d_tile.device_ptr_mut(stream);
         let (active, _a) = hidden_active.device_ptr_mut(stream);
         let (acc, _acc) = d_hidden_acc.device_ptr_mut(stream);
-        let (ones, _o) = ones.device_ptr_mut(stream);
+        let ones_guard = ones.as_mut().map(|o| o.device_ptr_mut(stream));
+        let ones = ones_guard.as_ref().map(|(p, _)| *p);
         let (d_hidden, _dh) = out.hidden.device_ptr_mut(stream);
         let (d_weight, _dw) = out.weight.device_ptr_mut(stream);
         let d_bias_guard = out.bias.as_mut().map(|b| b.device_ptr_mut(stream));
@@ -405,15 +410,17 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
         let offset = |rows: usize| rows as u64 * h as u64 * size;
         let dtype = T::DTYPE.name();
 
-        let fill_name = format!("fused_fill_{dtype}");
-        let f = gpu.function(FILE, &fill_name)?;
-        let (one, rc_i) = (1.0f32, rc as i64);
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&ones).arg(&one).arg(&rc_i);
-        launched(
-            unsafe { launch.launch(elementwise(gpu, rc)) }.map(drop),
-            &fill_name,
-        )?;
+        if let Some(ones) = ones {
+            let fill_name = format!("fused_fill_{dtype}");
+            let f = gpu.function(FILE, &fill_name)?;
+            let (one, rc_i) = (1.0f32, rc as i64);
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(&ones).arg(&one).arg(&rc_i);
+            launched(
+                unsafe { launch.launch(elementwise(gpu, rc)) }.map(drop),
+                &fill_name,
+            )?;
+        }
 
         let active_name = format!("fused_active_hidden_{dtype}_{}", I::NAME);
         let active_fn = gpu.function(FILE, &active_name)?;
@@ -474,7 +481,7 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
                 let dw_cols = Mat::new::<T>(d_weight + offset(c0), cols, h);
                 gemm(gpu, OP_BWD, dw_cols, first_rows, (dz, true), (h_active, false))?;
                 // db_cols (+)= 1^T dz.
-                if let Some(db) = d_bias {
+                if let (Some(db), Some(ones)) = (d_bias, ones) {
                     let db_cols = Mat::new::<T>(db + c0 as u64 * size, 1, cols);
                     let ones = Mat::new::<T>(ones, 1, r);
                     gemm(gpu, OP_BWD, db_cols, first_rows, (ones, false), (dz, false))?;
