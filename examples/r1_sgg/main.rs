@@ -9,20 +9,27 @@
 //! ```
 //!
 //! `demo` runs everything on synthetic scenes (shapes and their spatial
-//! relations; no download): SFT, evaluation, GRPO, evaluation, and writes
-//! curves (SVG), a picture of predictions (PNG), checkpoints and a summary
-//! to `runs/demo/`. `sft`, `grpo` and `eval` run one stage, on the synthetic
-//! data or on a JSONL file of real images in R1-SGG's format
-//! (`--data train.jsonl`, see `data::load_jsonl`). With `--features
-//! candle-cuda` and `--device cuda` the same code trains on a GPU, and the
-//! crate's ops run as CUDA kernels.
+//! relations; no download): SFT, evaluation, GRPO, evaluation on the
+//! validation, test and shifted splits, and writes to `runs/demo/` the
+//! checkpoints (weights and optimizer state, `model.json`,
+//! `tokenizer.json`), metrics (`sft.jsonl`, `grpo.jsonl`, `eval.jsonl`),
+//! charts (PNG), pictures of
+//! predictions and a summary. `data` writes the synthetic dataset to disk
+//! in R1-SGG's layout; `sft`, `grpo` and `eval` run one stage, on the
+//! synthetic data or on a JSONL file of real images in R1-SGG's format
+//! (`--data train.jsonl`, see `data::load_jsonl`). Ctrl-C saves a
+//! checkpoint and stops; `--resume` continues an interrupted stage. With
+//! `--features candle-cuda` and `--device cuda` the same code trains on a
+//! GPU, and the crate's ops run as CUDA kernels.
 
 // The data, format and reward modules are a library for scene-graph RL: the
 // CLI uses part of their API, their tests the rest.
+mod checkpoint;
 #[allow(dead_code)]
 mod data;
 #[allow(dead_code)]
 mod format;
+mod metrics;
 mod model;
 mod plot;
 #[allow(dead_code)]
@@ -33,20 +40,24 @@ mod tokenizer;
 mod train;
 
 use std::fs;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
 
-use data::{generate_split, load_jsonl, render_preview, Sample, Split};
+use checkpoint::{AdamW, TrainingState};
+use data::{generate_split, load_jsonl, render_preview, write_dataset, Sample, Split};
 use format::parse_answer;
-use model::{Vlm, VlmConfig};
-use plot::{line_chart, smooth, Series};
+use metrics::MetricsLog;
+use model::{NumberTokens, Vlm, VlmConfig};
+use plot::{line_chart_png, panels_png, smooth, Panel, Series};
 use reward::EvalSummary;
 use tokenizer::Tokenizer;
-use train::{evaluate, grpo, grpo_defaults, predict, sft, GrpoLog, SftConfig, SftLog, FORM};
+use train::{adamw, evaluate, grpo, grpo_defaults, predict, sft, Hooks, LossVariant, SftConfig, FORM};
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -59,30 +70,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// SFT, evaluation, GRPO, evaluation on synthetic scenes; plots and a summary.
+    /// SFT, evaluation, GRPO, evaluation on synthetic scenes; charts and a summary.
     Demo {
         #[command(flatten)]
         common: Common,
-        /// SFT steps.
-        #[arg(long, default_value_t = 2400)]
-        sft_steps: usize,
-        /// GRPO steps.
-        #[arg(long, default_value_t = 150)]
-        grpo_steps: usize,
+        #[command(flatten)]
+        sft: SftArgs,
+        #[command(flatten)]
+        grpo: GrpoArgs,
+    },
+    /// Writes the synthetic dataset (train, val, test, shifted) in R1-SGG's JSONL layout.
+    Data {
+        /// Output folder.
+        #[arg(long, default_value = "runs/data")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4000)]
+        train_size: usize,
+        /// Images in each of val, test and shifted.
+        #[arg(long, default_value_t = 128)]
+        eval_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Supervised fine-tuning from scratch (or from --init).
     Sft {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value_t = 2400)]
-        steps: usize,
+        #[command(flatten)]
+        sft: SftArgs,
     },
     /// GRPO from a checkpoint (--init, usually the SFT one).
     Grpo {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value_t = 150)]
-        steps: usize,
+        #[command(flatten)]
+        grpo: GrpoArgs,
     },
     /// Failure rate, recall and mean recall of a checkpoint (--init).
     Eval {
@@ -93,22 +115,27 @@ enum Command {
 
 #[derive(Args)]
 struct Common {
-    /// Output folder (checkpoints, curves, summary).
+    /// Output folder (checkpoints, metrics, charts, summary).
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// Checkpoint to start from (`*.safetensors`, with its `model.json` beside it).
+    /// Checkpoint to start from (`*.safetensors`, with its `model.json` and
+    /// `tokenizer.json` beside it).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Continue an interrupted stage from its checkpoint in --out (weights,
+    /// optimizer state and step), appending to its `<stage>.jsonl`.
+    #[arg(long)]
+    resume: bool,
     /// Training data: a JSONL file in R1-SGG's format; synthetic scenes if absent.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Evaluation data (JSONL); the synthetic validation split if absent.
+    /// Evaluation data (JSONL); the synthetic val, test and shifted splits if absent.
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// Synthetic training scenes to generate.
     #[arg(long, default_value_t = 4000)]
     train_size: usize,
-    /// Images to evaluate on.
+    /// Images to evaluate on, per split.
     #[arg(long, default_value_t = 128)]
     eval_size: usize,
     /// Model size: `tiny` (CPU) or `gpu`.
@@ -119,40 +146,100 @@ struct Common {
     device: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// SFT batch size.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
     /// Longest answer generated, in tokens.
     #[arg(long, default_value_t = 160)]
     max_new: usize,
+    /// Cosine basis functions of the box-coordinate tokens' smooth part (0: none).
+    #[arg(long, default_value_t = 64)]
+    number_basis: usize,
+    /// Write a checkpoint every this many steps (and always at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 200)]
+    save_every: usize,
+}
+
+/// Settings of the SFT stage.
+#[derive(Args)]
+struct SftArgs {
+    #[arg(long, default_value_t = 2400)]
+    sft_steps: usize,
+    /// SFT batch size.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    sft_lr: f64,
+    /// Answers with objects and relations shuffled and renumbered
+    /// (R1-SGG's augmentation); else in reading order (top to bottom).
+    #[arg(long)]
+    shuffle: bool,
+    /// Train to list the objects only (the R1-SGG-Zero starting point:
+    /// then `grpo --init` from this checkpoint).
+    #[arg(long)]
+    objects_only: bool,
+}
+
+/// Settings of the GRPO stage.
+#[derive(Args)]
+struct GrpoArgs {
+    #[arg(long, default_value_t = 150)]
+    grpo_steps: usize,
+    /// Loss normalization: GRPO, BNPO, Dr. GRPO or DAPO.
+    #[arg(long, value_enum, default_value = "grpo")]
+    loss: LossVariant,
+    /// Optimizer steps per batch of completions (mu).
+    #[arg(long, default_value_t = 1)]
+    inner_steps: usize,
+    /// KL coefficient to the starting model (0: no KL, R1-SGG's setting).
+    #[arg(long, default_value_t = 0.0)]
+    beta: f32,
+    /// Completions per image (G).
+    #[arg(long, default_value_t = 8)]
+    group: usize,
+    /// Images per GRPO step.
+    #[arg(long, default_value_t = 4)]
+    prompts: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    grpo_lr: f64,
+    /// Evaluate on (up to 64) validation images every this many GRPO steps (0: never).
+    #[arg(long, default_value_t = 25)]
+    eval_every: usize,
 }
 
 fn main() -> AnyResult<()> {
+    checkpoint::install_interrupt_handler()?;
     match Cli::parse().command {
-        Command::Demo {
-            common,
-            sft_steps,
-            grpo_steps,
-        } => demo(&common, sft_steps, grpo_steps),
-        Command::Sft { common, steps } => {
-            let run = Run::new(&common)?;
-            let log = run.sft(steps)?;
-            run.save("sft")?;
-            write(&common.out.join("sft_loss.svg"), &sft_chart(&log))?;
+        Command::Demo { common, sft, grpo } => demo(&common, &sft, &grpo),
+        Command::Data {
+            out,
+            train_size,
+            eval_size,
+            seed,
+        } => {
+            let sizes = [
+                (Split::Train, train_size),
+                (Split::Val, eval_size),
+                (Split::Test, eval_size),
+                (Split::Shifted, eval_size),
+            ];
+            for path in write_dataset(&out, &sizes, seed)? {
+                println!("wrote {}", path.display());
+            }
+            println!("layout and statistics: {}", out.join("README.md").display());
             Ok(())
         }
-        Command::Grpo { common, steps } => {
-            let run = Run::new(&common)?;
-            let log = run.grpo(steps)?;
-            run.save("grpo")?;
-            write(&common.out.join("grpo_log.csv"), &grpo_csv(&log))?;
-            write(&common.out.join("grpo_reward.svg"), &grpo_chart(&log))?;
+        Command::Sft { common, sft } => {
+            let mut run = Run::new(&common)?;
+            run.sft(&sft)?;
+            Ok(())
+        }
+        Command::Grpo { common, grpo } => {
+            let mut run = Run::new(&common)?;
+            run.grpo(&grpo)?;
             Ok(())
         }
         Command::Eval { common } => {
             let run = Run::new(&common)?;
-            let (summary, _) = run.eval()?;
-            println!("{}", describe(&summary));
+            let results = run.eval_all("eval")?;
+            println!("{}", eval_table(&[("checkpoint", &results)]));
             Ok(())
         }
     }
@@ -166,7 +253,8 @@ struct Run<'a> {
     vars: VarMap,
     model: Vlm,
     train: Vec<Sample>,
-    eval: Vec<Sample>,
+    /// Named evaluation sets: val, test, shifted (or the --eval-data file).
+    eval: Vec<(String, Vec<Sample>)>,
 }
 
 impl<'a> Run<'a> {
@@ -176,29 +264,60 @@ impl<'a> Run<'a> {
             "cuda" => Device::new_cuda(0)?,
             other => return Err(format!("--device must be cpu or cuda, got {other}").into()),
         };
-        let tok = Tokenizer::new(&scene::SYNTHETIC, 32);
-        let cfg = match (&common.init, common.preset.as_str()) {
-            (Some(ckpt), _) => model::load_config(&ckpt.with_file_name("model.json"))?,
-            (None, "tiny") => VlmConfig::tiny(tok.vocab_size()),
-            (None, "gpu") => VlmConfig::gpu(tok.vocab_size()),
-            (None, other) => return Err(format!("--preset must be tiny or gpu, got {other}").into()),
+        let (tok, cfg) = match &common.init {
+            Some(ckpt) => {
+                let folder = ckpt.parent().unwrap_or(Path::new("."));
+                let tok_file = folder.join("tokenizer.json");
+                let tok = if tok_file.is_file() {
+                    Tokenizer::from_file(&tok_file)?
+                } else {
+                    Tokenizer::new(&scene::SYNTHETIC, 32)
+                };
+                (tok, model::load_config(&folder.join("model.json"))?)
+            }
+            None => {
+                let tok = Tokenizer::new(&scene::SYNTHETIC, 32);
+                let cfg = match common.preset.as_str() {
+                    "tiny" => VlmConfig::tiny(tok.vocab_size()),
+                    "gpu" => VlmConfig::gpu(tok.vocab_size()),
+                    other => return Err(format!("--preset must be tiny or gpu, got {other}").into()),
+                };
+                let numbers = number_tokens(&tok, common.number_basis);
+                (tok, VlmConfig { numbers, ..cfg })
+            }
         };
+        if cfg.vocab_size != tok.vocab_size() {
+            return Err(format!(
+                "model vocabulary {} does not match the tokenizer's {}",
+                cfg.vocab_size,
+                tok.vocab_size()
+            )
+            .into());
+        }
         let mut vars = VarMap::new();
         let model = Vlm::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &device))?;
         if let Some(ckpt) = &common.init {
-            model::load_checkpoint(&mut vars, ckpt)?;
+            checkpoint::load(ckpt, &mut vars, None)?;
         }
         let size = cfg.image_size as u32;
         let t0 = Instant::now();
-        let load = |path: &Option<PathBuf>, split: Split, n: usize| -> AnyResult<Vec<Sample>> {
-            let samples = match path {
-                Some(p) => load_jsonl(p)?,
-                None => generate_split(split, n, common.seed),
-            };
-            Ok(samples.iter().map(|s| s.resized(size, size)).collect())
+        let resize = |samples: Vec<Sample>| samples.iter().map(|s| s.resized(size, size)).collect();
+        let train: Vec<Sample> = match &common.data {
+            Some(p) => resize(load_jsonl(p)?),
+            None => resize(generate_split(Split::Train, common.train_size, common.seed)),
         };
-        let train = load(&common.data, Split::Train, common.train_size)?;
-        let eval = load(&common.eval_data, Split::Val, common.eval_size)?;
+        let eval: Vec<(String, Vec<Sample>)> = match &common.eval_data {
+            Some(p) => vec![(p.display().to_string(), resize(load_jsonl(p)?))],
+            None => [Split::Val, Split::Test, Split::Shifted]
+                .into_iter()
+                .map(|s| {
+                    (
+                        s.name().to_string(),
+                        resize(generate_split(s, common.eval_size, common.seed)),
+                    )
+                })
+                .collect(),
+        };
         println!(
             "model: {} parameters ({} preset), vocab {}, {}x{} images; data: {} train, {} eval ({:.1}s)",
             vars.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
@@ -207,7 +326,10 @@ impl<'a> Run<'a> {
             size,
             size,
             train.len(),
-            eval.len(),
+            eval.iter()
+                .map(|(name, s)| format!("{} {name}", s.len()))
+                .collect::<Vec<_>>()
+                .join(" + "),
             t0.elapsed().as_secs_f64()
         );
         fs::create_dir_all(&common.out)?;
@@ -222,40 +344,138 @@ impl<'a> Run<'a> {
         })
     }
 
-    fn sft(&self, steps: usize) -> AnyResult<Vec<SftLog>> {
-        let cfg = SftConfig {
-            steps,
-            batch: self.common.batch,
-            lr: 3e-3,
+    fn path(&self, name: &str) -> PathBuf {
+        self.common.out.join(name)
+    }
+
+    /// The stage's optimizer and first step: fresh, or restored from
+    /// `<out>/<stage>.safetensors` with --resume.
+    fn start(&mut self, stage: &str, lr: f64) -> AnyResult<(AdamW, usize, MetricsLog)> {
+        let mut opt = adamw(&self.vars, lr)?;
+        let ckpt = self.path(&format!("{stage}.safetensors"));
+        let metrics_path = self.path(&format!("{stage}.jsonl"));
+        if self.common.resume && ckpt.is_file() {
+            let state = checkpoint::load(&ckpt, &mut self.vars, Some(&mut opt))?;
+            if state.stage != stage {
+                return Err(format!("{}: a {} checkpoint, not {stage}", ckpt.display(), state.stage).into());
+            }
+            println!("resuming {stage} at step {} from {}", state.step, ckpt.display());
+            return Ok((opt, state.step, MetricsLog::append(&metrics_path)?));
+        }
+        Ok((opt, 0, MetricsLog::create(&metrics_path)?))
+    }
+
+    /// Writes `<stage>.safetensors` (weights, optimizer, next step),
+    /// `model.json` and `tokenizer.json` into the output folder.
+    fn save(&self, stage: &str, next_step: usize, opt: &AdamW) -> AnyResult<()> {
+        model::save_config(&self.cfg, &self.path("model.json"))?;
+        self.tok.save(&self.path("tokenizer.json"))?;
+        let state = TrainingState {
+            stage: stage.to_string(),
+            step: next_step,
             seed: self.common.seed,
+            extra: Default::default(),
         };
-        Ok(sft(&self.model, &self.vars, &self.tok, &self.train, &cfg)?)
-    }
-
-    fn grpo(&self, steps: usize) -> AnyResult<Vec<GrpoLog>> {
-        let mut cfg = grpo_defaults(steps, self.common.seed);
-        cfg.max_new = self.common.max_new;
-        Ok(grpo(&self.model, &self.vars, &self.tok, &self.train, &cfg)?)
-    }
-
-    fn eval(&self) -> AnyResult<(EvalSummary, Vec<String>)> {
-        let texts = predict(&self.model, &self.tok, &self.eval, 32, self.common.max_new)?;
-        Ok((evaluate(&texts, &self.eval), texts))
-    }
-
-    /// Writes `<name>.safetensors` and `model.json` into the output folder.
-    fn save(&self, name: &str) -> AnyResult<()> {
-        model::save_config(&self.cfg, &self.common.out.join("model.json"))?;
-        model::save_checkpoint(&self.vars, &self.common.out.join(format!("{name}.safetensors")))?;
+        checkpoint::save(
+            &self.path(&format!("{stage}.safetensors")),
+            &self.vars,
+            Some(opt),
+            &state,
+        )?;
         Ok(())
     }
 
+    /// Runs (or resumes) SFT; false if interrupted.
+    fn sft(&mut self, args: &SftArgs) -> AnyResult<bool> {
+        let cfg = SftConfig {
+            steps: args.sft_steps,
+            batch: args.batch,
+            lr: args.sft_lr,
+            seed: self.common.seed,
+            shuffle: args.shuffle,
+            objects_only: args.objects_only,
+        };
+        let (mut opt, start, metrics) = self.start("sft", cfg.lr)?;
+        let mut hooks = Recorder::new(self, metrics, cfg.steps, 0);
+        sft(
+            &self.model,
+            &self.vars,
+            &self.tok,
+            &self.train,
+            &cfg,
+            &mut opt,
+            start,
+            &mut hooks,
+        )?;
+        let done = hooks.finish("sft", &opt)?;
+        sft_chart(&self.path("sft.jsonl"), &self.path("sft.png"))?;
+        Ok(done)
+    }
+
+    /// Runs (or resumes) GRPO; false if interrupted.
+    fn grpo(&mut self, args: &GrpoArgs) -> AnyResult<bool> {
+        let mut cfg = grpo_defaults(args.grpo_steps, self.common.seed);
+        cfg.max_new = self.common.max_new;
+        cfg.inner_steps = args.inner_steps;
+        cfg.group = args.group;
+        cfg.prompts = args.prompts;
+        cfg.lr = args.grpo_lr;
+        cfg.loss.beta = args.beta;
+        let cfg = cfg.with_variant(args.loss);
+        let (mut opt, start, metrics) = self.start("grpo", cfg.lr)?;
+        let mut hooks = Recorder::new(self, metrics, cfg.steps, args.eval_every);
+        if start == 0 && args.eval_every > 0 {
+            hooks.eval_val(0)?;
+        }
+        grpo(
+            &self.model,
+            &self.vars,
+            &self.tok,
+            &self.train,
+            &cfg,
+            &mut opt,
+            start,
+            &mut hooks,
+        )?;
+        let done = hooks.finish("grpo", &opt)?;
+        grpo_chart(&self.path("grpo.jsonl"), &self.path("grpo.png"))?;
+        Ok(done)
+    }
+
+    /// Greedy predictions on `samples`.
+    fn predict(&self, samples: &[Sample]) -> AnyResult<Vec<String>> {
+        Ok(predict(&self.model, &self.tok, samples, 32, self.common.max_new)?)
+    }
+
+    /// Evaluates on every evaluation set, logs the results as `stage`, and
+    /// draws the first images' predictions (`predictions_<stage>.png`).
+    fn eval_all(&self, stage: &str) -> AnyResult<Vec<(String, EvalSummary)>> {
+        let mut metrics = MetricsLog::append(&self.path("eval.jsonl"))?;
+        let mut results = Vec::new();
+        for (name, samples) in &self.eval {
+            let texts = self.predict(samples)?;
+            let summary = evaluate(&texts, samples);
+            println!("{stage} on {name}: {}", describe(&summary));
+            metrics.write(&eval_record(stage, None, name, &summary))?;
+            if results.is_empty() {
+                self.predictions_png(
+                    samples,
+                    &texts,
+                    8,
+                    &self.path(&format!("predictions_{stage}.png")),
+                )?;
+            }
+            results.push((name.clone(), summary));
+        }
+        Ok(results)
+    }
+
     /// Ground truth (top row) over predictions (bottom row) for the first
-    /// `n` evaluation images.
-    fn predictions_png(&self, texts: &[String], n: usize, path: &Path) -> AnyResult<()> {
-        let n = n.min(self.eval.len());
-        let mut tiles: Vec<Sample> = self.eval[..n].to_vec();
-        for (s, text) in self.eval[..n].iter().zip(texts) {
+    /// `n` images.
+    fn predictions_png(&self, samples: &[Sample], texts: &[String], n: usize, path: &Path) -> AnyResult<()> {
+        let n = n.min(samples.len());
+        let mut tiles: Vec<Sample> = samples[..n].to_vec();
+        for (s, text) in samples[..n].iter().zip(texts) {
             let graph = parse_answer(text, FORM).graph.unwrap_or_default();
             tiles.push(Sample { graph, ..s.clone() });
         }
@@ -264,42 +484,141 @@ impl<'a> Run<'a> {
     }
 }
 
-fn demo(common: &Common, sft_steps: usize, grpo_steps: usize) -> AnyResult<()> {
-    let t0 = Instant::now();
-    let run = Run::new(common)?;
-    let out = &common.out;
+/// The training loops' hooks for the CLI: every step's record to
+/// `<stage>.jsonl` (periodic validation lines too), a checkpoint every `--save-every` steps and on Ctrl-C
+/// (which stops the loop), a validation check every `eval_every` steps, and
+/// a line of progress every 5% when stderr is not a terminal (where the
+/// progress bar does not draw).
+struct Recorder<'r, 'a> {
+    run: &'r Run<'a>,
+    metrics: MetricsLog,
+    steps: usize,
+    eval_every: usize,
+    interrupted_at: Option<usize>,
+    plain: bool,
+}
 
-    let sft_log = run.sft(sft_steps)?;
-    run.save("sft")?;
-    write(&out.join("sft_loss.svg"), &sft_chart(&sft_log))?;
-    let (after_sft, texts) = run.eval()?;
-    println!("after SFT:  {}", describe(&after_sft));
-    run.predictions_png(&texts, 8, &out.join("predictions_sft.png"))?;
-
-    let grpo_log = run.grpo(grpo_steps)?;
-    run.save("grpo")?;
-    write(&out.join("grpo_log.csv"), &grpo_csv(&grpo_log))?;
-    write(&out.join("grpo_reward.svg"), &grpo_chart(&grpo_log))?;
-    let (after_grpo, texts) = run.eval()?;
-    println!("after GRPO: {}", describe(&after_grpo));
-    run.predictions_png(&texts, 8, &out.join("predictions_grpo.png"))?;
-    if let Some(text) = texts.first() {
-        println!("\nfirst evaluation image, GRPO model's answer:\n{text}\n");
+impl<'r, 'a> Recorder<'r, 'a> {
+    fn new(run: &'r Run<'a>, metrics: MetricsLog, steps: usize, eval_every: usize) -> Self {
+        Self {
+            run,
+            metrics,
+            steps,
+            eval_every,
+            interrupted_at: None,
+            plain: !std::io::stderr().is_terminal(),
+        }
     }
 
+    /// Failure rate and recall on the first 64 validation images, logged as
+    /// `grpo` evaluation at `step`.
+    fn eval_val(&mut self, step: usize) -> AnyResult<()> {
+        let (name, samples) = &self.run.eval[0];
+        let samples = &samples[..samples.len().min(64)];
+        let summary = evaluate(&self.run.predict(samples)?, samples);
+        self.metrics
+            .write(&eval_record("grpo", Some(step), name, &summary))?;
+        Ok(())
+    }
+
+    /// Saves the stage's final (or interrupted) checkpoint; true if it ran to the end.
+    fn finish(&mut self, stage: &str, opt: &AdamW) -> AnyResult<bool> {
+        let next = self.interrupted_at.map_or(self.steps, |s| s + 1);
+        self.run.save(stage, next, opt)?;
+        let ckpt = self.run.path(&format!("{stage}.safetensors"));
+        match self.interrupted_at {
+            Some(step) => {
+                println!(
+                    "interrupted after {stage} step {step}: checkpoint {}; continue with --resume",
+                    ckpt.display()
+                );
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+}
+
+impl Hooks for Recorder<'_, '_> {
+    fn after_step(
+        &mut self,
+        stage: &str,
+        step: usize,
+        record: Value,
+        opt: &AdamW,
+    ) -> candle_core::Result<bool> {
+        let wrap = |e: Box<dyn std::error::Error>| candle_core::Error::Msg(e.to_string());
+        let mut line = json!({ "stage": stage, "step": step });
+        if let (Some(line), Value::Object(fields)) = (line.as_object_mut(), &record) {
+            line.extend(fields.clone());
+        }
+        self.metrics.write(&line)?;
+        if self.plain && (step + 1) % (self.steps / 20).max(1) == 0 {
+            println!("{stage} step {}/{}: {record}", step + 1, self.steps);
+        }
+        if self.eval_every > 0 && (step + 1) % self.eval_every == 0 {
+            self.eval_val(step + 1).map_err(wrap)?;
+        }
+        if checkpoint::interrupted() {
+            self.interrupted_at = Some(step);
+            return Ok(false);
+        }
+        if self.run.common.save_every > 0
+            && (step + 1) % self.run.common.save_every == 0
+            && step + 1 < self.steps
+        {
+            self.run.save(stage, step + 1, opt).map_err(wrap)?;
+        }
+        Ok(true)
+    }
+}
+
+/// The box-coordinate tokens of `tok` (ids of "0" to "1000", contiguous),
+/// or `None` when `basis` is 0 or the vocabulary has no such run.
+fn number_tokens(tok: &Tokenizer, basis: usize) -> Option<NumberTokens> {
+    let first = *tok.encode("0").first()?;
+    let contiguous = (0..=1000u32).all(|n| tok.encode(&n.to_string()) == [first + n]);
+    (basis > 0 && contiguous).then_some(NumberTokens {
+        first: first as usize,
+        count: 1001,
+        basis,
+    })
+}
+
+fn demo(common: &Common, sft_args: &SftArgs, grpo_args: &GrpoArgs) -> AnyResult<()> {
+    let t0 = Instant::now();
+    let mut run = Run::new(common)?;
+    if !common.resume {
+        // A fresh demo: earlier evaluations in this folder are stale.
+        let _ = fs::remove_file(run.path("eval.jsonl"));
+    }
+    if common.resume && run.path("grpo.safetensors").is_file() {
+        // GRPO started, so SFT finished: its weights are the SFT baseline.
+        checkpoint::load(&run.path("sft.safetensors"), &mut run.vars, None)?;
+    } else if !run.sft(sft_args)? {
+        return Ok(());
+    }
+    let after_sft = run.eval_all("sft")?;
+    if !run.grpo(grpo_args)? {
+        return Ok(());
+    }
+    let after_grpo = run.eval_all("grpo")?;
+    if let Some(text) = run.predict(&run.eval[0].1[..1])?.first() {
+        println!("\nfirst validation image, GRPO model's answer:\n{text}\n");
+    }
     let summary = format!(
-        "# R1-SGG demo ({:.1} min, {} SFT steps, {} GRPO steps)\n\n\
-         | stage | failure rate | R@50 | mR@50 |\n|---|---|---|---|\n{}\n{}\n\n\
-         Curves: sft_loss.svg, grpo_reward.svg. Predictions (ground truth on top): \
-         predictions_sft.png, predictions_grpo.png.\n",
+        "# R1-SGG demo ({:.1} min, {} SFT steps, {} GRPO steps, seed {})\n\n{}\n\n\
+         Charts: sft.png, grpo.png. Predictions (ground truth on top): \
+         predictions_sft.png, predictions_grpo.png. Every step: sft.jsonl, grpo.jsonl; \
+         evaluations: eval.jsonl.\n",
         t0.elapsed().as_secs_f64() / 60.0,
-        sft_steps,
-        grpo_steps,
-        table_row("SFT", &after_sft),
-        table_row("SFT + GRPO", &after_grpo),
+        sft_args.sft_steps,
+        grpo_args.grpo_steps,
+        common.seed,
+        eval_table(&[("SFT", &after_sft), ("SFT + GRPO", &after_grpo)]),
     );
-    write(&out.join("summary.md"), &summary)?;
-    println!("{summary}\nwritten to {}", out.display());
+    write(&run.path("summary.md"), &summary)?;
+    println!("{summary}\nwritten to {}", common.out.display());
     Ok(())
 }
 
@@ -317,92 +636,171 @@ fn describe(s: &EvalSummary) -> String {
     )
 }
 
-fn table_row(stage: &str, s: &EvalSummary) -> String {
-    format!(
-        "| {stage} | {:.1}% | {:.1}% | {:.1}% |",
-        100.0 * s.failure_rate,
-        100.0 * at_k(&s.recall, 50),
-        100.0 * at_k(&s.mean_recall, 50)
-    )
+/// One metrics line for an evaluation.
+fn eval_record(stage: &str, step: Option<usize>, split: &str, s: &EvalSummary) -> Value {
+    let mut record = json!({
+        "stage": stage,
+        "eval": split,
+        "images": s.images,
+        "failure_rate": s.failure_rate,
+    });
+    if let Some(fields) = record.as_object_mut() {
+        if let Some(step) = step {
+            fields.insert("step".into(), json!(step));
+        }
+        for (k, r) in &s.recall {
+            fields.insert(format!("R@{k}"), json!(r));
+        }
+        for (k, r) in &s.mean_recall {
+            fields.insert(format!("mR@{k}"), json!(r));
+        }
+    }
+    record
 }
 
-fn sft_chart(log: &[SftLog]) -> String {
-    let points: Vec<(f64, f64)> = log.iter().map(|l| (l.step as f64, l.loss as f64)).collect();
-    line_chart(
+/// A markdown table: one row per (stage, split).
+fn eval_table(stages: &[(&str, &Vec<(String, EvalSummary)>)]) -> String {
+    let mut table = String::from(
+        "| stage | split | failure rate | R@20 | R@50 | R@100 | mR@20 | mR@50 | mR@100 |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+    for (stage, results) in stages {
+        for (split, s) in results.iter() {
+            table += &format!(
+                "| {stage} | {split} | {} | {} | {} | {} | {} | {} | {} |\n",
+                pct(s.failure_rate),
+                pct(at_k(&s.recall, 20)),
+                pct(at_k(&s.recall, 50)),
+                pct(at_k(&s.recall, 100)),
+                pct(at_k(&s.mean_recall, 20)),
+                pct(at_k(&s.mean_recall, 50)),
+                pct(at_k(&s.mean_recall, 100)),
+            );
+        }
+    }
+    table
+}
+
+/// `(step, field)` of the metrics lines of `stage` that have `field`
+/// (training lines, or evaluation lines when `eval` names a split).
+fn curve(lines: &[Value], stage: &str, eval: Option<&str>, field: &str) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l["stage"] == stage && l.get("eval").and_then(Value::as_str) == eval)
+        .filter_map(|l| Some((l["step"].as_f64()?, l.get(field)?.as_f64()?)))
+        .collect()
+}
+
+/// The SFT loss over steps, from sft.jsonl.
+fn sft_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
+    let lines: Vec<Value> = MetricsLog::read(metrics)?;
+    let loss = curve(&lines, "sft", None, "loss");
+    let smoothed = smooth(&loss, 20);
+    line_chart_png(
+        png,
         "SFT: cross-entropy per answer token",
         "step",
         "loss (nats)",
         &[
             Series {
                 name: "loss",
-                points: points.clone(),
+                points: loss,
             },
             Series {
                 name: "mean of 20",
-                points: smooth(&points, 20),
+                points: smoothed,
             },
         ],
     )
 }
 
-fn grpo_chart(log: &[GrpoLog]) -> String {
-    let curve =
-        |f: fn(&GrpoLog) -> f64| smooth(&log.iter().map(|l| (l.step as f64, f(l))).collect::<Vec<_>>(), 5);
-    line_chart(
-        "GRPO: mean reward per completion (mean of 5 steps)",
-        "step",
-        "reward",
-        &[
-            Series {
-                name: "total",
-                points: curve(|l| l.total),
-            },
-            Series {
-                name: "format (1)",
-                points: curve(|l| l.rewards.format),
-            },
-            Series {
-                name: "node acc (2)",
-                points: curve(|l| l.rewards.node_acc),
-            },
-            Series {
-                name: "node box (2)",
-                points: curve(|l| l.rewards.node_box),
-            },
-            Series {
-                name: "edge (5)",
-                points: curve(|l| l.rewards.edge),
-            },
-        ],
-    )
-}
-
-/// The GRPO log as CSV, one row per step.
-fn grpo_csv(log: &[GrpoLog]) -> String {
-    let mut csv = String::from(
-        "step,reward,format,node_acc,node_box,edge,loss,clip_low,clip_high,ratio_mean,ratio_max,tokens,mean_length,seconds\n",
-    );
-    for l in log {
-        let (r, s) = (&l.rewards, &l.stats);
-        csv += &format!(
-            "{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.6},{:.4},{:.4},{:.5},{:.5},{},{:.1},{:.2}\n",
-            l.step,
-            l.total,
-            r.format,
-            r.node_acc,
-            r.node_box,
-            r.edge,
-            s.loss,
-            s.clip_frac_low,
-            s.clip_frac_high,
-            s.ratio_mean,
-            s.ratio_max,
-            s.tokens,
-            l.length,
-            l.seconds
-        );
-    }
-    csv
+/// GRPO over steps, from grpo.jsonl: rewards, validation failure rate
+/// and recall, completion length and clipping.
+fn grpo_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
+    let lines: Vec<Value> = MetricsLog::read(metrics)?;
+    let train = |field| smooth(&curve(&lines, "grpo", None, field), 5);
+    // The periodic validation lines are the GRPO evaluation lines with a step.
+    let val = lines
+        .iter()
+        .find(|l| l["stage"] == "grpo" && l.get("step").is_some())
+        .and_then(|l| l.get("eval")?.as_str())
+        .unwrap_or("val");
+    let eval = |field| curve(&lines, "grpo", Some(val), field);
+    let pct = |points: Vec<(f64, f64)>| points.into_iter().map(|(x, y)| (x, 100.0 * y)).collect();
+    let panels = [
+        Panel {
+            title: "reward per completion (mean of 5 steps)",
+            x_label: "step",
+            y_label: "reward",
+            series: vec![
+                Series {
+                    name: "total",
+                    points: train("reward"),
+                },
+                Series {
+                    name: "format (1)",
+                    points: train("format"),
+                },
+                Series {
+                    name: "node acc (2)",
+                    points: train("node_acc"),
+                },
+                Series {
+                    name: "node box (2)",
+                    points: train("node_box"),
+                },
+                Series {
+                    name: "edge (5)",
+                    points: train("edge"),
+                },
+            ],
+        },
+        Panel {
+            title: "validation (greedy, up to 64 images)",
+            x_label: "step",
+            y_label: "%",
+            series: vec![
+                Series {
+                    name: "failure rate",
+                    points: pct(eval("failure_rate")),
+                },
+                Series {
+                    name: "R@50",
+                    points: pct(eval("R@50")),
+                },
+                Series {
+                    name: "mR@50",
+                    points: pct(eval("mR@50")),
+                },
+            ],
+        },
+        Panel {
+            title: "completion length (mean of 5 steps)",
+            x_label: "step",
+            y_label: "tokens",
+            series: vec![Series {
+                name: "mean length",
+                points: train("length"),
+            }],
+        },
+        Panel {
+            title: "clipped tokens (mean of 5 steps)",
+            x_label: "step",
+            y_label: "fraction",
+            series: vec![
+                Series {
+                    name: "low",
+                    points: train("clip_low"),
+                },
+                Series {
+                    name: "high",
+                    points: train("clip_high"),
+                },
+            ],
+        },
+    ];
+    panels_png(png, "GRPO", &panels)
 }
 
 fn write(path: &Path, text: &str) -> AnyResult<()> {

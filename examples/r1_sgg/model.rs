@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{embedding, linear_no_bias, Embedding, Init, Linear, VarBuilder, VarMap};
+use candle_nn::{linear_no_bias, Init, Linear, VarBuilder};
 use grpo_kernels::candle::nn::{rope, rope_tables, softmax_last_dim, RmsNorm};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,26 @@ pub struct VlmConfig {
     /// Longest `[image][text]` sequence (RoPE table length).
     pub max_positions: usize,
     pub rope_theta: f64,
+    /// The box-coordinate tokens, if the vocabulary has them: see [`NumberTokens`].
+    #[serde(default)]
+    pub numbers: Option<NumberTokens>,
+}
+
+/// A contiguous run of token ids that stand for the integers `0..count`
+/// (the box coordinates `0..=1000`). Their LM-head rows and embeddings get,
+/// on top of a free row each, a component that is a smooth function of the
+/// value: `C[n] @ A` with `C[n] = cos(pi k (n + 1/2) / count)`, `k < basis`
+/// (a DCT-II basis) and `A` `[basis, H]` learned. What one example teaches
+/// about "328" then moves "312" and "344" too, so a small model learns
+/// coordinates as quantities rather than as 1001 unrelated classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberTokens {
+    /// Token id of the value 0.
+    pub first: usize,
+    /// Number of values (`1001` for box coordinates).
+    pub count: usize,
+    /// Basis functions (resolution: about `count / basis` values).
+    pub basis: usize,
 }
 
 impl VlmConfig {
@@ -52,6 +72,7 @@ impl VlmConfig {
             vocab_size,
             max_positions: 512,
             rope_theta: 10_000.0,
+            numbers: None,
         }
     }
 
@@ -70,6 +91,7 @@ impl VlmConfig {
             vocab_size,
             max_positions: 1024,
             rope_theta: 10_000.0,
+            numbers: None,
         }
     }
 
@@ -200,6 +222,82 @@ fn norm(dim: usize, vb: VarBuilder) -> Result<RmsNorm> {
     ))
 }
 
+/// The value-smooth part of the number tokens' rows (see [`NumberTokens`]).
+#[derive(Debug, Clone)]
+struct NumberRows {
+    first: usize,
+    /// `C`, `[count, basis]`, fixed.
+    cosines: Tensor,
+    /// `A` of the LM head, `[basis, H]`.
+    head: Tensor,
+    /// `A` of the embedding, `[basis, H]`.
+    embed: Tensor,
+}
+
+impl NumberRows {
+    fn new(n: &NumberTokens, vocab_size: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        if n.count == 0 || n.basis == 0 || n.first + n.count > vocab_size {
+            candle_core::bail!("model config: number tokens {n:?} do not fit a vocabulary of {vocab_size}");
+        }
+        let cosines: Vec<f32> = (0..n.count)
+            .flat_map(|v| {
+                (0..n.basis).map(move |k| {
+                    (std::f64::consts::PI * k as f64 * (v as f64 + 0.5) / n.count as f64).cos() as f32
+                })
+            })
+            .collect();
+        // Rows of C @ A start with the scale of a free row (1 / sqrt(H)).
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 1.0 / ((dim * n.basis) as f64).sqrt(),
+        };
+        Ok(Self {
+            first: n.first,
+            cosines: Tensor::from_vec(cosines, (n.count, n.basis), vb.device())?,
+            head: vb.get_with_hints((n.basis, dim), "head", init)?,
+            embed: vb.get_with_hints((n.basis, dim), "embed", init)?,
+        })
+    }
+
+    /// `free` `[V, H]` plus `C @ part` on the number rows.
+    fn add_to(&self, free: &Tensor, part: &Tensor) -> Result<Tensor> {
+        let (v, h) = free.dims2()?;
+        let smooth = self.cosines.matmul(part)?;
+        let count = smooth.dim(0)?;
+        let dev = free.device();
+        let padded = Tensor::cat(
+            &[
+                &Tensor::zeros((self.first, h), DType::F32, dev)?,
+                &smooth,
+                &Tensor::zeros((v - self.first - count, h), DType::F32, dev)?,
+            ],
+            0,
+        )?;
+        free + padded
+    }
+}
+
+/// Fixed 2D sine-cosine positions `[g * g, dim]` of a `g x g` patch grid
+/// (half the channels encode the row, half the column), so the ViT knows
+/// where a patch is from the first step; a learned table is added on top.
+fn grid_positions(g: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let quarter = (dim / 4).max(1);
+    let mut table = vec![0f32; g * g * dim];
+    for (i, row) in table.chunks_mut(dim).enumerate() {
+        for (axis, coord) in [(0, i / g), (1, i % g)] {
+            for f in 0..quarter {
+                let angle = coord as f64 / 100f64.powf(f as f64 / quarter as f64);
+                let base = axis * 2 * quarter + 2 * f;
+                if base + 1 < dim {
+                    row[base] = angle.sin() as f32;
+                    row[base + 1] = angle.cos() as f32;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(table, (g * g, dim), device)
+}
+
 /// Keys and values of every LM layer for the positions decoded so far.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
@@ -210,15 +308,18 @@ pub struct KvCache {
 pub struct Vlm {
     cfg: VlmConfig,
     patch: Linear,
+    /// Learned patch positions, added to the fixed `grid` ones.
     patch_pos: Tensor,
+    grid: Tensor,
     vit: Vec<Block>,
     vit_norm: RmsNorm,
     proj_in: Linear,
     proj_out: Linear,
-    embed: Embedding,
+    embed: Tensor,
     lm: Vec<Block>,
     lm_norm: RmsNorm,
     lm_head: Tensor,
+    numbers: Option<NumberRows>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -264,6 +365,12 @@ impl Vlm {
             })
             .collect::<Result<_>>()?;
         let std = 1.0 / (cfg.lm_dim as f64).sqrt();
+        let numbers = cfg
+            .numbers
+            .as_ref()
+            .map(|n| NumberRows::new(n, cfg.vocab_size, cfg.lm_dim, vb.pp("numbers")))
+            .transpose()?;
+        let grid = grid_positions(cfg.image_size / p, cfg.vit_dim, &device)?;
         Ok(Self {
             patch: linear_no_bias(3 * p * p, cfg.vit_dim, vb.pp("patch"))?,
             patch_pos: vb.get_with_hints(
@@ -274,11 +381,19 @@ impl Vlm {
                     stdev: 0.02,
                 },
             )?,
+            grid,
             vit,
             vit_norm: norm(cfg.vit_dim, vb.pp("vit_norm"))?,
             proj_in: linear_no_bias(cfg.vit_dim, cfg.lm_dim, vb.pp("proj.0"))?,
             proj_out: linear_no_bias(cfg.lm_dim, cfg.lm_dim, vb.pp("proj.1"))?,
-            embed: embedding(cfg.vocab_size, cfg.lm_dim, vb.pp("embed"))?,
+            embed: vb.get_with_hints(
+                (cfg.vocab_size, cfg.lm_dim),
+                "embed.weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
+            )?,
             lm,
             lm_norm: norm(cfg.lm_dim, vb.pp("lm_norm"))?,
             lm_head: vb.get_with_hints(
@@ -289,6 +404,7 @@ impl Vlm {
                     stdev: std,
                 },
             )?,
+            numbers,
             cos,
             sin,
             cfg: cfg.clone(),
@@ -304,9 +420,24 @@ impl Vlm {
         &self.device
     }
 
-    /// The LM head, `[V, H]`.
-    pub fn lm_head_weight(&self) -> &Tensor {
-        &self.lm_head
+    /// The LM head, `[V, H]` (free rows plus the number tokens' smooth part).
+    pub fn lm_head_weight(&self) -> Result<Tensor> {
+        match &self.numbers {
+            Some(n) => n.add_to(&self.lm_head, &n.head),
+            None => Ok(self.lm_head.clone()),
+        }
+    }
+
+    /// Embeddings `[B, T, H]` of tokens `[B, T]`.
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let table = match &self.numbers {
+            Some(n) => n.add_to(&self.embed, &n.embed)?,
+            None => self.embed.clone(),
+        };
+        let (b, t) = tokens.dims2()?;
+        table
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.lm_dim))
     }
 
     /// Image tokens `[B, N, H]` of images `[B, 3, S, S]` in `[0, 1]`.
@@ -325,7 +456,8 @@ impl Vlm {
             .reshape((b, 3, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, g * g, 3 * p * p))?;
-        let mut x = self.patch.forward(&x)?.broadcast_add(&self.patch_pos)?;
+        let positions = (&self.patch_pos + &self.grid)?;
+        let mut x = self.patch.forward(&x)?.broadcast_add(&positions)?;
         for block in &self.vit {
             x = block.forward(&x, None, None, None)?;
         }
@@ -368,7 +500,7 @@ impl Vlm {
         let img = self.image_tokens(images)?;
         let (b, n, _) = img.dims3()?;
         let t = tokens.dim(1)?;
-        let x = Tensor::cat(&[img, self.embed.forward(tokens)?], 1)?;
+        let x = Tensor::cat(&[img, self.embed(tokens)?], 1)?;
         let l = n + t;
         // Additive mask: causal over all positions, and no attention to padding keys.
         let causal = causal_mask(l, &self.device)?;
@@ -390,7 +522,7 @@ impl Vlm {
     #[cfg(test)]
     pub fn logits(&self, images: &Tensor, tokens: &Tensor, mask: &Tensor) -> Result<Tensor> {
         self.hidden_states(images, tokens, mask)?
-            .broadcast_matmul(&self.lm_head.t()?)
+            .broadcast_matmul(&self.lm_head_weight()?.t()?)
     }
 
     /// Starts decoding: runs `[image][prompt]` (prompt `[B, P]`, no padding)
@@ -399,7 +531,7 @@ impl Vlm {
         let img = self.image_tokens(images)?;
         let (b, n, _) = img.dims3()?;
         let p = prompt.dim(1)?;
-        let x = Tensor::cat(&[img, self.embed.forward(prompt)?], 1)?;
+        let x = Tensor::cat(&[img, self.embed(prompt)?], 1)?;
         let l = n + p;
         let causal = causal_mask(l, &self.device)?;
         let (h, d) = (self.cfg.lm_heads, self.cfg.lm_dim / self.cfg.lm_heads);
@@ -410,15 +542,18 @@ impl Vlm {
         };
         let hidden = self.run_lm(x, 0, Some(&causal), Some(&mut cache))?;
         let last = hidden.narrow(1, l - 1, 1)?.squeeze(1)?.contiguous()?;
-        Ok((cache, last.matmul(&self.lm_head.t()?)?))
+        Ok((cache, last.matmul(&self.lm_head_weight()?.t()?)?))
     }
 
     /// One decoding step: appends `tokens` `[B]` and returns the next logits `[B, V]`.
     pub fn decode_step(&self, cache: &mut KvCache, tokens: &Tensor) -> Result<Tensor> {
-        let x = self.embed.forward(&tokens.unsqueeze(1)?)?;
+        let x = self.embed(&tokens.unsqueeze(1)?)?;
         let start = cache.len;
         let hidden = self.run_lm(x, start, None, Some(cache))?;
-        hidden.squeeze(1)?.contiguous()?.matmul(&self.lm_head.t()?)
+        hidden
+            .squeeze(1)?
+            .contiguous()?
+            .matmul(&self.lm_head_weight()?.t()?)
     }
 }
 
@@ -428,22 +563,6 @@ fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
         .map(|i| if i % l > i / l { -1e9 } else { 0.0 })
         .collect();
     Tensor::from_vec(m, (1, 1, l, l), device)
-}
-
-/// Writes the weights to `path` atomically (a temporary file, then a rename).
-pub fn save_checkpoint(vars: &VarMap, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    vars.save(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
-}
-
-/// Loads weights saved by [`save_checkpoint`] into `vars`.
-pub fn load_checkpoint(vars: &mut VarMap, path: &Path) -> Result<()> {
-    if !path.is_file() {
-        candle_core::bail!("checkpoint {} does not exist", path.display());
-    }
-    vars.load(path)
-        .map_err(|e| candle_core::Error::Msg(format!("checkpoint {} cannot be loaded: {e}", path.display())))
 }
 
 /// Writes the config as JSON.
@@ -463,7 +582,7 @@ pub fn load_config(path: &Path) -> Result<VlmConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 
     fn small() -> VlmConfig {
         VlmConfig {
@@ -479,6 +598,11 @@ mod tests {
             vocab_size: 23,
             max_positions: 64,
             rope_theta: 10_000.0,
+            numbers: Some(NumberTokens {
+                first: 5,
+                count: 11,
+                basis: 4,
+            }),
         }
     }
 
@@ -571,27 +695,25 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_round_trip_and_bad_files_are_clear_errors() {
+    fn configs_and_checkpoints_round_trip() {
         let dir = std::env::temp_dir().join(format!("r1sgg-model-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (vars, m) = model();
         let path = dir.join("m.safetensors");
-        save_checkpoint(&vars, &path).unwrap();
+        let state = crate::checkpoint::TrainingState::default();
+        crate::checkpoint::save(&path, &vars, None, &state).unwrap();
         save_config(m.config(), &dir.join("model.json")).unwrap();
         assert_eq!(&load_config(&dir.join("model.json")).unwrap(), m.config());
         let (mut vars2, m2) = model();
-        load_checkpoint(&mut vars2, &path).unwrap();
+        crate::checkpoint::load(&path, &mut vars2, None).unwrap();
         let (images, tokens, mask) = inputs(1, 4);
         let (a, b) = (
             m.logits(&images, &tokens, &mask).unwrap(),
             m2.logits(&images, &tokens, &mask).unwrap(),
         );
         assert_eq!(max_diff(&a, &b), 0.0);
-        let missing = load_checkpoint(&mut vars2, &dir.join("nope.safetensors")).unwrap_err();
-        assert!(missing.to_string().contains("does not exist"));
-        std::fs::write(dir.join("bad.safetensors"), b"not a checkpoint").unwrap();
-        let bad = load_checkpoint(&mut vars2, &dir.join("bad.safetensors")).unwrap_err();
-        assert!(bad.to_string().contains("cannot be loaded"));
+        std::fs::write(dir.join("bad.json"), b"{").unwrap();
+        assert!(load_config(&dir.join("bad.json")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

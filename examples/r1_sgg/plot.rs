@@ -1,162 +1,91 @@
-//! Line charts as standalone SVG files (no plotting dependency): axes with
-//! round ticks, one polyline per series, a legend. SVG opens in any browser
-//! and renders on GitHub.
+//! Line charts as PNG files, drawn with `plotters`' bitmap backend and encoded
+//! with `image`. Text is set in the Ubuntu Light font that the
+//! `epaint_default_fonts` crate embeds, so no font (and no system library) is
+//! looked up at run time.
 
-use std::fmt::Write as _;
+use std::error::Error;
+use std::path::Path;
+use std::sync::OnceLock;
 
-/// One named series of `(x, y)` points.
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+/// One named series of `(x, y)` points; non-finite points are skipped when drawn.
 pub struct Series<'a> {
+    /// The name shown in the legend.
     pub name: &'a str,
+    /// The points, in drawing order (normally by increasing `x`).
     pub points: Vec<(f64, f64)>,
 }
 
-const W: f64 = 640.0;
-const H: f64 = 360.0;
-const LEFT: f64 = 64.0;
-const RIGHT: f64 = 150.0;
-const TOP: f64 = 36.0;
-const BOTTOM: f64 = 48.0;
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
-
-/// About five round tick values covering `[lo, hi]`.
-fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let span = (hi - lo).max(1e-12);
-    let raw = span / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|&s| s >= raw)
-        .unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() as i64;
-    let last = (hi / step).floor() as i64;
-    (first..=last).map(|i| i as f64 * step).collect()
+/// One chart of a [`panels_png`] grid.
+pub struct Panel<'a> {
+    /// The chart's caption.
+    pub title: &'a str,
+    /// The label under the x axis.
+    pub x_label: &'a str,
+    /// The label beside the y axis.
+    pub y_label: &'a str,
+    /// The curves, one color each.
+    pub series: Vec<Series<'a>>,
 }
 
-fn label(v: f64) -> String {
-    if v == 0.0 || (v.abs() >= 0.01 && v.abs() < 1e5) {
-        let s = format!("{v:.3}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        format!("{v:.1e}")
-    }
+/// The size of one chart in pixels.
+const CHART: (u32, u32) = (800, 450);
+/// The height of the band holding a [`panels_png`] title.
+const TITLE_BAND: u32 = 44;
+/// The family name the embedded font is registered under.
+const FONT: &str = "sans-serif";
+/// Series colors (matplotlib's "tab10").
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+/// Writes a line chart of `series` as an 800x450 PNG at `path`: axes with
+/// labels, one colored curve per series (with markers when it has few
+/// points) and a legend. Empty series and non-finite points are skipped, so
+/// an empty or all-NaN chart is still written (with blank axes).
+pub fn line_chart_png(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+) -> Result<(), Box<dyn Error>> {
+    render(path, CHART, |root| {
+        draw_chart(root, title, x_label, y_label, series)
+    })
 }
 
-/// An SVG line chart of `series` (empty series are skipped).
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
-    let points = series
-        .iter()
-        .flat_map(|s| s.points.iter())
-        .filter(|p| p.0.is_finite() && p.1.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-    }
-    if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
-    if y1 - y0 < 1e-9 {
-        (y0, y1) = (y0 - 0.5, y1 + 0.5);
-    }
-    if x1 - x0 < 1e-9 {
-        x1 = x0 + 1.0;
-    }
-    let pad = 0.05 * (y1 - y0);
-    let (y0, y1) = (y0 - pad, y1 + pad);
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let sx = |x: f64| LEFT + (x - x0) / (x1 - x0) * pw;
-    let sy = |y: f64| TOP + (1.0 - (y - y0) / (y1 - y0)) * ph;
-
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"#,
-        LEFT + pw / 2.0,
-        escape(title)
-    );
-    for t in ticks(y0, y1) {
-        let y = sy(t);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            LEFT + pw,
-            LEFT - 6.0,
-            y + 4.0,
-            label(t)
-        );
-    }
-    for t in ticks(x0, x1) {
-        let x = sx(t);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{}" y2="{}" stroke="#999"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
-            TOP + ph,
-            TOP + ph + 5.0,
-            TOP + ph + 18.0,
-            label(t)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        LEFT + pw / 2.0,
-        H - 10.0,
-        escape(x_label)
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text transform="translate(16,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
-        TOP + ph / 2.0,
-        escape(y_label)
-    );
-    for (i, s) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let path: Vec<String> = s
-            .points
-            .iter()
-            .filter(|p| p.0.is_finite() && p.1.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        if path.is_empty() {
-            continue;
+/// Writes `panels` as a grid of line charts (two per row, each 800x450 like
+/// [`line_chart_png`]) under a common `title`, as one PNG at `path`.
+pub fn panels_png(path: &Path, title: &str, panels: &[Panel<'_>]) -> Result<(), Box<dyn Error>> {
+    let cols = panels.len().clamp(1, 2);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let size = (CHART.0 * cols as u32, TITLE_BAND + CHART.1 * rows as u32);
+    render(path, size, |root| {
+        let (band, body) = root.split_vertically(TITLE_BAND);
+        band.draw_text(
+            title,
+            &(FONT, 26)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Center, VPos::Center)),
+            (size.0 as i32 / 2, TITLE_BAND as i32 / 2),
+        )?;
+        for (panel, cell) in panels.iter().zip(body.split_evenly((rows, cols))) {
+            draw_chart(&cell, panel.title, panel.x_label, panel.y_label, &panel.series)?;
         }
-        let marker = if path.len() < 12 {
-            path.iter()
-                .map(|p| {
-                    let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
-                    format!(r#"<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>"#)
-                })
-                .collect::<String>()
-        } else {
-            String::new()
-        };
-        let _ = writeln!(
-            svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>{marker}"#,
-            path.join(" ")
-        );
-        let ly = TOP + 12.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            W - RIGHT + 12.0,
-            W - RIGHT + 32.0,
-            W - RIGHT + 38.0,
-            ly + 4.0,
-            escape(s.name)
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+        Ok(())
+    })
 }
 
 /// A moving average over `window` points (for noisy per-step curves).
@@ -171,45 +100,316 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+type Area<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
+
+/// Registers the embedded font with plotters (once per process).
+fn register_font() -> Result<(), Box<dyn Error>> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err("the embedded font could not be parsed".into())
+    }
+}
+
+/// Draws on a white RGB canvas of `size` pixels and saves it as PNG.
+fn render(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&Area<'_>) -> Result<(), Box<dyn Error>>,
+) -> Result<(), Box<dyn Error>> {
+    register_font()?;
+    let mut pixels = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        draw(&root)?;
+        root.present()?;
+    }
+    let img = image::RgbImage::from_raw(size.0, size.1, pixels).ok_or("pixel buffer has the wrong size")?;
+    img.save_with_format(path, image::ImageFormat::Png)?;
+    Ok(())
+}
+
+/// The finite points of `s`.
+fn finite(s: &Series<'_>) -> Vec<(f64, f64)> {
+    s.points
+        .iter()
+        .copied()
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect()
+}
+
+/// Axis ranges covering the finite points, never empty, with 5% head room in y.
+fn ranges(series: &[Series<'_>]) -> ((f64, f64), (f64, f64)) {
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in series.iter().flat_map(finite) {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return ((0.0, 1.0), (0.0, 1.0));
+    }
+    if x1 - x0 < 1e-9 {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
+    }
+    if y1 - y0 < 1e-9 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let pad = 0.05 * (y1 - y0);
+    ((x0, x1), (y0 - pad, y1 + pad))
+}
+
+/// Formats the ticks of an axis spanning `span` with as many decimals as its
+/// tick spacing needs, trailing zeros trimmed ("20", not "20.0").
+fn tick_format(span: f64) -> impl Fn(&f64) -> String {
+    let decimals = (-(span / 10.0).log10().floor()).clamp(0.0, 9.0) as usize;
+    move |v| {
+        let s = format!("{v:.decimals$}");
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            &s
+        };
+        if s == "-0" {
+            "0".to_string()
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+/// The legend corner that hides the fewest points (like matplotlib's "best").
+fn legend_corner(series: &[Series<'_>], (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    let hidden = |right: bool, upper: bool| {
+        series
+            .iter()
+            .flat_map(finite)
+            .filter(|&(x, y)| {
+                let (fx, fy) = ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
+                (if right { fx > 0.6 } else { fx < 0.4 }) && (if upper { fy > 0.6 } else { fy < 0.4 })
+            })
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|&(_, right, upper)| hidden(right, upper))
+        .map_or(SeriesLabelPosition::UpperRight, |c| c.0)
+}
+
+/// Draws one chart (caption, mesh, axis labels, curves, legend) filling `area`.
+fn draw_chart(
+    area: &Area<'_>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+) -> Result<(), Box<dyn Error>> {
+    let (xr, yr) = ranges(series);
+    let (x_ticks, y_ticks) = (tick_format(xr.1 - xr.0), tick_format(yr.1 - yr.0));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xr.0..xr.1, yr.0..yr.1)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&x_ticks)
+        .y_label_formatter(&y_ticks)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .bold_line_style(BLACK.mix(0.12))
+        .light_line_style(BLACK.mix(0.04))
+        .draw()?;
+    let mut labelled = false;
+    for (i, s) in series.iter().enumerate() {
+        let points = finite(s);
+        if points.is_empty() {
+            continue;
+        }
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
+            .label(s.name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 22, y)], color.stroke_width(3)));
+        if points.len() < 12 {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+        labelled = true;
+    }
+    if labelled {
+        chart
+            .configure_series_labels()
+            .position(legend_corner(series, xr, yr))
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .margin(10)
+            .draw()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
-    #[test]
-    fn ticks_are_round_and_cover_the_range() {
-        let t = ticks(0.0, 1.0);
-        assert_eq!(t.len(), 6);
-        assert!(t
-            .iter()
-            .zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-            .all(|(a, b)| (a - b).abs() < 1e-12));
-        let t = ticks(-3.7, 12.2);
-        assert!(t.first().unwrap() >= &-3.7 && t.last().unwrap() <= &12.2 && t.len() >= 3);
+    /// A fresh scratch directory for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("r1_sgg_plot_{}_{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Decodes the PNG at `path`, checks its size and that it is not blank.
+    fn check_png(path: &Path, size: (u32, u32)) {
+        let img = image::open(path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), size);
+        let first = *img.get_pixel(0, 0);
+        assert!(
+            img.pixels().any(|p| *p != first),
+            "{} is a single color",
+            path.display()
+        );
+    }
+
+    fn noisy(n: usize, f: impl Fn(f64) -> f64) -> Vec<(f64, f64)> {
+        (0..n)
+            .map(|i| {
+                (
+                    i as f64,
+                    f(i as f64) + 0.05 * ((i * 7919 % 13) as f64 - 6.0) / 6.0,
+                )
+            })
+            .collect()
     }
 
     #[test]
-    fn chart_is_well_formed_even_for_degenerate_input() {
-        for series in [
+    fn line_chart_png_writes_a_valid_picture() {
+        let dir = scratch("line");
+        let reward = noisy(200, |x| 1.0 - (-x / 60.0).exp());
+        let series = [
+            Series {
+                name: "reward",
+                points: reward.clone(),
+            },
+            Series {
+                name: "mean of 20",
+                points: smooth(&reward, 20),
+            },
+            Series {
+                name: "failure rate",
+                points: noisy(200, |x| (-x / 40.0).exp()),
+            },
+        ];
+        let path = dir.join("chart.png");
+        line_chart_png(&path, "GRPO: reward", "step", "reward", &series).unwrap();
+        check_png(&path, CHART);
+        // The curve colors are in the picture.
+        let img = image::open(&path).unwrap().to_rgb8();
+        for c in &COLORS[..3] {
+            assert!(
+                img.pixels().any(|p| p.0 == [c.0, c.1, c.2]),
+                "color {c:?} missing"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn panels_png_lays_charts_out_in_a_grid() {
+        let dir = scratch("panels");
+        let panel = |title, f: fn(f64) -> f64| Panel {
+            title,
+            x_label: "step",
+            y_label: title,
+            series: vec![Series {
+                name: title,
+                points: noisy(100, f),
+            }],
+        };
+        let panels = [
+            panel("reward", |x| x / 100.0),
+            panel("failure rate", |x| 1.0 - x / 100.0),
+            panel("recall", |x| (x / 100.0).sqrt()),
+        ];
+        let path = dir.join("panels.png");
+        panels_png(&path, "GRPO over training", &panels).unwrap();
+        check_png(&path, (2 * CHART.0, TITLE_BAND + 2 * CHART.1));
+        let path = dir.join("one.png");
+        panels_png(&path, "one", &panels[..1]).unwrap();
+        check_png(&path, (CHART.0, TITLE_BAND + CHART.1));
+        let path = dir.join("none.png");
+        panels_png(&path, "none", &[]).unwrap();
+        check_png(&path, (CHART.0, TITLE_BAND + CHART.1));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn degenerate_input_does_not_fail() {
+        let dir = scratch("degenerate");
+        let cases: [Vec<Series<'_>>; 5] = [
             vec![],
             vec![Series {
-                name: "flat",
-                points: vec![(0.0, 1.0), (1.0, 1.0)],
+                name: "empty",
+                points: vec![],
             }],
             vec![Series {
-                name: "one <point>",
-                points: vec![(3.0, f64::NAN), (3.0, 2.0)],
+                name: "one point",
+                points: vec![(3.0, 2.0)],
             }],
-        ] {
-            let svg = line_chart("t & t", "x", "y", &series);
-            assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-            assert!(!svg.contains("NaN") && !svg.contains("inf"));
-            assert!(!svg.contains("<point>") && !svg.contains(" & "));
+            vec![Series {
+                name: "flat & <odd> name",
+                points: vec![(0.0, 1.0), (1.0, 1.0)],
+            }],
+            vec![
+                Series {
+                    name: "nan",
+                    points: vec![(f64::NAN, 1.0), (1.0, f64::NAN), (2.0, f64::INFINITY)],
+                },
+                Series {
+                    name: "some nan",
+                    points: vec![(0.0, 0.5), (1.0, f64::NAN), (2.0, 0.7)],
+                },
+            ],
+        ];
+        for (i, series) in cases.iter().enumerate() {
+            let path = dir.join(format!("{i}.png"));
+            line_chart_png(&path, "", "", "", series).unwrap();
+            check_png(&path, CHART);
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn ticks_get_the_decimals_they_need() {
+        let f = tick_format(200.0);
+        assert_eq!([f(&0.0), f(&20.0), f(&-0.2)], ["0", "20", "0"]);
+        let f = tick_format(1.1);
+        assert_eq!([f(&0.2), f(&1.0), f(&-0.4)], ["0.2", "1", "-0.4"]);
+        let f = tick_format(0.22);
+        assert_eq!([f(&0.5), f(&0.52)], ["0.5", "0.52"]);
+        assert_eq!(tick_format(1e-5)(&3e-6), "0.000003");
+    }
+
+    #[test]
+    fn smooth_is_a_trailing_mean() {
         let s = smooth(&[(0.0, 0.0), (1.0, 2.0), (2.0, 4.0)], 2);
         assert_eq!(s, vec![(0.0, 0.0), (1.0, 1.0), (2.0, 3.0)]);
+        assert_eq!(smooth(&[(0.0, 1.0)], 0), vec![(0.0, 1.0)]);
+        assert!(smooth(&[], 5).is_empty());
     }
 }

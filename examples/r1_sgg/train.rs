@@ -14,14 +14,15 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
+use candle_nn::{ParamsAdamW, VarMap};
+use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, PolicyLossTensors};
 use grpo_kernels::{
     group_advantages, AdvantageMode, Aggregation, FusedLinearConfig, LogProbConfig, PolicyLossConfig,
     PolicyLossStats, Rewards as RewardValues, SamplingConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::checkpoint::AdamW;
 use crate::data::Sample;
 use crate::format::{answer_text, augment, parse_answer, AnswerForm};
 use crate::model::Vlm;
@@ -83,7 +84,7 @@ pub fn token_batch(rows: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor
 }
 
 /// Log-probs `[B, T - 1]` of each next token (masked positions give 0),
-/// differentiable in the model, from the fused LM-head op (on the CPU).
+/// differentiable in the model, from the fused LM-head op (CPU or CUDA).
 pub fn completion_logprobs(
     model: &Vlm,
     images: &Tensor,
@@ -102,22 +103,13 @@ pub fn completion_logprobs(
         },
         ..FusedLinearConfig::default()
     };
-    let out = if hidden.device().is_cpu() {
-        fused_linear_logprobs(
-            &hidden,
-            model.lm_head_weight(),
-            &targets,
-            Some(&target_mask),
-            &cfg,
-        )?
-    } else {
-        // The fused op has no CUDA launch wrapper yet: logits, then the
-        // CUDA token log-prob kernel.
-        let logits = hidden
-            .contiguous()?
-            .broadcast_matmul(&model.lm_head_weight().t()?)?;
-        token_logprobs(&logits, &targets, Some(&target_mask), &cfg.logprob)?
-    };
+    let out = fused_linear_logprobs(
+        &hidden,
+        &model.lm_head_weight()?,
+        &targets,
+        Some(&target_mask),
+        &cfg,
+    )?;
     Ok((out.logp, target_mask))
 }
 
@@ -151,16 +143,32 @@ fn clipped_step(opt: &mut AdamW, vars: &VarMap, loss: &Tensor, max_norm: f64) ->
     Ok(true)
 }
 
-/// AdamW over every variable, without weight decay.
-fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW> {
+/// AdamW over every variable, without weight decay (its moments are saved
+/// in checkpoints, so a resumed run continues where it stopped).
+pub fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW> {
     AdamW::new(
-        vars.all_vars(),
+        vars,
         ParamsAdamW {
             lr,
             weight_decay: 0.0,
             ..Default::default()
         },
     )
+}
+
+/// What the training loops report after each optimizer step, and how the
+/// caller (the CLI: metrics file, checkpoints, Ctrl-C, periodic evaluation)
+/// tells them to stop.
+pub trait Hooks {
+    /// Called after step `step` of `stage` with its log line; `Ok(false)`
+    /// stops the loop (the caller has saved what it needs).
+    fn after_step(
+        &mut self,
+        stage: &str,
+        step: usize,
+        record: serde_json::Value,
+        opt: &AdamW,
+    ) -> Result<bool>;
 }
 
 /// Settings of the SFT stage.
@@ -170,37 +178,51 @@ pub struct SftConfig {
     pub batch: usize,
     pub lr: f64,
     pub seed: u64,
+    /// Shuffle and renumber the objects and relations of every answer
+    /// (R1-SGG's augmentation; see [`augment`]); else reading order.
+    pub shuffle: bool,
+    /// Train on the objects alone (empty relationship lists): the starting
+    /// point of the R1-SGG-Zero setting, a model that has never seen a
+    /// relation before GRPO.
+    pub objects_only: bool,
 }
 
-/// One line of the SFT log.
-#[derive(Debug, Clone, Copy)]
-pub struct SftLog {
-    pub step: usize,
-    pub loss: f32,
-}
-
-/// Supervised fine-tuning on `train` (answers augmented by shuffling and
-/// renumbering objects, as R1-SGG does); returns the loss curve.
+/// Supervised fine-tuning on `train` (answers optionally augmented by
+/// shuffling and renumbering objects, as R1-SGG does), steps `start..steps`
+/// with `opt` (fresh, or restored from a checkpoint); each step's
+/// `{"loss"}` goes to `hooks`.
+#[allow(clippy::too_many_arguments)]
 pub fn sft(
     model: &Vlm,
     vars: &VarMap,
     tok: &Tokenizer,
     train: &[Sample],
     cfg: &SftConfig,
-) -> Result<Vec<SftLog>> {
+    opt: &mut AdamW,
+    start: usize,
+    hooks: &mut dyn Hooks,
+) -> Result<()> {
     let device = model.device().clone();
-    let mut opt = adamw(vars, cfg.lr)?;
     let bar = progress(cfg.steps as u64, "SFT");
-    let mut log = Vec::with_capacity(cfg.steps);
-    let mut rng = crate::scene::Rng::new(cfg.seed);
-    for step in 0..cfg.steps {
+    bar.set_position(start as u64);
+    let mut rng = crate::scene::Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for step in start..cfg.steps {
         // Warm up over the first 5% of steps, then cosine decay to 10%.
         opt.set_learning_rate(cfg.lr * schedule(step, cfg.steps));
         let batch: Vec<&Sample> = (0..cfg.batch).map(|_| pick(&mut rng, train)).collect();
         let answers: Vec<Vec<u32>> = batch
             .iter()
             .map(|s| {
-                let mut ids = tok.encode(&answer_text(&augment(&s.graph, rng.next_u64()), None));
+                let seed = rng.next_u64();
+                let mut graph = if cfg.shuffle {
+                    augment(&s.graph, seed)
+                } else {
+                    s.graph.clone()
+                };
+                if cfg.objects_only {
+                    graph.relations.clear();
+                }
+                let mut ids = tok.encode(&answer_text(&graph, None));
                 ids.push(EOS);
                 ids
             })
@@ -211,18 +233,19 @@ pub fn sft(
         let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
         let loss = logp.sum_all()?.neg()?.div(&count)?;
         let loss_value = loss.to_scalar::<f32>()?;
-        if !clipped_step(&mut opt, vars, &loss, MAX_GRAD_NORM)? {
+        if !clipped_step(opt, vars, &loss, MAX_GRAD_NORM)? {
             bar.println(format!(
                 "SFT step {step}: non-finite loss or gradient, step skipped"
             ));
         }
-        let loss = loss_value;
-        log.push(SftLog { step, loss });
-        bar.set_message(format!("loss {loss:.3}"));
+        bar.set_message(format!("loss {loss_value:.3}"));
         bar.inc(1);
+        if !hooks.after_step("sft", step, serde_json::json!({ "loss": loss_value }), opt)? {
+            break;
+        }
     }
     bar.finish();
-    Ok(log)
+    Ok(())
 }
 
 /// A uniformly chosen sample.
@@ -281,6 +304,42 @@ pub fn generate(
     Ok(out)
 }
 
+/// How the policy loss is normalized, as the GRPO papers and TRL's
+/// `loss_type` name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossVariant {
+    /// DeepSeekMath's GRPO: each completion's token mean, averaged over
+    /// completions; std-normalized advantages.
+    Grpo,
+    /// BNPO: the token mean over the whole batch.
+    Bnpo,
+    /// Dr. GRPO (Liu et al., 2025): token sums over a constant (the longest
+    /// completion allowed), advantages not divided by the std.
+    DrGrpo,
+    /// DAPO (Yu et al., 2025): the token mean over the batch and a higher
+    /// upper clip (`eps_high` 0.28).
+    Dapo,
+}
+
+impl LossVariant {
+    /// The aggregation, advantage mode and clip range of the variant.
+    fn settings(self, max_new: usize) -> (Aggregation, AdvantageMode, f32) {
+        let token_mean = Aggregation::TokenMean { normalizer: None };
+        match self {
+            LossVariant::Grpo => (Aggregation::SeqMeanTokenMean, AdvantageMode::default(), 0.2),
+            LossVariant::Bnpo => (token_mean, AdvantageMode::default(), 0.2),
+            LossVariant::DrGrpo => (
+                Aggregation::SeqMeanTokenSumNorm {
+                    constant: max_new as f32,
+                },
+                AdvantageMode::GroupMean,
+                0.2,
+            ),
+            LossVariant::Dapo => (token_mean, AdvantageMode::default(), 0.28),
+        }
+    }
+}
+
 /// Settings of the GRPO stage (R1-SGG's, scaled to the example).
 #[derive(Debug, Clone)]
 pub struct GrpoConfig {
@@ -290,40 +349,70 @@ pub struct GrpoConfig {
     /// Completions per image (`G`).
     pub group: usize,
     pub max_new: usize,
+    /// Optimizer steps on each batch of completions (`mu`); above 1 the
+    /// ratio to the sampling policy moves and clipping comes into play.
+    pub inner_steps: usize,
     pub lr: f64,
     pub seed: u64,
     pub sampling: SamplingConfig,
+    pub advantages: AdvantageMode,
+    /// `beta > 0` adds the KL to the starting model (kept frozen).
     pub loss: PolicyLossConfig,
     pub rewards: RewardConfig,
 }
 
-/// One line of the GRPO log.
-#[derive(Debug, Clone, Copy)]
-pub struct GrpoLog {
-    pub step: usize,
-    /// Mean of each reward component and the total over the step's completions.
-    pub rewards: Rewards,
-    pub total: f64,
-    pub stats: PolicyLossStats,
-    /// Mean completion length in tokens.
-    pub length: f64,
-    pub seconds: f64,
+impl GrpoConfig {
+    /// Applies a loss variant's aggregation, advantages and clip range.
+    pub fn with_variant(mut self, variant: LossVariant) -> Self {
+        let (aggregation, advantages, eps_high) = variant.settings(self.max_new);
+        self.loss.aggregation = aggregation;
+        self.loss.eps_high = eps_high;
+        self.advantages = advantages;
+        self
+    }
 }
 
-/// GRPO on `train`; returns the per-step log.
+/// A frozen copy of `model` (for the KL term's reference log-probs).
+fn frozen_copy(model: &Vlm, vars: &VarMap) -> Result<Vlm> {
+    let copy = VarMap::new();
+    let frozen = Vlm::new(
+        model.config(),
+        candle_nn::VarBuilder::from_varmap(&copy, DType::F32, model.device()),
+    )?;
+    let source = vars.data().lock().expect("variables lock");
+    for (name, var) in copy.data().lock().expect("variables lock").iter() {
+        match source.get(name) {
+            Some(v) => var.set(&v.as_tensor().copy()?)?,
+            None => candle_core::bail!("reference model: no variable {name} in the policy"),
+        }
+    }
+    drop(source);
+    Ok(frozen)
+}
+
+/// GRPO on `train`, steps `start..steps` with `opt`; each step's mean
+/// rewards, loss statistics, completion length and time go to `hooks`.
+#[allow(clippy::too_many_arguments)]
 pub fn grpo(
     model: &Vlm,
     vars: &VarMap,
     tok: &Tokenizer,
     train: &[Sample],
     cfg: &GrpoConfig,
-) -> Result<Vec<GrpoLog>> {
+    opt: &mut AdamW,
+    start: usize,
+    hooks: &mut dyn Hooks,
+) -> Result<()> {
     let device = model.device().clone();
-    let mut opt = adamw(vars, cfg.lr)?;
+    let reference = if cfg.loss.beta > 0.0 {
+        Some(frozen_copy(model, vars)?)
+    } else {
+        None
+    };
     let bar = progress(cfg.steps as u64, "GRPO");
-    let mut rng = crate::scene::Rng::new(cfg.seed);
-    let mut log = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
+    bar.set_position(start as u64);
+    let mut rng = crate::scene::Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for step in start..cfg.steps {
         let t0 = Instant::now();
         let batch: Vec<&Sample> = (0..cfg.prompts).map(|_| pick(&mut rng, train)).collect();
         let sampling = SamplingConfig {
@@ -342,59 +431,80 @@ pub fn grpo(
             })
             .collect();
         let totals: Vec<f32> = scored.iter().map(|r| r.total() as f32).collect();
-        let adv = group_advantages(&RewardValues::new(&totals, cfg.group), AdvantageMode::default())
+        let adv = group_advantages(&RewardValues::new(&totals, cfg.group), cfg.advantages)
             .map_err(candle_core::Error::wrap)?;
 
-        // Policy gradient through the fused log-probs.
+        // The policy gradient through the fused log-probs, `inner_steps`
+        // times against the sampling policy's (detached) log-probs.
         let repeated: Vec<&Sample> = batch
             .iter()
             .flat_map(|s| std::iter::repeat_n(*s, cfg.group))
             .collect();
         let images = image_batch(&repeated, model.config().image_size as u32, &device)?;
         let (tokens, mask) = token_batch(&completions, &device)?;
-        let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask)?;
         let adv_t = Tensor::new(adv.advantages.as_slice(), &device)?;
-        let out = policy_loss(
-            &logp,
-            &PolicyLossTensors {
-                old_logp: None,
-                ref_logp: None,
-                advantages: &adv_t,
-                mask: Some(&target_mask),
-                cu_seqlens: None,
-            },
-            &cfg.loss,
-        )?;
-        if !clipped_step(&mut opt, vars, &out.loss, MAX_GRAD_NORM)? {
-            bar.println(format!(
-                "GRPO step {step}: non-finite loss or gradient, step skipped"
-            ));
+        let old_logp = if cfg.inner_steps > 1 {
+            Some(completion_logprobs(model, &images, &tokens, &mask)?.0.detach())
+        } else {
+            None
+        };
+        let ref_logp = match &reference {
+            Some(r) => Some(completion_logprobs(r, &images, &tokens, &mask)?.0.detach()),
+            None => None,
+        };
+        let mut stats = PolicyLossStats::default();
+        for _ in 0..cfg.inner_steps.max(1) {
+            let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask)?;
+            let out = policy_loss(
+                &logp,
+                &PolicyLossTensors {
+                    old_logp: old_logp.as_ref(),
+                    ref_logp: ref_logp.as_ref(),
+                    advantages: &adv_t,
+                    mask: Some(&target_mask),
+                    cu_seqlens: None,
+                },
+                &cfg.loss,
+            )?;
+            if !clipped_step(opt, vars, &out.loss, MAX_GRAD_NORM)? {
+                bar.println(format!(
+                    "GRPO step {step}: non-finite loss or gradient, step skipped"
+                ));
+                break;
+            }
+            stats = out.stats;
         }
 
         let n = scored.len() as f64;
         let mean = |f: fn(&Rewards) -> f64| scored.iter().map(f).sum::<f64>() / n;
-        let entry = GrpoLog {
-            step,
-            rewards: Rewards {
-                format: mean(|r| r.format),
-                node_acc: mean(|r| r.node_acc),
-                node_box: mean(|r| r.node_box),
-                edge: mean(|r| r.edge),
-            },
-            total: mean(Rewards::total),
-            stats: out.stats,
-            length: completions.iter().map(Vec::len).sum::<usize>() as f64 / n,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
+        let (total, format, edge) = (mean(Rewards::total), mean(|r| r.format), mean(|r| r.edge));
+        let record = serde_json::json!({
+            "reward": total,
+            "format": format,
+            "node_acc": mean(|r| r.node_acc),
+            "node_box": mean(|r| r.node_box),
+            "edge": edge,
+            "loss": stats.loss,
+            "clip_low": stats.clip_frac_low,
+            "clip_high": stats.clip_frac_high,
+            "ratio_mean": stats.ratio_mean,
+            "ratio_max": stats.ratio_max,
+            "kl": stats.kl_mean,
+            "tokens": stats.tokens,
+            "length": completions.iter().map(Vec::len).sum::<usize>() as f64 / n,
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
         bar.set_message(format!(
-            "reward {:.2} (format {:.2}, edge {:.2}), clip {:.3}",
-            entry.total, entry.rewards.format, entry.rewards.edge, entry.stats.clip_frac_high
+            "reward {total:.2} (format {format:.2}, edge {edge:.2}), clip {:.3}",
+            stats.clip_frac_low + stats.clip_frac_high
         ));
         bar.inc(1);
-        log.push(entry);
+        if !hooks.after_step("grpo", step, record, opt)? {
+            break;
+        }
     }
     bar.finish();
-    Ok(log)
+    Ok(())
 }
 
 /// Predictions of greedy decoding on `samples`, `batch` images at a time.
@@ -432,13 +542,15 @@ pub fn evaluate(texts: &[String], samples: &[Sample]) -> EvalSummary {
 }
 
 /// GRPO's defaults for the example: R1-SGG's settings (G = 8, beta = 0,
-/// eps = 0.2, temperature 1, top-k 50, top-p 0.9), scaled-down batch.
+/// eps = 0.2, temperature 1, top-k 50, top-p 0.9, one inner step),
+/// scaled-down batch.
 pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
     GrpoConfig {
         steps,
         prompts: 4,
         group: 8,
         max_new: 160,
+        inner_steps: 1,
         lr: 2e-4,
         seed,
         sampling: SamplingConfig {
@@ -448,6 +560,7 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
             seed,
             ..SamplingConfig::default()
         },
+        advantages: AdvantageMode::default(),
         loss: PolicyLossConfig {
             eps_low: 0.2,
             eps_high: 0.2,
