@@ -296,6 +296,10 @@ pub struct GroupAdvantages<M: Memory = Host> {
     pub group_std: M::Owned<f32>,
 }
 
+/// One group's slices of the outputs: combined rewards and advantages
+/// (`[G]`), mean and std.
+type GroupOut<'o> = (((&'o mut [f32], &'o mut [f32]), &'o mut f32), &'o mut f32);
+
 /// Advantages of `P * G` completions from their (weighted) rewards.
 ///
 /// Errors: empty `values`, `group_size == 0`, empty or non-finite `weights`,
@@ -306,82 +310,96 @@ pub struct GroupAdvantages<M: Memory = Host> {
 pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<GroupAdvantages> {
     let (_, n) = rewards.validate(OP)?;
     mode.validate(OP)?;
-    check::finite(OP, "values", rewards.values)?;
     let g = rewards.group_size;
-    let min_groups = (MIN_TASK / g).max(1);
-    // Small batches (GRPO's usual few hundred rewards) run on this thread:
-    // a rayon dispatch costs more than the whole op.
-    let parallel = n > MIN_TASK;
+    let unbiased = mode.unbiased();
     let batch_mode = matches!(mode, AdvantageMode::BatchNorm { .. });
+    let (mut combined, mut advantages) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut group_mean, mut group_std) = (vec![0.0f32; n / g], vec![0.0f32; n / g]);
 
-    // One pass per group: its combined rewards (into a reused f64 buffer),
-    // its statistics and, except in BatchNorm (which needs every group's
-    // statistics first), its advantages.
-    let mut combined = vec![0.0f32; n];
-    let mut advantages = vec![0.0f32; n];
-    let group = |buf: &mut Vec<f64>, (p, (comb, adv)): (usize, (&mut [f32], &mut [f32]))| {
+    // One pass over each group writes every output (BatchNorm's advantages
+    // wait for the batch std) and says whether its combined rewards are
+    // finite; the inputs are scanned again only to name a non-finite one.
+    let group = |buf: &mut Vec<f64>, (p, (((comb, adv), mean), std)): (usize, GroupOut<'_>)| {
         buf.resize(g, 0.0);
         rewards.fill_group(n, p * g, buf);
+        let mut finite = true;
         for (c, &r) in comb.iter_mut().zip(buf.iter()) {
             *c = r as f32;
+            finite &= c.is_finite();
         }
         let stats = GroupStats::of(buf);
+        *mean = stats.mean as f32;
+        *std = stats.std(g, unbiased) as f32;
         if !batch_mode {
             let affine = mode.group_affine(&stats, g, 0.0);
             for (a, &r) in adv.iter_mut().zip(buf.iter()) {
                 *a = affine.apply(r) as f32;
             }
         }
-        stats
+        (stats, finite)
     };
-    let stats: Vec<GroupStats> = if parallel {
-        combined
-            .par_chunks_mut(g)
-            .zip(advantages.par_chunks_mut(g))
-            .enumerate()
-            .with_min_len(min_groups)
-            .map_init(Vec::new, group)
-            .collect()
-    } else {
-        let mut buf = Vec::new();
-        combined
-            .chunks_mut(g)
-            .zip(advantages.chunks_mut(g))
-            .enumerate()
-            .map(|item| group(&mut buf, item))
-            .collect()
+    // Each group's output slices, in order.
+    macro_rules! groups {
+        ($chunks:ident, $items:ident) => {
+            combined
+                .$chunks(g)
+                .zip(advantages.$chunks(g))
+                .zip(group_mean.$items())
+                .zip(group_std.$items())
+                .enumerate()
+        };
+    }
+    // Small batches (GRPO's usual few hundred rewards) run on this thread:
+    // a rayon dispatch costs more than the whole op. Only BatchNorm keeps
+    // the groups' statistics (a large batch's would cost more memory
+    // traffic than the rewards themselves).
+    let min_groups = (MIN_TASK / g).max(1);
+    let mut buf = Vec::new();
+    let (finite, stats): (bool, Vec<GroupStats>) = match (n > MIN_TASK, batch_mode) {
+        (true, false) => (
+            groups!(par_chunks_mut, par_iter_mut)
+                .with_min_len(min_groups)
+                .map_init(Vec::new, group)
+                .all(|(_, finite)| finite),
+            Vec::new(),
+        ),
+        (false, false) => (
+            groups!(chunks_mut, iter_mut).all(|item| group(&mut buf, item).1),
+            Vec::new(),
+        ),
+        (true, true) => {
+            let (stats, finite): (Vec<GroupStats>, Vec<bool>) = groups!(par_chunks_mut, par_iter_mut)
+                .with_min_len(min_groups)
+                .map_init(Vec::new, group)
+                .unzip();
+            (finite.iter().all(|&f| f), stats)
+        }
+        (false, true) => {
+            let (stats, finite): (Vec<GroupStats>, Vec<bool>) = groups!(chunks_mut, iter_mut)
+                .map(|item| group(&mut buf, item))
+                .unzip();
+            (finite.iter().all(|&f| f), stats)
+        }
     };
-    check::finite(OP, "weighted rewards", &combined)?;
+    if !finite {
+        check::finite(OP, "values", rewards.values)?;
+        check::finite(OP, "weighted rewards", &combined)?;
+    }
 
-    let unbiased = mode.unbiased();
     if batch_mode {
         let batch_std = batch_std(&stats, g, unbiased);
-        let normalize = |(p, (adv, st)): (usize, (&mut [f32], &GroupStats))| {
+        for (p, (adv, st)) in advantages.chunks_mut(g).zip(&stats).enumerate() {
             let affine = mode.group_affine(st, g, batch_std);
             for (i, a) in adv.iter_mut().enumerate() {
                 *a = affine.apply(rewards.combined(n, p * g + i)) as f32;
             }
-        };
-        if parallel {
-            advantages
-                .par_chunks_mut(g)
-                .zip(&stats)
-                .enumerate()
-                .with_min_len(min_groups)
-                .for_each(normalize);
-        } else {
-            advantages
-                .chunks_mut(g)
-                .zip(&stats)
-                .enumerate()
-                .for_each(normalize);
         }
     }
     Ok(GroupAdvantages {
         advantages,
         rewards: combined,
-        group_mean: stats.iter().map(|s| s.mean as f32).collect(),
-        group_std: stats.iter().map(|s| s.std(g, unbiased) as f32).collect(),
+        group_mean,
+        group_std,
     })
 }
 
