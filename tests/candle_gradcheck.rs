@@ -2,7 +2,8 @@
 //! of independent f64 references, for every differentiable op of
 //! `grpo_kernels::candle` beyond token log-probs (whose check lives in
 //! candle_logprob.rs): KL estimators, the clipped policy loss (loss and
-//! per-token outputs), and fused linear log-probs (hidden and weight).
+//! per-token outputs), fused linear log-probs (hidden and weight), and the
+//! `nn` replacements (softmax, RMS norm) on their fused CPU path.
 #![cfg(feature = "candle")]
 
 mod common;
@@ -11,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::reference::logprob_rows;
 use common::tensors::to32;
 use common::{assert_close, finite_diff, Rng};
+use grpo_kernels::candle::nn::{rms_normalize, softmax_last_dim, RmsNorm};
 use grpo_kernels::candle::{fused_linear_logprobs, kl_divergence, policy_loss, PolicyLossTensors};
 use grpo_kernels::{FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig};
 
@@ -195,4 +197,99 @@ fn fused_linear_gradients_match_finite_differences() {
     assert_close("fused linear dweight", &got_w, &want_w, 2e-5, 2e-4);
     // The masked row's hidden state gets exactly zero gradient.
     assert!(got_h[4 * h..5 * h].iter().all(|&x| x == 0.0));
+}
+
+/// Rows of `d` values each; `f` maps one f64 row to its output row.
+fn rowwise(x: &[f64], d: usize, f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+    x.chunks(d).flat_map(f).collect()
+}
+
+fn softmax_ref(row: &[f64]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
+    row.iter().map(|v| (v - max).exp() / sum).collect()
+}
+
+fn rms_ref(row: &[f64], eps: f64) -> Vec<f64> {
+    let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + eps).sqrt();
+    row.iter().map(|v| v * r).collect()
+}
+
+#[test]
+fn fused_softmax_and_rms_norm_match_f64_references_and_finite_differences() {
+    let mut rng = Rng::new(23);
+    // 1 and 7 columns; 3 x 5 x 37 takes the parallel path (> 2^14 elements
+    // needs more rows: 130 x 131 does).
+    for (rows, d) in [(1usize, 1usize), (4, 7), (15, 37), (130, 131)] {
+        let n = rows * d;
+        let x: Vec<f32> = (0..n).map(|_| (3.0 * rng.normal()) as f32).collect();
+        let w: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let scale: Vec<f32> = (0..d).map(|_| rng.range(0.5, 1.5) as f32).collect();
+        let x64 = f64s(&x);
+        let wt = Tensor::from_vec(w.clone(), (rows, d), &CPU).unwrap();
+        let eps = 1e-6;
+
+        // Softmax: values and the gradient of sum(w * softmax(x)).
+        let xv = var(&x, &[rows, d]);
+        let y = softmax_last_dim(&xv).unwrap();
+        assert_close("softmax", &to32(&y), &rowwise(&x64, d, softmax_ref), 1e-6, 1e-5);
+        let grads = y.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+        let objective = |x: &[f64]| -> f64 {
+            let y = rowwise(x, d, softmax_ref);
+            y.iter().zip(&w).map(|(a, &b)| a * b as f64).sum()
+        };
+        if n <= 300 {
+            let want = finite_diff(&x64, 1e-6, objective);
+            assert_close("dsoftmax", &to32(grads.get(&xv).unwrap()), &want, 1e-5, 1e-4);
+        }
+
+        // RMS norm with a scale: values and gradients in x and the scale.
+        let xv = var(&x, &[rows, d]);
+        let sv = var(&scale, &[d]);
+        let norm = RmsNorm::new(sv.as_tensor().clone(), eps);
+        let y = candle_core::Module::forward(&norm, &xv).unwrap();
+        let s64 = f64s(&scale);
+        let reference = |x: &[f64], s: &[f64]| -> Vec<f64> {
+            let mut y = rowwise(x, d, |r| rms_ref(r, eps));
+            y.iter_mut().enumerate().for_each(|(i, v)| *v *= s[i % d]);
+            y
+        };
+        assert_close("rms_norm", &to32(&y), &reference(&x64, &s64), 1e-6, 1e-5);
+        let grads = y.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+        if n <= 300 {
+            let dot = |y: Vec<f64>| -> f64 { y.iter().zip(&w).map(|(a, &b)| a * b as f64).sum() };
+            let want_x = finite_diff(&x64, 1e-6, |x| dot(reference(x, &s64)));
+            let want_s = finite_diff(&s64, 1e-6, |s| dot(reference(&x64, s)));
+            assert_close("drms/dx", &to32(grads.get(&xv).unwrap()), &want_x, 1e-5, 1e-4);
+            assert_close("drms/dscale", &to32(grads.get(&sv).unwrap()), &want_s, 1e-5, 1e-4);
+        }
+
+        // The fused path (f32) and the composed one (f64) agree, gradients too.
+        let x64t = Tensor::from_vec(x64.clone(), (rows, d), &CPU).unwrap();
+        let xv64 = Var::from_tensor(&x64t).unwrap();
+        let w64 = wt.to_dtype(DType::F64).unwrap();
+        for (name, fused, composed) in [
+            (
+                "softmax",
+                softmax_last_dim(&xv).unwrap(),
+                softmax_last_dim(&xv64).unwrap(),
+            ),
+            (
+                "rms_normalize",
+                rms_normalize(&xv, eps).unwrap(),
+                rms_normalize(&xv64, eps).unwrap(),
+            ),
+        ] {
+            let g32 = fused.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
+            let g64 = composed.mul(&w64).unwrap().sum_all().unwrap().backward().unwrap();
+            let want: Vec<f64> = g64.get(&xv64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_close(
+                &format!("{name} fused vs composed"),
+                &to32(g32.get(&xv).unwrap()),
+                &want,
+                1e-5,
+                1e-4,
+            );
+        }
+    }
 }

@@ -55,7 +55,7 @@ use format::parse_answer;
 use metrics::MetricsLog;
 use model::{NumberTokens, Vlm, VlmConfig};
 use plot::{line_chart_png, panels_png, smooth, Panel, Series};
-use reward::EvalSummary;
+use reward::{EdgeReward, EvalSummary, RewardWeights};
 use tokenizer::Tokenizer;
 use train::{adamw, evaluate, grpo, grpo_defaults, predict, sft, Hooks, LossVariant, SftConfig, FORM};
 
@@ -177,6 +177,40 @@ struct SftArgs {
     objects_only: bool,
 }
 
+/// `--edge-reward` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EdgeRewardArg {
+    Hard,
+    Relax,
+    Soft,
+}
+
+impl From<EdgeRewardArg> for EdgeReward {
+    fn from(arg: EdgeRewardArg) -> Self {
+        match arg {
+            EdgeRewardArg::Hard => EdgeReward::HardRecall,
+            EdgeRewardArg::Relax => EdgeReward::HardRelax,
+            EdgeRewardArg::Soft => EdgeReward::Soft,
+        }
+    }
+}
+
+/// `format,node,edge` weights, each finite and `>= 0`.
+fn parse_weights(text: &str) -> Result<RewardWeights, String> {
+    let values: Vec<f64> = text
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().map_err(|e| format!("{v:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    match values[..] {
+        [format, node, edge] if values.iter().all(|w| w.is_finite() && *w >= 0.0) => {
+            Ok(RewardWeights { format, node, edge })
+        }
+        _ => Err(format!(
+            "expected three weights >= 0 as format,node,edge, got {text:?}"
+        )),
+    }
+}
+
 /// Settings of the GRPO stage.
 #[derive(Args)]
 struct GrpoArgs {
@@ -199,6 +233,15 @@ struct GrpoArgs {
     prompts: usize,
     #[arg(long, default_value_t = 2e-4)]
     grpo_lr: f64,
+    /// Sampling temperature of the completions (R1-SGG: 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Edge reward: hard recall, hard + relaxed labels, or soft (R1-SGG: hard).
+    #[arg(long, value_enum, default_value = "hard")]
+    edge_reward: EdgeRewardArg,
+    /// Reward weights `format,node,edge` (0 turns one off; R1-SGG: 1,2,5).
+    #[arg(long, value_parser = parse_weights, default_value = "1,2,5")]
+    reward_weights: RewardWeights,
     /// Evaluate on (up to 64) validation images every this many GRPO steps (0: never).
     #[arg(long, default_value_t = 25)]
     eval_every: usize,
@@ -421,6 +464,9 @@ impl<'a> Run<'a> {
         cfg.prompts = args.prompts;
         cfg.lr = args.grpo_lr;
         cfg.loss.beta = args.beta;
+        cfg.sampling.temperature = args.temperature;
+        cfg.rewards.edge = args.edge_reward.into();
+        cfg.rewards.weights = args.reward_weights;
         let cfg = cfg.with_variant(args.loss);
         let (mut opt, start, metrics) = self.start("grpo", cfg.lr)?;
         let mut hooks = Recorder::new(self, metrics, cfg.steps, args.eval_every);
@@ -805,4 +851,41 @@ fn grpo_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
 
 fn write(path: &Path, text: &str) -> AnyResult<()> {
     fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reward_weights_parse_or_name_the_problem() {
+        let w = parse_weights("1, 2,5").unwrap();
+        assert_eq!((w.format, w.node, w.edge), (1.0, 2.0, 5.0));
+        assert_eq!(parse_weights("0,0,1").unwrap().edge, 1.0);
+        for bad in ["1,2", "1,2,3,4", "-1,2,5", "a,2,5", "nan,1,1", "inf,1,1", ""] {
+            assert!(parse_weights(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn number_tokens_are_found_in_the_answer_tokenizer() {
+        let tok = Tokenizer::new(&scene::SYNTHETIC, 32);
+        let numbers = number_tokens(&tok, 64).unwrap();
+        assert_eq!(numbers.count, 1001);
+        assert_eq!(tok.encode("1000"), [numbers.first as u32 + 1000]);
+        assert!(number_tokens(&tok, 0).is_none());
+    }
+
+    #[test]
+    fn curves_pick_their_stage_and_split() {
+        let lines = vec![
+            json!({"stage": "grpo", "step": 0, "reward": 1.0}),
+            json!({"stage": "grpo", "step": 0, "eval": "val", "R@50": 0.25}),
+            json!({"stage": "sft", "step": 0, "loss": 3.0}),
+            json!({"stage": "grpo", "step": 1, "reward": 2.0}),
+        ];
+        assert_eq!(curve(&lines, "grpo", None, "reward"), [(0.0, 1.0), (1.0, 2.0)]);
+        assert_eq!(curve(&lines, "grpo", Some("val"), "R@50"), [(0.0, 0.25)]);
+        assert!(curve(&lines, "grpo", Some("test"), "R@50").is_empty());
+    }
 }

@@ -574,3 +574,39 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_variants_set_their_normalization() {
+        let base = grpo_defaults(10, 0);
+        let grpo = base.clone().with_variant(LossVariant::Grpo);
+        assert_eq!(grpo.loss.aggregation, Aggregation::SeqMeanTokenMean);
+        assert_eq!(grpo.advantages, AdvantageMode::default());
+        assert_eq!((grpo.loss.eps_low, grpo.loss.eps_high), (0.2, 0.2));
+        let bnpo = base.clone().with_variant(LossVariant::Bnpo);
+        assert_eq!(bnpo.loss.aggregation, Aggregation::TokenMean { normalizer: None });
+        let dr = base.clone().with_variant(LossVariant::DrGrpo);
+        assert_eq!(
+            dr.loss.aggregation,
+            Aggregation::SeqMeanTokenSumNorm {
+                constant: base.max_new as f32
+            }
+        );
+        assert_eq!(dr.advantages, AdvantageMode::GroupMean);
+        let dapo = base.with_variant(LossVariant::Dapo);
+        assert_eq!(dapo.loss.aggregation, Aggregation::TokenMean { normalizer: None });
+        assert_eq!((dapo.loss.eps_low, dapo.loss.eps_high), (0.2, 0.28));
+    }
+
+    #[test]
+    fn the_schedule_warms_up_then_decays_to_a_tenth() {
+        let steps = 200;
+        assert!(schedule(0, steps) < schedule(5, steps));
+        assert!((schedule(9, steps) - 1.0).abs() < 1e-12);
+        assert!(schedule(100, steps) < 1.0 && schedule(100, steps) > 0.1);
+        assert!((schedule(steps - 1, steps) - 0.1).abs() < 1e-3);
+    }
+}
