@@ -136,7 +136,7 @@ struct Common {
     #[arg(long, default_value_t = 4000)]
     train_size: usize,
     /// Images to evaluate on, per split.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 512)]
     eval_size: usize,
     /// Model size: `tiny` (CPU) or `gpu`.
     #[arg(long, default_value = "tiny")]
@@ -231,10 +231,13 @@ struct GrpoArgs {
     /// Images per GRPO step.
     #[arg(long, default_value_t = 4)]
     prompts: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    /// Peak GRPO learning rate (after a warmup over 10% of the steps).
+    #[arg(long, default_value_t = 1e-4)]
     grpo_lr: f64,
-    /// Sampling temperature of the completions (R1-SGG: 1.0).
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature of the completions. R1-SGG samples at 1.0; the
+    /// tiny model's flatter distributions break the JSON of most samples
+    /// there, so the example samples at 0.6.
+    #[arg(long, default_value_t = 0.6)]
     temperature: f32,
     /// Edge reward: hard recall, hard + relaxed labels, or soft (R1-SGG: hard).
     #[arg(long, value_enum, default_value = "hard")]
@@ -242,7 +245,7 @@ struct GrpoArgs {
     /// Reward weights `format,node,edge` (0 turns one off; R1-SGG: 1,2,5).
     #[arg(long, value_parser = parse_weights, default_value = "1,2,5")]
     reward_weights: RewardWeights,
-    /// Evaluate on (up to 64) validation images every this many GRPO steps (0: never).
+    /// Evaluate on (up to 256) validation images every this many GRPO steps (0: never).
     #[arg(long, default_value_t = 25)]
     eval_every: usize,
 }
@@ -556,11 +559,11 @@ impl<'r, 'a> Recorder<'r, 'a> {
         }
     }
 
-    /// Failure rate and recall on the first 64 validation images, logged as
+    /// Failure rate and recall on the first 256 validation images, logged as
     /// `grpo` evaluation at `step`.
     fn eval_val(&mut self, step: usize) -> AnyResult<()> {
         let (name, samples) = &self.run.eval[0];
-        let samples = &samples[..samples.len().min(64)];
+        let samples = &samples[..samples.len().min(256)];
         let summary = evaluate(&self.run.predict(samples)?, samples);
         self.metrics
             .write(&eval_record("grpo", Some(step), name, &summary))?;
@@ -803,7 +806,7 @@ fn grpo_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
             ],
         },
         Panel {
-            title: "validation (greedy, up to 64 images)",
+            title: "validation (greedy, up to 256 images)",
             x_label: "step",
             y_label: "%",
             series: vec![

@@ -414,6 +414,10 @@ pub fn grpo(
     let mut rng = crate::scene::Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for step in start..cfg.steps {
         let t0 = Instant::now();
+        // A linear warmup over the first 10% of steps: Adam's first updates
+        // move every weight by about the full learning rate, whatever the
+        // (noisy) gradient's size.
+        opt.set_learning_rate(cfg.lr * ((step + 1) as f64 / (cfg.steps / 10).max(1) as f64).min(1.0));
         let batch: Vec<&Sample> = (0..cfg.prompts).map(|_| pick(&mut rng, train)).collect();
         let sampling = SamplingConfig {
             step: step as u64,
@@ -551,7 +555,7 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
         group: 8,
         max_new: 160,
         inner_steps: 1,
-        lr: 2e-4,
+        lr: 1e-4,
         seed,
         sampling: SamplingConfig {
             temperature: 1.0,
