@@ -83,13 +83,15 @@ pub fn token_batch(rows: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor
     ))
 }
 
-/// Log-probs `[B, T - 1]` of each next token (masked positions give 0),
-/// differentiable in the model, from the fused LM-head op (CPU or CUDA).
+/// Log-probs `[B, T - 1]` of each next token under the logits divided by
+/// `temperature` (masked positions give 0), differentiable in the model,
+/// from the fused LM-head op (CPU or CUDA).
 pub fn completion_logprobs(
     model: &Vlm,
     images: &Tensor,
     tokens: &Tensor,
     mask: &Tensor,
+    temperature: f32,
 ) -> Result<(Tensor, Tensor)> {
     let t = tokens.dim(1)?;
     let hidden = model.hidden_states(images, tokens, mask)?;
@@ -99,6 +101,7 @@ pub fn completion_logprobs(
     let cfg = FusedLinearConfig {
         logprob: LogProbConfig {
             ignore_index: None,
+            temperature,
             ..LogProbConfig::default()
         },
         ..FusedLinearConfig::default()
@@ -229,7 +232,7 @@ pub fn sft(
             .collect();
         let images = image_batch(&batch, model.config().image_size as u32, &device)?;
         let (tokens, mask) = token_batch(&answers, &device)?;
-        let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask)?;
+        let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask, 1.0)?;
         let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
         let loss = logp.sum_all()?.neg()?.div(&count)?;
         let loss_value = loss.to_scalar::<f32>()?;
@@ -438,7 +441,8 @@ pub fn grpo(
         let adv = group_advantages(&RewardValues::new(&totals, cfg.group), cfg.advantages)
             .map_err(candle_core::Error::wrap)?;
 
-        // The policy gradient through the fused log-probs, `inner_steps`
+        // The policy gradient through the fused log-probs (of the logits at
+        // the sampling temperature, as TRL computes them), `inner_steps`
         // times against the sampling policy's (detached) log-probs.
         let repeated: Vec<&Sample> = batch
             .iter()
@@ -448,17 +452,26 @@ pub fn grpo(
         let (tokens, mask) = token_batch(&completions, &device)?;
         let adv_t = Tensor::new(adv.advantages.as_slice(), &device)?;
         let old_logp = if cfg.inner_steps > 1 {
-            Some(completion_logprobs(model, &images, &tokens, &mask)?.0.detach())
+            Some(
+                completion_logprobs(model, &images, &tokens, &mask, cfg.sampling.temperature)?
+                    .0
+                    .detach(),
+            )
         } else {
             None
         };
         let ref_logp = match &reference {
-            Some(r) => Some(completion_logprobs(r, &images, &tokens, &mask)?.0.detach()),
+            Some(r) => Some(
+                completion_logprobs(r, &images, &tokens, &mask, cfg.sampling.temperature)?
+                    .0
+                    .detach(),
+            ),
             None => None,
         };
         let mut stats = PolicyLossStats::default();
         for _ in 0..cfg.inner_steps.max(1) {
-            let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask)?;
+            let (logp, target_mask) =
+                completion_logprobs(model, &images, &tokens, &mask, cfg.sampling.temperature)?;
             let out = policy_loss(
                 &logp,
                 &PolicyLossTensors {
