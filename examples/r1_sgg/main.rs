@@ -235,7 +235,7 @@ struct GrpoArgs {
     #[arg(long, default_value_t = 1e-4)]
     grpo_lr: f64,
     /// Sampling temperature of the completions. R1-SGG samples at 1.0; the
-    /// tiny model's flatter distributions break the JSON of most samples
+    /// tiny model's flatter distributions fail the format check in most samples
     /// there, so the example samples at 0.6.
     #[arg(long, default_value_t = 0.6)]
     temperature: f32,
