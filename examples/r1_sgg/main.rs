@@ -57,7 +57,9 @@ use model::{NumberTokens, Vlm, VlmConfig};
 use plot::{line_chart_png, panels_png, smooth, Panel, Series};
 use reward::{EdgeReward, EvalSummary, RewardWeights};
 use tokenizer::Tokenizer;
-use train::{adamw, evaluate, grpo, grpo_defaults, predict, sft, Hooks, LossVariant, SftConfig, FORM};
+use train::{
+    adamw, evaluate, grpo, grpo_defaults, predict, sft, Hooks, Learner, LossVariant, SftConfig, FORM,
+};
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -443,16 +445,7 @@ impl<'a> Run<'a> {
         };
         let (mut opt, start, metrics) = self.start("sft", cfg.lr)?;
         let mut hooks = Recorder::new(self, metrics, cfg.steps, 0);
-        sft(
-            &self.model,
-            &self.vars,
-            &self.tok,
-            &self.train,
-            &cfg,
-            &mut opt,
-            start,
-            &mut hooks,
-        )?;
+        sft(self.learner(), &cfg, &mut opt, start, &mut hooks)?;
         let done = hooks.finish("sft", &opt)?;
         sft_chart(&self.path("sft.jsonl"), &self.path("sft.png"))?;
         Ok(done)
@@ -476,19 +469,19 @@ impl<'a> Run<'a> {
         if start == 0 && args.eval_every > 0 {
             hooks.eval_val(0)?;
         }
-        grpo(
-            &self.model,
-            &self.vars,
-            &self.tok,
-            &self.train,
-            &cfg,
-            &mut opt,
-            start,
-            &mut hooks,
-        )?;
+        grpo(self.learner(), &cfg, &mut opt, start, &mut hooks)?;
         let done = hooks.finish("grpo", &opt)?;
         grpo_chart(&self.path("grpo.jsonl"), &self.path("grpo.png"))?;
         Ok(done)
+    }
+
+    fn learner(&self) -> Learner<'_> {
+        Learner {
+            model: &self.model,
+            vars: &self.vars,
+            tok: &self.tok,
+            train: &self.train,
+        }
     }
 
     /// Greedy predictions on `samples`.

@@ -159,6 +159,16 @@ pub fn adamw(vars: &VarMap, lr: f64) -> Result<AdamW> {
     )
 }
 
+/// What both training stages work on: the model, its variables, the
+/// tokenizer and the training samples.
+#[derive(Clone, Copy)]
+pub struct Learner<'a> {
+    pub model: &'a Vlm,
+    pub vars: &'a VarMap,
+    pub tok: &'a Tokenizer,
+    pub train: &'a [Sample],
+}
+
 /// What the training loops report after each optimizer step, and how the
 /// caller (the CLI: metrics file, checkpoints, Ctrl-C, periodic evaluation)
 /// tells them to stop.
@@ -194,17 +204,19 @@ pub struct SftConfig {
 /// shuffling and renumbering objects, as R1-SGG does), steps `start..steps`
 /// with `opt` (fresh, or restored from a checkpoint); each step's
 /// `{"loss"}` goes to `hooks`.
-#[allow(clippy::too_many_arguments)]
 pub fn sft(
-    model: &Vlm,
-    vars: &VarMap,
-    tok: &Tokenizer,
-    train: &[Sample],
+    learner: Learner<'_>,
     cfg: &SftConfig,
     opt: &mut AdamW,
     start: usize,
     hooks: &mut dyn Hooks,
 ) -> Result<()> {
+    let Learner {
+        model,
+        vars,
+        tok,
+        train,
+    } = learner;
     let device = model.device().clone();
     let bar = progress(cfg.steps as u64, "SFT");
     bar.set_position(start as u64);
@@ -395,17 +407,19 @@ fn frozen_copy(model: &Vlm, vars: &VarMap) -> Result<Vlm> {
 
 /// GRPO on `train`, steps `start..steps` with `opt`; each step's mean
 /// rewards, loss statistics, completion length and time go to `hooks`.
-#[allow(clippy::too_many_arguments)]
 pub fn grpo(
-    model: &Vlm,
-    vars: &VarMap,
-    tok: &Tokenizer,
-    train: &[Sample],
+    learner: Learner<'_>,
     cfg: &GrpoConfig,
     opt: &mut AdamW,
     start: usize,
     hooks: &mut dyn Hooks,
 ) -> Result<()> {
+    let Learner {
+        model,
+        vars,
+        tok,
+        train,
+    } = learner;
     let device = model.device().clone();
     let reference = if cfg.loss.beta > 0.0 {
         Some(frozen_copy(model, vars)?)
