@@ -288,7 +288,7 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
             buf.tile
                 .par_chunks(width * rows_per_task)
                 .zip(states.par_chunks_mut(rows_per_task))
-                .for_each(|(tile, states)| fold_rows(tile, width, states));
+                .for_each(|(tile, states)| fold_rows(tile, width, cfg.logprob.entropy, states));
             for ((&(_, y), x), row) in chunk.iter().zip(&mut target_logits).zip(buf.tile.chunks(width)) {
                 if cols.contains(&y) {
                     *x = row[y - cols.start];
@@ -555,10 +555,15 @@ fn accumulate<T: Float>(
 }
 
 multiversion! {
-    /// Folds each `cols`-wide row of `tile` into its softmax state.
-    fn fold_rows(tile: &[f32], cols: usize, states: &mut [SoftmaxState]) {
+    /// Folds each `cols`-wide row of `tile` into its softmax state (its
+    /// entropy sum only if `entropy`).
+    fn fold_rows(tile: &[f32], cols: usize, entropy: bool, states: &mut [SoftmaxState]) {
         for (row, state) in tile.chunks(cols).zip(states) {
-            *state = state.update(row);
+            *state = if entropy {
+                state.update::<Mad, true>(row)
+            } else {
+                state.update::<Mad, false>(row)
+            };
         }
     }
 }

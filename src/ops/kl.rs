@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use crate::error::{check, Result};
 use crate::memory::{Host, Memory};
-use crate::ops::math::{self, multiversion};
+use crate::ops::math::{self, multiversion, MulAdd};
 
 pub(crate) const OP: &str = "kl_divergence";
 pub(crate) const OP_BWD: &str = "kl_divergence_backward";
@@ -62,30 +62,32 @@ pub enum KlEstimator {
 }
 
 impl KlEstimator {
-    /// The estimate for one token, from `d = ref_logp - logp`.
+    /// The estimate for one token, from `d = ref_logp - logp`, with `M`'s
+    /// multiply-add ([`math::Baseline`] unless inside a vectorized copy).
     #[inline(always)]
-    pub fn value(self, d: f32) -> f32 {
+    pub fn value<M: MulAdd>(self, d: f32) -> f32 {
         match self {
             KlEstimator::K1 => -d,
             KlEstimator::K2 => 0.5 * d * d,
-            KlEstimator::K3 => math::exp_excess(d),
+            KlEstimator::K3 => math::exp_excess::<M>(d),
             KlEstimator::LowVarK3 => {
-                let k = math::exp_excess(clamp(d, LOW_VAR_D_BOUND));
+                let k = math::exp_excess::<M>(clamp(d, LOW_VAR_D_BOUND));
                 clamp(k, LOW_VAR_KL_BOUND)
             }
         }
     }
 
-    /// `d value / d logp` for one token, from `d = ref_logp - logp`.
+    /// `d value / d logp` for one token, from `d = ref_logp - logp`, with
+    /// `M`'s multiply-add.
     #[inline(always)]
-    pub fn grad_logp(self, d: f32) -> f32 {
+    pub fn grad_logp<M: MulAdd>(self, d: f32) -> f32 {
         match self {
             KlEstimator::K1 => 1.0,
             KlEstimator::K2 => -d,
             // 1 - e^d, without the cancellation near d = 0.
-            KlEstimator::K3 => -(d + math::exp_excess(d)),
+            KlEstimator::K3 => -(d + math::exp_excess::<M>(d)),
             KlEstimator::LowVarK3 => {
-                let k = math::exp_excess(d);
+                let k = math::exp_excess::<M>(d);
                 let inside = d.abs() <= LOW_VAR_D_BOUND && k <= LOW_VAR_KL_BOUND;
                 if inside {
                     -(d + k)
@@ -194,10 +196,10 @@ multiversion! {
     /// The estimate over one block; whether every input was finite.
     fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [f32]) -> bool {
         match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.value(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.value(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.value(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.value(d)),
+            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.value::<Mad>(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.value::<Mad>(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.value::<Mad>(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.value::<Mad>(d)),
         }
     }
 }
@@ -207,10 +209,10 @@ multiversion! {
     fn kl_grad_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], grad: &[f32], out: &mut [f32]) -> bool {
         // Stage the local derivative in `out`, then scale it by `grad`.
         let finite = match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.grad_logp(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.grad_logp(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.grad_logp(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.grad_logp(d)),
+            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.grad_logp::<Mad>(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.grad_logp::<Mad>(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.grad_logp::<Mad>(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.grad_logp::<Mad>(d)),
         };
         let mut grad_finite = true;
         for (o, &g) in out.iter_mut().zip(grad) {

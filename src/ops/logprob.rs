@@ -242,7 +242,7 @@ pub fn token_logprobs<T: Float, I: TokenId>(
             || Box::new([0.0f32; BLOCK]),
             |buf, ((row, &target), ((lp, h), l))| {
                 let Some(y) = target else { return };
-                match math::softmax_state(row, inv_t, buf).finish() {
+                match math::softmax_state(row, inv_t, cfg.entropy, buf).finish() {
                     Some((row_lse, row_h)) => {
                         *lp = row[y].to_f32() * inv_t - row_lse;
                         *h = row_h;
@@ -428,7 +428,7 @@ multiversion! {
         let (lse, c, g_h, inv_t) = (coef.lse, coef.c, coef.g_h, coef.inv_t);
         for x in xs.iter_mut() {
             let log_p = *x - lse;
-            let p = math::exp(log_p);
+            let p = math::exp::<Mad>(log_p);
             // p == 0 for -inf logits, where g_H log p would be NaN.
             *x = if p > 0.0 { p * (c - g_h * log_p) * inv_t } else { 0.0 };
         }

@@ -85,8 +85,8 @@ pub fn uniform(x: u32) -> f32 {
 
 /// Standard Gumbel noise `-ln(-ln u)` of a uniform `u` in (0, 1).
 #[inline(always)]
-pub fn gumbel(u: f32) -> f32 {
-    -math::ln(-math::ln(u))
+pub fn gumbel<M: math::MulAdd>(u: f32) -> f32 {
+    -math::ln::<M>(-math::ln::<M>(u))
 }
 
 /// The random stream of one row at one decoding step (see the module docs).
@@ -125,7 +125,7 @@ impl RowStream {
 
     /// The Gumbel noise of vocabulary index `j`.
     pub fn gumbel(&self, j: u32) -> f32 {
-        gumbel(self.uniform(j))
+        gumbel::<math::Baseline>(self.uniform(j))
     }
 
     /// The words of the 64 vocabulary indices from `64 * block`: `out[i]` is
@@ -173,7 +173,10 @@ mod tests {
 
     #[test]
     fn gumbel_stays_below_its_bound() {
-        let (lo, hi) = (gumbel(uniform(0)), gumbel(uniform(u32::MAX)));
+        let (lo, hi) = (
+            gumbel::<math::Unfused>(uniform(0)),
+            gumbel::<math::Fused>(uniform(u32::MAX)),
+        );
         assert!(hi < GUMBEL_MAX && hi > 16.6, "{hi}");
         assert!(lo > -2.9 && lo < -2.8, "{lo}");
         assert!(uniform(u32::MAX) < 1.0 && uniform(0) > 0.0);

@@ -74,7 +74,7 @@ use crate::error::{check, Error, Result};
 use crate::memory::{opt_len, Host, Memory};
 use crate::ops::kl::KlEstimator;
 use crate::ops::layout::SeqLayout;
-use crate::ops::math::{self, multiversion, BLOCK, LANES};
+use crate::ops::math::{self, multiversion, MulAdd, BLOCK, LANES};
 
 pub(crate) const OP: &str = "policy_loss";
 pub(crate) const OP_BWD: &str = "policy_loss_backward";
@@ -260,12 +260,12 @@ impl PolicyLossConfig {
     /// `log_ratio` (the token's, or its sequence's mean), its advantage and
     /// `d_ref = ref_logp - logp` (0 without a reference model).
     #[inline(always)]
-    pub fn token_loss(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
+    pub fn token_loss<M: MulAdd>(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
         let c = self.log_ratio_clamp;
         let clamped = log_ratio > c || log_ratio < -c;
         let lr = if log_ratio > c { c } else { log_ratio };
         let lr = if lr < -c { -c } else { lr };
-        let ratio = math::exp(lr);
+        let ratio = math::exp::<M>(lr);
 
         let (lo, hi) = (1.0 - self.eps_low, 1.0 + self.eps_high);
         let clipped_ratio = if ratio < lo { lo } else { ratio };
@@ -286,10 +286,10 @@ impl PolicyLossConfig {
         let constant = clip_low || clip_high || dual_clip || clamped;
         let pg_grad = if constant { 0.0 } else { -adv * ratio };
 
-        let kl = self.kl.value(d_ref);
+        let kl = self.kl.value::<M>(d_ref);
         TokenLoss {
             loss: pg + self.beta * kl,
-            grad: pg_grad + self.beta * self.kl.grad_logp(d_ref),
+            grad: pg_grad + self.beta * self.kl.grad_logp::<M>(d_ref),
             ratio,
             kl,
             clip_low,
@@ -888,7 +888,7 @@ macro_rules! with_fixed_kl {
 multiversion! {
     /// One sequence's loss terms into `out` (`m_t l_t`) and its sums.
     fn seq_forward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
-        with_fixed_kl!(cfg, forward_lanes(cfg, seq, out))
+        with_fixed_kl!(cfg, forward_lanes::<Mad>(cfg, seq, out))
     }
 }
 
@@ -896,13 +896,13 @@ multiversion! {
     /// One sequence's `dlogp` into `out`, each token's weight being
     /// `scale = grad_loss * w_s`; whether every read input was finite.
     fn seq_backward(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
-        with_fixed_kl!(cfg, backward_lanes(cfg, seq, scale, out))
+        with_fixed_kl!(cfg, backward_lanes::<Mad>(cfg, seq, scale, out))
     }
 }
 
 /// The body of [`seq_forward`].
 #[inline(always)]
-fn forward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
+fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
     let (tokens, seq_log_ratio) = match cfg.importance {
         ImportanceLevel::Token => (seq.tokens(), None),
         ImportanceLevel::Sequence => {
@@ -921,7 +921,7 @@ fn forward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> 
             let x = seq.load(at);
             let mut terms = [0.0f32; LANES];
             for (i, term) in terms.iter_mut().enumerate() {
-                let t = cfg.token_loss(
+                let t = cfg.token_loss::<M>(
                     SeqData::log_ratio(&x, i, seq_log_ratio),
                     x.adv[i],
                     x.ref_logp[i] - x.logp[i],
@@ -951,7 +951,7 @@ fn forward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> 
 
 /// The body of [`seq_backward`].
 #[inline(always)]
-fn backward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
+fn backward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
     let seq_log_ratio = match cfg.importance {
         ImportanceLevel::Token => None,
         ImportanceLevel::Sequence => Some(seq.mean_log_ratio().1),
@@ -961,7 +961,7 @@ fn backward_lanes(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &m
         let x = seq.load(at);
         let mut grads = [0.0f32; LANES];
         for i in 0..LANES {
-            let t = cfg.token_loss(
+            let t = cfg.token_loss::<M>(
                 SeqData::log_ratio(&x, i, seq_log_ratio),
                 x.adv[i],
                 x.ref_logp[i] - x.logp[i],

@@ -297,7 +297,7 @@ multiversion! {
         let mut state = SoftmaxState::EMPTY;
         for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
             T::load_scaled(s, scale, d);
-            state = state.update(d);
+            state = state.update::<Mad, false>(d);
         }
         state
     }
@@ -312,7 +312,7 @@ fn bucket(v: f32, m: f32) -> usize {
 /// Unnormalized probability `e^(v - m)` of a scaled logit.
 #[inline(always)]
 fn weight(v: f32, m: f32) -> f64 {
-    math::exp(v - m) as f64
+    math::exp::<math::Baseline>(v - m) as f64
 }
 
 multiversion! {
@@ -324,7 +324,7 @@ multiversion! {
             // Vectorized: bucket indices and weights; then the scalar scatter.
             for (i, &v) in chunk.iter().enumerate() {
                 index[i] = bucket(v, m);
-                w[i] = math::exp(v - m);
+                w[i] = math::exp::<Mad>(v - m);
             }
             for (&b, &w) in index.iter().zip(&w).take(chunk.len()) {
                 counts[b] += 1;
@@ -427,7 +427,7 @@ multiversion! {
             };
             stream.bits_block(block as u32, &mut bits);
             for ((key, &v), &r) in keys.iter_mut().zip(xs).zip(&bits) {
-                let k = v + philox::gumbel(philox::uniform(r));
+                let k = v + philox::gumbel::<Mad>(philox::uniform(r));
                 *key = if v >= tau { k } else { f32::NEG_INFINITY };
             }
             for (i, &k) in keys.iter().enumerate() {
