@@ -15,7 +15,10 @@
 //!
 //! A CUDA kernel follows the same steps, so that it picks the same token for
 //! the same seed; they can disagree only where two values tie within
-//! rounding (a key `x_j + g_j` or a threshold statistic below). Row `b`:
+//! rounding (a key `x_j + g_j` or a threshold statistic below). The same
+//! holds between CPUs: the copies compiled with FMA round the Gumbel noise's
+//! `ln` and the weights' `exp` once per multiply-add, the baseline copy
+//! twice. Row `b`:
 //!
 //! 1. **Scale.** `x_j = z_j * (1 / T)` in f32, with `1 / T` rounded to f32
 //!    (`T = 0`, greedy, uses 1). `M = max_j x_j`;
