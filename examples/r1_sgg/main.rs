@@ -670,9 +670,10 @@ fn at_k(list: &[(usize, f64)], k: usize) -> f64 {
 
 fn describe(s: &EvalSummary) -> String {
     format!(
-        "{} images, failure rate {:.1}%, R@50 {:.1}%, mR@50 {:.1}%",
+        "{} images, failure rate {:.1}%, invalid {:.1}%, R@50 {:.1}%, mR@50 {:.1}%",
         s.images,
         100.0 * s.failure_rate,
+        100.0 * s.invalid_rate,
         100.0 * at_k(&s.recall, 50),
         100.0 * at_k(&s.mean_recall, 50)
     )
@@ -685,6 +686,7 @@ fn eval_record(stage: &str, step: Option<usize>, split: &str, s: &EvalSummary) -
         "eval": split,
         "images": s.images,
         "failure_rate": s.failure_rate,
+        "invalid_rate": s.invalid_rate,
     });
     if let Some(fields) = record.as_object_mut() {
         if let Some(step) = step {
@@ -703,15 +705,16 @@ fn eval_record(stage: &str, step: Option<usize>, split: &str, s: &EvalSummary) -
 /// A markdown table: one row per (stage, split).
 fn eval_table(stages: &[(&str, &Vec<(String, EvalSummary)>)]) -> String {
     let mut table = String::from(
-        "| stage | split | failure rate | R@20 | R@50 | R@100 | mR@20 | mR@50 | mR@100 |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| stage | split | failure rate | invalid | R@20 | R@50 | R@100 | mR@20 | mR@50 | mR@100 |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     for (stage, results) in stages {
         for (split, s) in results.iter() {
             table += &format!(
-                "| {stage} | {split} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {stage} | {split} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 pct(s.failure_rate),
+                pct(s.invalid_rate),
                 pct(at_k(&s.recall, 20)),
                 pct(at_k(&s.recall, 50)),
                 pct(at_k(&s.recall, 100)),
@@ -806,6 +809,10 @@ fn grpo_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
                 Series {
                     name: "failure rate",
                     points: pct(eval("failure_rate")),
+                },
+                Series {
+                    name: "invalid (e.g. undefined object)",
+                    points: pct(eval("invalid_rate")),
                 },
                 Series {
                     name: "R@50",

@@ -492,6 +492,8 @@ pub struct Evaluator {
     ks: Vec<usize>,
     images: usize,
     failures: usize,
+    /// Outputs added by [`add_parsed`](Self::add_parsed) that break a format rule.
+    invalid: usize,
     /// Per K: summed per-image recall, and the images with GT triplets.
     recall_sum: Vec<f64>,
     recall_images: usize,
@@ -513,6 +515,11 @@ pub struct EvalSummary {
     pub images: usize,
     /// Fraction of outputs with no readable graph.
     pub failure_rate: f64,
+    /// Fraction of outputs that break a format rule, failures included (a
+    /// readable graph whose relation names an undefined object is invalid:
+    /// that relation counts nothing). Only outputs added with
+    /// [`Evaluator::add_parsed`] are checked.
+    pub invalid_rate: f64,
     /// `(K, R@K)`.
     pub recall: Vec<(usize, f64)>,
     /// `(K, mR@K)`.
@@ -528,6 +535,7 @@ impl Evaluator {
             ks: ks.to_vec(),
             images: 0,
             failures: 0,
+            invalid: 0,
             recall_sum: vec![0.0; ks.len()],
             recall_images: 0,
             per_predicate: BTreeMap::new(),
@@ -536,6 +544,7 @@ impl Evaluator {
 
     /// Adds a parsed output and its ground truth.
     pub fn add_parsed(&mut self, parsed: &ParsedAnswer, gt: &SceneGraph) {
+        self.invalid += usize::from(!parsed.is_valid());
         self.add(parsed.graph.as_ref(), gt);
     }
 
@@ -602,6 +611,7 @@ impl Evaluator {
         EvalSummary {
             images: self.images,
             failure_rate: self.failures as f64 / self.images.max(1) as f64,
+            invalid_rate: self.invalid as f64 / self.images.max(1) as f64,
             recall: self
                 .ks
                 .iter()
@@ -980,6 +990,8 @@ mod tests {
         let s = ev.summary();
         assert_eq!(s.images, 3);
         close(s.failure_rate, 1.0 / 3.0);
+        // Only image 2 went through the format check, and failed it.
+        close(s.invalid_rate, 1.0 / 3.0);
         // R@K = mean over images 1 and 2 of hits/GT:
         //   K=1: (0 + 0)/2; K=2: (1/3 + 0)/2; K=3: (2/3 + 0)/2.
         let r: Vec<f64> = s.recall.iter().map(|x| x.1).collect();

@@ -1,7 +1,7 @@
 //! A closed-vocabulary tokenizer for scene-graph answers: the JSON
 //! fragments of the answer format, every category and predicate of the
-//! vocabulary, the integers 0..=1000 of the boxes, object numbers, and every
-//! printable ASCII character as a fallback, so any text encodes. Encoding is
+//! vocabulary, the integers 0..=1000 of the boxes, the number suffixes of
+//! object ids (`.3` in `"frame.3"`), and every printable ASCII character as a fallback, so any text encodes. Encoding is
 //! greedy longest match; decoding concatenates.
 //!
 //! It is a Hugging Face `tokenizers` tokenizer, saved as `tokenizer.json`
@@ -75,10 +75,20 @@ fn pieces(vocab: &Vocabulary, max_objects: usize) -> Vec<String> {
     pieces.extend(vocab.objects.iter().map(|s| s.to_string()));
     pieces.extend(vocab.predicates.iter().map(|s| s.to_string()));
     pieces.extend((0..=1000.max(max_objects)).map(|n| n.to_string()));
+    pieces.extend(id_suffixes(max_objects));
     pieces.extend((b' '..=b'~').map(|c| (c as char).to_string()));
     let mut seen = std::collections::HashSet::new();
     pieces.retain(|p| seen.insert(p.clone()));
     pieces
+}
+
+/// The object-number suffixes `.0` to `.{max_objects}` of ids like
+/// `"frame.3"`, one piece each: an id is then a category token and a suffix
+/// token of its own, not a digit token shared with (and embedded like) the
+/// box coordinates, which a small model confuses when it must copy an id
+/// into a relation.
+fn id_suffixes(max_objects: usize) -> impl Iterator<Item = String> {
+    (0..=max_objects).map(|n| format!(".{n}"))
 }
 
 /// `piece` as a regex literal, the same in the `regex` crate and in
@@ -237,8 +247,9 @@ mod tests {
     use crate::format::answer_text;
     use crate::scene::{PSG, SYNTHETIC, VG150};
 
-    /// The tokenizer before it became a `tokenizers` one, verbatim: the
-    /// reference the new one must match id for id.
+    /// The tokenizer before it became a `tokenizers` one (verbatim but for
+    /// the id suffixes added to its piece list since): the reference the new
+    /// one must match id for id.
     struct Reference {
         pieces: Vec<String>,
         ids: HashMap<String, u32>,
@@ -252,6 +263,7 @@ mod tests {
             pieces.extend(vocab.objects.iter().map(|s| s.to_string()));
             pieces.extend(vocab.predicates.iter().map(|s| s.to_string()));
             pieces.extend((0..=1000.max(max_objects)).map(|n| n.to_string()));
+            pieces.extend((0..=max_objects).map(|n| format!(".{n}")));
             pieces.extend((b' '..=b'~').map(|c| (c as char).to_string()));
             let mut ids = HashMap::new();
             let mut unique = Vec::new();
@@ -326,6 +338,17 @@ mod tests {
             let per_item = ids.len() as f64 / (s.graph.objects.len() + s.graph.relations.len()).max(1) as f64;
             assert!(per_item < 16.0, "{} tokens for {text}", ids.len());
         }
+    }
+
+    #[test]
+    fn an_id_is_a_category_and_a_suffix_token() {
+        let tok = Tokenizer::new(&SYNTHETIC, 16);
+        let ids = tok.encode("circle.12");
+        let pieces: Vec<String> = ids.iter().map(|&id| tok.decode(&[id])).collect();
+        assert_eq!(pieces, ["circle", ".12"]);
+        // Box coordinates stay number tokens, distinct from the suffixes.
+        assert_eq!(tok.encode("12"), tok.encode("12,").split_last().unwrap().1);
+        assert_ne!(tok.encode("12")[0], ids[1]);
     }
 
     #[test]
