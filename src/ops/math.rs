@@ -23,6 +23,8 @@ macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($gen:ident : $bound:path),*>)? ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name $(<$($gen: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            // Bodies without multiply-adds (sums, copies) leave `Mad` unused.
+            #[allow(clippy::extra_unused_type_parameters)]
             #[inline(always)]
             fn generic<Mad: $crate::ops::math::MulAdd $($(, $gen: $bound)*)?>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
