@@ -337,10 +337,28 @@ multiversion! {
     }
 }
 
-/// The scaled logits `>= min` of bucket `b`, into `out`.
-fn gather(x: &[f32], m: f32, b: usize, min: f32, out: &mut Vec<f32>) {
-    out.clear();
-    out.extend(x.iter().copied().filter(|&v| bucket(v, m) == b && v >= min));
+multiversion! {
+    /// The scaled logits `>= min` of bucket `b`, into `out`.
+    fn gather(x: &[f32], m: f32, b: usize, min: f32, out: &mut Vec<f32>) {
+        const CHUNK: usize = 64;
+        let mut member = [0u8; CHUNK];
+        out.clear();
+        for chunk in x.chunks(CHUNK) {
+            // Vectorized: the membership test and whether any passed; the
+            // scalar push only in the few chunks that hold members.
+            for (is, &v) in member.iter_mut().zip(chunk) {
+                *is = u8::from((bucket(v, m) == b) & (v >= min));
+            }
+            if member.iter().fold(0, |any, &is| any | is) == 0 {
+                continue;
+            }
+            for (&is, &v) in member.iter().zip(chunk) {
+                if is != 0 {
+                    out.push(v);
+                }
+            }
+        }
+    }
 }
 
 /// `tau = max(tau_k, tau_p, tau_m)` of one row (module docs, step 3).
