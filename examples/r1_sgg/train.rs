@@ -374,6 +374,9 @@ pub struct GrpoConfig {
     /// `beta > 0` adds the KL to the starting model (kept frozen).
     pub loss: PolicyLossConfig,
     pub rewards: RewardConfig,
+    /// Token ids left out of the policy loss (their log-probs get no
+    /// gradient), e.g. the box coordinates.
+    pub masked_tokens: Option<std::ops::Range<u32>>,
 }
 
 impl GrpoConfig {
@@ -464,6 +467,7 @@ pub fn grpo(
             .collect();
         let images = image_batch(&repeated, model.config().image_size as u32, &device)?;
         let (tokens, mask) = token_batch(&completions, &device)?;
+        let policy_mask = policy_mask(&completions, cfg.masked_tokens.as_ref(), &device)?;
         let adv_t = Tensor::new(adv.advantages.as_slice(), &device)?;
         let old_logp = if cfg.inner_steps > 1 {
             Some(
@@ -492,7 +496,7 @@ pub fn grpo(
                     old_logp: old_logp.as_ref(),
                     ref_logp: ref_logp.as_ref(),
                     advantages: &adv_t,
-                    mask: Some(&target_mask),
+                    mask: Some(policy_mask.as_ref().unwrap_or(&target_mask)),
                     cu_seqlens: None,
                 },
                 &cfg.loss,
@@ -536,6 +540,26 @@ pub fn grpo(
     }
     bar.finish();
     Ok(())
+}
+
+/// The policy loss's mask `[B, T - 1]` over the targets of
+/// [`token_batch`]`(rows)` without the tokens in `masked` (`None` when
+/// nothing is masked: the targets' own mask serves).
+fn policy_mask(
+    rows: &[Vec<u32>],
+    masked: Option<&std::ops::Range<u32>>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let Some(masked) = masked else {
+        return Ok(None);
+    };
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut mask = Vec::with_capacity(rows.len() * t);
+    for r in rows {
+        mask.extend(r.iter().map(|id| u8::from(!masked.contains(id))));
+        mask.extend(std::iter::repeat_n(0u8, t - r.len()));
+    }
+    Ok(Some(Tensor::from_vec(mask, (rows.len(), t), device)?))
 }
 
 /// Predictions of greedy decoding on `samples`, `batch` images at a time.
@@ -603,6 +627,7 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
             form: FORM,
             ..RewardConfig::default()
         },
+        masked_tokens: None,
     }
 }
 
@@ -630,6 +655,21 @@ mod tests {
         let dapo = base.with_variant(LossVariant::Dapo);
         assert_eq!(dapo.loss.aggregation, Aggregation::TokenMean { normalizer: None });
         assert_eq!((dapo.loss.eps_low, dapo.loss.eps_high), (0.2, 0.28));
+    }
+
+    #[test]
+    fn the_policy_mask_drops_masked_tokens_and_padding() {
+        let rows = vec![vec![5u32, 10, 11, 7], vec![12, 3]];
+        let cpu = Device::Cpu;
+        assert!(policy_mask(&rows, None, &cpu).unwrap().is_none());
+        let mask = policy_mask(&rows, Some(&(10..13)), &cpu).unwrap().unwrap();
+        assert_eq!(
+            mask.to_vec2::<u8>().unwrap(),
+            vec![vec![1, 0, 0, 1], vec![0, 1, 0, 0]]
+        );
+        // The same shape as the targets' mask of the batch.
+        let (tokens, _) = token_batch(&rows, &cpu).unwrap();
+        assert_eq!(mask.dims(), &[2, tokens.dim(1).unwrap() - 1]);
     }
 
     #[test]
