@@ -44,8 +44,8 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::Device;
+use candle_nn::VarMap;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
@@ -53,7 +53,7 @@ use checkpoint::{AdamW, TrainingState};
 use data::{generate_split, load_jsonl, render_preview, write_dataset, Sample, Split};
 use format::parse_answer;
 use metrics::MetricsLog;
-use model::{NumberTokens, Vlm, VlmConfig};
+use model::{NumberTokens, SeededVars, Vlm, VlmConfig};
 use plot::{line_chart_png, panels_png, smooth, Panel, Series};
 use reward::{EdgeReward, EvalSummary, RewardWeights};
 use tokenizer::Tokenizer;
@@ -353,7 +353,7 @@ impl<'a> Run<'a> {
             .into());
         }
         let mut vars = VarMap::new();
-        let model = Vlm::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &device))?;
+        let model = Vlm::new(&cfg, SeededVars::builder(&vars, common.seed, &device))?;
         if let Some(ckpt) = &common.init {
             checkpoint::load(ckpt, &mut vars, None)?;
         }

@@ -10,10 +10,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear_no_bias, Init, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_nn::init::NormalOrUniform;
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{linear_no_bias, Init, Linear, VarBuilder, VarMap};
 use grpo_kernels::candle::nn::{rope, rope_tables, softmax_last_dim, RmsNorm};
 use serde::{Deserialize, Serialize};
+
+use crate::scene::Rng;
 
 /// Sizes of the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -579,10 +583,98 @@ pub fn load_config(path: &Path) -> Result<VlmConfig> {
         .map_err(|e| candle_core::Error::Msg(format!("model config {}: {e}", path.display())))
 }
 
+/// The model's variables, each drawn from a stream keyed by `(seed, name)`
+/// when it is created: one seed gives the same initial weights on every run
+/// and in any creation order (candle's CPU generator cannot be seeded).
+/// Existing variables are returned as they are, as [`VarMap`] does.
+pub struct SeededVars {
+    vars: VarMap,
+    seed: u64,
+}
+
+impl SeededVars {
+    /// A builder creating its variables in `vars` from `seed`.
+    pub fn builder(vars: &VarMap, seed: u64, device: &Device) -> VarBuilder<'static> {
+        let backend = Self {
+            vars: vars.clone(),
+            seed,
+        };
+        VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
+    }
+
+    /// Values of a fresh `shape` variable under `init`, from `rng`.
+    fn draw(shape: &Shape, init: Init, rng: &mut Rng) -> Vec<f32> {
+        let n = shape.elem_count();
+        let mut normal = || {
+            // Box-Muller; 1 - u keeps the logarithm finite.
+            let (u1, u2) = (1.0 - rng.uniform() as f64, rng.uniform() as f64);
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        let (mean, stdev, uniform) = match init {
+            Init::Const(c) => return vec![c as f32; n],
+            Init::Randn { mean, stdev } => (mean, stdev, None),
+            Init::Uniform { lo, up } => (0.0, 0.0, Some((lo, up))),
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
+                let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+                match dist {
+                    NormalOrUniform::Normal => (0.0, std, None),
+                    NormalOrUniform::Uniform => (0.0, 0.0, Some((-(3f64.sqrt()) * std, 3f64.sqrt() * std))),
+                }
+            }
+        };
+        match uniform {
+            Some((lo, up)) => (0..n)
+                .map(|_| (lo + (up - lo) * rng.uniform() as f64) as f32)
+                .collect(),
+            None => (0..n).map(|_| (mean + stdev * normal()) as f32).collect(),
+        }
+    }
+}
+
+/// FNV-1a of a variable's name: part of its stream's key.
+fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl SimpleBackend for SeededVars {
+    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut vars = self.vars.data().lock().expect("variables lock");
+        if let Some(var) = vars.get(name) {
+            if var.shape() != &shape {
+                candle_core::bail!("shape mismatch on {name}: {shape:?} <> {:?}", var.shape());
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let mut rng = Rng::derive(&[self.seed, name_key(name)]);
+        let values = Self::draw(&shape, init, &mut rng);
+        let var = Var::from_tensor(&Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)?;
+        vars.insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("{name}: a seeded variable needs its shape and initialization")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.vars
+            .data()
+            .lock()
+            .expect("variables lock")
+            .contains_key(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
     fn small() -> VlmConfig {
         VlmConfig {
@@ -608,8 +700,54 @@ mod tests {
 
     fn model() -> (VarMap, Vlm) {
         let vars = VarMap::new();
-        let m = Vlm::new(&small(), VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu)).unwrap();
+        let m = Vlm::new(&small(), SeededVars::builder(&vars, 0, &Device::Cpu)).unwrap();
         (vars, m)
+    }
+
+    /// Every variable's values, by name.
+    fn values(vars: &VarMap) -> std::collections::BTreeMap<String, Vec<f32>> {
+        let data = vars.data().lock().unwrap();
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_seed_fixes_the_initial_weights() {
+        let init = |seed| {
+            let vars = VarMap::new();
+            Vlm::new(&small(), SeededVars::builder(&vars, seed, &Device::Cpu)).unwrap();
+            vars
+        };
+        let vars = init(7);
+        let (a, b, c) = (values(&vars), values(&init(7)), values(&init(8)));
+        assert_eq!(a, b);
+        assert_eq!(a.keys().collect::<Vec<_>>(), c.keys().collect::<Vec<_>>());
+        for (name, v) in &a {
+            let constant = v.iter().all(|&x| x == v[0]);
+            // Random variables differ between seeds; constant ones (norm
+            // gains) do not.
+            assert_eq!(constant, v == &c[name], "{name}");
+            assert!(v.iter().all(|x| x.is_finite()), "{name}");
+        }
+        // A linear weight `[out, in]` (candle's Kaiming normal: gain sqrt 2
+        // over fan-in) has about the variance it should have.
+        let (name, w) = a.iter().find(|(k, _)| k.ends_with("qkv.weight")).unwrap();
+        let fan_in = vars.data().lock().unwrap()[name].dims()[1];
+        let var = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64;
+        assert!(
+            (var * fan_in as f64 / 2.0 - 1.0).abs() < 0.2,
+            "{name}: variance {var}"
+        );
+        // Uniform draws stay in their range and fill it.
+        let u = SeededVars::draw(
+            &Shape::from((100, 50)),
+            Init::Uniform { lo: -0.5, up: 2.0 },
+            &mut Rng::new(1),
+        );
+        assert!(u.iter().all(|&x| (-0.5..2.0).contains(&x)));
+        let mean = u.iter().map(|&x| x as f64).sum::<f64>() / u.len() as f64;
+        assert!((mean - 0.75).abs() < 0.05, "{mean}");
     }
 
     fn inputs(b: usize, t: usize) -> (Tensor, Tensor, Tensor) {
