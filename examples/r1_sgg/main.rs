@@ -792,7 +792,7 @@ fn grpo_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
     let pct = |points: Vec<(f64, f64)>| points.into_iter().map(|(x, y)| (x, 100.0 * y)).collect();
     let panels = [
         Panel {
-            title: "reward per completion (mean of 5 steps)",
+            title: "reward per completion, weighted (mean of 5 steps)",
             x_label: "step",
             y_label: "reward",
             series: vec![
@@ -801,19 +801,19 @@ fn grpo_chart(metrics: &Path, png: &Path) -> AnyResult<()> {
                     points: train("reward"),
                 },
                 Series {
-                    name: "format (1)",
+                    name: "format",
                     points: train("format"),
                 },
                 Series {
-                    name: "node acc (2)",
+                    name: "node acc",
                     points: train("node_acc"),
                 },
                 Series {
-                    name: "node box (2)",
+                    name: "node box",
                     points: train("node_box"),
                 },
                 Series {
-                    name: "edge (5)",
+                    name: "edge",
                     points: train("edge"),
                 },
             ],
