@@ -7,8 +7,9 @@
 //! times (baseline x86-64, AVX2+FMA, AVX-512) and picks at run time, so one
 //! binary is fast on any x86-64 machine.
 
-/// Lanes per accumulator array: two AVX2 registers, enough independent adds
-/// to hide FMA latency.
+/// Lanes per accumulator array: two AVX2 registers (enough independent adds
+/// to hide FMA latency) or one AVX-512 register (whose loop bodies are long
+/// enough to hide it on their own).
 pub const LANES: usize = 16;
 
 /// Rows are processed in blocks of this many f32: a block stays in L1
