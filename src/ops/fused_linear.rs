@@ -559,11 +559,7 @@ multiversion! {
     /// entropy sum only if `entropy`).
     fn fold_rows(tile: &[f32], cols: usize, entropy: bool, states: &mut [SoftmaxState]) {
         for (row, state) in tile.chunks(cols).zip(states) {
-            *state = if entropy {
-                state.update::<Mad, true>(row)
-            } else {
-                state.update::<Mad, false>(row)
-            };
+            *state = state.fold::<Mad>(row, entropy);
         }
     }
 }

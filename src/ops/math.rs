@@ -344,6 +344,16 @@ impl SoftmaxState {
         }
     }
 
+    /// [`update`](Self::update) with the entropy sum chosen at run time.
+    #[inline(always)]
+    pub fn fold<M: MulAdd>(self, block: &[f32], entropy: bool) -> Self {
+        if entropy {
+            self.update::<M, true>(block)
+        } else {
+            self.update::<M, false>(block)
+        }
+    }
+
     /// The same state expressed relative to a new maximum `m >= self.m`:
     /// `s' = a s`, `e' = a (e + (m_old - m) s)` with `a = e^(m_old - m)`.
     #[inline(always)]
@@ -402,11 +412,7 @@ multiversion! {
         for chunk in src.chunks(BLOCK) {
             let block = &mut buf[..chunk.len()];
             T::load_scaled(chunk, scale, block);
-            state = if entropy {
-                state.update::<Mad, true>(block)
-            } else {
-                state.update::<Mad, false>(block)
-            };
+            state = state.fold::<Mad>(block, entropy);
         }
         state
     }

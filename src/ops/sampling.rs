@@ -314,8 +314,8 @@ fn bucket(v: f32, m: f32) -> usize {
 
 /// Unnormalized probability `e^(v - m)` of a scaled logit.
 #[inline(always)]
-fn weight(v: f32, m: f32) -> f64 {
-    math::exp::<math::Baseline>(v - m) as f64
+fn weight<M: math::MulAdd>(v: f32, m: f32) -> f64 {
+    math::exp::<M>(v - m) as f64
 }
 
 multiversion! {
@@ -327,7 +327,7 @@ multiversion! {
             // Vectorized: bucket indices and weights; then the scalar scatter.
             for (i, &v) in chunk.iter().enumerate() {
                 index[i] = bucket(v, m);
-                w[i] = math::exp::<Mad>(v - m);
+                w[i] = weight::<Mad>(v, m) as f32;
             }
             for (&b, &w) in index.iter().zip(&w).take(chunk.len()) {
                 counts[b] += 1;
@@ -361,68 +361,71 @@ multiversion! {
     }
 }
 
-/// `tau = max(tau_k, tau_p, tau_m)` of one row (module docs, step 3).
-fn threshold(x: &[f32], m: f32, cfg: &SamplingConfig, s: &mut ThresholdScratch) -> f32 {
-    let tau_m = m + cfg.min_p.ln();
-    let top_k = (cfg.top_k > 0 && cfg.top_k < x.len()).then_some(cfg.top_k);
-    let top_p = (cfg.top_p < 1.0).then_some(cfg.top_p as f64);
-    if top_k.is_none() && top_p.is_none() {
-        return tau_m;
-    }
-    let ThresholdScratch {
-        counts,
-        mass,
-        bucket: cand,
-    } = s;
-    counts.clear();
-    counts.resize(BUCKETS, 0);
-    mass.clear();
-    mass.resize(BUCKETS, 0.0);
-    histogram(x, m, counts, mass);
+multiversion! {
+    /// `tau = max(tau_k, tau_p, tau_m)` of one row (module docs, step 3);
+    /// its candidates' weights use the histogram's multiply-add.
+    fn threshold(x: &[f32], m: f32, cfg: &SamplingConfig, s: &mut ThresholdScratch) -> f32 {
+        let tau_m = m + cfg.min_p.ln();
+        let top_k = (cfg.top_k > 0 && cfg.top_k < x.len()).then_some(cfg.top_k);
+        let top_p = (cfg.top_p < 1.0).then_some(cfg.top_p as f64);
+        if top_k.is_none() && top_p.is_none() {
+            return tau_m;
+        }
+        let ThresholdScratch {
+            counts,
+            mass,
+            bucket: cand,
+        } = s;
+        counts.clear();
+        counts.resize(BUCKETS, 0);
+        mass.clear();
+        mass.resize(BUCKETS, 0.0);
+        histogram(x, m, counts, mass);
 
-    // top-k: select the k-th largest inside the bucket that holds it.
-    let mut tau_k = f32::NEG_INFINITY;
-    let mut last = LAST_BUCKET;
-    if let Some(k) = top_k {
-        let mut above = 0;
-        let mut c = 0;
-        while above + (counts[c] as usize) < k {
-            above += counts[c] as usize;
-            c += 1;
+        // top-k: select the k-th largest inside the bucket that holds it.
+        let mut tau_k = f32::NEG_INFINITY;
+        let mut last = LAST_BUCKET;
+        if let Some(k) = top_k {
+            let mut above = 0;
+            let mut c = 0;
+            while above + (counts[c] as usize) < k {
+                above += counts[c] as usize;
+                c += 1;
+            }
+            gather(x, m, c, f32::NEG_INFINITY, cand);
+            let (_, kth, _) = cand.select_nth_unstable_by(k - above - 1, |a, b| b.total_cmp(a));
+            tau_k = *kth;
+            cand.retain(|&v| v >= tau_k);
+            mass[c] = cand.iter().map(|&v| weight::<Mad>(v, m)).sum();
+            last = c;
         }
-        gather(x, m, c, f32::NEG_INFINITY, cand);
-        let (_, kth, _) = cand.select_nth_unstable_by(k - above - 1, |a, b| b.total_cmp(a));
-        tau_k = *kth;
-        cand.retain(|&v| v >= tau_k);
-        mass[c] = cand.iter().map(|&v| weight(v, m)).sum();
-        last = c;
-    }
 
-    // top-p: the bucket where the mass crosses p Z, then that bucket sorted.
-    let mut tau_p = f32::NEG_INFINITY;
-    if let Some(p) = top_p {
-        let target = p * mass[..=last].iter().sum::<f64>();
-        let mut above = 0.0;
-        let mut c = 0;
-        while c < last && above + mass[c] < target {
-            above += mass[c];
-            c += 1;
-        }
-        if top_k.is_none() || c != last {
-            gather(x, m, c, tau_k, cand);
-        }
-        cand.sort_unstable_by(|a, b| b.total_cmp(a));
-        // C(c) < p Z, so the bucket's top value is always kept.
-        let mut i = 0;
-        while i < cand.len() && above < target {
-            tau_p = cand[i];
-            while i < cand.len() && cand[i] == tau_p {
-                above += weight(cand[i], m);
-                i += 1;
+        // top-p: the bucket where the mass crosses p Z, then that bucket sorted.
+        let mut tau_p = f32::NEG_INFINITY;
+        if let Some(p) = top_p {
+            let target = p * mass[..=last].iter().sum::<f64>();
+            let mut above = 0.0;
+            let mut c = 0;
+            while c < last && above + mass[c] < target {
+                above += mass[c];
+                c += 1;
+            }
+            if top_k.is_none() || c != last {
+                gather(x, m, c, tau_k, cand);
+            }
+            cand.sort_unstable_by(|a, b| b.total_cmp(a));
+            // C(c) < p Z, so the bucket's top value is always kept.
+            let mut i = 0;
+            while i < cand.len() && above < target {
+                tau_p = cand[i];
+                while i < cand.len() && cand[i] == tau_p {
+                    above += weight::<Mad>(cand[i], m);
+                    i += 1;
+                }
             }
         }
+        tau_k.max(tau_p).max(tau_m)
     }
-    tau_k.max(tau_p).max(tau_m)
 }
 
 multiversion! {
