@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, what bench/gpu/run.sh runs on one:
 # the CUDA test and bench binaries (GPU tests enabled, PTX for sm_90) and
-# the candle-cuda tests, copied into .gpu/ (ignored by git; carry it).
+# the candle-cuda tests, and the R1-SGG example built for CUDA, copied into
+# .gpu/ (ignored by git; carry it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source <(bash .ci/cuda-toolchain.sh --link)
@@ -22,5 +23,6 @@ for line in sys.stdin:
 tests=$(for f in tests/cuda_*.rs tests/candle_*.rs; do printf -- '--test %s ' "$(basename "$f" .rs)"; done)
 cargo test --release --features candle-cuda $tests --no-run --message-format=json | copy test_
 cargo bench --features candle-cuda --no-run --message-format=json | copy bench_
-strip .gpu/test_* .gpu/bench_*
+cargo build --release --features candle-cuda --example r1_sgg --message-format=json | copy example_
+strip .gpu/test_* .gpu/bench_* .gpu/example_*
 du -sh .gpu

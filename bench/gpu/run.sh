@@ -2,14 +2,17 @@
 # Runs on a GPU machine, from the repository root, over binaries built
 # elsewhere by bench/gpu/build.sh (the GPU machine has no cargo):
 #
-#     bash bench/gpu/run.sh [parity] [sanitizer] [bench] [compare]
+#     bash bench/gpu/run.sh [parity] [sanitizer] [bench] [compare] [r1sgg]
 #
 # parity:    every CUDA parity suite (tests/cuda_*.rs, candle CUDA tests)
 # sanitizer: the parity suites under compute-sanitizer memcheck and
 #            racecheck, on the smaller cases (GK_SANITIZER=1)
 # bench:     the criterion benches' CUDA groups (names containing "cuda")
 # compare:   benches/compare_torch.py: PyTorch and Liger-Kernel, same GPU
-# Results go to $OUT (or ./gpu-out).
+# r1sgg:     the R1-SGG demo, GPU preset, --device cuda (short schedule:
+#            step time and tokens per second, not a training result)
+# Results go to $OUT (or ./gpu-out). Each command is stopped after
+# GK_STEP_LIMIT seconds (default 600), so one hang cannot eat the session.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin=.gpu
@@ -31,7 +34,7 @@ export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 run() {  # name, command...: logs to $out/name.log, remembers failures
   local name=$1; shift
   echo "--- $name: $*"
-  "$@" > "$out/$name.log" 2>&1
+  timeout -s INT -k 10 "${GK_STEP_LIMIT:-600}" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   grep -E '^test result|FAILED|panicked|ERROR SUMMARY' "$out/$name.log" | head -20
   [ $rc -eq 0 ] || { echo "!!! $name failed (rc $rc)"; status=1; }
@@ -67,6 +70,35 @@ PY
       fi
       run compare python3 benches/compare_torch.py --criterion target/criterion --out "$out/compare.json"
       tail -25 "$out/compare.log" ;;
+    r1sgg)
+      # SFT, GRPO from it, and evaluation of the result, each a short run
+      # (a stage stopped at the limit saves its checkpoint, as at Ctrl-C).
+      ex=$bin/example_r1_sgg demo=/tmp/r1sgg-gpu
+      rm -rf $demo
+      gpu="--preset gpu --device cuda --out $demo --train-size 2000 --save-every 0"
+      run r1sgg_sft $ex sft $gpu --sft-steps ${GK_SFT_STEPS:-200} --batch 32 --sft-lr 1e-3
+      run r1sgg_grpo $ex grpo $gpu --init $demo/sft.safetensors --grpo-steps ${GK_GRPO_STEPS:-20} \
+        --prompts 8 --group 8 --eval-every 0
+      run r1sgg_eval $ex eval $gpu --init $demo/grpo.safetensors --eval-size 64
+      mkdir -p "$out/r1sgg"
+      cp $demo/*.jsonl "$out/r1sgg/" 2>/dev/null
+      tail -12 "$out/r1sgg_eval.log"
+      # Median step time and tokens per second of each stage.
+      python3 - $demo > "$out/r1sgg/throughput.txt" <<'PY'
+import json, pathlib, statistics, sys
+for stage in ("sft", "grpo"):
+    f = pathlib.Path(sys.argv[1]) / f"{stage}.jsonl"
+    rows = [json.loads(l) for l in f.read_text().splitlines()] if f.exists() else []
+    rows = [r for r in rows if "seconds" in r][5:]  # the first steps warm up
+    if rows:
+        sec = statistics.median(r["seconds"] for r in rows)
+        tok = sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows)
+        print(f"{stage}: {len(rows)} steps, median {sec * 1e3:.1f} ms/step, {tok:.0f} trained tokens/s")
+    if rows and "generated" in rows[0]:
+        gen = sum(r["generated"] for r in rows) / sum(r["rollout_seconds"] for r in rows)
+        print(f"{stage} rollouts: {gen:.0f} generated tokens/s")
+PY
+      cat "$out/r1sgg/throughput.txt" ;;
   esac
 done
 exit $status

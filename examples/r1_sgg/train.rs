@@ -203,7 +203,8 @@ pub struct SftConfig {
 /// Supervised fine-tuning on `train` (answers optionally augmented by
 /// shuffling and renumbering objects, as R1-SGG does), steps `start..steps`
 /// with `opt` (fresh, or restored from a checkpoint); each step's
-/// `{"loss"}` goes to `hooks`.
+/// `{"loss", "tokens", "seconds"}` (answer tokens trained on, the step's
+/// wall time) goes to `hooks`.
 pub fn sft(
     learner: Learner<'_>,
     cfg: &SftConfig,
@@ -222,6 +223,7 @@ pub fn sft(
     bar.set_position(start as u64);
     let mut rng = crate::scene::Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for step in start..cfg.steps {
+        let t0 = Instant::now();
         // Warm up over the first 5% of steps, then cosine decay to 10%.
         opt.set_learning_rate(cfg.lr * schedule(step, cfg.steps));
         let batch: Vec<&Sample> = (0..cfg.batch).map(|_| pick(&mut rng, train)).collect();
@@ -247,7 +249,7 @@ pub fn sft(
         let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask, 1.0)?;
         let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
         let loss = logp.sum_all()?.neg()?.div(&count)?;
-        let loss_value = loss.to_scalar::<f32>()?;
+        let (loss_value, tokens) = (loss.to_scalar::<f32>()?, count.to_scalar::<f32>()?);
         if !clipped_step(opt, vars, &loss, MAX_GRAD_NORM)? {
             bar.println(format!(
                 "SFT step {step}: non-finite loss or gradient, step skipped"
@@ -255,7 +257,12 @@ pub fn sft(
         }
         bar.set_message(format!("loss {loss_value:.3}"));
         bar.inc(1);
-        if !hooks.after_step("sft", step, serde_json::json!({ "loss": loss_value }), opt)? {
+        let record = serde_json::json!({
+            "loss": loss_value,
+            "tokens": tokens,
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
+        if !hooks.after_step("sft", step, record, opt)? {
             break;
         }
     }
@@ -444,6 +451,7 @@ pub fn grpo(
             ..cfg.sampling
         };
         let completions = generate(model, &batch, cfg.group, cfg.max_new, &sampling)?;
+        let rollout_seconds = t0.elapsed().as_secs_f64();
 
         // Rewards, then advantages within each image's group.
         let scored: Vec<Rewards> = completions
@@ -527,6 +535,8 @@ pub fn grpo(
             "kl": stats.kl_mean,
             "tokens": stats.tokens,
             "length": completions.iter().map(Vec::len).sum::<usize>() as f64 / n,
+            "generated": completions.iter().map(Vec::len).sum::<usize>(),
+            "rollout_seconds": rollout_seconds,
             "seconds": t0.elapsed().as_secs_f64(),
         });
         bar.set_message(format!(
