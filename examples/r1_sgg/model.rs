@@ -145,7 +145,10 @@ impl Attention {
             Some(c) => {
                 let k = Tensor::cat(&[&c.0, &k], 2)?;
                 let v = Tensor::cat(&[&c.1, &v], 2)?;
-                *c = (k.clone(), v.clone());
+                // Decoding never differentiates: a cache that kept its
+                // graph would hold every earlier step's keys and values
+                // (memory quadratic in the length; a GPU ran out of it).
+                *c = (k.detach(), v.detach());
                 (k, v)
             }
             None => (k, v),
@@ -805,6 +808,9 @@ mod tests {
                 logits = m.decode_step(&mut cache, &next).unwrap();
             }
         }
+        // The cache keeps no graph: with one, each step's keys would hold
+        // every earlier step's alive.
+        assert!(cache.layers.iter().all(|(k, v)| !k.track_op() && !v.track_op()));
     }
 
     #[test]
