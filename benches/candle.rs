@@ -9,6 +9,7 @@
 
 #[path = "../tests/common/composed.rs"]
 mod composed;
+mod util;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,6 +110,9 @@ fn step(c: &mut Criterion, dev: &Device, name: &str, (s, t, v): (usize, usize, u
         kl: KlEstimator::K3,
         ..PolicyLossConfig::default()
     };
+    if !util::selected(name) {
+        return;
+    }
     let batch = Batch::new(s, t, v, dev);
     let logits_mib = (s * t * v * 4) as f64 / (1 << 20) as f64;
     if dev.is_cpu() {

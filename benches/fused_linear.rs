@@ -256,6 +256,9 @@ fn case<T: Float>(c: &mut Criterion) {
 }
 
 fn cpu(c: &mut Criterion) {
+    if !util::selected("cpu_fused_linear") {
+        return;
+    }
     case::<f32>(c);
     case::<bf16>(c);
 }

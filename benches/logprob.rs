@@ -57,6 +57,9 @@ fn cpu_case<T: Float>(c: &mut Criterion, rows: usize, vocab: usize) {
 }
 
 fn cpu(c: &mut Criterion) {
+    if !util::selected("cpu_logprob") {
+        return;
+    }
     cpu_case::<f32>(c, 4096, 32_000);
     cpu_case::<bf16>(c, 4096, 32_000);
     cpu_case::<bf16>(c, 4096, 151_936);

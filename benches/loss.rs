@@ -19,21 +19,6 @@ use grpo_kernels::{
 const SEQS: usize = 128;
 const SEQ_LEN: usize = 2048;
 
-/// Uniform values in `[lo, hi)` from a seeded SplitMix64.
-fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect()
-}
-
 /// The obvious policy loss: one thread, std's exp, per sequence then per
 /// token, clip fractions and means alongside (token ratios, k3, seq-mean-token-mean).
 fn naive_policy_loss(
@@ -108,21 +93,24 @@ fn naive_policy_loss_backward(
 }
 
 fn bench_policy_loss(c: &mut Criterion) {
+    if !util::selected("policy_loss") {
+        return;
+    }
     let n = SEQS * SEQ_LEN;
-    let logp = uniform(n, -4.0, -0.01, 1);
+    let logp = util::uniforms(n, -4.0, -0.01, 1);
     let old: Vec<f32> = logp
         .iter()
-        .zip(uniform(n, -0.4, 0.4, 2))
+        .zip(util::uniforms(n, -0.4, 0.4, 2))
         .map(|(l, d)| l - d)
         .collect();
     let ref_logp: Vec<f32> = logp
         .iter()
-        .zip(uniform(n, -0.5, 0.5, 3))
+        .zip(util::uniforms(n, -0.5, 0.5, 3))
         .map(|(l, d)| l + d)
         .collect();
-    let adv = uniform(SEQS, -1.5, 1.5, 4);
+    let adv = util::uniforms(SEQS, -1.5, 1.5, 4);
     // Completions of 256..2048 tokens, padded to 2048.
-    let lens = uniform(SEQS, 256.0, 2048.0, 5);
+    let lens = util::uniforms(SEQS, 256.0, 2048.0, 5);
     let mask: Vec<u8> = (0..n)
         .map(|t| ((t % SEQ_LEN) < lens[t / SEQ_LEN] as usize) as u8)
         .collect();
@@ -172,14 +160,17 @@ fn bench_policy_loss(c: &mut Criterion) {
 }
 
 fn bench_kl(c: &mut Criterion) {
+    if !util::selected("kl_k3") {
+        return;
+    }
     let n = SEQS * SEQ_LEN;
-    let logp = uniform(n, -4.0, -0.01, 6);
+    let logp = util::uniforms(n, -4.0, -0.01, 6);
     let ref_logp: Vec<f32> = logp
         .iter()
-        .zip(uniform(n, -0.5, 0.5, 7))
+        .zip(util::uniforms(n, -0.5, 0.5, 7))
         .map(|(l, d)| l + d)
         .collect();
-    let grad = uniform(n, -1.0, 1.0, 8);
+    let grad = util::uniforms(n, -1.0, 1.0, 8);
     let inputs = KlInputs::new(&logp, &ref_logp);
     let est = KlEstimator::K3;
     let naive_k3 = || -> Vec<f32> {
@@ -236,11 +227,14 @@ fn naive_advantages(r: &[f32], g: usize) -> Vec<f32> {
 }
 
 fn bench_advantages(c: &mut Criterion) {
+    if !util::selected("advantages_group_norm") {
+        return;
+    }
     let g_size = 8;
     let mut g = c.benchmark_group("advantages_group_norm");
     for n in [256usize, 1 << 20] {
         // Binary-ish rewards like R1-SGG's, with some flat groups.
-        let values: Vec<f32> = uniform(n, 0.0, 3.0, 9).iter().map(|x| x.floor()).collect();
+        let values: Vec<f32> = util::uniforms(n, 0.0, 3.0, 9).iter().map(|x| x.floor()).collect();
         let rewards = Rewards::new(&values, g_size);
         let mode = AdvantageMode::default();
         g.throughput(Throughput::Elements(n as u64));
@@ -277,19 +271,22 @@ fn bench_cuda(c: &mut Criterion) {
     let one = up(&[1.0]);
 
     let n = SEQS * SEQ_LEN;
-    let logp = uniform(n, -3.0, -1.0, 1);
+    let logp = util::uniforms(n, -3.0, -1.0, 1);
     let old: Vec<f32> = logp
         .iter()
-        .zip(uniform(n, -0.1, 0.1, 2))
+        .zip(util::uniforms(n, -0.1, 0.1, 2))
         .map(|(a, b)| a + b)
         .collect();
     let reference: Vec<f32> = logp
         .iter()
-        .zip(uniform(n, -0.1, 0.1, 3))
+        .zip(util::uniforms(n, -0.1, 0.1, 3))
         .map(|(a, b)| a + b)
         .collect();
-    let adv = uniform(SEQS, -1.0, 1.0, 4);
-    let mask: Vec<u8> = uniform(n, 0.0, 1.0, 5).iter().map(|&u| (u > 0.1) as u8).collect();
+    let adv = util::uniforms(SEQS, -1.0, 1.0, 4);
+    let mask: Vec<u8> = util::uniforms(n, 0.0, 1.0, 5)
+        .iter()
+        .map(|&u| (u > 0.1) as u8)
+        .collect();
     let (d_logp, d_old, d_ref, d_adv) = (up(&logp), up(&old), up(&reference), up(&adv));
     let d_mask = gpu.stream().clone_htod(&mask).unwrap();
     let inputs = PolicyLossInputs::<Device> {
@@ -333,13 +330,13 @@ fn bench_cuda(c: &mut Criterion) {
     drop(logits);
     let mut d_grad = gpu.stream().alloc_zeros::<bf16>(rows * vocab).unwrap();
     let d_targets = gpu.stream().clone_htod(&targets).unwrap();
-    let old = uniform(rows, -13.0, -11.0, 8);
+    let old = util::uniforms(rows, -13.0, -11.0, 8);
     let reference: Vec<f32> = old
         .iter()
-        .zip(uniform(rows, -0.05, 0.05, 9))
+        .zip(util::uniforms(rows, -0.05, 0.05, 9))
         .map(|(a, b)| a + b)
         .collect();
-    let (d_old, d_ref, d_adv) = (up(&old), up(&reference), up(&uniform(seqs, -1.0, 1.0, 10)));
+    let (d_old, d_ref, d_adv) = (up(&old), up(&reference), up(&util::uniforms(seqs, -1.0, 1.0, 10)));
     let lp_cfg = LogProbConfig::default();
     let mut g = c.benchmark_group("cuda_grpo_step");
     g.sample_size(10)

@@ -13,35 +13,14 @@ use rayon::prelude::*;
 const ROWS: usize = 64;
 const VOCAB: usize = 151_936;
 
-/// SplitMix64 to a uniform in [0, 1).
-fn next_uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Seeded normal logits (Box-Muller), times `scale`.
-fn normals<T: Float>(n: usize, scale: f64, seed: u64) -> Vec<T> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (next_uniform(&mut state).max(1e-300), next_uniform(&mut state));
-            let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            T::from_f32((g * scale) as f32)
-        })
-        .collect()
-}
-
 /// The obvious code, one thread: per row, softmax over V, sort all V
 /// probabilities, cut at top-k, cut where the cumulative sum reaches top-p,
 /// then invert the CDF at a uniform.
 fn naive_sample<T: Float>(logits: &[T], vocab: usize, cfg: &SamplingConfig, seed: u64) -> Vec<u32> {
-    let mut state = seed;
     logits
         .chunks(vocab)
-        .map(|row| {
+        .zip(0..)
+        .map(|(row, i)| {
             let x: Vec<f32> = row.iter().map(|z| z.to_f32() / cfg.temperature).collect();
             let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut p: Vec<(f32, u32)> = x.iter().zip(0..).map(|(v, j)| ((v - m).exp(), j)).collect();
@@ -62,7 +41,7 @@ fn naive_sample<T: Float>(logits: &[T], vocab: usize, cfg: &SamplingConfig, seed
                 })
                 .count();
             p.truncate(kept);
-            let u = next_uniform(&mut state) as f32 * p.iter().map(|e| e.0).sum::<f32>();
+            let u = util::unit(seed, i) as f32 * p.iter().map(|e| e.0).sum::<f32>();
             let mut acc = 0.0;
             p.iter()
                 .find(|e| {
@@ -84,7 +63,7 @@ fn one_pass<T: Float>(logits: &[T], vocab: usize) -> Vec<f32> {
 }
 
 fn case<T: Float>(c: &mut Criterion) {
-    let logits: Vec<T> = normals(ROWS * VOCAB, 3.0, 1);
+    let logits: Vec<T> = util::normals(ROWS * VOCAB, 3.0, 1);
     let inputs = SampleInputs::new(&logits, VOCAB);
     let mut g = c.benchmark_group("cpu_sampling");
     g.sample_size(10)
@@ -128,6 +107,9 @@ fn case<T: Float>(c: &mut Criterion) {
 }
 
 fn cpu(c: &mut Criterion) {
+    if !util::selected("cpu_sampling") {
+        return;
+    }
     case::<f32>(c);
     case::<bf16>(c);
 }
@@ -142,10 +124,8 @@ fn gpu(c: &mut Criterion) {
         return;
     };
     let rows = 256;
-    let mut state = 11u64;
-    let logits: Vec<f32> = (0..rows * VOCAB)
-        .map(|_| 3.0 * (next_uniform(&mut state) as f32 - 0.5) * 3.46)
-        .collect();
+    // Normal logits of standard deviation 3, as compare_torch.py draws them.
+    let logits: Vec<f32> = util::normals(rows * VOCAB, 3.0, 11);
     let d_logits = gpu.stream().clone_htod(&logits).unwrap();
     let inputs = SampleInputs::<f32, Device> {
         logits: d_logits.as_view(),

@@ -11,13 +11,18 @@
 # compare:   benches/compare_torch.py: PyTorch and Liger-Kernel, same GPU
 # r1sgg:     the R1-SGG demo, GPU preset, --device cuda (short schedule:
 #            step time and tokens per second, not a training result)
-# Results go to $OUT (or ./gpu-out). Each command is stopped after
-# GK_STEP_LIMIT seconds (default 600), so one hang cannot eat the session.
+# Results (logs, criterion medians, comparisons, metrics) go to ./gpu-out,
+# and, under the device tool (which returns only a few files from $OUT),
+# into $OUT/results.tar.gz, repacked after every command so a run stopped
+# at its time limit still returns what it did. Each command is stopped
+# after GK_STEP_LIMIT seconds (default 600), so one hang cannot eat the
+# session.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin=.gpu
-out=${OUT:-gpu-out}
+out=gpu-out
 mkdir -p "$out"
+pack() { [ -z "${OUT:-}" ] || tar -czf "$OUT/results.tar.gz" -C "$out" .; }
 steps=${*:-parity sanitizer bench compare}
 status=0
 
@@ -30,14 +35,17 @@ export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   echo "date: $(date -u +%FT%TZ)"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 } | tee "$out/device.txt"
+pack
 
 run() {  # name, command...: logs to $out/name.log, remembers failures
   local name=$1; shift
   echo "--- $name: $*"
   timeout -s INT -k 10 "${GK_STEP_LIMIT:-600}" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  grep -E '^test result|FAILED|panicked|ERROR SUMMARY' "$out/$name.log" | head -20
+  grep -E '^test result|FAILED|ERROR SUMMARY' "$out/$name.log" | head -20
+  grep -A1 'panicked' "$out/$name.log" | head -12
   [ $rc -eq 0 ] || { echo "!!! $name failed (rc $rc)"; status=1; }
+  pack
 }
 
 for step in $steps; do
@@ -53,7 +61,7 @@ for step in $steps; do
       done ;;
     bench)
       for b in $bin/bench_*; do
-        run "$(basename "$b")" "$b" --bench cuda --warm-up-time 1 --measurement-time 3 --noplot
+        GK_BENCH_GROUPS=cuda run "$(basename "$b")" "$b" --bench cuda --warm-up-time 1 --measurement-time 3 --noplot
       done
       # Criterion's medians, one line per bench (group/function/parameter).
       python3 - target/criterion > "$out/criterion_medians.tsv" <<'PY'
@@ -63,7 +71,7 @@ for f in sorted(root.glob("**/new/estimates.json")):
     ns = json.loads(f.read_text())["median"]["point_estimate"]
     print(f"{f.parent.parent.relative_to(root)}\t{ns:.1f} ns")
 PY
-      ;;
+      pack ;;
     compare)
       if ls .whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -98,7 +106,8 @@ for stage in ("sft", "grpo"):
         gen = sum(r["generated"] for r in rows) / sum(r["rollout_seconds"] for r in rows)
         print(f"{stage} rollouts: {gen:.0f} generated tokens/s")
 PY
-      cat "$out/r1sgg/throughput.txt" ;;
+      cat "$out/r1sgg/throughput.txt"
+      pack ;;
   esac
 done
 exit $status

@@ -4,22 +4,47 @@
 
 use grpo_kernels::Float;
 
-/// Seeded standard-normal-ish values (SplitMix64 + Box-Muller), times `scale`.
+/// Whether to set up and run the bench group `group`: all of them, unless
+/// `GK_BENCH_GROUPS` is set; then those whose names contain it.
+/// `bench/gpu/run.sh` sets `cuda`: criterion's own filter skips the timing
+/// of the CPU groups but not their setup (gigabytes of random logits).
+pub fn selected(group: &str) -> bool {
+    match std::env::var("GK_BENCH_GROUPS") {
+        Ok(want) if !group.contains(want.as_str()) => {
+            eprintln!("{group}: skipped (GK_BENCH_GROUPS={want})");
+            false
+        }
+        _ => true,
+    }
+}
+
+/// A uniform in [0, 1): SplitMix64 of the counter `k` under `seed`, so
+/// any element of a stream is drawn on its own (in parallel, the same for
+/// any thread count).
+pub fn unit(seed: u64, k: u64) -> f64 {
+    let mut z = (seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// `n` seeded standard normals (Box-Muller over [`unit`]), times `scale`.
 pub fn normals<T: Float>(n: usize, scale: f32, seed: u64) -> Vec<T> {
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (next().max(1e-300), next());
+    use rayon::prelude::*;
+    (0..n as u64)
+        .into_par_iter()
+        .map(|i| {
+            let (u1, u2) = (unit(seed, 2 * i + 1).max(1e-300), unit(seed, 2 * i + 2));
             let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
             T::from_f32(g as f32 * scale)
         })
+        .collect()
+}
+
+/// `n` seeded uniforms in `[lo, hi)`.
+pub fn uniforms(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| lo + (hi - lo) * unit(seed, i) as f32)
         .collect()
 }
 
