@@ -27,11 +27,12 @@
 //! cannot produce) makes every estimator infinite or NaN, so it is an
 //! [`Error::NonFinite`](crate::Error::NonFinite) here, like NaN and `+inf`.
 
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::error::{check, Result};
 use crate::memory::{Host, Memory};
 use crate::ops::math::{self, multiversion, MulAdd};
+use crate::ops::output::par_filled;
 
 pub(crate) const OP: &str = "kl_divergence";
 pub(crate) const OP_BWD: &str = "kl_divergence_backward";
@@ -143,13 +144,13 @@ impl<'a> KlInputs<'a, Host> {
 /// `logp`, else in `ref_logp`).
 pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>> {
     let n = inputs.validate(OP)?;
-    let mut out = vec![0.0f32; n];
-    let finite = out
-        .par_chunks_mut(CHUNK)
-        .zip(inputs.logp.par_chunks(CHUNK))
-        .zip(inputs.ref_logp.par_chunks(CHUNK))
-        .map(|((out, logp), ref_logp)| kl_block(est, logp, ref_logp, out))
-        .reduce(|| true, |a, b| a && b);
+    let block = |i: usize| i * CHUNK..(n).min((i + 1) * CHUNK);
+    // SAFETY: `kl_block` writes all of `out`: its inputs' chunks are as long.
+    let (out, finite) = unsafe {
+        par_filled(n, CHUNK, |i, out| {
+            kl_block(est, &inputs.logp[block(i)], &inputs.ref_logp[block(i)], out)
+        })
+    };
     if !finite {
         check::finite(OP, "logp", inputs.logp)?;
         check::finite(OP, "ref_logp", inputs.ref_logp)?;
@@ -164,14 +165,14 @@ pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>
 pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f32]) -> Result<Vec<f32>> {
     let n = inputs.validate(OP_BWD)?;
     check::len(OP_BWD, "grad", n, grad.len())?;
-    let mut out = vec![0.0f32; n];
-    let finite = out
-        .par_chunks_mut(CHUNK)
-        .zip(inputs.logp.par_chunks(CHUNK))
-        .zip(inputs.ref_logp.par_chunks(CHUNK))
-        .zip(grad.par_chunks(CHUNK))
-        .map(|(((out, logp), ref_logp), grad)| kl_grad_block(est, logp, ref_logp, grad, out))
-        .reduce(|| true, |a, b| a && b);
+    let block = |i: usize| i * CHUNK..(n).min((i + 1) * CHUNK);
+    // SAFETY: `kl_grad_block` writes all of `out`: its inputs' chunks are as long.
+    let (out, finite) = unsafe {
+        par_filled(n, CHUNK, |i, out| {
+            let (logp, ref_logp) = (&inputs.logp[block(i)], &inputs.ref_logp[block(i)]);
+            kl_grad_block(est, logp, ref_logp, &grad[block(i)], out)
+        })
+    };
     if !finite {
         check::finite(OP_BWD, "logp", inputs.logp)?;
         check::finite(OP_BWD, "ref_logp", inputs.ref_logp)?;
@@ -180,45 +181,59 @@ pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f
     Ok(out)
 }
 
-/// `out[i] = f(ref_logp[i] - logp[i])`; whether every input was finite.
-/// Inlined into each estimator's arm so each loop is branch-free.
+/// `out[i] = f(ref_logp[i] - logp[i])`, times `grad[i]` if given; whether
+/// every input was finite. Inlined into each estimator's arm so each loop is
+/// branch-free. Writes all of `out` when the inputs are as long.
 #[inline(always)]
-fn map_d(logp: &[f32], ref_logp: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) -> bool {
+fn map_d(
+    logp: &[f32],
+    ref_logp: &[f32],
+    grad: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+    f: impl Fn(f32) -> f32,
+) -> bool {
     let mut finite = true;
-    for ((o, &lp), &rf) in out.iter_mut().zip(logp).zip(ref_logp) {
-        finite &= lp.is_finite() & rf.is_finite();
-        *o = f(rf - lp);
+    let pairs = out.iter_mut().zip(logp).zip(ref_logp);
+    match grad {
+        None => pairs.for_each(|((o, &lp), &rf)| {
+            finite &= lp.is_finite() & rf.is_finite();
+            o.write(f(rf - lp));
+        }),
+        Some(grad) => pairs.zip(grad).for_each(|(((o, &lp), &rf), &g)| {
+            finite &= lp.is_finite() & rf.is_finite() & g.is_finite();
+            o.write(f(rf - lp) * g);
+        }),
     }
     finite
 }
 
 multiversion! {
     /// The estimate over one block; whether every input was finite.
-    fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [f32]) -> bool {
+    fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [MaybeUninit<f32>]) -> bool {
         match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.value::<Mad>(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.value::<Mad>(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.value::<Mad>(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.value::<Mad>(d)),
+            KlEstimator::K1 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K1.value::<Mad>(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K2.value::<Mad>(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K3.value::<Mad>(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::LowVarK3.value::<Mad>(d)),
         }
     }
 }
 
 multiversion! {
     /// `grad * d kl / d logp` over one block; whether every input was finite.
-    fn kl_grad_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], grad: &[f32], out: &mut [f32]) -> bool {
-        // Stage the local derivative in `out`, then scale it by `grad`.
-        let finite = match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, out, |d| KlEstimator::K1.grad_logp::<Mad>(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, out, |d| KlEstimator::K2.grad_logp::<Mad>(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, out, |d| KlEstimator::K3.grad_logp::<Mad>(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, out, |d| KlEstimator::LowVarK3.grad_logp::<Mad>(d)),
-        };
-        let mut grad_finite = true;
-        for (o, &g) in out.iter_mut().zip(grad) {
-            grad_finite &= g.is_finite();
-            *o *= g;
+    fn kl_grad_block(
+        est: KlEstimator,
+        logp: &[f32],
+        ref_logp: &[f32],
+        grad: &[f32],
+        out: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        let g = Some(grad);
+        match est {
+            KlEstimator::K1 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K1.grad_logp::<Mad>(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K2.grad_logp::<Mad>(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K3.grad_logp::<Mad>(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::LowVarK3.grad_logp::<Mad>(d)),
         }
-        finite & grad_finite
     }
 }

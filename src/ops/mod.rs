@@ -9,6 +9,7 @@ pub mod fused_linear;
 pub mod kl;
 pub mod layout;
 pub mod logprob;
+pub(crate) mod output;
 pub mod philox;
 pub mod policy_loss;
 pub mod sampling;
