@@ -52,6 +52,20 @@ fn forward_matches_f64_reference_on_awkward_sizes() {
             let want: Vec<f64> = lp.iter().zip(&rf).map(|(l, r)| kl_ref(est, r - l)).collect();
             // k3 ~ d^2/2 is accurate relative to itself, also for d ~ 1e-6.
             assert_close(&format!("{est:?} n={n}"), &got, &want, 1e-30, 4e-6);
+            // The backward over as many parallel blocks: `-grad dkl/dd`,
+            // each element's derivative by central differences.
+            let grad: Vec<f32> = Rng::new(40 + i as u64).normals(n, 1.0);
+            let got = kl_divergence_backward(&KlInputs::new(&logp, &ref_logp), est, &grad).unwrap();
+            let want: Vec<f64> = lp
+                .iter()
+                .zip(&rf)
+                .zip(&grad)
+                .map(|((l, r), &g)| {
+                    let d = r - l;
+                    -(g as f64) * (kl_ref(est, d + 1e-6) - kl_ref(est, d - 1e-6)) / 2e-6
+                })
+                .collect();
+            assert_close(&format!("dlogp {est:?} n={n}"), &got, &want, 1e-6, 1e-5);
         }
     }
 }
