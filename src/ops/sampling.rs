@@ -76,7 +76,9 @@
 //!   largest `x` is below `tau`, or is too small to win even with the
 //!   largest possible noise (`max x + 17 <` the key of the row's argmax).
 //!   Skipping never changes the result; it makes a top-k/top-p draw touch
-//!   only the few blocks holding kept tokens.
+//!   only the few blocks holding kept tokens. A block holding at most 10 kept
+//!   tokens (a wide top-p set spread over the vocabulary has about one per
+//!   block) computes just their noise, one Philox counter each.
 //!
 //! So a filtered row costs about five passes over `V` f32 values (scale,
 //! histogram, one or two gathers, block maxima) plus sorting one bucket; a
@@ -107,6 +109,9 @@ const BUCKETS_PER_NAT: f32 = 64.0;
 /// Number of buckets; the last one collects everything further down.
 const BUCKETS: usize = 2048;
 const LAST_BUCKET: usize = BUCKETS - 1;
+/// Kept tokens in a block of 64 up to which the draw computes their Gumbel
+/// noise one by one (a scalar Philox each) instead of the block's.
+const SPARSE_KEPT: usize = 10;
 
 /// How to pick one token per row. The default samples from `softmax(z)`
 /// with no filter, seed 0, step 0.
@@ -440,6 +445,21 @@ multiversion! {
             let top = math::max(chunk);
             // Rounding is monotone: every key of the block is <= top + 17.
             if top < tau || top + GUMBEL_MAX < floor {
+                continue;
+            }
+            // A block with a few kept tokens (a wide top-p set spread over
+            // the vocabulary) draws their noise one by one: cheaper than the
+            // block's 64, and the same keys in the same order.
+            if chunk.iter().filter(|&&v| v >= tau).count() <= SPARSE_KEPT {
+                for (i, &v) in chunk.iter().enumerate() {
+                    if v >= tau {
+                        let j = block * BLOCK_TOKENS + i;
+                        let k = v + philox::gumbel::<Mad>(stream.uniform(j as u32));
+                        if k > best.0 {
+                            best = (k, j);
+                        }
+                    }
+                }
                 continue;
             }
             let xs: &[f32; BLOCK_TOKENS] = match chunk.try_into() {
