@@ -144,7 +144,7 @@ impl<'a> KlInputs<'a, Host> {
 /// `logp`, else in `ref_logp`).
 pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>> {
     let n = inputs.validate(OP)?;
-    let block = |i: usize| i * CHUNK..(n).min((i + 1) * CHUNK);
+    let block = |i| chunk(i, n);
     // SAFETY: `kl_block` writes all of `out`: its inputs' chunks are as long.
     let (out, finite) = unsafe {
         par_filled(n, CHUNK, |i, out| {
@@ -165,7 +165,7 @@ pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>
 pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f32]) -> Result<Vec<f32>> {
     let n = inputs.validate(OP_BWD)?;
     check::len(OP_BWD, "grad", n, grad.len())?;
-    let block = |i: usize| i * CHUNK..(n).min((i + 1) * CHUNK);
+    let block = |i| chunk(i, n);
     // SAFETY: `kl_grad_block` writes all of `out`: its inputs' chunks are as long.
     let (out, finite) = unsafe {
         par_filled(n, CHUNK, |i, out| {
@@ -179,6 +179,11 @@ pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f
         check::finite(OP_BWD, "grad", grad)?;
     }
     Ok(out)
+}
+
+/// The indices of the `i`-th of `n` tokens' parallel blocks.
+fn chunk(i: usize, n: usize) -> std::ops::Range<usize> {
+    i * CHUNK..n.min((i + 1) * CHUNK)
 }
 
 /// `out[i] = f(ref_logp[i] - logp[i])`, times `grad[i]` if given; whether
