@@ -112,6 +112,9 @@ const LAST_BUCKET: usize = BUCKETS - 1;
 /// Kept tokens in a block of 64 up to which the draw computes their Gumbel
 /// noise one by one (a scalar Philox each) instead of the block's.
 const SPARSE_KEPT: usize = 10;
+/// What a Gumbel value may exceed the noise of a larger word by, through
+/// `ln`'s rounding (2 ulp each, about 1e-5 at most): a bound's margin.
+const NOISE_SLACK: f32 = 1e-3;
 
 /// How to pick one token per row. The default samples from `softmax(z)`
 /// with no filter, seed 0, step 0.
@@ -442,6 +445,9 @@ multiversion! {
         let mut bits = [0u32; BLOCK_TOKENS];
         let mut keys = [0.0f32; BLOCK_TOKENS];
         for (block, chunk) in x.chunks(BLOCK_TOKENS).enumerate() {
+            // The winner reaches `floor` and the best key so far (a later
+            // index loses a tie), so no block below both can win.
+            let floor = floor.max(best.0);
             let top = math::max(chunk);
             // Rounding is monotone: every key of the block is <= top + 17.
             if top < tau || top + GUMBEL_MAX < floor {
@@ -470,6 +476,15 @@ multiversion! {
                 }
             };
             stream.bits_block(block as u32, &mut bits);
+            // The noise grows with the random word, so the block's keys are
+            // at most `top` plus the noise of its largest word (up to the
+            // rounding of `ln` and of the sum, under the slack): most blocks
+            // of a row stop here, before their 128 `ln`.
+            let top_word = bits.iter().fold(0, |a, &b| a.max(b));
+            let bound = top + philox::gumbel::<Mad>(philox::uniform(top_word));
+            if bound + bound.abs() * (2.0 * f32::EPSILON) + NOISE_SLACK < floor {
+                continue;
+            }
             for ((key, &v), &r) in keys.iter_mut().zip(xs).zip(&bits) {
                 let k = v + philox::gumbel::<Mad>(philox::uniform(r));
                 *key = if v >= tau { k } else { f32::NEG_INFINITY };
