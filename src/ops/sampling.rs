@@ -78,11 +78,15 @@
 //!   Skipping never changes the result; it makes a top-k/top-p draw touch
 //!   only the few blocks holding kept tokens. A block holding at most 10 kept
 //!   tokens (a wide top-p set spread over the vocabulary has about one per
-//!   block) computes just their noise, one Philox counter each.
+//!   block) computes just their noise, one Philox counter each. Any other
+//!   block computes its 64 random words, and stops there when its largest
+//!   `x` plus the noise of its largest word (the noise grows with the word)
+//!   is below the best key so far: most blocks of a plain-temperature row.
 //!
 //! So a filtered row costs about five passes over `V` f32 values (scale,
 //! histogram, one or two gathers, block maxima) plus sorting one bucket; a
-//! plain-temperature row costs the scaling pass and one Gumbel pass.
+//! plain-temperature row costs the scaling pass and one pass of Philox
+//! words, with the Gumbel noise of the few blocks that can win.
 //! Rows are independent and run in parallel (rayon), each thread with its
 //! own scratch.
 //!
