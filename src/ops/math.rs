@@ -3,7 +3,7 @@
 //! AVX2+FMA.
 //!
 //! The hot loops are written over fixed-width lane arrays with no branches,
-//! so LLVM turns them into SIMD; [`multiversion!`] compiles each one three
+//! so LLVM turns them into SIMD; the crate-internal `multiversion!` macro compiles each one three
 //! times (baseline x86-64, AVX2+FMA, AVX-512) and picks at run time, so one
 //! binary is fast on any x86-64 machine.
 
