@@ -3,9 +3,9 @@
 //! AVX2+FMA.
 //!
 //! The hot loops are written over fixed-width lane arrays with no branches,
-//! so LLVM turns them into SIMD; the crate-internal `multiversion!` macro compiles each one three
-//! times (baseline x86-64, AVX2+FMA, AVX-512) and picks at run time, so one
-//! binary is fast on any x86-64 machine.
+//! so LLVM turns them into SIMD; the crate-internal `multiversion!` macro
+//! compiles each one three times (baseline x86-64, AVX2+FMA, AVX-512) and
+//! picks at run time, so one binary is fast on any x86-64 machine.
 
 /// Lanes per accumulator array: two AVX2 registers (enough independent adds
 /// to hide FMA latency) or one AVX-512 register (whose loop bodies are long
@@ -86,7 +86,7 @@ pub fn has_avx512() -> bool {
 
 /// How a copy of a hot loop computes `a * b + c`. Rust never fuses the two
 /// on its own, and a fused multiply-add without the hardware instruction is
-/// a slow libm call, so each [`multiversion!`] copy names its own: [`Fused`]
+/// a slow libm call, so each `multiversion!` copy names its own: [`Fused`]
 /// where it is compiled with FMA, [`Baseline`] elsewhere.
 pub trait MulAdd {
     /// `a * b + c`.
