@@ -18,8 +18,9 @@
 //! ```
 //!
 //! One pass over the logits in the forward (online max/sum merge, see
-//! [`SoftmaxState`](crate::ops::math::SoftmaxState)), one read and one write in the backward; only `lse`
-//! (and `H` when its gradient is wanted) is saved in between. This is TRL's
+//! [`SoftmaxState`](crate::ops::math::SoftmaxState)), one read and one
+//! write in the backward; only `lse` (and `H` when its gradient is wanted)
+//! is saved in between. This is TRL's
 //! `selective_log_softmax` and entropy, fused.
 //!
 //! **Layouts.** The op is row-wise: a padded batch `[B, T, V]` is `B*T` rows
