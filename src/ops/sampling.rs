@@ -297,10 +297,7 @@ fn sample_row<T: Float>(logits: &[T], row: u32, cfg: &SamplingConfig, s: &mut Sc
         first_max
     } else {
         let tau = threshold(x, m, cfg, &mut s.thresholds);
-        let stream = RowStream::new(cfg.seed, row, cfg.step);
-        // The argmax's own key: no block whose keys all lie below it can win.
-        let floor = m + stream.gumbel(first_max as u32);
-        gumbel_argmax(x, tau, floor, &stream)
+        gumbel_argmax(x, tau, first_max, &RowStream::new(cfg.seed, row, cfg.step))
     };
     Some((token as u32, x[token] - lse))
 }
@@ -322,6 +319,13 @@ multiversion! {
 #[inline(always)]
 fn bucket(v: f32, m: f32) -> usize {
     ((m - v) * BUCKETS_PER_NAT).min(LAST_BUCKET as f32) as usize
+}
+
+/// The draw's key `v + g` (module docs, step 5) of a scaled logit `v` whose
+/// token's random word is `word`, with `M`'s multiply-add.
+#[inline(always)]
+fn key<M: math::MulAdd>(v: f32, word: u32) -> f32 {
+    v + philox::gumbel::<M>(philox::uniform(word))
 }
 
 /// Unnormalized probability `e^(v - m)` of a scaled logit.
@@ -442,8 +446,10 @@ multiversion! {
 
 multiversion! {
     /// `argmax_{x_j >= tau} (x_j + g_j)`, lowest `j` on ties, skipping blocks
-    /// that cannot reach `floor`, a key the winner is known to reach.
-    fn gumbel_argmax(x: &[f32], tau: f32, floor: f32, stream: &RowStream) -> usize {
+    /// that cannot reach the key of `first_max` (an argmax of `x`, always
+    /// kept), which the winner's key reaches.
+    fn gumbel_argmax(x: &[f32], tau: f32, first_max: usize, stream: &RowStream) -> usize {
+        let floor = key::<Mad>(x[first_max], stream.bits(first_max as u32));
         let mut best = (f32::NEG_INFINITY, 0);
         let mut padded = [f32::NEG_INFINITY; BLOCK_TOKENS];
         let mut bits = [0u32; BLOCK_TOKENS];
@@ -464,7 +470,7 @@ multiversion! {
                 for (i, &v) in chunk.iter().enumerate() {
                     if v >= tau {
                         let j = block * BLOCK_TOKENS + i;
-                        let k = v + philox::gumbel::<Mad>(stream.uniform(j as u32));
+                        let k = key::<Mad>(v, stream.bits(j as u32));
                         if k > best.0 {
                             best = (k, j);
                         }
@@ -485,13 +491,12 @@ multiversion! {
             // rounding of `ln` and of the sum, under the slack): most blocks
             // of a row stop here, before their 128 `ln`.
             let top_word = bits.iter().fold(0, |a, &b| a.max(b));
-            let bound = top + philox::gumbel::<Mad>(philox::uniform(top_word));
+            let bound = key::<Mad>(top, top_word);
             if bound + bound.abs() * (2.0 * f32::EPSILON) + NOISE_SLACK < floor {
                 continue;
             }
-            for ((key, &v), &r) in keys.iter_mut().zip(xs).zip(&bits) {
-                let k = v + philox::gumbel::<Mad>(philox::uniform(r));
-                *key = if v >= tau { k } else { f32::NEG_INFINITY };
+            for ((k, &v), &r) in keys.iter_mut().zip(xs).zip(&bits) {
+                *k = if v >= tau { key::<Mad>(v, r) } else { f32::NEG_INFINITY };
             }
             for (i, &k) in keys.iter().enumerate() {
                 if k > best.0 {
