@@ -249,7 +249,7 @@ pub fn sft(
         let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask, 1.0)?;
         let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
         let loss = logp.sum_all()?.neg()?.div(&count)?;
-        let (loss_value, tokens) = (loss.to_scalar::<f32>()?, count.to_scalar::<f32>()?);
+        let loss_value = loss.to_scalar::<f32>()?;
         if !clipped_step(opt, vars, &loss, MAX_GRAD_NORM)? {
             bar.println(format!(
                 "SFT step {step}: non-finite loss or gradient, step skipped"
@@ -259,7 +259,7 @@ pub fn sft(
         bar.inc(1);
         let record = serde_json::json!({
             "loss": loss_value,
-            "tokens": tokens,
+            "tokens": answers.iter().map(Vec::len).sum::<usize>(),
             "seconds": t0.elapsed().as_secs_f64(),
         });
         if !hooks.after_step("sft", step, record, opt)? {
@@ -452,6 +452,7 @@ pub fn grpo(
         };
         let completions = generate(model, &batch, cfg.group, cfg.max_new, &sampling)?;
         let rollout_seconds = t0.elapsed().as_secs_f64();
+        let generated: usize = completions.iter().map(Vec::len).sum();
 
         // Rewards, then advantages within each image's group.
         let scored: Vec<Rewards> = completions
@@ -534,8 +535,8 @@ pub fn grpo(
             "ratio_max": stats.ratio_max,
             "kl": stats.kl_mean,
             "tokens": stats.tokens,
-            "length": completions.iter().map(Vec::len).sum::<usize>() as f64 / n,
-            "generated": completions.iter().map(Vec::len).sum::<usize>(),
+            "length": generated as f64 / n,
+            "generated": generated,
             "rollout_seconds": rollout_seconds,
             "seconds": t0.elapsed().as_secs_f64(),
         });
