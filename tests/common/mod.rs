@@ -101,13 +101,13 @@ pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
     4.0 * f32::EPSILON as f64 * xmax
 }
 
-/// Central finite differences of `f` at `x`, step `h`.
 #[cfg(feature = "candle")]
 pub mod composed;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod reference;
 
+/// Central finite differences of `f` at `x`, step `h`.
 pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
     let mut x = x.to_vec();
     (0..x.len())
