@@ -305,6 +305,7 @@ fn draws_match_the_reference_at_qwen_vocab() {
         cfg(1.0, 50, 0.9, 0.0),
         cfg(1.0, 0, 0.9, 0.0),
         cfg(0.8, 0, 1.0, 0.05),
+        cfg(0.7, 1000, 1.0, 0.0),
     ] {
         ambiguous += check_rows(&zb, v, &c) + check_rows(&z32, v, &c);
     }
@@ -329,6 +330,18 @@ fn wide_and_narrow_spreads() {
         ambiguous += check_rows(&z, v, &c);
     }
     assert!(ambiguous <= 2, "{ambiguous} rows too close to call");
+}
+
+#[test]
+fn top_p_over_a_top_k_set_too_large_to_sort() {
+    // k above the sorted limit: top-p's histogram counts only the top-k set.
+    // A flat row (T = 8) puts a tenth of the draws in the top-k set's last
+    // tenth of mass, which a top-p over the whole row would keep too.
+    let mut rng = Rng::new(8);
+    let v = 20_011;
+    let z: Vec<bf16> = rng.normals(64 * v, 3.0);
+    let ambiguous = check_rows(&z, v, &cfg(8.0, 5000, 0.9, 0.0));
+    assert!(ambiguous <= 1, "{ambiguous} rows too close to call");
 }
 
 // ---------------------------------------------------------------------------

@@ -56,21 +56,23 @@
 //! Only the thresholds above are part of the rule; how they are found is
 //! free. Here, for one row, after the scaling pass:
 //!
-//! - A **histogram** pass puts each `x_j` in bucket
-//!   `min(floor((M - x_j) * 64), 2047)` (1/64-nat buckets below the max;
-//!   the last one holds everything 32 nats or more below it, `-inf`
-//!   included) and adds up each bucket's count and mass `w_j` (f64). The
-//!   bucket index never increases with `x`, so a bucket's tokens all lie
-//!   strictly above the next bucket's.
-//! - **top-k**: the first bucket `c` where the cumulative count reaches `k`
-//!   holds the k-th largest value; its tokens are gathered (one pass) and
-//!   `select_nth_unstable` finds `tau_k` among them (O(bucket)). Bucket `c`'s
-//!   mass is replaced by its kept part and later buckets are dropped.
-//! - **top-p**: walk the buckets, adding masses, to the first bucket where
-//!   the mass reaches `p Z`; every earlier token is kept, every later one
-//!   dropped, and `tau_p` lies in that bucket: gather and sort it alone,
-//!   then scan its values in descending order (ties together) applying the
-//!   rule above.
+//! - **top-k**: one pass keeps the values at or above a floor, in a buffer;
+//!   whenever the buffer outgrows `2k + 1024` values, `select_nth_unstable`
+//!   raises the floor to the k-th largest it holds (a lower bound on the
+//!   row's k-th largest). After the first few thousand tokens almost every
+//!   value fails the (vectorized) compare. A last selection gives `tau_k`
+//!   and the top-k set.
+//! - **top-p** over a top-k set of at most 4096 values: sort the set and
+//!   scan it in descending order (ties together), applying the rule above.
+//! - **top-p** otherwise: a **histogram** pass puts each `x_j >= tau_k` in
+//!   bucket `min(floor((M - x_j) * 64), 2047)` (1/64-nat buckets below the
+//!   max; the last one holds everything 32 nats or more below it, `-inf`
+//!   included) and adds up each bucket's mass `w_j` (f64). The bucket index
+//!   never increases with `x`, so a bucket's tokens all lie strictly above
+//!   the next bucket's. Walk the buckets, adding masses, to the first
+//!   bucket where the mass reaches `p Z`; every earlier token is kept,
+//!   every later one dropped, and `tau_p` lies in that bucket: gather it
+//!   (one pass), sort it alone and scan it as above.
 //! - **Draw**: the Gumbel keys are computed 64 indices at a time (16 Philox
 //!   counters side by side, which vectorizes), skipping every block whose
 //!   largest `x` is below `tau`, or is too small to win even with the
@@ -83,12 +85,12 @@
 //!   `x` plus the noise of its largest word (the noise grows with the word)
 //!   is below the best key so far: most blocks of a plain-temperature row.
 //!
-//! So a filtered row costs about five passes over `V` f32 values (scale,
-//! histogram, one or two gathers, block maxima) plus sorting one bucket; a
-//! plain-temperature row costs the scaling pass and one pass of Philox
-//! words, with the Gumbel noise of the few blocks that can win.
-//! Rows are independent and run in parallel (rayon), each thread with its
-//! own scratch.
+//! So a top-k row costs about three passes over `V` f32 values (scale,
+//! top-k compare, block maxima), a top-p row four (scale, histogram, gather,
+//! block maxima) plus sorting one bucket; a plain-temperature row costs the
+//! scaling pass and one pass of Philox words, with the Gumbel noise of the
+//! few blocks that can win. Rows are independent and run in parallel
+//! (rayon), each thread with its own scratch.
 //!
 //! # Non-finite logits
 //!
@@ -260,11 +262,10 @@ struct Scratch {
 
 /// What finding the thresholds needs beside the row.
 struct ThresholdScratch {
-    /// Histogram counts and masses.
-    counts: Vec<u32>,
+    /// Histogram masses.
     mass: Vec<f64>,
-    /// The scaled logits of one bucket.
-    bucket: Vec<f32>,
+    /// Candidate scaled logits: the top-k set, or one bucket's.
+    cand: Vec<f32>,
 }
 
 thread_local! {
@@ -272,9 +273,8 @@ thread_local! {
         RefCell::new(Scratch {
             x: Vec::new(),
             thresholds: ThresholdScratch {
-                counts: Vec::new(),
                 mass: Vec::new(),
-                bucket: Vec::new(),
+                cand: Vec::new(),
             },
         })
     };
@@ -315,10 +315,15 @@ multiversion! {
     }
 }
 
-/// Histogram bucket of a scaled logit `v <= m`: non-increasing in `v`.
+/// Histogram bucket of a scaled logit `v <= m` (`v` may be `-inf`, not
+/// NaN): non-increasing in `v`.
 #[inline(always)]
-fn bucket(v: f32, m: f32) -> usize {
-    ((m - v) * BUCKETS_PER_NAT).min(LAST_BUCKET as f32) as usize
+fn bucket(v: f32, m: f32) -> u32 {
+    let offset = ((m - v) * BUCKETS_PER_NAT).min(LAST_BUCKET as f32);
+    // SAFETY: `offset` is in `[0, LAST_BUCKET]`: `m - v >= 0` (or `+inf`,
+    // which `min` clamps), never NaN. The unchecked conversion vectorizes;
+    // `as u32`'s saturating one is done lane by lane.
+    unsafe { offset.to_int_unchecked() }
 }
 
 /// The draw's key `v + g` (module docs, step 5) of a scaled logit `v` whose
@@ -328,6 +333,22 @@ fn key<M: math::MulAdd>(v: f32, word: u32) -> f32 {
     v + philox::gumbel::<M>(philox::uniform(word))
 }
 
+/// Whether a key `v + g` with `v <= top` and random word `<= top_word` may
+/// reach `floor`. The noise grows with the word, so such keys are at most
+/// `key(top, top_word)`, up to the rounding of `ln` and of the sum (under
+/// the slack).
+#[inline(always)]
+fn may_reach<M: math::MulAdd>(top: f32, top_word: u32, floor: f32) -> bool {
+    let bound = key::<M>(top, top_word);
+    bound + bound.abs() * (2.0 * f32::EPSILON) + NOISE_SLACK >= floor
+}
+
+/// The largest of some random words.
+#[inline(always)]
+fn top_word(words: &[u32]) -> u32 {
+    words.iter().fold(0, |a, &b| a.max(b))
+}
+
 /// Unnormalized probability `e^(v - m)` of a scaled logit.
 #[inline(always)]
 fn weight<M: math::MulAdd>(v: f32, m: f32) -> f64 {
@@ -335,47 +356,129 @@ fn weight<M: math::MulAdd>(v: f32, m: f32) -> f64 {
 }
 
 multiversion! {
-    /// Count and mass `e^(x - m)` of every bucket.
-    fn histogram(x: &[f32], m: f32, counts: &mut [u32], mass: &mut [f64]) {
+    /// The mass `e^(x - m)` of every bucket, counting only `x >= min`.
+    fn histogram(x: &[f32], m: f32, min: f32, mass: &mut [f64]) {
         const CHUNK: usize = 64;
-        let (mut index, mut w) = ([0usize; CHUNK], [0.0f32; CHUNK]);
+        let (mut index, mut w) = ([0u32; CHUNK], [0.0f32; CHUNK]);
+        // The last chunk is padded with `-inf` (mass 0), so that every
+        // chunk has the fixed length that vectorizes fully.
+        let mut padded = [f32::NEG_INFINITY; CHUNK];
         for chunk in x.chunks(CHUNK) {
+            let xs: &[f32; CHUNK] = match chunk.try_into() {
+                Ok(full) => full,
+                Err(_) => {
+                    padded[..chunk.len()].copy_from_slice(chunk);
+                    &padded
+                }
+            };
             // Vectorized: bucket indices and weights; then the scalar scatter.
-            for (i, &v) in chunk.iter().enumerate() {
-                index[i] = bucket(v, m);
-                w[i] = weight::<Mad>(v, m) as f32;
+            for ((b, w), &v) in index.iter_mut().zip(&mut w).zip(xs) {
+                *b = bucket(v, m);
+                let wv = weight::<Mad>(v, m) as f32;
+                *w = if v >= min { wv } else { 0.0 };
             }
-            for (&b, &w) in index.iter().zip(&w).take(chunk.len()) {
-                counts[b] += 1;
-                mass[b] += w as f64;
+            for (&b, &w) in index.iter().zip(&w) {
+                mass[b as usize] += w as f64;
             }
         }
     }
 }
 
+/// Values per membership test of [`push_members`].
+const MEMBER_CHUNK: usize = 64;
+
+/// Appends to `out` the values of `chunk` (at most [`MEMBER_CHUNK`]) that
+/// `keep` accepts, in order: the test vectorized over the chunk, then, in
+/// the few chunks that hold members, a branch-free compaction (members
+/// spread over a row would mispredict a branch per value).
+#[inline(always)]
+fn push_members(chunk: &[f32], keep: impl Fn(f32) -> bool, out: &mut Vec<f32>) {
+    let mut member = [0u8; MEMBER_CHUNK];
+    for (is, &v) in member.iter_mut().zip(chunk) {
+        *is = u8::from(keep(v));
+    }
+    if member.iter().fold(0, |any, &is| any | is) == 0 {
+        return;
+    }
+    let mut end = out.len();
+    out.resize(end + chunk.len(), 0.0);
+    for (&is, &v) in member.iter().zip(chunk) {
+        out[end] = v;
+        end += is as usize;
+    }
+    out.truncate(end);
+}
+
 multiversion! {
     /// The scaled logits `>= min` of bucket `b`, into `out`.
     fn gather(x: &[f32], m: f32, b: usize, min: f32, out: &mut Vec<f32>) {
-        const CHUNK: usize = 64;
-        let mut member = [0u8; CHUNK];
+        // bucket(v) == b as a range of the bucket's f32 offset, which is
+        // exact (b and b + 1 are) and cheaper than the index.
+        // The last bucket has no upper end (`-inf` lies at offset `inf`).
+        let (lo, hi, last) = (b as f32, (b + 1) as f32, b == LAST_BUCKET);
         out.clear();
-        for chunk in x.chunks(CHUNK) {
-            // Vectorized: the membership test and whether any passed; the
-            // scalar push only in the few chunks that hold members.
-            for (is, &v) in member.iter_mut().zip(chunk) {
-                *is = u8::from((bucket(v, m) == b) & (v >= min));
-            }
-            if member.iter().fold(0, |any, &is| any | is) == 0 {
-                continue;
-            }
-            for (&is, &v) in member.iter().zip(chunk) {
-                if is != 0 {
-                    out.push(v);
-                }
-            }
+        for chunk in x.chunks(MEMBER_CHUNK) {
+            let member = |v: f32| {
+                let offset = (m - v) * BUCKETS_PER_NAT;
+                (offset >= lo) & ((offset < hi) | last) & (v >= min)
+            };
+            push_members(chunk, member, out);
         }
     }
 }
+
+multiversion! {
+    /// `tau_k`, the k-th largest of `x` (`0 < k < x.len()`), and its top-k
+    /// set `{ x_j >= tau_k }` into `out`, in one pass: values at or above a
+    /// floor are kept, and the floor rises to the k-th largest kept value
+    /// whenever the kept ones outgrow their budget, so after the first few
+    /// thousand tokens almost every value fails a vectorized compare.
+    fn top_k_set(x: &[f32], k: usize, out: &mut Vec<f32>) -> f32 {
+        let budget = 2 * k + 1024;
+        let (mut floor, mut limit) = (f32::NEG_INFINITY, budget);
+        out.clear();
+        for chunk in x.chunks(MEMBER_CHUNK) {
+            push_members(chunk, |v| v >= floor, out);
+            if out.len() >= limit {
+                floor = kth_largest(out, k);
+                out.retain(|&v| v >= floor);
+                // Ties at the floor all stay; never re-select for fewer
+                // than `budget` new values (a flat bf16 row ties a lot).
+                limit = out.len() + budget;
+            }
+        }
+        let tau_k = kth_largest(out, k);
+        out.retain(|&v| v >= tau_k);
+        tau_k
+    }
+}
+
+/// The k-th largest of `values` (`0 < k <= len`), reordering them.
+fn kth_largest(values: &mut [f32], k: usize) -> f32 {
+    *values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+}
+
+/// `tau_p` (module docs, step 3) from the candidates that may hold it,
+/// `cand`, sorted here: `above` is the mass of the kept tokens above them
+/// and `target` is `p Z`. The top candidate is always kept, as the mass
+/// above it falls short of `target`. Weights use `M`'s multiply-add.
+fn top_p_cut<M: math::MulAdd>(cand: &mut [f32], m: f32, mut above: f64, target: f64) -> f32 {
+    cand.sort_unstable_by(|a, b| b.total_cmp(a));
+    let mut tau_p = f32::NEG_INFINITY;
+    let mut i = 0;
+    while i < cand.len() && above < target {
+        tau_p = cand[i];
+        while i < cand.len() && cand[i] == tau_p {
+            above += weight::<M>(cand[i], m);
+            i += 1;
+        }
+    }
+    tau_p
+}
+
+/// Top-k sets up to this size are sorted for top-p; larger ones go through
+/// the histogram.
+const SORTED_TOP_K: usize = 1 << 12;
 
 multiversion! {
     /// `tau = max(tau_k, tau_p, tau_m)` of one row (module docs, step 3);
@@ -384,63 +487,31 @@ multiversion! {
         let tau_m = m + cfg.min_p.ln();
         let top_k = (cfg.top_k > 0 && cfg.top_k < x.len()).then_some(cfg.top_k);
         let top_p = (cfg.top_p < 1.0).then_some(cfg.top_p as f64);
-        if top_k.is_none() && top_p.is_none() {
-            return tau_m;
+        let ThresholdScratch { mass, cand } = s;
+        let tau_k = match top_k {
+            Some(k) => top_k_set(x, k, cand),
+            None => f32::NEG_INFINITY,
+        };
+        let Some(p) = top_p else {
+            return tau_k.max(tau_m);
+        };
+        // A small top-k set is all the candidates top-p needs.
+        if top_k.is_some() && cand.len() <= SORTED_TOP_K {
+            let z: f64 = cand.iter().map(|&v| weight::<Mad>(v, m)).sum();
+            return tau_k.max(top_p_cut::<Mad>(cand, m, 0.0, p * z)).max(tau_m);
         }
-        let ThresholdScratch {
-            counts,
-            mass,
-            bucket: cand,
-        } = s;
-        counts.clear();
-        counts.resize(BUCKETS, 0);
+        // Otherwise the bucket where the mass crosses p Z, sorted alone.
         mass.clear();
         mass.resize(BUCKETS, 0.0);
-        histogram(x, m, counts, mass);
-
-        // top-k: select the k-th largest inside the bucket that holds it.
-        let mut tau_k = f32::NEG_INFINITY;
-        let mut last = LAST_BUCKET;
-        if let Some(k) = top_k {
-            let mut above = 0;
-            let mut c = 0;
-            while above + (counts[c] as usize) < k {
-                above += counts[c] as usize;
-                c += 1;
-            }
-            gather(x, m, c, f32::NEG_INFINITY, cand);
-            let (_, kth, _) = cand.select_nth_unstable_by(k - above - 1, |a, b| b.total_cmp(a));
-            tau_k = *kth;
-            cand.retain(|&v| v >= tau_k);
-            mass[c] = cand.iter().map(|&v| weight::<Mad>(v, m)).sum();
-            last = c;
+        histogram(x, m, tau_k, mass);
+        let target = p * mass.iter().sum::<f64>();
+        let (mut above, mut c) = (0.0, 0);
+        while c < LAST_BUCKET && above + mass[c] < target {
+            above += mass[c];
+            c += 1;
         }
-
-        // top-p: the bucket where the mass crosses p Z, then that bucket sorted.
-        let mut tau_p = f32::NEG_INFINITY;
-        if let Some(p) = top_p {
-            let target = p * mass[..=last].iter().sum::<f64>();
-            let mut above = 0.0;
-            let mut c = 0;
-            while c < last && above + mass[c] < target {
-                above += mass[c];
-                c += 1;
-            }
-            if top_k.is_none() || c != last {
-                gather(x, m, c, tau_k, cand);
-            }
-            cand.sort_unstable_by(|a, b| b.total_cmp(a));
-            // C(c) < p Z, so the bucket's top value is always kept.
-            let mut i = 0;
-            while i < cand.len() && above < target {
-                tau_p = cand[i];
-                while i < cand.len() && cand[i] == tau_p {
-                    above += weight::<Mad>(cand[i], m);
-                    i += 1;
-                }
-            }
-        }
-        tau_k.max(tau_p).max(tau_m)
+        gather(x, m, c, tau_k, cand);
+        tau_k.max(top_p_cut::<Mad>(cand, m, above, target)).max(tau_m)
     }
 }
 
@@ -464,16 +535,26 @@ multiversion! {
                 continue;
             }
             // A block with a few kept tokens (a wide top-p set spread over
-            // the vocabulary) draws their noise one by one: cheaper than the
-            // block's 64, and the same keys in the same order.
+            // the vocabulary) draws their random words one by one: cheaper
+            // than the block's 64, and the same keys in the same order.
             if chunk.iter().filter(|&&v| v >= tau).count() <= SPARSE_KEPT {
+                let (mut index, mut words, mut kept) = ([0; SPARSE_KEPT], [0; SPARSE_KEPT], 0);
+                let mut top_kept = f32::NEG_INFINITY;
                 for (i, &v) in chunk.iter().enumerate() {
                     if v >= tau {
-                        let j = block * BLOCK_TOKENS + i;
-                        let k = key::<Mad>(v, stream.bits(j as u32));
-                        if k > best.0 {
-                            best = (k, j);
-                        }
+                        index[kept] = block * BLOCK_TOKENS + i;
+                        words[kept] = stream.bits(index[kept] as u32);
+                        top_kept = top_kept.max(v);
+                        kept += 1;
+                    }
+                }
+                if !may_reach::<Mad>(top_kept, top_word(&words[..kept]), floor) {
+                    continue;
+                }
+                for (&j, &r) in index.iter().zip(&words).take(kept) {
+                    let k = key::<Mad>(x[j], r);
+                    if k > best.0 {
+                        best = (k, j);
                     }
                 }
                 continue;
@@ -486,13 +567,8 @@ multiversion! {
                 }
             };
             stream.bits_block(block as u32, &mut bits);
-            // The noise grows with the random word, so the block's keys are
-            // at most `top` plus the noise of its largest word (up to the
-            // rounding of `ln` and of the sum, under the slack): most blocks
-            // of a row stop here, before their 128 `ln`.
-            let top_word = bits.iter().fold(0, |a, &b| a.max(b));
-            let bound = key::<Mad>(top, top_word);
-            if bound + bound.abs() * (2.0 * f32::EPSILON) + NOISE_SLACK < floor {
+            // Most blocks of a row stop here, before their 128 `ln`.
+            if !may_reach::<Mad>(top, top_word(&bits), floor) {
                 continue;
             }
             for ((k, &v), &r) in keys.iter_mut().zip(xs).zip(&bits) {
