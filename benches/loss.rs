@@ -204,9 +204,10 @@ fn bench_kl(c: &mut Criterion) {
     g.finish();
 }
 
-/// GRPO's advantages, plainly: per group, mean, unbiased std, normalize.
-fn naive_advantages(r: &[f32], g: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(r.len());
+/// The op's outputs (advantages, rewards, group means and stds), plainly:
+/// per group, mean, unbiased std, normalize.
+fn naive_advantages(r: &[f32], g: usize) -> [Vec<f32>; 4] {
+    let (mut adv, mut means, mut stds) = (Vec::new(), Vec::new(), Vec::new());
     for group in r.chunks(g) {
         let mean = group.iter().map(|&x| x as f64).sum::<f64>() / g as f64;
         let var = group.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (g - 1) as f64;
@@ -215,15 +216,17 @@ fn naive_advantages(r: &[f32], g: usize) -> Vec<f32> {
         } else {
             var.sqrt()
         };
-        out.extend(group.iter().map(|&x| {
+        adv.extend(group.iter().map(|&x| {
             if std == 0.0 {
                 0.0
             } else {
                 ((x as f64 - mean) / (std + 1e-4)) as f32
             }
         }));
+        means.push(mean as f32);
+        stds.push(std as f32);
     }
-    out
+    [adv, r.to_vec(), means, stds]
 }
 
 fn bench_advantages(c: &mut Criterion) {

@@ -234,43 +234,25 @@ impl<'a> Rewards<'a, Host> {
                 .sum(),
         }
     }
-
-    /// The combined rewards of the group starting at completion `start`, in f64.
-    #[inline]
-    fn fill_group(&self, n: usize, start: usize, buf: &mut [f64]) {
-        match self.weights {
-            // One component: widening is exact, no weights to apply.
-            None => {
-                for (b, &v) in buf.iter_mut().zip(&self.values[start..]) {
-                    *b = v as f64;
-                }
-            }
-            Some(_) => {
-                for (i, b) in buf.iter_mut().enumerate() {
-                    *b = self.combined(n, start + i);
-                }
-            }
-        }
-    }
 }
 
 impl GroupStats {
-    /// Sums of one group's combined rewards.
-    #[inline]
-    fn of(r: &[f64]) -> Self {
+    /// Sums of one group's combined rewards `r`, `group_size` of them.
+    #[inline(always)]
+    fn of(r: impl Iterator<Item = f64> + Clone, group_size: usize) -> Self {
         let (mut sum, mut lo, mut hi) = (0.0, f64::INFINITY, f64::NEG_INFINITY);
-        for &x in r {
+        for x in r.clone() {
             sum += x;
             lo = lo.min(x);
             hi = hi.max(x);
         }
         let flat = lo == hi;
         // A flat group's mean is its value exactly (sum / G may round).
-        let mean = if flat { lo } else { sum / r.len() as f64 };
+        let mean = if flat { lo } else { sum / group_size as f64 };
         let sq_dev = if flat {
             0.0
         } else {
-            r.iter().map(|&x| (x - mean) * (x - mean)).sum()
+            r.map(|x| (x - mean) * (x - mean)).sum()
         };
         GroupStats {
             sum,
@@ -319,23 +301,30 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
     // One pass over each group writes every output (BatchNorm's advantages
     // wait for the batch std) and says whether its combined rewards are
     // finite; the inputs are scanned again only to name a non-finite one.
-    let group = |buf: &mut Vec<f64>, (p, (((comb, adv), mean), std)): (usize, GroupOut<'_>)| {
-        buf.resize(g, 0.0);
-        rewards.fill_group(n, p * g, buf);
-        let mut finite = true;
-        for (c, &r) in comb.iter_mut().zip(buf.iter()) {
-            *c = r as f32;
-            finite &= c.is_finite();
-        }
-        let stats = GroupStats::of(buf);
+    let group = |(p, (((comb, adv), mean), std)): (usize, GroupOut<'_>)| {
+        let start = p * g;
+        let (stats, finite) = match rewards.weights {
+            // One component: the rewards themselves, widened exactly (a
+            // finite f32's sum in f64 is finite).
+            None => {
+                let values = &rewards.values[start..start + g];
+                comb.copy_from_slice(values);
+                let stats = stats_and_advantages(values.iter().map(|&v| v as f64), adv, mode, batch_mode);
+                (stats, stats.sum.is_finite())
+            }
+            Some(_) => {
+                // Recomputed per pass: K products are cheaper than a copy.
+                let r = (start..start + g).map(|i| rewards.combined(n, i));
+                let mut finite = true;
+                for (c, x) in comb.iter_mut().zip(r.clone()) {
+                    *c = x as f32;
+                    finite &= c.is_finite();
+                }
+                (stats_and_advantages(r, adv, mode, batch_mode), finite)
+            }
+        };
         *mean = stats.mean as f32;
         *std = stats.std(g, unbiased) as f32;
-        if !batch_mode {
-            let affine = mode.group_affine(&stats, g, 0.0);
-            for (a, &r) in adv.iter_mut().zip(buf.iter()) {
-                *a = affine.apply(r) as f32;
-            }
-        }
         (stats, finite)
     };
     // Each group's output slices, in order.
@@ -354,30 +343,28 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
     // the groups' statistics (a large batch's would cost more memory
     // traffic than the rewards themselves).
     let min_groups = (MIN_TASK / g).max(1);
-    let mut buf = Vec::new();
     let (finite, stats): (bool, Vec<GroupStats>) = match (n > MIN_TASK, batch_mode) {
         (true, false) => (
             groups!(par_chunks_mut, par_iter_mut)
                 .with_min_len(min_groups)
-                .map_init(Vec::new, group)
+                .map(group)
                 .all(|(_, finite)| finite),
             Vec::new(),
         ),
         (false, false) => (
-            groups!(chunks_mut, iter_mut).all(|item| group(&mut buf, item).1),
+            groups!(chunks_mut, iter_mut).all(|item| group(item).1),
             Vec::new(),
         ),
         (true, true) => {
             let (stats, finite): (Vec<GroupStats>, Vec<bool>) = groups!(par_chunks_mut, par_iter_mut)
                 .with_min_len(min_groups)
-                .map_init(Vec::new, group)
+                .map(group)
                 .unzip();
             (finite.iter().all(|&f| f), stats)
         }
         (false, true) => {
-            let (stats, finite): (Vec<GroupStats>, Vec<bool>) = groups!(chunks_mut, iter_mut)
-                .map(|item| group(&mut buf, item))
-                .unzip();
+            let (stats, finite): (Vec<GroupStats>, Vec<bool>) =
+                groups!(chunks_mut, iter_mut).map(group).unzip();
             (finite.iter().all(|&f| f), stats)
         }
     };
@@ -401,6 +388,27 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
         group_mean,
         group_std,
     })
+}
+
+/// The statistics of one group's combined rewards `r`, and its advantages
+/// into `adv` (`[G]`), but for BatchNorm, whose advantages wait for the
+/// batch std.
+#[inline(always)]
+fn stats_and_advantages(
+    r: impl Iterator<Item = f64> + Clone,
+    adv: &mut [f32],
+    mode: AdvantageMode,
+    batch_mode: bool,
+) -> GroupStats {
+    let g = adv.len();
+    let stats = GroupStats::of(r.clone(), g);
+    if !batch_mode {
+        let affine = mode.group_affine(&stats, g, 0.0);
+        for (a, x) in adv.iter_mut().zip(r) {
+            *a = affine.apply(x) as f32;
+        }
+    }
+    stats
 }
 
 /// Std of all rewards from the groups' sums (Chan et al.'s pairwise
