@@ -620,6 +620,29 @@ fn ties_at_a_threshold_are_kept() {
 }
 
 #[test]
+fn top_k_on_a_plateau_keeps_every_tie() {
+    // The k-th largest lies on a plateau of some 30000 equal logits: all of
+    // them are kept, and they hold most of the mass, so most draws land on
+    // them. 40 larger logits sit at random places of each row.
+    let v = 30_011;
+    let mut rng = Rng::new(9);
+    let mut z = vec![0.0f32; 8 * v];
+    for row in z.chunks_mut(v) {
+        for _ in 0..40 {
+            row[(rng.next_u64() % v as u64) as usize] = 1.0;
+        }
+    }
+    let ambiguous = check_rows(&z, v, &cfg(1.0, 50, 1.0, 0.0)) + check_rows(&z, v, &cfg(1.0, 50, 0.5, 0.0));
+    assert_eq!(ambiguous, 0);
+    let row = &z[..v];
+    let on_plateau = drawn(row, cfg(1.0, 50, 1.0, 0.0), 200)
+        .iter()
+        .filter(|&&j| row[j] == 0.0)
+        .count();
+    assert!(on_plateau > 100, "{on_plateau} of 200 draws on the plateau");
+}
+
+#[test]
 fn top_p_renormalizes_over_the_top_k_set() {
     // Six nearly equal logits (one histogram bucket). Over the top 3 (mass
     // about 3), p = 0.5 keeps two: the third has mass 2 > 1.5 above it.

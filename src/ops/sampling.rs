@@ -442,9 +442,10 @@ multiversion! {
             if out.len() >= limit {
                 floor = kth_largest(out, k);
                 out.retain(|&v| v >= floor);
-                // Ties at the floor all stay; never re-select for fewer
-                // than `budget` new values (a flat bf16 row ties a lot).
-                limit = out.len() + budget;
+                // Ties at the floor all stay, so the kept may not shrink
+                // (a flat bf16 row ties a lot): the next limit grows with
+                // them, which keeps the selections linear in all.
+                limit = 2 * out.len() + budget;
             }
         }
         let tau_k = kth_largest(out, k);
