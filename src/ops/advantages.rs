@@ -113,9 +113,7 @@ impl AdvantageMode {
             }
             // Also covers G = 1: a group of one is flat.
             _ if stats.flat => 0.0,
-            AdvantageMode::GroupNorm { eps, unbiased } => {
-                1.0 / (stats.std(group_size, unbiased) + eps as f64)
-            }
+            AdvantageMode::GroupNorm { eps, .. } => 1.0 / (stats.std + eps as f64),
             AdvantageMode::GroupMean => 1.0,
             AdvantageMode::BatchNorm { eps, .. } => 1.0 / (batch_std + eps as f64),
             // r_i - (sum - r_i) / (G - 1) = G / (G - 1) (r_i - mean); G >= 2 here.
@@ -150,20 +148,11 @@ pub(crate) struct GroupStats {
     mean: f64,
     /// `sum (r - mean)^2`.
     sq_dev: f64,
+    /// Standard deviation in the mode's convention (`AdvantageMode::unbiased`);
+    /// 0 for a flat group or a divisor of 0.
+    std: f64,
     /// All rewards exactly equal (or a single one).
     flat: bool,
-}
-
-impl GroupStats {
-    /// Standard deviation; 0 for a flat group or a divisor of 0.
-    fn std(&self, count: usize, unbiased: bool) -> f64 {
-        let div = if unbiased { count.saturating_sub(1) } else { count };
-        if self.flat || div == 0 {
-            0.0
-        } else {
-            (self.sq_dev / div as f64).sqrt()
-        }
-    }
 }
 
 /// Reward components, `[K, P, G]`.
@@ -237,9 +226,10 @@ impl<'a> Rewards<'a, Host> {
 }
 
 impl GroupStats {
-    /// Sums of one group's combined rewards `r`, `group_size` of them.
+    /// Sums of one group's combined rewards `r`, `group_size` of them, and
+    /// their std (divided by `group_size - 1` if `unbiased`).
     #[inline(always)]
-    fn of(r: impl Iterator<Item = f64> + Clone, group_size: usize) -> Self {
+    fn of(r: impl Iterator<Item = f64> + Clone, group_size: usize, unbiased: bool) -> Self {
         let (mut sum, mut lo, mut hi) = (0.0, f64::INFINITY, f64::NEG_INFINITY);
         for x in r.clone() {
             sum += x;
@@ -254,10 +244,21 @@ impl GroupStats {
         } else {
             r.map(|x| (x - mean) * (x - mean)).sum()
         };
+        let div = if unbiased {
+            group_size.saturating_sub(1)
+        } else {
+            group_size
+        };
+        let std = if flat || div == 0 {
+            0.0
+        } else {
+            (sq_dev / div as f64).sqrt()
+        };
         GroupStats {
             sum,
             mean,
             sq_dev,
+            std,
             flat,
         }
     }
@@ -324,7 +325,7 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
             }
         };
         *mean = stats.mean as f32;
-        *std = stats.std(g, unbiased) as f32;
+        *std = stats.std as f32;
         (stats, finite)
     };
     // Each group's output slices, in order.
@@ -401,7 +402,7 @@ fn stats_and_advantages(
     batch_mode: bool,
 ) -> GroupStats {
     let g = adv.len();
-    let stats = GroupStats::of(r.clone(), g);
+    let stats = GroupStats::of(r.clone(), g, mode.unbiased());
     if !batch_mode {
         let affine = mode.group_affine(&stats, g, 0.0);
         for (a, x) in adv.iter_mut().zip(r) {

@@ -315,11 +315,18 @@ multiversion! {
     }
 }
 
+/// How far a scaled logit `v <= m` lies below the row maximum, in buckets
+/// (`+inf` for `-inf`).
+#[inline(always)]
+fn bucket_offset(v: f32, m: f32) -> f32 {
+    (m - v) * BUCKETS_PER_NAT
+}
+
 /// Histogram bucket of a scaled logit `v <= m` (`v` may be `-inf`, not
 /// NaN): non-increasing in `v`.
 #[inline(always)]
 fn bucket(v: f32, m: f32) -> u32 {
-    let offset = ((m - v) * BUCKETS_PER_NAT).min(LAST_BUCKET as f32);
+    let offset = bucket_offset(v, m).min(LAST_BUCKET as f32);
     // SAFETY: `offset` is in `[0, LAST_BUCKET]`: `m - v >= 0` (or `+inf`,
     // which `min` clamps), never NaN. The unchecked conversion vectorizes;
     // `as u32`'s saturating one is done lane by lane.
@@ -349,6 +356,20 @@ fn top_word(words: &[u32]) -> u32 {
     words.iter().fold(0, |a, &b| a.max(b))
 }
 
+/// `chunk` as an array of `N` values: itself when that long, else copied
+/// into `padded`, whose tail stays `-inf` (probability 0, never kept), so
+/// that loops over it have the fixed length that vectorizes fully.
+#[inline(always)]
+fn full_chunk<'a, const N: usize>(chunk: &'a [f32], padded: &'a mut [f32; N]) -> &'a [f32; N] {
+    match chunk.try_into() {
+        Ok(full) => full,
+        Err(_) => {
+            padded[..chunk.len()].copy_from_slice(chunk);
+            padded
+        }
+    }
+}
+
 /// Unnormalized probability `e^(v - m)` of a scaled logit.
 #[inline(always)]
 fn weight<M: math::MulAdd>(v: f32, m: f32) -> f64 {
@@ -360,17 +381,9 @@ multiversion! {
     fn histogram(x: &[f32], m: f32, min: f32, mass: &mut [f64]) {
         const CHUNK: usize = 64;
         let (mut index, mut w) = ([0u32; CHUNK], [0.0f32; CHUNK]);
-        // The last chunk is padded with `-inf` (mass 0), so that every
-        // chunk has the fixed length that vectorizes fully.
         let mut padded = [f32::NEG_INFINITY; CHUNK];
         for chunk in x.chunks(CHUNK) {
-            let xs: &[f32; CHUNK] = match chunk.try_into() {
-                Ok(full) => full,
-                Err(_) => {
-                    padded[..chunk.len()].copy_from_slice(chunk);
-                    &padded
-                }
-            };
+            let xs = full_chunk(chunk, &mut padded);
             // Vectorized: bucket indices and weights; then the scalar scatter.
             for ((b, w), &v) in index.iter_mut().zip(&mut w).zip(xs) {
                 *b = bucket(v, m);
@@ -419,7 +432,7 @@ multiversion! {
         out.clear();
         for chunk in x.chunks(MEMBER_CHUNK) {
             let member = |v: f32| {
-                let offset = (m - v) * BUCKETS_PER_NAT;
+                let offset = bucket_offset(v, m);
                 (offset >= lo) & ((offset < hi) | last) & (v >= min)
             };
             push_members(chunk, member, out);
@@ -560,13 +573,7 @@ multiversion! {
                 }
                 continue;
             }
-            let xs: &[f32; BLOCK_TOKENS] = match chunk.try_into() {
-                Ok(full) => full,
-                Err(_) => {
-                    padded[..chunk.len()].copy_from_slice(chunk);
-                    &padded
-                }
-            };
+            let xs = full_chunk(chunk, &mut padded);
             stream.bits_block(block as u32, &mut bits);
             // Most blocks of a row stop here, before their 128 `ln`.
             if !may_reach::<Mad>(top, top_word(&bits), floor) {
