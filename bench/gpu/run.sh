@@ -10,7 +10,10 @@
 # bench:     the criterion benches' CUDA groups (names containing "cuda")
 # compare:   benches/compare_torch.py: PyTorch and Liger-Kernel, same GPU
 # r1sgg:     the R1-SGG demo, GPU preset, --device cuda (short schedule:
-#            step time and tokens per second, not a training result)
+#            step time, tokens per second and peak GPU memory, not a
+#            training result)
+# GK_ONLY=<regex> keeps the parity, sanitizer and bench binaries whose
+# names match (e.g. GK_ONLY='advantages|fused_linear').
 # Results (logs, criterion medians, comparisons, metrics) go to ./gpu-out,
 # and, under the device tool (which returns only a few files from $OUT),
 # into $OUT/results.tar.gz, repacked after every command so a run stopped
@@ -22,7 +25,10 @@ cd "$(dirname "$0")/../.."
 bin=.gpu
 out=gpu-out
 mkdir -p "$out"
-pack() { [ -z "${OUT:-}" ] || tar -czf "$OUT/results.tar.gz" -C "$out" .; }
+# Written under a temporary name and renamed, so two instances side by side
+# (say parity and sanitizer) never leave a torn archive.
+pack() { [ -z "${OUT:-}" ] || { tar -czf "$OUT/.results.$$" -C "$out" . && mv -f "$OUT/.results.$$" "$OUT/results.tar.gz"; }; }
+only() { grep -E "${GK_ONLY:-.}" || true; }  # binaries to run, filtered by GK_ONLY
 steps=${*:-parity sanitizer bench compare}
 status=0
 
@@ -51,16 +57,16 @@ run() {  # name, command...: logs to $out/name.log, remembers failures
 for step in $steps; do
   case $step in
     parity)
-      for t in $bin/test_*; do run "parity_$(basename "$t")" "$t" --test-threads=1; done ;;
+      for t in $(ls $bin/test_* | only); do run "parity_$(basename "$t")" "$t" --test-threads=1; done ;;
     sanitizer)
-      for t in $bin/test_cuda_*; do
+      for t in $(ls $bin/test_cuda_* | only); do
         for tool in memcheck racecheck; do
           GK_SANITIZER=1 run "sanitizer_${tool}_$(basename "$t")" \
             compute-sanitizer --tool $tool --error-exitcode 9 "$t" --test-threads=1
         done
       done ;;
     bench)
-      for b in $bin/bench_*; do
+      for b in $(ls $bin/bench_* | only); do
         GK_BENCH_GROUPS=cuda run "$(basename "$b")" "$b" --bench cuda --warm-up-time 1 --measurement-time 3 --noplot
       done
       # Criterion's medians, one line per bench (group/function/parameter).
@@ -84,11 +90,16 @@ PY
       ex=$bin/example_r1_sgg demo=/tmp/r1sgg-gpu
       rm -rf $demo
       gpu="--preset gpu --device cuda --out $demo --train-size 2000 --save-every 0"
+      mkdir -p "$out/r1sgg"
+      # GPU memory in use, one sample a second, through all three stages.
+      nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/r1sgg/memory.csv" &
+      smi=$!
       run r1sgg_sft $ex sft $gpu --sft-steps ${GK_SFT_STEPS:-200} --batch 32 --sft-lr 1e-3
       run r1sgg_grpo $ex grpo $gpu --init $demo/sft.safetensors --grpo-steps ${GK_GRPO_STEPS:-20} \
         --prompts 8 --group 8 --eval-every 0
       run r1sgg_eval $ex eval $gpu --init $demo/grpo.safetensors --eval-size 64
-      mkdir -p "$out/r1sgg"
+      kill $smi
+      echo "peak GPU memory: $(cut -d, -f2 "$out/r1sgg/memory.csv" | sort -n | tail -1)" | tee "$out/r1sgg/memory_peak.txt"
       cp $demo/*.jsonl "$out/r1sgg/" 2>/dev/null
       tail -12 "$out/r1sgg_eval.log"
       # Median step time and tokens per second of each stage.
