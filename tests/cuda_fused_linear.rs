@@ -7,13 +7,14 @@
 mod common;
 
 use common::gpu::{down, gpu, poison_pool, sized, up};
-use common::{assert_close, assert_close_rows, Rng};
+use common::{assert_close, assert_close_rows, assert_within, Rng};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, DType, DeviceFault, Error, FusedLinearConfig,
     LinearRows, LogProbConfig, LogProbGrads, LogProbSaved,
 };
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
@@ -57,6 +58,97 @@ fn cases() -> Vec<Case> {
 /// `x` in f64.
 fn widen_t<T: GpuFloat>(x: &[T]) -> Vec<f64> {
     x.iter().map(|y| y.to_f32() as f64).collect()
+}
+
+/// Elementwise bounds on how far the GPU's dW and db may lie from the CPU's.
+///
+/// Element `(v, j)` of dW is `sum_r dz[r, v] h[r, j]` over the active rows;
+/// with `S = sum_r |dz[r, v] h[r, j]|` its error terms are:
+/// - the GPU rounds dz to the dtype before its GEMM: `u S` (`u`: the
+///   dtype's unit roundoff), and where dz is subnormal in the dtype (f16
+///   below 6e-5; most of a wide softmax row) half its smallest step:
+///   `tiny / 2 sum_r |h[r, j]|`;
+/// - both sides add each of the `k` row chunks' f32 partial sums into the
+///   dtype's output, each rounding a running sum no larger than `S` and
+///   off by up to half the dtype's smallest step: `2 k (u S + tiny / 2)`;
+/// - the f32 sums run in different orders: `n eps S`;
+/// - the dlogits themselves differ through `log p`'s f32 error:
+///   `sum_r dlogit_err(r) (p[r, v] + onehot[r, v]) |h[r, j]|`.
+///
+/// db is the same with `h = 1`.
+struct WeightGradBounds {
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+}
+
+impl WeightGradBounds {
+    #[allow(clippy::too_many_arguments)]
+    fn new<T: GpuFloat>(
+        host: &LinearRows<T, i64>,
+        cfg: &FusedLinearConfig,
+        lse: &[f32],
+        entropy: Option<&[f32]>,
+        g: &[f32],
+        g_h: Option<&[f32]>,
+        dlogit_err: &(dyn Fn(usize) -> f64 + Sync),
+        tiny: f64,
+    ) -> Self {
+        let h = host.hidden_size;
+        let t = cfg.logprob.temperature as f64;
+        let active: Vec<usize> = (0..host.targets.len())
+            .filter(|&r| host.targets[r] >= 0 && host.mask.is_none_or(|m| m[r] != 0))
+            .collect();
+        let hidden: Vec<Vec<f64>> = active
+            .iter()
+            .map(|&r| widen_t(&host.hidden[r * h..(r + 1) * h]))
+            .collect();
+        let u = match T::DTYPE {
+            DType::F32 => 2f64.powi(-24),
+            DType::BF16 => 2f64.powi(-8),
+            DType::F16 => 2f64.powi(-11),
+        };
+        let k = active.len().div_ceil(cfg.chunk_rows) as f64;
+        let coef = u + 2.0 * k * u + active.len() as f64 * f32::EPSILON as f64;
+        // Per vocabulary row v: `[S_w (h values), C_w (h), S_b, C_b]`.
+        let per_v: Vec<Vec<f64>> = (0..host.weight.len() / h)
+            .into_par_iter()
+            .map(|v| {
+                let w = widen_t(&host.weight[v * h..(v + 1) * h]);
+                let b = host.bias.map_or(0.0, |b| b[v].to_f32() as f64);
+                let mut acc = vec![0.0; 2 * h + 2];
+                for (hr, &r) in hidden.iter().zip(&active) {
+                    let z = hr.iter().zip(&w).map(|(x, y)| x * y).sum::<f64>() + b;
+                    let logp = z / t - lse[r] as f64;
+                    let p = logp.exp();
+                    let onehot = f64::from(host.targets[r] as usize == v);
+                    let mut dz = g[r] as f64 * (onehot - p);
+                    if let (Some(gh), Some(ent)) = (g_h, entropy) {
+                        dz -= gh[r] as f64 * p * (logp + ent[r] as f64);
+                    }
+                    let (size, err) = ((dz / t).abs(), dlogit_err(r) * (p + onehot));
+                    for (j, x) in hr.iter().enumerate() {
+                        acc[j] += size * x.abs();
+                        acc[h + j] += err * x.abs();
+                    }
+                    acc[2 * h] += size;
+                    acc[2 * h + 1] += err;
+                }
+                acc
+            })
+            .collect();
+        let h_abs: Vec<f64> = (0..h).map(|j| hidden.iter().map(|x| x[j].abs()).sum()).collect();
+        let bound = |s: f64, c: f64, h_abs: f64| coef * s + c + tiny * (k + h_abs / 2.0);
+        Self {
+            weight: per_v
+                .iter()
+                .flat_map(|a| (0..h).map(|j| bound(a[j], a[h + j], h_abs[j])))
+                .collect(),
+            bias: per_v
+                .iter()
+                .map(|a| bound(a[2 * h], a[2 * h + 1], active.len() as f64))
+                .collect(),
+        }
+    }
 }
 
 /// Forward and backward on both devices, compared.
@@ -159,8 +251,7 @@ fn check<T: GpuFloat>(gpu: &Gpu, c: Case, seed: u64) {
     let got_d = cuda::fused_linear_logprobs_backward(gpu, &dev, &cfg, &saved, &d_grads).unwrap();
     gpu.check().unwrap();
     // The GPU rounds dlogits to the dtype before its GEMMs (the CPU keeps
-    // f32), and both round dW, db once per row chunk: errors scale with each
-    // gradient row's magnitude.
+    // f32): dh's errors scale with its row's magnitude.
     let row_tol = match T::DTYPE {
         DType::F32 => 1e-4,
         DType::BF16 => 3e-2,
@@ -172,26 +263,26 @@ fn check<T: GpuFloat>(gpu: &Gpu, c: Case, seed: u64) {
     // p is near one-hot (exactly at V = 1), whatever the row's own size:
     // `log p = z / t - lse` carries f32 error `eps (|z / t| + |lse|)`, about
     // `eps x` with `x = 2 |lse| + ln V + 1` where p has mass, and p sums to
-    // one, so dh errs by up to `4 eps x |g| max|W| / t`; the entropy term
+    // one, so each dlogit errs by up to `4 eps x |g| (p + onehot) / t`, and
+    // dh by that times max|W| summed over the row; the entropy term
     // `gh p (log p + H)` adds `|gh| (2 ln V + 1)` to `|g|`.
     let tiny = match T::DTYPE {
         DType::F32 => 0.0,
         DType::BF16 => 2f64.powi(-133),
         DType::F16 => 2f64.powi(-24),
     };
-    let w_max = weight.iter().fold(0.0f64, |m, w| m.max(w.to_f32().abs() as f64));
     let ln_v = (v as f64).ln();
-    let dh_floor = |r: usize| {
+    let dlogit_err = |r: usize| {
         let x = 2.0 * (want.lse[r] as f64).abs() + ln_v + 1.0;
         let gh = if c.entropy {
             g_h[r].abs() as f64 * (2.0 * ln_v + 1.0)
         } else {
             0.0
         };
-        let cancel = 4.0 * f32::EPSILON as f64 * x * (g[r].abs() as f64 + gh) * w_max / c.temperature as f64;
-        (cancel.max(2.0 * tiny) / row_tol).max(1e-6)
+        4.0 * f32::EPSILON as f64 * x * (g[r].abs() as f64 + gh) / c.temperature as f64
     };
-    let dw_floor = |_| (2.0 * tiny / row_tol).max(1e-6);
+    let w_max = weight.iter().fold(0.0f64, |m, w| m.max(w.to_f32().abs() as f64));
+    let dh_floor = |r: usize| ((dlogit_err(r) * w_max).max(2.0 * tiny) / row_tol).max(1e-6);
     let to32 = |x: &[T]| x.iter().map(|y| y.to_f32()).collect::<Vec<_>>();
     let d_hidden_got = to32(&down(gpu, &got_d.hidden));
     for (i, row) in d_hidden_got.chunks(h).enumerate() {
@@ -210,25 +301,33 @@ fn check<T: GpuFloat>(gpu: &Gpu, c: Case, seed: u64) {
         dh_floor,
         0.0,
     );
-    assert_close_rows(
+    // dW and db sum a column of dlogits over the rows, so their errors do
+    // not scale with their own values where rows cancel: bound each element.
+    let bounds = WeightGradBounds::new(
+        &host,
+        &cfg,
+        &want.lse,
+        want.entropy.as_deref(),
+        &g,
+        c.entropy.then_some(&g_h[..]),
+        &dlogit_err,
+        tiny,
+    );
+    assert_within(
         &format!("dW {what}"),
         &to32(&down(gpu, &got_d.weight)),
         &widen_t(&want_d.weight),
+        &bounds.weight,
         h,
-        row_tol,
-        dw_floor,
-        0.0,
     );
     assert_eq!(got_d.bias.is_some(), c.bias, "db present exactly with a bias");
     if let (Some(got_b), Some(want_b)) = (&got_d.bias, &want_d.bias) {
-        assert_close_rows(
+        assert_within(
             &format!("db {what}"),
             &to32(&down(gpu, got_b)),
             &widen_t(want_b),
+            &bounds.bias,
             v,
-            row_tol,
-            dw_floor,
-            0.0,
         );
     }
 }

@@ -92,6 +92,23 @@ pub fn assert_close_rows(
     }
 }
 
+/// Asserts `|got - want| <= bound` elementwise, for bounds derived per
+/// element; NaN never passes. `row_len` only labels the failing element.
+#[track_caller]
+pub fn assert_within(what: &str, got: &[f32], want: &[f64], bound: &[f64], row_len: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    assert_eq!(bound.len(), want.len(), "{what}: bounds");
+    for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
+        let g = g as f64;
+        assert!(
+            (g - w).abs() <= b && g.is_finite() == w.is_finite(),
+            "{what}[row {}, col {}]: got {g}, want {w}, bound {b}",
+            i / row_len,
+            i % row_len
+        );
+    }
+}
+
 /// f32's resolution for softmax gradients of logits `z / t`: 4 ulps of the
 /// largest scaled logit (`log p = x - lse` is no more exact than that).
 pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
