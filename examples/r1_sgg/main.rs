@@ -51,7 +51,7 @@ use serde_json::{json, Value};
 
 use checkpoint::{AdamW, TrainingState};
 use data::{generate_split, load_jsonl, render_preview, write_dataset, Sample, Split};
-use format::parse_answer;
+use format::{graph_json, parse_answer};
 use metrics::MetricsLog;
 use model::{NumberTokens, SeededVars, Vlm, VlmConfig};
 use plot::{line_chart_png, panels_png, smooth, Panel, Series};
@@ -506,8 +506,10 @@ impl<'a> Run<'a> {
         Ok(predict(&self.model, &self.tok, samples, 32, self.common.max_new)?)
     }
 
-    /// Evaluates on every evaluation set, logs the results as `stage`, and
-    /// draws the first images' predictions (`predictions_<stage>.png`).
+    /// Evaluates on every evaluation set, logs the results as `stage`, writes
+    /// every prediction beside its ground truth
+    /// (`predictions_<stage>_<split>.jsonl`), and draws the first images'
+    /// predictions (`predictions_<stage>.png`).
     fn eval_all(&self, stage: &str) -> AnyResult<Vec<(String, EvalSummary)>> {
         let mut metrics = MetricsLog::append(&self.path("eval.jsonl"))?;
         let mut results = Vec::new();
@@ -516,6 +518,12 @@ impl<'a> Run<'a> {
             let summary = evaluate(&texts, samples);
             println!("{stage} on {name}: {}", describe(&summary));
             metrics.write(&eval_record(stage, None, name, &summary))?;
+            let mut predictions =
+                MetricsLog::create(&self.path(&format!("predictions_{stage}_{name}.jsonl")))?;
+            for (s, text) in samples.iter().zip(&texts) {
+                predictions
+                    .write(&json!({"id": s.id, "prediction": text, "ground_truth": graph_json(&s.graph)}))?;
+            }
             if results.is_empty() {
                 self.predictions_png(
                     samples,
@@ -687,12 +695,14 @@ fn at_k(list: &[(usize, f64)], k: usize) -> f64 {
 
 fn describe(s: &EvalSummary) -> String {
     format!(
-        "{} images, failure rate {:.1}%, invalid {:.1}%, R@50 {:.1}%, mR@50 {:.1}%",
+        "{} images, failure rate {:.1}%, invalid {:.1}%, R@50 {:.1}%, mR@50 {:.1}%, objects found {:.1}%, pairs found {:.1}%",
         s.images,
         100.0 * s.failure_rate,
         100.0 * s.invalid_rate,
         100.0 * at_k(&s.recall, 50),
-        100.0 * at_k(&s.mean_recall, 50)
+        100.0 * at_k(&s.mean_recall, 50),
+        100.0 * s.object_recall,
+        100.0 * s.pair_recall,
     )
 }
 
@@ -704,6 +714,8 @@ fn eval_record(stage: &str, step: Option<usize>, split: &str, s: &EvalSummary) -
         "images": s.images,
         "failure_rate": s.failure_rate,
         "invalid_rate": s.invalid_rate,
+        "object_recall": s.object_recall,
+        "pair_recall": s.pair_recall,
     });
     if let Some(fields) = record.as_object_mut() {
         if let Some(step) = step {
@@ -722,14 +734,14 @@ fn eval_record(stage: &str, step: Option<usize>, split: &str, s: &EvalSummary) -
 /// A markdown table: one row per (stage, split).
 fn eval_table(stages: &[(&str, &Vec<(String, EvalSummary)>)]) -> String {
     let mut table = String::from(
-        "| stage | split | failure rate | invalid | R@20 | R@50 | R@100 | mR@20 | mR@50 | mR@100 |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| stage | split | failure rate | invalid | R@20 | R@50 | R@100 | mR@20 | mR@50 | mR@100 | objects found | pairs found |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     for (stage, results) in stages {
         for (split, s) in results.iter() {
             table += &format!(
-                "| {stage} | {split} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {stage} | {split} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 pct(s.failure_rate),
                 pct(s.invalid_rate),
                 pct(at_k(&s.recall, 20)),
@@ -738,6 +750,8 @@ fn eval_table(stages: &[(&str, &Vec<(String, EvalSummary)>)]) -> String {
                 pct(at_k(&s.mean_recall, 20)),
                 pct(at_k(&s.mean_recall, 50)),
                 pct(at_k(&s.mean_recall, 100)),
+                pct(s.object_recall),
+                pct(s.pair_recall),
             );
         }
     }

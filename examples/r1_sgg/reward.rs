@@ -497,6 +497,11 @@ pub struct Evaluator {
     /// Per K: summed per-image recall, and the images with GT triplets.
     recall_sum: Vec<f64>,
     recall_images: usize,
+    /// Summed per-image object recall, and the images with GT objects.
+    object_sum: f64,
+    object_images: usize,
+    /// Summed per-image pair recall (over the images with GT triplets).
+    pair_sum: f64,
     /// Per predicate: summed per-image recall at each K, images holding it.
     per_predicate: BTreeMap<String, (Vec<f64>, usize)>,
 }
@@ -524,6 +529,12 @@ pub struct EvalSummary {
     pub recall: Vec<(usize, f64)>,
     /// `(K, mR@K)`.
     pub mean_recall: Vec<(usize, f64)>,
+    /// Fraction of GT objects that a predicted object of the same category
+    /// overlaps at IoU >= 0.5 (mean over images).
+    pub object_recall: f64,
+    /// Fraction of GT triplets whose subject and object are both found so:
+    /// the recall a perfect predicate choice would reach (mean over images).
+    pub pair_recall: f64,
     /// Normalized predicate and its recall at each K.
     pub per_predicate: Vec<(String, Vec<f64>)>,
 }
@@ -538,6 +549,9 @@ impl Evaluator {
             invalid: 0,
             recall_sum: vec![0.0; ks.len()],
             recall_images: 0,
+            object_sum: 0.0,
+            object_images: 0,
+            pair_sum: 0.0,
             per_predicate: BTreeMap::new(),
         }
     }
@@ -554,10 +568,22 @@ impl Evaluator {
         self.failures += usize::from(pred.is_none());
         let empty = SceneGraph::default();
         let (p, g) = (Labels::new(pred.unwrap_or(&empty)), Labels::new(gt));
+        let found: Vec<bool> = (0..gt.objects.len())
+            .map(|i| {
+                (0..p.categories.len())
+                    .any(|j| p.categories[j] == g.categories[i] && iou(g.bbox(i), p.bbox(j)) >= IOU_THRESHOLD)
+            })
+            .collect();
+        if !found.is_empty() {
+            self.object_images += 1;
+            self.object_sum += found.iter().filter(|&&f| f).count() as f64 / found.len() as f64;
+        }
         let total = gt.relations.len();
         if total == 0 {
             return;
         }
+        let pairs = g.triplets.iter().filter(|t| found[t.0] && found[t.2]).count();
+        self.pair_sum += pairs as f64 / total as f64;
         // Rank of the first predicted triplet hitting each GT triplet.
         let ranks: Vec<Option<usize>> = g
             .triplets
@@ -619,6 +645,8 @@ impl Evaluator {
                 .map(|(&k, s)| (k, s / self.recall_images.max(1) as f64))
                 .collect(),
             mean_recall,
+            object_recall: self.object_sum / self.object_images.max(1) as f64,
+            pair_recall: self.pair_sum / self.recall_images.max(1) as f64,
             per_predicate,
         }
     }
@@ -1010,6 +1038,46 @@ mod tests {
         let nothing = Evaluator::default().summary();
         assert_eq!((nothing.images, nothing.failure_rate), (0, 0.0));
         assert_eq!(nothing.recall, vec![(20, 0.0), (50, 0.0), (100, 0.0)]);
+    }
+
+    #[test]
+    fn object_and_pair_recall_count_located_ground_truth() {
+        let g = SceneGraph {
+            objects: vec![
+                obj("a.1", [0.0, 0.0, 0.3, 0.3]),
+                obj("b.2", [0.5, 0.5, 1.0, 1.0]),
+                obj("c.3", [0.0, 0.6, 0.3, 0.9]),
+            ],
+            relations: vec![
+                Relation::new("a.1", "on", "b.2"),
+                Relation::new("c.3", "on", "b.2"),
+                Relation::new("a.1", "near", "c.3"),
+            ],
+        };
+        // a and c found; b at IoU 0.25; a d where b is (wrong category).
+        let p = SceneGraph {
+            objects: vec![
+                obj("a.1", [0.0, 0.0, 0.3, 0.3]),
+                obj("b.2", [0.75, 0.75, 1.0, 1.0]),
+                obj("c.3", [0.0, 0.6, 0.3, 0.9]),
+                obj("d.4", [0.5, 0.5, 1.0, 1.0]),
+            ],
+            relations: Vec::new(),
+        };
+        let mut ev = Evaluator::default();
+        ev.add(Some(&p), &g);
+        // A failure: nothing found.
+        ev.add(None, &g);
+        // No relations, every object found: counts for objects only.
+        let mut g3 = g.clone();
+        g3.relations.clear();
+        ev.add(Some(&g3), &g3);
+        let s = ev.summary();
+        // Objects: (2/3 + 0 + 1) / 3. Pairs (images 1, 2): a-near-c of 3, then 0.
+        close(s.object_recall, 5.0 / 9.0);
+        close(s.pair_recall, 1.0 / 6.0);
+        // Found pairs bound the recall: no relation was predicted.
+        close(s.recall[0].1, 0.0);
     }
 
     fn assert_bounded(r: &Rewards, w: &RewardWeights) {
