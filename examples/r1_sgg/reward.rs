@@ -982,11 +982,9 @@ mod tests {
         close(r.edge, 2.5); // wearing only: 5 * 1/2
     }
 
-    #[test]
-    fn evaluation_by_hand() {
-        let mut ev = Evaluator::new(&[1, 2, 3]);
-        // Image 1: a on b, c on b, a near c.
-        let g1 = SceneGraph {
+    /// a.1 on b.2, c.3 on b.2, a.1 near c.3; a and c small, b large.
+    fn abc() -> SceneGraph {
+        SceneGraph {
             objects: vec![
                 obj("a.1", [0.0, 0.0, 0.3, 0.3]),
                 obj("b.2", [0.5, 0.5, 1.0, 1.0]),
@@ -997,7 +995,14 @@ mod tests {
                 Relation::new("c.3", "on", "b.2"),
                 Relation::new("a.1", "near", "c.3"),
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn evaluation_by_hand() {
+        let mut ev = Evaluator::new(&[1, 2, 3]);
+        // Image 1: a on b, c on b, a near c.
+        let g1 = abc();
         // Predicted in order: a wrong triplet (b on a), then a near c, then
         // a on b. Hits: a-near-c at rank 1, a-on-b at rank 2, c-on-b never.
         let mut p1 = g1.clone();
@@ -1042,18 +1047,7 @@ mod tests {
 
     #[test]
     fn object_and_pair_recall_count_located_ground_truth() {
-        let g = SceneGraph {
-            objects: vec![
-                obj("a.1", [0.0, 0.0, 0.3, 0.3]),
-                obj("b.2", [0.5, 0.5, 1.0, 1.0]),
-                obj("c.3", [0.0, 0.6, 0.3, 0.9]),
-            ],
-            relations: vec![
-                Relation::new("a.1", "on", "b.2"),
-                Relation::new("c.3", "on", "b.2"),
-                Relation::new("a.1", "near", "c.3"),
-            ],
-        };
+        let g = abc();
         // a and c found; b at IoU 0.25; a d where b is (wrong category).
         let p = SceneGraph {
             objects: vec![
