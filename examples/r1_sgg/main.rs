@@ -511,7 +511,8 @@ impl<'a> Run<'a> {
 
     /// Evaluates on every evaluation set, logs the results as `stage`, writes
     /// every prediction beside its ground truth
-    /// (`predictions_<stage>_<split>.jsonl`), and draws the first images'
+    /// (`predictions_<stage>_<split>.jsonl`; a file given by `--eval-data`
+    /// names the split by its stem), and draws the first images'
     /// predictions (`predictions_<stage>.png`).
     fn eval_all(&self, stage: &str) -> AnyResult<Vec<(String, EvalSummary)>> {
         let mut metrics = MetricsLog::append(&self.path("eval.jsonl"))?;
@@ -521,8 +522,12 @@ impl<'a> Run<'a> {
             let summary = evaluate(&texts, samples);
             println!("{stage} on {name}: {}", describe(&summary));
             metrics.write(&eval_record(stage, None, name, &summary))?;
+            // A split read with --eval-data is named by its path: the file takes its stem.
+            let label = Path::new(name)
+                .file_stem()
+                .map_or(name.into(), |s| s.to_string_lossy());
             let mut predictions =
-                MetricsLog::create(&self.path(&format!("predictions_{stage}_{name}.jsonl")))?;
+                MetricsLog::create(&self.path(&format!("predictions_{stage}_{label}.jsonl")))?;
             for (s, text) in samples.iter().zip(&texts) {
                 predictions
                     .write(&json!({"id": s.id, "prediction": text, "ground_truth": graph_json(&s.graph)}))?;
