@@ -1,6 +1,6 @@
 #!/bin/bash
 # GRPO from demo4's SFT checkpoint (1b5e80c, seed 0): the demo's defaults plus a KL penalty.
-B=/work/runs/r1_sgg_diag
+B=${B:-/work/runs/r1_sgg_diag}
 I=/work/runs/demo4/sft.safetensors
 cd /work/runs/s5
 name=$1; shift
