@@ -256,8 +256,8 @@ struct GrpoArgs {
     /// Leave the box-coordinate tokens out of the policy loss: the rewards
     /// then steer only which objects and relations are written and how ids
     /// are copied, and the boxes stay where SFT put them. By default they
-    /// are trained, as in R1-SGG; with the KL penalty (`--beta`) the node
-    /// reward sharpens the tiny model's boxes instead of blurring them.
+    /// are trained, as in R1-SGG: with the KL penalty (`--beta`) this
+    /// locates more of the tiny model's objects instead of blurring them.
     #[arg(long)]
     freeze_box_tokens: bool,
     /// Evaluate on (up to 256) validation images every this many GRPO steps (0: never).
