@@ -11,7 +11,7 @@ use common::{assert_close, assert_close_rows, assert_within, Rng};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, DType, DeviceFault, Error, FusedLinearConfig,
-    LinearRows, LogProbConfig, LogProbGrads, LogProbSaved,
+    LinearRows, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs,
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -82,17 +82,17 @@ struct WeightGradBounds {
 }
 
 impl WeightGradBounds {
-    #[allow(clippy::too_many_arguments)]
+    /// For the op's inputs `host`, its forward `fwd` and the backward's
+    /// incoming `grads`.
     fn new<T: GpuFloat>(
         host: &LinearRows<T, i64>,
         cfg: &FusedLinearConfig,
-        lse: &[f32],
-        entropy: Option<&[f32]>,
-        g: &[f32],
-        g_h: Option<&[f32]>,
+        fwd: &LogProbs,
+        grads: &LogProbGrads,
         dlogit_err: &(dyn Fn(usize) -> f64 + Sync),
         tiny: f64,
     ) -> Self {
+        let (lse, entropy, g, g_h) = (&fwd.lse, fwd.entropy.as_deref(), grads.logp, grads.entropy);
         let h = host.hidden_size;
         let t = cfg.logprob.temperature as f64;
         let active: Vec<usize> = (0..host.targets.len())
@@ -303,16 +303,7 @@ fn check<T: GpuFloat>(gpu: &Gpu, c: Case, seed: u64) {
     );
     // dW and db sum a column of dlogits over the rows, so their errors do
     // not scale with their own values where rows cancel: bound each element.
-    let bounds = WeightGradBounds::new(
-        &host,
-        &cfg,
-        &want.lse,
-        want.entropy.as_deref(),
-        &g,
-        c.entropy.then_some(&g_h[..]),
-        &dlogit_err,
-        tiny,
-    );
+    let bounds = WeightGradBounds::new(&host, &cfg, &want, &grads, &dlogit_err, tiny);
     assert_within(
         &format!("dW {what}"),
         &to32(&down(gpu, &got_d.weight)),

@@ -149,7 +149,7 @@ pub(crate) struct GroupStats {
     /// `sum (r - mean)^2`.
     sq_dev: f64,
     /// Standard deviation in the mode's convention (`AdvantageMode::unbiased`);
-    /// 0 for a flat group or a divisor of 0.
+    /// 0 for a flat group (its `sq_dev` is 0) or a divisor of 0.
     std: f64,
     /// All rewards exactly equal (or a single one).
     flat: bool,
@@ -244,23 +244,25 @@ impl GroupStats {
         } else {
             r.map(|x| (x - mean) * (x - mean)).sum()
         };
-        let div = if unbiased {
-            group_size.saturating_sub(1)
-        } else {
-            group_size
-        };
-        let std = if flat || div == 0 {
-            0.0
-        } else {
-            (sq_dev / div as f64).sqrt()
-        };
         GroupStats {
             sum,
             mean,
             sq_dev,
-            std,
+            std: std_of(sq_dev, group_size, unbiased),
             flat,
         }
+    }
+}
+
+/// Standard deviation from a sum of squared deviations over `count` values,
+/// divided by `count - 1` if `unbiased`; 0 where that divisor is 0.
+#[inline(always)]
+fn std_of(sq_dev: f64, count: usize, unbiased: bool) -> f64 {
+    let div = if unbiased { count.saturating_sub(1) } else { count };
+    if div == 0 {
+        0.0
+    } else {
+        (sq_dev / div as f64).sqrt()
     }
 }
 
@@ -417,17 +419,12 @@ fn stats_and_advantages(
 /// the result does not depend on threads.
 fn batch_std(stats: &[GroupStats], g: usize, unbiased: bool) -> f64 {
     let count = stats.len() * g;
-    let div = if unbiased { count - 1 } else { count };
-    if div == 0 {
-        // A single reward: its group is flat, so the std is never used.
-        return 0.0;
-    }
     let mean = stats.iter().map(|s| s.sum).sum::<f64>() / count as f64;
     let sq_dev: f64 = stats
         .iter()
         .map(|s| s.sq_dev + g as f64 * (s.mean - mean).powi(2))
         .sum();
-    (sq_dev / div as f64).sqrt()
+    std_of(sq_dev, count, unbiased)
 }
 
 /// Repeats each sequence's value over its tokens: `[S]` in, `[N]` out, with
