@@ -1,5 +1,6 @@
 //! A small vision-language model in the shape of Qwen2-VL, scaled down to
-//! train on a laptop: a ViT over image patches, a 2-layer MLP projector into
+//! train on a laptop: a ViT over image patches (in the tiny preset, cut from
+//! the features of a 3x3 convolution, see [`PixelStem`]), a 2-layer MLP projector into
 //! the LM width, and a decoder-only LM (RMSNorm, RoPE attention, SwiGLU)
 //! reading `[image tokens][text tokens]`. The LM head is an untied `[V, H]`
 //! weight so training can call the crate's fused linear log-prob op on
@@ -13,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_nn::init::NormalOrUniform;
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{linear_no_bias, Init, Linear, VarBuilder, VarMap};
+use candle_nn::{conv2d, linear_no_bias, Conv2d, Conv2dConfig, Init, Linear, VarBuilder, VarMap};
 use grpo_kernels::candle::nn::{rope, rope_tables, softmax_last_dim, RmsNorm};
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,9 @@ pub struct VlmConfig {
     pub image_size: usize,
     /// Side of a square patch (one image token each).
     pub patch_size: usize,
+    /// Per-pixel features computed before the patches are cut, if any.
+    #[serde(default)]
+    pub stem: Option<PixelStem>,
     pub vit_dim: usize,
     pub vit_layers: usize,
     pub vit_heads: usize,
@@ -60,12 +64,33 @@ pub struct NumberTokens {
     pub basis: usize,
 }
 
+/// A convolution with GELU over the image, ahead of the patch embedding:
+/// each patch is then embedded from `channels` learned features per pixel
+/// instead of raw RGB. The patch embedding is linear, so without a stem it
+/// cannot threshold a shape's colour against the noisy background pixel by
+/// pixel; with one, where an object's edge falls inside a patch becomes a
+/// linear read-out, which is what box coordinates need. On the demo's data
+/// (2400 SFT steps, 512 validation images) a 16-channel 3x3 stem raised the
+/// objects found from 35.4% to 40.0% and R@50 from 2.9% to 4.5%; a 1x1 stem
+/// (colour alone, no neighbours) reached 37.4% and 3.0%.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PixelStem {
+    /// Features per pixel.
+    pub channels: usize,
+    /// Odd kernel side: 1 looks at each pixel alone, 3 at its neighbours too.
+    pub kernel: usize,
+}
+
 impl VlmConfig {
     /// About 1M parameters: trains on two CPU cores in minutes.
     pub fn tiny(vocab_size: usize) -> Self {
         Self {
             image_size: 64,
             patch_size: 8,
+            stem: Some(PixelStem {
+                channels: 16,
+                kernel: 3,
+            }),
             vit_dim: 64,
             vit_layers: 2,
             vit_heads: 4,
@@ -85,6 +110,8 @@ impl VlmConfig {
         Self {
             image_size: 64,
             patch_size: 4,
+            // Raw-RGB patches, as its GPU throughput was measured; not yet trained with a stem.
+            stem: None,
             vit_dim: 256,
             vit_layers: 4,
             vit_heads: 8,
@@ -314,6 +341,7 @@ pub struct KvCache {
 /// The vision-language model.
 pub struct Vlm {
     cfg: VlmConfig,
+    stem: Option<Conv2d>,
     patch: Linear,
     /// Learned patch positions, added to the fixed `grid` ones.
     patch_pos: Tensor,
@@ -378,8 +406,23 @@ impl Vlm {
             .map(|n| NumberRows::new(n, cfg.vocab_size, cfg.lm_dim, vb.pp("numbers")))
             .transpose()?;
         let grid = grid_positions(cfg.image_size / p, cfg.vit_dim, &device)?;
+        let stem = cfg
+            .stem
+            .map(|s| {
+                if s.kernel % 2 == 0 || s.channels == 0 {
+                    candle_core::bail!("model config: the stem needs channels and an odd kernel: {s:?}");
+                }
+                let conv = Conv2dConfig {
+                    padding: s.kernel / 2,
+                    ..Default::default()
+                };
+                conv2d(3, s.channels, s.kernel, conv, vb.pp("stem"))
+            })
+            .transpose()?;
+        let pixel_features = cfg.stem.map_or(3, |s| s.channels);
         Ok(Self {
-            patch: linear_no_bias(3 * p * p, cfg.vit_dim, vb.pp("patch"))?,
+            stem,
+            patch: linear_no_bias(pixel_features * p * p, cfg.vit_dim, vb.pp("patch"))?,
             patch_pos: vb.get_with_hints(
                 (cfg.image_tokens(), cfg.vit_dim),
                 "patch_pos",
@@ -459,10 +502,15 @@ impl Vlm {
                 s0 = self.cfg.image_size
             );
         }
-        let x = ((images - 0.5)? * 2.0)?
-            .reshape((b, 3, g, p, g, p))?
+        let mut x = ((images - 0.5)? * 2.0)?;
+        if let Some(stem) = &self.stem {
+            x = stem.forward(&x)?.gelu()?;
+        }
+        let f = x.dim(1)?;
+        let x = x
+            .reshape((b, f, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, g * g, 3 * p * p))?;
+            .reshape((b, g * g, f * p * p))?;
         let positions = (&self.patch_pos + &self.grid)?;
         let mut x = self.patch.forward(&x)?.broadcast_add(&positions)?;
         for block in &self.vit {
@@ -683,6 +731,10 @@ mod tests {
         VlmConfig {
             image_size: 16,
             patch_size: 8,
+            stem: Some(PixelStem {
+                channels: 4,
+                kernel: 3,
+            }),
             vit_dim: 16,
             vit_layers: 1,
             vit_heads: 2,
@@ -858,6 +910,27 @@ mod tests {
         assert_eq!(max_diff(&a, &b), 0.0);
         std::fs::write(dir.join("bad.json"), b"{").unwrap();
         assert!(load_config(&dir.join("bad.json")).is_err());
+        // A config written before the stem existed loads as a model without one.
+        let mut old = serde_json::to_value(m.config()).unwrap();
+        old.as_object_mut().unwrap().remove("stem");
+        std::fs::write(dir.join("old.json"), old.to_string()).unwrap();
+        let loaded = load_config(&dir.join("old.json")).unwrap();
+        assert_eq!(
+            loaded,
+            VlmConfig {
+                stem: None,
+                ..m.config().clone()
+            }
+        );
+        // An even kernel is refused with an error, not a shape panic later.
+        let even = VlmConfig {
+            stem: Some(PixelStem {
+                channels: 4,
+                kernel: 2,
+            }),
+            ..small()
+        };
+        assert!(Vlm::new(&even, SeededVars::builder(&VarMap::new(), 0, &Device::Cpu)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
