@@ -162,7 +162,7 @@ struct Common {
 /// Settings of the SFT stage.
 #[derive(Args)]
 struct SftArgs {
-    #[arg(long, default_value_t = 2400)]
+    #[arg(long, default_value_t = 2200)]
     sft_steps: usize,
     /// SFT batch size.
     #[arg(long, default_value_t = 16)]

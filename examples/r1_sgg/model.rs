@@ -64,14 +64,13 @@ pub struct NumberTokens {
     pub basis: usize,
 }
 
-/// A convolution with ReLU over the image, ahead of the patch embedding:
+/// A convolution with GELU over the image, ahead of the patch embedding:
 /// each patch is then embedded from `channels` learned features per pixel
 /// instead of raw RGB. The patch embedding is linear, so without a stem it
 /// cannot threshold a shape's colour against the noisy background pixel by
 /// pixel; with one, where an object's edge falls inside a patch becomes a
 /// linear read-out, which is what box coordinates need. On the demo's data
-/// (2400 SFT steps, 512 validation images) a 16-channel 3x3 stem with GELU
-/// raised the objects found from 35.4% to 40.0% and R@50 from 2.9% to 4.5%;
+/// (2400 SFT steps, 512 validation images) a 16-channel 3x3 stem raised the objects found from 35.4% to 40.0% and R@50 from 2.9% to 4.5%;
 /// a 1x1 stem (colour alone, no neighbours) reached 37.4% and 3.0%.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PixelStem {
@@ -336,12 +335,10 @@ fn grid_positions(g: usize, dim: usize, device: &Device) -> Result<Tensor> {
 /// `[B, C, S, S]` (`G = S / P`), each patch's features in (row, column,
 /// channel) order, where `conv` (stride 1, zero padding keeping the size)
 /// is applied as one matmul over each pixel's unfolded `k x k`
-/// neighbourhood followed by ReLU. The images are inputs, so unfolding and
+/// neighbourhood followed by GELU. The images are inputs, so unfolding and
 /// reordering them is not differentiated, and the features come out
 /// already in patch order; candle's conv2d would also work out the images'
-/// gradient. ReLU rather than GELU: candle differentiates GELU through a
-/// dozen elementwise ops, which on a million features a batch cost more
-/// than the rest of the stem.
+/// gradient.
 fn stem_patches(images: &Tensor, conv: &Conv2d, p: usize) -> Result<Tensor> {
     let (b, c, s, _) = images.dims4()?;
     let (f, _, k, _) = conv.weight().dims4()?;
@@ -360,7 +357,7 @@ fn stem_patches(images: &Tensor, conv: &Conv2d, p: usize) -> Result<Tensor> {
     if let Some(bias) = conv.bias() {
         out = out.broadcast_add(bias)?;
     }
-    out.relu()?.reshape((b, g * g, p * p * f))
+    out.gelu()?.reshape((b, g * g, p * p * f))
 }
 
 /// Keys and values of every LM layer for the positions decoded so far.
@@ -983,7 +980,7 @@ mod tests {
             let expected = conv
                 .forward(&images)
                 .unwrap()
-                .relu()
+                .gelu()
                 .unwrap()
                 .reshape((b, f, g, p, g, p))
                 .unwrap()
