@@ -53,7 +53,7 @@ use checkpoint::{AdamW, TrainingState};
 use data::{generate_split, load_jsonl, render_preview, write_dataset, Sample, Split};
 use format::{graph_json, parse_answer};
 use metrics::MetricsLog;
-use model::{NumberTokens, SeededVars, Vlm, VlmConfig};
+use model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
 use plot::{line_chart_png, panels_png, smooth, Panel, Series};
 use reward::{EdgeReward, EvalSummary, RewardWeights};
 use tokenizer::Tokenizer;
@@ -154,6 +154,10 @@ struct Common {
     /// Cosine basis functions of the box-coordinate tokens' smooth part (0: none).
     #[arg(long, default_value_t = 64)]
     number_basis: usize,
+    /// Channels of a 3x3 convolution stem ahead of the patch embedding of a
+    /// new model (0: none, the patches are embedded from raw RGB).
+    #[arg(long, default_value_t = 0)]
+    pixel_stem: usize,
     /// Write a checkpoint every this many steps (and always at the end and on Ctrl-C).
     #[arg(long, default_value_t = 200)]
     save_every: usize,
@@ -162,7 +166,7 @@ struct Common {
 /// Settings of the SFT stage.
 #[derive(Args)]
 struct SftArgs {
-    #[arg(long, default_value_t = 2200)]
+    #[arg(long, default_value_t = 2400)]
     sft_steps: usize,
     /// SFT batch size.
     #[arg(long, default_value_t = 16)]
@@ -344,7 +348,11 @@ impl<'a> Run<'a> {
                     other => return Err(format!("--preset must be tiny or gpu, got {other}").into()),
                 };
                 let numbers = number_tokens(&tok, common.number_basis);
-                (tok, VlmConfig { numbers, ..cfg })
+                let stem = (common.pixel_stem > 0).then_some(PixelStem {
+                    channels: common.pixel_stem,
+                    kernel: 3,
+                });
+                (tok, VlmConfig { numbers, stem, ..cfg })
             }
         };
         if cfg.vocab_size != tok.vocab_size() {
