@@ -1,6 +1,6 @@
 //! A small vision-language model in the shape of Qwen2-VL, scaled down to
-//! train on a laptop: a ViT over image patches (in the tiny preset, cut from
-//! the features of a 3x3 convolution, see [`PixelStem`]), a 2-layer MLP projector into
+//! train on a laptop: a ViT over image patches (optionally cut from the
+//! features of a convolution, see [`PixelStem`]), a 2-layer MLP projector into
 //! the LM width, and a decoder-only LM (RMSNorm, RoPE attention, SwiGLU)
 //! reading `[image tokens][text tokens]`. The LM head is an untied `[V, H]`
 //! weight so training can call the crate's fused linear log-prob op on
