@@ -43,6 +43,8 @@
 //! test), averaged over images with at least one GT triplet, and mean
 //! recall mR@K (the same per predicate, averaged over the images holding
 //! that predicate, then over predicates). Failed outputs recall nothing.
+//! [`RelativeGain`] compares two checkpoints' recall on the same images,
+//! image by image, with a 95% interval.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -494,9 +496,9 @@ pub struct Evaluator {
     failures: usize,
     /// Outputs added by [`add_parsed`](Self::add_parsed) that break a format rule.
     invalid: usize,
-    /// Per K: summed per-image recall, and the images with GT triplets.
-    recall_sum: Vec<f64>,
+    /// Images with GT triplets, and per K the recall of each, in the order added.
     recall_images: usize,
+    image_recall: Vec<Vec<f64>>,
     /// Summed per-image object recall, and the images with GT objects.
     object_sum: f64,
     object_images: usize,
@@ -527,6 +529,10 @@ pub struct EvalSummary {
     pub invalid_rate: f64,
     /// `(K, R@K)`.
     pub recall: Vec<(usize, f64)>,
+    /// `(K, recall of each image with GT triplets, in the order added)`:
+    /// R@K is their mean. Two checkpoints evaluated on the same images are
+    /// compared image by image with [`RelativeGain::paired`].
+    pub image_recall: Vec<(usize, Vec<f64>)>,
     /// `(K, mR@K)`.
     pub mean_recall: Vec<(usize, f64)>,
     /// Fraction of GT objects that a predicted object of the same category
@@ -547,8 +553,8 @@ impl Evaluator {
             images: 0,
             failures: 0,
             invalid: 0,
-            recall_sum: vec![0.0; ks.len()],
             recall_images: 0,
+            image_recall: vec![Vec::new(); ks.len()],
             object_sum: 0.0,
             object_images: 0,
             pair_sum: 0.0,
@@ -598,8 +604,8 @@ impl Evaluator {
                 .count()
         };
         self.recall_images += 1;
-        for (sum, &k) in self.recall_sum.iter_mut().zip(&self.ks) {
-            *sum += recalled(k, &|_| true) as f64 / total as f64;
+        for (recalls, &k) in self.image_recall.iter_mut().zip(&self.ks) {
+            recalls.push(recalled(k, &|_| true) as f64 / total as f64);
         }
         let mut predicates: Vec<&String> = g.triplets.iter().map(|t| &t.1).collect();
         predicates.sort();
@@ -641,9 +647,10 @@ impl Evaluator {
             recall: self
                 .ks
                 .iter()
-                .zip(&self.recall_sum)
-                .map(|(&k, s)| (k, s / self.recall_images.max(1) as f64))
+                .zip(&self.image_recall)
+                .map(|(&k, r)| (k, mean(r)))
                 .collect(),
+            image_recall: self.ks.iter().copied().zip(self.image_recall.clone()).collect(),
             mean_recall,
             object_recall: self.object_sum / self.object_images.max(1) as f64,
             pair_recall: self.pair_sum / self.recall_images.max(1) as f64,
@@ -652,11 +659,57 @@ impl Evaluator {
     }
 }
 
+/// The mean of `values` (0 when empty).
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// The relative change of a mean between two evaluations of the same
+/// images, `gain = mean(after) / mean(before) - 1`, with a 95% interval.
+///
+/// The interval is `gain +- 1.96 se` by the delta method for a ratio of
+/// means (Cochran, *Sampling Techniques*, 3rd ed., 1977, sec. 6.3): with
+/// `r = mean(after) / mean(before)` and the linearized terms
+/// `z_i = (after_i - r before_i) / mean(before)` (which sum to 0),
+/// `se^2 = sum z_i^2 / (n (n - 1))`. Pairing matters: both checkpoints
+/// find the same easy images, so the per-image terms cancel much of the
+/// spread that two independent means would carry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelativeGain {
+    /// `mean(after) / mean(before) - 1`.
+    pub gain: f64,
+    /// Half-width of the 95% interval, `1.96 se`.
+    pub half_width: f64,
+}
+
+impl RelativeGain {
+    /// Compares `after` with `before`, image by image. `None` when the two
+    /// differ in length, hold fewer than two images, or `before`'s mean is
+    /// not positive (no relative change is defined).
+    pub fn paired(before: &[f64], after: &[f64]) -> Option<Self> {
+        let n = before.len();
+        let base = mean(before);
+        if n != after.len() || n < 2 || base.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            return None;
+        }
+        let ratio = mean(after) / base;
+        let squares: f64 = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| ((a - ratio * b) / base).powi(2))
+            .sum();
+        Some(Self {
+            gain: ratio - 1.0,
+            half_width: 1.96 * (squares / (n * (n - 1)) as f64).sqrt(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::format::{answer_text, augment, graph_json};
-    use crate::scene::{Object, Relation};
+    use crate::scene::{Object, Relation, Rng};
     use proptest::prelude::*;
 
     const TOL: f64 = 1e-6;
@@ -1040,6 +1093,17 @@ mod tests {
             close(*got, want);
         }
         assert_eq!(s.recall.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        // Per image, in the order added (image 3 has no GT triplets).
+        for ((k, recalls), want) in
+            s.image_recall
+                .iter()
+                .zip([[0.0, 0.0], [1.0 / 3.0, 0.0], [2.0 / 3.0, 0.0]])
+        {
+            assert_eq!(recalls.len(), 2, "K = {k}");
+            for (got, want) in recalls.iter().zip(want) {
+                close(*got, want);
+            }
+        }
         let nothing = Evaluator::default().summary();
         assert_eq!((nothing.images, nothing.failure_rate), (0, 0.0));
         assert_eq!(nothing.recall, vec![(20, 0.0), (50, 0.0), (100, 0.0)]);
@@ -1072,6 +1136,85 @@ mod tests {
         close(s.pair_recall, 1.0 / 6.0);
         // Found pairs bound the recall: no relation was predicted.
         close(s.recall[0].1, 0.0);
+    }
+
+    #[test]
+    fn relative_gain_by_hand() {
+        // Means 0.5 -> 0.75: r = 1.5; z = (a - 1.5 b) / 0.5 = -1, 2, -1, 0;
+        // se^2 = (1 + 4 + 1) / (4 * 3) = 0.5.
+        let g = RelativeGain::paired(&[1.0, 0.0, 1.0, 0.0], &[1.0, 1.0, 1.0, 0.0]).unwrap();
+        close(g.gain, 0.5);
+        close(g.half_width, 1.96 * 0.5f64.sqrt());
+        // Identical evaluations: no change, no spread.
+        let same = RelativeGain::paired(&[0.2, 0.5, 0.0], &[0.2, 0.5, 0.0]).unwrap();
+        assert_eq!((same.gain, same.half_width), (0.0, 0.0));
+        for (before, after) in [
+            (&[1.0, 0.0][..], &[1.0][..]),
+            (&[1.0][..], &[1.0][..]),
+            (&[0.0, 0.0][..], &[1.0, 0.0][..]),
+            (&[f64::NAN, 1.0][..], &[1.0, 0.0][..]),
+            (&[][..], &[][..]),
+        ] {
+            assert_eq!(
+                RelativeGain::paired(before, after),
+                None,
+                "{before:?} -> {after:?}"
+            );
+        }
+    }
+
+    /// The delta-method interval against a percentile bootstrap (plain f64,
+    /// resampling images with replacement) on recall-like data: mostly 0,
+    /// correlated between the two evaluations.
+    #[test]
+    fn relative_gain_interval_agrees_with_a_bootstrap() {
+        let mut rng = Rng::new(7);
+        let levels = [0.0, 1.0 / 3.0, 0.5, 1.0];
+        let n = 777;
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let b = if rng.uniform() < 0.15 {
+                levels[1 + rng.below(3)]
+            } else {
+                0.0
+            };
+            let a = if rng.uniform() < 0.7 {
+                b
+            } else if rng.uniform() < 0.2 {
+                levels[1 + rng.below(3)]
+            } else {
+                0.0
+            };
+            before.push(b);
+            after.push(a);
+        }
+        let g = RelativeGain::paired(&before, &after).unwrap();
+        let ratio = after.iter().sum::<f64>() / before.iter().sum::<f64>();
+        close(g.gain, ratio - 1.0);
+        let mut gains: Vec<f64> = (0..4000)
+            .map(|_| {
+                let (mut sb, mut sa) = (0.0, 0.0);
+                for _ in 0..n {
+                    let i = rng.below(n);
+                    sb += before[i];
+                    sa += after[i];
+                }
+                sa / sb - 1.0
+            })
+            .collect();
+        gains.sort_by(f64::total_cmp);
+        let (lo, hi) = (gains[100], gains[3899]);
+        let boot_half = (hi - lo) / 2.0;
+        assert!(
+            (g.half_width / boot_half - 1.0).abs() < 0.15,
+            "delta method +-{:.4}, bootstrap +-{boot_half:.4}",
+            g.half_width
+        );
+        assert!(
+            g.half_width > 0.02,
+            "a spread this data must show: {}",
+            g.half_width
+        );
     }
 
     fn assert_bounded(r: &Rewards, w: &RewardWeights) {
