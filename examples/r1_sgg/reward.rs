@@ -673,7 +673,9 @@ fn mean(values: &[f64]) -> f64 {
 /// `z_i = (after_i - r before_i) / mean(before)` (which sum to 0),
 /// `se^2 = sum z_i^2 / (n (n - 1))`. Pairing matters: both checkpoints
 /// find the same easy images, so the per-image terms cancel much of the
-/// spread that two independent means would carry.
+/// spread that two independent means would carry. The interval is
+/// symmetric; when only a few dozen triplets are recalled at all, the
+/// true one is skewed upward (a bootstrap over images shows it).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RelativeGain {
     /// `mean(after) / mean(before) - 1`.
