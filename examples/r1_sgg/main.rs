@@ -704,8 +704,13 @@ fn demo(common: &Common, sft_args: &SftArgs, grpo_args: &GrpoArgs) -> AnyResult<
     Ok(())
 }
 
+/// The entry for `k` of a per-K list of an [`EvalSummary`].
+fn entry_at<T>(list: &[(usize, T)], k: usize) -> Option<&T> {
+    list.iter().find(|(kk, _)| *kk == k).map(|(_, v)| v)
+}
+
 fn at_k(list: &[(usize, f64)], k: usize) -> f64 {
-    list.iter().find(|(kk, _)| *kk == k).map_or(0.0, |p| p.1)
+    entry_at(list, k).copied().unwrap_or(0.0)
 }
 
 fn describe(s: &EvalSummary) -> String {
@@ -778,16 +783,13 @@ fn eval_table(stages: &[(&str, &Vec<(String, EvalSummary)>)]) -> String {
 /// hundred images a recall of a few percent moves by tens of percent
 /// between runs, and the interval says how much of a gain that covers.
 fn recall_gains(sft: &[(String, EvalSummary)], grpo: &[(String, EvalSummary)], k: usize) -> String {
-    fn per_image(s: &EvalSummary, k: usize) -> &[f64] {
-        s.image_recall
-            .iter()
-            .find(|(kk, _)| *kk == k)
-            .map_or(&[], |(_, r)| r.as_slice())
-    }
     let mut text = format!("GRPO against SFT, R@{k} on the same images (relative change, 95% interval):\n\n");
     for ((split, before), (_, after)) in sft.iter().zip(grpo) {
         let (b, a) = (100.0 * at_k(&before.recall, k), 100.0 * at_k(&after.recall, k));
-        text += &match RelativeGain::paired(per_image(before, k), per_image(after, k)) {
+        text += &match RelativeGain::paired(
+            entry_at(&before.image_recall, k).map_or(&[], Vec::as_slice),
+            entry_at(&after.image_recall, k).map_or(&[], Vec::as_slice),
+        ) {
             Some(g) => format!(
                 "- {split}: {b:.1}% -> {a:.1}%, {:+.0}% ({:+.0}% to {:+.0}%)\n",
                 100.0 * g.gain,
