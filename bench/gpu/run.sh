@@ -87,7 +87,7 @@ PY
     r1sgg)
       # SFT, GRPO from it, and evaluation of the result, each a short run
       # (a stage stopped at the limit saves its checkpoint, as at Ctrl-C).
-      ex=$bin/example_r1_sgg demo=/tmp/r1sgg-gpu
+      ex=$bin/app_r1-sgg demo=/tmp/r1sgg-gpu
       rm -rf $demo
       gpu="--preset gpu --device cuda --out $demo --train-size 2000 --save-every 0"
       mkdir -p "$out/r1sgg"

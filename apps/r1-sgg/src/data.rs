@@ -1220,9 +1220,7 @@ mod tests {
     use crate::scene::iou;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("examples/r1_sgg/fixtures")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
     }
 
     #[test]

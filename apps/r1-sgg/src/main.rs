@@ -1,43 +1,4 @@
-//! R1-SGG ("Compile Scene Graphs with Reinforcement Learning", Chen et al.,
-//! 2025) on candle with grpo-kernels: a vision-language model learns to
-//! write an image's scene graph (objects with boxes, relation triplets) as
-//! JSON, by supervised fine-tuning and then GRPO with the graph rewards.
-//!
-//! ```text
-//! cargo run --release --features candle --example r1_sgg -- demo
-//! cargo run --release --features candle --example r1_sgg -- --help
-//! ```
-//!
-//! `demo` runs everything on synthetic scenes (shapes and their spatial
-//! relations; no download): SFT, evaluation, GRPO, evaluation on the
-//! validation, test and shifted splits, and writes to `runs/demo/` the
-//! checkpoints (weights and optimizer state, `model.json`,
-//! `tokenizer.json`), metrics (`sft.jsonl`, `grpo.jsonl`, `eval.jsonl`),
-//! charts (PNG), pictures of
-//! predictions and a summary. `data` writes the synthetic dataset to disk
-//! in R1-SGG's layout; `sft`, `grpo` and `eval` run one stage, on the
-//! synthetic data or on a JSONL file of real images in R1-SGG's format
-//! (`--data train.jsonl`, see `data::load_jsonl`). Ctrl-C saves a
-//! checkpoint and stops; `--resume` continues an interrupted stage. With
-//! `--features candle-cuda` and `--device cuda` the same code trains on a
-//! GPU, and the crate's ops run as CUDA kernels.
-
-// The data, format and reward modules are a library for scene-graph RL: the
-// CLI uses part of their API, their tests the rest.
-mod checkpoint;
-#[allow(dead_code)]
-mod data;
-#[allow(dead_code)]
-mod format;
-mod metrics;
-mod model;
-mod plot;
-#[allow(dead_code)]
-mod reward;
-#[allow(dead_code)]
-mod scene;
-mod tokenizer;
-mod train;
+//! The `r1-sgg` command line: see the library's docs (`r1_sgg`).
 
 use std::fs;
 use std::io::IsTerminal;
@@ -49,15 +10,15 @@ use candle_nn::VarMap;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use checkpoint::{AdamW, TrainingState};
-use data::{generate_split, load_jsonl, render_preview, write_dataset, Sample, Split};
-use format::{graph_json, parse_answer};
-use metrics::MetricsLog;
-use model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
-use plot::{line_chart_png, panels_png, smooth, Panel, Series};
-use reward::{EdgeReward, EvalSummary, RelativeGain, RewardWeights};
-use tokenizer::Tokenizer;
-use train::{
+use r1_sgg::checkpoint::{AdamW, TrainingState};
+use r1_sgg::data::{generate_split, load_jsonl, render_preview, write_dataset, Sample, Split};
+use r1_sgg::format::{graph_json, parse_answer};
+use r1_sgg::metrics::MetricsLog;
+use r1_sgg::model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
+use r1_sgg::plot::{line_chart_png, panels_png, smooth, Panel, Series};
+use r1_sgg::reward::{EdgeReward, EvalSummary, RelativeGain, RewardWeights};
+use r1_sgg::tokenizer::Tokenizer;
+use r1_sgg::train::{
     adamw, evaluate, grpo, grpo_defaults, predict, sft, Hooks, Learner, LossVariant, SftConfig, FORM,
 };
 
@@ -143,7 +104,7 @@ struct Common {
     /// Model size: `tiny` (CPU) or `gpu`.
     #[arg(long, default_value = "tiny")]
     preset: String,
-    /// `cpu`, or `cuda` (needs --features candle-cuda).
+    /// `cpu`, or `cuda` (needs --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, default_value_t = 0)]
@@ -270,7 +231,7 @@ struct GrpoArgs {
 }
 
 fn main() -> AnyResult<()> {
-    checkpoint::install_interrupt_handler()?;
+    r1_sgg::checkpoint::install_interrupt_handler()?;
     match Cli::parse().command {
         Command::Demo { common, sft, grpo } => demo(&common, &sft, &grpo),
         Command::Data {
@@ -336,12 +297,12 @@ impl<'a> Run<'a> {
                 let tok = if tok_file.is_file() {
                     Tokenizer::from_file(&tok_file)?
                 } else {
-                    Tokenizer::new(&scene::SYNTHETIC, 32)
+                    Tokenizer::new(&r1_sgg::scene::SYNTHETIC, 32)
                 };
-                (tok, model::load_config(&folder.join("model.json"))?)
+                (tok, r1_sgg::model::load_config(&folder.join("model.json"))?)
             }
             None => {
-                let tok = Tokenizer::new(&scene::SYNTHETIC, 32);
+                let tok = Tokenizer::new(&r1_sgg::scene::SYNTHETIC, 32);
                 let cfg = match common.preset.as_str() {
                     "tiny" => VlmConfig::tiny(tok.vocab_size()),
                     "gpu" => VlmConfig::gpu(tok.vocab_size()),
@@ -366,7 +327,7 @@ impl<'a> Run<'a> {
         let mut vars = VarMap::new();
         let model = Vlm::new(&cfg, SeededVars::builder(&vars, common.seed, &device))?;
         if let Some(ckpt) = &common.init {
-            checkpoint::load(ckpt, &mut vars, None)?;
+            r1_sgg::checkpoint::load(ckpt, &mut vars, None)?;
         }
         let size = cfg.image_size as u32;
         let t0 = Instant::now();
@@ -424,7 +385,7 @@ impl<'a> Run<'a> {
         let ckpt = self.path(&format!("{stage}.safetensors"));
         let metrics_path = self.path(&format!("{stage}.jsonl"));
         if self.common.resume && ckpt.is_file() {
-            let state = checkpoint::load(&ckpt, &mut self.vars, Some(&mut opt))?;
+            let state = r1_sgg::checkpoint::load(&ckpt, &mut self.vars, Some(&mut opt))?;
             if state.stage != stage {
                 return Err(format!("{}: a {} checkpoint, not {stage}", ckpt.display(), state.stage).into());
             }
@@ -437,7 +398,7 @@ impl<'a> Run<'a> {
     /// Writes `<stage>.safetensors` (weights, optimizer, next step),
     /// `model.json` and `tokenizer.json` into the output folder.
     fn save(&self, stage: &str, next_step: usize, opt: &AdamW) -> AnyResult<()> {
-        model::save_config(&self.cfg, &self.path("model.json"))?;
+        r1_sgg::model::save_config(&self.cfg, &self.path("model.json"))?;
         self.tok.save(&self.path("tokenizer.json"))?;
         let state = TrainingState {
             stage: stage.to_string(),
@@ -445,7 +406,7 @@ impl<'a> Run<'a> {
             seed: self.common.seed,
             extra: Default::default(),
         };
-        checkpoint::save(
+        r1_sgg::checkpoint::save(
             &self.path(&format!("{stage}.safetensors")),
             &self.vars,
             Some(opt),
@@ -640,7 +601,7 @@ impl Hooks for Recorder<'_, '_> {
         if self.eval_every > 0 && (step + 1) % self.eval_every == 0 {
             self.eval_val(step + 1).map_err(wrap)?;
         }
-        if checkpoint::interrupted() {
+        if r1_sgg::checkpoint::interrupted() {
             self.interrupted_at = Some(step);
             return Ok(false);
         }
@@ -675,7 +636,7 @@ fn demo(common: &Common, sft_args: &SftArgs, grpo_args: &GrpoArgs) -> AnyResult<
     }
     if common.resume && run.path("grpo.safetensors").is_file() {
         // GRPO started, so SFT finished: its weights are the SFT baseline.
-        checkpoint::load(&run.path("sft.safetensors"), &mut run.vars, None)?;
+        r1_sgg::checkpoint::load(&run.path("sft.safetensors"), &mut run.vars, None)?;
     } else if !run.sft(sft_args)? {
         return Ok(());
     }
@@ -947,7 +908,7 @@ mod tests {
 
     #[test]
     fn number_tokens_are_found_in_the_answer_tokenizer() {
-        let tok = Tokenizer::new(&scene::SYNTHETIC, 32);
+        let tok = Tokenizer::new(&r1_sgg::scene::SYNTHETIC, 32);
         let numbers = number_tokens(&tok, 64).unwrap();
         assert_eq!(numbers.count, 1001);
         assert_eq!(tok.encode("1000"), [numbers.first as u32 + 1000]);
