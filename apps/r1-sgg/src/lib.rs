@@ -22,13 +22,11 @@
 //! `--features cuda` and `--device cuda` the same code trains on a
 //! GPU, and the crate's ops run as CUDA kernels.
 
-pub mod checkpoint;
+pub mod cli;
 pub mod data;
-pub mod format;
-pub mod metrics;
+pub mod eval;
 pub mod model;
-pub mod plot;
+pub mod report;
 pub mod reward;
-pub mod scene;
-pub mod tokenizer;
 pub mod train;
+pub mod util;

@@ -37,7 +37,8 @@
 
 use serde_json::Value;
 
-use crate::scene::{category_of, Object, Relation, Rng, SceneGraph, Vocabulary};
+use crate::data::scene::{category_of, Object, Relation, SceneGraph, Vocabulary};
+use crate::util::rng::Rng;
 
 /// Box coordinates in the answer are normalized coordinates times this.
 pub const BOX_UNITS: f64 = 1000.0;
@@ -364,8 +365,8 @@ fn read_relation(r: &Value) -> Option<Relation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{generate_split, Split};
-    use crate::scene::SYNTHETIC;
+    use crate::data::scene::SYNTHETIC;
+    use crate::data::synthetic::{generate_split, Split};
     use proptest::prelude::*;
 
     fn graph() -> SceneGraph {

@@ -3,7 +3,6 @@
 //! `epaint_default_fonts` crate embeds, so no font (and no system library) is
 //! looked up at run time.
 
-use std::error::Error;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -59,7 +58,7 @@ pub fn line_chart_png(
     x_label: &str,
     y_label: &str,
     series: &[Series<'_>],
-) -> Result<(), Box<dyn Error>> {
+) -> anyhow::Result<()> {
     render(path, CHART, |root| {
         draw_chart(root, title, x_label, y_label, series)
     })
@@ -67,7 +66,7 @@ pub fn line_chart_png(
 
 /// Writes `panels` as a grid of line charts (two per row, each 800x450 like
 /// [`line_chart_png`]) under a common `title`, as one PNG at `path`.
-pub fn panels_png(path: &Path, title: &str, panels: &[Panel<'_>]) -> Result<(), Box<dyn Error>> {
+pub fn panels_png(path: &Path, title: &str, panels: &[Panel<'_>]) -> anyhow::Result<()> {
     let cols = panels.len().clamp(1, 2);
     let rows = panels.len().div_ceil(cols).max(1);
     let size = (CHART.0 * cols as u32, TITLE_BAND + CHART.1 * rows as u32);
@@ -103,7 +102,7 @@ pub fn smooth(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 type Area<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
 
 /// Registers the embedded font with plotters (once per process).
-fn register_font() -> Result<(), Box<dyn Error>> {
+fn register_font() -> anyhow::Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT).is_ok()
@@ -111,7 +110,7 @@ fn register_font() -> Result<(), Box<dyn Error>> {
     if ok {
         Ok(())
     } else {
-        Err("the embedded font could not be parsed".into())
+        Err(anyhow::anyhow!("the embedded font could not be parsed"))
     }
 }
 
@@ -119,8 +118,8 @@ fn register_font() -> Result<(), Box<dyn Error>> {
 fn render(
     path: &Path,
     size: (u32, u32),
-    draw: impl FnOnce(&Area<'_>) -> Result<(), Box<dyn Error>>,
-) -> Result<(), Box<dyn Error>> {
+    draw: impl FnOnce(&Area<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     register_font()?;
     let mut pixels = vec![0u8; size.0 as usize * size.1 as usize * 3];
     {
@@ -129,7 +128,8 @@ fn render(
         draw(&root)?;
         root.present()?;
     }
-    let img = image::RgbImage::from_raw(size.0, size.1, pixels).ok_or("pixel buffer has the wrong size")?;
+    let img = image::RgbImage::from_raw(size.0, size.1, pixels)
+        .ok_or_else(|| anyhow::anyhow!("pixel buffer has the wrong size"))?;
     img.save_with_format(path, image::ImageFormat::Png)?;
     Ok(())
 }
@@ -212,7 +212,7 @@ fn draw_chart(
     x_label: &str,
     y_label: &str,
     series: &[Series<'_>],
-) -> Result<(), Box<dyn Error>> {
+) -> anyhow::Result<()> {
     let (xr, yr) = ranges(series);
     let (x_ticks, y_ticks) = (tick_format(xr.1 - xr.0), tick_format(yr.1 - yr.0));
     let mut chart = ChartBuilder::on(area)

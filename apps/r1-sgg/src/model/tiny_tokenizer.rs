@@ -24,8 +24,6 @@
 //! not downloadable here, and a tiny model learns much faster over pieces
 //! that are whole words of its output language.
 
-use std::error::Error;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::fuse::Fuse;
@@ -33,7 +31,7 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
-use crate::scene::Vocabulary;
+use crate::data::scene::Vocabulary;
 
 /// Padding (never predicted).
 pub const PAD: u32 = 0;
@@ -112,27 +110,16 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
 
-/// Why a `tokenizer.json` could not be loaded by [`Tokenizer::from_file`]:
-/// the file is missing or unreadable, is not a `tokenizers` tokenizer, or is
-/// one whose special tokens are not those of this example.
-#[derive(Debug)]
+/// Why a `tokenizer.json` could not be saved or loaded by
+/// [`Tokenizer::from_file`]: the file is missing or unreadable, is not a
+/// `tokenizers` tokenizer, or is one whose special tokens are not those of
+/// this example.
+#[derive(Debug, thiserror::Error)]
+#[error("tokenizer {}: {reason}", path.display())]
 pub struct TokenizerFileError {
     path: PathBuf,
     reason: String,
 }
-
-impl fmt::Display for TokenizerFileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot load tokenizer {}: {}",
-            self.path.display(),
-            self.reason
-        )
-    }
-}
-
-impl Error for TokenizerFileError {}
 
 impl Tokenizer {
     /// The tokenizer of answers over `vocab`, with object numbers up to `max_objects`.
@@ -181,10 +168,11 @@ impl Tokenizer {
     }
 
     /// Writes the tokenizer to `path` as a Hugging Face `tokenizer.json`.
-    pub fn save(&self, path: &Path) -> Result<(), Box<dyn Error>> {
-        self.inner
-            .save(path, true)
-            .map_err(|e| format!("cannot save tokenizer {}: {e}", path.display()).into())
+    pub fn save(&self, path: &Path) -> Result<(), TokenizerFileError> {
+        self.inner.save(path, true).map_err(|e| TokenizerFileError {
+            path: path.to_path_buf(),
+            reason: format!("cannot save: {e}"),
+        })
     }
 
     /// Loads a `tokenizer.json` written by [`Tokenizer::save`]. A missing or
@@ -243,9 +231,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::data::{generate_split, Split};
-    use crate::format::answer_text;
-    use crate::scene::{PSG, SYNTHETIC, VG150};
+    use crate::data::format::answer_text;
+    use crate::data::scene::{PSG, SYNTHETIC, VG150};
+    use crate::data::synthetic::{generate_split, Split};
 
     /// The tokenizer before it became a `tokenizers` one (verbatim but for
     /// the id suffixes added to its piece list since): the reference the new
@@ -495,9 +483,8 @@ mod tests {
             let err = Tokenizer::from_file(&path).unwrap_err();
             assert!(err.to_string().contains("tokenizer.json"), "{err}");
         }
-        // The error converts for `?` in `Box<dyn Error>` code.
-        let _: Box<dyn Error> = Box::new(Tokenizer::from_file(&missing).unwrap_err());
-        let _: Box<dyn Error + Send + Sync> = Box::new(Tokenizer::from_file(&missing).unwrap_err());
+        // The error converts for `?` in `anyhow` code.
+        let _: anyhow::Error = Tokenizer::from_file(&missing).unwrap_err().into();
     }
 
     /// Pieces, near-pieces and arbitrary characters, to exercise long matches,

@@ -1,7 +1,7 @@
 //! Resumable training checkpoints: the model weights, the AdamW state and
-//! where training stood, in one safetensors file written atomically, plus a
-//! Ctrl-C flag so an interrupted run stops at a step boundary with a usable
-//! checkpoint.
+//! where training stood, in one safetensors file written atomically (a
+//! Ctrl-C, [`crate::util::interrupt`], stops a run at a step boundary with
+//! a usable one).
 //!
 //! # File layout
 //!
@@ -20,26 +20,24 @@
 //! Files written by the older `VarMap::save` (weights only, no metadata) still load, as
 //! weights with [`TrainingState::default`].
 //!
-//! [`save`] writes `<path>.tmp` in the same folder, fsyncs it, renames it over `path` and
-//! fsyncs the folder, so a crash or Ctrl-C at any moment leaves either the previous checkpoint
+//! [`save`] writes through [`write_atomically`] (a temporary file in the same folder, fsynced,
+//! renamed over `path`), so a crash or Ctrl-C at any moment leaves either the previous checkpoint
 //! or the new one, never a torn file. [`load`] checks every tensor (present, right shape and
 //! dtype, no unknown ones) before it changes anything, and reports problems as a
 //! [`CheckpointError`] naming the file and the tensor.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 
-use candle_core::backprop::GradStore;
 use candle_core::safetensors::Load;
-use candle_core::{DType, Result, Tensor, Var};
-use candle_nn::{ParamsAdamW, VarMap};
+use candle_core::{DType, Tensor};
+use candle_nn::VarMap;
 use safetensors::tensor::{Metadata, SafeTensors};
 use serde::{Deserialize, Serialize};
+
+use crate::train::optim::AdamW;
+use crate::util::fs::write_atomically;
 
 /// Value of the `format` metadata key of the checkpoints written by [`save`].
 pub const FORMAT: &str = "r1_sgg-checkpoint-v1";
@@ -56,126 +54,6 @@ const OPTIMIZER_PREFIX: &str = "optimizer.";
 const KEY_FORMAT: &str = "format";
 const KEY_STATE: &str = "training_state";
 const KEY_OPTIMIZER: &str = "optimizer";
-
-// ---------------------------------------------------------------------------
-// AdamW
-// ---------------------------------------------------------------------------
-
-/// One optimized variable and its moments.
-#[derive(Debug)]
-struct Slot {
-    name: String,
-    var: Var,
-    m: Tensor,
-    v: Tensor,
-}
-
-/// AdamW (decoupled weight decay, bias-corrected moments) over the named variables of a
-/// [`VarMap`], with state that can be saved and restored.
-///
-/// The update is exactly `candle_nn::AdamW`'s (same operations in the same order, so the
-/// same numbers): at step `t`, for each variable `θ` with gradient `g`,
-/// `m = β1·m + (1-β1)·g`, `v = β2·v + (1-β2)·g²`,
-/// `θ = θ·(1 - lr·λ) - lr · (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + ε)`.
-/// Unlike candle's optimizer, the moments are kept by variable name, so [`save`] and [`load`]
-/// can write them to and read them from a checkpoint. Only floating-point variables are
-/// optimized; variables without a gradient are left alone (their moments too), but every
-/// call to [`AdamW::step`] advances the step count.
-#[derive(Debug)]
-pub struct AdamW {
-    /// Sorted by name.
-    slots: Vec<Slot>,
-    step_t: usize,
-    params: ParamsAdamW,
-}
-
-impl AdamW {
-    /// An optimizer over every floating-point variable of `vars` (as they are now: variables
-    /// added to the map later are not optimized), with zero moments and step count 0.
-    pub fn new(vars: &VarMap, params: ParamsAdamW) -> Result<Self> {
-        let data = vars.data().lock().expect("VarMap lock poisoned");
-        let mut slots = data
-            .iter()
-            .filter(|(_, var)| var.dtype().is_float())
-            .map(|(name, var)| {
-                Ok(Slot {
-                    name: name.clone(),
-                    var: var.clone(),
-                    m: var.as_tensor().zeros_like()?,
-                    v: var.as_tensor().zeros_like()?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        slots.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self {
-            slots,
-            step_t: 0,
-            params,
-        })
-    }
-
-    /// One AdamW update of every variable that has a gradient in `grads`.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        self.step_t += 1;
-        let ParamsAdamW {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.params;
-        let lr_lambda = lr * weight_decay;
-        let scale_m = 1f64 / (1f64 - beta1.powi(self.step_t as i32));
-        let scale_v = 1f64 / (1f64 - beta2.powi(self.step_t as i32));
-        for slot in self.slots.iter_mut() {
-            let theta = &slot.var;
-            let Some(g) = grads.get(theta) else { continue };
-            let next_m = ((&slot.m * beta1)? + (g * (1.0 - beta1))?)?;
-            let next_v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let m_hat = (&next_m * scale_m)?;
-            let v_hat = (&next_v * scale_v)?;
-            let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
-            let adjusted_grad = (m_hat / (v_hat.sqrt()? + eps)?)?;
-            let next_theta = (next_theta - (adjusted_grad * lr)?)?;
-            slot.m = next_m;
-            slot.v = next_v;
-            theta.set(&next_theta)?;
-        }
-        Ok(())
-    }
-
-    /// Sets the learning rate of the next steps (for a schedule).
-    pub fn set_learning_rate(&mut self, lr: f64) {
-        self.params.lr = lr
-    }
-
-    /// Number of steps taken (the `t` of the bias correction).
-    #[cfg(test)]
-    pub fn step_count(&self) -> usize {
-        self.step_t
-    }
-
-    /// Names of the optimized variables, sorted.
-    #[cfg(test)]
-    pub fn var_names(&self) -> impl Iterator<Item = &str> {
-        self.slots.iter().map(|s| s.name.as_str())
-    }
-
-    /// First and second moments of the variable `name`, if it is optimized.
-    #[cfg(test)]
-    pub fn moments(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
-        self.slot_index(name)
-            .map(|i| (&self.slots[i].m, &self.slots[i].v))
-    }
-
-    fn slot_index(&self, name: &str) -> Option<usize> {
-        self.slots.binary_search_by(|s| s.name.as_str().cmp(name)).ok()
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Training state and errors
-// ---------------------------------------------------------------------------
 
 /// Where training stood when a checkpoint was written, stored as JSON in the checkpoint's
 /// metadata (key `training_state`).
@@ -206,21 +84,25 @@ impl Default for TrainingState {
 
 /// Why a checkpoint could not be written or read. Every variant names the file; `Display`
 /// says what is wrong with it.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// The checkpoint file does not exist.
+    #[error("checkpoint {} does not exist", path.display())]
     NotFound {
         /// The file.
         path: PathBuf,
     },
     /// Reading or writing the file failed.
+    #[error("checkpoint {}: {source}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
+        #[source]
         source: std::io::Error,
     },
     /// The file is not a safetensors file, or its header or data are corrupt or truncated.
+    #[error("checkpoint {} is not a valid safetensors file (corrupt or truncated?): {reason}", path.display())]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -228,6 +110,7 @@ pub enum CheckpointError {
         reason: String,
     },
     /// A tensor the model (or the optimizer) needs is not in the file.
+    #[error("checkpoint {} has no tensor `{name}`", path.display())]
     MissingTensor {
         /// The file.
         path: PathBuf,
@@ -235,6 +118,7 @@ pub enum CheckpointError {
         name: String,
     },
     /// The file holds a tensor that is neither a model variable nor optimizer state.
+    #[error("checkpoint {} has a tensor `{name}` that the model does not have", path.display())]
     UnexpectedTensor {
         /// The file.
         path: PathBuf,
@@ -242,6 +126,7 @@ pub enum CheckpointError {
         name: String,
     },
     /// A tensor in the file has a different shape than the model's variable.
+    #[error("checkpoint {}: tensor `{name}` has shape {found:?}, the model expects {expected:?}", path.display())]
     ShapeMismatch {
         /// The file.
         path: PathBuf,
@@ -253,6 +138,7 @@ pub enum CheckpointError {
         found: Vec<usize>,
     },
     /// A tensor in the file has a different dtype than the model's variable.
+    #[error("checkpoint {}: tensor `{name}` has dtype {found}, the model expects {expected:?}", path.display())]
     DtypeMismatch {
         /// The file.
         path: PathBuf,
@@ -265,12 +151,14 @@ pub enum CheckpointError {
     },
     /// An optimizer was given to [`load`] but the file has no optimizer state (a weights-only
     /// checkpoint).
+    #[error("checkpoint {} has no optimizer state (a weights-only checkpoint cannot resume training)", path.display())]
     MissingOptimizerState {
         /// The file.
         path: PathBuf,
     },
     /// The metadata (format, training state or optimizer JSON) is missing a field, is not
     /// valid JSON, or is from an unsupported format version.
+    #[error("checkpoint {} has bad metadata: {reason}", path.display())]
     BadMetadata {
         /// The file.
         path: PathBuf,
@@ -279,6 +167,7 @@ pub enum CheckpointError {
     },
     /// A model variable is named with the reserved `optimizer.` prefix, so [`save`] cannot
     /// store it unambiguously.
+    #[error("checkpoint {}: model variable `{name}` uses the reserved prefix `{OPTIMIZER_PREFIX}`", path.display())]
     ReservedName {
         /// The file.
         path: PathBuf,
@@ -286,79 +175,14 @@ pub enum CheckpointError {
         name: String,
     },
     /// A tensor operation failed while gathering or restoring tensors.
+    #[error("checkpoint {}: {source}", path.display())]
     Tensor {
         /// The file.
         path: PathBuf,
         /// The candle error.
+        #[source]
         source: candle_core::Error,
     },
-}
-
-impl fmt::Display for CheckpointError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use CheckpointError::*;
-        match self {
-            NotFound { path } => write!(f, "checkpoint {} does not exist", path.display()),
-            Io { path, source } => write!(f, "checkpoint {}: {source}", path.display()),
-            Corrupt { path, reason } => write!(
-                f,
-                "checkpoint {} is not a valid safetensors file (corrupt or truncated?): {reason}",
-                path.display()
-            ),
-            MissingTensor { path, name } => {
-                write!(f, "checkpoint {} has no tensor `{name}`", path.display())
-            }
-            UnexpectedTensor { path, name } => write!(
-                f,
-                "checkpoint {} has a tensor `{name}` that the model does not have",
-                path.display()
-            ),
-            ShapeMismatch {
-                path,
-                name,
-                expected,
-                found,
-            } => write!(
-                f,
-                "checkpoint {}: tensor `{name}` has shape {found:?}, the model expects {expected:?}",
-                path.display()
-            ),
-            DtypeMismatch {
-                path,
-                name,
-                expected,
-                found,
-            } => write!(
-                f,
-                "checkpoint {}: tensor `{name}` has dtype {found}, the model expects {expected:?}",
-                path.display()
-            ),
-            MissingOptimizerState { path } => write!(
-                f,
-                "checkpoint {} has no optimizer state (a weights-only checkpoint cannot resume training)",
-                path.display()
-            ),
-            BadMetadata { path, reason } => {
-                write!(f, "checkpoint {} has bad metadata: {reason}", path.display())
-            }
-            ReservedName { path, name } => write!(
-                f,
-                "checkpoint {}: model variable `{name}` uses the reserved prefix `{OPTIMIZER_PREFIX}`",
-                path.display()
-            ),
-            Tensor { path, source } => write!(f, "checkpoint {}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for CheckpointError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            CheckpointError::Io { source, .. } => Some(source),
-            CheckpointError::Tensor { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 impl From<CheckpointError> for candle_core::Error {
@@ -367,10 +191,6 @@ impl From<CheckpointError> for candle_core::Error {
         candle_core::Error::Msg(e.to_string())
     }
 }
-
-// ---------------------------------------------------------------------------
-// Save
-// ---------------------------------------------------------------------------
 
 /// The optimizer's step count and hyperparameters, as stored in the `optimizer` metadata.
 #[derive(Debug, Serialize, Deserialize)]
@@ -381,13 +201,6 @@ struct OptimizerMeta {
     beta2: f64,
     eps: f64,
     weight_decay: f64,
-}
-
-/// `<path>.tmp`, in the same folder as `path`.
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// Writes a checkpoint of `vars` (and of `opt`'s moments and step count, if given) with
@@ -445,43 +258,11 @@ pub fn save(
             path: path.to_path_buf(),
             reason: format!("cannot serialize: {e}"),
         })?;
-    write_atomically(path, &bytes)
-}
-
-/// Writes `bytes` to `<path>.tmp`, fsyncs, renames over `path`, fsyncs the folder. Removes
-/// the temporary file on failure.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::result::Result<(), CheckpointError> {
-    let io_err = |source| CheckpointError::Io {
+    write_atomically(path, &bytes).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(io_err)?;
-    let tmp = tmp_path(path);
-    let written = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(e));
-    }
-    // Make the rename itself durable. Not possible on every platform; best effort.
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
-
-// ---------------------------------------------------------------------------
-// Load
-// ---------------------------------------------------------------------------
 
 /// Reads a checkpoint written by [`save`] (or a weights-only file written by
 /// `VarMap::save`) into `vars`, and into `opt` (moments and step count) if given, and returns
@@ -623,178 +404,12 @@ pub fn load(
     Ok(state)
 }
 
-// ---------------------------------------------------------------------------
-// Ctrl-C
-// ---------------------------------------------------------------------------
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static HANDLER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-
-/// Records one Ctrl-C; true when it is the second (or later) one.
-fn record_interrupt() -> bool {
-    INTERRUPTED.swap(true, Ordering::SeqCst)
-}
-
-/// Installs the process's Ctrl-C (SIGINT) handler; calling it again does nothing and returns
-/// the first call's outcome.
-///
-/// The first Ctrl-C only sets the flag read by [`interrupted`] (and says so on stderr): the
-/// training loop is expected to finish its step, save a checkpoint and stop. A second Ctrl-C
-/// exits the process at once with code 130 (the latest complete checkpoint stays usable, as
-/// [`save`] is atomic). Fails if another Ctrl-C handler is already installed (for example by
-/// another crate) or the OS refuses.
-pub fn install_interrupt_handler() -> std::io::Result<()> {
-    HANDLER
-        .get_or_init(|| {
-            ctrlc::set_handler(|| {
-                if record_interrupt() {
-                    eprintln!("\ninterrupted again: exiting now");
-                    std::process::exit(130);
-                }
-                eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
-            })
-            .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(std::io::Error::other)
-}
-
-/// Whether Ctrl-C has been pressed since the handler was installed (see
-/// [`install_interrupt_handler`]).
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-// ---------------------------------------------------------------------------
-// Tests
-// ---------------------------------------------------------------------------
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-    use candle_nn::Optimizer;
-
-    /// A fresh empty folder under the system temp dir.
-    fn temp_dir(tag: &str) -> PathBuf {
-        use std::sync::atomic::AtomicUsize;
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "r1_sgg_ckpt_{tag}_{}_{nanos}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn tensor(shape: &[usize], phase: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + 1.0) * 0.37 + phase).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    /// A tiny regression model: `w` `[3, 4]`, `b` `[4]`, and an integer buffer that is saved
-    /// but not optimized.
-    fn model(phase: f32) -> VarMap {
-        let vars = VarMap::new();
-        {
-            let mut data = vars.data().lock().unwrap();
-            data.insert(
-                "layer.w".into(),
-                Var::from_tensor(&tensor(&[3, 4], phase)).unwrap(),
-            );
-            data.insert(
-                "layer.b".into(),
-                Var::from_tensor(&tensor(&[4], phase + 1.0)).unwrap(),
-            );
-            let counts = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
-            data.insert("counts".into(), Var::from_tensor(&counts).unwrap());
-        }
-        vars
-    }
-
-    fn var(vars: &VarMap, name: &str) -> Tensor {
-        vars.data().lock().unwrap()[name].as_tensor().clone()
-    }
-
-    /// Mean squared error of the model on a fixed batch; `step` varies the batch.
-    fn loss(vars: &VarMap, step: usize) -> Tensor {
-        let x = tensor(&[5, 3], step as f32 * 0.1);
-        let y = tensor(&[5, 4], 2.0 + step as f32 * 0.3);
-        let pred = x
-            .matmul(&var(vars, "layer.w"))
-            .unwrap()
-            .broadcast_add(&var(vars, "layer.b"))
-            .unwrap();
-        (pred - y).unwrap().sqr().unwrap().mean_all().unwrap()
-    }
-
-    fn params() -> ParamsAdamW {
-        ParamsAdamW {
-            lr: 0.05,
-            weight_decay: 0.1,
-            ..Default::default()
-        }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap();
-        let b = b.to_dtype(DType::F32).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn assert_same_vars(a: &VarMap, b: &VarMap, tol: f32) {
-        for name in ["layer.w", "layer.b", "counts"] {
-            let d = max_diff(&var(a, name), &var(b, name));
-            assert!(d <= tol, "{name}: max diff {d} > {tol}");
-        }
-    }
-
-    /// Runs `steps` of our AdamW from step `from`, varying the lr like a schedule.
-    fn train(vars: &VarMap, opt: &mut AdamW, from: usize, steps: usize) {
-        for s in from..from + steps {
-            opt.set_learning_rate(0.05 / (1.0 + s as f64));
-            opt.step(&loss(vars, s).backward().unwrap()).unwrap();
-        }
-    }
-
-    #[test]
-    fn adamw_matches_candle_nn() {
-        let ours = model(0.0);
-        let theirs = model(0.0);
-        let mut a = AdamW::new(&ours, params()).unwrap();
-        let float_vars: Vec<Var> = theirs
-            .all_vars()
-            .into_iter()
-            .filter(|v| v.dtype().is_float())
-            .collect();
-        let mut b = candle_nn::AdamW::new(float_vars, params()).unwrap();
-        for s in 0..8 {
-            let lr = 0.05 / (1.0 + s as f64);
-            a.set_learning_rate(lr);
-            b.set_learning_rate(lr);
-            a.step(&loss(&ours, s).backward().unwrap()).unwrap();
-            b.step(&loss(&theirs, s).backward().unwrap()).unwrap();
-            assert_same_vars(&ours, &theirs, 1e-6);
-        }
-        assert_eq!(a.step_count(), 8);
-        assert_eq!(a.var_names().collect::<Vec<_>>(), ["layer.b", "layer.w"]);
-        assert!(a.moments("counts").is_none());
-        // The variables did move.
-        assert!(max_diff(&var(&ours, "layer.w"), &tensor(&[3, 4], 0.0)) > 1e-3);
-    }
+    use crate::train::optim::fixtures::*;
+    use crate::util::fs::{temp_dir, temp_path};
+    use candle_core::Var;
 
     #[test]
     fn save_load_round_trip_resumes_exactly() {
@@ -819,7 +434,7 @@ mod tests {
             extra,
         };
         save(&path, &first, Some(&first_opt), &state).unwrap();
-        assert!(!tmp_path(&path).exists(), "the temporary file was left behind");
+        assert!(!temp_path(&path).exists(), "the temporary file was left behind");
         let names: Vec<String> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -849,7 +464,7 @@ mod tests {
         // Saving again replaces the file atomically.
         save(&path, &resumed, Some(&resumed_opt), &TrainingState::default()).unwrap();
         assert_eq!(load(&path, &mut weights, None).unwrap(), TrainingState::default());
-        assert!(!tmp_path(&path).exists());
+        assert!(!temp_path(&path).exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1001,10 +616,10 @@ mod tests {
         let vars = model(0.0);
         save(&path, &vars, None, &TrainingState::default()).unwrap();
         // A folder where the temporary file should go makes the write fail.
-        fs::create_dir(tmp_path(&path)).unwrap();
+        fs::create_dir(temp_path(&path)).unwrap();
         let err = save(&path, &model(2.0), None, &TrainingState::default()).unwrap_err();
         assert!(matches!(err, CheckpointError::Io { .. }), "{err}");
-        fs::remove_dir(tmp_path(&path)).unwrap();
+        fs::remove_dir(temp_path(&path)).unwrap();
         let mut back = model(4.0);
         load(&path, &mut back, None).unwrap();
         assert_same_vars(&back, &vars, 0.0);
@@ -1017,33 +632,5 @@ mod tests {
         let err = save(&path, &reserved, None, &TrainingState::default()).unwrap_err();
         assert!(matches!(err, CheckpointError::ReservedName { .. }), "{err}");
         fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// All interrupt checks in one test: the flag is process-global.
-    #[test]
-    fn interrupt_handler_sets_the_flag() {
-        install_interrupt_handler().unwrap();
-        install_interrupt_handler().unwrap();
-        assert!(!interrupted());
-        #[cfg(unix)]
-        {
-            // A real SIGINT to this process: the handler catches it and only sets the flag.
-            let status = std::process::Command::new("kill")
-                .args(["-INT", &std::process::id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-            let start = std::time::Instant::now();
-            while !interrupted() && start.elapsed() < std::time::Duration::from_secs(10) {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            assert!(interrupted());
-        }
-        #[cfg(not(unix))]
-        assert!(!record_interrupt());
-        // A second interrupt would exit (the handler does); `record_interrupt` reports it.
-        assert!(record_interrupt());
-        INTERRUPTED.store(false, Ordering::SeqCst);
-        assert!(!interrupted());
     }
 }
