@@ -192,9 +192,11 @@ INSTRUCTIONS = [
 
 def scene_graph_answer(objects, relationships):
     """R1-SGG's SFT target layout: a fenced JSON block, one object/relationship per line."""
-    objs = ",\n".join("    " + json.dumps(o) for o in objects)
-    rels = ",\n".join("    " + json.dumps(r) for r in relationships)
-    return '```json\n{\n  "objects": [\n' + objs + '\n  ],\n  "relationships": [\n' + rels + "\n  ]\n}\n```"
+
+    def items(xs):
+        return "[\n" + ",\n".join("    " + json.dumps(x) for x in xs) + "\n  ]" if xs else "[]"
+
+    return f'```json\n{{\n  "objects": {items(objects)},\n  "relationships": {items(relationships)}\n}}\n```'
 
 
 def random_scene(rng):
