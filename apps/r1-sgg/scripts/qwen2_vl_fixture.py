@@ -456,7 +456,7 @@ def greedy(model, prompt):
 
 
 def reference(model, batch, labels, tied):
-    """Forward, loss, backward and greedy decoding of one model on the fixture batch."""
+    """Logits, loss and the GRAD_NAMES gradients of one model on the fixture batch."""
     model.zero_grad(set_to_none=True)
     out = forward(model, batch, labels=labels)
     out.loss.backward()
