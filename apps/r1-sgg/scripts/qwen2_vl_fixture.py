@@ -765,7 +765,7 @@ def generate_fixture():
         features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
         batch_bf16 = dict(batch, pixel_values=batch["pixel_values"].to(torch.bfloat16))
-        logits_bf16 = forward(model_bf16, batch_bf16).logits.float()
+        logits_bf16 = forward(model_bf16, batch_bf16).logits
     greedy_tokens, margins["untied"] = greedy(model, prompt)
     ref = {
         **batch,
@@ -847,7 +847,7 @@ def summarize(ref, ref_tied, entries, margins):
             f"[{lg.min().item():.2f}, {lg.max().item():.2f}] greedy {r['greedy_tokens'].tolist()} "
             f"min top-2 gap {margins[name]:.4f}"
         )
-    print("bf16 max |diff|", (ref["logits_bf16"] - ref["logits"]).abs().max().item())
+    print("bf16 max |diff|", (ref["logits_bf16"].float() - ref["logits"]).abs().max().item())
     for e in entries:
         print(
             e["image"],
