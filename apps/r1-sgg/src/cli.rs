@@ -88,21 +88,21 @@ pub struct Common {
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
     /// Synthetic training scenes to generate.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = at_least(1))]
     pub train_size: usize,
     /// Images to evaluate on, per split.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least(1))]
     pub eval_size: usize,
-    /// Model size: `tiny` (CPU) or `gpu`.
-    #[arg(long, default_value = "tiny")]
-    pub preset: String,
-    /// `cpu`, or `cuda` (needs --features cuda).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Size of a new model: `tiny` (CPU) or `gpu`.
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: Preset,
+    /// Where the model runs: `cpu`, or `cuda` (needs `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Longest answer generated, in tokens.
-    #[arg(long, default_value_t = 160)]
+    #[arg(long, default_value_t = 160, value_parser = at_least(1))]
     pub max_new: usize,
     /// Cosine basis functions of the box-coordinate tokens' smooth part (0: none).
     #[arg(long, default_value_t = 64)]
@@ -122,9 +122,9 @@ pub struct SftArgs {
     #[arg(long, default_value_t = 2400)]
     pub sft_steps: usize,
     /// SFT batch size.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub batch: usize,
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 3e-3, value_parser = positive::<f64>)]
     pub sft_lr: f64,
     /// Answers with objects and relations shuffled and renumbered
     /// (R1-SGG's augmentation); else in reading order (top to bottom).
@@ -154,6 +154,64 @@ impl From<EdgeRewardArg> for EdgeReward {
     }
 }
 
+/// `--preset` values: the size of a model trained from scratch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// About 1M parameters: trains on two CPU cores in minutes.
+    Tiny,
+    /// About 38M parameters, for a GPU.
+    Gpu,
+}
+
+/// `--device` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU, with the crate's multithreaded CPU ops.
+    Cpu,
+    /// The first CUDA GPU, with the crate's CUDA kernels.
+    Cuda,
+}
+
+/// A count flag's parser: an integer of at least `min`, the message naming
+/// the range.
+fn at_least(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..)
+}
+
+/// A rate or temperature flag's parser: a finite number above 0.
+fn positive<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let v: T = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    let x: f64 = v.into();
+    if x.is_finite() && x > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number above 0, got {text}"))
+    }
+}
+
+/// A coefficient flag's parser: a finite number of at least 0.
+fn non_negative<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let v: T = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    let x: f64 = v.into();
+    if x.is_finite() && x >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be a finite number of at least 0, got {text}"))
+    }
+}
+
 /// `format,node,edge` weights, each finite and `>= 0`.
 fn parse_weights(text: &str) -> Result<RewardWeights, String> {
     let values: Vec<f64> = text
@@ -179,27 +237,27 @@ pub struct GrpoArgs {
     #[arg(long, value_enum, default_value = "grpo")]
     pub loss: LossVariant,
     /// Optimizer steps per batch of completions (mu).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least(1))]
     pub inner_steps: usize,
     /// KL coefficient to the starting model (k3 estimator). R1-SGG uses 0;
     /// the example uses 0.04 (TRL's former default): without it the tiny
     /// model's GRPO drifts to shorter answers with fewer objects, and loses
     /// recall.
-    #[arg(long, default_value_t = 0.04)]
+    #[arg(long, default_value_t = 0.04, value_parser = non_negative::<f32>)]
     pub beta: f32,
     /// Completions per image (G).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least(2))]
     pub group: usize,
     /// Images per GRPO step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
     pub prompts: usize,
     /// Peak GRPO learning rate (after a warmup over 10% of the steps).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = positive::<f64>)]
     pub grpo_lr: f64,
     /// Sampling temperature of the completions. R1-SGG samples at 1.0; the
     /// tiny model's flatter distributions fail the format check in most samples
     /// there, so the example samples at 0.6.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.6, value_parser = positive::<f32>)]
     pub temperature: f32,
     /// Edge reward: hard recall, hard + relaxed labels, or soft (R1-SGG: hard).
     #[arg(long, value_enum, default_value = "hard")]

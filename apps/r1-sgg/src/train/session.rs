@@ -17,7 +17,7 @@ use super::grpo::{grpo, grpo_defaults};
 use super::optim::AdamW;
 use super::sft::{sft, SftConfig};
 use super::{adamw, Hooks, Learner, FORM};
-use crate::cli::{Common, GrpoArgs, SftArgs};
+use crate::cli::{Common, DeviceArg, GrpoArgs, Preset, SftArgs};
 use crate::data::format::{graph_json, parse_answer};
 use crate::data::jsonl::load_jsonl;
 use crate::data::preview::render_preview;
@@ -43,13 +43,15 @@ pub struct Run<'a> {
 
 impl<'a> Run<'a> {
     pub(crate) fn new(common: &'a Common) -> Result<Self> {
-        let device = match common.device.as_str() {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::new_cuda(0)?,
-            other => bail!("--device must be cpu or cuda, got {other}"),
+        let device = match common.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda")?,
         };
         let (tok, cfg) = match &common.init {
             Some(ckpt) => {
+                if !ckpt.is_file() {
+                    bail!("--init {}: no such checkpoint file", ckpt.display());
+                }
                 let folder = ckpt.parent().unwrap_or(Path::new("."));
                 let tok_file = folder.join("tokenizer.json");
                 let tok = if tok_file.is_file() {
@@ -64,10 +66,9 @@ impl<'a> Run<'a> {
             }
             None => {
                 let tok = Tokenizer::new(&crate::data::scene::SYNTHETIC, 32);
-                let cfg = match common.preset.as_str() {
-                    "tiny" => VlmConfig::tiny(tok.vocab_size()),
-                    "gpu" => VlmConfig::gpu(tok.vocab_size()),
-                    other => bail!("--preset must be tiny or gpu, got {other}"),
+                let cfg = match common.preset {
+                    Preset::Tiny => VlmConfig::tiny(tok.vocab_size()),
+                    Preset::Gpu => VlmConfig::gpu(tok.vocab_size()),
                 };
                 let numbers = number_tokens(&tok, common.number_basis);
                 let stem = (common.pixel_stem > 0).then_some(PixelStem {
@@ -93,11 +94,14 @@ impl<'a> Run<'a> {
         let t0 = Instant::now();
         let resize = |samples: Vec<Sample>| samples.iter().map(|s| s.resized(size, size)).collect();
         let train: Vec<Sample> = match &common.data {
-            Some(p) => resize(load_jsonl(p)?),
+            Some(p) => resize(non_empty(load_jsonl(p)?, "--data", p)?),
             None => resize(generate_split(Split::Train, common.train_size, common.seed)),
         };
         let eval: Vec<(String, Vec<Sample>)> = match &common.eval_data {
-            Some(p) => vec![(p.display().to_string(), resize(load_jsonl(p)?))],
+            Some(p) => vec![(
+                p.display().to_string(),
+                resize(non_empty(load_jsonl(p)?, "--eval-data", p)?),
+            )],
             None => [Split::Val, Split::Test, Split::Shifted]
                 .into_iter()
                 .map(|s| {
@@ -109,7 +113,7 @@ impl<'a> Run<'a> {
                 .collect(),
         };
         println!(
-            "model: {} parameters ({} preset), vocab {}, {}x{} images; data: {} train, {} eval ({:.1}s)",
+            "model: {} parameters ({:?} preset), vocab {}, {}x{} images; data: {} train, {} eval ({:.1}s)",
             vars.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
             common.preset,
             tok.vocab_size(),
@@ -379,6 +383,15 @@ impl Hooks for Recorder<'_, '_> {
         }
         Ok(true)
     }
+}
+
+/// `samples` read from `path` (given by `flag`), or an error naming both
+/// when the file holds none: a training loop cannot draw from nothing.
+fn non_empty(samples: Vec<Sample>, flag: &str, path: &Path) -> Result<Vec<Sample>> {
+    if samples.is_empty() {
+        bail!("{flag} {}: the file holds no samples", path.display());
+    }
+    Ok(samples)
 }
 
 /// The box-coordinate tokens of `tok` (ids of "0" to "1000", contiguous),
