@@ -6,7 +6,10 @@
 //! and reject the same inputs with the same errors.
 
 /// A family of buffer types: borrowed inputs, borrowed outputs and owned results.
-pub trait Memory {
+///
+/// Sealed: the ops are written for [`Host`] and `cuda::Device` only, so a
+/// new memory kind is a change to this crate, not to its users.
+pub trait Memory: sealed::Sealed {
     /// A borrowed, read-only buffer of `T`.
     type Buf<'a, T: 'a>;
     /// A borrowed buffer an op writes into.
@@ -19,9 +22,16 @@ pub trait Memory {
     fn len_mut<T>(buf: &Self::BufMut<'_, T>) -> usize;
 }
 
+pub(crate) mod sealed {
+    /// Implemented by this crate's memory kinds only.
+    pub trait Sealed {}
+}
+
 /// Host memory: `&[T]` in, `Vec<T>` out.
 #[derive(Debug, Clone, Copy)]
 pub struct Host;
+
+impl sealed::Sealed for Host {}
 
 impl Memory for Host {
     type Buf<'a, T: 'a> = &'a [T];

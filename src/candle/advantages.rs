@@ -24,7 +24,7 @@ pub struct AdvantageTensors {
 /// or `[K, P, G]` with `weights` of length `K` (R1-SGG's format, node and
 /// edge rewards weighted 1, 2, 5); see [`crate::group_advantages`] for the
 /// modes and the exact 0 of flat groups. On CUDA the kernel of
-/// [`crate::cuda::group_advantages`] runs on the tensor's stream.
+/// `grpo_kernels::cuda::group_advantages` runs on the tensor's stream.
 ///
 /// ```
 /// # fn main() -> candle_core::Result<()> {

@@ -8,7 +8,7 @@
 //! on one device, in F32, BF16 or F16 (token ids U32 or I64, masks U8).
 //!
 //! On CUDA each op runs on the tensor's device stream with the same kernels
-//! as [`crate::cuda`], then checks the kernels' status word, which waits for
+//! as `grpo_kernels::cuda` (feature `cuda`), then checks the kernels' status word, which waits for
 //! the stream once, so bad data is a typed error here too.
 //!
 //! # A GRPO step in 20 lines

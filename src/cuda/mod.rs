@@ -63,6 +63,8 @@ pub(crate) mod ptx {
 #[derive(Debug, Clone, Copy)]
 pub struct Device;
 
+impl crate::memory::sealed::Sealed for Device {}
+
 impl Memory for Device {
     type Buf<'a, T: 'a> = CudaView<'a, T>;
     type BufMut<'a, T: 'a> = CudaViewMut<'a, T>;

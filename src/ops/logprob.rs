@@ -30,7 +30,7 @@
 //!
 //! **Non-finite logits.** `-inf` is allowed and means probability 0 (a row
 //! needs one finite logit). A NaN or `+inf` in an active row is an
-//! [`Error::NonFinite`](crate::Error::NonFinite) naming the row.
+//! [`Error::NonFinite`] naming the row.
 
 use rayon::prelude::*;
 

@@ -96,7 +96,7 @@
 //!
 //! `-inf` means probability 0; such a token is never drawn. A NaN or `+inf`
 //! logit, a scaled logit `z / T` that overflows f32, or a row with no finite
-//! logit is an [`Error::NonFinite`](crate::Error::NonFinite) naming the row.
+//! logit is an [`Error::NonFinite`] naming the row.
 
 use std::cell::RefCell;
 

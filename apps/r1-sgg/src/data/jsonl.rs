@@ -408,7 +408,7 @@ pub fn write_jsonl(samples: &[Sample], dir: &Path, split: &str) -> Result<PathBu
 /// `--data dir/train.jsonl`.
 ///
 /// For each `(split, count)` of `sizes`, in order, samples `0..count` of the
-/// split (the same as [`generate_split`]`(split, count, seed)`, generated a
+/// split (the same as [`generate_split`](super::synthetic::generate_split)`(split, count, seed)`, generated a
 /// chunk at a time to bound memory) are written to `dir/<split>.jsonl` and
 /// `dir/images/<split>/`, and the first 16 of them, boxes outlined, to
 /// `dir/preview_<split>.png` ([`render_preview`]). Then `dir/README.md`

@@ -3,7 +3,7 @@
 //! format the model writes, and the scene graphs themselves.
 //!
 //! - [`scene`]: objects with boxes, relation triplets, vocabularies, box geometry;
-//! - [`format`]: the prompt, the answer text, and parsing a model's answer;
+//! - [`format`](mod@format): the prompt, the answer text, and parsing a model's answer;
 //! - [`synthetic`]: the demo's generated scenes and their splits;
 //! - [`jsonl`]: reading and writing R1-SGG's layout;
 //! - [`preview`]: a grid of images with their boxes, to look at.

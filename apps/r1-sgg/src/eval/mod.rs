@@ -102,7 +102,7 @@ pub struct EvalSummary {
     pub recall: Vec<(usize, f64)>,
     /// `(K, recall of each image with GT triplets, in the order added)`:
     /// R@K is their mean. Two checkpoints evaluated on the same images are
-    /// compared image by image with [`RelativeGain::paired`].
+    /// compared image by image with [`stats::RelativeGain::paired`].
     pub image_recall: Vec<(usize, Vec<f64>)>,
     /// `(K, mR@K)`.
     pub mean_recall: Vec<(usize, f64)>,

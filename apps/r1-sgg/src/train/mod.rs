@@ -2,12 +2,12 @@
 //!
 //! - **SFT**: teacher-forced cross-entropy on the serialized scene graph,
 //!   the token log-probs computed straight from the last hidden states and
-//!   the LM head by [`fused_linear_logprobs`] (no `[B, T, V]` logits).
+//!   the LM head by [`fused_linear_logprobs`](grpo_kernels::candle::fused_linear_logprobs) (no `[B, T, V]` logits).
 //! - **GRPO**: `G` completions per image sampled with a KV cache and the
-//!   fused sampler ([`sample`]: temperature, top-k, top-p, Philox keyed by
+//!   fused sampler ([`sample`](grpo_kernels::candle::sample): temperature, top-k, top-p, Philox keyed by
 //!   seed and step), scored by the graph rewards (format, node, edge),
-//!   group-normalized advantages ([`group_advantages`]), and the clipped
-//!   policy loss ([`policy_loss`]) back through the fused log-probs.
+//!   group-normalized advantages ([`group_advantages`](grpo_kernels::group_advantages)), and the clipped
+//!   policy loss ([`policy_loss`](grpo_kernels::candle::policy_loss())) back through the fused log-probs.
 //!
 //! [`sft`], [`grpo`], [`rollout`] (sampling completions with a KV cache),
 //! [`batch`] (images and token rows as tensors, the fused log-probs),

@@ -18,7 +18,7 @@ fn record_interrupt() -> bool {
 /// The first Ctrl-C only sets the flag read by [`interrupted`] (and says so on stderr): the
 /// training loop is expected to finish its step, save a checkpoint and stop. A second Ctrl-C
 /// exits the process at once with code 130 (the latest complete checkpoint stays usable, as
-/// [`save`] is atomic). Fails if another Ctrl-C handler is already installed (for example by
+/// checkpoints are written atomically). Fails if another Ctrl-C handler is already installed (for example by
 /// another crate) or the OS refuses.
 pub fn install_interrupt_handler() -> std::io::Result<()> {
     HANDLER
