@@ -3,16 +3,17 @@
 //! `grpo_kernels::candle` beyond token log-probs (whose check lives in
 //! candle_logprob.rs): KL estimators, the clipped policy loss (loss and
 //! per-token outputs), fused linear log-probs (hidden and weight), and the
-//! `nn` replacements (softmax, RMS norm) on their fused CPU path.
+//! `nn` layers: softmax and RMS norm on their fused CPU path, LayerNorm on
+//! its fused path (f32) and its composed one (F64, BF16).
 #![cfg(feature = "candle")]
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use common::reference::logprob_rows;
-use common::tensors::to32;
-use common::{assert_close, finite_diff, Rng};
-use grpo_kernels::candle::nn::{rms_normalize, softmax_last_dim, RmsNorm};
+use common::tensors::{to32, to64};
+use common::{assert_close, assert_close_rows, finite_diff, Rng};
+use grpo_kernels::candle::nn::{rms_normalize, softmax_last_dim, LayerNorm, RmsNorm};
 use grpo_kernels::candle::{fused_linear_logprobs, kl_divergence, policy_loss, PolicyLossTensors};
 use grpo_kernels::{FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig};
 
@@ -291,5 +292,163 @@ fn fused_softmax_and_rms_norm_match_f64_references_and_finite_differences() {
                 1e-4,
             );
         }
+    }
+}
+
+/// torch's `layer_norm` of one row: biased variance about the mean.
+fn layer_ref(row: &[f64], eps: f64) -> Vec<f64> {
+    let n = row.len() as f64;
+    let mean = row.iter().sum::<f64>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    row.iter().map(|v| (v - mean) / (var + eps).sqrt()).collect()
+}
+
+/// `layer_ref(x) * weight + bias` over rows of `weight.len()` values.
+fn layer_norm_ref(x: &[f64], weight: &[f64], bias: Option<&[f64]>, eps: f64) -> Vec<f64> {
+    let d = weight.len();
+    let mut y = rowwise(x, d, |r| layer_ref(r, eps));
+    for (i, v) in y.iter_mut().enumerate() {
+        *v = *v * weight[i % d] + bias.map_or(0.0, |b| b[i % d]);
+    }
+    y
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// How closely a path must match the reference, as `(row_atol, rtol)` of
+/// [`assert_close_rows`]: the error may scale with the row's largest value.
+struct Tol {
+    values: (f64, f64),
+    grads: (f64, f64),
+}
+
+/// A `rows x d` tensor of `dtype` holding `offset + scale N(0, 1)`, and its
+/// values as rounded to `dtype`.
+fn draw(rng: &mut Rng, dtype: DType, (rows, d): (usize, usize), offset: f64, scale: f64) -> (Var, Vec<f64>) {
+    let v: Vec<f64> = (0..rows * d).map(|_| offset + scale * rng.normal()).collect();
+    let t = Tensor::from_vec(v, (rows, d), &CPU)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    (Var::from_tensor(&t).unwrap(), to64(&t))
+}
+
+/// LayerNorm (the `Module`, with or without a bias) on `rows x d` inputs
+/// `offset + 3 N(0, 1)` of `dtype`: its values against [`layer_norm_ref`]
+/// and its gradients in x, weight and bias (of `sum(w * y)`, random `w`)
+/// against central finite differences of it. LayerNorm is invariant to the
+/// offset, so the reference sees the inputs less it (exactly, in f64): the
+/// op must not lose the small differences under a large common value.
+fn check_layer_norm(
+    rng: &mut Rng,
+    dtype: DType,
+    (rows, d): (usize, usize),
+    offset: f64,
+    bias: bool,
+    tol: &Tol,
+) {
+    let eps = 1e-6;
+    let what = |name: &str| format!("layer_norm {name} {dtype:?} {rows}x{d} offset {offset} bias {bias}");
+    let (xv, x64) = draw(rng, dtype, (rows, d), offset, 3.0);
+    let x64: Vec<f64> = x64.iter().map(|x| x - offset).collect();
+    let (wv, w64) = draw(rng, dtype, (1, d), 1.0, 0.3);
+    let (bv, b64) = draw(rng, dtype, (1, d), 0.0, 1.0);
+    let (up, up64) = draw(rng, dtype, (rows, d), 0.0, 1.0);
+    let (wt, bt) = (wv.flatten_all().unwrap(), bv.flatten_all().unwrap());
+    let norm = LayerNorm::new(wt, bias.then_some(bt), eps);
+    let y = norm.forward(&xv).unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let b64 = bias.then_some(b64.as_slice());
+    let (va, vr) = tol.values;
+    let want = layer_norm_ref(&x64, &w64, b64, eps);
+    assert_close_rows(&what("values"), &to64(&y), &want, d, va, |_| 0.0, vr);
+
+    let grads = (&y * up.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    // Rounding in the sum over d outputs costs ~1e-16 d / h, truncation
+    // ~h^2 (more for short rows of small variance): 1e-5 keeps both near
+    // 1e-8, below the F64 tolerance.
+    let h = 1e-5;
+    let want_x: Vec<f64> = x64
+        .chunks(d)
+        .zip(up64.chunks(d))
+        .flat_map(|(row, u)| finite_diff(row, h, |r| dot(&layer_norm_ref(r, &w64, b64, eps), u)))
+        .collect();
+    let want_w = finite_diff(&w64, h, |w| dot(&layer_norm_ref(&x64, w, b64, eps), &up64));
+    let (ga, gr) = tol.grads;
+    let got = |v: &Var| to64(grads.get(v).unwrap());
+    assert_close_rows(&what("dx"), &got(&xv), &want_x, d, ga, |_| 0.0, gr);
+    assert_close_rows(&what("dweight"), &got(&wv), &want_w, d, ga, |_| 0.0, gr);
+    if let Some(b) = b64 {
+        let want_b = finite_diff(b, h, |b| dot(&layer_norm_ref(&x64, &w64, Some(b), eps), &up64));
+        assert_close_rows(&what("dbias"), &got(&bv), &want_b, d, ga, |_| 0.0, gr);
+    }
+}
+
+/// Row lengths 1 (variance 0: the output is the bias, the gradient in x
+/// 0), 3, 37 and 1283; 13 x 1283 rows exceed 2^14 elements, the fused op's
+/// parallel path.
+const NORM_SHAPES: [(usize, usize); 5] = [(7, 1), (7, 3), (7, 37), (7, 1283), (13, 1283)];
+
+#[test]
+fn layer_norm_fused_f32_matches_f64_reference_and_finite_differences() {
+    let mut rng = Rng::new(41);
+    let tol = Tol {
+        values: (1e-6, 1e-6),
+        grads: (1e-5, 1e-5),
+    };
+    for shape in NORM_SHAPES {
+        for bias in [true, false] {
+            check_layer_norm(&mut rng, DType::F32, shape, 0.0, bias, &tol);
+        }
+    }
+}
+
+#[test]
+fn layer_norm_composed_f64_and_bf16_match_f64_reference_and_finite_differences() {
+    let mut rng = Rng::new(42);
+    // F64 is computed in F64: the formula itself, to rounding.
+    let tight = Tol {
+        values: (1e-13, 1e-13),
+        grads: (1e-7, 1e-7),
+    };
+    for shape in NORM_SHAPES {
+        for bias in [true, false] {
+            check_layer_norm(&mut rng, DType::F64, shape, 0.0, bias, &tight);
+        }
+    }
+    // BF16 in, f32 inside, BF16 out: a few of BF16's 2^-8 steps.
+    let bf16 = Tol {
+        values: (2e-2, 0.0),
+        grads: (5e-2, 0.0),
+    };
+    for shape in [(7, 3), (7, 37), (7, 1283)] {
+        check_layer_norm(&mut rng, DType::BF16, shape, 0.0, true, &bf16);
+    }
+}
+
+#[test]
+fn layer_norm_of_rows_far_from_zero_keeps_their_differences() {
+    // 1e4 + 3 N(0, 1): in f32, E[x^2] - E[x]^2 would cancel to noise.
+    let mut rng = Rng::new(43);
+    let (f32_tol, f64_tol) = (
+        Tol {
+            values: (1e-6, 1e-6),
+            grads: (1e-5, 1e-5),
+        },
+        Tol {
+            values: (1e-12, 1e-12),
+            grads: (1e-7, 1e-7),
+        },
+    );
+    for shape in [(7, 3), (7, 1283), (13, 1283)] {
+        check_layer_norm(&mut rng, DType::F32, shape, 1e4, true, &f32_tol);
+        check_layer_norm(&mut rng, DType::F64, shape, 1e4, true, &f64_tol);
     }
 }
