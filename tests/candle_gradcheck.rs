@@ -3,8 +3,9 @@
 //! `grpo_kernels::candle` beyond token log-probs (whose check lives in
 //! candle_logprob.rs): KL estimators, the clipped policy loss (loss and
 //! per-token outputs), fused linear log-probs (hidden and weight), and the
-//! `nn` layers: softmax and RMS norm on their fused CPU path, LayerNorm on
-//! its fused path (f32) and its composed one (F64, BF16).
+//! `nn` layers: softmax, RMS norm, LayerNorm and quick GELU on their fused
+//! CPU path (f32) and their composed one (F64, BF16), and candle's own erf
+//! GELU.
 #![cfg(feature = "candle")]
 
 mod common;
@@ -13,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use common::reference::logprob_rows;
 use common::tensors::{to32, to64};
 use common::{assert_close, assert_close_rows, finite_diff, Rng};
-use grpo_kernels::candle::nn::{rms_normalize, softmax_last_dim, LayerNorm, RmsNorm};
+use grpo_kernels::candle::nn::{quick_gelu, rms_normalize, softmax_last_dim, LayerNorm, RmsNorm};
 use grpo_kernels::candle::{fused_linear_logprobs, kl_divergence, policy_loss, PolicyLossTensors};
 use grpo_kernels::{FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig};
 
@@ -450,5 +451,115 @@ fn layer_norm_of_rows_far_from_zero_keeps_their_differences() {
     for shape in [(7, 3), (7, 1283), (13, 1283)] {
         check_layer_norm(&mut rng, DType::F32, shape, 1e4, true, &f32_tol);
         check_layer_norm(&mut rng, DType::F64, shape, 1e4, true, &f64_tol);
+    }
+}
+
+fn quick_gelu_ref(x: f64) -> f64 {
+    x / (1.0 + (-1.702 * x).exp())
+}
+
+/// quick GELU on `n` values of `dtype` (`3 N(0, 1)`, and -100, -20, 20,
+/// 100 where they fit, where the sigmoid saturates): values against
+/// [`quick_gelu_ref`], the gradient of `sum(w * y)` against central finite
+/// differences of it, elementwise within `atol + rtol |want|`.
+fn check_quick_gelu(
+    rng: &mut Rng,
+    dtype: DType,
+    n: usize,
+    (atol, rtol): (f64, f64),
+    (gatol, grtol): (f64, f64),
+) {
+    let what = |name: &str| format!("quick_gelu {name} {dtype:?} n = {n}");
+    let mut x: Vec<f64> = (0..n).map(|_| 3.0 * rng.normal()).collect();
+    let tails = [-100.0, -20.0, 20.0, 100.0];
+    if n >= 4 {
+        x[..4].copy_from_slice(&tails);
+    }
+    let t = |v: Vec<f64>| Tensor::from_vec(v, n, &CPU).unwrap().to_dtype(dtype).unwrap();
+    let xv = Var::from_tensor(&t(x)).unwrap();
+    let up = t((0..n).map(|_| rng.normal()).collect());
+    let (x64, up64) = (to64(&xv), to64(&up));
+    let y = quick_gelu(&xv).unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let want: Vec<f64> = x64.iter().map(|&v| quick_gelu_ref(v)).collect();
+    assert_close(&what("values"), &to64(&y), &want, atol, rtol);
+    let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    let want: Vec<f64> = x64
+        .iter()
+        .zip(&up64)
+        .map(|(&v, &u)| u * finite_diff(&[v], 1e-6, |v| quick_gelu_ref(v[0]))[0])
+        .collect();
+    assert_close(&what("dx"), &to64(grads.get(&xv).unwrap()), &want, gatol, grtol);
+}
+
+#[test]
+fn quick_gelu_fused_and_composed_match_f64_reference_and_finite_differences() {
+    let mut rng = Rng::new(44);
+    // 13 x 1283 values: the fused op's parallel path, with a short last chunk.
+    for n in [1, 3, 7 * 37, 13 * 1283] {
+        check_quick_gelu(&mut rng, DType::F32, n, (1e-6, 1e-6), (1e-6, 1e-5));
+        check_quick_gelu(&mut rng, DType::F64, n, (1e-14, 1e-13), (1e-9, 1e-8));
+    }
+    // BF16 throughout (as transformers runs it): 1.702 x, the sigmoid and the
+    // product each rounded to 2^-8.
+    for n in [3, 7 * 37] {
+        check_quick_gelu(&mut rng, DType::BF16, n, (1e-2, 2e-2), (2e-2, 3e-2));
+    }
+}
+
+/// erf in f64 from its everywhere-convergent series of positive terms,
+/// `2/sqrt(pi) e^(-z^2) sum_n 2^n z^(2n+1) / (1 3 ... (2n+1))` (Abramowitz
+/// & Stegun 7.1.6).
+fn erf_ref(z: f64) -> f64 {
+    let (mut term, mut sum, mut k) = (z.abs(), 0.0, 0.0);
+    while term > 1e-17 * sum || k == 0.0 {
+        sum += term;
+        k += 1.0;
+        term *= 2.0 * z * z / (2.0 * k + 1.0);
+    }
+    (2.0 / std::f64::consts::PI.sqrt() * (-z * z).exp() * sum).copysign(z)
+}
+
+#[test]
+fn candle_gelu_erf_is_x_phi_x_with_a_backward() {
+    // The exact GELU of Qwen2-VL's patch merger: x Phi(x), Phi(x) = (1 +
+    // erf(x / sqrt 2)) / 2. candle's backward writes 1/sqrt(2 pi) as
+    // 0.398942 (relative error 7e-7), so its F64 gradient is only that close.
+    let gelu = |x: f64| x * 0.5 * (1.0 + erf_ref(x / std::f64::consts::SQRT_2));
+    let mut rng = Rng::new(45);
+    let x: Vec<f64> = (0..257).map(|_| rng.range(-6.0, 6.0)).chain([0.0]).collect();
+    let up: Vec<f64> = x.iter().map(|_| rng.normal()).collect();
+    for (dtype, values, grads) in [
+        (DType::F32, (1e-6, 1e-6), (1e-6, 1e-5)),
+        // Phi(x) = (1 + erf) / 2 cancels for x << 0 here and in candle:
+        // absolute errors of ~1e-16 |x|.
+        (DType::F64, (1e-14, 1e-14), (1e-6, 1e-6)),
+    ] {
+        let t = |v: &[f64]| Tensor::new(v, &CPU).unwrap().to_dtype(dtype).unwrap();
+        let xv = Var::from_tensor(&t(&x)).unwrap();
+        let x64 = to64(&xv);
+        let y = xv.gelu_erf().unwrap();
+        let want: Vec<f64> = x64.iter().map(|&v| gelu(v)).collect();
+        assert_close(
+            &format!("gelu_erf {dtype:?}"),
+            &to64(&y),
+            &want,
+            values.0,
+            values.1,
+        );
+        let g = (&y * t(&up)).unwrap().sum_all().unwrap().backward().unwrap();
+        let want: Vec<f64> = x64
+            .iter()
+            .zip(&up)
+            .map(|(&v, &u)| u as f32 as f64 * finite_diff(&[v], 1e-6, |v| gelu(v[0]))[0])
+            .collect();
+        let (atol, rtol) = grads;
+        assert_close(
+            &format!("dgelu_erf {dtype:?}"),
+            &to64(g.get(&xv).unwrap()),
+            &want,
+            atol,
+            rtol,
+        );
     }
 }

@@ -51,7 +51,8 @@
 //! applied with `apply_op*_no_bwd`: no error, no gradient. A model trained
 //! through them learns nothing upstream of them. [`nn`] has differentiable
 //! replacements for CPU and CUDA (fused on f32 CPU tensors, composed of
-//! candle tensor ops elsewhere).
+//! candle tensor ops elsewhere), and the quick GELU of Qwen2-VL's vision
+//! tower.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 

@@ -8,6 +8,10 @@
 //! | [`LayerNorm`], [`layer_normalize`] | candle-nn's `LayerNorm::forward` (with a bias), `ops::layer_norm` |
 //! | [`softmax_last_dim`] | `ops::softmax_last_dim` |
 //! | [`rope`], [`rope_tables`] | `rotary_emb::rope` |
+//! | [`quick_gelu`] | transformers' `quick_gelu` (Qwen2-VL's vision MLP); candle has none |
+//!
+//! The exact-erf GELU (Qwen2-VL's patch merger) is candle's own
+//! `Tensor::gelu_erf`, which has a backward.
 //!
 //! The norms and the softmax run as fused custom ops on f32 CPU tensors: one
 //! task per row, forward and backward, instead of a chain of broadcast ops
@@ -31,26 +35,29 @@ fn fused(x: &Tensor) -> bool {
 }
 
 /// A row-wise op on the CPU: `f(x_row, g_row, out_row)` over the rows of
-/// the contiguous f32 `x` (and of `grad` in the backward), in parallel for
-/// large inputs.
+/// `row` elements of the contiguous f32 `x` (and of `grad` in the
+/// backward; the last row may be shorter), in parallel for large inputs.
 fn map_rows(
     x: (&CpuStorage, &Layout),
+    row: usize,
     grad: Option<&Tensor>,
     f: impl Fn(&[f32], Option<&[f32]>, &mut [f32]) + Sync,
 ) -> Result<(CpuStorage, Shape)> {
     let xs: &[f32] = host_slice(x.0, x.1, "x")?;
-    let d = x.1.dims().last().copied().unwrap_or(1).max(1);
+    let row = row.max(1);
     let mut out = vec![0f32; xs.len()];
     let mut run = |gs: Option<&[f32]>| {
-        let row =
-            |(i, o): (usize, &mut [f32])| f(&xs[i * d..(i + 1) * d], gs.map(|g| &g[i * d..(i + 1) * d]), o);
+        let apply = |(i, o): (usize, &mut [f32])| {
+            let span = i * row..i * row + o.len();
+            f(&xs[span.clone()], gs.map(|g| &g[span]), o)
+        };
         if xs.len() > MIN_TASK {
-            out.par_chunks_mut(d)
+            out.par_chunks_mut(row)
                 .enumerate()
-                .with_min_len((MIN_TASK / d).max(1))
-                .for_each(row);
+                .with_min_len((MIN_TASK / row).max(1))
+                .for_each(apply);
         } else {
-            out.chunks_mut(d).enumerate().for_each(row);
+            out.chunks_mut(row).enumerate().for_each(apply);
         }
     };
     match grad {
@@ -65,6 +72,11 @@ fn map_rows(
         })?,
     }
     Ok((CpuStorage::F32(out), x.1.shape().clone()))
+}
+
+/// The last dimension of a layout: the row length of the fused row ops.
+fn row_len(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
 }
 
 /// RMSNorm (Zhang & Sennrich, 2019): `x / sqrt(mean(x^2) + eps) * weight`
@@ -238,7 +250,7 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (centered, eps) = (self.norm == Norm::Layer, self.eps);
-        map_rows((s, l), self.grad.as_ref(), |x, g, out| {
+        map_rows((s, l), row_len(l), self.grad.as_ref(), |x, g, out| {
             // In f64, the mean first and then the squares about it: 1e4-scale
             // activations squared lose bits in f32, and E[x^2] - E[x]^2
             // cancels.
@@ -302,7 +314,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows((s, l), self.grad.as_ref(), |x, g, out| match g {
+        map_rows((s, l), row_len(l), self.grad.as_ref(), |x, g, out| match g {
             None => {
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0f32;
@@ -328,6 +340,55 @@ impl CustomOp1 for Softmax {
             grad: Some(grad.contiguous()?),
         };
         Ok(Some(y.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// The slope of [`quick_gelu`]'s sigmoid.
+const QUICK_GELU_SLOPE: f64 = 1.702;
+
+/// GELU's sigmoid approximation `x sigmoid(1.702 x)` (Hendrycks & Gimpel,
+/// 2016, §2; transformers' `quick_gelu`, the activation of Qwen2-VL's
+/// vision MLP). Backward: with `s = sigmoid(1.702 x)`,
+/// `dx = g s (1 + 1.702 x (1 - s))`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        return x.contiguous()?.apply_op1(QuickGelu { grad: None });
+    }
+    x * candle_nn::ops::sigmoid(&(x * QUICK_GELU_SLOPE)?)?
+}
+
+/// The fused [`quick_gelu`] of f32 CPU tensors: the forward, or with `grad`
+/// its backward at `x`.
+struct QuickGelu {
+    grad: Option<Tensor>,
+}
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick_gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        const K: f32 = QUICK_GELU_SLOPE as f32;
+        map_rows((s, l), MIN_TASK, self.grad.as_ref(), |x, g, out| match g {
+            None => out
+                .iter_mut()
+                .zip(x)
+                .for_each(|(o, &v)| *o = v / (1.0 + (-K * v).exp())),
+            Some(g) => {
+                for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+                    let s = 1.0 / (1.0 + (-K * v).exp());
+                    *o = gv * s * (1.0 + K * v * (1.0 - s));
+                }
+            }
+        })
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = QuickGelu {
+            grad: Some(grad.contiguous()?),
+        };
+        Ok(Some(x.apply_op1_no_bwd(&op)?))
     }
 }
 
