@@ -4,8 +4,8 @@
 //! candle_logprob.rs): KL estimators, the clipped policy loss (loss and
 //! per-token outputs), fused linear log-probs (hidden and weight), and the
 //! `nn` layers: softmax, RMS norm, LayerNorm and quick GELU on their fused
-//! CPU path (f32) and their composed one (F64, BF16), and candle's own erf
-//! GELU.
+//! CPU path (f32) and their composed one (F64, BF16), RoPE and its tables,
+//! and candle's own erf GELU.
 #![cfg(feature = "candle")]
 
 mod common;
@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use common::reference::logprob_rows;
 use common::tensors::{to32, to64};
 use common::{assert_close, assert_close_rows, finite_diff, Rng};
-use grpo_kernels::candle::nn::{quick_gelu, rms_normalize, softmax_last_dim, LayerNorm, RmsNorm};
+use grpo_kernels::candle::nn::{
+    quick_gelu, rms_normalize, rope, rope_tables, softmax_last_dim, LayerNorm, RmsNorm,
+};
 use grpo_kernels::candle::{fused_linear_logprobs, kl_divergence, policy_loss, PolicyLossTensors};
 use grpo_kernels::{FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig};
 
@@ -562,4 +564,48 @@ fn candle_gelu_erf_is_x_phi_x_with_a_backward() {
             rtol,
         );
     }
+}
+
+#[test]
+fn rope_and_its_tables_match_f64_references_and_finite_differences() {
+    let mut rng = Rng::new(46);
+    let (b, heads, seq, dim, theta) = (2usize, 3usize, 5usize, 6usize, 10_000.0f64);
+    let half = dim / 2;
+    let (cos, sin) = rope_tables(seq, dim, theta, &CPU).unwrap();
+    assert_eq!(cos.dims(), &[seq, half]);
+    let angle = |p: usize, i: usize| p as f64 * theta.powf(-2.0 * i as f64 / dim as f64);
+    let table = |f: fn(f64) -> f64| -> Vec<f64> {
+        (0..seq)
+            .flat_map(|p| (0..half).map(move |i| f(angle(p, i))))
+            .collect()
+    };
+    // Angles up to 4 rounded to f32: a few 1e-7.
+    assert_close("rope cos", &to32(&cos), &table(f64::cos), 1e-6, 0.0);
+    assert_close("rope sin", &to32(&sin), &table(f64::sin), 1e-6, 0.0);
+
+    // [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos] per position, with the
+    // F32 tables as given.
+    let (c64, s64) = (to64(&cos), to64(&sin));
+    let reference = |x: &[f64]| -> Vec<f64> {
+        let mut y = vec![0.0; x.len()];
+        for (r, (xr, yr)) in x.chunks(dim).zip(y.chunks_mut(dim)).enumerate() {
+            let p = r % seq;
+            for i in 0..half {
+                let (c, s) = (c64[p * half + i], s64[p * half + i]);
+                yr[i] = xr[i] * c - xr[half + i] * s;
+                yr[half + i] = xr[i] * s + xr[half + i] * c;
+            }
+        }
+        y
+    };
+    let n = b * heads * seq * dim;
+    let x: Vec<f32> = rng.normals(n, 1.0);
+    let w: Vec<f32> = rng.normals(n, 1.0);
+    let xv = var(&x, &[b, heads, seq, dim]);
+    let y = rope(&xv, &cos, &sin).unwrap();
+    assert_close("rope", &to32(&y), &reference(&f64s(&x)), 1e-6, 1e-6);
+    let wt = Tensor::from_vec(w.clone(), (b, heads, seq, dim), &CPU).unwrap();
+    let grads = (&y * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = finite_diff(&f64s(&x), 1e-6, |x| dot(&reference(x), &f64s(&w)));
+    assert_close("drope", &to32(grads.get(&xv).unwrap()), &want, 1e-6, 1e-5);
 }

@@ -422,3 +422,63 @@ fn nn_norms_reject_bad_eps_weights_and_dtypes_with_typed_errors() {
         assert_typed_error(r, Error::Unsupported { op, reason });
     }
 }
+
+#[test]
+fn rope_rejects_odd_dims_and_tables_of_the_wrong_width() {
+    use grpo_kernels::candle::nn::{rope, rope_tables};
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let (cos, sin) = rope_tables(3, 6, 10_000.0, &dev).unwrap();
+    let x = Tensor::ones((1, 2, 3, 6), DType::F32, &dev).unwrap();
+    assert!(rope(&x, &cos, &sin).is_ok());
+    // An odd dimension: the last column has no partner.
+    let odd = Tensor::ones((1, 2, 3, 7), DType::F32, &dev).unwrap();
+    assert_typed_error(
+        rope(&odd, &cos, &sin),
+        Error::InvalidParameter {
+            op: "rope",
+            name: "dim",
+            value: 7.0,
+            expected: "even (x's last dimension)",
+        },
+    );
+    // Tables as wide as x (transformers' `cat(freqs, freqs)` layout) or too narrow.
+    let wide = Tensor::cat(&[&cos, &cos], 1).unwrap();
+    let mismatch = |what, got| Error::ShapeMismatch {
+        op: "rope",
+        what,
+        expected: 3,
+        got,
+    };
+    assert_typed_error(rope(&x, &wide, &sin), mismatch("cos's last dimension", 6));
+    assert_typed_error(
+        rope(&x, &cos, &sin.narrow(1, 0, 2).unwrap()),
+        mismatch("sin's last dimension", 2),
+    );
+}
+
+#[test]
+fn rope_tables_reject_bad_theta_odd_dims_and_unrepresentable_lengths() {
+    use grpo_kernels::candle::nn::rope_tables;
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let bad = |name, value, expected| Error::InvalidParameter {
+        op: "rope_tables",
+        name,
+        value,
+        expected,
+    };
+    for theta in [0.0, -10.0, f64::NAN, f64::INFINITY] {
+        assert_typed_error(
+            rope_tables(4, 8, theta, &dev),
+            bad("theta", theta, "finite and > 0"),
+        );
+    }
+    assert_typed_error(rope_tables(4, 7, 1e4, &dev), bad("dim", 7.0, "even"));
+    // Positions are u32 ids: one more would have wrapped to a shorter table.
+    let seq = u32::MAX as usize + 1;
+    assert_typed_error(
+        rope_tables(seq, 8, 1e4, &dev),
+        bad("seq", seq as f64, "at most u32::MAX"),
+    );
+}

@@ -393,11 +393,23 @@ impl CustomOp1 for QuickGelu {
 }
 
 /// Rotary position embedding (Su et al., "RoFormer", 2021) in the
-/// half-split layout Qwen and Llama use: `x` is `[batch, heads, seq, dim]`,
-/// `cos` and `sin` are `[seq, dim / 2]`. Built from narrow/mul/cat, so it
-/// has a backward (unlike `candle_nn::rotary_emb::rope`).
+/// half-split layout Qwen and Llama use (transformers' `rotate_half`): `x`
+/// is `[batch, heads, seq, dim]`, `cos` and `sin` are `[seq, dim / 2]` (or
+/// anything that broadcasts to `[.., seq, dim / 2]`), and
+/// `[x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]`. Built from
+/// narrow/mul/cat, so it has a backward (unlike
+/// `candle_nn::rotary_emb::rope`).
+///
+/// Errors (typed [`crate::Error`]): `InvalidParameter` (`dim`) for an odd
+/// last dimension of `x`; `ShapeMismatch` if the last dimension of `cos`
+/// or `sin` is not half of `x`'s.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
+    const OP: &str = "rope";
+    let dim = x.dim(D::Minus1)?;
+    check::param(OP, "dim", dim as f64, dim % 2 == 0, "even (x's last dimension)").map_err(wrap)?;
+    let half = dim / 2;
+    check::len(OP, "cos's last dimension", half, cos.dim(D::Minus1)?).map_err(wrap)?;
+    check::len(OP, "sin's last dimension", half, sin.dim(D::Minus1)?).map_err(wrap)?;
     let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
     let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
@@ -405,19 +417,36 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[r1, r2], D::Minus1)
 }
 
-/// `cos` and `sin` tables for [`rope`]: position `p`, frequency
-/// `theta^(-2i / dim)`, as `[seq, dim / 2]` F32 tensors.
+/// `cos` and `sin` tables for [`rope`]: position `p` in `0..seq`, frequency
+/// `theta^(-2i / dim)` for `i` in `0..dim / 2`, as `[seq, dim / 2]` F32
+/// tensors of the angles `p theta^(-2i / dim)`, each the f32 product of an
+/// f32 position and frequency, as in transformers (so positions above 2^24
+/// are rounded).
+///
+/// Errors (typed [`crate::Error`], all `InvalidParameter`): `theta` not
+/// finite and > 0, an odd `dim`, a `seq` above `u32::MAX`.
 pub fn rope_tables(
     seq: usize,
     dim: usize,
     theta: f64,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "rope_tables";
+    check::param(OP, "theta", theta, theta > 0.0, "finite and > 0").map_err(wrap)?;
+    check::param(OP, "dim", dim as f64, dim % 2 == 0, "even").map_err(wrap)?;
+    let end = u32::try_from(seq).map_err(|_| {
+        wrap(Error::InvalidParameter {
+            op: OP,
+            name: "seq",
+            value: seq as f64,
+            expected: "at most u32::MAX",
+        })
+    })?;
     let inv: Vec<f32> = (0..dim / 2)
         .map(|i| theta.powf(-(2.0 * i as f64) / dim as f64) as f32)
         .collect();
     let inv = Tensor::new(inv.as_slice(), device)?.unsqueeze(0)?;
-    let pos = Tensor::arange(0u32, seq as u32, device)?
+    let pos = Tensor::arange(0u32, end, device)?
         .to_dtype(DType::F32)?
         .unsqueeze(1)?;
     let angles = pos.broadcast_mul(&inv)?;
