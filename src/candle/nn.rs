@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use super::{host_slice, with_cpu, wrap};
 use crate::error::{check, Error};
+use crate::ops::math::{self, multiversion};
 
 /// Elements per parallel task of the fused row ops.
 const MIN_TASK: usize = 1 << 14;
@@ -369,19 +370,7 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        const K: f32 = QUICK_GELU_SLOPE as f32;
-        map_rows((s, l), MIN_TASK, self.grad.as_ref(), |x, g, out| match g {
-            None => out
-                .iter_mut()
-                .zip(x)
-                .for_each(|(o, &v)| *o = v / (1.0 + (-K * v).exp())),
-            Some(g) => {
-                for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
-                    let s = 1.0 / (1.0 + (-K * v).exp());
-                    *o = gv * s * (1.0 + K * v * (1.0 - s));
-                }
-            }
-        })
+        map_rows((s, l), MIN_TASK, self.grad.as_ref(), quick_gelu_chunk)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -389,6 +378,25 @@ impl CustomOp1 for QuickGelu {
             grad: Some(grad.contiguous()?),
         };
         Ok(Some(x.apply_op1_no_bwd(&op)?))
+    }
+}
+
+multiversion! {
+    /// [`quick_gelu`] of `x` into `out`, or with `g` its backward, with the
+    /// crate's vectorizable `exp` (candle's CPU sigmoid calls libm's per
+    /// element).
+    fn quick_gelu_chunk(x: &[f32], g: Option<&[f32]>, out: &mut [f32]) {
+        const K: f32 = QUICK_GELU_SLOPE as f32;
+        let sigmoid = |v: f32| 1.0 / (1.0 + math::exp::<Mad>(-K * v));
+        match g {
+            None => out.iter_mut().zip(x).for_each(|(o, &v)| *o = v * sigmoid(v)),
+            Some(g) => {
+                for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+                    let s = sigmoid(v);
+                    *o = gv * s * (1.0 + K * v * (1.0 - s));
+                }
+            }
+        }
     }
 }
 
