@@ -441,7 +441,7 @@ pub fn rope_tables(
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "rope_tables";
     check::param(OP, "theta", theta, theta > 0.0, "finite and > 0").map_err(wrap)?;
-    check::param(OP, "dim", dim as f64, dim % 2 == 0, "even").map_err(wrap)?;
+    check::param(OP, "dim", dim as f64, dim.is_multiple_of(2), "even").map_err(wrap)?;
     let end = u32::try_from(seq).map_err(|_| {
         wrap(Error::InvalidParameter {
             op: OP,

@@ -182,7 +182,7 @@ impl<M: Memory> Rewards<'_, M> {
             }
             None => 1,
         };
-        let per_group = k.checked_mul(g).filter(|&kg| len % kg == 0);
+        let per_group = k.checked_mul(g).filter(|&kg| len.is_multiple_of(kg));
         let Some(kg) = per_group else {
             return Err(Error::InvalidLayout {
                 op,

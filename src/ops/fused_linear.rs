@@ -185,7 +185,7 @@ impl<'a, T: 'a, I: 'a, M: Memory> LinearRows<'a, T, I, M> {
         check::len(op, "hidden", expected, M::len(&self.hidden))?;
         let weight = M::len(&self.weight);
         check::non_empty(op, "weight", weight)?;
-        if weight % hidden != 0 {
+        if !weight.is_multiple_of(hidden) {
             return Err(Error::InvalidLayout {
                 op,
                 reason: format!(

@@ -385,9 +385,9 @@ pub struct Vlm {
 impl Vlm {
     /// A model with fresh (or `vb`-provided) weights.
     pub fn new(cfg: &VlmConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.image_size % cfg.patch_size != 0
-            || cfg.vit_dim % cfg.vit_heads != 0
-            || cfg.lm_dim % cfg.lm_heads != 0
+        if !cfg.image_size.is_multiple_of(cfg.patch_size)
+            || !cfg.vit_dim.is_multiple_of(cfg.vit_heads)
+            || !cfg.lm_dim.is_multiple_of(cfg.lm_heads)
         {
             candle_core::bail!("model config: patch size must divide the image, heads the widths: {cfg:?}");
         }

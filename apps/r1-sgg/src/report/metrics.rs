@@ -116,7 +116,7 @@ mod tests {
         Step {
             step: i,
             reward: i as f64 / 4.0,
-            phase: if i % 2 == 0 { "sft" } else { "grpo" }.to_string(),
+            phase: if i.is_multiple_of(2) { "sft" } else { "grpo" }.to_string(),
         }
     }
 

@@ -365,10 +365,10 @@ impl Hooks for Recorder<'_, '_> {
             line.extend(fields.clone());
         }
         self.metrics.write(&line)?;
-        if self.plain && (step + 1) % (self.steps / 20).max(1) == 0 {
+        if self.plain && (step + 1).is_multiple_of((self.steps / 20).max(1)) {
             println!("{stage} step {}/{}: {record}", step + 1, self.steps);
         }
-        if self.eval_every > 0 && (step + 1) % self.eval_every == 0 {
+        if self.eval_every > 0 && (step + 1).is_multiple_of(self.eval_every) {
             self.eval_val(step + 1).map_err(wrap)?;
         }
         if crate::util::interrupt::interrupted() {
@@ -376,7 +376,7 @@ impl Hooks for Recorder<'_, '_> {
             return Ok(false);
         }
         if self.run.common.save_every > 0
-            && (step + 1) % self.run.common.save_every == 0
+            && (step + 1).is_multiple_of(self.run.common.save_every)
             && step + 1 < self.steps
         {
             self.run.save(stage, step + 1, opt).map_err(wrap)?;
