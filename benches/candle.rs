@@ -6,6 +6,11 @@
 //!
 //! CPU always; with `candle-cuda` and a GPU, the same step on CUDA (time
 //! only: device memory is not counted here).
+//!
+//! Also `candle_nn_cpu`: `candle::nn`'s fused CPU ops, forward and
+//! backward, against the same math composed from candle ops: `LayerNorm`
+//! with a bias against candle-nn's `ops::layer_norm_slow`, `quick_gelu`
+//! against `x * sigmoid(1.702 x)` (candle-nn's `ops::sigmoid`).
 
 #[path = "../tests/common/composed.rs"]
 mod composed;
@@ -149,6 +154,72 @@ fn cpu(c: &mut Criterion) {
     step(c, &Device::Cpu, "candle_grpo_step_cpu", (4, 256, 32_000));
 }
 
+/// `f(x)` and its gradient in `x` and `params` for a fixed random
+/// upstream gradient.
+fn forward_backward(x: &Var, params: &[&Var], upstream: &Tensor, f: impl Fn(&Tensor) -> Tensor) {
+    let grads = (f(x.as_tensor()) * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for v in std::iter::once(x).chain(params.iter().copied()) {
+        assert!(grads.get(v).is_some());
+    }
+}
+
+fn nn_cpu(c: &mut Criterion) {
+    use candle_core::Module;
+    use grpo_kernels::candle::nn::{quick_gelu, LayerNorm};
+    let name = "candle_nn_cpu";
+    if !util::selected(name) {
+        return;
+    }
+    let dev = Device::Cpu;
+    let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10);
+    // Qwen2-VL's vision tower: 1280 channels, 4 x 1280 in the MLP; 1024 patches.
+    let (rows, d) = (1024, 1280);
+    let (x, upstream) = (
+        var(&[rows, d]),
+        Tensor::randn(0f32, 1.0, (rows, d), &dev).unwrap(),
+    );
+    let (weight, bias) = (var(&[d]), var(&[d]));
+    let (w, b) = (weight.as_tensor(), bias.as_tensor());
+    let norm = LayerNorm::new(w.clone(), Some(b.clone()), 1e-6);
+    let id = format!("f32/{rows}x{d}");
+    g.throughput(Throughput::Elements((rows * d) as u64));
+    g.bench_function(BenchmarkId::new("layer_norm fused", &id), |bench| {
+        bench.iter(|| forward_backward(&x, &[&weight, &bias], &upstream, |x| norm.forward(x).unwrap()))
+    });
+    g.bench_function(BenchmarkId::new("layer_norm composed", &id), |bench| {
+        bench.iter(|| {
+            forward_backward(&x, &[&weight, &bias], &upstream, |x| {
+                candle_nn::ops::layer_norm_slow(x, w, b, 1e-6).unwrap()
+            })
+        })
+    });
+    let (rows, d) = (1024, 5120);
+    let (x, upstream) = (
+        var(&[rows, d]),
+        Tensor::randn(0f32, 1.0, (rows, d), &dev).unwrap(),
+    );
+    let id = format!("f32/{rows}x{d}");
+    g.throughput(Throughput::Elements((rows * d) as u64));
+    g.bench_function(BenchmarkId::new("quick_gelu fused", &id), |bench| {
+        bench.iter(|| forward_backward(&x, &[], &upstream, |x| quick_gelu(x).unwrap()))
+    });
+    g.bench_function(BenchmarkId::new("quick_gelu composed", &id), |bench| {
+        bench.iter(|| {
+            forward_backward(&x, &[], &upstream, |x| {
+                (x * candle_nn::ops::sigmoid(&(x * 1.702).unwrap()).unwrap()).unwrap()
+            })
+        })
+    });
+    g.finish();
+}
+
 #[cfg(feature = "candle-cuda")]
 fn cuda(c: &mut Criterion) {
     match grpo_kernels::cuda::driver_present().then(|| Device::new_cuda(0)) {
@@ -160,5 +231,5 @@ fn cuda(c: &mut Criterion) {
 #[cfg(not(feature = "candle-cuda"))]
 fn cuda(_: &mut Criterion) {}
 
-criterion_group!(benches, cpu, cuda);
+criterion_group!(benches, cpu, nn_cpu, cuda);
 criterion_main!(benches);

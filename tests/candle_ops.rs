@@ -1,6 +1,7 @@
 //! The policy loss, fused linear log-probs and sampling through candle:
 //! same values as the raw ops, and gradients through candle's autograd
-//! equal to those of the same math composed from candle tensor ops.
+//! equal to those of the same math composed from candle tensor ops. And
+//! `candle::nn`'s refusals: the typed error for each bad parameter or shape.
 #![cfg(feature = "candle")]
 
 mod common;
@@ -8,7 +9,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var, D};
 use common::composed::composed_grpo;
 use common::tensors::{to32, to64};
-use common::{assert_close, Rng};
+use common::{assert_close, assert_typed_error, Rng};
 use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
 use grpo_kernels::{
     Advantage, Aggregation, FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig,
@@ -353,4 +354,131 @@ fn kl_equals_raw_op_and_rejects_bad_inputs() {
     assert!(candle_kl(&a.to_dtype(DType::BF16).unwrap(), &b, KlEstimator::K3).is_err());
     let nan = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap();
     assert!(candle_kl(&nan, &nan, KlEstimator::K3).is_err());
+}
+
+#[test]
+fn nn_norms_reject_bad_eps_weights_and_dtypes_with_typed_errors() {
+    use candle_core::Module;
+    use grpo_kernels::candle::nn::{layer_normalize, rms_normalize, LayerNorm, RmsNorm};
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let x = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
+    let (w, b) = (
+        Tensor::ones(4, DType::F32, &dev).unwrap(),
+        Tensor::zeros(4, DType::F32, &dev).unwrap(),
+    );
+    let bad_eps = |op, value| Error::InvalidParameter {
+        op,
+        name: "eps",
+        value,
+        expected: "finite and >= 0",
+    };
+    // Both paths: fused (F32) and composed (F64).
+    for x in [x.clone(), x.to_dtype(DType::F64).unwrap()] {
+        for eps in [-1e-6, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_typed_error(rms_normalize(&x, eps), bad_eps("rms_normalize", eps));
+            assert_typed_error(layer_normalize(&x, eps), bad_eps("layer_normalize", eps));
+        }
+        assert!(rms_normalize(&x, 0.0).is_ok() && layer_normalize(&x, 0.0).is_ok());
+    }
+    let norm = LayerNorm::new(w.clone(), Some(b.clone()), -1.0);
+    assert_typed_error(norm.forward(&x), bad_eps("layer_normalize", -1.0));
+    assert_typed_error(
+        RmsNorm::new(w.clone(), f64::NAN).forward(&x),
+        bad_eps("rms_normalize", f64::NAN),
+    );
+
+    // A weight or bias must hold one value per column: a [1] tensor would
+    // broadcast silently, a [2, 4] one stack the rows.
+    let shape = |op, what, got| Error::ShapeMismatch {
+        op,
+        what,
+        expected: 4,
+        got,
+    };
+    let one = Tensor::ones(1, DType::F32, &dev).unwrap();
+    let two_rows = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
+    let ln = |w: &Tensor, b: Option<&Tensor>| LayerNorm::new(w.clone(), b.cloned(), 1e-6).forward(&x);
+    assert_typed_error(ln(&one, Some(&b)), shape("layer_norm", "weight", 1));
+    assert_typed_error(ln(&w, Some(&two_rows)), shape("layer_norm", "bias", 8));
+    assert_typed_error(
+        RmsNorm::new(two_rows.clone(), 1e-6).forward(&x),
+        shape("rms_norm", "weight", 8),
+    );
+    // [4, 1] is still one value per column.
+    let column = w.reshape((4, 1)).unwrap();
+    assert_eq!(
+        to32(&ln(&column, Some(&b)).unwrap()),
+        to32(&ln(&w, Some(&b)).unwrap())
+    );
+
+    // Integer input would round the normalized values back to integers.
+    let ids = Tensor::ones((2, 4), DType::U32, &dev).unwrap();
+    for (op, r) in [
+        ("rms_normalize", rms_normalize(&ids, 1e-6)),
+        ("layer_normalize", layer_normalize(&ids, 1e-6)),
+    ] {
+        let reason = "`x` must be F32, F64, BF16 or F16, got U32".to_string();
+        assert_typed_error(r, Error::Unsupported { op, reason });
+    }
+}
+
+#[test]
+fn rope_rejects_odd_dims_and_tables_of_the_wrong_width() {
+    use grpo_kernels::candle::nn::{rope, rope_tables};
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let (cos, sin) = rope_tables(3, 6, 10_000.0, &dev).unwrap();
+    let x = Tensor::ones((1, 2, 3, 6), DType::F32, &dev).unwrap();
+    assert!(rope(&x, &cos, &sin).is_ok());
+    // An odd dimension: the last column has no partner.
+    let odd = Tensor::ones((1, 2, 3, 7), DType::F32, &dev).unwrap();
+    assert_typed_error(
+        rope(&odd, &cos, &sin),
+        Error::InvalidParameter {
+            op: "rope",
+            name: "dim",
+            value: 7.0,
+            expected: "even (x's last dimension)",
+        },
+    );
+    // Tables as wide as x (transformers' `cat(freqs, freqs)` layout) or too narrow.
+    let wide = Tensor::cat(&[&cos, &cos], 1).unwrap();
+    let mismatch = |what, got| Error::ShapeMismatch {
+        op: "rope",
+        what,
+        expected: 3,
+        got,
+    };
+    assert_typed_error(rope(&x, &wide, &sin), mismatch("cos's last dimension", 6));
+    assert_typed_error(
+        rope(&x, &cos, &sin.narrow(1, 0, 2).unwrap()),
+        mismatch("sin's last dimension", 2),
+    );
+}
+
+#[test]
+fn rope_tables_reject_bad_theta_odd_dims_and_unrepresentable_lengths() {
+    use grpo_kernels::candle::nn::rope_tables;
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let bad = |name, value, expected| Error::InvalidParameter {
+        op: "rope_tables",
+        name,
+        value,
+        expected,
+    };
+    for theta in [0.0, -10.0, f64::NAN, f64::INFINITY] {
+        assert_typed_error(
+            rope_tables(4, 8, theta, &dev),
+            bad("theta", theta, "finite and > 0"),
+        );
+    }
+    assert_typed_error(rope_tables(4, 7, 1e4, &dev), bad("dim", 7.0, "even"));
+    // Positions are u32 ids: one more would have wrapped to a shorter table.
+    let seq = u32::MAX as usize + 1;
+    assert_typed_error(
+        rope_tables(seq, 8, 1e4, &dev),
+        bad("seq", seq as f64, "at most u32::MAX"),
+    );
 }

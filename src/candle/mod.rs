@@ -46,10 +46,13 @@
 //!
 //! # Gradients that stop silently in candle-nn
 //! candle-nn's `rotary_emb::rope`, `ops::rms_norm` (which `RmsNorm` uses on
-//! contiguous input) and `ops::softmax_last_dim` are applied with
-//! `apply_op*_no_bwd`: no error, no gradient. A model trained through them
-//! learns nothing upstream of them. [`nn`] has differentiable replacements,
-//! built from candle tensor ops, for CPU and CUDA.
+//! contiguous input), `ops::layer_norm` (which `LayerNorm` uses on
+//! contiguous input when it has a bias) and `ops::softmax_last_dim` are
+//! applied with `apply_op*_no_bwd`: no error, no gradient. A model trained
+//! through them learns nothing upstream of them. [`nn`] has differentiable
+//! replacements for CPU and CUDA (fused on f32 CPU tensors, composed of
+//! candle tensor ops elsewhere), and the quick GELU of Qwen2-VL's vision
+//! tower.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 

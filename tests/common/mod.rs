@@ -49,11 +49,12 @@ pub fn widen<T: Float>(xs: &[T]) -> Vec<f64> {
 }
 
 /// Asserts `|got - want| <= atol + rtol |want|` elementwise; NaN never passes.
+/// `got` is f32 (an op's output) or f64 (a path that computes in f64).
 #[track_caller]
-pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+pub fn assert_close<T: Copy + Into<f64>>(what: &str, got: &[T], want: &[f64], atol: f64, rtol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let g = g as f64;
+        let g: f64 = g.into();
         let ok = (g - w).abs() <= atol + rtol * w.abs();
         assert!(
             ok && g.is_finite() == w.is_finite(),
@@ -69,9 +70,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
 /// entropy gradient `g_H` multiplies `log p`, whose absolute error is that of
 /// the logits, even where it leaves the row's values small.
 #[track_caller]
-pub fn assert_close_rows(
+pub fn assert_close_rows<T: Copy + Into<f64>>(
     what: &str,
-    got: &[f32],
+    got: &[T],
     want: &[f64],
     row_len: usize,
     row_atol: f64,
@@ -82,7 +83,7 @@ pub fn assert_close_rows(
     for (r, (g, w)) in got.chunks(row_len).zip(want.chunks(row_len)).enumerate() {
         let scale = w.iter().fold(floor(r), |m, x| m.max(x.abs()));
         for (j, (&g, &w)) in g.iter().zip(w).enumerate() {
-            let g = g as f64;
+            let g: f64 = g.into();
             let ok = (g - w).abs() <= row_atol * scale + rtol * w.abs();
             assert!(
                 ok && g.is_finite() == w.is_finite(),
@@ -138,6 +139,24 @@ pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
             (up - down) / (2.0 * h)
         })
         .collect()
+}
+
+/// Asserts that `r` failed with exactly `want`, this crate's typed error
+/// wrapped by `grpo_kernels::candle`. candle 0.11 holds it as
+/// `Error::Wrapped(Box<dyn Display>)`, which cannot be downcast, so this
+/// compares messages: op, argument, value and the variant's wording.
+#[cfg(feature = "candle")]
+#[track_caller]
+pub fn assert_typed_error<T: std::fmt::Debug>(r: candle_core::Result<T>, want: grpo_kernels::Error) {
+    let mut err = r.expect_err(&format!("expected {want:?}"));
+    // RUST_BACKTRACE adds one layer.
+    if let candle_core::Error::WithBacktrace { inner, .. } = err {
+        err = *inner;
+    }
+    match err {
+        candle_core::Error::Wrapped(got) => assert_eq!(got.to_string(), want.to_string()),
+        other => panic!("expected {want:?}, got candle's {other:?}"),
+    }
 }
 
 /// Candle tensors flattened to host vectors.
