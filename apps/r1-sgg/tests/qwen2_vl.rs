@@ -311,9 +311,17 @@ fn tied_hub_f32_matches_transformers() {
     assert_eq!(greedy(&model, &inputs), want, "tied greedy tokens");
 }
 
-/// bf16 weights and activations (norms, rope and softmax in f32, as
-/// transformers). Both ports round at nearly the same points, so each is
-/// about as far from the f32 logits as the other; see the bounds below.
+/// bf16 weights and activations (norm statistics, rope and softmax in f32,
+/// as transformers). bf16 keeps 8 significant bits, so each rounding of a
+/// logit of size 6 moves it by up to 6 * 2^-9 = 0.012, and the roundings
+/// of every activation through both towers add up: transformers' own bf16
+/// logits are 0.146 (max over real tokens) from its f32 ones. Two bf16
+/// implementations that round at slightly different points (where the
+/// attention scale is applied, when the patch embedding is cast) each sit
+/// about that far from f32, so neither can be held to the other much more
+/// tightly. The bounds: ours within 0.25 of transformers' bf16 (the
+/// fixture's suggestion, about 1.7x its bf16 error), and ours no further
+/// from the f32 logits than 1.25x transformers' bf16.
 #[test]
 fn untied_bf16_is_as_close_to_f32_as_transformers_bf16() {
     let r = Variant::Untied.reference();
@@ -326,13 +334,16 @@ fn untied_bf16_is_as_close_to_f32_as_transformers_bf16() {
     let ours_vs_hf = masked_max_diff(&logits, bf16_ref, mask);
     let ours_err = masked_max_diff(&logits, f32_ref, mask);
     let hf_err = masked_max_diff(bf16_ref, f32_ref, mask);
-    println!("bf16: ours vs transformers bf16 {ours_vs_hf:.3}, ours vs f32 {ours_err:.3}, transformers bf16 vs f32 {hf_err:.3}");
+    println!(
+        "bf16 max |diff| on real tokens: ours vs transformers bf16 {ours_vs_hf:.3}, \
+         ours vs f32 {ours_err:.3}, transformers bf16 vs f32 {hf_err:.3}"
+    );
     assert!(
         ours_vs_hf < 0.25,
         "bf16 logits vs transformers' bf16: {ours_vs_hf}"
     );
     assert!(
-        ours_err < 1.5 * hf_err,
+        ours_err < 1.25 * hf_err,
         "bf16 error {ours_err} vs transformers' own {hf_err}"
     );
 }
