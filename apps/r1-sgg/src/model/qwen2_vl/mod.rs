@@ -18,6 +18,43 @@
 //! log-probs from the hidden states with
 //! `grpo_kernels::candle::fused_linear_logprobs` ([`Qwen2Vl::token_logprobs`]),
 //! never materializing `[tokens, vocab]` logits.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use grpo_kernels::FusedLinearConfig;
+//! use r1_sgg::model::qwen2_vl::{Checkpointing, Config, Inputs, Qwen2Vl};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let cfg = Config::from_json_str(
+//!     r#"{"model_type": "qwen2_vl", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+//!         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+//!         "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+//!         "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+//!         "vision_start_token_id": 28, "vision_end_token_id": 29, "video_token_id": 30,
+//!         "image_token_id": 31,
+//!         "vision_config": {"depth": 1, "embed_dim": 16, "num_heads": 2, "hidden_size": 16}}"#,
+//! )?;
+//! let vars = VarMap::new();
+//! let mut model = Qwen2Vl::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu))?;
+//! model.set_checkpointing(Checkpointing { text: true, vision: true });
+//! // One 2x2-patch image (one merged token) between its vision markers.
+//! let input = Inputs {
+//!     input_ids: Tensor::new(&[[1u32, 28, 31, 29, 5, 6, 7]], &Device::Cpu)?,
+//!     attention_mask: None,
+//!     pixel_values: Some(Tensor::randn(0f32, 1., (4, cfg.vision.patch_dim()), &Device::Cpu)?),
+//!     image_grid_thw: vec![[1, 2, 2]],
+//!     position_ids: None,
+//! };
+//! // Training: next-token log-probs from the hidden states, gradients for every weight.
+//! let lp = model.token_logprobs(&input, None, &FusedLinearConfig::default())?;
+//! let grads = model.backward(&lp.logp.sum_all()?.neg()?)?;
+//! assert!(vars.all_vars().iter().all(|v| grads.get(v).is_some()));
+//! // Generation: the prompt once, then one token per step.
+//! let (mut cache, logits) = model.prefill(&input)?;
+//! let logits = model.decode_step(&mut cache, &logits.argmax(1)?)?;
+//! assert_eq!(logits.dims(), &[1, 32]);
+//! # Ok(()) }
+//! ```
 
 pub mod config;
 pub mod rope;
