@@ -9,8 +9,6 @@
 //! Every op has a backward: norms, RoPE and softmax come from
 //! `grpo_kernels::candle::nn` (candle-nn's fast versions have none).
 
-pub mod qwen2_vl;
-
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
