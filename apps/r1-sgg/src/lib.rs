@@ -25,6 +25,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod format;
+pub mod hf;
 pub mod metrics;
 pub mod model;
 pub mod plot;
