@@ -11,6 +11,7 @@
 //!
 //! Every failure is an [`HfError`] naming the file (and tensor or token) and what is wrong.
 
+pub mod processor;
 pub mod resample;
 pub mod tokenizer;
 pub mod weights;
