@@ -16,6 +16,9 @@ pub mod resample;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod parity;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
