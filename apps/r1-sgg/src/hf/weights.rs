@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -82,11 +83,10 @@ pub struct LoadReport {
     pub lm_head_from_embeddings: bool,
 }
 
-/// A memory-mapped safetensors file with its parsed header.
+/// A memory-mapped safetensors file. Its parsed header ([`MappedFile::tensors`]) borrows the
+/// map, so callers keep the two side by side rather than in one self-referential struct.
 struct MappedFile {
     path: PathBuf,
-    // The header borrows the map; it is re-parsed where the data is read (`tensors`), which only
-    // reads the JSON header, so no self-referential struct is needed.
     map: Mmap,
 }
 
@@ -356,10 +356,12 @@ struct Entry<'v> {
 /// does (a tensor starts a new shard when it would overflow the current one; a tensor larger
 /// than the limit gets a shard of its own).
 ///
-/// The checkpoint is written into a temporary sibling of `dir`, fsynced, and checked to be a
-/// complete model directory ([`ModelFiles::locate`]); only then is an existing `dir` moved aside
-/// and the new one renamed into its place, and the old one removed. A failure at any point before
-/// that leaves `dir` as it was and removes the temporary directory.
+/// The checkpoint is written into a temporary sibling of `dir` (`.{name}.tmp-{pid}-{n}`),
+/// fsynced, and checked to be a complete model directory ([`ModelFiles::locate`]); only then is
+/// an existing `dir` renamed aside (`.{name}.old-{pid}-{n}`), the new one renamed into its
+/// place, the parent fsynced, and the old one removed. A failure before the swap leaves `dir` as
+/// it was and removes the temporary directory. A crash between the two renames leaves no `dir`
+/// but both complete checkpoints beside it: the previous one as `.old-*`, the new one as `.tmp-*`.
 pub fn save_pretrained(varmap: &VarMap, dir: &Path, opts: &SaveOptions<'_>) -> Result<()> {
     // The source must hold what a model directory needs besides config and weights; checked
     // first so that the error names the source, not the temporary directory.
@@ -399,10 +401,12 @@ pub fn save_pretrained(varmap: &VarMap, dir: &Path, opts: &SaveOptions<'_>) -> R
         return Err(HfError::invalid(dir, "exists and is not a directory"));
     }
     fs::create_dir_all(&parent).map_err(|e| HfError::io(&parent, e))?;
-    let tag = std::process::id();
+    // Process id and a per-process count: concurrent saves never share a temporary directory.
+    static SAVES: AtomicU64 = AtomicU64::new(0);
+    let tag = format!("{}-{}", std::process::id(), SAVES.fetch_add(1, Ordering::Relaxed));
     let tmp = parent.join(format!(".{base}.tmp-{tag}"));
     if tmp.exists() {
-        // Left by an earlier save of this process id that was killed; it was never swapped in.
+        // Left by a killed process that had the same id; it was never swapped in.
         fs::remove_dir_all(&tmp).map_err(|e| HfError::io(&tmp, e))?;
     }
     fs::create_dir(&tmp).map_err(|e| HfError::io(&tmp, e))?;
