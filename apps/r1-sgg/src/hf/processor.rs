@@ -6,7 +6,7 @@
 //! `convert_to_rgb`), [`smart_resize`] to multiples of `patch_size * merge_size` (28) within the
 //! pixel budget, Pillow's BICUBIC resize ([`super::resample`]), rescale by `1/255` (in f64, then
 //! f32, as `np_rescale`), normalization with the CLIP mean and std (in f32, as `np_normalize`),
-//! and the patch flattening of [`Qwen2VlImageProcessor::patchify`]. The processor then replaces
+//! and the patch flattening (`patchify`, in merge-window order). The processor then replaces
 //! each `<|image_pad|>` of the tokenized chat with one pad per merged patch.
 
 use std::path::Path;
