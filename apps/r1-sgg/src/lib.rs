@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod hf;
 pub mod model;
 pub mod report;
 pub mod reward;
