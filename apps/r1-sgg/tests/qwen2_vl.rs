@@ -2,16 +2,16 @@
 //! and reference outputs of `fixtures/qwen2_vl/` (its README says how they
 //! were made). No Python runs here.
 //!
-//! Weights are read by name into a `VarMap` with a minimal safetensors read
-//! (test-only; the real loader is `hf/weights.rs`), which also checks that
-//! the model asks for exactly the checkpoint's tensors.
+//! Weights are loaded by `hf::pretrained::Pretrained::load`, which also
+//! checks that the model asks for exactly the checkpoint's tensors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
 use grpo_kernels::{FusedLinearConfig, LogProbConfig};
+use r1_sgg::hf::pretrained::Pretrained;
 use r1_sgg::model::qwen2_vl::{Checkpointing, Config, Inputs, Qwen2Vl};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -35,42 +35,18 @@ impl Variant {
         }
     }
 
-    fn weight_files(self) -> Vec<PathBuf> {
-        match self {
-            Variant::Untied => vec![fixture("untied/model.safetensors")],
-            Variant::TiedHub => (1..=2)
-                .map(|i| fixture(&format!("tied_hub/model-0000{i}-of-00002.safetensors")))
-                .collect(),
-        }
-    }
-
     fn reference(self) -> HashMap<String, Tensor> {
         let name = format!("reference_{}.safetensors", self.dir());
         candle_core::safetensors::load(fixture(&name), &Device::Cpu).unwrap()
     }
 }
 
-/// The model with the checkpoint's weights as `Var`s in `dtype`.
+/// The model with the checkpoint's weights as `Var`s in `dtype`, loaded as a
+/// user would ([`Pretrained::load`]: every tensor the model asks for must be
+/// in the files, and no other).
 fn load(variant: Variant, dtype: DType) -> (Qwen2Vl, VarMap) {
-    let cfg = Config::from_file(&fixture(&format!("{}/config.json", variant.dir()))).unwrap();
-    let vm = VarMap::new();
-    let mut names = Vec::new();
-    {
-        let mut data = vm.data().lock().unwrap();
-        for file in variant.weight_files() {
-            for (name, t) in candle_core::safetensors::load(&file, &Device::Cpu).unwrap() {
-                names.push(name.clone());
-                data.insert(name, Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap());
-            }
-        }
-    }
-    let model = Qwen2Vl::new(&cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
-    // A name the model asked for but the files lack would have been added, randomly initialized.
-    let mut asked: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
-    asked.sort();
-    names.sort();
-    assert_eq!(asked, names, "the model reads exactly the checkpoint's tensors");
-    (model, vm)
+    let pretrained = Pretrained::load(&fixture(variant.dir()), dtype, &Device::Cpu).unwrap();
+    (pretrained.model, pretrained.vars)
 }
 
 /// The reference batch: both cases, right-padded, with both images.
@@ -346,4 +322,52 @@ fn untied_bf16_is_as_close_to_f32_as_transformers_bf16() {
         ours_err < 1.25 * hf_err,
         "bf16 error {ours_err} vs transformers' own {hf_err}"
     );
+}
+
+/// Saved by the crate (the Hub's flat config, one file or shards), a model
+/// loads back with the same configuration and every weight bit for bit, so
+/// its logits are identical; the tied one has no `lm_head.weight`. (That
+/// transformers loads such a directory with logits identical to the
+/// reference's is checked by `scripts/qwen2_vl_fixture.py --check-saved DIR`:
+/// 0.0 for both f32 variants, see the crate's README.)
+#[test]
+fn saved_models_load_back_bit_for_bit() {
+    let tmp = std::env::temp_dir().join(format!("r1_sgg_qwen2_vl_save_{}", std::process::id()));
+    for (variant, shard) in [(Variant::Untied, None), (Variant::TiedHub, Some(400_000))] {
+        for dtype in [DType::F32, DType::BF16] {
+            let original = Pretrained::load(&fixture(variant.dir()), dtype, &Device::Cpu).unwrap();
+            let dir = tmp.join(format!("{}_{dtype:?}", variant.dir()));
+            match shard {
+                Some(bytes) => original.save_sharded(&dir, bytes).unwrap(),
+                None => original.save(&dir).unwrap(),
+            }
+            let back = Pretrained::load(&dir, dtype, &Device::Cpu).unwrap();
+            assert_eq!(back.config, original.config);
+            assert_eq!(back.files.weights.files().len() > 1, shard.is_some());
+            let (a, b) = (
+                original.vars.data().lock().unwrap(),
+                back.vars.data().lock().unwrap(),
+            );
+            assert_eq!(a.len(), b.len());
+            assert_eq!(a.contains_key("lm_head.weight"), variant == Variant::Untied);
+            for (name, var) in a.iter() {
+                let other = &b[name];
+                assert_eq!(var.dtype(), other.dtype(), "{name}");
+                let bits = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                let (x, y) = (bits(var.as_tensor()), bits(other.as_tensor()));
+                assert!(
+                    x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{name}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

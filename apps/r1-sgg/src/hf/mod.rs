@@ -8,9 +8,12 @@
 //! - [`tokenizer`] is the tokenizer with the chat template and Qwen2-VL's special tokens.
 //! - [`processor`] is Qwen2-VL's image processor and the processor tying it to the tokenizer;
 //!   [`resample`] is the Pillow resampling it resizes with.
+//! - [`pretrained`] puts them together with the model: a directory opened as a trainable
+//!   [`crate::model::qwen2_vl::Qwen2Vl`] with its processor, and saved back.
 //!
 //! Every failure is an [`HfError`] naming the file (and tensor or token) and what is wrong.
 
+pub mod pretrained;
 pub mod processor;
 pub mod resample;
 pub mod tokenizer;

@@ -1,7 +1,7 @@
-//! Seeded weight initialization: every variable is drawn from a stream
-//! keyed by `(seed, name)`, so one seed gives the same initial weights on
-//! every run and in any creation order (candle's CPU generator cannot be
-//! seeded).
+//! Weight initialization: seeded (every variable drawn from a stream keyed
+//! by `(seed, name)`, so one seed gives the same initial weights on every
+//! run and in any creation order; candle's CPU generator cannot be seeded),
+//! or zero placeholders that a checkpoint is about to overwrite.
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::NormalOrUniform;
@@ -16,7 +16,8 @@ use crate::util::rng::Rng;
 /// Existing variables are returned as they are, as [`VarMap`] does.
 pub struct SeededVars {
     vars: VarMap,
-    seed: u64,
+    /// `None`: zeros (placeholders for a checkpoint's values).
+    seed: Option<u64>,
 }
 
 impl SeededVars {
@@ -24,9 +25,20 @@ impl SeededVars {
     pub fn builder(vars: &VarMap, seed: u64, device: &Device) -> VarBuilder<'static> {
         let backend = Self {
             vars: vars.clone(),
-            seed,
+            seed: Some(seed),
         };
         VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone())
+    }
+
+    /// A builder creating its variables in `vars` as zeros of `dtype`: the
+    /// shapes a model asks for, to be filled from a checkpoint. Zeros cost
+    /// no random draws (a 2B model's would take minutes on a CPU).
+    pub fn placeholders(vars: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend = Self {
+            vars: vars.clone(),
+            seed: None,
+        };
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
 
     /// Values of a fresh `shape` variable under `init`, from `rng`.
@@ -78,9 +90,15 @@ impl SimpleBackend for SeededVars {
             }
             return Ok(var.as_tensor().clone());
         }
-        let mut rng = Rng::derive(&[self.seed, name_key(name)]);
-        let values = Self::draw(&shape, init, &mut rng);
-        let var = Var::from_tensor(&Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)?;
+        let value = match self.seed {
+            Some(seed) => {
+                let mut rng = Rng::derive(&[seed, name_key(name)]);
+                let values = Self::draw(&shape, init, &mut rng);
+                Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?
+            }
+            None => Tensor::zeros(shape, dtype, device)?,
+        };
+        let var = Var::from_tensor(&value)?;
         vars.insert(name.to_string(), var.clone());
         Ok(var.as_tensor().clone())
     }
