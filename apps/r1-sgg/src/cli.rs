@@ -5,7 +5,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::data::jsonl::write_dataset;
@@ -66,6 +66,63 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Logits of a Hugging Face Qwen2-VL checkpoint for one image and prompt,
+    /// with the inputs that produced them, to check a downloaded, converted
+    /// or trained model against transformers (`scripts/compare_logits.py`).
+    Logits(LogitsArgs),
+}
+
+/// `logits` settings.
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// A Qwen2-VL model directory (the Hub's layout or `save_pretrained`'s).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The image (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The user's text, after the image in one user turn; the chat template
+    /// adds its default system turn and the assistant's generation prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Output file: `input_ids`, `pixel_values`, `image_grid_thw`,
+    /// `position_ids` and `logits` (f32) as safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weights' dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+/// `--dtype` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 weights (norms, rope and log-probs still in f32).
+    Bf16,
+}
+
+impl From<DtypeArg> for candle_core::DType {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => candle_core::DType::F32,
+            DtypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl DeviceArg {
+    /// The candle device.
+    pub fn device(self) -> Result<candle_core::Device> {
+        Ok(match self {
+            DeviceArg::Cpu => candle_core::Device::Cpu,
+            DeviceArg::Cuda => candle_core::Device::new_cuda(0).context("--device cuda")?,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -312,6 +369,14 @@ pub fn run(cli: Cli) -> Result<()> {
             run.grpo(&grpo)?;
             Ok(())
         }
+        Command::Logits(args) => crate::hf::logits::write_logits(
+            &args.model,
+            &args.image,
+            &args.prompt,
+            &args.out,
+            args.dtype.into(),
+            &args.device.device()?,
+        ),
         Command::Eval { common } => {
             let run = Run::new(&common)?;
             let results = run.eval_all("eval")?;

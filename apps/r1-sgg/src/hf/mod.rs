@@ -9,10 +9,12 @@
 //! - [`processor`] is Qwen2-VL's image processor and the processor tying it to the tokenizer;
 //!   [`resample`] is the Pillow resampling it resizes with.
 //! - [`pretrained`] puts them together with the model: a directory opened as a trainable
-//!   [`crate::model::qwen2_vl::Qwen2Vl`] with its processor, and saved back.
+//!   [`crate::model::qwen2_vl::Qwen2Vl`] with its processor, and saved back; [`logits`] writes
+//!   a checkpoint's logits for one image and prompt, to compare with transformers.
 //!
 //! Every failure is an [`HfError`] naming the file (and tensor or token) and what is wrong.
 
+pub mod logits;
 pub mod pretrained;
 pub mod processor;
 pub mod resample;

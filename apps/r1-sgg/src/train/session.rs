@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use candle_nn::VarMap;
 use serde_json::{json, Value};
 
@@ -17,7 +16,7 @@ use super::grpo::{grpo, grpo_defaults};
 use super::optim::AdamW;
 use super::sft::{sft, SftConfig};
 use super::{adamw, Hooks, Learner, FORM};
-use crate::cli::{Common, DeviceArg, GrpoArgs, Preset, SftArgs};
+use crate::cli::{Common, GrpoArgs, Preset, SftArgs};
 use crate::data::format::{graph_json, parse_answer};
 use crate::data::jsonl::load_jsonl;
 use crate::data::preview::render_preview;
@@ -43,10 +42,7 @@ pub struct Run<'a> {
 
 impl<'a> Run<'a> {
     pub(crate) fn new(common: &'a Common) -> Result<Self> {
-        let device = match common.device {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda")?,
-        };
+        let device = common.device.device()?;
         let (tok, cfg) = match &common.init {
             Some(ckpt) => {
                 if !ckpt.is_file() {
