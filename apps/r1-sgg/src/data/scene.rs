@@ -13,9 +13,9 @@
 //! a number that makes the id unique in its graph. Relations name their
 //! subject and object by id.
 //!
-//! **Labels** are compared after [`normalize_label`] (lowercase, `_` and `-`
-//! as spaces, whitespace collapsed), as R1-SGG's `refine_node_edge` does, so
-//! `"door-stuff"` and `"Door stuff"` are the same category.
+//! **Labels** are compared after [`normalize_label`], which cleans them as
+//! R1-SGG's `refine_node_edge` does (`_` and `-` as spaces, trimmed,
+//! lowercase), so `"door-stuff"` and `"Door stuff"` are the same category.
 
 use std::collections::HashMap;
 
@@ -172,15 +172,24 @@ pub fn category_of(id: &str) -> &str {
     id.split('.').next().unwrap_or(id)
 }
 
-/// Lowercase, `_` and `-` read as spaces, runs of whitespace as one space,
-/// trimmed: the form labels are compared in.
+/// A label cleaned as R1-SGG's `refine_node_edge` cleans it before spaCy
+/// compares it: `_` and `-` read as spaces, surrounding whitespace trimmed
+/// (the characters Python's `str.strip` removes), lowercase (full Unicode
+/// mapping, as `str.lower`). Inner whitespace stays as written, as there:
+/// spaCy reads `"in  front of"` as four tokens, so it is another label than
+/// `"in front of"`.
 pub fn normalize_label(label: &str) -> String {
     let spaced: String = label
         .chars()
         .map(|c| if c == '_' || c == '-' { ' ' } else { c })
-        .flat_map(char::to_lowercase)
         .collect();
-    spaced.split_whitespace().collect::<Vec<_>>().join(" ")
+    spaced.trim_matches(is_python_space).to_lowercase()
+}
+
+/// Python's `str.isspace`: Unicode's `White_Space` and the four separator
+/// controls `\x1c..=\x1f`, which Python counts as whitespace and Rust does not.
+fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// A closed vocabulary: the object categories and predicates a prompt lists
@@ -377,7 +386,12 @@ mod tests {
         assert_eq!(category_of("man"), "man");
         assert_eq!(category_of(""), "");
         assert_eq!(normalize_label("  Door-stuff "), "door stuff");
-        assert_eq!(normalize_label("in_front  of"), "in front of");
+        assert_eq!(normalize_label("In_Front of"), "in front of");
+        // As refine_node_edge: inner whitespace is kept, the ends trimmed
+        // as Python's strip (\x1f included), lowercase with the final sigma.
+        assert_eq!(normalize_label("in  front of"), "in  front of");
+        assert_eq!(normalize_label("\u{1f}\t-on- \u{a0}"), "on");
+        assert_eq!(normalize_label("ΟΔΟΣ"), "οδος");
         assert!(PSG.has_object("door stuff"));
         assert!(VG150.has_predicate("In Front Of"));
         assert!(!VG150.has_object("unicorn"));
