@@ -221,6 +221,10 @@ fn contains_label(labels: &[&str], label: &str) -> bool {
     labels.iter().any(|l| normalize_label(l) == label)
 }
 
+/// The vocabularies with a label-similarity table: the demo's and the two
+/// R1-SGG trains on.
+pub const KNOWN_VOCABULARIES: [Vocabulary; 3] = [SYNTHETIC, VG150, PSG];
+
 /// The synthetic shapes world of the demo: eight shape categories (each
 /// drawn in its own colour by `data.rs`) and six geometric predicates.
 #[rustfmt::skip]
