@@ -17,7 +17,7 @@
 //! R1-SGG's `refine_node_edge` does (`_` and `-` as spaces, trimmed,
 //! lowercase), so `"door-stuff"` and `"Door stuff"` are the same category.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// `[x1, y1, x2, y2]` in normalized image coordinates (`0..=1`).
 pub type BBox = [f32; 4];
@@ -214,6 +214,15 @@ impl Vocabulary {
     pub fn has_predicate(&self, predicate: &str) -> bool {
         contains_label(self.predicates, predicate)
     }
+
+    /// Every object category and predicate, normalized ([`normalize_label`]).
+    pub fn normalized_labels(&self) -> HashSet<String> {
+        self.objects
+            .iter()
+            .chain(self.predicates)
+            .map(|l| normalize_label(l))
+            .collect()
+    }
 }
 
 fn contains_label(labels: &[&str], label: &str) -> bool {
@@ -224,6 +233,32 @@ fn contains_label(labels: &[&str], label: &str) -> bool {
 /// The vocabularies with a label-similarity table: the demo's and the two
 /// R1-SGG trains on.
 pub const KNOWN_VOCABULARIES: [Vocabulary; 3] = [SYNTHETIC, VG150, PSG];
+
+/// Of [`KNOWN_VOCABULARIES`], the one holding the most of the graphs'
+/// distinct labels (object categories and predicates, normalized), with the
+/// share of those labels it holds (1 when there are none); the first listed
+/// wins a tie. How R1-SGG-layout data that names no vocabulary gets one.
+pub fn covering_vocabulary<'a>(graphs: impl IntoIterator<Item = &'a SceneGraph>) -> (Vocabulary, f64) {
+    let mut labels = HashSet::new();
+    for g in graphs {
+        labels.extend(g.objects.iter().map(|o| normalize_label(&o.category)));
+        labels.extend(g.relations.iter().map(|r| normalize_label(&r.predicate)));
+    }
+    let mut best = (KNOWN_VOCABULARIES[0], 0);
+    for vocab in KNOWN_VOCABULARIES {
+        let known = vocab.normalized_labels();
+        let held = labels.iter().filter(|l| known.contains(*l)).count();
+        if held > best.1 {
+            best = (vocab, held);
+        }
+    }
+    let share = if labels.is_empty() {
+        1.0
+    } else {
+        best.1 as f64 / labels.len() as f64
+    };
+    (best.0, share)
+}
 
 /// The synthetic shapes world of the demo: eight shape categories (each
 /// drawn in its own colour by `data.rs`) and six geometric predicates.
@@ -399,6 +434,32 @@ mod tests {
         assert!(PSG.has_object("door stuff"));
         assert!(VG150.has_predicate("In Front Of"));
         assert!(!VG150.has_object("unicorn"));
+    }
+
+    #[test]
+    fn covering_vocabulary_takes_the_one_holding_most_labels() {
+        let graph = |labels: &[&str], predicate: &str| SceneGraph {
+            objects: labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Object::from_id(format!("{l}.{}", i + 1), [0.0; 4]))
+                .collect(),
+            relations: vec![Relation::new(
+                format!("{}.1", labels[0]),
+                predicate,
+                format!("{}.2", labels[1]),
+            )],
+        };
+        // man, horse, riding: VG150's; "unicorn" is nobody's: 3 of 4.
+        let (vocab, share) = covering_vocabulary(&[graph(&["man", "horse", "unicorn"], "riding")]);
+        assert_eq!((vocab, share), (VG150, 0.75));
+        // door-stuff and "in front of" (written with an underscore): PSG's.
+        let (vocab, share) = covering_vocabulary(&[graph(&["door-stuff", "person"], "in_front_of")]);
+        assert_eq!((vocab, share), (PSG, 1.0));
+        let (vocab, share) = covering_vocabulary(&[graph(&["circle", "ring"], "inside")]);
+        assert_eq!((vocab, share), (SYNTHETIC, 1.0));
+        // No labels: the first, fully covering.
+        assert_eq!(covering_vocabulary(std::iter::empty()), (SYNTHETIC, 1.0));
     }
 
     #[test]
