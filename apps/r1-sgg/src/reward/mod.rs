@@ -646,20 +646,25 @@ pub(crate) mod tests {
         assert_eq!(compared.len(), 5);
     }
 
-    fn assert_bounded(r: &RewardBreakdown, w: &RewardWeights) {
-        for (v, max) in [
-            (r.format, w.format),
-            (r.node_acc, w.node),
-            (r.node_box, w.node),
-            (r.edge, w.edge),
+    /// Each reward in `[0, weight]`; node_acc and the edge reward down to
+    /// `-weight` when the similarity can be negative (spaCy's).
+    fn assert_bounded(r: &RewardBreakdown, w: &RewardWeights, negative_sim: bool) {
+        let low = |max: f64| if negative_sim { -max } else { 0.0 };
+        for (v, min, max) in [
+            (r.format, 0.0, w.format),
+            (r.node_acc, low(w.node), w.node),
+            (r.node_box, 0.0, w.node),
+            (r.edge, low(w.edge), w.edge),
         ] {
-            assert!(v.is_finite() && (0.0..=max + 1e-9).contains(&v), "{r:?}");
+            assert!(v.is_finite() && (min - 1e-9..=max + 1e-9).contains(&v), "{r:?}");
         }
     }
 
-    /// Any text, mostly near a valid answer, for every edge reward.
+    /// Any text, mostly near a valid answer, for every edge reward, under
+    /// a toy similarity and spaCy's VG150 table.
     fn check_any(text: &str) {
         let g = gt();
+        let spacy = SpacyTable::of(&crate::data::scene::VG150).unwrap();
         for edge in [EdgeReward::HardRecall, EdgeReward::HardRelax, EdgeReward::Soft] {
             for form in [AnswerForm::Strict, AnswerForm::Relaxed] {
                 let cfg = RewardConfig {
@@ -667,7 +672,8 @@ pub(crate) mod tests {
                     form,
                     ..RewardConfig::default()
                 };
-                assert_bounded(&score_text(text, &g, &cfg, &HalfPony), &cfg.weights);
+                assert_bounded(&score_text(text, &g, &cfg, &HalfPony), &cfg.weights, false);
+                assert_bounded(&score_text(text, &g, &cfg, spacy), &cfg.weights, true);
             }
         }
         let mut ev = Evaluator::default();
@@ -716,7 +722,9 @@ pub(crate) mod tests {
             let mut rng = crate::util::rng::Rng::new(seed);
             let graph = |rng: &mut crate::util::rng::Rng| {
                 let n = rng.below(6);
+                // With VG150's tables, "says" is below 0 to "in front of".
                 let labels = ["man", "horse", "pony", "hat"];
+                let predicates = ["on", "riding", "says", "in front of"];
                 let objects: Vec<Object> = (0..n)
                     .map(|i| {
                         let (x, y) = (rng.uniform(), rng.uniform());
@@ -726,7 +734,7 @@ pub(crate) mod tests {
                 let relations = (0..if n > 0 { rng.below(8) } else { 0 })
                     .map(|_| {
                         let (s, o) = (rng.below(n), rng.below(n));
-                        Relation::new(&objects[s].id, ["on", "riding"][rng.below(2)], &objects[o].id)
+                        Relation::new(&objects[s].id, predicates[rng.below(4)], &objects[o].id)
                     })
                     .collect();
                 SceneGraph { objects, relations }
@@ -735,7 +743,9 @@ pub(crate) mod tests {
             for edge in [EdgeReward::HardRecall, EdgeReward::HardRelax, EdgeReward::Soft] {
                 let cfg = RewardConfig { edge, ..RewardConfig::default() };
                 let parsed = ParsedAnswer { graph: Some(p.clone()), format: Ok(()) };
-                assert_bounded(&score(&parsed, &g, &cfg, &HalfPony), &cfg.weights);
+                assert_bounded(&score(&parsed, &g, &cfg, &HalfPony), &cfg.weights, false);
+                let spacy = SpacyTable::of(&crate::data::scene::VG150).unwrap();
+                assert_bounded(&score(&parsed, &g, &cfg, spacy), &cfg.weights, true);
             }
             // A graph scored against itself is perfect on node rewards.
             if !g.objects.is_empty() {
