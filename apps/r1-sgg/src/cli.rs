@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::data::jsonl::write_dataset;
+use crate::data::scene::{Vocabulary, PSG, SYNTHETIC, VG150};
 use crate::data::synthetic::Split;
 use crate::report::summary::{eval_table, recall_gains, write};
 use crate::reward::{EdgeReward, RewardWeights};
@@ -171,6 +172,41 @@ pub struct Common {
     /// Write a checkpoint every this many steps (and always at the end and on Ctrl-C).
     #[arg(long, default_value_t = 200)]
     pub save_every: usize,
+    /// The data's vocabulary, whose spaCy table the rewards use and outside
+    /// which the evaluation counts predicted labels. `auto`: the one holding
+    /// most of the JSONL data's labels (synthetic without JSONL data).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub vocabulary: VocabularyArg,
+}
+
+/// `--vocabulary` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum VocabularyArg {
+    Auto,
+    Synthetic,
+    Vg150,
+    Psg,
+}
+
+impl VocabularyArg {
+    /// The vocabulary named, `None` for `auto`.
+    pub fn named(self) -> Option<Vocabulary> {
+        match self {
+            VocabularyArg::Auto => None,
+            VocabularyArg::Synthetic => Some(SYNTHETIC),
+            VocabularyArg::Vg150 => Some(VG150),
+            VocabularyArg::Psg => Some(PSG),
+        }
+    }
+}
+
+/// `--label-similarity` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelSimilarityArg {
+    /// 1 for equal labels, else 0.
+    Exact,
+    /// spaCy's en_core_web_sm similarity, R1-SGG's, from the vocabulary's table.
+    Spacy,
 }
 
 /// Settings of the SFT stage.
@@ -319,6 +355,11 @@ pub struct GrpoArgs {
     /// Edge reward: hard recall, hard + relaxed labels, or soft (R1-SGG: hard).
     #[arg(long, value_enum, default_value = "hard")]
     pub edge_reward: EdgeRewardArg,
+    /// How the rewards compare labels. `spacy`: spaCy's similarity over the
+    /// data's vocabulary (--vocabulary), as R1-SGG, with exact match for
+    /// labels outside it. `exact`: exact match everywhere.
+    #[arg(long, value_enum, default_value = "spacy")]
+    pub label_similarity: LabelSimilarityArg,
     /// Reward weights `format,node,edge` (0 turns one off). R1-SGG weighs
     /// 1,2,5; the tiny model's commonest fault is an id copied wrong into a
     /// relation (an invalid answer, the relation lost), so the example

@@ -13,11 +13,11 @@
 //! a number that makes the id unique in its graph. Relations name their
 //! subject and object by id.
 //!
-//! **Labels** are compared after [`normalize_label`] (lowercase, `_` and `-`
-//! as spaces, whitespace collapsed), as R1-SGG's `refine_node_edge` does, so
-//! `"door-stuff"` and `"Door stuff"` are the same category.
+//! **Labels** are compared after [`normalize_label`], which cleans them as
+//! R1-SGG's `refine_node_edge` does (`_` and `-` as spaces, trimmed,
+//! lowercase), so `"door-stuff"` and `"Door stuff"` are the same category.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// `[x1, y1, x2, y2]` in normalized image coordinates (`0..=1`).
 pub type BBox = [f32; 4];
@@ -172,15 +172,24 @@ pub fn category_of(id: &str) -> &str {
     id.split('.').next().unwrap_or(id)
 }
 
-/// Lowercase, `_` and `-` read as spaces, runs of whitespace as one space,
-/// trimmed: the form labels are compared in.
+/// A label cleaned as R1-SGG's `refine_node_edge` cleans it before spaCy
+/// compares it: `_` and `-` read as spaces, surrounding whitespace trimmed
+/// (the characters Python's `str.strip` removes), lowercase (full Unicode
+/// mapping, as `str.lower`). Inner whitespace stays as written, as there:
+/// spaCy reads `"in  front of"` as four tokens, so it is another label than
+/// `"in front of"`.
 pub fn normalize_label(label: &str) -> String {
     let spaced: String = label
         .chars()
         .map(|c| if c == '_' || c == '-' { ' ' } else { c })
-        .flat_map(char::to_lowercase)
         .collect();
-    spaced.split_whitespace().collect::<Vec<_>>().join(" ")
+    spaced.trim_matches(is_python_space).to_lowercase()
+}
+
+/// Python's `str.isspace`: Unicode's `White_Space` and the four separator
+/// controls `\x1c..=\x1f`, which Python counts as whitespace and Rust does not.
+fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
 /// A closed vocabulary: the object categories and predicates a prompt lists
@@ -205,11 +214,50 @@ impl Vocabulary {
     pub fn has_predicate(&self, predicate: &str) -> bool {
         contains_label(self.predicates, predicate)
     }
+
+    /// Every object category and predicate, normalized ([`normalize_label`]).
+    pub fn normalized_labels(&self) -> HashSet<String> {
+        self.objects
+            .iter()
+            .chain(self.predicates)
+            .map(|l| normalize_label(l))
+            .collect()
+    }
 }
 
 fn contains_label(labels: &[&str], label: &str) -> bool {
     let label = normalize_label(label);
     labels.iter().any(|l| normalize_label(l) == label)
+}
+
+/// The vocabularies with a label-similarity table: the demo's and the two
+/// R1-SGG trains on.
+pub const KNOWN_VOCABULARIES: [Vocabulary; 3] = [SYNTHETIC, VG150, PSG];
+
+/// Of [`KNOWN_VOCABULARIES`], the one holding the most of the graphs'
+/// distinct labels (object categories and predicates, normalized), with the
+/// share of those labels it holds (1 when there are none); the first listed
+/// wins a tie. How R1-SGG-layout data that names no vocabulary gets one.
+pub fn covering_vocabulary<'a>(graphs: impl IntoIterator<Item = &'a SceneGraph>) -> (Vocabulary, f64) {
+    let mut labels = HashSet::new();
+    for g in graphs {
+        labels.extend(g.objects.iter().map(|o| normalize_label(&o.category)));
+        labels.extend(g.relations.iter().map(|r| normalize_label(&r.predicate)));
+    }
+    let mut best = (KNOWN_VOCABULARIES[0], 0);
+    for vocab in KNOWN_VOCABULARIES {
+        let known = vocab.normalized_labels();
+        let held = labels.iter().filter(|l| known.contains(*l)).count();
+        if held > best.1 {
+            best = (vocab, held);
+        }
+    }
+    let share = if labels.is_empty() {
+        1.0
+    } else {
+        best.1 as f64 / labels.len() as f64
+    };
+    (best.0, share)
 }
 
 /// The synthetic shapes world of the demo: eight shape categories (each
@@ -377,10 +425,41 @@ mod tests {
         assert_eq!(category_of("man"), "man");
         assert_eq!(category_of(""), "");
         assert_eq!(normalize_label("  Door-stuff "), "door stuff");
-        assert_eq!(normalize_label("in_front  of"), "in front of");
+        assert_eq!(normalize_label("In_Front of"), "in front of");
+        // As refine_node_edge: inner whitespace is kept, the ends trimmed
+        // as Python's strip (\x1f included), lowercase with the final sigma.
+        assert_eq!(normalize_label("in  front of"), "in  front of");
+        assert_eq!(normalize_label("\u{1f}\t-on- \u{a0}"), "on");
+        assert_eq!(normalize_label("ΟΔΟΣ"), "οδος");
         assert!(PSG.has_object("door stuff"));
         assert!(VG150.has_predicate("In Front Of"));
         assert!(!VG150.has_object("unicorn"));
+    }
+
+    #[test]
+    fn covering_vocabulary_takes_the_one_holding_most_labels() {
+        let graph = |labels: &[&str], predicate: &str| SceneGraph {
+            objects: labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Object::from_id(format!("{l}.{}", i + 1), [0.0; 4]))
+                .collect(),
+            relations: vec![Relation::new(
+                format!("{}.1", labels[0]),
+                predicate,
+                format!("{}.2", labels[1]),
+            )],
+        };
+        // man, horse, riding: VG150's; "unicorn" is nobody's: 3 of 4.
+        let (vocab, share) = covering_vocabulary(&[graph(&["man", "horse", "unicorn"], "riding")]);
+        assert_eq!((vocab, share), (VG150, 0.75));
+        // door-stuff and "in front of" (written with an underscore): PSG's.
+        let (vocab, share) = covering_vocabulary(&[graph(&["door-stuff", "person"], "in_front_of")]);
+        assert_eq!((vocab, share), (PSG, 1.0));
+        let (vocab, share) = covering_vocabulary(&[graph(&["circle", "ring"], "inside")]);
+        assert_eq!((vocab, share), (SYNTHETIC, 1.0));
+        // No labels: the first, fully covering.
+        assert_eq!(covering_vocabulary(std::iter::empty()), (SYNTHETIC, 1.0));
     }
 
     #[test]

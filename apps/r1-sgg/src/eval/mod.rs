@@ -5,16 +5,19 @@
 //! test), averaged over images with at least one GT triplet, and mean
 //! recall mR@K (the same per predicate, averaged over the images holding
 //! that predicate, then over predicates). Failed outputs recall nothing.
+//! Given the data's vocabulary, it also counts the predicted labels outside
+//! it: the ones the rewards compare by exact match, not by spaCy's
+//! similarity ([`crate::reward::SpacyTable`]).
 //! [`stats::RelativeGain`] compares two checkpoints' recall on the same images,
 //! image by image, with a 95% interval.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use candle_core::Result;
 use grpo_kernels::SamplingConfig;
 
 use crate::data::format::{parse_answer, ParsedAnswer};
-use crate::data::scene::{iou, SceneGraph};
+use crate::data::scene::{iou, SceneGraph, Vocabulary};
 use crate::data::Sample;
 use crate::model::tiny_tokenizer::Tokenizer;
 use crate::model::Vlm;
@@ -50,9 +53,10 @@ pub fn predict(
     Ok(texts)
 }
 
-/// Failure rate, recall and mean recall of `texts` against `samples`.
-pub fn evaluate(texts: &[String], samples: &[Sample]) -> EvalSummary {
-    let mut eval = Evaluator::default();
+/// Failure rate, recall and mean recall of `texts` against `samples`, and
+/// the predicted labels outside `vocab`.
+pub fn evaluate(texts: &[String], samples: &[Sample], vocab: &Vocabulary) -> EvalSummary {
+    let mut eval = Evaluator::default().with_vocabulary(vocab);
     for (text, s) in texts.iter().zip(samples) {
         eval.add_parsed(&parse_answer(text, FORM), &s.graph);
     }
@@ -77,6 +81,11 @@ pub struct Evaluator {
     pair_sum: f64,
     /// Per predicate: summed per-image recall at each K, images holding it.
     per_predicate: BTreeMap<String, (Vec<f64>, usize)>,
+    /// The vocabulary's normalized labels, if given.
+    vocabulary: Option<HashSet<String>>,
+    /// Predicted labels seen, and those outside the vocabulary.
+    predicted_labels: usize,
+    out_of_vocabulary: usize,
 }
 
 impl Default for Evaluator {
@@ -114,6 +123,13 @@ pub struct EvalSummary {
     pub pair_recall: f64,
     /// Normalized predicate and its recall at each K.
     pub per_predicate: Vec<(String, Vec<f64>)>,
+    /// Labels in the readable predictions: each object's category and each
+    /// relation's predicate (relations naming existing objects).
+    pub predicted_labels: usize,
+    /// How many of those are outside the vocabulary given with
+    /// [`Evaluator::with_vocabulary`] (0 without one): the rewards score them
+    /// by exact match ([`crate::reward::SpacyTable`]).
+    pub out_of_vocabulary: usize,
 }
 
 impl Evaluator {
@@ -130,6 +146,17 @@ impl Evaluator {
             object_images: 0,
             pair_sum: 0.0,
             per_predicate: BTreeMap::new(),
+            vocabulary: None,
+            predicted_labels: 0,
+            out_of_vocabulary: 0,
+        }
+    }
+
+    /// Counts the predicted labels outside `vocab` (after normalization).
+    pub fn with_vocabulary(self, vocab: &Vocabulary) -> Self {
+        Self {
+            vocabulary: Some(vocab.normalized_labels()),
+            ..self
         }
     }
 
@@ -145,6 +172,13 @@ impl Evaluator {
         self.failures += usize::from(pred.is_none());
         let empty = SceneGraph::default();
         let (p, g) = (Labels::new(pred.unwrap_or(&empty)), Labels::new(gt));
+        let predicted = p.categories.iter().chain(p.triplets.iter().map(|t| &t.1));
+        for label in predicted {
+            self.predicted_labels += 1;
+            if let Some(known) = &self.vocabulary {
+                self.out_of_vocabulary += usize::from(!known.contains(label));
+            }
+        }
         let found: Vec<bool> = (0..gt.objects.len())
             .map(|i| {
                 (0..p.categories.len())
@@ -226,6 +260,8 @@ impl Evaluator {
             object_recall: self.object_sum / self.object_images.max(1) as f64,
             pair_recall: self.pair_sum / self.recall_images.max(1) as f64,
             per_predicate,
+            predicted_labels: self.predicted_labels,
+            out_of_vocabulary: self.out_of_vocabulary,
         }
     }
 }
@@ -343,5 +379,34 @@ mod tests {
         close(s.pair_recall, 1.0 / 6.0);
         // Found pairs bound the recall: no relation was predicted.
         close(s.recall[0].1, 0.0);
+    }
+
+    #[test]
+    fn labels_outside_the_vocabulary_are_counted() {
+        use crate::data::scene::SYNTHETIC;
+        let g = abc();
+        // a, b, c, on, on, near: of the shapes world's labels only on and near.
+        let mut ev = Evaluator::default().with_vocabulary(&SYNTHETIC);
+        ev.add(Some(&g), &g);
+        // Circle and "Left_Of" are the vocabulary's once normalized; a
+        // failure adds nothing.
+        let p = SceneGraph {
+            objects: vec![
+                obj("Circle.1", [0.0, 0.0, 0.3, 0.3]),
+                obj("b.2", [0.5, 0.5, 1.0, 1.0]),
+            ],
+            relations: vec![Relation::new("Circle.1", "Left_Of", "b.2")],
+        };
+        ev.add(Some(&p), &g);
+        ev.add(None, &g);
+        let s = ev.summary();
+        assert_eq!((s.predicted_labels, s.out_of_vocabulary), (9, 4));
+        // Without a vocabulary, labels are counted and none is outside.
+        let mut ev = Evaluator::default();
+        ev.add(Some(&g), &g);
+        assert_eq!(
+            (ev.summary().predicted_labels, ev.summary().out_of_vocabulary),
+            (6, 0)
+        );
     }
 }

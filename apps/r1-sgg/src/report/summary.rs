@@ -23,7 +23,8 @@ pub fn at_k(list: &[(usize, f64)], k: usize) -> f64 {
 
 pub fn describe(s: &EvalSummary) -> String {
     format!(
-        "{} images, failure rate {:.1}%, invalid {:.1}%, R@50 {:.1}%, mR@50 {:.1}%, objects found {:.1}%, pairs found {:.1}%",
+        "{} images, failure rate {:.1}%, invalid {:.1}%, R@50 {:.1}%, mR@50 {:.1}%, objects found {:.1}%, pairs found {:.1}%, \
+         labels outside the vocabulary {} of {}",
         s.images,
         100.0 * s.failure_rate,
         100.0 * s.invalid_rate,
@@ -31,6 +32,8 @@ pub fn describe(s: &EvalSummary) -> String {
         100.0 * at_k(&s.mean_recall, 50),
         100.0 * s.object_recall,
         100.0 * s.pair_recall,
+        s.out_of_vocabulary,
+        s.predicted_labels,
     )
 }
 
@@ -44,6 +47,8 @@ pub fn eval_record(stage: &str, step: Option<usize>, split: &str, s: &EvalSummar
         "invalid_rate": s.invalid_rate,
         "object_recall": s.object_recall,
         "pair_recall": s.pair_recall,
+        "predicted_labels": s.predicted_labels,
+        "out_of_vocabulary": s.out_of_vocabulary,
     });
     if let Some(fields) = record.as_object_mut() {
         if let Some(step) = step {

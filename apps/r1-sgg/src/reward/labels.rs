@@ -1,12 +1,15 @@
 //! How alike two labels are: the [`LabelSimilarity`] the rewards weigh
 //! categories and predicates by, and a graph's labels normalized once.
+//! spaCy's similarity, R1-SGG's, is [`super::SpacyTable`].
 
 use std::collections::HashMap;
 
 use crate::data::scene::{normalize_label, BBox, SceneGraph};
 
-/// How alike two labels (normalized) are, in `[0, 1]`; 1 for equal labels.
-/// Values outside `[0, 1]` are clamped and NaN reads as 0.
+/// How alike two labels (normalized) are, in `[-1, 1]`; 1 for equal labels.
+/// Negative values are allowed because spaCy's similarity (a cosine), which
+/// R1-SGG's rewards use as it comes, has them. Values outside `[-1, 1]` are
+/// clamped and NaN reads as 0.
 pub trait LabelSimilarity: Sync {
     /// Similarity of two normalized labels.
     fn similarity(&self, a: &str, b: &str) -> f64;
@@ -49,13 +52,13 @@ impl LabelSimilarity for SynonymTable {
     }
 }
 
-/// `sim` clamped to `[0, 1]`, NaN as 0.
+/// `sim` clamped to `[-1, 1]`, NaN as 0.
 pub(crate) fn similarity(sim: &dyn LabelSimilarity, a: &str, b: &str) -> f64 {
     let s = sim.similarity(a, b);
     if s.is_nan() {
         0.0
     } else {
-        s.clamp(0.0, 1.0)
+        s.clamp(-1.0, 1.0)
     }
 }
 

@@ -19,7 +19,7 @@ use super::{clipped_step, pick, progress, Hooks, Learner, FORM, MAX_GRAD_NORM};
 use crate::data::format::parse_answer;
 use crate::data::Sample;
 use crate::model::Vlm;
-use crate::reward::{score, ExactMatch, RewardBreakdown, RewardConfig};
+use crate::reward::{score, ExactMatch, LabelSimilarity, RewardBreakdown, RewardConfig, SpacyTable};
 use crate::util::rng::Rng;
 
 /// How the policy loss is normalized, as the GRPO papers and TRL's
@@ -77,6 +77,9 @@ pub struct GrpoConfig {
     /// `beta > 0` adds the KL to the starting model (kept frozen).
     pub loss: PolicyLossConfig,
     pub rewards: RewardConfig,
+    /// How the rewards compare labels: spaCy's similarity over a vocabulary
+    /// (R1-SGG's; the CLI picks the data's), or exact match when `None`.
+    pub similarity: Option<&'static SpacyTable>,
     /// Token ids left out of the policy loss (their log-probs get no
     /// gradient), e.g. the box coordinates.
     pub masked_tokens: Option<std::ops::Range<u32>>,
@@ -124,6 +127,7 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
             form: FORM,
             ..RewardConfig::default()
         },
+        similarity: None,
         masked_tokens: None,
     }
 }
@@ -186,12 +190,16 @@ pub fn grpo(
         let generated: usize = completions.iter().map(Vec::len).sum();
 
         // RewardBreakdown, then advantages within each image's group.
+        let sim: &dyn LabelSimilarity = match cfg.similarity {
+            Some(table) => table,
+            None => &ExactMatch,
+        };
         let scored: Vec<RewardBreakdown> = completions
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let parsed = parse_answer(&tok.decode(c), FORM);
-                score(&parsed, &batch[i / cfg.group].graph, &cfg.rewards, &ExactMatch)
+                score(&parsed, &batch[i / cfg.group].graph, &cfg.rewards, sim)
             })
             .collect();
         let totals: Vec<f32> = scored.iter().map(|r| r.total() as f32).collect();

@@ -16,10 +16,11 @@ use super::grpo::{grpo, grpo_defaults};
 use super::optim::AdamW;
 use super::sft::{sft, SftConfig};
 use super::{adamw, Hooks, Learner, FORM};
-use crate::cli::{Common, GrpoArgs, Preset, SftArgs};
+use crate::cli::{Common, GrpoArgs, LabelSimilarityArg, Preset, SftArgs};
 use crate::data::format::{graph_json, parse_answer};
 use crate::data::jsonl::load_jsonl;
 use crate::data::preview::render_preview;
+use crate::data::scene::{covering_vocabulary, SceneGraph, Vocabulary};
 use crate::data::synthetic::{generate_split, Split};
 use crate::data::Sample;
 use crate::eval::{evaluate, predict, EvalSummary};
@@ -27,6 +28,7 @@ use crate::model::tiny_tokenizer::Tokenizer;
 use crate::model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
 use crate::report::metrics::MetricsLog;
 use crate::report::summary::{describe, eval_record, grpo_chart, sft_chart};
+use crate::reward::SpacyTable;
 
 /// A model, its variables, the tokenizer and the data of one invocation.
 pub struct Run<'a> {
@@ -38,6 +40,8 @@ pub struct Run<'a> {
     pub(crate) train: Vec<Sample>,
     /// Named evaluation sets: val, test, shifted (or the --eval-data file).
     pub(crate) eval: Vec<(String, Vec<Sample>)>,
+    /// The data's vocabulary (--vocabulary).
+    pub(crate) vocab: Vocabulary,
 }
 
 impl<'a> Run<'a> {
@@ -122,6 +126,26 @@ impl<'a> Run<'a> {
                 .join(" + "),
             t0.elapsed().as_secs_f64()
         );
+        let vocab = match common.vocabulary.named() {
+            Some(vocab) => vocab,
+            None => {
+                // The JSONL files' labels decide; without any, the data is synthetic.
+                let mut graphs: Vec<&SceneGraph> = Vec::new();
+                if common.data.is_some() {
+                    graphs.extend(train.iter().map(|s| &s.graph));
+                }
+                if common.eval_data.is_some() {
+                    graphs.extend(eval.iter().flat_map(|(_, s)| s).map(|s| &s.graph));
+                }
+                let (vocab, share) = covering_vocabulary(graphs);
+                println!(
+                    "vocabulary: {} ({:.1}% of the data's labels; --vocabulary to choose)",
+                    vocab.name,
+                    100.0 * share
+                );
+                vocab
+            }
+        };
         fs::create_dir_all(&common.out)?;
         Ok(Self {
             common,
@@ -131,6 +155,7 @@ impl<'a> Run<'a> {
             model,
             train,
             eval,
+            vocab,
         })
     }
 
@@ -205,6 +230,19 @@ impl<'a> Run<'a> {
         cfg.sampling.temperature = args.temperature;
         cfg.rewards.edge = args.edge_reward.into();
         cfg.rewards.weights = args.reward_weights;
+        cfg.similarity = match args.label_similarity {
+            LabelSimilarityArg::Exact => None,
+            LabelSimilarityArg::Spacy => Some(SpacyTable::of(&self.vocab)?),
+        };
+        match cfg.similarity {
+            Some(t) => println!(
+                "rewards: labels by spaCy {} similarity (spaCy {}, {} table; exact match outside it)",
+                t.pipeline(),
+                t.spacy_version(),
+                t.vocabulary()
+            ),
+            None => println!("rewards: labels by exact match"),
+        }
         if args.freeze_box_tokens {
             let numbers = number_tokens(&self.tok, 1)
                 .context("--freeze-box-tokens: the tokenizer has no run of box-coordinate tokens 0..=1000")?;
@@ -246,7 +284,7 @@ impl<'a> Run<'a> {
         let mut results = Vec::new();
         for (name, samples) in &self.eval {
             let texts = self.predict(samples)?;
-            let summary = evaluate(&texts, samples);
+            let summary = evaluate(&texts, samples, &self.vocab);
             println!("{stage} on {name}: {}", describe(&summary));
             metrics.write(&eval_record(stage, None, name, &summary))?;
             // A split read with --eval-data is named by its path: the file takes its stem.
@@ -323,7 +361,7 @@ impl<'r, 'a> Recorder<'r, 'a> {
     pub(crate) fn eval_val(&mut self, step: usize) -> Result<()> {
         let (name, samples) = &self.run.eval[0];
         let samples = &samples[..samples.len().min(256)];
-        let summary = evaluate(&self.run.predict(samples)?, samples);
+        let summary = evaluate(&self.run.predict(samples)?, samples, &self.run.vocab);
         self.metrics
             .write(&eval_record("grpo", Some(step), name, &summary))?;
         Ok(())

@@ -510,7 +510,7 @@ fn text_config(t: &Obj) -> Result<TextConfig> {
         // The 2B's and the 7B's value (and transformers' default).
         max_position_embeddings: t.usize("max_position_embeddings")?.unwrap_or(32_768),
     };
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(t.invalid(
             "num_attention_heads",
             format!(
@@ -519,7 +519,7 @@ fn text_config(t: &Obj) -> Result<TextConfig> {
             ),
         ));
     }
-    if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+    if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
         return Err(t.invalid(
             "num_key_value_heads",
             format!(
@@ -535,7 +535,7 @@ fn text_config(t: &Obj) -> Result<TextConfig> {
         ));
     }
     let (half, sum) = (cfg.head_dim() / 2, cfg.mrope_section.iter().sum::<usize>());
-    if cfg.head_dim() % 2 != 0 || sum != half {
+    if !cfg.head_dim().is_multiple_of(2) || sum != half {
         return Err(ConfigError::Invalid {
             field: rope.section_field,
             reason: format!(
@@ -624,7 +624,7 @@ fn vision_config(v: &Obj) -> Result<VisionConfig> {
         rope_theta,
     };
     // The 2-D rotary embedding gives each of h and w head_dim / 4 frequencies.
-    if cfg.embed_dim % cfg.num_heads != 0 || cfg.head_dim() % 4 != 0 {
+    if !cfg.embed_dim.is_multiple_of(cfg.num_heads) || !cfg.head_dim().is_multiple_of(4) {
         return Err(v.invalid(
             "num_heads",
             format!(
