@@ -40,6 +40,7 @@ pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,
 };
+pub use ops::math::{set_simd_level, simd_level, SimdLevel};
 pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::policy_loss::{
     policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,

@@ -53,12 +53,70 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Whether this CPU has AVX2 and FMA (cached by std after the first call).
+/// The widest instruction set the crate's CPU ops may use: the ops compile
+/// their hot loops three times and pick, at each call, the widest copy both
+/// the CPU and this level allow. All copies compute the same formulas in the
+/// same order over 16-lane arrays, so the AVX2 and AVX-512 copies give the
+/// same bits; the portable copy, without fused multiply-adds, rounds some
+/// products differently. Matrix products (the `gemm` crate, in
+/// [`crate::fused_linear_logprobs`] and in candle) choose their own kernels
+/// by CPU and are not covered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// Baseline x86-64 (or the target's baseline): the same bits on every machine.
+    Portable,
+    /// At most AVX2 and FMA.
+    Avx2,
+    /// Whatever the CPU has (the default).
+    Native,
+}
+
+/// 0: not yet decided (read `GRPO_KERNELS_SIMD` on first use); else the level + 1.
+static SIMD_LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Caps the instruction set of every CPU op from now on, for the whole
+/// process (e.g. [`SimdLevel::Portable`] for runs that must match across
+/// machines). Overrides the `GRPO_KERNELS_SIMD` environment variable.
+pub fn set_simd_level(level: SimdLevel) {
+    SIMD_LEVEL.store(level as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The cap in force: set by [`set_simd_level`], else by the environment
+/// variable `GRPO_KERNELS_SIMD` (`portable`, `avx2` or `native`, read once;
+/// another value is ignored with a warning on stderr), else
+/// [`SimdLevel::Native`].
+pub fn simd_level() -> SimdLevel {
+    use std::sync::atomic::Ordering;
+    let level = match SIMD_LEVEL.load(Ordering::Relaxed) {
+        1 => return SimdLevel::Portable,
+        2 => return SimdLevel::Avx2,
+        3 => return SimdLevel::Native,
+        _ => {
+            match std::env::var("GRPO_KERNELS_SIMD").as_deref() {
+                Ok("portable") => SimdLevel::Portable,
+                Ok("avx2") => SimdLevel::Avx2,
+                Ok("native") | Err(_) => SimdLevel::Native,
+                Ok(other) => {
+                    eprintln!("grpo-kernels: GRPO_KERNELS_SIMD={other:?} is not portable, avx2 or native; using native");
+                    SimdLevel::Native
+                }
+            }
+        }
+    };
+    // A concurrent `set_simd_level` wins over the environment.
+    let _ = SIMD_LEVEL.compare_exchange(0, level as u8 + 1, Ordering::Relaxed, Ordering::Relaxed);
+    simd_level()
+}
+
+/// Whether the AVX2+FMA copies may run: the CPU has AVX2 and FMA (cached by
+/// std after the first call) and [`simd_level`] allows them.
 #[inline]
 pub fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        simd_level() >= SimdLevel::Avx2
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -66,13 +124,14 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
-/// Whether this CPU has the AVX-512 subsets the widest copies use (F, BW,
-/// VL, DQ) besides AVX2 and FMA.
+/// Whether the AVX-512 copies may run: the CPU has the subsets they use (F,
+/// BW, VL, DQ) besides AVX2 and FMA, and [`simd_level`] is native.
 #[inline]
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_avx2_fma()
+        simd_level() == SimdLevel::Native
+            && has_avx2_fma()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
