@@ -10,10 +10,8 @@
 //! cargo bench -p r1-sgg --bench qwen2_vl_sft
 //! ```
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::ParamsAdamW;
@@ -23,29 +21,9 @@ use r1_sgg::hf::pretrained::Pretrained;
 use r1_sgg::model::qwen2_vl::{Checkpointing, Inputs};
 use r1_sgg::train::optim::AdamW;
 
-/// The system allocator, counting the bytes live now and their peak.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwards the caller's valid layout to the system allocator.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(live, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        // SAFETY: `p` came from `alloc` above with this layout.
-        unsafe { System.dealloc(p, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
+#[path = "../../../benches/util/peak_heap.rs"]
+mod peak_heap;
+use peak_heap::{peak_extra, Counting};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -125,10 +103,7 @@ fn sft_step(c: &mut Criterion) {
             opt.step(&grads).expect("an update");
         };
         step();
-        let before = LIVE.load(Ordering::Relaxed);
-        PEAK.store(before, Ordering::Relaxed);
-        step();
-        let peak = PEAK.load(Ordering::Relaxed) - before;
+        let peak = peak_extra(&mut step);
         println!(
             "qwen2_vl_sft_step_cpu/{name}: peak heap above the step's start {:.2} MB",
             peak as f64 / 1e6

@@ -271,8 +271,13 @@ fn at_least(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(min..)
 }
 
-/// A rate or temperature flag's parser: a finite number above 0.
-fn positive<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> Result<T, String>
+/// A number flag's parser: a finite number `x` with `ok(x)`, the message
+/// naming the range (`what`).
+fn finite<T: std::str::FromStr + Into<f64> + Copy>(
+    text: &str,
+    ok: fn(f64) -> bool,
+    what: &str,
+) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {
@@ -281,11 +286,19 @@ where
         .parse()
         .map_err(|e| format!("{text:?} is not a number: {e}"))?;
     let x: f64 = v.into();
-    if x.is_finite() && x > 0.0 {
+    if x.is_finite() && ok(x) {
         Ok(v)
     } else {
-        Err(format!("must be a finite number above 0, got {text}"))
+        Err(format!("must be a finite number {what}, got {text}"))
     }
+}
+
+/// A rate or temperature flag's parser: a finite number above 0.
+fn positive<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    finite(text, |x| x > 0.0, "above 0")
 }
 
 /// A coefficient flag's parser: a finite number of at least 0.
@@ -293,16 +306,7 @@ fn non_negative<T: std::str::FromStr + Into<f64> + Copy>(text: &str) -> Result<T
 where
     T::Err: std::fmt::Display,
 {
-    let v: T = text
-        .trim()
-        .parse()
-        .map_err(|e| format!("{text:?} is not a number: {e}"))?;
-    let x: f64 = v.into();
-    if x.is_finite() && x >= 0.0 {
-        Ok(v)
-    } else {
-        Err(format!("must be a finite number of at least 0, got {text}"))
-    }
+    finite(text, |x| x >= 0.0, "of at least 0")
 }
 
 /// `format,node,edge` weights, each finite and `>= 0`.
