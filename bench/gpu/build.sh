@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, what bench/gpu/run.sh runs on one:
 # the CUDA test and bench binaries (GPU tests enabled, PTX for sm_90) and
-# the candle-cuda tests, and the R1-SGG application built for CUDA, copied into
+# the candle-cuda tests, and the R1-SGG application and its Qwen2-VL bench built for CUDA, copied into
 # .gpu/ (ignored by git; carry it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,5 +24,6 @@ tests=$(for f in tests/cuda_*.rs tests/candle_*.rs; do printf -- '--test %s ' "$
 cargo test --release -p grpo-kernels --features candle-cuda $tests --no-run --message-format=json | copy test_
 cargo bench -p grpo-kernels --features candle-cuda --no-run --message-format=json | copy bench_
 cargo build --release -p r1-sgg --features cuda --bin r1-sgg --message-format=json | copy app_
+cargo bench -p r1-sgg --features cuda --bench qwen2_vl_sft --no-run --message-format=json | copy app_bench_
 strip .gpu/test_* .gpu/bench_* .gpu/app_*
 du -sh .gpu

@@ -12,6 +12,10 @@
 # r1sgg:     the R1-SGG demo, GPU preset, --device cuda (short schedule:
 #            step time, tokens per second and peak GPU memory, not a
 #            training result)
+# qwen2vl:   one SFT step of Qwen2-VL-2B's real config (random weights,
+#            bf16, 8 samples x 1024 tokens with a 448x448 image each):
+#            ours (criterion, plain and checkpointed) against transformers
+#            with sdpa (its wheel in .whl/), GPU memory sampled for both
 # GK_ONLY=<regex> keeps the parity, sanitizer and bench binaries whose
 # names match (e.g. GK_ONLY='advantages|fused_linear').
 # Results (logs, criterion medians, comparisons, metrics) go to ./gpu-out,
@@ -84,6 +88,26 @@ PY
       fi
       run compare python3 benches/compare_torch.py --criterion target/criterion --out "$out/compare.json"
       tail -25 "$out/compare.log" ;;
+    qwen2vl)
+      if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+      fi
+      cfg=apps/r1-sgg/fixtures/qwen2_vl/configs/qwen2-vl-2b-instruct.json
+      batch=/tmp/qwen2vl-batch.safetensors
+      python3 apps/r1-sgg/scripts/qwen2_vl_bench_batch.py --config $cfg --out $batch --samples 8 --tokens 1024 --image-side 448
+      mkdir -p "$out/qwen2vl"
+      # GPU memory in use, one sample a second, through each side's run.
+      nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/qwen2vl/memory_ours.csv" &
+      smi=$!
+      QWEN2VL_BENCH_CONFIG=$cfg QWEN2VL_BENCH_BATCH=$batch QWEN2VL_BENCH_DEVICE=cuda QWEN2VL_BENCH_DTYPE=bf16 \
+        run qwen2vl_ours $bin/app_bench_qwen2_vl_sft --bench --warm-up-time 2 --measurement-time 20 --noplot
+      kill $smi
+      nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/qwen2vl/memory_torch.csv" &
+      smi=$!
+      run qwen2vl_torch python3 apps/r1-sgg/scripts/qwen2_vl_sft_torch.py --config $cfg --batch $batch \
+        --device cuda --dtype bfloat16 --attn sdpa --warmup 2 --steps 10
+      kill $smi
+      tail -5 "$out"/qwen2vl_*.log ;;
     r1sgg)
       # SFT, GRPO from it, and evaluation of the result, each a short run
       # (a stage stopped at the limit saves its checkpoint, as at Ctrl-C).

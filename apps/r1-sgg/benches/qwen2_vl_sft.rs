@@ -1,24 +1,30 @@
-//! One SFT step of Qwen2-VL on candle: the fixture's tiny model
-//! (`fixtures/qwen2_vl/untied`, 0.3M weights) on its reference batch (two
-//! image + chat samples, 157 tokens, 220 patches), forward through the fused
-//! log-probs of the answer tokens, backward, and an AdamW update; plain and
-//! with every block checkpointed. Besides criterion's times, it prints the
-//! step's peak heap (bytes allocated at once above what was live before the
-//! step), counted by this binary's allocator.
+//! One SFT step of Qwen2-VL on candle: forward through the fused log-probs of
+//! the answer tokens, backward, and an AdamW update; plain and with every
+//! block checkpointed. Besides criterion's times it prints the step's peak
+//! heap (bytes allocated at once above what was live before the step),
+//! counted by this binary's allocator; on CUDA, watch the GPU's memory
+//! instead (`bench/gpu/run.sh qwen2vl` samples it).
+//!
+//! By default: the fixture's tiny model (`fixtures/qwen2_vl/untied`, 0.3M
+//! weights, f32, CPU) on its reference batch (two image + chat samples, 157
+//! tokens, 220 patches). `scripts/qwen2_vl_sft_torch.py` times the same step
+//! in transformers. For the real size:
 //!
 //! ```text
-//! cargo bench -p r1-sgg --bench qwen2_vl_sft
+//! QWEN2VL_BENCH_CONFIG=apps/r1-sgg/fixtures/qwen2_vl/configs/qwen2-vl-2b-instruct.json  # random weights
+//! QWEN2VL_BENCH_BATCH=batch.safetensors     # scripts/qwen2_vl_bench_batch.py writes one
+//! QWEN2VL_BENCH_DEVICE=cuda QWEN2VL_BENCH_DTYPE=bf16 cargo bench -p r1-sgg --features cuda --bench qwen2_vl_sft
 //! ```
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::ParamsAdamW;
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, Criterion};
 use grpo_kernels::{FusedLinearConfig, LogProbConfig};
 use r1_sgg::hf::pretrained::Pretrained;
-use r1_sgg::model::qwen2_vl::{Checkpointing, Inputs};
+use r1_sgg::model::qwen2_vl::{Checkpointing, Config, Inputs, Qwen2Vl};
 use r1_sgg::train::optim::AdamW;
 
 #[path = "../../../benches/util/peak_heap.rs"]
@@ -28,12 +34,22 @@ use peak_heap::{peak_extra, Counting};
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// The fixture's reference batch and its answer-token mask `[B, T - 1]`.
-fn batch() -> (Inputs, Tensor) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen2_vl");
-    let r: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("reference_untied.safetensors"), &Device::Cpu)
-            .expect("the fixture");
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/qwen2_vl")
+        .join(rel)
+}
+
+/// `QWEN2VL_BENCH_<name>` (paths as given: relative to the working folder).
+fn setting(name: &str) -> Option<String> {
+    std::env::var(format!("QWEN2VL_BENCH_{name}")).ok()
+}
+
+/// A batch file (`input_ids`, `attention_mask`, `pixel_values`,
+/// `image_grid_thw`, `labels`: the fixture's reference layout) as model
+/// inputs in `dtype` on `device`, and its answer-token mask `[B, T - 1]`.
+fn batch(path: &Path, dtype: DType, device: &Device) -> (Inputs, Tensor) {
+    let r: HashMap<String, Tensor> = candle_core::safetensors::load(path, device).expect("the batch file");
     let grids = r["image_grid_thw"]
         .to_vec2::<i64>()
         .expect("grids")
@@ -49,24 +65,59 @@ fn batch() -> (Inputs, Tensor) {
     let input = Inputs {
         input_ids: r["input_ids"].to_dtype(DType::U32).expect("ids"),
         attention_mask: Some(r["attention_mask"].clone()),
-        pixel_values: Some(r["pixel_values"].clone()),
+        pixel_values: Some(r["pixel_values"].to_dtype(dtype).expect("pixels")),
         image_grid_thw: grids,
         position_ids: None,
     };
     (input, mask)
 }
 
+/// The model: random weights of `QWEN2VL_BENCH_CONFIG`, or the fixture's.
+fn model(dtype: DType, device: &Device) -> (Qwen2Vl, VarMap) {
+    match setting("CONFIG") {
+        Some(path) => {
+            let cfg =
+                Config::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).expect("the config");
+            let vars = VarMap::new();
+            let model = Qwen2Vl::new(&cfg, VarBuilder::from_varmap(&vars, dtype, device)).expect("a model");
+            (model, vars)
+        }
+        None => {
+            let qwen = Pretrained::load(&fixture("untied"), dtype, device).expect("the fixture model");
+            (qwen.model, qwen.vars)
+        }
+    }
+}
+
 fn sft_step(c: &mut Criterion) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen2_vl/untied");
-    let (input, mask) = batch();
+    let device = match setting("DEVICE").as_deref() {
+        Some("cuda") => Device::new_cuda(0).expect("a CUDA device"),
+        _ => Device::Cpu,
+    };
+    let dtype = match setting("DTYPE").as_deref() {
+        Some("bf16") => DType::BF16,
+        _ => DType::F32,
+    };
+    let batch_file = setting("BATCH").map_or_else(|| fixture("reference_untied.safetensors"), PathBuf::from);
+    let (input, mask) = batch(&batch_file, dtype, &device);
+    // On a GPU, the chunk sizes that keep cuBLAS near its peak.
+    let chunks = if device.is_cuda() {
+        FusedLinearConfig::gpu()
+    } else {
+        FusedLinearConfig::default()
+    };
     let cfg = FusedLinearConfig {
         logprob: LogProbConfig {
             ignore_index: None,
             ..LogProbConfig::default()
         },
-        ..FusedLinearConfig::default()
+        ..chunks
     };
-    let mut group = c.benchmark_group("qwen2_vl_sft_step_cpu");
+    let mut group = c.benchmark_group(format!(
+        "qwen2_vl_sft_step_{}",
+        if device.is_cuda() { "cuda" } else { "cpu" }
+    ));
+    group.sample_size(10);
     for (name, checkpointing) in [
         ("plain", Checkpointing::default()),
         (
@@ -77,16 +128,15 @@ fn sft_step(c: &mut Criterion) {
             },
         ),
     ] {
-        let mut qwen = Pretrained::load(&dir, DType::F32, &Device::Cpu).expect("the fixture model");
-        qwen.model.set_checkpointing(checkpointing);
+        let (mut model, vars) = model(dtype, &device);
+        model.set_checkpointing(checkpointing);
         let params = ParamsAdamW {
             lr: 1e-5,
             ..Default::default()
         };
-        let mut opt = AdamW::new(&qwen.vars, params).expect("an optimizer");
+        let mut opt = AdamW::new(&vars, params).expect("an optimizer");
         let mut step = || {
-            let lp = qwen
-                .model
+            let lp = model
                 .token_logprobs(&input, Some(&mask), &cfg)
                 .expect("log-probs");
             let count = mask
@@ -99,13 +149,14 @@ fn sft_step(c: &mut Criterion) {
                 .and_then(|s| s.neg())
                 .and_then(|s| s.broadcast_div(&count))
                 .expect("loss");
-            let grads = qwen.model.backward(&loss).expect("gradients");
+            let grads = model.backward(&loss).expect("gradients");
             opt.step(&grads).expect("an update");
+            device.synchronize().expect("the device finishes the step");
         };
         step();
         let peak = peak_extra(&mut step);
         println!(
-            "qwen2_vl_sft_step_cpu/{name}: peak heap above the step's start {:.2} MB",
+            "{name}: peak heap above the step's start {:.2} MB",
             peak as f64 / 1e6
         );
         group.bench_function(name, |b| b.iter(&mut step));

@@ -1,8 +1,9 @@
 """transformers' side of the Qwen2-VL SFT-step benchmark (`cargo bench -p r1-sgg --bench qwen2_vl_sft`).
 
-    python apps/r1-sgg/scripts/qwen2_vl_sft_torch.py [--model DIR] [--batch FILE] [--device cpu|cuda]
+    python apps/r1-sgg/scripts/qwen2_vl_sft_torch.py [--model DIR | --config FILE] [--batch FILE] [--device cpu|cuda]
 
-The same step as the Rust bench: the model of DIR (default: the fixture's tiny untied model) on
+The same step as the Rust bench: the model of DIR (default: the fixture's tiny untied model), or
+random weights of a config.json (--config, e.g. fixtures/qwen2_vl/configs/qwen2-vl-2b-instruct.json), on
 the batch of FILE (default: the fixture's reference batch: input_ids, attention_mask,
 pixel_values, image_grid_thw, labels), transformers' own shifted mean cross-entropy over the
 labelled tokens, backward, one AdamW step (lr 1e-5, no weight decay). Prints the median step
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "qwen2_vl"
 
@@ -27,6 +28,7 @@ FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "qwen2_vl"
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(FIXTURE / "untied"))
+    parser.add_argument("--config", help="random weights of this config.json instead of --model's")
     parser.add_argument("--batch", default=str(FIXTURE / "reference_untied.safetensors"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -36,7 +38,14 @@ def main():
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
+    if args.config:
+        config = Qwen2VLConfig.from_json_file(args.config)
+        config._attn_implementation = args.attn
+        # Built on the device: a real-size random init on the CPU takes minutes.
+        with torch.device(args.device):
+            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    else:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
     model.to(args.device).train()
     batch = load_file(args.batch)
     ids = batch["input_ids"].to(args.device)
@@ -76,8 +85,10 @@ def main():
         mem = f"peak allocated above the step's start {peak:.1f} MB"
     else:
         mem = f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.1f} MB"
+    params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
-        f"transformers {args.attn} {args.dtype} on {args.device} ({torch.get_num_threads()} threads): "
+        f"transformers {args.attn} {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
+        f"{params:.1f}M weights: "
         f"SFT step median {ms:.2f} ms over {args.steps} steps; {mem}"
     )
 

@@ -371,3 +371,31 @@ fn saved_models_load_back_bit_for_bit() {
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// The published 2B and 7B configurations (`fixtures/qwen2_vl/configs/`,
+/// the Hub's flat layout with a near-empty vision config) parse to their
+/// real sizes, the vision defaults filled in.
+#[test]
+fn published_configs_parse_to_their_sizes() {
+    let two = Config::from_file(&fixture("configs/qwen2-vl-2b-instruct.json")).unwrap();
+    let seven = Config::from_file(&fixture("configs/qwen2-vl-7b-instruct.json")).unwrap();
+    assert!(two.tie_word_embeddings && !seven.tie_word_embeddings);
+    assert_eq!(
+        (
+            two.text.hidden_size,
+            two.text.num_hidden_layers,
+            two.text.vocab_size
+        ),
+        (1536, 28, 151936)
+    );
+    assert_eq!((seven.text.hidden_size, seven.text.vocab_size), (3584, 152064));
+    for (c, merger_out) in [(&two, 1536), (&seven, 3584)] {
+        assert_eq!(
+            (c.vision.depth, c.vision.embed_dim, c.vision.num_heads),
+            (32, 1280, 16)
+        );
+        assert_eq!(c.vision.hidden_size, merger_out);
+        assert_eq!(c.text.mrope_section, vec![16, 24, 24]);
+        assert_eq!(c.image_token_id, 151655);
+    }
+}
