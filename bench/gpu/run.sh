@@ -24,6 +24,9 @@
 # at its time limit still returns what it did. Each command is stopped
 # after GK_STEP_LIMIT seconds (default 600), so one hang cannot eat the
 # session.
+# A session worth keeping: its text logs (no JSONL, no pictures) go to
+# bench/gpu/logs/<date>-<device>-<commit>/, and the figures the documents
+# publish become rows of bench/data/kernels.csv (then python3 bench/render.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin=.gpu
