@@ -66,8 +66,8 @@ pub struct NumberTokens {
 /// cannot threshold a shape's colour against the noisy background pixel by
 /// pixel; with one, where an object's edge falls inside a patch becomes a
 /// linear read-out, which is what box coordinates need. The example's
-/// `--pixel-stem` flag adds one (3x3). On the demo's data (fifth sweep,
-/// `bench/results/2026-11-28-cpu-grpo-sweep-5/`) a 16-channel 3x3 stem
+/// `--pixel-stem` flag adds one (3x3). On the demo's data (the fifth sweep,
+/// rows of `bench/data/r1_sgg.csv`) a 16-channel 3x3 stem
 /// lowered the SFT loss in every run, but recall moved both ways from run
 /// to run, so the tiny preset does not use one by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
