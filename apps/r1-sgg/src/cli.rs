@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::data::jsonl::write_dataset;
+use crate::data::dataset::{write_dataset, DatasetFormat};
 use crate::data::scene::{Vocabulary, PSG, SYNTHETIC, VG150};
 use crate::data::synthetic::Split;
 use crate::report::summary::{eval_table, recall_gains, write};
@@ -35,11 +35,15 @@ pub enum Command {
         #[command(flatten)]
         grpo: GrpoArgs,
     },
-    /// Writes the synthetic dataset (train, val, test, shifted) in R1-SGG's JSONL layout.
+    /// Writes the synthetic dataset (train, val, test, shifted) in R1-SGG's JSONL or parquet layout.
     Data {
         /// Output folder.
         #[arg(long, default_value = "runs/data")]
         out: PathBuf,
+        /// `jsonl`: R1-SGG's JSONL export beside an image folder; `parquet`:
+        /// its Hugging Face shards, images embedded.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: DatasetFormat,
         #[arg(long, default_value_t = 4000)]
         train_size: usize,
         /// Images in each of val, test and shifted.
@@ -384,6 +388,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo { common, sft, grpo } => demo(&common, &sft, &grpo),
         Command::Data {
             out,
+            format,
             train_size,
             eval_size,
             seed,
@@ -394,7 +399,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 (Split::Test, eval_size),
                 (Split::Shifted, eval_size),
             ];
-            for path in write_dataset(&out, &sizes, seed)? {
+            for path in write_dataset(&out, &sizes, seed, format)? {
                 println!("wrote {}", path.display());
             }
             println!("layout and statistics: {}", out.join("README.md").display());
