@@ -127,10 +127,16 @@ impl ParquetDataset {
     /// skip such a shard like any other bad rows.
     pub fn open(shards: &[PathBuf]) -> Result<Self, DataError> {
         let mut opened = Vec::with_capacity(shards.len());
-        let mut starts = vec![0];
+        let mut starts = vec![0usize];
         for path in shards {
             let shard = Shard::open(path)?;
-            starts.push(starts[starts.len() - 1] + shard.rows());
+            let end = starts[starts.len() - 1]
+                .checked_add(shard.rows())
+                .ok_or_else(|| DataError::Shard {
+                    shard: path.clone(),
+                    reason: "the shards' row counts overflow".into(),
+                })?;
+            starts.push(end);
             opened.push(shard);
         }
         Ok(ParquetDataset {
@@ -262,11 +268,13 @@ impl Shard {
             .filter(|(_, f)| COLUMNS.contains(&f.name()))
             .map(|(i, _)| i);
         let projection = ProjectionMask::roots(schema, roots);
-        let mut group_starts = vec![0];
+        let mut group_starts = vec![0usize];
         for group in parquet.row_groups() {
-            let rows = usize::try_from(group.num_rows())
-                .map_err(|_| bad(format!("a row group claims {} rows", group.num_rows())))?;
-            group_starts.push(group_starts[group_starts.len() - 1] + rows);
+            let end = usize::try_from(group.num_rows())
+                .ok()
+                .and_then(|rows| group_starts[group_starts.len() - 1].checked_add(rows))
+                .ok_or_else(|| bad(format!("a row group claims {} rows", group.num_rows())))?;
+            group_starts.push(end);
         }
         Ok(Shard {
             path: path.to_path_buf(),
@@ -282,12 +290,15 @@ impl Shard {
 
     /// Reads and decompresses row group `group` (the read columns only).
     fn read_group(&self, group: usize) -> Result<Vec<RecordBatch>, String> {
+        // Batches are sized by the footer's row count, which a damaged file
+        // could inflate: capped, so a bad count never sizes an allocation.
+        const MAX_BATCH: usize = 1024;
         let file = File::open(&self.path).map_err(|e| e.to_string())?;
         let rows = self.group_starts[group + 1] - self.group_starts[group];
         ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
             .with_projection(self.projection.clone())
             .with_row_groups(vec![group])
-            .with_batch_size(rows.max(1))
+            .with_batch_size(rows.clamp(1, MAX_BATCH))
             .build()
             .map_err(|e| e.to_string())?
             .map(|batch| batch.map_err(|e| e.to_string()))
@@ -856,6 +867,47 @@ mod tests {
         // `keep` sees each sample as it is read.
         let (small, _) = load_samples(&source, BadRows::Skip, |s| s.resized(8, 8)).unwrap();
         assert!(small.iter().all(|s| s.image.dimensions() == (8, 8)));
+    }
+
+    #[test]
+    fn a_row_group_larger_than_a_batch_is_read_whole() {
+        // 1100 rows in one row group: decoded as more than one batch.
+        let dir = temp_dir("parquet_big_group");
+        let path = dir.join("big.parquet");
+        let mut png = Vec::new();
+        image::RgbImage::new(1, 1)
+            .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let n = 1100;
+        let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        let image = StructArray::try_new(
+            image_fields(),
+            vec![
+                Arc::new(BinaryArray::from_iter_values(std::iter::repeat_n(&png, n))) as ArrayRef,
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+            ],
+            None,
+        )
+        .unwrap();
+        let empty = || Arc::new(StringArray::from(vec!["[]"; n])) as ArrayRef;
+        let batch = RecordBatch::try_from_iter([
+            ("image", Arc::new(image) as ArrayRef),
+            ("image_id", Arc::new(StringArray::from(ids)) as ArrayRef),
+            ("objects", empty()),
+            ("relationships", empty()),
+        ])
+        .unwrap();
+        let mut writer = ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let data = ParquetDataset::open(std::slice::from_ref(&path)).unwrap();
+        let groups = data.row_groups();
+        assert_eq!((groups.len(), groups[0].clone()), (1, 0..n));
+        for i in [0, 1023, 1024, n - 1] {
+            assert_eq!(data.get(i).unwrap().sample.id, i.to_string());
+        }
+        assert_eq!(data.row_groups_read(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
