@@ -143,12 +143,19 @@ pub struct Common {
     /// optimizer state and step), appending to its `<stage>.jsonl`.
     #[arg(long)]
     pub resume: bool,
-    /// Training data: a JSONL file in R1-SGG's format; synthetic scenes if absent.
+    /// Training data in R1-SGG's layout: a JSONL file, a parquet shard, a
+    /// folder of shards or a quoted pattern ('data/train-*.parquet');
+    /// synthetic scenes if absent.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Evaluation data (JSONL); the synthetic val, test and shifted splits if absent.
+    /// Evaluation data, as --data; the synthetic val, test and shifted splits if absent.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Skip malformed records of --data and --eval-data (bad JSON or boxes,
+    /// missing or undecodable images, mistyped columns) and report how many,
+    /// instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
     /// Synthetic training scenes to generate.
     #[arg(long, default_value_t = 4000, value_parser = at_least(1))]
     pub train_size: usize,
@@ -178,7 +185,7 @@ pub struct Common {
     pub save_every: usize,
     /// The data's vocabulary, whose spaCy table the rewards use and outside
     /// which the evaluation counts predicted labels. `auto`: the one holding
-    /// most of the JSONL data's labels (synthetic without JSONL data).
+    /// most of the data files' labels (synthetic without --data or --eval-data).
     #[arg(long, value_enum, default_value = "auto")]
     pub vocabulary: VocabularyArg,
 }
