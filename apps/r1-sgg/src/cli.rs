@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::data::jsonl::write_dataset;
+use crate::data::dataset::{write_dataset, DatasetFormat};
 use crate::data::scene::{Vocabulary, PSG, SYNTHETIC, VG150};
 use crate::data::synthetic::Split;
 use crate::report::summary::{eval_table, recall_gains, write};
@@ -35,11 +35,15 @@ pub enum Command {
         #[command(flatten)]
         grpo: GrpoArgs,
     },
-    /// Writes the synthetic dataset (train, val, test, shifted) in R1-SGG's JSONL layout.
+    /// Writes the synthetic dataset (train, val, test, shifted) in R1-SGG's JSONL or parquet layout.
     Data {
         /// Output folder.
         #[arg(long, default_value = "runs/data")]
         out: PathBuf,
+        /// `jsonl`: R1-SGG's JSONL export beside an image folder; `parquet`:
+        /// its Hugging Face shards, images embedded.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: DatasetFormat,
         #[arg(long, default_value_t = 4000)]
         train_size: usize,
         /// Images in each of val, test and shifted.
@@ -139,12 +143,19 @@ pub struct Common {
     /// optimizer state and step), appending to its `<stage>.jsonl`.
     #[arg(long)]
     pub resume: bool,
-    /// Training data: a JSONL file in R1-SGG's format; synthetic scenes if absent.
+    /// Training data in R1-SGG's layout: a JSONL file, a parquet shard, a
+    /// folder of shards or a quoted pattern ('data/train-*.parquet');
+    /// synthetic scenes if absent.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Evaluation data (JSONL); the synthetic val, test and shifted splits if absent.
+    /// Evaluation data, as --data; the synthetic val, test and shifted splits if absent.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Skip malformed records of --data and --eval-data (bad JSON or boxes,
+    /// missing or undecodable images, mistyped columns) and report how many,
+    /// instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
     /// Synthetic training scenes to generate.
     #[arg(long, default_value_t = 4000, value_parser = at_least(1))]
     pub train_size: usize,
@@ -174,7 +185,7 @@ pub struct Common {
     pub save_every: usize,
     /// The data's vocabulary, whose spaCy table the rewards use and outside
     /// which the evaluation counts predicted labels. `auto`: the one holding
-    /// most of the JSONL data's labels (synthetic without JSONL data).
+    /// most of the data files' labels (synthetic without --data or --eval-data).
     #[arg(long, value_enum, default_value = "auto")]
     pub vocabulary: VocabularyArg,
 }
@@ -388,6 +399,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo { common, sft, grpo } => demo(&common, &sft, &grpo),
         Command::Data {
             out,
+            format,
             train_size,
             eval_size,
             seed,
@@ -398,7 +410,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 (Split::Test, eval_size),
                 (Split::Shifted, eval_size),
             ];
-            for path in write_dataset(&out, &sizes, seed)? {
+            for path in write_dataset(&out, &sizes, seed, format)? {
                 println!("wrote {}", path.display());
             }
             println!("layout and statistics: {}", out.join("README.md").display());

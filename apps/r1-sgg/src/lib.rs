@@ -16,8 +16,9 @@
 //! charts (PNG), pictures of
 //! predictions and a summary. `data` writes the synthetic dataset to disk
 //! in R1-SGG's layout; `sft`, `grpo` and `eval` run one stage, on the
-//! synthetic data or on a JSONL file of real images in R1-SGG's format
-//! (`--data train.jsonl`, see `data::load_jsonl`). Ctrl-C saves a
+//! synthetic data or on real data in R1-SGG's layouts: the parquet shards
+//! its authors publish or a JSONL export (`--data train-*.parquet`,
+//! `--data train.jsonl`; see `data::source`). Ctrl-C saves a
 //! checkpoint and stops; `--resume` continues an interrupted stage. With
 //! `--features cuda` and `--device cuda` the same code trains on a
 //! GPU, and the crate's ops run as CUDA kernels.

@@ -89,3 +89,29 @@ fn missing_or_empty_files_are_named() {
     );
     refused(&sft(["--data", "missing.jsonl"]), &["missing.jsonl"]);
 }
+
+#[test]
+fn malformed_parquet_rows_are_named_or_skipped_and_counted() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/parquet");
+    let bad = fixtures.join("bad/rows.parquet");
+    let bad = bad.to_str().unwrap();
+    refused(&sft(["--data", bad]), &["rows.parquet", "row 1", "invalid JSON"]);
+    // Skipped: the shard's one good row trains, and the nine others are counted.
+    let out = scratch().join("skipped");
+    let mut args = sft(["--data", bad]);
+    args.extend(["--skip-bad-rows", "--out", out.to_str().unwrap()]);
+    let run = Command::new(env!("CARGO_BIN_EXE_r1-sgg"))
+        .args(&args)
+        .current_dir(scratch())
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("--data: skipped 9 malformed records"), "{stdout}");
+    assert!(stdout.contains("data: 1 train"), "{stdout}");
+    // A shard compressed with a codec this build lacks is never skipped.
+    let zstd = fixtures.join("bad/zstd.parquet");
+    let mut args = sft(["--data", zstd.to_str().unwrap()]);
+    args.push("--skip-bad-rows");
+    refused(&args, &["zstd.parquet", "ZSTD"]);
+}

@@ -9,7 +9,8 @@
 //! "relationships":[{"subject":"man.1","predicate":"riding","object":"horse.2"}]}</answer>
 //! ```
 //!
-//! Boxes are integers `0..=1000`: normalized coordinates times 1000. The
+//! Boxes are integers `0..=1000`: normalized coordinates times 1000, to
+//! the nearest unit or truncated as R1-SGG's SFT target is ([`BoxRounding`]). The
 //! [`AnswerForm::Strict`] form requires the think block (R1-SGG's GRPO
 //! format), [`AnswerForm::Relaxed`] does not (R1-SGG's SFT target, and the
 //! demo's tiny model, answer without thinking).
@@ -88,9 +89,36 @@ pub fn prompt(vocab: &Vocabulary, form: AnswerForm) -> String {
     )
 }
 
-/// A normalized coordinate as an answer integer.
-fn to_units(v: f32) -> u32 {
-    (v as f64 * BOX_UNITS).round().clamp(0.0, BOX_UNITS) as u32
+/// How a normalized coordinate becomes an answer integer `0..=1000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BoxRounding {
+    /// To the nearest unit: the demo's synthetic scenes, generated in memory
+    /// (the results in the README were measured with it).
+    #[default]
+    Nearest,
+    /// Down, as R1-SGG writes a dataset's pixel boxes into its SFT target:
+    /// `int(x / iw * 1000)` (src/sft_sgg.py `format_data`). Used for data read
+    /// from files in R1-SGG's layout (`--data`), so SFT on real data learns
+    /// the boxes R1-SGG's models learn.
+    Truncate,
+}
+
+impl BoxRounding {
+    /// A normalized coordinate as an answer integer, clipped to `0..=1000`.
+    pub fn units(self, v: f32) -> u32 {
+        let x = v as f64 * BOX_UNITS;
+        let units = match self {
+            BoxRounding::Nearest => x.round(),
+            // `v` is R1-SGG's f64 quotient `x / iw` rounded to f32, up to 6e-5
+            // units below it: a coordinate on a whole unit would truncate one
+            // lower. 1e-4 absorbs that and nothing more: it gives
+            // `int(x / iw * 1000)` for every whole, half and quarter pixel of
+            // images up to 4096 px wide (5M random boxes, checked in Python; the
+            // test checks whole and half pixels up to 2048 px exhaustively).
+            BoxRounding::Truncate => (x + 1e-4).floor(),
+        };
+        units.clamp(0.0, BOX_UNITS) as u32
+    }
 }
 
 /// An answer number as a normalized coordinate, clipped to `[0, 1]`.
@@ -104,13 +132,18 @@ fn quoted(s: &str) -> String {
 }
 
 /// The graph as compact answer JSON, keys in R1-SGG's order, boxes as
-/// integers `0..=1000`.
+/// integers `0..=1000` to the nearest unit.
 pub fn graph_json(graph: &SceneGraph) -> String {
+    graph_json_with(graph, BoxRounding::Nearest)
+}
+
+/// [`graph_json`] with boxes rounded as `rounding` says.
+pub fn graph_json_with(graph: &SceneGraph, rounding: BoxRounding) -> String {
     let objects: Vec<String> = graph
         .objects
         .iter()
         .map(|o| {
-            let [x1, y1, x2, y2] = o.bbox.map(to_units);
+            let [x1, y1, x2, y2] = o.bbox.map(|v| rounding.units(v));
             format!("{{\"id\":{},\"bbox\":[{x1},{y1},{x2},{y2}]}}", quoted(&o.id))
         })
         .collect();
@@ -136,9 +169,14 @@ pub fn graph_json(graph: &SceneGraph) -> String {
 /// The full answer text: `<think>{think}</think><answer>{json}</answer>`
 /// (strict form) when `think` is given, else `<answer>{json}</answer>`
 /// (relaxed form, R1-SGG's SFT target). `think` must not contain
-/// `</think>`.
+/// `</think>`. Boxes to the nearest unit.
 pub fn answer_text(graph: &SceneGraph, think: Option<&str>) -> String {
-    let answer = format!("<answer>{}</answer>", graph_json(graph));
+    answer_text_with(graph, think, BoxRounding::Nearest)
+}
+
+/// [`answer_text`] with boxes rounded as `rounding` says.
+pub fn answer_text_with(graph: &SceneGraph, think: Option<&str>, rounding: BoxRounding) -> String {
+    let answer = format!("<answer>{}</answer>", graph_json_with(graph, rounding));
     match think {
         Some(t) => format!("<think>{t}</think>{answer}"),
         None => answer,
@@ -402,6 +440,35 @@ mod tests {
         };
         let back = parse_answer(&answer_text(&odd, None), AnswerForm::Relaxed);
         assert_eq!(back.graph.unwrap().objects[0].id, "a\"b\\c.1");
+    }
+
+    #[test]
+    fn truncation_is_r1_sggs_int_of_pixels_over_size() {
+        // R1-SGG's `int(box[0] / iw * 1000)` in f64, as Python computes it, against
+        // the coordinate our loaders keep: the same quotient clipped and stored as f32.
+        for iw in 1..=2048u32 {
+            let side = iw as f64;
+            for half_pixels in 0..=2 * iw {
+                let x = half_pixels as f64 / 2.0;
+                let python = (x / side * 1000.0).trunc() as u32;
+                let v = (x / side).clamp(0.0, 1.0) as f32;
+                assert_eq!(BoxRounding::Truncate.units(v), python, "x {x}, iw {iw}");
+            }
+        }
+        // Where the two differ, and the clipping both share.
+        assert_eq!(BoxRounding::Truncate.units(2.0 / 3.0), 666);
+        assert_eq!(BoxRounding::Nearest.units(2.0 / 3.0), 667);
+        for rounding in [BoxRounding::Truncate, BoxRounding::Nearest] {
+            assert_eq!(rounding.units(1.5), 1000);
+            assert_eq!(rounding.units(-0.2), 0);
+            assert_eq!(rounding.units(f32::NAN), 0);
+        }
+        let g = SceneGraph {
+            objects: vec![Object::from_id("a.1", [1.0 / 3.0, 0.0, 2.0 / 3.0, 0.9999])],
+            relations: vec![],
+        };
+        assert!(answer_text_with(&g, None, BoxRounding::Truncate).contains("[333,0,666,999]"));
+        assert!(answer_text(&g, None).contains("[333,0,667,1000]"));
     }
 
     #[test]

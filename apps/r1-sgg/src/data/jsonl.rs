@@ -1,23 +1,21 @@
-//! R1-SGG's data on disk. [`load_jsonl`] reads the layout R1-SGG's data is exported
-//! to: a JSONL file beside its image folder, one record per line (see its
-//! docs for the fields); boxes are absolute `xyxy` pixels there and are
-//! normalized here. [`write_jsonl`] writes samples back in that layout and
-//! [`write_dataset`] writes the whole synthetic dataset with it, so it can be
-//! inspected and fed back with `--data`.
+//! R1-SGG's data exported to JSONL. [`load_jsonl`] reads the layout R1-SGG's
+//! data is exported to: a JSONL file beside its image folder, one record per
+//! line (see its docs for the fields); boxes are absolute `xyxy` pixels there
+//! and are normalized here. [`write_jsonl`] writes samples back in that
+//! layout (as does [`write_dataset`](super::dataset::write_dataset) for the
+//! whole synthetic dataset), so they can be inspected and fed back with
+//! `--data`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::fmt::Write as _;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use image::{ImageFormat, RgbImage};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::preview::render_preview;
-use super::scene::{Object, Relation, SceneGraph, SYNTHETIC};
-use super::synthetic::{generate, Layout, Split, BIGGER, JITTER, NEAR, SHAPES};
+use super::record::{objects_out, relations_out, scene_graph, ObjectOut, RelationOut};
 use super::{DataError, Sample};
 use crate::util::fs::write_atomically;
 
@@ -39,18 +37,33 @@ use crate::util::fs::write_atomically;
 /// `objects` and `relationships` may also be JSON-encoded strings, as in
 /// R1-SGG's Hugging Face datasets. Boxes are normalized by the frame and
 /// clipped to it; a box with `x2 < x1` or `y2 < y1`, a duplicated id or a
-/// relation naming an undefined object is an error naming the line.
+/// relation naming an undefined object is an error naming the line (the
+/// record rules of `data/record.rs`, which the parquet reader shares).
 pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>, DataError> {
+    read_jsonl(path)?.collect()
+}
+
+/// [`load_jsonl`] one record at a time: the file's text is read now, each
+/// record's image when the iterator reaches it, so a consumer that keeps
+/// only a resized copy never holds every full-size image at once. An
+/// unreadable file is the outer error; a bad record is an item's
+/// ([`DataError::Record`] or [`DataError::Image`], naming the line).
+pub fn read_jsonl(path: &Path) -> Result<impl Iterator<Item = Result<Sample, DataError>>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let folder = path.parent().unwrap_or(Path::new("."));
-    text.lines()
+    let path = path.to_path_buf();
+    let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let lines: Vec<(usize, String)> = text
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| load_record(path, folder, n + 1, l))
-        .collect()
+        .map(|(n, l)| (n + 1, l.to_string()))
+        .collect();
+    Ok(lines
+        .into_iter()
+        .map(move |(line, text)| load_record(&path, &folder, line, &text)))
 }
 
 fn load_record(path: &Path, folder: &Path, line: usize, text: &str) -> Result<Sample, DataError> {
@@ -86,71 +99,8 @@ fn load_record(path: &Path, folder: &Path, line: usize, text: &str) -> Result<Sa
         },
         _ => return Err(bad("\"width\" and \"height\" must come together".into())),
     };
-    let objects = embedded_list(&record, "objects")
-        .map_err(&bad)?
-        .iter()
-        .enumerate()
-        .map(|(i, o)| read_object(o, frame).map_err(|e| bad(format!("objects[{i}]: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let relations = embedded_list(&record, "relationships")
-        .map_err(&bad)?
-        .iter()
-        .enumerate()
-        .map(|(i, r)| read_relation(r).map_err(|e| bad(format!("relationships[{i}]: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let graph = SceneGraph { objects, relations };
-    graph.check().map_err(bad)?;
+    let graph = scene_graph(record.get("objects"), record.get("relationships"), frame).map_err(bad)?;
     Ok(Sample { id, image, graph })
-}
-
-/// A list field, written either as a JSON array or as a string holding one.
-fn embedded_list(record: &Value, key: &str) -> Result<Vec<Value>, String> {
-    match record.get(key) {
-        Some(Value::Array(items)) => Ok(items.clone()),
-        Some(Value::String(s)) => match serde_json::from_str(s) {
-            Ok(Value::Array(items)) => Ok(items),
-            Ok(_) => Err(format!("\"{key}\" holds a string that is not a JSON array")),
-            Err(e) => Err(format!("\"{key}\" holds invalid JSON: {e}")),
-        },
-        Some(_) => Err(format!("\"{key}\" must be an array")),
-        None => Err(format!("missing field \"{key}\"")),
-    }
-}
-
-fn read_object(o: &Value, (w, h): (f64, f64)) -> Result<Object, String> {
-    let id = o
-        .get("id")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or("needs a non-empty string \"id\"")?;
-    let coords: Vec<f64> = match o.get("bbox").and_then(Value::as_array) {
-        Some(b) if b.len() == 4 => b.iter().filter_map(Value::as_f64).collect(),
-        _ => Vec::new(),
-    };
-    let &[x1, y1, x2, y2] = coords.as_slice() else {
-        return Err(format!("{id:?} needs \"bbox\": [x1, y1, x2, y2] of 4 numbers"));
-    };
-    if x2 < x1 || y2 < y1 {
-        return Err(format!("{id:?} has an inverted box {coords:?}"));
-    }
-    let norm = |v: f64, side: f64| (v / side).clamp(0.0, 1.0) as f32;
-    Ok(Object::from_id(
-        id,
-        [norm(x1, w), norm(y1, h), norm(x2, w), norm(y2, h)],
-    ))
-}
-
-fn read_relation(r: &Value) -> Result<Relation, String> {
-    let field = |k: &str| {
-        r.get(k).and_then(Value::as_str).ok_or(format!(
-            "needs string fields \"subject\", \"predicate\", \"object\"; {k:?} is not"
-        ))
-    };
-    Ok(Relation::new(
-        field("subject")?,
-        field("predicate")?,
-        field("object")?,
-    ))
 }
 
 /// One record as [`load_jsonl`] reads it, fields in the order written.
@@ -164,42 +114,11 @@ struct RecordOut<'a> {
     relationships: Vec<RelationOut<'a>>,
 }
 
-#[derive(Serialize)]
-struct ObjectOut<'a> {
-    id: &'a str,
-    bbox: [Value; 4],
-}
-
-#[derive(Serialize)]
-struct RelationOut<'a> {
-    subject: &'a str,
-    predicate: &'a str,
-    object: &'a str,
-}
-
-/// A normalized coordinate as an absolute one on a `side`-pixel axis: the
-/// nearest whole pixel when [`load_jsonl`] maps it back to the very same
-/// `f32` (always so for the synthetic boxes, which are whole pixels), else
-/// the exact product as a float. The float also comes back bit for bit:
-/// `v * side` is exact in `f64` (a 24-bit mantissa times a side below
-/// 2^29), JSON numbers round-trip exactly, and dividing by `side` gives `v`.
-fn pixel(v: f32, side: u32) -> Value {
-    let side = side as f64;
-    let p = v as f64 * side;
-    let whole = p.round();
-    // The loader's arithmetic, exactly.
-    if whole.abs() < 1e15 && (whole / side).clamp(0.0, 1.0) as f32 == v {
-        Value::from(whole as i64)
-    } else {
-        Value::from(p)
-    }
-}
-
 /// A safe, portable file stem for an id: ASCII letters, digits, `-`, `_`
 /// and `.` are kept, anything else becomes `_`; a leading `.` becomes `_`
 /// (no hidden files, no `..`); at most 100 characters; never empty nor a
 /// reserved Windows device name (`con`, `nul`, `com1`, ...).
-fn file_stem(id: &str) -> String {
+pub(super) fn file_stem(id: &str) -> String {
     let mut stem: String = id
         .chars()
         .take(100)
@@ -242,7 +161,7 @@ fn unique_stem(id: &str, used: &mut HashSet<String>) -> String {
 }
 
 /// Encodes `image` as PNG into `path`.
-fn write_png(image: &RgbImage, path: &Path) -> Result<(), DataError> {
+pub(super) fn write_png(image: &RgbImage, path: &Path) -> Result<(), DataError> {
     let fail = |source| DataError::Write {
         path: path.to_path_buf(),
         source,
@@ -256,7 +175,7 @@ fn write_png(image: &RgbImage, path: &Path) -> Result<(), DataError> {
 
 /// Writes one split in R1-SGG's layout, a chunk of samples at a time:
 /// images as they come, the JSONL file at the end.
-struct SplitWriter {
+pub(super) struct SplitWriter {
     /// `dir/<split>.jsonl`.
     jsonl: PathBuf,
     /// `dir/images/<split>`.
@@ -267,21 +186,10 @@ struct SplitWriter {
     used: HashSet<String>,
     /// The records so far, one per line.
     lines: String,
-    /// What was written so far.
-    counts: Counts,
-}
-
-/// Samples, objects, relations and relations by predicate written.
-#[derive(Debug, Clone, Default)]
-struct Counts {
-    samples: usize,
-    objects: usize,
-    relations: usize,
-    predicates: BTreeMap<String, usize>,
 }
 
 impl SplitWriter {
-    fn new(dir: &Path, split: &str) -> Result<Self, DataError> {
+    pub(super) fn new(dir: &Path, split: &str) -> Result<Self, DataError> {
         let split = file_stem(split);
         let images = dir.join("images").join(&split);
         std::fs::create_dir_all(&images).map_err(|source| DataError::Write {
@@ -294,13 +202,12 @@ impl SplitWriter {
             relative: format!("images/{split}"),
             used: HashSet::new(),
             lines: String::new(),
-            counts: Counts::default(),
         })
     }
 
     /// Writes the images of `samples` (in parallel, ticking `progress` once
     /// per image) and keeps their records.
-    fn add(&mut self, samples: &[Sample], progress: &ProgressBar) -> Result<(), DataError> {
+    pub(super) fn add(&mut self, samples: &[Sample], progress: &ProgressBar) -> Result<(), DataError> {
         let names: Vec<String> = samples
             .iter()
             .map(|s| unique_stem(&s.id, &mut self.used))
@@ -318,19 +225,16 @@ impl SplitWriter {
             self.lines.push_str(&line);
             self.lines.push('\n');
         }
-        for s in samples {
-            self.counts.samples += 1;
-            self.counts.objects += s.graph.objects.len();
-            self.counts.relations += s.graph.relations.len();
-            for r in &s.graph.relations {
-                *self.counts.predicates.entry(r.predicate.clone()).or_default() += 1;
-            }
-        }
         Ok(())
     }
 
+    /// The first record written, if any.
+    pub(super) fn first_line(&self) -> Option<&str> {
+        self.lines.lines().next()
+    }
+
     /// Writes the JSONL file (atomically) and returns its path.
-    fn finish(self) -> Result<PathBuf, DataError> {
+    pub(super) fn finish(self) -> Result<PathBuf, DataError> {
         write_atomically(&self.jsonl, self.lines.as_bytes()).map_err(|source| DataError::Write {
             path: self.jsonl.clone(),
             source,
@@ -342,36 +246,14 @@ impl SplitWriter {
 /// The JSONL line of a sample whose image is at `image` (relative to the
 /// JSONL file).
 fn record_line(s: &Sample, image: String) -> String {
-    let (w, h) = s.image.dimensions();
+    let (width, height) = s.image.dimensions();
     let record = RecordOut {
         image_id: &s.id,
         image,
-        width: w,
-        height: h,
-        objects: s
-            .graph
-            .objects
-            .iter()
-            .map(|o| ObjectOut {
-                id: &o.id,
-                bbox: [
-                    pixel(o.bbox[0], w),
-                    pixel(o.bbox[1], h),
-                    pixel(o.bbox[2], w),
-                    pixel(o.bbox[3], h),
-                ],
-            })
-            .collect(),
-        relationships: s
-            .graph
-            .relations
-            .iter()
-            .map(|r| RelationOut {
-                subject: &r.subject,
-                predicate: &r.predicate,
-                object: &r.object,
-            })
-            .collect(),
+        width,
+        height,
+        objects: objects_out(s),
+        relationships: relations_out(s),
     };
     // Plain structs of strings, integers and JSON values always serialize.
     serde_json::to_string(&record).expect("a record serializes")
@@ -388,7 +270,7 @@ fn record_line(s: &Sample, image: String) -> String {
 /// gives back the same samples: ids, images (PNG is lossless), objects and
 /// boxes (bit for bit) and relations, provided each object's id names its
 /// category (`"circle.1"`), as the loader reads the category from the id,
-/// and the graph passes [`SceneGraph::check`].
+/// and the graph passes [`SceneGraph::check`](super::scene::SceneGraph::check).
 ///
 /// Image file names are the ids made safe (ASCII letters, digits, `-`, `_`,
 /// `.`; anything else `_`; no leading dot; at most 100 characters) and
@@ -403,240 +285,12 @@ pub fn write_jsonl(samples: &[Sample], dir: &Path, split: &str) -> Result<PathBu
     writer.finish()
 }
 
-/// Generates the synthetic dataset and writes it to `dir` in R1-SGG's
-/// layout (see [`write_jsonl`]), to inspect it or train on it with
-/// `--data dir/train.jsonl`.
-///
-/// For each `(split, count)` of `sizes`, in order, samples `0..count` of the
-/// split (the same as [`generate_split`](super::synthetic::generate_split)`(split, count, seed)`, generated a
-/// chunk at a time to bound memory) are written to `dir/<split>.jsonl` and
-/// `dir/images/<split>/`, and the first 16 of them, boxes outlined, to
-/// `dir/preview_<split>.png` ([`render_preview`]). Then `dir/README.md`
-/// describes the layout, the [`SYNTHETIC`] vocabulary and each split's
-/// statistics ([`Split::config`] and the counts written). A progress bar
-/// on stderr counts the images. Returns the JSONL paths, in the order of
-/// `sizes`; errors are [`DataError::Write`] naming the file or folder.
-pub fn write_dataset(dir: &Path, sizes: &[(Split, usize)], seed: u64) -> Result<Vec<PathBuf>, DataError> {
-    const CHUNK: usize = 256;
-    const PREVIEW: usize = 16;
-    let bar = ProgressBar::new(sizes.iter().map(|&(_, n)| n as u64).sum());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>7} [{bar:30}] {pos}/{len} images {elapsed_precise} (eta {eta})",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    let mut paths = Vec::with_capacity(sizes.len());
-    let mut written = Vec::with_capacity(sizes.len());
-    let mut example = None;
-    for &(split, count) in sizes {
-        bar.set_prefix(split.name());
-        let mut writer = SplitWriter::new(dir, split.name())?;
-        let mut preview = Vec::new();
-        for start in (0..count).step_by(CHUNK) {
-            let chunk: Vec<Sample> = (start..(start + CHUNK).min(count))
-                .into_par_iter()
-                .map(|i| generate(split, i, seed))
-                .collect();
-            writer.add(&chunk, &bar)?;
-            if start == 0 {
-                preview = chunk[..chunk.len().min(PREVIEW)].to_vec();
-            }
-        }
-        if example.is_none() {
-            example = writer.lines.lines().next().map(|l| (split, l.to_string()));
-        }
-        if !preview.is_empty() {
-            write_png(
-                &render_preview(&preview, 4, 2),
-                &dir.join(format!("preview_{}.png", split.name())),
-            )?;
-        }
-        written.push((split, writer.counts.clone()));
-        paths.push(writer.finish()?);
-    }
-    bar.finish();
-    let readme = dataset_readme(seed, &written, example.as_ref());
-    let readme_path = dir.join("README.md");
-    write_atomically(&readme_path, readme.as_bytes()).map_err(|source| DataError::Write {
-        path: readme_path,
-        source,
-    })?;
-    Ok(paths)
-}
-
-/// The README of a written dataset: `written` holds what was written of
-/// each split; `example` a split and its first record.
-fn dataset_readme(seed: u64, written: &[(Split, Counts)], example: Option<&(Split, String)>) -> String {
-    let mut md = String::new();
-    // Writing to a String cannot fail.
-    let mut line = |text: &str| {
-        let _ = writeln!(md, "{text}");
-    };
-    line("# Synthetic scene graphs in R1-SGG's layout");
-    line("");
-    line(&format!(
-        "Written by the `r1_sgg` example's `data` subcommand with seed {seed}. Sample `i` of a \
-         split is generated from `(seed, split, i)` alone, so the same seed writes the same files. \
-         Train or evaluate on a split with `--data <this folder>/<split>.jsonl`."
-    ));
-    line("");
-    line("## Layout");
-    line("");
-    line("```text");
-    line("README.md                    this file");
-    for (split, counts) in written {
-        let name = split.name();
-        let row = |path: String, what: &str| format!("{path:<28} {what}");
-        line(&row(format!("{name}.jsonl"), "one record per line"));
-        line(&row(
-            format!("images/{name}/"),
-            "the images, named after their image_id",
-        ));
-        if counts.samples > 0 {
-            line(&row(
-                format!("preview_{name}.png"),
-                "its first samples, boxes outlined",
-            ));
-        }
-    }
-    line("```");
-    line("");
-    line("Each record is one JSON object:");
-    line("");
-    line("- `image_id`: the sample's name (`train-000042`);");
-    line("- `image`: the image's path, relative to the JSONL file;");
-    line("- `width`, `height`: the image's size in pixels, the frame of the boxes;");
-    line(
-        "- `objects`: `[{\"id\": \"circle.1\", \"bbox\": [x1, y1, x2, y2]}, ...]`, ids `category.N` \
-         numbered in reading order (top to bottom, then left to right), boxes in absolute pixels \
-         (`x2`, `y2` exclusive: the shape covers pixels `x1..x2`);",
-    );
-    line(
-        "- `relationships`: `[{\"subject\": \"star.2\", \"predicate\": \"inside\", \"object\": \
-         \"square.1\"}, ...]`, naming objects by id, sorted by subject then object.",
-    );
-    if let Some((split, record)) = example {
-        line("");
-        line(&format!("The first record of `{}.jsonl`:", split.name()));
-        line("");
-        line("```json");
-        line(record);
-        line("```");
-    }
-    line("");
-    line(&format!("## Vocabulary (`{}`)", SYNTHETIC.name));
-    line("");
-    line(&format!(
-        "{} object categories, each the shape of its name drawn in its own colour (each channel \
-         jittered by up to {JITTER}) on a dark noisy background; every shape reaches all four sides \
-         of its box:",
-        SYNTHETIC.objects.len()
-    ));
-    line("");
-    line("| category | base colour (RGB) |");
-    line("|---|---|");
-    for (name, (_, [r, g, b])) in SYNTHETIC.objects.iter().zip(SHAPES) {
-        line(&format!("| {name} | {r}, {g}, {b} |"));
-    }
-    line("");
-    line(&format!(
-        "{} predicates, computed from geometry and drawing order for the closest pairs of objects \
-         (by centre distance); a pair gets the first that holds:",
-        SYNTHETIC.predicates.len()
-    ));
-    line("");
-    line("| predicate | holds when | subject |");
-    line("|---|---|---|");
-    for predicate in SYNTHETIC.predicates {
-        let (when, subject) = match *predicate {
-            "inside" => ("one box contains the other".to_string(), "the contained one"),
-            "on" => ("the boxes overlap".to_string(), "the one drawn on top"),
-            "near" => (
-                format!("the gap between the boxes is at most {NEAR} of the side"),
-                "the left one, or the upper one if the pair is more vertical",
-            ),
-            "bigger than" => (
-                format!("one area is at least {BIGGER} times the other"),
-                "the bigger one",
-            ),
-            "left of" => (
-                "the pair is more horizontal than vertical".to_string(),
-                "the left one",
-            ),
-            "above" => ("otherwise".to_string(), "the upper one"),
-            _ => ("see `data.rs`".to_string(), "see `data.rs`"),
-        };
-        line(&format!("| {predicate} | {when} | {subject} |"));
-    }
-    line("");
-    line("## Splits");
-    line("");
-    line(
-        "Train, val and test share one distribution (disjoint seeds); shifted draws from other \
-         statistics to measure out-of-distribution generalization.",
-    );
-    line("");
-    line(
-        "| split | images | objects / image | relations / image | canvas | objects tried | object side \
-         | layout | P(inside) | max overlap | max relations |",
-    );
-    line("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (split, counts) in written {
-        let cfg = split.config();
-        let mean = |n: usize| match counts.samples {
-            0 => "-".to_string(),
-            images => format!("{:.2}", n as f64 / images as f64),
-        };
-        let layout = match cfg.layout {
-            Layout::Uniform => "uniform".to_string(),
-            Layout::Clustered { spread } => {
-                format!("within {:.0}% of the side of a random point", spread * 100.0)
-            }
-        };
-        line(&format!(
-            "| {} | {} | {} | {} | {c}x{c} | {}-{} | {:.0}%-{:.0}% of the side | {layout} | {} | {} | {} |",
-            split.name(),
-            counts.samples,
-            mean(counts.objects),
-            mean(counts.relations),
-            cfg.objects.0,
-            cfg.objects.1,
-            cfg.size.0 * 100.0,
-            cfg.size.1 * 100.0,
-            cfg.inside_prob,
-            cfg.max_overlap,
-            cfg.max_relations,
-            c = cfg.canvas,
-        ));
-    }
-    line("");
-    line("Relations by predicate, as a share of each split's relations:");
-    line("");
-    line(&format!("| split | {} |", SYNTHETIC.predicates.join(" | ")));
-    line(&format!("|---|{}", "---|".repeat(SYNTHETIC.predicates.len())));
-    for (split, counts) in written {
-        let shares: Vec<String> = SYNTHETIC
-            .predicates
-            .iter()
-            .map(|p| match counts.relations {
-                0 => "-".to_string(),
-                total => {
-                    let n = counts.predicates.get(*p).copied().unwrap_or(0);
-                    format!("{:.1}%", 100.0 * n as f64 / total as f64)
-                }
-            })
-            .collect();
-        line(&format!("| {} | {} |", split.name(), shares.join(" | ")));
-    }
-    md
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::synthetic::generate_split;
+    use crate::data::assert_same;
+    use crate::data::scene::Relation;
+    use crate::data::synthetic::{generate, generate_split, Split};
     use crate::util::fs::temp_dir;
     use image::Rgb;
 
@@ -768,31 +422,6 @@ mod tests {
         assert_eq!(load_lines("blank", &["", ok, "   "]).unwrap().len(), 1);
     }
 
-    /// Asserts `loaded` is `written` read back: ids, images, object ids,
-    /// categories, boxes (within 1e-6) and relations.
-    fn assert_same(written: &[Sample], loaded: &[Sample]) {
-        assert_eq!(written.len(), loaded.len());
-        for (a, b) in written.iter().zip(loaded) {
-            assert_eq!(a.id, b.id);
-            assert_eq!(a.image, b.image, "{}: pixels differ", a.id);
-            assert_eq!(a.graph.objects.len(), b.graph.objects.len(), "{}", a.id);
-            for (x, y) in a.graph.objects.iter().zip(&b.graph.objects) {
-                assert_eq!((&x.id, &x.category), (&y.id, &y.category), "{}", a.id);
-                for (u, v) in x.bbox.iter().zip(y.bbox) {
-                    assert!(
-                        (u - v).abs() <= 1e-6,
-                        "{}: {} box {:?} vs {:?}",
-                        a.id,
-                        x.id,
-                        x.bbox,
-                        y.bbox
-                    );
-                }
-            }
-            assert_eq!(a.graph.relations, b.graph.relations, "{}", a.id);
-        }
-    }
-
     #[test]
     fn written_splits_load_back_unchanged() {
         let dir = temp_dir("round_trip");
@@ -913,8 +542,6 @@ mod tests {
         );
         assert!(err.to_string().contains(&*target.to_string_lossy()), "{err}");
         assert!(std::error::Error::source(&err).is_some());
-        let err = write_dataset(&target, &[(Split::Train, 2)], 1).unwrap_err();
-        assert!(matches!(err, DataError::Write { .. }), "{err:?}");
         // A folder where the JSONL file should go: the rename fails.
         let dir2 = dir.join("ok");
         std::fs::create_dir_all(dir2.join("train.jsonl/inner")).unwrap();
@@ -923,46 +550,6 @@ mod tests {
             matches!(&err, DataError::Write { path, .. } if path.ends_with("train.jsonl")),
             "{err:?}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn writes_a_dataset_with_readme_and_previews() {
-        let dir = temp_dir("dataset");
-        let sizes = [
-            (Split::Train, 300),
-            (Split::Val, 3),
-            (Split::Test, 0),
-            (Split::Shifted, 5),
-        ];
-        let paths = write_dataset(&dir, &sizes, 21).unwrap();
-        let names: Vec<PathBuf> = Split::ALL
-            .iter()
-            .map(|s| dir.join(format!("{}.jsonl", s.name())))
-            .collect();
-        assert_eq!(paths, names);
-        for (&(split, count), path) in sizes.iter().zip(&paths) {
-            // Written in chunks, the same as generated at once.
-            assert_same(&generate_split(split, count, 21), &load_jsonl(path).unwrap());
-            let preview = dir.join(format!("preview_{}.png", split.name()));
-            if count > 0 {
-                let img = image::open(&preview).unwrap().to_rgb8();
-                let want = render_preview(&generate_split(split, count.min(16), 21), 4, 2);
-                assert_eq!(img, want);
-            } else {
-                assert!(!preview.exists());
-            }
-        }
-        let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-        for word in SYNTHETIC.objects.iter().chain(SYNTHETIC.predicates) {
-            assert!(readme.contains(&format!("| {word} |")), "{word}");
-        }
-        assert!(readme.contains("seed 21"));
-        assert!(readme.contains("| train | 300 |"), "{readme}");
-        assert!(readme.contains("| shifted | 5 |") && readme.contains("96x96"));
-        assert!(readme.contains("images/val/") && readme.contains("preview_val.png"));
-        assert!(readme.contains("images/test/") && !readme.contains("preview_test.png"));
-        assert!(readme.contains("\"image_id\":\"train-000000\""));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -17,12 +17,12 @@ use super::optim::AdamW;
 use super::sft::{sft, SftConfig};
 use super::{adamw, Hooks, Learner, FORM};
 use crate::cli::{Common, GrpoArgs, LabelSimilarityArg, Preset, SftArgs};
-use crate::data::format::{graph_json, parse_answer};
-use crate::data::jsonl::load_jsonl;
+use crate::data::format::{graph_json, parse_answer, BoxRounding};
 use crate::data::preview::render_preview;
 use crate::data::scene::{covering_vocabulary, SceneGraph, Vocabulary};
+use crate::data::source::{load_samples, DataSource};
 use crate::data::synthetic::{generate_split, Split};
-use crate::data::Sample;
+use crate::data::{BadRows, Sample};
 use crate::eval::{evaluate, predict, EvalSummary};
 use crate::model::tiny_tokenizer::Tokenizer;
 use crate::model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
@@ -93,15 +93,30 @@ impl<'a> Run<'a> {
         let size = cfg.image_size as u32;
         let t0 = Instant::now();
         let resize = |samples: Vec<Sample>| samples.iter().map(|s| s.resized(size, size)).collect();
+        // Files are resized as they are read: a parquet set's full-size
+        // images are never all in memory.
+        let load = |path: &Path, flag: &str| -> Result<Vec<Sample>> {
+            let bad_rows = if common.skip_bad_rows {
+                BadRows::Skip
+            } else {
+                BadRows::Fail
+            };
+            let source = DataSource::resolve(path)?;
+            let (samples, skipped) = load_samples(&source, bad_rows, |s| s.resized(size, size))?;
+            if let Some(first) = &skipped.first {
+                println!(
+                    "{flag}: skipped {} malformed records; the first: {first}",
+                    skipped.count
+                );
+            }
+            non_empty(samples, flag, path)
+        };
         let train: Vec<Sample> = match &common.data {
-            Some(p) => resize(non_empty(load_jsonl(p)?, "--data", p)?),
+            Some(p) => load(p, "--data")?,
             None => resize(generate_split(Split::Train, common.train_size, common.seed)),
         };
         let eval: Vec<(String, Vec<Sample>)> = match &common.eval_data {
-            Some(p) => vec![(
-                p.display().to_string(),
-                resize(non_empty(load_jsonl(p)?, "--eval-data", p)?),
-            )],
+            Some(p) => vec![(p.display().to_string(), load(p, "--eval-data")?)],
             None => [Split::Val, Split::Test, Split::Shifted]
                 .into_iter()
                 .map(|s| {
@@ -129,7 +144,7 @@ impl<'a> Run<'a> {
         let vocab = match common.vocabulary.named() {
             Some(vocab) => vocab,
             None => {
-                // The JSONL files' labels decide; without any, the data is synthetic.
+                // The data files' labels decide; without any, the data is synthetic.
                 let mut graphs: Vec<&SceneGraph> = Vec::new();
                 if common.data.is_some() {
                     graphs.extend(train.iter().map(|s| &s.graph));
@@ -209,6 +224,10 @@ impl<'a> Run<'a> {
             seed: self.common.seed,
             shuffle: args.shuffle,
             objects_only: args.objects_only,
+            rounding: match self.common.data {
+                Some(_) => BoxRounding::Truncate,
+                None => BoxRounding::Nearest,
+            },
         };
         let (mut opt, start, metrics) = self.start("sft", cfg.lr)?;
         let mut hooks = Recorder::new(self, metrics, cfg.steps, 0);

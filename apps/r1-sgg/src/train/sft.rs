@@ -8,7 +8,7 @@ use candle_core::{DType, Result};
 use super::batch::{completion_logprobs, image_batch, token_batch};
 use super::optim::AdamW;
 use super::{clipped_step, pick, progress, Hooks, Learner, MAX_GRAD_NORM};
-use crate::data::format::{answer_text, augment};
+use crate::data::format::{answer_text_with, augment, BoxRounding};
 use crate::data::Sample;
 use crate::model::tiny_tokenizer::EOS;
 use crate::util::rng::Rng;
@@ -27,6 +27,10 @@ pub struct SftConfig {
     /// point of the R1-SGG-Zero setting, a model that has never seen a
     /// relation before GRPO.
     pub objects_only: bool,
+    /// How answer boxes are rounded: truncated, as R1-SGG's SFT target, for
+    /// data read in R1-SGG's layout; to the nearest unit for the demo's
+    /// synthetic scenes.
+    pub rounding: BoxRounding,
 }
 
 /// Supervised fine-tuning on `train` (answers optionally augmented by
@@ -68,7 +72,7 @@ pub fn sft(
                 if cfg.objects_only {
                     graph.relations.clear();
                 }
-                let mut ids = tok.encode(&answer_text(&graph, None));
+                let mut ids = tok.encode(&answer_text_with(&graph, None, cfg.rounding));
                 ids.push(EOS);
                 ids
             })

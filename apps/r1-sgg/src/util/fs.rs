@@ -12,34 +12,95 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Writes `bytes` to `path` through [`temp_path`]: the folder is created if
-/// needed, the temporary file is written and fsynced, renamed over `path`,
-/// and the folder fsynced, so a crash or Ctrl-C at any moment leaves either
-/// the previous file or the new one, never a torn one. The temporary file
-/// is removed on failure.
+/// Writes `bytes` to `path` through an [`AtomicFile`]: a crash or Ctrl-C at
+/// any moment leaves either the previous file or the new one, never a torn
+/// one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes)?;
+    file.commit()
+}
+
+/// A file written in pieces that appears at its path whole or not at all:
+/// writes go to [`temp_path`] (the folder is created if needed), and
+/// [`commit`](Self::commit) fsyncs it, renames it over the path and fsyncs
+/// the folder. Dropped uncommitted (an error midway), the temporary file is
+/// removed and the path keeps its previous file. For files too large to
+/// build in memory first, such as parquet shards.
+#[derive(Debug)]
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    /// `None` once committed.
+    file: Option<fs::File>,
+}
+
+impl AtomicFile {
+    /// Starts writing `path`.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        fs::create_dir_all(folder(path))?;
+        let tmp = temp_path(path);
+        let file = fs::File::create(&tmp)?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    /// Puts the file in place (see the type's docs).
+    pub fn commit(mut self) -> io::Result<()> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let moved = file.sync_all().and_then(|()| {
+            drop(file);
+            fs::rename(&self.tmp, &self.path)
+        });
+        if let Err(e) = moved {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        // Make the rename itself durable. Not possible on every platform; best effort.
+        if let Ok(d) = fs::File::open(folder(&self.path)) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The open temporary file; an error after `commit` (which takes `self`,
+    /// so only reachable through a bug).
+    fn file(&mut self) -> io::Result<&mut fs::File> {
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("write after commit"))
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file()?.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file()?.flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The folder `path` is in (`.` for a bare file name).
+fn folder(path: &Path) -> PathBuf {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir)?;
-    let tmp = temp_path(path);
-    let written = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
     }
-    // Make the rename itself durable. Not possible on every platform; best effort.
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// A fresh, empty folder under the system's temporary folder, unique to
@@ -82,6 +143,31 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.txt"]);
         write_atomically(&dir.join("new/deeper/b.txt"), b"x").unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_atomic_file_appears_whole_on_commit_and_never_otherwise() {
+        let dir = temp_dir("atomic_file");
+        let path = dir.join("shard.bin");
+        write_atomically(&path, b"old").unwrap();
+        let mut file = AtomicFile::create(&path).unwrap();
+        file.write_all(b"new ").unwrap();
+        // Half-written: the old file is still in place.
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        file.write_all(b"contents").unwrap();
+        file.commit().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new contents");
+        // Dropped uncommitted (an error midway): old file kept, temporary gone.
+        let mut file = AtomicFile::create(&path).unwrap();
+        file.write_all(b"partial").unwrap();
+        drop(file);
+        assert_eq!(fs::read(&path).unwrap(), b"new contents");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["shard.bin"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
