@@ -104,7 +104,7 @@ fn load_record(path: &Path, folder: &Path, line: usize, text: &str) -> Result<Sa
 }
 
 /// A list field, written either as a JSON array or as a string holding one.
-fn embedded_list(record: &Value, key: &str) -> Result<Vec<Value>, String> {
+pub(crate) fn embedded_list(record: &Value, key: &str) -> Result<Vec<Value>, String> {
     match record.get(key) {
         Some(Value::Array(items)) => Ok(items.clone()),
         Some(Value::String(s)) => match serde_json::from_str(s) {
@@ -117,7 +117,7 @@ fn embedded_list(record: &Value, key: &str) -> Result<Vec<Value>, String> {
     }
 }
 
-fn read_object(o: &Value, (w, h): (f64, f64)) -> Result<Object, String> {
+pub(crate) fn read_object(o: &Value, (w, h): (f64, f64)) -> Result<Object, String> {
     let id = o
         .get("id")
         .and_then(Value::as_str)
@@ -140,7 +140,7 @@ fn read_object(o: &Value, (w, h): (f64, f64)) -> Result<Object, String> {
     ))
 }
 
-fn read_relation(r: &Value) -> Result<Relation, String> {
+pub(crate) fn read_relation(r: &Value) -> Result<Relation, String> {
     let field = |k: &str| {
         r.get(k).and_then(Value::as_str).ok_or(format!(
             "needs string fields \"subject\", \"predicate\", \"object\"; {k:?} is not"
@@ -230,7 +230,7 @@ fn file_stem(id: &str) -> String {
 
 /// [`file_stem`] made unique among `used` (compared case-insensitively, for
 /// case-insensitive file systems) by a `-2`, `-3`, ... suffix, and recorded.
-fn unique_stem(id: &str, used: &mut HashSet<String>) -> String {
+pub(crate) fn unique_stem(id: &str, used: &mut HashSet<String>) -> String {
     let stem = file_stem(id);
     let mut name = stem.clone();
     let mut k = 1;

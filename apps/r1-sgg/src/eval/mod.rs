@@ -26,6 +26,7 @@ use crate::reward::{hits, IOU_THRESHOLD};
 use crate::train::rollout::generate;
 use crate::train::{progress, FORM};
 
+pub mod r1_sgg;
 pub mod stats;
 
 /// Predictions of greedy decoding on `samples`, `batch` images at a time.
