@@ -595,6 +595,8 @@ EXCLUSION_REASONS = {
     "dangling": "a relation naming an undefined object: it counts nothing here, R1-SGG's "
                 "KeyError zeroes the hard and relaxed edge rewards",
     "whitespace": "whitespace before an id's '.': trimmed here, kept in R1-SGG's label",
+    "raw_gt": "a ground-truth label written uncleaned (PSG's door-stuff): R1-SGG's node rewards "
+              "and soft edge compare it raw with the cleaned prediction; we clean both",
 }
 EVERY_REWARD = ["node_acc", "node_box", "edge_soft", "edge_hard", "edge_relax"]
 
@@ -603,6 +605,8 @@ def reward_exclusions(r, r1):
     """The rewards where our rules differ from R1-SGG's for this answer: reward -> reason code."""
     out = {"format": "format"}
     clean = r1["refine_node_edge"]
+    if any(clean(o["id"]) != o["id"] for o in json.loads(r["gt_objects"])):
+        out.update({n: "raw_gt" for n in ("node_acc", "node_box", "edge_soft")})
     if "json" in r["response"].replace("```json", ""):
         out.update({n: "json" for n in EVERY_REWARD})
     try:
