@@ -267,6 +267,12 @@ impl R1SggEval {
         }
     }
 
+    /// R1-SGG's commit, NLTK's version and WordNet's, whose label maps
+    /// this evaluation uses (`assets/r1_sgg/synonyms.json`).
+    pub fn provenance(&self) -> (&str, &str, &str) {
+        self.synonyms.versions()
+    }
+
     /// The dataset evaluated.
     pub fn dataset(&self) -> Dataset {
         self.dataset

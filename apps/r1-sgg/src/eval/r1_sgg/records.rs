@@ -19,7 +19,11 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use super::{Dataset, Gathered, Prediction, R1SggEval};
-use crate::data::jsonl::unique_stem;
+use crate::data::format::parse_answer;
+use crate::data::jsonl::{embedded_list, read_object, read_relation, unique_stem};
+use crate::data::scene::{SceneGraph, Vocabulary};
+use crate::eval::{EvalSummary, Evaluator};
+use crate::train::FORM;
 use crate::util::fs::write_atomically;
 
 /// One image's answer and ground truth, as R1-SGG's inference script writes it.
@@ -455,20 +459,61 @@ pub fn evaluate_records(
         if !seen.insert(r.image_id.as_str()) {
             anyhow::bail!("image {} has two records", r.image_id);
         }
-        let size = r
-            .size
-            .or_else(|| sizes.get(&r.image_id).copied())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "image {}: no width and height in the record, and none given (--image-sizes)",
-                    r.image_id
-                )
-            })?;
-        let g = eval.gather(&r.response, r.box_scale, size);
+        let g = eval.gather(&r.response, r.box_scale, size_of(r, sizes)?);
         eval.add(&r.image_id, &g, &r.gt_objects, &r.gt_relationships)?;
         gathered.push((r.image_id.clone(), g));
     }
     Ok((eval, gathered))
+}
+
+/// The record's image size, or else the one in `sizes`.
+fn size_of(r: &Record, sizes: &HashMap<String, (f64, f64)>) -> anyhow::Result<(f64, f64)> {
+    r.size.or_else(|| sizes.get(&r.image_id).copied()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "image {}: no width and height in the record, and none given (--image-sizes)",
+            r.image_id
+        )
+    })
+}
+
+/// This crate's stricter evaluation ([`Evaluator`]) of `records`: each
+/// answer read by [`parse_answer`] (boxes in `0..=1000`, so `box_scale`
+/// must be 1000 x 1000), the ground truth normalized by the image size and
+/// checked ([`SceneGraph::check`]); labels outside `vocab` counted.
+pub fn evaluate_strict(
+    records: &[Record],
+    vocab: &Vocabulary,
+    sizes: &HashMap<String, (f64, f64)>,
+) -> anyhow::Result<EvalSummary> {
+    let mut eval = Evaluator::default().with_vocabulary(vocab);
+    for r in records {
+        if r.box_scale != [1000.0, 1000.0] {
+            anyhow::bail!(
+                "image {}: box_scale {:?}; the strict evaluation reads boxes in 0..1000",
+                r.image_id,
+                r.box_scale
+            );
+        }
+        let size = size_of(r, sizes)?;
+        let json = r.to_json();
+        let bad = |e: String| anyhow::anyhow!("image {}: ground truth {e}", r.image_id);
+        let objects = embedded_list(&json, "gt_objects")
+            .map_err(bad)?
+            .iter()
+            .map(|o| read_object(o, size))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let relations = embedded_list(&json, "gt_relationships")
+            .map_err(bad)?
+            .iter()
+            .map(read_relation)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let gt = SceneGraph { objects, relations };
+        gt.check().map_err(bad)?;
+        eval.add_parsed(&parse_answer(&r.response, FORM), &gt);
+    }
+    Ok(eval.summary())
 }
 
 #[cfg(test)]
