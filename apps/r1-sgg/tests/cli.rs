@@ -123,16 +123,16 @@ fn eval_records_scores_saved_answers() {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{fixtures}/expected.json")).unwrap()).unwrap();
     let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    for k in ["20", "50", "100"] {
+    for k in [20u64, 50, 100] {
         let ours = written["summary"]["recall"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|e| e[0].to_string() == k)
+            .find(|e| e[0].as_u64() == Some(k))
             .unwrap()[1]
             .as_f64();
         // Summed in another order than numpy's mean: equal to the last bits.
-        let theirs = expected["summary"]["recall"][k].as_f64().unwrap();
+        let theirs = expected["summary"]["recall"][k.to_string()].as_f64().unwrap();
         assert!(
             (ours.unwrap() - theirs).abs() < 1e-12,
             "R@{k}: {ours:?} vs {theirs}"

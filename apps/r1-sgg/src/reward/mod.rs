@@ -195,8 +195,7 @@ fn edge_score(
             // dict of pairs keeps it.
             EdgeReward::Soft => match (matched.get(&g.0), matched.get(&g.2)) {
                 (Some(&s), Some(&o)) => candidates
-                    .filter(|p| p.0 == s && p.2 == o)
-                    .last()
+                    .rfind(|p| p.0 == s && p.2 == o)
                     .map_or(0.0, |p| product(g, p)),
                 _ => 0.0,
             },

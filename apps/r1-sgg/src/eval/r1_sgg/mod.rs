@@ -15,7 +15,7 @@
 //! cleaned by `refine_node_edge` ([`normalize_label`]); boxes are scaled
 //! from `box_scale` units to the image's pixels. An object's category (the
 //! id before the first `.`) outside the vocabulary is mapped through
-//! R1-SGG's synonym lists and WordNet ([`synonyms`]); objects still outside
+//! R1-SGG's synonym lists and WordNet (`synonyms.rs`); objects still outside
 //! are dropped. A relation is kept when its endpoints name kept objects (by
 //! cleaned id, the first with that id) and its predicate, after
 //! `pass2act_list` (`worn by` becomes `wearing`, subject and object swapped)
