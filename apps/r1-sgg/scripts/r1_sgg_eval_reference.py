@@ -397,7 +397,7 @@ def answer(rng, vocab, gt_objs, gt_rels, w, h, kind):
     if kind in ("extra", "mixed", "ranking"):
         for _ in range(rng.randint(0, 3)):
             objs.append({"label": rng.choice(vocab["objects"]), "box": box_in(rng, 1000, 1000)})
-        for _ in range(rng.randint(1, 4) if kind != "ranking" else rng.randint(20, 45)):
+        for _ in range(rng.randint(1, 4) if kind != "ranking" else rng.randint(45, 70)):
             s, o = rng.sample(range(len(objs)), 2)
             p = rng.choice(vocab["predicates"] + (PREDICATE_OOV if kind == "ranking" else []))
             rels.insert(rng.randrange(len(rels) + 1) if kind != "ranking" else 0, (s, p, o))

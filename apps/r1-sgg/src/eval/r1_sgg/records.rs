@@ -529,6 +529,44 @@ mod tests {
     }
 
     #[test]
+    fn gathered_files_as_r1_sgg_writes_them() {
+        // A kept graph, and a padded image whose dummy box is NaN (R1-SGG's
+        // torch.empty), which only Python's JSON reader takes.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sgg_pred_results.json");
+        std::fs::write(
+            &path,
+            r#"{"1": {"names": ["man.1", "horse.2"], "names_target": ["man", "horse"],
+                "graph": {"pred_boxes": [[0, 0, 9, 9], [20.5, 20, 59, 59]], "pred_boxes_class": [78, 64],
+                          "all_node_pairs": [[0, 1]], "all_relation": [[0, 0, 1, 0]]}},
+                "2": {"names": ["unknown"], "names_target": ["unknown"],
+                "graph": {"pred_boxes": [[NaN, -Infinity, 0, 0]], "pred_boxes_class": [0],
+                          "all_node_pairs": [[0, 0]], "all_relation": [[0.0, 0.0, 0.0, 0.0]]}}}"#,
+        )
+        .unwrap();
+        let back = read_gathered(&path).unwrap();
+        assert_eq!(back["1"].relations, vec![(0, 1, 2)]);
+        assert_eq!(back["1"].boxes[1], [20.5, 20.0, 59.0, 59.0]);
+        assert_eq!(back["2"], Prediction::default());
+        std::fs::write(&path, r#"{"1": {"names": ["a.1"]}}"#).unwrap();
+        assert!(read_gathered(&path).is_err());
+    }
+
+    #[test]
+    fn image_sizes_from_a_dataset_file() {
+        // fixtures/scenes.jsonl names its images: sizes from their headers.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/scenes.jsonl");
+        let sizes = read_image_sizes(Path::new(path)).unwrap();
+        assert!(!sizes.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sizes.jsonl");
+        std::fs::write(&file, "{\"image_id\": 7, \"width\": 640, \"height\": 480}\n\n").unwrap();
+        assert_eq!(read_image_sizes(&file).unwrap()["7"], (640.0, 480.0));
+        std::fs::write(&file, "{\"image_id\": 7}\n").unwrap();
+        assert!(read_image_sizes(&file).is_err());
+    }
+
+    #[test]
     fn records_round_trip_through_a_folder() {
         let dir = tempfile::tempdir().unwrap();
         let records = vec![
