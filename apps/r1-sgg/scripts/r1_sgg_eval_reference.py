@@ -15,8 +15,9 @@ needs and what tests it:
   NLTK's suffix rules. Rust has no WordNet; with these tables `find_synonym_map` gives NLTK's
   answer for every word (see `wordnet_samples.json`).
 - fixtures/r1_sgg_eval/wordnet_samples.json: `find_synonym_map` itself (R1-SGG's function, real
-  NLTK and WordNet) on ~3,000 words and phrases: WordNet forms, inflections, exception-list words,
-  phrases.
+  NLTK and WordNet) against each target set on 2,020 words and phrases: every candidate with a
+  synonym (the targets and their inflections, sampled WordNet forms and their inflections,
+  exception-list words, the synonym lists' sources, phrases) and 800 without.
 - fixtures/r1_sgg_eval/{vg150,psg}/records.jsonl: generated per-image records in the layout
   R1-SGG's inference script writes (`image_id`, `response`, `gt_objects`, `gt_relationships`,
   `box_scale`; plus `width` and `height`, the image size `sgg_gather_preds.py` reads from the
