@@ -87,14 +87,15 @@ pub enum Dataset {
     Psg,
 }
 
-/// Why a record's ground truth cannot be evaluated (R1-SGG's code raises
-/// on these: its datasets never hold them).
+/// Why an image cannot be evaluated: a ground truth R1-SGG's code could not
+/// read either (it raises; its datasets never hold one), or a
+/// [`Prediction`] whose indices do not fit together.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("image {image_id}: ground truth {reason}")]
-pub struct GroundTruthError {
+#[error("image {image_id}: {reason}")]
+pub struct ImageError {
     /// The record's image id.
     pub image_id: String,
-    /// What is wrong.
+    /// What is wrong, naming the ground truth or the prediction.
     pub reason: String,
 }
 
@@ -372,10 +373,10 @@ impl R1SggEval {
     /// Reads a record's ground truth as `MyDataset` does: categories must
     /// be the dataset's classes as written, relations must name objects by
     /// id and use the dataset's predicates.
-    fn truth(&self, image_id: &str, objects: &Value, relations: &Value) -> Result<Truth, GroundTruthError> {
-        let bad = |reason: String| GroundTruthError {
+    fn truth(&self, image_id: &str, objects: &Value, relations: &Value) -> Result<Truth, ImageError> {
+        let bad = |reason: String| ImageError {
             image_id: image_id.to_string(),
-            reason,
+            reason: format!("ground truth {reason}"),
         };
         let objects = json_list(objects).map_err(|e| bad(format!("objects: {e}")))?;
         let relations = json_list(relations).map_err(|e| bad(format!("relationships: {e}")))?;
@@ -457,13 +458,28 @@ impl R1SggEval {
         gathered: &Gathered,
         gt_objects: &Value,
         gt_relationships: &Value,
-    ) -> Result<&ImageScore, GroundTruthError> {
+    ) -> Result<&ImageScore, ImageError> {
         let truth = self.truth(image_id, gt_objects, gt_relationships)?;
         let empty = Prediction::default();
         let (pred, failure) = match gathered {
             Gathered::Failed(reason) => (&empty, Some(reason.clone())),
             Gathered::Graph(p) => (p, None),
         };
+        // A prediction built by hand or read from a file must index itself.
+        let n = pred.names.len();
+        let fits = pred.categories.len() == n
+            && pred.labels.len() == n
+            && pred.boxes.len() == n
+            && pred
+                .relations
+                .iter()
+                .all(|&(s, o, p)| s < n && o < n && p < self.predicates.len());
+        if !fits {
+            return Err(ImageError {
+                image_id: image_id.to_string(),
+                reason: "prediction: its lists differ in length or a relation indexes outside them".into(),
+            });
+        }
         // R1-SGG pads an image without kept objects with one dummy pair
         // (class 0, uninitialized box) that hits nothing, so it counts as 0;
         // one with objects but no kept relation returns early, uncounted.
@@ -958,9 +974,18 @@ mod tests {
         // riding recalled; the other 49 predicates count 0: 1/50.
         assert_eq!(s.mean_recall[0].1, 1.0 / 50.0);
         assert_eq!(s.per_predicate.len(), 50);
-        // A ground truth R1-SGG cannot read is an error, not a panic.
+        // A ground truth R1-SGG cannot read is an error, not a panic; so is
+        // a prediction whose relation points past its objects.
         let bad = json!([{"id": "unicorn.1", "bbox": [0, 0, 1, 1]}]);
         assert!(eval.add("2", &g, &bad, &json!([])).is_err());
+        let mut broken = match g {
+            Gathered::Graph(p) => p,
+            Gathered::Failed(e) => panic!("{e}"),
+        };
+        broken.relations.push((0, 9, 1));
+        assert!(eval
+            .add("3", &Gathered::Graph(broken), &objects, &relations)
+            .is_err());
     }
 
     proptest! {
