@@ -365,13 +365,6 @@ def exclusions(r1, table, gt, objects, relations, kind, raw_gt_labels):
         for name in ("edge_hard", "edge_relax"):
             out.setdefault(name, "relation naming an undefined object: it counts nothing here, "
                                  "R1-SGG's KeyError zeroes the edge reward")
-    per_pair = {}
-    for r in relations:
-        pair = (r1["refine_node_edge"](r["subject"]), r1["refine_node_edge"](r["object"]))
-        per_pair.setdefault(pair, set()).add(r1["refine_node_edge"](r["predicate"]))
-    if any(len(p) > 1 for p in per_pair.values()):
-        out.setdefault("edge_soft", "several predicates on one pair: the best counts here, "
-                                    "R1-SGG keeps the last written")
     return out
 
 

@@ -71,10 +71,60 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Scores saved answers without a model: per-image records as R1-SGG's
+    /// inference script writes them (a folder of `<image_id>.json`, or a
+    /// JSONL file of records), by R1-SGG's own evaluation (failure rate,
+    /// R@20/50/100, mR@K over all predicates, per-predicate recall; the
+    /// numbers of its Table 1) or, with --strict, by this crate's.
+    EvalRecords(EvalRecordsArgs),
     /// Logits of a Hugging Face Qwen2-VL checkpoint for one image and prompt,
     /// with the inputs that produced them, to check a downloaded, converted
     /// or trained model against transformers (`scripts/compare_logits.py`).
     Logits(LogitsArgs),
+}
+
+/// `eval-records` settings.
+#[derive(Args)]
+pub struct EvalRecordsArgs {
+    /// A folder of per-image records (`{"image_id", "response",
+    /// "gt_objects", "gt_relationships", "box_scale"}`, plus optional
+    /// `"width"` and `"height"`) or a JSONL file of them.
+    #[arg(long)]
+    pub records: PathBuf,
+    /// The dataset whose vocabulary and label maps score them.
+    #[arg(long, value_enum)]
+    pub data: DatasetArg,
+    /// Score by this crate's stricter evaluation instead of R1-SGG's:
+    /// every relation as written ranked, ids as written, no synonyms, IoU on
+    /// normalized boxes, mR@K over the predicates present.
+    #[arg(long)]
+    pub strict: bool,
+    /// Image sizes for records without `"width"`/`"height"` (R1-SGG's own
+    /// records): a JSONL file in R1-SGG's data layout, each line an
+    /// `"image_id"` with `"width"` and `"height"` or an `"image"` path.
+    #[arg(long)]
+    pub image_sizes: Option<PathBuf>,
+    /// Score these gathered predictions (`sgg_pred_results.json`, as
+    /// R1-SGG's `sgg_gather_preds.py` writes them) against the records'
+    /// ground truth, instead of the records' answers (no failure rate then).
+    #[arg(long, conflicts_with = "strict")]
+    pub predictions: Option<PathBuf>,
+    /// Write the summary and every image's scores here (JSON).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the gathered predictions here, as `sgg_gather_preds.py` does,
+    /// for R1-SGG's `vg150_eval.py`.
+    #[arg(long, conflicts_with_all = ["strict", "predictions"])]
+    pub write_gathered: Option<PathBuf>,
+}
+
+/// `--data` values of `eval-records`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatasetArg {
+    /// Visual Genome's VG150 (150 objects, 50 predicates).
+    Vg150,
+    /// Panoptic Scene Graph (133 objects, 56 predicates).
+    Psg,
 }
 
 /// `logits` settings.
@@ -426,6 +476,7 @@ pub fn run(cli: Cli) -> Result<()> {
             run.grpo(&grpo)?;
             Ok(())
         }
+        Command::EvalRecords(args) => eval_records(&args),
         Command::Logits(args) => crate::hf::logits::write_logits(
             &args.model,
             &args.image,
@@ -441,6 +492,97 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `eval-records`: reads the records, scores them, prints the metrics and
+/// writes what was asked for.
+fn eval_records(args: &EvalRecordsArgs) -> Result<()> {
+    use crate::eval::r1_sgg::records::{
+        evaluate_records, read_gathered, read_image_sizes, read_records, write_gathered,
+    };
+    use crate::eval::r1_sgg::{Dataset, Gathered, R1SggEval};
+
+    let records = read_records(&args.records).context("reading the records")?;
+    let sizes = match &args.image_sizes {
+        Some(path) => read_image_sizes(path).context("reading --image-sizes")?,
+        None => Default::default(),
+    };
+    let dataset = match args.data {
+        DatasetArg::Vg150 => Dataset::Vg150,
+        DatasetArg::Psg => Dataset::Psg,
+    };
+    if args.strict {
+        let vocab = match dataset {
+            Dataset::Vg150 => VG150,
+            Dataset::Psg => PSG,
+        };
+        let summary = crate::eval::r1_sgg::records::evaluate_strict(&records, &vocab, &sizes)?;
+        let name = args.records.display().to_string();
+        println!(
+            "{}",
+            eval_table(&[("strict", &vec![(name.clone(), summary.clone())])])
+        );
+        if let Some(out) = &args.out {
+            let record = crate::report::summary::eval_record("strict", None, &name, &summary);
+            write(out, &serde_json::to_string_pretty(&record)?)?;
+        }
+        return Ok(());
+    }
+    let (eval, gathered) = match &args.predictions {
+        None => evaluate_records(&records, dataset, &sizes)?,
+        Some(path) => {
+            let predictions = read_gathered(path).context("reading --predictions")?;
+            let mut eval = R1SggEval::new(dataset);
+            for r in &records {
+                let p = predictions.get(&r.image_id).cloned().unwrap_or_default();
+                eval.add(
+                    &r.image_id,
+                    &Gathered::Graph(p),
+                    &r.gt_objects,
+                    &r.gt_relationships,
+                )?;
+            }
+            (eval, Vec::new())
+        }
+    };
+    let s = eval.summary();
+    let (commit, nltk, wordnet) = eval.provenance();
+    println!(
+        "R1-SGG's evaluation ({dataset:?}; its code at {}, synonyms by NLTK {nltk} over WordNet {wordnet}), {} images:",
+        &commit[..7],
+        s.images
+    );
+    if args.predictions.is_none() {
+        println!(
+            "  failure rate {:.2}% ({} of {})",
+            100.0 * s.failure_rate,
+            s.failures,
+            s.images
+        );
+    }
+    let pct = |v: &[(usize, f64)]| {
+        v.iter()
+            .map(|(k, r)| format!("@{k} {:.2}", 100.0 * r))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("  R   {}   ({} images counted)", pct(&s.recall), s.recall_images);
+    println!("  mR  {}", pct(&s.mean_recall));
+    println!(
+        "  triplet recall {:.2}, its mean over predicates {:.2}",
+        100.0 * s.triplet_recall,
+        100.0 * s.triplet_mean_recall
+    );
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({"summary": s, "images": eval.images()});
+        write(out, &serde_json::to_string_pretty(&json)?)?;
+        println!("written to {}", out.display());
+    }
+    if let Some(path) = &args.write_gathered {
+        write_gathered(&eval, &gathered, path)?;
+        println!("gathered predictions written to {}", path.display());
+    }
+    Ok(())
 }
 
 fn demo(common: &Common, sft_args: &SftArgs, grpo_args: &GrpoArgs) -> Result<()> {

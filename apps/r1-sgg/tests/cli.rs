@@ -115,3 +115,104 @@ fn malformed_parquet_rows_are_named_or_skipped_and_counted() {
     args.push("--skip-bad-rows");
     refused(&args, &["zstd.parquet", "ZSTD"]);
 }
+
+/// Runs `r1-sgg args`; returns (success, stdout, stderr).
+fn run_out(args: &[impl AsRef<std::ffi::OsStr>]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_r1-sgg"))
+        .args(args)
+        .current_dir(scratch())
+        .output()
+        .expect("the binary runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn eval_records_scores_saved_answers() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/r1_sgg_eval/vg150");
+    let records = format!("{fixtures}/records.jsonl");
+    let out = scratch().join("eval_records.json");
+    let gathered = scratch().join("sgg_pred_results.json");
+    let (ok, stdout, stderr) = run_out(&[
+        "eval-records",
+        "--records",
+        &records,
+        "--data",
+        "vg150",
+        "--out",
+        out.to_str().unwrap(),
+        "--write-gathered",
+        gathered.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    // R1-SGG's numbers for these records (expected.json, from its own code).
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{fixtures}/expected.json")).unwrap()).unwrap();
+    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for k in [20u64, 50, 100] {
+        let ours = written["summary"]["recall"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e[0].as_u64() == Some(k))
+            .unwrap()[1]
+            .as_f64();
+        // Summed in another order than numpy's mean: equal to the last bits.
+        let theirs = expected["summary"]["recall"][k.to_string()].as_f64().unwrap();
+        assert!(
+            (ours.unwrap() - theirs).abs() < 1e-12,
+            "R@{k}: {ours:?} vs {theirs}"
+        );
+    }
+    let failures = expected["summary"]["failures"].as_u64().unwrap();
+    assert!(stdout.contains(&format!("({failures} of 200)")), "{stdout}");
+    let r_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("R "))
+        .unwrap()
+        .to_string();
+    // The gathered predictions, scored again, give the same recall.
+    let (ok, again, stderr) = run_out(&[
+        "eval-records",
+        "--records",
+        &records,
+        "--data",
+        "vg150",
+        "--predictions",
+        gathered.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(again.contains(&r_line), "{again}");
+    // The strict evaluation of the same records.
+    let (ok, strict, stderr) = run_out(&[
+        "eval-records",
+        "--records",
+        &records,
+        "--data",
+        "vg150",
+        "--strict",
+    ]);
+    assert!(ok && strict.contains("| strict |"), "{strict}{stderr}");
+    // R1-SGG's own records carry no image size: --image-sizes is asked for.
+    let folder = scratch().join("r1_sgg_records");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("7.json"),
+        r#"{"image_id": "7", "response": "", "gt_objects": "[]", "gt_relationships": "[]", "box_scale": [1000.0, 1000.0]}"#,
+    )
+    .unwrap();
+    refused(
+        &[
+            "eval-records",
+            "--records",
+            folder.to_str().unwrap(),
+            "--data",
+            "psg",
+        ],
+        &["image 7", "--image-sizes"],
+    );
+    refused(
+        &["eval-records", "--records", "nowhere.jsonl", "--data", "vg150"],
+        &["nowhere.jsonl"],
+    );
+}

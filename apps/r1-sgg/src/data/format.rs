@@ -23,22 +23,36 @@
 //! fence around the JSON is dropped), so node and edge rewards can score an
 //! answer whose tags are wrong. It is *unparseable* (no graph: an evaluation
 //! failure) when the text is longer than [`MAX_ANSWER_BYTES`], is not JSON,
-//! or is JSON of another shape (an object with `"objects"` and
-//! `"relationships"` arrays, each object a string `"id"` and a `"bbox"` of
-//! four numbers, each relation string `"subject"`, `"predicate"` and
-//! `"object"`). Box numbers are divided by 1000 and clipped to `[0, 1]`,
-//! so any number, however huge, gives a finite box.
+//! or is JSON of another shape (an object with an `"objects"` array, each
+//! object a string `"id"` and a `"bbox"` of four numbers). Box numbers are
+//! divided by 1000 and clipped to `[0, 1]`, so any number, however huge,
+//! gives a finite box.
+//!
+//! When the objects can be read but the relations cannot (no
+//! `"relationships"` array, or a relation without string `"subject"`,
+//! `"predicate"` and `"object"`), the graph holds the objects and no
+//! relation, and the answer is a failure for the evaluation
+//! ([`FormatError::Relations`], [`ParsedAnswer::failed`]): R1-SGG's node
+//! rewards read only the objects and still score them, its edge rewards and
+//! its evaluation fail on the relations.
+//!
+//! **Relations name objects by cleaned id**, as R1-SGG resolves them
+//! (`pred_boxes[refine_node_edge(rel['subject'])]` in `open_r1/grpo.py`,
+//! `names.index(sub)` on cleaned names in `src/sgg_gather_preds.py`): an
+//! endpoint finds the first object whose id equals it after
+//! [`normalize_label`] (`Man.1` finds `man.1`), and is rewritten to that
+//! object's id, so the graph's relations resolve exactly.
 //!
 //! **Format rules** beyond parsing, each an invalid format but a graph that
 //! is still scored: an empty graph (no objects: the public R1-SGG code
-//! rewards it, a bug we do not copy); a duplicated object id (relations
-//! would be ambiguous; the first object with the id is the one they name);
-//! a relation naming an undefined object (the relation is dropped from the
-//! graph, so it counts nothing).
+//! rewards it, a bug we do not copy); two objects whose ids are equal once
+//! cleaned (relations would be ambiguous; the first object with the id is
+//! the one they name); a relation naming an undefined object (the relation
+//! is dropped from the graph, so it counts nothing).
 
 use serde_json::Value;
 
-use crate::data::scene::{category_of, Object, Relation, SceneGraph, Vocabulary};
+use crate::data::scene::{category_of, normalize_label, Object, Relation, SceneGraph, Vocabulary};
 use crate::util::rng::Rng;
 
 /// Box coordinates in the answer are normalized coordinates times this.
@@ -228,9 +242,12 @@ pub enum FormatError {
     Json(String),
     /// The JSON is not a scene graph: what is wrong.
     Schema(String),
+    /// The objects can be read, the relations cannot: what is wrong. The
+    /// graph holds the objects; the answer counts as a failure.
+    Relations(String),
     /// The graph has no objects.
     Empty,
-    /// Two objects share this id.
+    /// Two objects share this id (once cleaned, [`normalize_label`]).
     DuplicateId(String),
     /// A relation names this id, which no object has.
     UndefinedObject(String),
@@ -239,7 +256,8 @@ pub enum FormatError {
 /// What [`parse_answer`] read from a model's output.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedAnswer {
-    /// The graph, or `None` when the output is unparseable.
+    /// The graph, or `None` when the output is unparseable; only the
+    /// objects when its relations cannot be read ([`FormatError::Relations`]).
     pub graph: Option<SceneGraph>,
     /// `Ok` when the output follows every format rule.
     pub format: Result<(), FormatError>,
@@ -251,9 +269,10 @@ impl ParsedAnswer {
         self.format.is_ok()
     }
 
-    /// Whether no graph could be read (an evaluation failure).
+    /// Whether no whole graph could be read (an evaluation failure): none
+    /// at all, or objects without readable relations.
     pub fn failed(&self) -> bool {
-        self.graph.is_none()
+        self.graph.is_none() || matches!(self.format, Err(FormatError::Relations(_)))
     }
 }
 
@@ -342,39 +361,69 @@ fn read_graph(json: &str) -> Result<(SceneGraph, Option<FormatError>), FormatErr
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut relations = list("relationships")?
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            read_relation(r).ok_or_else(|| {
-                schema(format!(
-                    "relationships[{i}] needs string \"subject\", \"predicate\" and \"object\""
-                ))
+    // Unreadable relations leave the objects scoreable (R1-SGG's node rewards).
+    let relations = list("relationships").map_err(|e| match e {
+        FormatError::Schema(reason) => FormatError::Relations(reason),
+        other => other,
+    });
+    let relations = relations.and_then(|items| {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                read_relation(r).ok_or_else(|| {
+                    FormatError::Relations(format!(
+                        "relationships[{i}] needs string \"subject\", \"predicate\" and \"object\""
+                    ))
+                })
             })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let (relations, unreadable) = match relations {
+        Ok(r) => (r, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
 
     let mut problem = None;
-    let mut ids = std::collections::HashSet::new();
-    for o in &objects {
-        if !ids.insert(o.id.as_str()) && problem.is_none() {
-            problem = Some(FormatError::DuplicateId(o.id.clone()));
+    // Cleaned id -> the first object with it.
+    let mut by_clean_id = std::collections::HashMap::new();
+    for (i, o) in objects.iter().enumerate() {
+        match by_clean_id.entry(normalize_label(&o.id)) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(i);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                problem = problem.or(Some(FormatError::DuplicateId(o.id.clone())));
+            }
         }
     }
-    let undefined = |r: &Relation| {
-        [&r.subject, &r.object]
-            .into_iter()
-            .find(|id| !ids.contains(id.as_str()))
-            .cloned()
+    let resolve = |id: &str| {
+        by_clean_id
+            .get(&normalize_label(id))
+            .map(|&i| objects[i].id.clone())
     };
-    if let Some(id) = relations.iter().find_map(undefined) {
-        problem = problem.or(Some(FormatError::UndefinedObject(id)));
+    let mut resolved = Vec::with_capacity(relations.len());
+    for r in relations {
+        match (resolve(&r.subject), resolve(&r.object)) {
+            (Some(subject), Some(object)) => resolved.push(Relation { subject, object, ..r }),
+            (s, _) => {
+                let missing = if s.is_none() { r.subject } else { r.object };
+                problem = problem.or(Some(FormatError::UndefinedObject(missing)));
+            }
+        }
     }
-    relations.retain(|r| undefined(r).is_none());
     if objects.is_empty() {
         problem = Some(FormatError::Empty);
     }
-    Ok((SceneGraph { objects, relations }, problem))
+    // Unreadable relations make a failure, whatever else is wrong.
+    let problem = unreadable.or(problem);
+    Ok((
+        SceneGraph {
+            objects,
+            relations: resolved,
+        },
+        problem,
+    ))
 }
 
 fn read_object(o: &Value) -> Option<Object> {
@@ -588,6 +637,23 @@ mod tests {
         let p = parse(&format!(r#"{{"objects":[{obj},{obj}],"relationships":[]}}"#));
         assert_eq!(p.format, Err(FormatError::DuplicateId("a.1".into())));
         assert_eq!(p.graph.unwrap().objects.len(), 2);
+        // Ids are compared cleaned: A_1 and a-1 are one id.
+        let p = parse(
+            r#"{"objects":[{"id":"A.1","bbox":[0,0,1,1]},{"id":" a.1","bbox":[0,0,1,1]}],"relationships":[]}"#,
+        );
+        assert_eq!(p.format, Err(FormatError::DuplicateId(" a.1".into())));
+
+        // Endpoints resolve after cleaning, to the first object with the
+        // cleaned id, and are written as that object's id.
+        let p = parse(
+            r#"{"objects":[{"id":"Man.1","bbox":[0,0,1,1]},{"id":"tennis racket.2","bbox":[0,0,1,1]}],
+            "relationships":[{"subject":"MAN.1","predicate":"holding","object":"tennis_racket.2"}]}"#,
+        );
+        assert_eq!(p.format, Ok(()));
+        assert_eq!(
+            p.graph.unwrap().relations,
+            vec![Relation::new("Man.1", "holding", "tennis racket.2")]
+        );
 
         let p = parse(&format!(
             r#"{{"objects":[{obj}],"relationships":[{{"subject":"a.1","predicate":"on","object":"b.2"}},{{"subject":"a.1","predicate":"on","object":"a.1"}}]}}"#
@@ -605,7 +671,6 @@ mod tests {
             "[]",
             "null",
             r#""objects""#,
-            r#"{"objects":[]}"#,
             r#"{"relationships":[]}"#,
             r#"{"objects":{},"relationships":[]}"#,
             r#"{"objects":[{"id":1,"bbox":[0,0,1,1]}],"relationships":[]}"#,
@@ -616,16 +681,34 @@ mod tests {
             r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1e999]}],"relationships":[]}"#,
             r#"{"objects":[{"id":"a.1"}],"relationships":[]}"#,
             r#"{"objects":["a.1"],"relationships":[]}"#,
-            r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1]}],"relationships":[{"subject":"a.1","object":"a.1"}]}"#,
-            r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1]}],"relationships":[{"subject":"a.1","predicate":3,"object":"a.1"}]}"#,
         ];
         for json in unparseable {
             let p = parse(json);
-            assert!(p.failed() && !p.is_valid(), "{json}: {p:?}");
+            assert!(p.failed() && !p.is_valid() && p.graph.is_none(), "{json}: {p:?}");
             assert!(
                 matches!(p.format, Err(FormatError::Json(_) | FormatError::Schema(_))),
                 "{json}"
             );
+        }
+        // Objects readable, relations not: the objects are kept (R1-SGG's
+        // node rewards score them), the answer is a failure.
+        let relations_unreadable = [
+            r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1]}]}"#,
+            r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1]}],"relationships":{}}"#,
+            r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1]}],"relationships":[{"subject":"a.1","object":"a.1"}]}"#,
+            r#"{"objects":[{"id":"a.1","bbox":[0,0,1,1]}],"relationships":[{"subject":"a.1","predicate":3,"object":"a.1"}]}"#,
+            r#"{"objects":[],"relationships":[1]}"#,
+            r#"{"objects":[]}"#,
+        ];
+        for json in relations_unreadable {
+            let p = parse(json);
+            assert!(p.failed() && !p.is_valid(), "{json}: {p:?}");
+            assert!(
+                matches!(p.format, Err(FormatError::Relations(_))),
+                "{json}: {p:?}"
+            );
+            let g = p.graph.unwrap();
+            assert!(g.relations.is_empty() && g.objects.len() <= 1, "{json}");
         }
 
         // Huge, negative and fractional numbers are clipped into the image.

@@ -149,7 +149,7 @@ pub(super) fn file_stem(id: &str) -> String {
 
 /// [`file_stem`] made unique among `used` (compared case-insensitively, for
 /// case-insensitive file systems) by a `-2`, `-3`, ... suffix, and recorded.
-fn unique_stem(id: &str, used: &mut HashSet<String>) -> String {
+pub(crate) fn unique_stem(id: &str, used: &mut HashSet<String>) -> String {
     let stem = file_stem(id);
     let mut name = stem.clone();
     let mut k = 1;

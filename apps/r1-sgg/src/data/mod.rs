@@ -23,7 +23,7 @@ pub mod format;
 pub mod jsonl;
 pub mod parquet;
 pub mod preview;
-mod record;
+pub(crate) mod record;
 pub mod scene;
 pub mod source;
 pub mod synthetic;

@@ -188,7 +188,7 @@ pub fn normalize_label(label: &str) -> String {
 
 /// Python's `str.isspace`: Unicode's `White_Space` and the four separator
 /// controls `\x1c..=\x1f`, which Python counts as whitespace and Rust does not.
-fn is_python_space(c: char) -> bool {
+pub(crate) fn is_python_space(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 

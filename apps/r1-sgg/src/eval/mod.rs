@@ -10,6 +10,13 @@
 //! similarity ([`crate::reward::SpacyTable`]).
 //! [`stats::RelativeGain`] compares two checkpoints' recall on the same images,
 //! image by image, with a 95% interval.
+//!
+//! This evaluation is the stricter one. [`r1_sgg`] reproduces R1-SGG's own
+//! (`sgg_gather_preds.py` and `vg150_eval.py`), which sets results beside
+//! the paper's: it leaves out images without a usable relation, filters
+//! relations to the vocabulary before ranking, maps labels through synonym
+//! lists, and takes IoU on pixel boxes with the +1-pixel convention (its
+//! module docs list every difference).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -26,6 +33,7 @@ use crate::reward::{hits, IOU_THRESHOLD};
 use crate::train::rollout::generate;
 use crate::train::{progress, FORM};
 
+pub mod r1_sgg;
 pub mod stats;
 
 /// Predictions of greedy decoding on `samples`, `batch` images at a time.
@@ -160,10 +168,12 @@ impl Evaluator {
         }
     }
 
-    /// Adds a parsed output and its ground truth.
+    /// Adds a parsed output and its ground truth; an output whose graph is
+    /// not whole ([`ParsedAnswer::failed`]: objects without readable
+    /// relations) is a failure.
     pub fn add_parsed(&mut self, parsed: &ParsedAnswer, gt: &SceneGraph) {
         self.invalid += usize::from(!parsed.is_valid());
-        self.add(parsed.graph.as_ref(), gt);
+        self.add(parsed.graph.as_ref().filter(|_| !parsed.failed()), gt);
     }
 
     /// Adds a predicted graph (`None`: unparseable) and its ground truth.
