@@ -105,7 +105,7 @@ fn sft_step(c: &mut Criterion) {
             lr: 1e-5,
             ..Default::default()
         };
-        let mut opt = AdamW::new(&qwen.vars, params).expect("an optimizer");
+        let mut opt = AdamW::new(&qwen.vars, params, |_| true, false).expect("an optimizer");
         let mut step = || {
             let lp = qwen
                 .model

@@ -4,6 +4,7 @@
 //!
 //! - [`scene`]: objects with boxes, relation triplets, vocabularies, box geometry;
 //! - [`format`](mod@format): the prompt, the answer text, and parsing a model's answer;
+//! - [`prompt`]: R1-SGG's chat prompts and SFT target, for a chat model (Qwen2-VL);
 //! - [`synthetic`]: the demo's generated scenes and their splits;
 //! - [`jsonl`]: reading and writing R1-SGG's layout;
 //! - [`preview`]: a grid of images with their boxes, to look at.
@@ -17,6 +18,7 @@ use scene::SceneGraph;
 pub mod format;
 pub mod jsonl;
 pub mod preview;
+pub mod prompt;
 pub mod scene;
 pub mod synthetic;
 
