@@ -124,6 +124,20 @@ impl QwenPolicy {
             .map_err(|e| candle_core::Error::Msg(format!("sample {}: {e}", sample.id)))
     }
 
+    /// The processed prompts of `samples`.
+    fn prompts(&self, samples: &[&Sample]) -> Result<Vec<ProcessorOutput>> {
+        samples.iter().map(|s| self.prompt(s)).collect()
+    }
+
+    /// The prompts of `samples` as generation prefills them: left-padded,
+    /// with the attention mask, every image's pixels and grid (to run
+    /// another implementation on the very same inputs).
+    pub fn prompt_inputs(&self, samples: &[&Sample]) -> Result<Inputs> {
+        let prompts = self.prompts(samples)?;
+        let rows: Vec<usize> = (0..prompts.len()).collect();
+        Ok(self.batch(&prompts, &rows, &[], true)?.inputs)
+    }
+
     /// Every image of `prompts` as `pixel_values` `[patches, patch_dim]` in
     /// the model's dtype, and their grids, in order.
     fn pixels<'p>(
@@ -208,10 +222,7 @@ impl QwenPolicy {
         sampling: &SamplingConfig,
         share_prompt: bool,
     ) -> Result<Vec<Vec<u32>>> {
-        let prompts = samples
-            .iter()
-            .map(|s| self.prompt(s))
-            .collect::<Result<Vec<_>>>()?;
+        let prompts = self.prompts(samples)?;
         let rows: Vec<usize> = if share_prompt {
             (0..prompts.len()).collect()
         } else {
@@ -367,10 +378,7 @@ impl Policy for QwenPolicy {
             }
             rows.push(unique.len() - 1);
         }
-        let prompts = unique
-            .iter()
-            .map(|s| self.prompt(s))
-            .collect::<Result<Vec<_>>>()?;
+        let prompts = self.prompts(&unique)?;
         // At least one completion column, so that the slice below is never empty.
         let mut padded = completions.to_vec();
         if padded.iter().all(Vec::is_empty) {
