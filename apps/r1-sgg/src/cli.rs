@@ -435,6 +435,12 @@ pub struct GrpoArgs {
     /// --model (R1-SGG's).
     #[arg(long, value_parser = at_least(1))]
     pub prompts: Option<usize>,
+    /// Prompts whose completions are generated in one batch (their
+    /// prompt caches and G completions each decoded together). Default:
+    /// all of a step's prompts; 8 with --model (64 rows: larger batches
+    /// decode faster on a GPU while their KV cache fits).
+    #[arg(long, value_parser = at_least(1))]
+    pub rollout_prompts: Option<usize>,
     /// Peak GRPO learning rate. Default: 1e-4 after a warmup over 10% of
     /// the steps; 6e-7 with --model, decaying linearly to 0 (R1-SGG's).
     #[arg(long, value_parser = positive::<f64>)]

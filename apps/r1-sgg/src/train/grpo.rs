@@ -61,9 +61,12 @@ pub struct GrpoConfig {
     pub steps: usize,
     /// Images per step.
     pub prompts: usize,
-    /// Micro-batches per step (`prompts` divided evenly): each generates,
-    /// runs forward and backward alone, and their gradients add up.
+    /// Micro-batches per step (`prompts` divided evenly): each runs
+    /// forward and backward alone, and their gradients add up.
     pub accumulate: usize,
+    /// Prompts whose completions are generated in one batch (`prompts` of
+    /// a step in chunks of this many; at least 1).
+    pub rollout_prompts: usize,
     /// Completions per image (`G`).
     pub group: usize,
     pub max_new: usize,
@@ -107,6 +110,7 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
         steps,
         prompts: 4,
         accumulate: 1,
+        rollout_prompts: 4,
         group: 8,
         max_new: 160,
         inner_steps: 1,
@@ -156,12 +160,12 @@ struct Rollout<'s> {
 /// GRPO on `train`, steps `start..steps` with `opt`; each step's mean
 /// rewards, loss statistics, completion length and time go to `hooks`.
 ///
-/// A step draws `prompts` images and splits them into `accumulate`
-/// micro-batches. Each micro-batch samples `group` completions per image
-/// (the sampler keyed by the step and micro-batch), scores them, and
-/// normalizes the rewards within each image's group; then, `inner_steps`
-/// times, every micro-batch's policy loss runs forward and backward, and
-/// one optimizer step takes the mean of their gradients (each micro-batch's
+/// A step draws `prompts` images and samples `group` completions of each,
+/// `rollout_prompts` images per generation batch (the sampler keyed by the
+/// step and the batch). It scores them and normalizes the rewards within
+/// each image's group; then, `inner_steps` times, the policy loss of each
+/// of `accumulate` micro-batches runs forward and backward, and one
+/// optimizer step takes the mean of their gradients (each micro-batch's
 /// loss divided by `accumulate`, as TRL's gradient accumulation and
 /// data-parallel averaging do).
 pub fn grpo(
@@ -178,6 +182,9 @@ pub fn grpo(
             cfg.prompts,
             cfg.accumulate
         );
+    }
+    if cfg.rollout_prompts == 0 {
+        candle_core::bail!("GRPO: rollouts of 0 prompts");
     }
     let micro = cfg.prompts / cfg.accumulate;
     let device = policy.device().clone();
@@ -201,15 +208,22 @@ pub fn grpo(
             .map(|_| &train[pick(&mut rng, train.len())])
             .collect();
 
-        // Completions and advantages of every micro-batch, sampled by the
-        // policy before this step's update.
-        let mut rollouts = Vec::with_capacity(cfg.accumulate);
-        for (k, prompts) in batch.chunks(micro).enumerate() {
+        // Completions of the whole step, sampled by the policy before this
+        // step's update, `rollout_prompts` prompts at a time (the sampler
+        // keyed by the step and the chunk).
+        let chunks = batch.len().div_ceil(cfg.rollout_prompts);
+        let mut all = Vec::with_capacity(batch.len() * cfg.group);
+        for (k, prompts) in batch.chunks(cfg.rollout_prompts).enumerate() {
             let sampling = SamplingConfig {
-                step: (step * cfg.accumulate + k) as u64,
+                step: (step * chunks + k) as u64,
                 ..cfg.sampling
             };
-            let completions = policy.generate(prompts, cfg.group, cfg.max_new, &sampling)?;
+            all.extend(policy.generate(prompts, cfg.group, cfg.max_new, &sampling)?);
+        }
+        // Each micro-batch's rewards and advantages.
+        let mut rollouts = Vec::with_capacity(cfg.accumulate);
+        for (prompts, completions) in batch.chunks(micro).zip(all.chunks(micro * cfg.group)) {
+            let completions = completions.to_vec();
             let samples: Vec<&Sample> = prompts
                 .iter()
                 .flat_map(|s| std::iter::repeat_n(*s, cfg.group))

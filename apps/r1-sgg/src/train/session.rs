@@ -366,6 +366,7 @@ impl<'a> Run<'a> {
         cfg.group = args.group;
         cfg.prompts = args.prompts.unwrap_or(self.pick(4, 32));
         cfg.accumulate = self.common.accumulate.unwrap_or(self.pick(1, 32));
+        cfg.rollout_prompts = args.rollout_prompts.unwrap_or(self.pick(cfg.prompts, 8));
         cfg.lr = args.grpo_lr.unwrap_or(self.pick(1e-4, 6e-7));
         cfg.schedule = self.pick(cfg.schedule, Schedule::WarmupLinear { warmup: 0.0 });
         cfg.max_grad_norm = self.common.max_grad_norm.unwrap_or(MAX_GRAD_NORM);
