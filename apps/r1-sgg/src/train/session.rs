@@ -3,7 +3,7 @@
 //! hooks that record metrics, save checkpoints and stop on Ctrl-C.
 //!
 //! **Defaults by model.** A flag left unset takes the demo's value for the
-//! demo's model and R1-SGG's for a real one ([`Run::real`]): learning rates,
+//! demo's model and R1-SGG's for a Hugging Face one (`--model`): learning rates,
 //! schedules, batch sizes, accumulation, gradient clipping, loss, KL,
 //! temperature, reward weights, completion length, image size and prompts
 //! (each flag's help names both).
