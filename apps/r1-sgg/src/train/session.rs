@@ -142,7 +142,7 @@ impl<'a> Run<'a> {
             }
         };
         let model = match (tiny_size, &common.hf.model) {
-            (Some((tok, cfg)), _) => {
+            (Some((tok, cfg)), None) => {
                 let mut vars = VarMap::new();
                 let model = Vlm::new(&cfg, SeededVars::builder(&vars, common.seed, &device))?;
                 if let Some(ckpt) = &common.init {
@@ -155,7 +155,7 @@ impl<'a> Run<'a> {
                     tok,
                 }))
             }
-            (None, Some(dir)) => {
+            (_, Some(dir)) => {
                 let hf = &common.hf;
                 let options = QwenOptions {
                     dtype: hf.dtype.into(),
@@ -180,7 +180,7 @@ impl<'a> Run<'a> {
                     .with_context(|| format!("--model {}", dir.display()))?;
                 Model::Qwen(Box::new(policy))
             }
-            (None, None) => unreachable!("the demo's model is built without --model"),
+            (None, None) => bail!("no model: the demo's is built unless --model names one"),
         };
         let run = Self {
             common,
