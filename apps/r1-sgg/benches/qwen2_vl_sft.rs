@@ -134,7 +134,7 @@ fn sft_step(c: &mut Criterion) {
             lr: 1e-5,
             ..Default::default()
         };
-        let mut opt = AdamW::new(&vars, params).expect("an optimizer");
+        let mut opt = AdamW::new(&vars, params, |_| true, false).expect("an optimizer");
         let mut step = || {
             let lp = model
                 .token_logprobs(&input, Some(&mask), &cfg)

@@ -13,9 +13,8 @@ use crate::data::scene::{Vocabulary, PSG, SYNTHETIC, VG150};
 use crate::data::synthetic::Split;
 use crate::report::summary::{eval_table, recall_gains, write};
 use crate::reward::{EdgeReward, RewardWeights};
-use crate::train::checkpoint;
 use crate::train::grpo::LossVariant;
-use crate::train::session::Run;
+use crate::train::session::{Run, Stage};
 
 #[derive(Parser)]
 #[command(about = "R1-SGG: scene graphs by SFT then GRPO, on candle with grpo-kernels")]
@@ -185,6 +184,20 @@ pub struct Common {
     /// Output folder (checkpoints, metrics, charts, summary).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
+    /// The Hugging Face Qwen2-VL model to train or evaluate, and how.
+    #[command(flatten)]
+    pub hf: HfArgs,
+    /// Micro-batches per optimizer step: SFT's --batch and GRPO's --prompts
+    /// are split evenly, each part runs forward and backward alone and the
+    /// gradients add up. Default: 1; 32 with --model (R1-SGG's 32 devices:
+    /// SFT 128 samples as 32 x 4, GRPO 32 prompts as 32 x 1 prompt's 8
+    /// completions).
+    #[arg(long, value_parser = at_least(1))]
+    pub accumulate: Option<usize>,
+    /// Gradients are clipped to this global L2 norm. Default: 1.0; SFT with
+    /// --model 0.3 (R1-SGG's).
+    #[arg(long, value_parser = positive::<f64>)]
+    pub max_grad_norm: Option<f64>,
     /// Checkpoint to start from (`*.safetensors`, with its `model.json` and
     /// `tokenizer.json` beside it).
     #[arg(long)]
@@ -220,9 +233,10 @@ pub struct Common {
     pub device: DeviceArg,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Longest answer generated, in tokens.
-    #[arg(long, default_value_t = 160, value_parser = at_least(1))]
-    pub max_new: usize,
+    /// Longest answer generated, in tokens. Default: 160; with --model
+    /// 1024 in GRPO and 2048 in evaluation (R1-SGG's).
+    #[arg(long, value_parser = at_least(1))]
+    pub max_new: Option<usize>,
     /// Cosine basis functions of the box-coordinate tokens' smooth part (0: none).
     #[arg(long, default_value_t = 64)]
     pub number_basis: usize,
@@ -238,6 +252,58 @@ pub struct Common {
     /// most of the data files' labels (synthetic without --data or --eval-data).
     #[arg(long, value_enum, default_value = "auto")]
     pub vocabulary: VocabularyArg,
+}
+
+/// The Hugging Face model flags (`--model` and what goes with it).
+#[derive(Args)]
+pub struct HfArgs {
+    /// A Hugging Face Qwen2-VL model directory (the Hub's layout or
+    /// `save_pretrained`'s) to train or evaluate instead of the demo's
+    /// model, with R1-SGG's prompts and, unless given, R1-SGG's settings.
+    /// Checkpoints are written in the same layout (`<out>/sft/`,
+    /// `<out>/grpo/`, with the optimizer state as
+    /// `trainer_state.safetensors`): pass one as --model to the next stage.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// With --model: the weights' dtype (f32 optimizer moments either way).
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: DtypeArg,
+    /// With --model: f32 master copies of bf16 weights, updated by AdamW
+    /// and rounded into the weights (4 more bytes per parameter). Without
+    /// them, updates below half a bf16 ulp of a weight are lost.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub master_weights: bool,
+    /// With --model: the processor's largest image in pixels. Default:
+    /// R1-SGG's, 512*28*28 in GRPO and 1024*28*28 in SFT and evaluation.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(3136..))]
+    pub max_pixels: Option<u64>,
+    /// With --model: ask for the scene graph in any vocabulary (`open`,
+    /// R1-SGG's default) or in the data's (`closed`, R1-SGG's
+    /// `--use_predefined_cats`).
+    #[arg(long, value_enum, default_value = "open")]
+    pub prompt: PromptArg,
+    /// With --model: the system prompt. Default: R1-SGG's, `think` in GRPO,
+    /// `plain` in SFT and evaluation.
+    #[arg(long, value_enum)]
+    pub system_prompt: Option<crate::data::prompt::SystemPrompt>,
+    /// With --model: train the decoder only (the vision tower's output is
+    /// detached and its weights get no optimizer state).
+    #[arg(long)]
+    pub freeze_vision: bool,
+    /// With --model: recompute each decoder layer and vision block in the
+    /// backward pass instead of keeping its activations (R1-SGG's
+    /// `--gradient_checkpointing`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub checkpointing: bool,
+}
+
+/// `--prompt` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptArg {
+    /// R1-SGG's `PROMPT_SG`.
+    Open,
+    /// R1-SGG's closed-vocabulary prompt over the data's vocabulary.
+    Closed,
 }
 
 /// `--vocabulary` values.
@@ -275,19 +341,42 @@ pub enum LabelSimilarityArg {
 pub struct SftArgs {
     #[arg(long, default_value_t = 2400)]
     pub sft_steps: usize,
-    /// SFT batch size.
-    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
-    pub batch: usize,
-    #[arg(long, default_value_t = 3e-3, value_parser = positive::<f64>)]
-    pub sft_lr: f64,
-    /// Answers with objects and relations shuffled and renumbered
-    /// (R1-SGG's augmentation); else in reading order (top to bottom).
-    #[arg(long)]
+    /// SFT samples per optimizer step (split by --accumulate). Default: 16;
+    /// 128 with --model (R1-SGG's).
+    #[arg(long, value_parser = at_least(1))]
+    pub batch: Option<usize>,
+    /// Peak SFT learning rate. Default: 3e-3 (warmup over 5%, cosine decay
+    /// to 10%); 1e-5 with --model (R1-SGG's: warmup over 5%, then linear
+    /// decay to 0).
+    #[arg(long, value_parser = positive::<f64>)]
+    pub sft_lr: Option<f64>,
+    /// Answers with objects and relations shuffled and renumbered; else
+    /// in reading order (top to bottom). Same as `--augment always`.
+    #[arg(long, conflicts_with = "augment")]
     pub shuffle: bool,
+    /// How answers are varied: `none`, `always` (objects and relations
+    /// shuffled, objects renumbered), or `r1-sgg` (R1-SGG's: from a
+    /// sample's second visit, with probability 0.5, the objects shuffled and
+    /// renumbered). Default: none; r1-sgg with --model.
+    #[arg(long, value_enum)]
+    pub augment: Option<AugmentArg>,
+    /// Which tokens the SFT loss covers: `answer` (the answer and its end
+    /// token) or `all` (R1-SGG's: the whole chat but padding and image
+    /// tokens, the prompt included).
+    #[arg(long, value_enum, default_value = "answer")]
+    pub sft_loss_on: crate::train::policy::LossOn,
     /// Train to list the objects only (the R1-SGG-Zero starting point:
     /// then `grpo --init` from this checkpoint).
     #[arg(long)]
     pub objects_only: bool,
+}
+
+/// `--augment` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AugmentArg {
+    None,
+    Always,
+    R1Sgg,
 }
 
 /// `--edge-reward` values.
@@ -391,32 +480,41 @@ fn parse_weights(text: &str) -> Result<RewardWeights, String> {
 pub struct GrpoArgs {
     #[arg(long, default_value_t = 150)]
     pub grpo_steps: usize,
-    /// Loss normalization: GRPO, BNPO, Dr. GRPO or DAPO.
-    #[arg(long, value_enum, default_value = "grpo")]
-    pub loss: LossVariant,
+    /// Loss normalization: GRPO, BNPO, Dr. GRPO or DAPO. Default: grpo;
+    /// bnpo with --model (R1-SGG's).
+    #[arg(long, value_enum)]
+    pub loss: Option<LossVariant>,
     /// Optimizer steps per batch of completions (mu).
     #[arg(long, default_value_t = 1, value_parser = at_least(1))]
     pub inner_steps: usize,
-    /// KL coefficient to the starting model (k3 estimator). R1-SGG uses 0;
-    /// the example uses 0.04 (TRL's former default): without it the tiny
-    /// model's GRPO drifts to shorter answers with fewer objects, and loses
-    /// recall.
-    #[arg(long, default_value_t = 0.04, value_parser = non_negative::<f32>)]
-    pub beta: f32,
+    /// KL coefficient to the starting model (k3 estimator). R1-SGG uses 0
+    /// (the default with --model); the demo uses 0.04 (TRL's former
+    /// default): without it the tiny model's GRPO drifts to shorter answers
+    /// with fewer objects, and loses recall.
+    #[arg(long, value_parser = non_negative::<f32>)]
+    pub beta: Option<f32>,
     /// Completions per image (G).
     #[arg(long, default_value_t = 8, value_parser = at_least(2))]
     pub group: usize,
-    /// Images per GRPO step.
-    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
-    pub prompts: usize,
-    /// Peak GRPO learning rate (after a warmup over 10% of the steps).
-    #[arg(long, default_value_t = 1e-4, value_parser = positive::<f64>)]
-    pub grpo_lr: f64,
-    /// Sampling temperature of the completions. R1-SGG samples at 1.0; the
-    /// tiny model's flatter distributions fail the format check in most samples
-    /// there, so the example samples at 0.6.
-    #[arg(long, default_value_t = 0.6, value_parser = positive::<f32>)]
-    pub temperature: f32,
+    /// Images per GRPO step (split by --accumulate). Default: 4; 32 with
+    /// --model (R1-SGG's).
+    #[arg(long, value_parser = at_least(1))]
+    pub prompts: Option<usize>,
+    /// Prompts whose completions are generated in one batch (their
+    /// prompt caches and G completions each decoded together). Default:
+    /// all of a step's prompts; 8 with --model (64 rows: larger batches
+    /// decode faster on a GPU while their KV cache fits).
+    #[arg(long, value_parser = at_least(1))]
+    pub rollout_prompts: Option<usize>,
+    /// Peak GRPO learning rate. Default: 1e-4 after a warmup over 10% of
+    /// the steps; 6e-7 with --model, decaying linearly to 0 (R1-SGG's).
+    #[arg(long, value_parser = positive::<f64>)]
+    pub grpo_lr: Option<f64>,
+    /// Sampling temperature of the completions. R1-SGG samples at 1.0 (the
+    /// default with --model); the tiny model's flatter distributions fail
+    /// the format check in most samples there, so the demo samples at 0.6.
+    #[arg(long, value_parser = positive::<f32>)]
+    pub temperature: Option<f32>,
     /// Edge reward: hard recall, hard + relaxed labels, or soft (R1-SGG: hard).
     #[arg(long, value_enum, default_value = "hard")]
     pub edge_reward: EdgeRewardArg,
@@ -426,11 +524,11 @@ pub struct GrpoArgs {
     #[arg(long, value_enum, default_value = "spacy")]
     pub label_similarity: LabelSimilarityArg,
     /// Reward weights `format,node,edge` (0 turns one off). R1-SGG weighs
-    /// 1,2,5; the tiny model's commonest fault is an id copied wrong into a
-    /// relation (an invalid answer, the relation lost), so the example
-    /// weighs the format 3.
-    #[arg(long, value_parser = parse_weights, default_value = "3,2,5")]
-    pub reward_weights: RewardWeights,
+    /// 1,2,5 (the default with --model); the tiny model's commonest fault
+    /// is an id copied wrong into a relation (an invalid answer, the
+    /// relation lost), so the demo weighs the format 3 (3,2,5).
+    #[arg(long, value_parser = parse_weights)]
+    pub reward_weights: Option<RewardWeights>,
     /// Leave the box-coordinate tokens out of the policy loss: the rewards
     /// then steer only which objects and relations are written and how ids
     /// are copied, and the boxes stay where SFT put them. By default they
@@ -438,9 +536,10 @@ pub struct GrpoArgs {
     /// locates more of the tiny model's objects instead of blurring them.
     #[arg(long)]
     pub freeze_box_tokens: bool,
-    /// Evaluate on (up to 256) validation images every this many GRPO steps (0: never).
-    #[arg(long, default_value_t = 25)]
-    pub eval_every: usize,
+    /// Evaluate on (up to 256) validation images every this many GRPO
+    /// steps (0: never). Default: 25; 0 with --model.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -467,12 +566,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sft { common, sft } => {
-            let mut run = Run::new(&common)?;
+            let mut run = Run::new(&common, Stage::Sft)?;
             run.sft(&sft)?;
             Ok(())
         }
         Command::Grpo { common, grpo } => {
-            let mut run = Run::new(&common)?;
+            let mut run = Run::new(&common, Stage::Grpo)?;
             run.grpo(&grpo)?;
             Ok(())
         }
@@ -486,7 +585,7 @@ pub fn run(cli: Cli) -> Result<()> {
             &args.device.device()?,
         ),
         Command::Eval { common } => {
-            let run = Run::new(&common)?;
+            let run = Run::new(&common, Stage::Eval)?;
             let results = run.eval_all("eval")?;
             println!("{}", eval_table(&[("checkpoint", &results)]));
             Ok(())
@@ -587,14 +686,17 @@ fn eval_records(args: &EvalRecordsArgs) -> Result<()> {
 
 fn demo(common: &Common, sft_args: &SftArgs, grpo_args: &GrpoArgs) -> Result<()> {
     let t0 = Instant::now();
-    let mut run = Run::new(common)?;
+    if common.hf.model.is_some() {
+        anyhow::bail!("demo trains the demo's model: run sft, grpo and eval with --model");
+    }
+    let mut run = Run::new(common, Stage::Demo)?;
     if !common.resume {
         // A fresh demo: earlier evaluations in this folder are stale.
         let _ = fs::remove_file(run.path("eval.jsonl"));
     }
     if common.resume && run.path("grpo.safetensors").is_file() {
         // GRPO started, so SFT finished: its weights are the SFT baseline.
-        checkpoint::load(&run.path("sft.safetensors"), &mut run.vars, None)?;
+        run.load_tiny_weights(&run.path("sft.safetensors"))?;
     } else if !run.sft(sft_args)? {
         return Ok(());
     }

@@ -216,3 +216,44 @@ fn eval_records_scores_saved_answers() {
         &["nowhere.jsonl"],
     );
 }
+
+#[test]
+fn model_flags_are_checked() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/qwen2_vl/untied");
+    let tiny = ["--train-size", "2", "--eval-size", "1", "--sft-steps", "1"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        ["sft", "--model", fixture]
+            .into_iter()
+            .chain(tiny)
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    refused(&with(&["--init", "x.safetensors"]), &["--init", "--model"]);
+    refused(
+        &with(&["--batch", "3", "--accumulate", "2"]),
+        &["--batch 3", "--accumulate 2"],
+    );
+    refused(&with(&["--max-pixels", "100"]), &["--max-pixels"]);
+    refused(
+        &with(&["--shuffle", "--augment", "none"]),
+        &["--shuffle", "--augment"],
+    );
+    refused(
+        &["sft", "--model", "no/such/model"],
+        &["--model", "no/such/model"],
+    );
+    refused(&["demo", "--model", fixture], &["--model"]);
+    refused(
+        &[
+            "grpo",
+            "--model",
+            fixture,
+            "--train-size",
+            "2",
+            "--eval-size",
+            "1",
+            "--freeze-box-tokens",
+        ],
+        &["--freeze-box-tokens"],
+    );
+}

@@ -197,12 +197,15 @@ pub fn answer_text_with(graph: &SceneGraph, think: Option<&str>, rounding: BoxRo
     }
 }
 
-/// SFT augmentation (R1-SGG): the objects and relations shuffled and the
-/// objects renumbered `category.1, category.2, ...` in their new order, so
-/// the model cannot learn ids or order by heart. Deterministic by `seed`.
+/// SFT augmentation: the objects shuffled and renumbered `category.1,
+/// category.2, ...` in their new order, so the model cannot learn ids or
+/// order by heart, and with `shuffle_relations` the relations shuffled too
+/// (the demo's `--shuffle`). Without it this is R1-SGG's augmentation
+/// (`src/sft_sgg.py` `format_answer(shuffle=True)`: `random.shuffle` of the
+/// objects, relations renamed in their order). Deterministic by `seed`.
 /// Relations keep naming the same objects; a relation whose endpoint is
-/// undefined is dropped.
-pub fn augment(graph: &SceneGraph, seed: u64) -> SceneGraph {
+/// undefined is dropped (R1-SGG's code raises a `KeyError` on one).
+pub fn augment(graph: &SceneGraph, seed: u64, shuffle_relations: bool) -> SceneGraph {
     let mut rng = Rng::new(seed);
     let mut order: Vec<usize> = (0..graph.objects.len()).collect();
     rng.shuffle(&mut order);
@@ -224,7 +227,9 @@ pub fn augment(graph: &SceneGraph, seed: u64) -> SceneGraph {
         .into_iter()
         .map(|t| Relation::new(&new_id[t.subject], t.predicate, &new_id[t.object]))
         .collect();
-    rng.shuffle(&mut relations);
+    if shuffle_relations {
+        rng.shuffle(&mut relations);
+    }
     SceneGraph { objects, relations }
 }
 
@@ -550,8 +555,24 @@ mod tests {
     #[test]
     fn augmentation_shuffles_and_renumbers() {
         let g = graph();
-        let a = augment(&g, 3);
-        assert_eq!(a, augment(&g, 3));
+        let a = augment(&g, 3, true);
+        assert_eq!(a, augment(&g, 3, true));
+        // Without shuffling the relations, R1-SGG's: the same objects, the
+        // relations renamed in their order.
+        let r1 = augment(&g, 3, false);
+        assert_eq!(r1.objects, a.objects);
+        let names = |g: &SceneGraph| -> Vec<String> {
+            g.triplets()
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{:?}{}{:?}",
+                        g.objects[t.subject].bbox, t.predicate, g.objects[t.object].bbox
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(names(&r1), names(&g));
         a.check().unwrap();
         // Ids are renumbered by position.
         for (k, o) in a.objects.iter().enumerate() {
@@ -574,7 +595,7 @@ mod tests {
         };
         assert_eq!(key(&a), key(&g));
         // Some seed reorders the objects.
-        assert!((0..20).any(|seed| augment(&g, seed).objects[0].category != "man"));
+        assert!((0..20).any(|seed| augment(&g, seed, true).objects[0].category != "man"));
     }
 
     #[test]

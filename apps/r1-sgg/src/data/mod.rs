@@ -5,6 +5,7 @@
 //!
 //! - [`scene`]: objects with boxes, relation triplets, vocabularies, box geometry;
 //! - [`format`](mod@format): the prompt, the answer text, and parsing a model's answer;
+//! - [`prompt`]: R1-SGG's chat prompts and SFT target, for a chat model (Qwen2-VL);
 //! - [`synthetic`]: the demo's generated scenes and their splits;
 //! - [`jsonl`]: reading and writing R1-SGG's JSONL layout;
 //! - [`parquet`](mod@parquet): reading (streaming) and writing R1-SGG's Hugging Face parquet shards;
@@ -23,6 +24,7 @@ pub mod format;
 pub mod jsonl;
 pub mod parquet;
 pub mod preview;
+pub mod prompt;
 pub(crate) mod record;
 pub mod scene;
 pub mod source;

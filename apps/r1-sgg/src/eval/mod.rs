@@ -26,24 +26,16 @@ use grpo_kernels::SamplingConfig;
 use crate::data::format::{parse_answer, ParsedAnswer};
 use crate::data::scene::{iou, SceneGraph, Vocabulary};
 use crate::data::Sample;
-use crate::model::tiny_tokenizer::Tokenizer;
-use crate::model::Vlm;
 use crate::reward::labels::Labels;
 use crate::reward::{hits, IOU_THRESHOLD};
-use crate::train::rollout::generate;
+use crate::train::policy::Policy;
 use crate::train::{progress, FORM};
 
 pub mod r1_sgg;
 pub mod stats;
 
 /// Predictions of greedy decoding on `samples`, `batch` images at a time.
-pub fn predict(
-    model: &Vlm,
-    tok: &Tokenizer,
-    samples: &[Sample],
-    batch: usize,
-    max_new: usize,
-) -> Result<Vec<String>> {
+pub fn predict(policy: &dyn Policy, samples: &[Sample], batch: usize, max_new: usize) -> Result<Vec<String>> {
     let greedy = SamplingConfig {
         temperature: 0.0,
         ..SamplingConfig::default()
@@ -52,8 +44,8 @@ pub fn predict(
     let mut texts = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(batch) {
         let refs: Vec<&Sample> = chunk.iter().collect();
-        for c in generate(model, &refs, 1, max_new, &greedy)? {
-            texts.push(tok.decode(&c));
+        for c in policy.generate(&refs, 1, max_new, &greedy)? {
+            texts.push(policy.decode(&c)?);
         }
         bar.inc(chunk.len() as u64);
     }

@@ -158,6 +158,7 @@ fn loads_both_checkpoints_and_saves_them_back() {
         tie_word_embeddings: false,
         max_shard_bytes: super::weights::DEFAULT_MAX_SHARD_BYTES,
         source: &untied.dir,
+        extra: &[],
     };
     save_pretrained(&model, &dir, &opts).unwrap();
     let saved = ModelFiles::locate(&dir).unwrap();
@@ -174,6 +175,7 @@ fn loads_both_checkpoints_and_saves_them_back() {
         tie_word_embeddings: true,
         max_shard_bytes: 600_000,
         source: &tied.dir,
+        extra: &[],
     };
     save_pretrained(&headless, &dir, &opts).unwrap();
     let saved = ModelFiles::locate(&dir).unwrap();

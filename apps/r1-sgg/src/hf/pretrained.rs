@@ -20,7 +20,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarMap;
 
 use super::processor::Qwen2VlProcessor;
-use super::weights::{load_weights, save_pretrained, LoadReport, SaveOptions, DEFAULT_MAX_SHARD_BYTES};
+use super::weights::{
+    load_weights, save_pretrained, ExtraFile, LoadReport, SaveOptions, DEFAULT_MAX_SHARD_BYTES,
+};
 use super::{HfError, ModelFiles};
 use crate::model::qwen2_vl::config::{Config, ConfigFileError};
 use crate::model::qwen2_vl::Qwen2Vl;
@@ -110,12 +112,24 @@ impl Pretrained {
 
     /// [`Pretrained::save`] with weights split into shards of at most `max_shard_bytes`.
     pub fn save_sharded(&self, dir: &Path, max_shard_bytes: u64) -> Result<(), HfError> {
+        self.save_with(dir, max_shard_bytes, &[])
+    }
+
+    /// [`Pretrained::save_sharded`] with `extra` files written into `dir` in the same atomic
+    /// swap (a trainer's state beside the model it belongs to).
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        max_shard_bytes: u64,
+        extra: &[ExtraFile<'_>],
+    ) -> Result<(), HfError> {
         let config = self.config.to_hub_json();
         let opts = SaveOptions {
             config: &config,
             tie_word_embeddings: self.config.tie_word_embeddings,
             max_shard_bytes,
             source: &self.files.dir,
+            extra,
         };
         save_pretrained(&self.vars, dir, &opts)
     }

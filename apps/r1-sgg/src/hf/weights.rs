@@ -336,6 +336,21 @@ pub struct SaveOptions<'a> {
     /// The directory to copy the tokenizer, chat template and processor files from
     /// ([`COPIED_FILES`]); it may be the destination itself.
     pub source: &'a Path,
+    /// More safetensors files to write beside the model's, inside the same atomic swap
+    /// (e.g. a trainer's optimizer state: model and state then never disagree on disk).
+    pub extra: &'a [ExtraFile<'a>],
+}
+
+/// A safetensors file that [`save_pretrained`] writes into the checkpoint directory besides the
+/// model's files, streamed tensor by tensor as the weights are.
+#[derive(Debug, Clone)]
+pub struct ExtraFile<'a> {
+    /// Its name in the directory (not one of the model's own file names).
+    pub name: &'a str,
+    /// Its tensors, by name.
+    pub tensors: &'a [(String, Tensor)],
+    /// The header's `__metadata__`.
+    pub metadata: &'a BTreeMap<String, String>,
 }
 
 /// One tensor to write: its Hub name and variable.
@@ -432,7 +447,7 @@ fn write_checkpoint(tmp: &Path, entries: &[Entry<'_>], opts: &SaveOptions<'_>) -
         } else {
             format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
         };
-        write_safetensors(&tmp.join(&file_name), shard)?;
+        write_safetensors(&tmp.join(&file_name), shard, &pt_metadata())?;
         for e in shard {
             weight_map.insert(e.name.to_owned(), Value::String(file_name.clone()));
         }
@@ -456,6 +471,31 @@ fn write_checkpoint(tmp: &Path, entries: &[Entry<'_>], opts: &SaveOptions<'_>) -
                 .and_then(|f| f.sync_all())
                 .map_err(|e| HfError::io(&to, e))?;
         }
+    }
+    for extra in opts.extra {
+        let path = tmp.join(extra.name);
+        if path.exists() {
+            return Err(HfError::invalid(
+                &path,
+                "an extra file would replace one of the model's",
+            ));
+        }
+        let entries: Vec<Entry<'_>> = extra
+            .tensors
+            .iter()
+            .map(|(name, tensor)| Entry {
+                name,
+                tensor,
+                bytes: (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64,
+            })
+            .collect();
+        let entries: Vec<&Entry<'_>> = entries.iter().collect();
+        let metadata = extra
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        write_safetensors(&path, &entries, &metadata)?;
     }
     // The new directory must be loadable before it replaces anything.
     ModelFiles::locate(tmp)?;
@@ -488,9 +528,20 @@ fn plan_shards<'a, 'v>(entries: &'a [Entry<'v>], max_bytes: u64) -> Vec<Vec<&'a 
 
 /// Writes one safetensors file tensor by tensor (no copy of the whole shard in memory), with
 /// `__metadata__ = {"format": "pt"}` as transformers writes and requires, and fsyncs it.
-fn write_safetensors(path: &Path, entries: &[&Entry<'_>]) -> Result<()> {
+/// transformers' `__metadata__` of a weights file.
+fn pt_metadata() -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("format".into(), json!("pt"));
+    m
+}
+
+fn write_safetensors(
+    path: &Path,
+    entries: &[&Entry<'_>],
+    metadata: &serde_json::Map<String, Value>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    header.insert("__metadata__".into(), Value::Object(metadata.clone()));
     let mut offset = 0u64;
     for e in entries {
         let dtype = file_dtype(e.tensor.dtype()).ok_or_else(|| HfError::UnsupportedDtype {
@@ -681,6 +732,7 @@ mod tests {
             tie_word_embeddings: tied,
             max_shard_bytes,
             source,
+            extra: &[],
         };
         save_pretrained(varmap, dir, &opts)
     }

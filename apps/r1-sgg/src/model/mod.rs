@@ -8,16 +8,15 @@
 //! - [`init`]: seeded weight initialization (and zero placeholders for a
 //!   checkpoint to fill).
 //!
-//! **Why two models.** The demo's model is not yet a small configuration of
+//! **Why two models.** The demo's model is not a small configuration of
 //! [`qwen2_vl`]. Its measured recall (the demo's table in the crate's
 //! README, five sweeps and three seeds) rests on two things Qwen2-VL does not
 //! have: the box-coordinate token rows that share a smooth cosine component
-//! ([`tiny_vlm::NumberTokens`]), and the training loop that feeds it
-//! `[B, 3, S, S]` images with a one-token prompt. The training loop drives
-//! the tiny model directly today; once it drives any model through one
-//! interface (the real-model training issue needs that for Qwen2-VL), a
-//! Qwen2-VL configuration of the demo's size is trained on the same data and
-//! replaces the tiny model if its recall holds.
+//! ([`tiny_vlm::NumberTokens`]), and `[B, 3, S, S]` images with a one-token
+//! prompt. The training loops drive either through one interface
+//! ([`crate::train::policy::Policy`]); a Qwen2-VL configuration of the
+//! demo's size trained on the same data (`sft --model`) can now be compared
+//! with it, and replace it if its recall holds.
 
 pub mod init;
 pub mod qwen2_vl;

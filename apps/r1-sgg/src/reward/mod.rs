@@ -525,7 +525,12 @@ pub(crate) mod tests {
             10.0,
         );
         // An augmented (shuffled, renumbered) answer is just as good.
-        let shuffled = score_text(&answer_text(&augment(&g, 5), Some("ok")), &g, &cfg, &ExactMatch);
+        let shuffled = score_text(
+            &answer_text(&augment(&g, 5, true), Some("ok")),
+            &g,
+            &cfg,
+            &ExactMatch,
+        );
         close(shuffled.total(), 10.0);
         // The hand-computed prediction: format 1, node_acc 2 * 2/3,
         // node_box 2 * (see node_rewards_by_hand), hard recall 5 * 1/2.

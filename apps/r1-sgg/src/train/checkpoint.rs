@@ -10,7 +10,8 @@
 //! - every model variable under its own `VarMap` name (`lm.layers.0.attn.qkv.weight`, …),
 //!   so any safetensors reader — and `VarMap::load` — sees the weights as usual;
 //! - when saved with an optimizer, the AdamW first and second moments of each variable under
-//!   `optimizer.m.<name>` and `optimizer.v.<name>`, same shape and dtype as the variable;
+//!   `optimizer.m.<name>` and `optimizer.v.<name>`, same shape as the variable, f32; and the
+//!   f32 master copy of each variable that has one under `optimizer.master.<name>`;
 //! - in the header's `__metadata__` (string to string):
 //!   - `format`: [`FORMAT`];
 //!   - `training_state`: the [`TrainingState`] as JSON;
@@ -47,6 +48,9 @@ pub const FIRST_MOMENT_PREFIX: &str = "optimizer.m.";
 
 /// Prefix of the optimizer's second-moment tensors (`optimizer.v.<name>`).
 pub const SECOND_MOMENT_PREFIX: &str = "optimizer.v.";
+
+/// Prefix of the optimizer's f32 master weights (`optimizer.master.<name>`).
+pub const MASTER_PREFIX: &str = "optimizer.master.";
 
 /// Prefix reserved for optimizer state; no model variable may start with it.
 const OPTIMIZER_PREFIX: &str = "optimizer.";
@@ -213,6 +217,31 @@ pub fn save(
     opt: Option<&AdamW>,
     state: &TrainingState,
 ) -> std::result::Result<(), CheckpointError> {
+    let (tensors, metadata) = contents(path, vars, opt, state)?;
+    let metadata: HashMap<String, String> = metadata.into_iter().collect();
+    let bytes =
+        safetensors::tensor::serialize(tensors, Some(metadata)).map_err(|e| CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
+    write_atomically(path, &bytes).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A checkpoint's tensors by name and its header's `__metadata__`.
+pub type Contents = (Vec<(String, Tensor)>, BTreeMap<String, String>);
+
+/// The tensors and header metadata [`save`] writes to `path` (named in errors): a writer of
+/// its own can store the same checkpoint (a Hugging Face checkpoint directory's trainer state,
+/// with an empty `vars`: the weights are the directory's own files).
+pub fn contents(
+    path: &Path,
+    vars: &VarMap,
+    opt: Option<&AdamW>,
+    state: &TrainingState,
+) -> std::result::Result<Contents, CheckpointError> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     {
         let data = vars.data().lock().expect("VarMap lock poisoned");
@@ -226,7 +255,7 @@ pub fn save(
             tensors.push((name.clone(), var.as_tensor().clone()));
         }
     }
-    let mut metadata = HashMap::new();
+    let mut metadata = BTreeMap::new();
     metadata.insert(KEY_FORMAT.to_string(), FORMAT.to_string());
     let state_json = serde_json::to_string(state).map_err(|e| CheckpointError::BadMetadata {
         path: path.to_path_buf(),
@@ -237,6 +266,9 @@ pub fn save(
         for slot in &opt.slots {
             tensors.push((format!("{FIRST_MOMENT_PREFIX}{}", slot.name), slot.m.clone()));
             tensors.push((format!("{SECOND_MOMENT_PREFIX}{}", slot.name), slot.v.clone()));
+            if let Some(master) = &slot.master {
+                tensors.push((format!("{MASTER_PREFIX}{}", slot.name), master.clone()));
+            }
         }
         let p = &opt.params;
         let meta = OptimizerMeta {
@@ -253,15 +285,7 @@ pub fn save(
         })?;
         metadata.insert(KEY_OPTIMIZER.to_string(), json);
     }
-    let bytes =
-        safetensors::tensor::serialize(tensors, Some(metadata)).map_err(|e| CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("cannot serialize: {e}"),
-        })?;
-    write_atomically(path, &bytes).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok((tensors, metadata))
 }
 
 /// Reads a checkpoint written by [`save`] (or a weights-only file written by
@@ -367,7 +391,11 @@ pub fn load(
         for slot in &opt.slots {
             let m = fetch(&format!("{FIRST_MOMENT_PREFIX}{}", slot.name), &slot.m)?;
             let v = fetch(&format!("{SECOND_MOMENT_PREFIX}{}", slot.name), &slot.v)?;
-            moments.push((m, v));
+            let master = match &slot.master {
+                Some(like) => Some(fetch(&format!("{MASTER_PREFIX}{}", slot.name), like)?),
+                None => None,
+            };
+            moments.push((m, v, master));
         }
         let mut extra: Vec<&String> = views
             .keys()
@@ -376,7 +404,11 @@ pub fn load(
                 let var = n
                     .strip_prefix(FIRST_MOMENT_PREFIX)
                     .or_else(|| n.strip_prefix(SECOND_MOMENT_PREFIX));
-                var.is_none_or(|var| opt.slot_index(var).is_none())
+                let master = n.strip_prefix(MASTER_PREFIX);
+                let known = |var: &str| opt.slot_index(var).is_some();
+                let master_known =
+                    |var: &str| opt.slot_index(var).is_some_and(|i| opt.slots[i].master.is_some());
+                !(var.is_some_and(known) || master.is_some_and(master_known))
             })
             .collect();
         extra.sort();
@@ -395,9 +427,10 @@ pub fn load(
     }
     drop(data);
     if let (Some(opt), Some(om)) = (opt, opt_meta) {
-        for (slot, (m, v)) in opt.slots.iter_mut().zip(moments) {
+        for (slot, (m, v, master)) in opt.slots.iter_mut().zip(moments) {
             slot.m = m;
             slot.v = v;
+            slot.master = master;
         }
         opt.step_t = om.step;
     }
@@ -418,12 +451,12 @@ mod tests {
 
         // Uninterrupted: 7 steps.
         let full = model(0.0);
-        let mut full_opt = AdamW::new(&full, params()).unwrap();
+        let mut full_opt = AdamW::new(&full, params(), |_| true, false).unwrap();
         train(&full, &mut full_opt, 0, 7);
 
         // Interrupted after 4, saved, restored into a fresh model and optimizer, 3 more.
         let first = model(0.0);
-        let mut first_opt = AdamW::new(&first, params()).unwrap();
+        let mut first_opt = AdamW::new(&first, params(), |_| true, false).unwrap();
         train(&first, &mut first_opt, 0, 4);
         let mut extra = BTreeMap::new();
         extra.insert("best_recall".to_string(), "0.25".to_string());
@@ -442,7 +475,7 @@ mod tests {
         assert_eq!(names, ["run.safetensors"]);
 
         let mut resumed = model(5.0);
-        let mut resumed_opt = AdamW::new(&resumed, params()).unwrap();
+        let mut resumed_opt = AdamW::new(&resumed, params(), |_| true, false).unwrap();
         let got = load(&path, &mut resumed, Some(&mut resumed_opt)).unwrap();
         assert_eq!(got, state);
         assert_same_vars(&resumed, &first, 0.0);
@@ -482,7 +515,7 @@ mod tests {
         assert_same_vars(&vars, &old, 0.0);
 
         // Weights-only checkpoints cannot restore an optimizer.
-        let mut opt = AdamW::new(&vars, params()).unwrap();
+        let mut opt = AdamW::new(&vars, params(), |_| true, false).unwrap();
         let err = load(&path, &mut vars, Some(&mut opt)).unwrap_err();
         assert!(
             matches!(err, CheckpointError::MissingOptimizerState { .. }),
@@ -502,7 +535,7 @@ mod tests {
         let dir = temp_dir("bad");
         let path = dir.join("ok.safetensors");
         let vars = model(0.0);
-        let opt = AdamW::new(&vars, params()).unwrap();
+        let opt = AdamW::new(&vars, params(), |_| true, false).unwrap();
         save(&path, &vars, Some(&opt), &TrainingState::default()).unwrap();
         let mut target = model(1.0);
 

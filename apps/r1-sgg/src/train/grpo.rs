@@ -4,21 +4,18 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarMap;
+use candle_core::{Device, Result, Tensor};
 use grpo_kernels::candle::{policy_loss, PolicyLossTensors};
 use grpo_kernels::{
     group_advantages, AdvantageMode, Aggregation, PolicyLossConfig, PolicyLossStats, Rewards as RewardValues,
     SamplingConfig,
 };
 
-use super::batch::{completion_logprobs, image_batch, token_batch};
 use super::optim::AdamW;
-use super::rollout::generate;
-use super::{clipped_step, pick, progress, Hooks, Learner, FORM, MAX_GRAD_NORM};
+use super::policy::LossOn;
+use super::{clipped_step, pick, progress, Accumulated, Hooks, Learner, Schedule, FORM, MAX_GRAD_NORM};
 use crate::data::format::parse_answer;
 use crate::data::Sample;
-use crate::model::Vlm;
 use crate::reward::{score, ExactMatch, LabelSimilarity, RewardBreakdown, RewardConfig, SpacyTable};
 use crate::util::rng::Rng;
 
@@ -64,6 +61,12 @@ pub struct GrpoConfig {
     pub steps: usize,
     /// Images per step.
     pub prompts: usize,
+    /// Micro-batches per step (`prompts` divided evenly): each runs
+    /// forward and backward alone, and their gradients add up.
+    pub accumulate: usize,
+    /// Prompts whose completions are generated in one batch (`prompts` of
+    /// a step in chunks of this many; at least 1).
+    pub rollout_prompts: usize,
     /// Completions per image (`G`).
     pub group: usize,
     pub max_new: usize,
@@ -71,6 +74,9 @@ pub struct GrpoConfig {
     /// ratio to the sampling policy moves and clipping comes into play.
     pub inner_steps: usize,
     pub lr: f64,
+    pub schedule: Schedule,
+    /// Gradients are clipped to this global L2 norm.
+    pub max_grad_norm: f64,
     pub seed: u64,
     pub sampling: SamplingConfig,
     pub advantages: AdvantageMode,
@@ -103,10 +109,17 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
     GrpoConfig {
         steps,
         prompts: 4,
+        accumulate: 1,
+        rollout_prompts: 4,
         group: 8,
         max_new: 160,
         inner_steps: 1,
         lr: 1e-4,
+        // A linear warmup over the first 10% of steps: Adam's first updates
+        // move every weight by about the full learning rate, whatever the
+        // (noisy) gradient's size.
+        schedule: Schedule::WarmupConstant { warmup: 0.1 },
+        max_grad_norm: MAX_GRAD_NORM,
         seed,
         sampling: SamplingConfig {
             temperature: 1.0,
@@ -132,26 +145,29 @@ pub fn grpo_defaults(steps: usize, seed: u64) -> GrpoConfig {
     }
 }
 
-/// A frozen copy of `model` (for the KL term's reference log-probs).
-fn frozen_copy(model: &Vlm, vars: &VarMap) -> Result<Vlm> {
-    let copy = VarMap::new();
-    let frozen = Vlm::new(
-        model.config(),
-        candle_nn::VarBuilder::from_varmap(&copy, DType::F32, model.device()),
-    )?;
-    let source = vars.data().lock().expect("variables lock");
-    for (name, var) in copy.data().lock().expect("variables lock").iter() {
-        match source.get(name) {
-            Some(v) => var.set(&v.as_tensor().copy()?)?,
-            None => candle_core::bail!("reference model: no variable {name} in the policy"),
-        }
-    }
-    drop(source);
-    Ok(frozen)
+/// One micro-batch's completions, scored, with what its policy loss needs.
+struct Rollout<'s> {
+    /// Each prompt `group` times in a row.
+    samples: Vec<&'s Sample>,
+    completions: Vec<Vec<u32>>,
+    scored: Vec<RewardBreakdown>,
+    advantages: Tensor,
+    policy_mask: Option<Tensor>,
+    old_logp: Option<Tensor>,
+    ref_logp: Option<Tensor>,
 }
 
 /// GRPO on `train`, steps `start..steps` with `opt`; each step's mean
 /// rewards, loss statistics, completion length and time go to `hooks`.
+///
+/// A step draws `prompts` images and samples `group` completions of each,
+/// `rollout_prompts` images per generation batch (the sampler keyed by the
+/// step and the batch). It scores them and normalizes the rewards within
+/// each image's group; then, `inner_steps` times, the policy loss of each
+/// of `accumulate` micro-batches runs forward and backward, and one
+/// optimizer step takes the mean of their gradients (each micro-batch's
+/// loss divided by `accumulate`, as TRL's gradient accumulation and
+/// data-parallel averaging do).
 pub fn grpo(
     learner: Learner<'_>,
     cfg: &GrpoConfig,
@@ -159,107 +175,146 @@ pub fn grpo(
     start: usize,
     hooks: &mut dyn Hooks,
 ) -> Result<()> {
-    let Learner {
-        model,
-        vars,
-        tok,
-        train,
-    } = learner;
-    let device = model.device().clone();
+    let Learner { policy, train } = learner;
+    if cfg.accumulate == 0 || !cfg.prompts.is_multiple_of(cfg.accumulate) {
+        candle_core::bail!(
+            "GRPO: {} prompts per step do not split into {} micro-batches",
+            cfg.prompts,
+            cfg.accumulate
+        );
+    }
+    if cfg.rollout_prompts == 0 {
+        candle_core::bail!("GRPO: rollouts of 0 prompts");
+    }
+    let micro = cfg.prompts / cfg.accumulate;
+    let device = policy.device().clone();
     let reference = if cfg.loss.beta > 0.0 {
-        Some(frozen_copy(model, vars)?)
+        Some(policy.reference()?)
     } else {
         None
+    };
+    let sim: &dyn LabelSimilarity = match cfg.similarity {
+        Some(table) => table,
+        None => &ExactMatch,
     };
     let bar = progress(cfg.steps as u64, "GRPO");
     bar.set_position(start as u64);
     let mut rng = Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for step in start..cfg.steps {
         let t0 = Instant::now();
-        // A linear warmup over the first 10% of steps: Adam's first updates
-        // move every weight by about the full learning rate, whatever the
-        // (noisy) gradient's size.
-        opt.set_learning_rate(cfg.lr * ((step + 1) as f64 / (cfg.steps / 10).max(1) as f64).min(1.0));
-        let batch: Vec<&Sample> = (0..cfg.prompts).map(|_| pick(&mut rng, train)).collect();
-        let sampling = SamplingConfig {
-            step: step as u64,
-            ..cfg.sampling
-        };
-        let completions = generate(model, &batch, cfg.group, cfg.max_new, &sampling)?;
+        let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps);
+        opt.set_learning_rate(lr);
+        let batch: Vec<&Sample> = (0..cfg.prompts)
+            .map(|_| &train[pick(&mut rng, train.len())])
+            .collect();
+
+        // Completions of the whole step, sampled by the policy before this
+        // step's update, `rollout_prompts` prompts at a time (the sampler
+        // keyed by the step and the chunk).
+        let chunks = batch.len().div_ceil(cfg.rollout_prompts);
+        let mut all = Vec::with_capacity(batch.len() * cfg.group);
+        for (k, prompts) in batch.chunks(cfg.rollout_prompts).enumerate() {
+            let sampling = SamplingConfig {
+                step: (step * chunks + k) as u64,
+                ..cfg.sampling
+            };
+            all.extend(policy.generate(prompts, cfg.group, cfg.max_new, &sampling)?);
+        }
+        // Each micro-batch's rewards and advantages.
+        let mut rollouts = Vec::with_capacity(cfg.accumulate);
+        for (prompts, completions) in batch.chunks(micro).zip(all.chunks(micro * cfg.group)) {
+            let completions = completions.to_vec();
+            let samples: Vec<&Sample> = prompts
+                .iter()
+                .flat_map(|s| std::iter::repeat_n(*s, cfg.group))
+                .collect();
+            let mut scored = Vec::with_capacity(completions.len());
+            for (c, s) in completions.iter().zip(&samples) {
+                let parsed = parse_answer(&policy.decode(c)?, cfg.rewards.form);
+                scored.push(score(&parsed, &s.graph, &cfg.rewards, sim));
+            }
+            let totals: Vec<f32> = scored.iter().map(|r| r.total() as f32).collect();
+            let adv = group_advantages(&RewardValues::new(&totals, cfg.group), cfg.advantages)
+                .map_err(candle_core::Error::wrap)?;
+            // Log-probs of the logits at the sampling temperature, as TRL
+            // computes them; the sampling policy's (detached) only when the
+            // ratio can move (several inner steps).
+            let temperature = cfg.sampling.temperature;
+            let old_logp = if cfg.inner_steps > 1 {
+                Some(
+                    policy
+                        .logprobs(&samples, &completions, LossOn::Answer, temperature)?
+                        .0
+                        .detach(),
+                )
+            } else {
+                None
+            };
+            let ref_logp = match &reference {
+                Some(r) => Some(
+                    r.logprobs(&samples, &completions, LossOn::Answer, temperature)?
+                        .0
+                        .detach(),
+                ),
+                None => None,
+            };
+            rollouts.push(Rollout {
+                policy_mask: policy_mask(&completions, cfg.masked_tokens.as_ref(), &device)?,
+                advantages: Tensor::new(adv.advantages.as_slice(), &device)?,
+                samples,
+                completions,
+                scored,
+                old_logp,
+                ref_logp,
+            });
+        }
         let rollout_seconds = t0.elapsed().as_secs_f64();
-        let generated: usize = completions.iter().map(Vec::len).sum();
 
-        // RewardBreakdown, then advantages within each image's group.
-        let sim: &dyn LabelSimilarity = match cfg.similarity {
-            Some(table) => table,
-            None => &ExactMatch,
-        };
-        let scored: Vec<RewardBreakdown> = completions
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let parsed = parse_answer(&tok.decode(c), FORM);
-                score(&parsed, &batch[i / cfg.group].graph, &cfg.rewards, sim)
-            })
-            .collect();
-        let totals: Vec<f32> = scored.iter().map(|r| r.total() as f32).collect();
-        let adv = group_advantages(&RewardValues::new(&totals, cfg.group), cfg.advantages)
-            .map_err(candle_core::Error::wrap)?;
-
-        // The policy gradient through the fused log-probs (of the logits at
-        // the sampling temperature, as TRL computes them), `inner_steps`
-        // times against the sampling policy's (detached) log-probs.
-        let repeated: Vec<&Sample> = batch
-            .iter()
-            .flat_map(|s| std::iter::repeat_n(*s, cfg.group))
-            .collect();
-        let images = image_batch(&repeated, model.config().image_size as u32, &device)?;
-        let (tokens, mask) = token_batch(&completions, &device)?;
-        let policy_mask = policy_mask(&completions, cfg.masked_tokens.as_ref(), &device)?;
-        let adv_t = Tensor::new(adv.advantages.as_slice(), &device)?;
-        let old_logp = if cfg.inner_steps > 1 {
-            Some(
-                completion_logprobs(model, &images, &tokens, &mask, cfg.sampling.temperature)?
-                    .0
-                    .detach(),
-            )
-        } else {
-            None
-        };
-        let ref_logp = match &reference {
-            Some(r) => Some(
-                completion_logprobs(r, &images, &tokens, &mask, cfg.sampling.temperature)?
-                    .0
-                    .detach(),
-            ),
-            None => None,
-        };
+        // The policy gradient, `inner_steps` times against the sampling
+        // policy's log-probs.
         let mut stats = PolicyLossStats::default();
         for _ in 0..cfg.inner_steps.max(1) {
-            let (logp, target_mask) =
-                completion_logprobs(model, &images, &tokens, &mask, cfg.sampling.temperature)?;
-            let out = policy_loss(
-                &logp,
-                &PolicyLossTensors {
-                    old_logp: old_logp.as_ref(),
-                    ref_logp: ref_logp.as_ref(),
-                    advantages: &adv_t,
-                    mask: Some(policy_mask.as_ref().unwrap_or(&target_mask)),
-                    cu_seqlens: None,
-                },
-                &cfg.loss,
-            )?;
-            if !clipped_step(opt, vars, &out.loss, MAX_GRAD_NORM)? {
+            let mut acc = Accumulated::default();
+            let mut parts = Vec::with_capacity(rollouts.len());
+            for r in &rollouts {
+                let (logp, target_mask) = policy.logprobs(
+                    &r.samples,
+                    &r.completions,
+                    LossOn::Answer,
+                    cfg.sampling.temperature,
+                )?;
+                let out = policy_loss(
+                    &logp,
+                    &PolicyLossTensors {
+                        old_logp: r.old_logp.as_ref(),
+                        ref_logp: r.ref_logp.as_ref(),
+                        advantages: &r.advantages,
+                        mask: Some(r.policy_mask.as_ref().unwrap_or(&target_mask)),
+                        cu_seqlens: None,
+                    },
+                    &cfg.loss,
+                )?;
+                let loss = if cfg.accumulate > 1 {
+                    (out.loss / cfg.accumulate as f64)?
+                } else {
+                    out.loss
+                };
+                acc.add(opt, policy.backward(&loss)?, f64::from(out.stats.loss))?;
+                parts.push(out.stats);
+            }
+            if !clipped_step(opt, acc, cfg.max_grad_norm)? {
                 bar.println(format!(
                     "GRPO step {step}: non-finite loss or gradient, step skipped"
                 ));
                 break;
             }
-            stats = out.stats;
+            stats = mean_stats(&parts);
         }
 
+        let scored: Vec<&RewardBreakdown> = rollouts.iter().flat_map(|r| &r.scored).collect();
+        let generated: usize = rollouts.iter().flat_map(|r| &r.completions).map(Vec::len).sum();
         let n = scored.len() as f64;
-        let mean = |f: fn(&RewardBreakdown) -> f64| scored.iter().map(f).sum::<f64>() / n;
+        let mean = |f: fn(&RewardBreakdown) -> f64| scored.iter().map(|r| f(r)).sum::<f64>() / n;
         let (total, format, edge) = (mean(RewardBreakdown::total), mean(|r| r.format), mean(|r| r.edge));
         let record = serde_json::json!({
             "reward": total,
@@ -276,6 +331,7 @@ pub fn grpo(
             "tokens": stats.tokens,
             "length": generated as f64 / n,
             "generated": generated,
+            "lr": lr,
             "rollout_seconds": rollout_seconds,
             "seconds": t0.elapsed().as_secs_f64(),
         });
@@ -290,6 +346,27 @@ pub fn grpo(
     }
     bar.finish();
     Ok(())
+}
+
+/// The step's statistics from its micro-batches': means (the loss as
+/// optimized: the mean of the micro-batches'), the largest ratio, the
+/// tokens summed. One micro-batch's are returned as they are.
+fn mean_stats(parts: &[PolicyLossStats]) -> PolicyLossStats {
+    if let [one] = parts {
+        return *one;
+    }
+    let n = parts.len().max(1) as f32;
+    let mean = |f: fn(&PolicyLossStats) -> f32| parts.iter().map(f).sum::<f32>() / n;
+    PolicyLossStats {
+        loss: mean(|s| s.loss),
+        clip_frac_low: mean(|s| s.clip_frac_low),
+        clip_frac_high: mean(|s| s.clip_frac_high),
+        dual_clip_frac: mean(|s| s.dual_clip_frac),
+        ratio_mean: mean(|s| s.ratio_mean),
+        ratio_max: parts.iter().map(|s| s.ratio_max).fold(f32::MIN, f32::max),
+        kl_mean: mean(|s| s.kl_mean),
+        tokens: parts.iter().map(|s| s.tokens).sum(),
+    }
 }
 
 /// The policy loss's mask `[B, T - 1]` over the targets of
@@ -349,7 +426,7 @@ mod tests {
             vec![vec![1, 0, 0, 1], vec![0, 1, 0, 0]]
         );
         // The same shape as the targets' mask of the batch.
-        let (tokens, _) = token_batch(&rows, &cpu).unwrap();
+        let (tokens, _) = crate::train::batch::token_batch(&rows, &cpu).unwrap();
         assert_eq!(mask.dims(), &[2, tokens.dim(1).unwrap() - 1]);
     }
 }

@@ -2,29 +2,43 @@
 //! checkpoint can save and restore them ([`crate::train::checkpoint`]).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{ParamsAdamW, VarMap};
 
-/// One optimized variable and its moments.
+/// One optimized variable, its moments (f32) and, for a variable of a
+/// narrower dtype with master weights on, its f32 master copy.
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) name: String,
     pub(crate) var: Var,
     pub(crate) m: Tensor,
     pub(crate) v: Tensor,
+    pub(crate) master: Option<Tensor>,
 }
 
 /// AdamW (decoupled weight decay, bias-corrected moments) over the named variables of a
 /// [`VarMap`], with state that can be saved and restored.
 ///
 /// The update is exactly `candle_nn::AdamW`'s (same operations in the same order, so the
-/// same numbers): at step `t`, for each variable `θ` with gradient `g`,
+/// same numbers for f32 variables): at step `t`, for each variable `θ` with gradient `g`,
 /// `m = β1·m + (1-β1)·g`, `v = β2·v + (1-β2)·g²`,
 /// `θ = θ·(1 - lr·λ) - lr · (m / (1-β1^t)) / (sqrt(v / (1-β2^t)) + ε)`.
 /// Unlike candle's optimizer, the moments are kept by variable name, so
 /// [`crate::train::checkpoint`] can write them to and read them from a checkpoint. Only floating-point variables are
 /// optimized; variables without a gradient are left alone (their moments too), but every
 /// call to [`AdamW::step`] advances the step count.
+///
+/// **Mixed precision.** The moments are f32 whatever the variable's dtype
+/// (bf16 weights: the gradient is widened to f32 for the update), as
+/// PyTorch's AdamW keeps fp32 states under bf16 autocast and DeepSpeed and
+/// FSDP keep them. With master weights, each bf16 (or f16) variable also
+/// has an f32 copy that the update is applied to and that is rounded into
+/// the variable after each step, as DeepSpeed's and FSDP's mixed precision
+/// do: without it, an update below half a bf16 ulp of the weight (2^-9
+/// relative; R1-SGG's GRPO learning rate of 6e-7 moves most weights by far
+/// less) is rounded away and the weight never moves. Per parameter: bf16
+/// weight 2 B + bf16 gradient 2 B + f32 moments 8 B = 12 B, and 16 B with
+/// master weights (f32 weights: 4 + 4 + 8 = 16 B, no master copy needed).
 #[derive(Debug)]
 pub struct AdamW {
     /// Sorted by name.
@@ -34,19 +48,31 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// An optimizer over every floating-point variable of `vars` (as they are now: variables
-    /// added to the map later are not optimized), with zero moments and step count 0.
-    pub fn new(vars: &VarMap, params: ParamsAdamW) -> Result<Self> {
+    /// An optimizer over the floating-point variables of `vars` whose name
+    /// `trainable` accepts (as they are now: variables added to the map
+    /// later are not optimized), with zero moments and step count 0, and
+    /// f32 master copies of the non-f32 ones when `master_weights`.
+    pub fn new(
+        vars: &VarMap,
+        params: ParamsAdamW,
+        trainable: impl Fn(&str) -> bool,
+        master_weights: bool,
+    ) -> Result<Self> {
         let data = vars.data().lock().expect("VarMap lock poisoned");
         let mut slots = data
             .iter()
-            .filter(|(_, var)| var.dtype().is_float())
+            .filter(|(name, var)| var.dtype().is_float() && trainable(name))
             .map(|(name, var)| {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                let master = (master_weights && var.dtype() != DType::F32)
+                    .then(|| var.as_tensor().to_dtype(DType::F32))
+                    .transpose()?;
                 Ok(Slot {
                     name: name.clone(),
                     var: var.clone(),
-                    m: var.as_tensor().zeros_like()?,
-                    v: var.as_tensor().zeros_like()?,
+                    m: zeros.clone(),
+                    v: zeros,
+                    master,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -56,6 +82,11 @@ impl AdamW {
             step_t: 0,
             params,
         })
+    }
+
+    /// The optimized variables, sorted by name.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
     }
 
     /// One AdamW update of every variable that has a gradient in `grads`.
@@ -74,16 +105,24 @@ impl AdamW {
         for slot in self.slots.iter_mut() {
             let theta = &slot.var;
             let Some(g) = grads.get(theta) else { continue };
-            let next_m = ((&slot.m * beta1)? + (g * (1.0 - beta1))?)?;
+            let g = g.to_dtype(DType::F32)?;
+            let next_m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             let next_v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let m_hat = (&next_m * scale_m)?;
             let v_hat = (&next_v * scale_v)?;
-            let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
+            let current = match &slot.master {
+                Some(master) => master.clone(),
+                None => theta.as_tensor().to_dtype(DType::F32)?,
+            };
+            let next_theta = (current * (1f64 - lr_lambda))?;
             let adjusted_grad = (m_hat / (v_hat.sqrt()? + eps)?)?;
             let next_theta = (next_theta - (adjusted_grad * lr)?)?;
             slot.m = next_m;
             slot.v = next_v;
-            theta.set(&next_theta)?;
+            theta.set(&next_theta.to_dtype(theta.dtype())?)?;
+            if slot.master.is_some() {
+                slot.master = Some(next_theta);
+            }
         }
         Ok(())
     }
@@ -103,6 +142,14 @@ impl AdamW {
     #[cfg(test)]
     pub fn var_names(&self) -> impl Iterator<Item = &str> {
         self.slots.iter().map(|s| s.name.as_str())
+    }
+
+    /// Bytes of optimizer state (moments and master weights).
+    pub fn state_bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| (2 + usize::from(s.master.is_some())) * 4 * s.var.elem_count())
+            .sum()
     }
 
     /// First and second moments of the variable `name`, if it is optimized.
@@ -213,7 +260,7 @@ mod tests {
     fn adamw_matches_candle_nn() {
         let ours = model(0.0);
         let theirs = model(0.0);
-        let mut a = AdamW::new(&ours, params()).unwrap();
+        let mut a = AdamW::new(&ours, params(), |_| true, false).unwrap();
         let float_vars: Vec<Var> = theirs
             .all_vars()
             .into_iter()

@@ -1,6 +1,19 @@
-//! One invocation of the command line: the model, its variables, the
-//! tokenizer and the data, the stages it runs, and the hooks that record
-//! metrics, save checkpoints and stop on Ctrl-C.
+//! One invocation of the command line: the model (the demo's, or a Hugging
+//! Face Qwen2-VL with `--model`), the data, the stages it runs, and the
+//! hooks that record metrics, save checkpoints and stop on Ctrl-C.
+//!
+//! **Defaults by model.** A flag left unset takes the demo's value for the
+//! demo's model and R1-SGG's for a Hugging Face one (`--model`): learning rates,
+//! schedules, batch sizes, accumulation, gradient clipping, loss, KL,
+//! temperature, reward weights, completion length, image size and prompts
+//! (each flag's help names both).
+//!
+//! **Checkpoints.** The demo's model: `<out>/<stage>.safetensors`
+//! (weights, optimizer, step) with `model.json` and `tokenizer.json`. A
+//! Qwen2-VL: `<out>/<stage>/`, a Hugging Face model directory (loads in
+//! transformers as it is) holding `trainer_state.safetensors` (AdamW's
+//! moments, master weights, step; [`checkpoint`]'s layout without weights),
+//! written in one atomic swap with the model files.
 
 use std::fs;
 use std::io::IsTerminal;
@@ -12,105 +25,105 @@ use candle_nn::VarMap;
 use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainingState};
-use super::grpo::{grpo, grpo_defaults};
+use super::grpo::{grpo, grpo_defaults, LossVariant};
 use super::optim::AdamW;
-use super::sft::{sft, SftConfig};
-use super::{adamw, Hooks, Learner, FORM};
-use crate::cli::{Common, GrpoArgs, LabelSimilarityArg, Preset, SftArgs};
+use super::policy::{Policy, QwenOptions, QwenPolicy, TinyPolicy, TRAINER_STATE};
+use super::sft::{sft, Augment, SftConfig};
+use super::{adamw, Hooks, Learner, Schedule, MAX_GRAD_NORM};
+use crate::cli::{AugmentArg, Common, GrpoArgs, LabelSimilarityArg, Preset, PromptArg, SftArgs};
 use crate::data::format::{graph_json, parse_answer, BoxRounding};
 use crate::data::preview::render_preview;
+use crate::data::prompt::{PromptStyle, SystemPrompt};
 use crate::data::scene::{covering_vocabulary, SceneGraph, Vocabulary};
 use crate::data::source::{load_samples, DataSource};
 use crate::data::synthetic::{generate_split, Split};
 use crate::data::{BadRows, Sample};
 use crate::eval::{evaluate, predict, EvalSummary};
+use crate::model::qwen2_vl::Checkpointing;
 use crate::model::tiny_tokenizer::Tokenizer;
 use crate::model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
 use crate::report::metrics::MetricsLog;
 use crate::report::summary::{describe, eval_record, grpo_chart, sft_chart};
-use crate::reward::SpacyTable;
+use crate::reward::{RewardWeights, SpacyTable};
 
-/// A model, its variables, the tokenizer and the data of one invocation.
+/// Which command a [`Run`] serves (R1-SGG's prompts and image sizes differ by stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// SFT, evaluation, GRPO, evaluation (the demo's model only).
+    Demo,
+    Sft,
+    Grpo,
+    Eval,
+}
+
+/// The model of a run.
+pub(crate) enum Model {
+    /// The demo's.
+    Tiny(Box<TinyPolicy>),
+    /// A Hugging Face Qwen2-VL (`--model`).
+    Qwen(Box<QwenPolicy>),
+}
+
+/// A model and the data of one invocation.
 pub struct Run<'a> {
     pub(crate) common: &'a Common,
-    pub(crate) tok: Tokenizer,
-    pub(crate) cfg: VlmConfig,
-    pub(crate) vars: VarMap,
-    pub(crate) model: Vlm,
+    pub(crate) model: Model,
     pub(crate) train: Vec<Sample>,
     /// Named evaluation sets: val, test, shifted (or the --eval-data file).
     pub(crate) eval: Vec<(String, Vec<Sample>)>,
     /// The data's vocabulary (--vocabulary).
     pub(crate) vocab: Vocabulary,
+    pub(crate) stage: Stage,
+}
+
+/// Samples read from `path` (given by `flag`: a JSONL file, a parquet
+/// shard, a folder or glob of shards; see [`DataSource`]), each passed
+/// through `fit` as it is read (the demo's model resizes them there, so a
+/// parquet set's full-size images are never all in memory). Malformed
+/// records fail the run, or with `--skip-bad-rows` are skipped and counted.
+/// An error names the flag and file when they hold no samples: a training
+/// loop cannot draw from nothing.
+pub(crate) fn load_samples_from(
+    path: &Path,
+    flag: &str,
+    skip_bad_rows: bool,
+    fit: impl FnMut(Sample) -> Sample,
+) -> Result<Vec<Sample>> {
+    let bad_rows = if skip_bad_rows {
+        BadRows::Skip
+    } else {
+        BadRows::Fail
+    };
+    let (samples, skipped) = load_samples(&DataSource::resolve(path)?, bad_rows, fit)?;
+    if let Some(first) = &skipped.first {
+        println!(
+            "{flag}: skipped {} malformed records; the first: {first}",
+            skipped.count
+        );
+    }
+    if samples.is_empty() {
+        bail!("{flag} {}: the file holds no samples", path.display());
+    }
+    Ok(samples)
 }
 
 impl<'a> Run<'a> {
-    pub(crate) fn new(common: &'a Common) -> Result<Self> {
+    pub(crate) fn new(common: &'a Common, stage: Stage) -> Result<Self> {
         let device = common.device.device()?;
-        let (tok, cfg) = match &common.init {
-            Some(ckpt) => {
-                if !ckpt.is_file() {
-                    bail!("--init {}: no such checkpoint file", ckpt.display());
-                }
-                let folder = ckpt.parent().unwrap_or(Path::new("."));
-                let tok_file = folder.join("tokenizer.json");
-                let tok = if tok_file.is_file() {
-                    Tokenizer::from_file(&tok_file)?
-                } else {
-                    Tokenizer::new(&crate::data::scene::SYNTHETIC, 32)
-                };
-                (
-                    tok,
-                    crate::model::tiny_vlm::load_config(&folder.join("model.json"))?,
-                )
-            }
-            None => {
-                let tok = Tokenizer::new(&crate::data::scene::SYNTHETIC, 32);
-                let cfg = match common.preset {
-                    Preset::Tiny => VlmConfig::tiny(tok.vocab_size()),
-                    Preset::Gpu => VlmConfig::gpu(tok.vocab_size()),
-                };
-                let numbers = number_tokens(&tok, common.number_basis);
-                let stem = (common.pixel_stem > 0).then_some(PixelStem {
-                    channels: common.pixel_stem,
-                    kernel: 3,
-                });
-                (tok, VlmConfig { numbers, stem, ..cfg })
-            }
-        };
-        if cfg.vocab_size != tok.vocab_size() {
-            bail!(
-                "model vocabulary {} does not match the tokenizer's {}",
-                cfg.vocab_size,
-                tok.vocab_size()
-            );
+        let real = common.hf.model.is_some();
+        if real && common.init.is_some() {
+            bail!("--init loads the demo's model; with --model, point --model at the checkpoint directory");
         }
-        let mut vars = VarMap::new();
-        let model = Vlm::new(&cfg, SeededVars::builder(&vars, common.seed, &device))?;
-        if let Some(ckpt) = &common.init {
-            checkpoint::load(ckpt, &mut vars, None)?;
-        }
-        let size = cfg.image_size as u32;
         let t0 = Instant::now();
-        let resize = |samples: Vec<Sample>| samples.iter().map(|s| s.resized(size, size)).collect();
-        // Files are resized as they are read: a parquet set's full-size
-        // images are never all in memory.
-        let load = |path: &Path, flag: &str| -> Result<Vec<Sample>> {
-            let bad_rows = if common.skip_bad_rows {
-                BadRows::Skip
-            } else {
-                BadRows::Fail
-            };
-            let source = DataSource::resolve(path)?;
-            let (samples, skipped) = load_samples(&source, bad_rows, |s| s.resized(size, size))?;
-            if let Some(first) = &skipped.first {
-                println!(
-                    "{flag}: skipped {} malformed records; the first: {first}",
-                    skipped.count
-                );
-            }
-            non_empty(samples, flag, path)
+        // The demo's model reads images at its own size; Qwen2-VL's processor resizes them.
+        let tiny_size = (!real).then(|| tiny_model(common)).transpose()?;
+        let side = tiny_size.as_ref().map(|(_, cfg)| cfg.image_size as u32);
+        let fit = |s: Sample| match side {
+            Some(size) => s.resized(size, size),
+            None => s,
         };
+        let resize = |samples: Vec<Sample>| samples.into_iter().map(fit).collect();
+        let load = |path: &Path, flag: &str| load_samples_from(path, flag, common.skip_bad_rows, fit);
         let train: Vec<Sample> = match &common.data {
             Some(p) => load(p, "--data")?,
             None => resize(generate_split(Split::Train, common.train_size, common.seed)),
@@ -127,20 +140,7 @@ impl<'a> Run<'a> {
                 })
                 .collect(),
         };
-        println!(
-            "model: {} parameters ({:?} preset), vocab {}, {}x{} images; data: {} train, {} eval ({:.1}s)",
-            vars.all_vars().iter().map(|v| v.elem_count()).sum::<usize>(),
-            common.preset,
-            tok.vocab_size(),
-            size,
-            size,
-            train.len(),
-            eval.iter()
-                .map(|(name, s)| format!("{} {name}", s.len()))
-                .collect::<Vec<_>>()
-                .join(" + "),
-            t0.elapsed().as_secs_f64()
-        );
+        let data_seconds = t0.elapsed().as_secs_f64();
         let vocab = match common.vocabulary.named() {
             Some(vocab) => vocab,
             None => {
@@ -161,31 +161,167 @@ impl<'a> Run<'a> {
                 vocab
             }
         };
-        fs::create_dir_all(&common.out)?;
-        Ok(Self {
+        let model = match (tiny_size, &common.hf.model) {
+            (Some((tok, cfg)), None) => {
+                let mut vars = VarMap::new();
+                let model = Vlm::new(&cfg, SeededVars::builder(&vars, common.seed, &device))?;
+                if let Some(ckpt) = &common.init {
+                    checkpoint::load(ckpt, &mut vars, None)?;
+                }
+                Model::Tiny(Box::new(TinyPolicy {
+                    cfg,
+                    vars,
+                    model,
+                    tok,
+                    // R1-SGG's files are read as its SFT target writes them.
+                    rounding: match common.data {
+                        Some(_) => BoxRounding::Truncate,
+                        None => BoxRounding::Nearest,
+                    },
+                }))
+            }
+            (_, Some(dir)) => {
+                let hf = &common.hf;
+                let options = QwenOptions {
+                    dtype: hf.dtype.into(),
+                    prompt: PromptStyle {
+                        system: hf.system_prompt.unwrap_or(match stage {
+                            Stage::Grpo => SystemPrompt::Think,
+                            _ => SystemPrompt::Plain,
+                        }),
+                        vocabulary: (hf.prompt == PromptArg::Closed).then_some(vocab),
+                    },
+                    max_pixels: Some(hf.max_pixels.unwrap_or(match stage {
+                        Stage::Grpo => 512 * 28 * 28,
+                        _ => 1024 * 28 * 28,
+                    })),
+                    freeze_vision: hf.freeze_vision,
+                    checkpointing: Checkpointing {
+                        text: hf.checkpointing,
+                        vision: hf.checkpointing,
+                    },
+                };
+                let policy = QwenPolicy::load(dir, &device, options)
+                    .with_context(|| format!("--model {}", dir.display()))?;
+                Model::Qwen(Box::new(policy))
+            }
+            (None, None) => bail!("no model: the demo's is built unless --model names one"),
+        };
+        let run = Self {
             common,
-            tok,
-            cfg,
-            vars,
             model,
             train,
             eval,
             vocab,
-        })
+            stage,
+        };
+        let described = match &run.model {
+            Model::Tiny(t) => format!(
+                "{:?} preset, vocab {}, {s}x{s} images",
+                common.preset,
+                t.tok.vocab_size(),
+                s = t.cfg.image_size
+            ),
+            Model::Qwen(q) => format!(
+                "Qwen2-VL {}, {:?}, vocab {}",
+                q.pretrained.files.dir.display(),
+                q.options.dtype,
+                q.pretrained.config.text.vocab_size
+            ),
+        };
+        println!(
+            "model: {} parameters ({described}); data: {} train, {} eval ({data_seconds:.1}s)",
+            run.policy()
+                .vars()
+                .all_vars()
+                .iter()
+                .map(|v| v.elem_count())
+                .sum::<usize>(),
+            run.train.len(),
+            run.eval
+                .iter()
+                .map(|(name, s)| format!("{} {name}", s.len()))
+                .collect::<Vec<_>>()
+                .join(" + "),
+        );
+        fs::create_dir_all(&common.out)?;
+        Ok(run)
+    }
+
+    /// The model as the loops drive it.
+    pub(crate) fn policy(&self) -> &dyn Policy {
+        match &self.model {
+            Model::Tiny(t) => t.as_ref(),
+            Model::Qwen(q) => q.as_ref(),
+        }
+    }
+
+    /// Whether the model is a Hugging Face one (R1-SGG's defaults apply).
+    pub(crate) fn real(&self) -> bool {
+        matches!(self.model, Model::Qwen(_))
+    }
+
+    /// `demo` for the demo's model, `real` for a Hugging Face one.
+    fn pick<T>(&self, demo: T, real: T) -> T {
+        if self.real() {
+            real
+        } else {
+            demo
+        }
+    }
+
+    /// Loads the demo model's weights from a checkpoint file.
+    pub(crate) fn load_tiny_weights(&mut self, path: &Path) -> Result<()> {
+        match &mut self.model {
+            Model::Tiny(t) => {
+                checkpoint::load(path, &mut t.vars, None)?;
+                Ok(())
+            }
+            Model::Qwen(_) => bail!("{}: a checkpoint of the demo's model", path.display()),
+        }
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.common.out.join(name)
     }
 
-    /// The stage's optimizer and first step: fresh, or restored from
-    /// `<out>/<stage>.safetensors` with --resume.
+    /// Where a stage's checkpoint goes: `<stage>.safetensors` for the
+    /// demo's model, the directory `<stage>/` for a Hugging Face one.
+    pub(crate) fn checkpoint_path(&self, stage: &str) -> PathBuf {
+        match self.model {
+            Model::Tiny(_) => self.path(&format!("{stage}.safetensors")),
+            Model::Qwen(_) => self.path(stage),
+        }
+    }
+
+    /// The stage's optimizer and first step: fresh, or restored from its
+    /// checkpoint in `--out` with --resume (for a Hugging Face model, the
+    /// weights too).
     pub(crate) fn start(&mut self, stage: &str, lr: f64) -> Result<(AdamW, usize, MetricsLog)> {
-        let mut opt = adamw(&self.vars, lr)?;
-        let ckpt = self.path(&format!("{stage}.safetensors"));
+        let mut opt = adamw(self.policy(), lr, self.common.hf.master_weights)?;
+        if self.real() {
+            println!(
+                "optimizer: {} trainable weights, {:.2} GB of state (f32 moments{})",
+                opt.vars().map(|v| v.elem_count()).sum::<usize>(),
+                opt.state_bytes() as f64 / 1e9,
+                if self.common.hf.master_weights && self.common.hf.dtype != crate::cli::DtypeArg::F32 {
+                    ", f32 master weights"
+                } else {
+                    ""
+                }
+            );
+        }
+        let ckpt = self.checkpoint_path(stage);
         let metrics_path = self.path(&format!("{stage}.jsonl"));
-        if self.common.resume && ckpt.is_file() {
-            let state = checkpoint::load(&ckpt, &mut self.vars, Some(&mut opt))?;
+        let state_file = match self.model {
+            Model::Tiny(_) => ckpt.clone(),
+            Model::Qwen(_) => ckpt.join(TRAINER_STATE),
+        };
+        if self.common.resume && state_file.is_file() {
+            let state = match &mut self.model {
+                Model::Tiny(t) => checkpoint::load(&ckpt, &mut t.vars, Some(&mut opt))?,
+                Model::Qwen(q) => q.resume(&ckpt, &mut opt)?,
+            };
             if state.stage != stage {
                 bail!("{}: a {} checkpoint, not {stage}", ckpt.display(), state.stage);
             }
@@ -195,40 +331,50 @@ impl<'a> Run<'a> {
         Ok((opt, 0, MetricsLog::create(&metrics_path)?))
     }
 
-    /// Writes `<stage>.safetensors` (weights, optimizer, next step),
-    /// `model.json` and `tokenizer.json` into the output folder.
+    /// Writes the stage's checkpoint (weights, optimizer, next step): for
+    /// the demo's model `<stage>.safetensors`, `model.json` and
+    /// `tokenizer.json` in the output folder; for a Hugging Face model the
+    /// directory `<stage>/` with `trainer_state.safetensors`.
     pub(crate) fn save(&self, stage: &str, next_step: usize, opt: &AdamW) -> Result<()> {
-        crate::model::tiny_vlm::save_config(&self.cfg, &self.path("model.json"))?;
-        self.tok.save(&self.path("tokenizer.json"))?;
         let state = TrainingState {
             stage: stage.to_string(),
             step: next_step,
             seed: self.common.seed,
             extra: Default::default(),
         };
-        checkpoint::save(
-            &self.path(&format!("{stage}.safetensors")),
-            &self.vars,
-            Some(opt),
-            &state,
-        )?;
+        let ckpt = self.checkpoint_path(stage);
+        match &self.model {
+            Model::Tiny(t) => {
+                crate::model::tiny_vlm::save_config(&t.cfg, &self.path("model.json"))?;
+                t.tok.save(&self.path("tokenizer.json"))?;
+                checkpoint::save(&ckpt, &t.vars, Some(opt), &state)?;
+            }
+            Model::Qwen(q) => q.save_checkpoint(&ckpt, opt, &state)?,
+        }
         Ok(())
     }
 
     /// Runs (or resumes) SFT; false if interrupted.
     pub(crate) fn sft(&mut self, args: &SftArgs) -> Result<bool> {
+        let augment = match (args.shuffle, args.augment) {
+            (true, _) | (_, Some(AugmentArg::Always)) => Augment::Always,
+            (_, Some(AugmentArg::None)) => Augment::None,
+            (_, Some(AugmentArg::R1Sgg)) => Augment::R1Sgg,
+            (false, None) => self.pick(Augment::None, Augment::R1Sgg),
+        };
         let cfg = SftConfig {
             steps: args.sft_steps,
-            batch: args.batch,
-            lr: args.sft_lr,
+            batch: args.batch.unwrap_or(self.pick(16, 128)),
+            accumulate: self.common.accumulate.unwrap_or(self.pick(1, 32)),
+            lr: args.sft_lr.unwrap_or(self.pick(3e-3, 1e-5)),
+            schedule: self.pick(Schedule::WarmupCosine, Schedule::WarmupLinear { warmup: 0.05 }),
+            max_grad_norm: self.common.max_grad_norm.unwrap_or(self.pick(MAX_GRAD_NORM, 0.3)),
             seed: self.common.seed,
-            shuffle: args.shuffle,
+            augment,
             objects_only: args.objects_only,
-            rounding: match self.common.data {
-                Some(_) => BoxRounding::Truncate,
-                None => BoxRounding::Nearest,
-            },
+            loss_on: args.sft_loss_on,
         };
+        check_split(cfg.batch, cfg.accumulate, "--batch")?;
         let (mut opt, start, metrics) = self.start("sft", cfg.lr)?;
         let mut hooks = Recorder::new(self, metrics, cfg.steps, 0);
         sft(self.learner(), &cfg, &mut opt, start, &mut hooks)?;
@@ -240,15 +386,31 @@ impl<'a> Run<'a> {
     /// Runs (or resumes) GRPO; false if interrupted.
     pub(crate) fn grpo(&mut self, args: &GrpoArgs) -> Result<bool> {
         let mut cfg = grpo_defaults(args.grpo_steps, self.common.seed);
-        cfg.max_new = self.common.max_new;
+        cfg.max_new = self.max_new();
         cfg.inner_steps = args.inner_steps;
         cfg.group = args.group;
-        cfg.prompts = args.prompts;
-        cfg.lr = args.grpo_lr;
-        cfg.loss.beta = args.beta;
-        cfg.sampling.temperature = args.temperature;
+        cfg.prompts = args.prompts.unwrap_or(self.pick(4, 32));
+        cfg.accumulate = self.common.accumulate.unwrap_or(self.pick(1, 32));
+        cfg.rollout_prompts = args.rollout_prompts.unwrap_or(self.pick(cfg.prompts, 8));
+        cfg.lr = args.grpo_lr.unwrap_or(self.pick(1e-4, 6e-7));
+        cfg.schedule = self.pick(cfg.schedule, Schedule::WarmupLinear { warmup: 0.0 });
+        cfg.max_grad_norm = self.common.max_grad_norm.unwrap_or(MAX_GRAD_NORM);
+        cfg.loss.beta = args.beta.unwrap_or(self.pick(0.04, 0.0));
+        cfg.sampling.temperature = args.temperature.unwrap_or(self.pick(0.6, 1.0));
+        cfg.rewards.form = self.policy().answer_form();
         cfg.rewards.edge = args.edge_reward.into();
-        cfg.rewards.weights = args.reward_weights;
+        cfg.rewards.weights = args.reward_weights.unwrap_or(self.pick(
+            RewardWeights {
+                format: 3.0,
+                node: 2.0,
+                edge: 5.0,
+            },
+            RewardWeights {
+                format: 1.0,
+                node: 2.0,
+                edge: 5.0,
+            },
+        ));
         cfg.similarity = match args.label_similarity {
             LabelSimilarityArg::Exact => None,
             LabelSimilarityArg::Spacy => Some(SpacyTable::of(&self.vocab)?),
@@ -263,14 +425,22 @@ impl<'a> Run<'a> {
             None => println!("rewards: labels by exact match"),
         }
         if args.freeze_box_tokens {
-            let numbers = number_tokens(&self.tok, 1)
+            let Model::Tiny(t) = &self.model else {
+                bail!("--freeze-box-tokens: the demo's model only (its box coordinates are tokens of their own)");
+            };
+            let numbers = number_tokens(&t.tok, 1)
                 .context("--freeze-box-tokens: the tokenizer has no run of box-coordinate tokens 0..=1000")?;
             cfg.masked_tokens = Some(numbers.first as u32..(numbers.first + numbers.count) as u32);
         }
-        let cfg = cfg.with_variant(args.loss);
+        let cfg = cfg.with_variant(
+            args.loss
+                .unwrap_or(self.pick(LossVariant::Grpo, LossVariant::Bnpo)),
+        );
+        check_split(cfg.prompts, cfg.accumulate, "--prompts")?;
+        let eval_every = args.eval_every.unwrap_or(self.pick(25, 0));
         let (mut opt, start, metrics) = self.start("grpo", cfg.lr)?;
-        let mut hooks = Recorder::new(self, metrics, cfg.steps, args.eval_every);
-        if start == 0 && args.eval_every > 0 {
+        let mut hooks = Recorder::new(self, metrics, cfg.steps, eval_every);
+        if start == 0 && eval_every > 0 {
             hooks.eval_val(0)?;
         }
         grpo(self.learner(), &cfg, &mut opt, start, &mut hooks)?;
@@ -279,18 +449,25 @@ impl<'a> Run<'a> {
         Ok(done)
     }
 
+    /// The longest completion: --max-new, or the model's and stage's default.
+    fn max_new(&self) -> usize {
+        self.common.max_new.unwrap_or(match (self.real(), self.stage) {
+            (false, _) => 160,
+            (true, Stage::Grpo) => 1024,
+            (true, _) => 2048,
+        })
+    }
+
     pub(crate) fn learner(&self) -> Learner<'_> {
         Learner {
-            model: &self.model,
-            vars: &self.vars,
-            tok: &self.tok,
+            policy: self.policy(),
             train: &self.train,
         }
     }
 
     /// Greedy predictions on `samples`.
     pub(crate) fn predict(&self, samples: &[Sample]) -> Result<Vec<String>> {
-        Ok(predict(&self.model, &self.tok, samples, 32, self.common.max_new)?)
+        Ok(predict(self.policy(), samples, 32, self.max_new())?)
     }
 
     /// Evaluates on every evaluation set, logs the results as `stage`, writes
@@ -341,7 +518,9 @@ impl<'a> Run<'a> {
         let n = n.min(samples.len());
         let mut tiles: Vec<Sample> = samples[..n].to_vec();
         for (s, text) in samples[..n].iter().zip(texts) {
-            let graph = parse_answer(text, FORM).graph.unwrap_or_default();
+            let graph = parse_answer(text, self.policy().answer_form())
+                .graph
+                .unwrap_or_default();
             tiles.push(Sample { graph, ..s.clone() });
         }
         render_preview(&tiles, n, 3).save(path)?;
@@ -390,7 +569,7 @@ impl<'r, 'a> Recorder<'r, 'a> {
     pub(crate) fn finish(&mut self, stage: &str, opt: &AdamW) -> Result<bool> {
         let next = self.interrupted_at.map_or(self.steps, |s| s + 1);
         self.run.save(stage, next, opt)?;
-        let ckpt = self.run.path(&format!("{stage}.safetensors"));
+        let ckpt = self.run.checkpoint_path(stage);
         match self.interrupted_at {
             Some(step) => {
                 println!(
@@ -438,13 +617,56 @@ impl Hooks for Recorder<'_, '_> {
     }
 }
 
-/// `samples` read from `path` (given by `flag`), or an error naming both
-/// when the file holds none: a training loop cannot draw from nothing.
-fn non_empty(samples: Vec<Sample>, flag: &str, path: &Path) -> Result<Vec<Sample>> {
-    if samples.is_empty() {
-        bail!("{flag} {}: the file holds no samples", path.display());
+/// An error naming `flag` unless `total` splits into `parts` equal micro-batches.
+fn check_split(total: usize, parts: usize, flag: &str) -> Result<()> {
+    if !total.is_multiple_of(parts) {
+        bail!("{flag} {total} does not split into --accumulate {parts} equal micro-batches");
     }
-    Ok(samples)
+    Ok(())
+}
+
+/// The demo model's tokenizer and configuration: from `--init`'s folder, or
+/// new (the preset, the number basis and the pixel stem).
+fn tiny_model(common: &Common) -> Result<(Tokenizer, VlmConfig)> {
+    let (tok, cfg) = match &common.init {
+        Some(ckpt) => {
+            if !ckpt.is_file() {
+                bail!("--init {}: no such checkpoint file", ckpt.display());
+            }
+            let folder = ckpt.parent().unwrap_or(Path::new("."));
+            let tok_file = folder.join("tokenizer.json");
+            let tok = if tok_file.is_file() {
+                Tokenizer::from_file(&tok_file)?
+            } else {
+                Tokenizer::new(&crate::data::scene::SYNTHETIC, 32)
+            };
+            (
+                tok,
+                crate::model::tiny_vlm::load_config(&folder.join("model.json"))?,
+            )
+        }
+        None => {
+            let tok = Tokenizer::new(&crate::data::scene::SYNTHETIC, 32);
+            let cfg = match common.preset {
+                Preset::Tiny => VlmConfig::tiny(tok.vocab_size()),
+                Preset::Gpu => VlmConfig::gpu(tok.vocab_size()),
+            };
+            let numbers = number_tokens(&tok, common.number_basis);
+            let stem = (common.pixel_stem > 0).then_some(PixelStem {
+                channels: common.pixel_stem,
+                kernel: 3,
+            });
+            (tok, VlmConfig { numbers, stem, ..cfg })
+        }
+    };
+    if cfg.vocab_size != tok.vocab_size() {
+        bail!(
+            "model vocabulary {} does not match the tokenizer's {}",
+            cfg.vocab_size,
+            tok.vocab_size()
+        );
+    }
+    Ok((tok, cfg))
 }
 
 /// The box-coordinate tokens of `tok` (ids of "0" to "1000", contiguous),

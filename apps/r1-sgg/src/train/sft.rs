@@ -1,43 +1,66 @@
 //! Supervised fine-tuning: teacher-forced cross-entropy on the serialized
-//! scene graph, from the fused log-probs.
+//! scene graph, from the fused log-probs, with gradient accumulation.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Result};
 
-use super::batch::{completion_logprobs, image_batch, token_batch};
 use super::optim::AdamW;
-use super::{clipped_step, pick, progress, Hooks, Learner, MAX_GRAD_NORM};
-use crate::data::format::{answer_text_with, augment, BoxRounding};
+use super::policy::LossOn;
+use super::{clipped_step, pick, progress, Accumulated, Hooks, Learner, Schedule};
+use crate::data::format::augment;
 use crate::data::Sample;
-use crate::model::tiny_tokenizer::EOS;
 use crate::util::rng::Rng;
+
+/// How SFT answers are varied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Augment {
+    /// Objects and relations as the data lists them.
+    None,
+    /// Every answer's objects and relations shuffled, the objects
+    /// renumbered (the demo's `--shuffle`).
+    Always,
+    /// R1-SGG's (`src/sft_sgg.py` `Collator`): from a sample's second visit
+    /// on, with probability 0.5, its objects shuffled and renumbered, the
+    /// relations renamed in their order. Visits are counted per sample in
+    /// this process (as R1-SGG's collator does).
+    R1Sgg,
+}
 
 /// Settings of the SFT stage.
 #[derive(Debug, Clone)]
 pub struct SftConfig {
     pub steps: usize,
+    /// Samples per optimizer step.
     pub batch: usize,
+    /// Micro-batches per step (`batch` divided evenly): each runs forward
+    /// and backward alone and their gradients add up.
+    pub accumulate: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    pub schedule: Schedule,
+    /// Gradients are clipped to this global L2 norm.
+    pub max_grad_norm: f64,
     pub seed: u64,
-    /// Shuffle and renumber the objects and relations of every answer
-    /// (R1-SGG's augmentation; see [`augment`]); else reading order.
-    pub shuffle: bool,
+    pub augment: Augment,
     /// Train on the objects alone (empty relationship lists): the starting
     /// point of the R1-SGG-Zero setting, a model that has never seen a
     /// relation before GRPO.
     pub objects_only: bool,
-    /// How answer boxes are rounded: truncated, as R1-SGG's SFT target, for
-    /// data read in R1-SGG's layout; to the nearest unit for the demo's
-    /// synthetic scenes.
-    pub rounding: BoxRounding,
+    /// Which tokens the loss covers.
+    pub loss_on: LossOn,
 }
 
-/// Supervised fine-tuning on `train` (answers optionally augmented by
-/// shuffling and renumbering objects, as R1-SGG does), steps `start..steps`
-/// with `opt` (fresh, or restored from a checkpoint); each step's
-/// `{"loss", "tokens", "seconds"}` (answer tokens trained on, the step's
-/// wall time) goes to `hooks`.
+/// Supervised fine-tuning on `train` (answers optionally augmented, see
+/// [`Augment`]), steps `start..steps` with `opt` (fresh, or restored from a
+/// checkpoint); each step's `{"loss", "tokens", "lr", "seconds"}` (answer
+/// tokens trained on, the step's wall time) goes to `hooks`.
+///
+/// The loss of a micro-batch is the mean over its target tokens; with
+/// accumulation, the step's loss is the mean of its micro-batches' (what
+/// R1-SGG's data-parallel SFT optimizes: each device's token mean, averaged
+/// over devices).
 pub fn sft(
     learner: Learner<'_>,
     cfg: &SftConfig,
@@ -45,45 +68,58 @@ pub fn sft(
     start: usize,
     hooks: &mut dyn Hooks,
 ) -> Result<()> {
-    let Learner {
-        model,
-        vars,
-        tok,
-        train,
-    } = learner;
-    let device = model.device().clone();
+    let Learner { policy, train } = learner;
+    if cfg.accumulate == 0 || !cfg.batch.is_multiple_of(cfg.accumulate) {
+        candle_core::bail!(
+            "SFT: a batch of {} does not split into {} micro-batches",
+            cfg.batch,
+            cfg.accumulate
+        );
+    }
+    let micro = cfg.batch / cfg.accumulate;
     let bar = progress(cfg.steps as u64, "SFT");
     bar.set_position(start as u64);
     let mut rng = Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut visits: HashMap<usize, usize> = HashMap::new();
     for step in start..cfg.steps {
         let t0 = Instant::now();
-        // Warm up over the first 5% of steps, then cosine decay to 10%.
-        opt.set_learning_rate(cfg.lr * schedule(step, cfg.steps));
-        let batch: Vec<&Sample> = (0..cfg.batch).map(|_| pick(&mut rng, train)).collect();
-        let answers: Vec<Vec<u32>> = batch
-            .iter()
-            .map(|s| {
-                let seed = rng.next_u64();
-                let mut graph = if cfg.shuffle {
-                    augment(&s.graph, seed)
-                } else {
-                    s.graph.clone()
-                };
-                if cfg.objects_only {
-                    graph.relations.clear();
+        let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps);
+        opt.set_learning_rate(lr);
+        let picked: Vec<usize> = (0..cfg.batch).map(|_| pick(&mut rng, train.len())).collect();
+        let batch: Vec<&Sample> = picked.iter().map(|&i| &train[i]).collect();
+        let mut answers = Vec::with_capacity(batch.len());
+        for (&i, s) in picked.iter().zip(&batch) {
+            let seed = rng.next_u64();
+            let seen = visits.entry(i).or_default();
+            let mut graph = match cfg.augment {
+                Augment::None => s.graph.clone(),
+                Augment::Always => augment(&s.graph, seed, true),
+                // A coin of its own, not the shuffle's stream.
+                Augment::R1Sgg if *seen > 0 && Rng::new(!seed).next_u64() & 1 == 1 => {
+                    augment(&s.graph, seed, false)
                 }
-                let mut ids = tok.encode(&answer_text_with(&graph, None, cfg.rounding));
-                ids.push(EOS);
-                ids
-            })
-            .collect();
-        let images = image_batch(&batch, model.config().image_size as u32, &device)?;
-        let (tokens, mask) = token_batch(&answers, &device)?;
-        let (logp, target_mask) = completion_logprobs(model, &images, &tokens, &mask, 1.0)?;
-        let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
-        let loss = logp.sum_all()?.neg()?.div(&count)?;
-        let loss_value = loss.to_scalar::<f32>()?;
-        if !clipped_step(opt, vars, &loss, MAX_GRAD_NORM)? {
+                Augment::R1Sgg => s.graph.clone(),
+            };
+            *seen += 1;
+            if cfg.objects_only {
+                graph.relations.clear();
+            }
+            answers.push(policy.answer_tokens(&graph)?);
+        }
+        let mut acc = Accumulated::default();
+        let mut loss_value = 0.0f32;
+        for (samples, completions) in batch.chunks(micro).zip(answers.chunks(micro)) {
+            let (logp, target_mask) = policy.logprobs(samples, completions, cfg.loss_on, 1.0)?;
+            let count = target_mask.to_dtype(DType::F32)?.sum_all()?;
+            let mut loss = logp.sum_all()?.neg()?.div(&count)?;
+            if cfg.accumulate > 1 {
+                loss = (loss / cfg.accumulate as f64)?;
+            }
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            loss_value += value;
+            acc.add(opt, policy.backward(&loss)?, f64::from(value))?;
+        }
+        if !clipped_step(opt, acc, cfg.max_grad_norm)? {
             bar.println(format!(
                 "SFT step {step}: non-finite loss or gradient, step skipped"
             ));
@@ -93,6 +129,7 @@ pub fn sft(
         let record = serde_json::json!({
             "loss": loss_value,
             "tokens": answers.iter().map(Vec::len).sum::<usize>(),
+            "lr": lr,
             "seconds": t0.elapsed().as_secs_f64(),
         });
         if !hooks.after_step("sft", step, record, opt)? {
@@ -103,26 +140,26 @@ pub fn sft(
     Ok(())
 }
 
-fn schedule(step: usize, steps: usize) -> f64 {
-    let warmup = (steps / 20).max(1);
-    if step < warmup {
-        (step + 1) as f64 / warmup as f64
-    } else {
-        let t = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
-        0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_schedule_warms_up_then_decays_to_a_tenth() {
+    fn the_schedules_have_their_shapes() {
         let steps = 200;
-        assert!(schedule(0, steps) < schedule(5, steps));
-        assert!((schedule(9, steps) - 1.0).abs() < 1e-12);
-        assert!(schedule(100, steps) < 1.0 && schedule(100, steps) > 0.1);
-        assert!((schedule(steps - 1, steps) - 0.1).abs() < 1e-3);
+        let cosine = |s| Schedule::WarmupCosine.factor(s, steps);
+        assert!(cosine(0) < cosine(5));
+        assert!((cosine(9) - 1.0).abs() < 1e-12);
+        assert!(cosine(100) < 1.0 && cosine(100) > 0.1);
+        assert!((cosine(steps - 1) - 0.1).abs() < 1e-3);
+        // transformers' linear schedule, warmup_ratio 0.05: 10 warmup steps from 0.
+        let linear = |s| Schedule::WarmupLinear { warmup: 0.05 }.factor(s, steps);
+        assert_eq!((linear(0), linear(5), linear(10)), (0.0, 0.5, 1.0));
+        assert!((linear(105) - 0.5).abs() < 1e-12);
+        assert!((linear(199) - 1.0 / 190.0).abs() < 1e-12);
+        // No warmup (R1-SGG's GRPO): decays from the first step.
+        assert_eq!(Schedule::WarmupLinear { warmup: 0.0 }.factor(0, 4), 1.0);
+        let constant = |s| Schedule::WarmupConstant { warmup: 0.1 }.factor(s, steps);
+        assert_eq!((constant(0), constant(19), constant(150)), (0.05, 1.0, 1.0));
     }
 }

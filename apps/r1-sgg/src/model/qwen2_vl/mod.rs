@@ -220,7 +220,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Keys and values of a batch's tokens so far, for decoding ([`Qwen2Vl::prefill`],
 /// [`Qwen2Vl::decode_step`]). Detached: it keeps no graph.
-#[derive(Debug, Clone)]
+///
+/// Each layer's keys and values sit in buffers with room to grow: a decoding
+/// step writes its token in place (no copy of what is cached), a full buffer
+/// is reallocated to twice its size, and [`KvCache::reserve`] makes room for
+/// a known number of tokens at once. A prompt's cache can be computed once
+/// and repeated for several completions ([`KvCache::repeat_interleave`]);
+/// rows that finished can be dropped ([`KvCache::select_rows`]).
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     /// `[B, S]` additive mask of the cached keys (padding = masked).
@@ -245,6 +252,68 @@ impl KvCache {
     /// Per row, the position the next token gets.
     pub fn next_positions(&self) -> &[i64] {
         &self.next_position
+    }
+
+    /// Rows cached.
+    pub fn rows(&self) -> usize {
+        self.next_position.len()
+    }
+
+    /// Makes room for `extra` more tokens per row, so that the next `extra`
+    /// decoding steps reallocate nothing.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        let len = self.len();
+        for layer in self.layers.iter_mut().flatten() {
+            layer.reserve(len + extra)?;
+        }
+        Ok(())
+    }
+
+    /// Each row repeated `times` times in place (rows `0,0,..,1,1,..`), as
+    /// transformers' `repeat_interleave` on the batch: the cache of a prompt
+    /// computed once serves `times` completions, which share its rope delta.
+    pub fn repeat_interleave(&self, times: usize) -> Result<Self> {
+        let rows: Vec<usize> = (0..self.rows())
+            .flat_map(|r| std::iter::repeat_n(r, times))
+            .collect();
+        self.select_rows(&rows)
+    }
+
+    /// The cache of rows `rows` of this one, in that order (a row may repeat);
+    /// e.g. the rows still generating.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        let b = self.rows();
+        if let Some(&bad) = rows.iter().find(|&&r| r >= b) {
+            return Err(Error::Shape {
+                what: "rows",
+                expected: format!("row indices below {b} (the cached batch)"),
+                found: vec![bad],
+            });
+        }
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let index = Tensor::from_vec(index, rows.len(), self.pad.device())?;
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|c| c.select_rows(&index)).transpose())
+                .collect::<candle_core::Result<_>>()?,
+            pad: self.pad.index_select(&index, 0)?,
+            next_position: rows.iter().map(|&r| self.next_position[r]).collect(),
+        })
+    }
+
+    /// A copy that decodes on independently of this one.
+    pub fn deep_copy(&self) -> Result<Self> {
+        Ok(Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|c| c.deep_copy()).transpose())
+                .collect::<candle_core::Result<_>>()?,
+            pad: self.pad.clone(),
+            next_position: self.next_position.clone(),
+        })
     }
 }
 
@@ -385,7 +454,23 @@ impl Qwen2Vl {
 
     /// Hidden states after the final norm, `[B, T, H]`.
     pub fn hidden_states(&self, input: &Inputs) -> Result<Tensor> {
-        let p = self.prepare(input)?;
+        self.hidden_states_with(input, None)
+    }
+
+    /// [`Qwen2Vl::hidden_states`] with the images' merged tokens given
+    /// (`[image tokens, hidden_size]`, from [`Qwen2Vl::vision_embeds`], in
+    /// prompt order across the batch) instead of computed from
+    /// `input.pixel_values`, which must then be `None`; `input.image_grid_thw`
+    /// still gives every image's grid (for the positions). This lets one
+    /// image serve several rows while the vision tower runs once for it
+    /// (GRPO's `G` completions of a prompt): repeat its rows of the vision
+    /// output, and the gradients of the repeats add up in the tower.
+    pub fn hidden_states_with_image_embeds(&self, input: &Inputs, image_embeds: &Tensor) -> Result<Tensor> {
+        self.hidden_states_with(input, Some(image_embeds))
+    }
+
+    fn hidden_states_with(&self, input: &Inputs, image_embeds: Option<&Tensor>) -> Result<Tensor> {
+        let p = self.prepare(input, image_embeds)?;
         let store = self.checkpointing.text.then_some(&self.store);
         Ok(self.model.forward(&p.embeds, &p.positions, &p.pad, None, store)?)
     }
@@ -454,8 +539,8 @@ impl Qwen2Vl {
     /// [`Qwen2Vl::decode_step`] with the logits `[B, vocab]` at each row's
     /// last real token. Detached: for generation.
     pub fn prefill(&self, input: &Inputs) -> Result<(KvCache, Tensor)> {
-        let p = self.prepare(input)?;
-        let mut layers: Vec<LayerKv> = vec![None; self.model.num_layers()];
+        let p = self.prepare(input, None)?;
+        let mut layers: Vec<LayerKv> = (0..self.model.num_layers()).map(|_| None).collect();
         let hidden = self
             .model
             .forward(&p.embeds, &p.positions, &p.pad, Some(&mut layers), None)?;
@@ -556,8 +641,10 @@ impl Qwen2Vl {
         Ok(Some(m.ne(0f64)?.to_dtype(DType::U32)?.to_vec2::<u32>()?))
     }
 
-    /// Checks `input` and builds the embeddings (images in place), positions and mask.
-    fn prepare(&self, input: &Inputs) -> Result<Prepared> {
+    /// Checks `input` and builds the embeddings (images in place: the
+    /// vision tower's output of `input.pixel_values`, or `image_embeds`),
+    /// positions and mask.
+    fn prepare(&self, input: &Inputs, image_embeds: Option<&Tensor>) -> Result<Prepared> {
         let pending = self.store.pending();
         if pending > 0 {
             return Err(Error::UncollectedGradients { pending });
@@ -581,40 +668,59 @@ impl Qwen2Vl {
             });
         }
         let mut embeds = self.model.embed(&input.input_ids)?;
-        match (&input.pixel_values, input.image_grid_thw.is_empty()) {
-            (None, true) => {}
-            (Some(px), false) => {
-                let vis = self
-                    .vision_embeds(px, &input.image_grid_thw)?
-                    .to_dtype(embeds.dtype())?;
-                // Row k of [embeds; vis]: the k-th token's embedding, or for
-                // the j-th image token, vision token j (B*T + j).
-                let mut next = b * t;
-                let index: Vec<u32> = ids
-                    .iter()
-                    .flatten()
-                    .enumerate()
-                    .map(|(k, &id)| {
-                        if id == image {
-                            next += 1;
-                            (next - 1) as u32
-                        } else {
-                            k as u32
-                        }
-                    })
-                    .collect();
-                let h = embeds.dim(2)?;
-                let rows = Tensor::cat(&[&embeds.reshape((b * t, h))?, &vis], 0)?;
-                embeds = rows
-                    .index_select(&Tensor::from_vec(index, b * t, dev)?, 0)?
-                    .reshape((b, t, h))?;
-            }
-            (px, _) => {
-                return Err(Error::Pixels {
-                    found: px.as_ref().map_or(0, |p| p.dims().first().copied().unwrap_or(0)),
-                    expected: input.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2]).sum(),
+        let patches: usize = input.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        let rows_of = |px: &Tensor| px.dims().first().copied().unwrap_or(0);
+        let vision = match (image_embeds, &input.pixel_values) {
+            (Some(_), Some(px)) => {
+                return Err(Error::Shape {
+                    what: "pixel_values",
+                    expected: "absent when the image embeddings are given".into(),
+                    found: px.dims().to_vec(),
                 })
             }
+            (Some(given), None) => {
+                let h = self.cfg.text.hidden_size;
+                if given.dims() != [expected, h] {
+                    return Err(Error::Shape {
+                        what: "image_embeds",
+                        expected: format!("[{expected}, {h}] (the grids' merged tokens)"),
+                        found: given.dims().to_vec(),
+                    });
+                }
+                (expected > 0).then(|| given.clone())
+            }
+            (None, Some(px)) if patches > 0 => Some(self.vision_embeds(px, &input.image_grid_thw)?),
+            (None, None) if patches == 0 => None,
+            (None, px) => {
+                return Err(Error::Pixels {
+                    found: px.as_ref().map_or(0, rows_of),
+                    expected: patches,
+                })
+            }
+        };
+        if let Some(vis) = vision {
+            let vis = vis.to_dtype(embeds.dtype())?;
+            // Row k of [embeds; vis]: the k-th token's embedding, or for
+            // the j-th image token, vision token j (B*T + j).
+            let mut next = b * t;
+            let index: Vec<u32> = ids
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(k, &id)| {
+                    if id == image {
+                        next += 1;
+                        (next - 1) as u32
+                    } else {
+                        k as u32
+                    }
+                })
+                .collect();
+            let h = embeds.dim(2)?;
+            let rows = Tensor::cat(&[&embeds.reshape((b * t, h))?, &vis], 0)?;
+            embeds = rows
+                .index_select(&Tensor::from_vec(index, b * t, dev)?, 0)?
+                .reshape((b, t, h))?;
         }
         let (positions, host_positions) = match &input.position_ids {
             Some(p) => {
@@ -803,10 +909,25 @@ pub(crate) mod tests {
     }
 
     fn padded_batch() -> Inputs {
-        let (r0, mut r1) = rows();
-        let n1 = r1.len();
-        r1.resize(r0.len(), 0);
-        let mask: Vec<u32> = (0..r0.len()).map(|i| u32::from(i < n1)).collect();
+        padded_batch_on(false)
+    }
+
+    /// [`rows`] as a batch, row 1 padded on the left or the right.
+    fn padded_batch_on(left: bool) -> Inputs {
+        let (r0, r1) = rows();
+        let (n, n1) = (r0.len(), r1.len());
+        let pads = std::iter::repeat_n(0, n - n1);
+        let (r1, mask): (Vec<u32>, Vec<u32>) = if left {
+            (
+                pads.chain(r1).collect(),
+                (0..n).map(|i| u32::from(i >= n - n1)).collect(),
+            )
+        } else {
+            (
+                r1.into_iter().chain(pads).collect(),
+                (0..n).map(|i| u32::from(i < n1)).collect(),
+            )
+        };
         let dev = Device::Cpu;
         Inputs {
             input_ids: Tensor::new(vec![r0.clone(), r1], &dev).unwrap(),
@@ -859,30 +980,140 @@ pub(crate) mod tests {
         let (m, _vm) = model(false);
         let (r0, r1) = rows();
         let steps: [[u32; 2]; 3] = [[10, 11], [12, 13], [14, 15]];
-        let (mut cache, mut logits) = m.prefill(&padded_batch()).unwrap();
-        assert_eq!((cache.len(), logits.dims()), (9, &[2usize, 128][..]));
-        // Row 0: text positions 0-2, image at 3 (1x2 tokens), text resumes at 5: 9 tokens end at 8.
-        // Row 1: 0-1, image at 2 (1 token), 3-4: next 5.
-        assert_eq!(cache.next_positions(), &[9, 5]);
-        let mut per_step = vec![logits.clone()];
-        for tokens in steps {
-            logits = m
-                .decode_step(&mut cache, &Tensor::new(&tokens, &Device::Cpu).unwrap())
-                .unwrap();
-            per_step.push(logits.clone());
-        }
-        assert_eq!(cache.next_positions(), &[12, 8]);
-        assert!(!per_step[1].track_op(), "decoding keeps no graph");
-        let alone = [(r0, patches(8, 1), [1, 2, 4]), (r1, patches(4, 2), [1, 2, 2])];
-        for (b, (ids, px, grid)) in alone.into_iter().enumerate() {
-            let mut full = ids.clone();
-            full.extend(steps.iter().map(|s| s[b]));
-            let want = m.logits(&single(full, px, grid)).unwrap().squeeze(0).unwrap();
-            for (k, got) in per_step.iter().enumerate() {
-                let want = want.get(ids.len() - 1 + k).unwrap();
-                assert_close(&got.get(b).unwrap(), &want, 1e-5, &format!("row {b}, step {k}"));
+        for left in [false, true] {
+            let (mut cache, mut logits) = m.prefill(&padded_batch_on(left)).unwrap();
+            assert_eq!((cache.len(), logits.dims()), (9, &[2usize, 128][..]));
+            // Row 0: text positions 0-2, image at 3 (1x2 tokens), text resumes at 5: 9 tokens end at 8.
+            // Row 1: 0-1, image at 2 (1 token), 3-4: next 5.
+            assert_eq!(cache.next_positions(), &[9, 5]);
+            let mut per_step = vec![logits.clone()];
+            for tokens in steps {
+                logits = m
+                    .decode_step(&mut cache, &Tensor::new(&tokens, &Device::Cpu).unwrap())
+                    .unwrap();
+                per_step.push(logits.clone());
+            }
+            assert_eq!(cache.next_positions(), &[12, 8]);
+            assert!(!per_step[1].track_op(), "decoding keeps no graph");
+            let alone = [(&r0, patches(8, 1), [1, 2, 4]), (&r1, patches(4, 2), [1, 2, 2])];
+            for (b, (ids, px, grid)) in alone.into_iter().enumerate() {
+                let mut full = ids.clone();
+                full.extend(steps.iter().map(|s| s[b]));
+                let want = m.logits(&single(full, px, grid)).unwrap().squeeze(0).unwrap();
+                for (k, got) in per_step.iter().enumerate() {
+                    let want = want.get(ids.len() - 1 + k).unwrap();
+                    let what = format!("left {left}, row {b}, step {k}");
+                    assert_close(&got.get(b).unwrap(), &want, 1e-5, &what);
+                }
             }
         }
+    }
+
+    /// Teacher-forced logits of a padded row, on either side, equal the
+    /// row's alone at its real positions (transformers' position ids skip
+    /// the padding).
+    #[test]
+    fn padding_on_either_side_keeps_each_rows_logits() {
+        let (m, _vm) = model(false);
+        let (_, r1) = rows();
+        let want = m.logits(&single(r1.clone(), patches(4, 2), [1, 2, 2])).unwrap();
+        for left in [false, true] {
+            let got = m.logits(&padded_batch_on(left)).unwrap().get(1).unwrap();
+            let start = if left { 9 - r1.len() } else { 0 };
+            let got = got.narrow(0, start, r1.len()).unwrap();
+            assert_close(&got, &want.squeeze(0).unwrap(), 1e-5, &format!("left {left}"));
+        }
+    }
+
+    /// A prompt's cache computed once and repeated decodes as the prompt
+    /// repeated in the batch, and dropping rows leaves the others' logits.
+    #[test]
+    fn a_repeated_cache_decodes_as_repeated_prompts() {
+        let (m, _vm) = model(false);
+        let once = padded_batch_on(true);
+        let (cache, logits) = m.prefill(&once).unwrap();
+        let mut shared = cache.repeat_interleave(2).unwrap();
+        shared.reserve(4).unwrap();
+        let index = Tensor::new(&[0u32, 0, 1, 1], &Device::Cpu).unwrap();
+        let mut shared_logits = logits.index_select(&index, 0).unwrap();
+        // The same prompts, each twice in the batch, its image encoded twice.
+        let ids = once.input_ids.to_vec2::<u32>().unwrap();
+        let mask = once.attention_mask.as_ref().unwrap().to_vec2::<u32>().unwrap();
+        let twice = |v: &[Vec<u32>]| v.iter().flat_map(|r| [r.clone(), r.clone()]).collect::<Vec<_>>();
+        let (p0, p1) = (patches(8, 1), patches(4, 2));
+        let repeated = Inputs {
+            input_ids: Tensor::new(twice(&ids), &Device::Cpu).unwrap(),
+            attention_mask: Some(Tensor::new(twice(&mask), &Device::Cpu).unwrap()),
+            pixel_values: Some(Tensor::cat(&[&p0, &p0, &p1, &p1], 0).unwrap()),
+            image_grid_thw: vec![[1, 2, 4], [1, 2, 4], [1, 2, 2], [1, 2, 2]],
+            position_ids: None,
+        };
+        let (mut plain, mut plain_logits) = m.prefill(&repeated).unwrap();
+        assert_eq!(shared.next_positions(), plain.next_positions());
+        for tokens in [[10u32, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20, 21]] {
+            assert_close(&shared_logits, &plain_logits, 1e-6, "shared vs repeated");
+            let tokens = Tensor::new(&tokens, &Device::Cpu).unwrap();
+            shared_logits = m.decode_step(&mut shared, &tokens).unwrap();
+            plain_logits = m.decode_step(&mut plain, &tokens).unwrap();
+        }
+        assert_close(&shared_logits, &plain_logits, 1e-6, "shared vs repeated");
+        // Rows 1 and 2 alone, then one more step: as the full batch's rows.
+        let mut kept = shared.select_rows(&[1, 2]).unwrap();
+        assert_eq!(kept.next_positions(), &shared.next_positions()[1..3]);
+        let next = m
+            .decode_step(&mut kept, &Tensor::new(&[5u32, 6], &Device::Cpu).unwrap())
+            .unwrap();
+        let all = m
+            .decode_step(&mut shared, &Tensor::new(&[1u32, 5, 6, 2], &Device::Cpu).unwrap())
+            .unwrap();
+        assert_close(&next, &all.narrow(0, 1, 2).unwrap(), 1e-6, "selected rows");
+        assert!(shared.select_rows(&[4]).is_err());
+    }
+
+    /// The vision tower's output given in place of the pixels gives the
+    /// same hidden states; repeated for several rows, the tower runs once
+    /// and its weights get the repeats' gradients.
+    #[test]
+    fn given_image_embeds_equal_computed_ones() {
+        let (m, vm) = model(false);
+        let input = padded_batch();
+        let vis = m
+            .vision_embeds(input.pixel_values.as_ref().unwrap(), &input.image_grid_thw)
+            .unwrap();
+        let given = Inputs {
+            pixel_values: None,
+            ..input.clone()
+        };
+        let a = m.hidden_states(&input).unwrap();
+        let b = m.hidden_states_with_image_embeds(&given, &vis).unwrap();
+        assert_close(&b, &a, 0.0, "hidden states");
+        let grads = m.backward(&b.sum_all().unwrap()).unwrap();
+        let qkv = vm.data().lock().unwrap()["visual.blocks.0.attn.qkv.weight"].clone();
+        assert!(grads.get(&qkv).is_some(), "the tower gets gradients");
+        let e = m.hidden_states_with_image_embeds(&input, &vis).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    what: "pixel_values",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = m
+            .hidden_states_with_image_embeds(&given, &vis.narrow(0, 0, 2).unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    what: "image_embeds",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,8 +23,93 @@ use super::{linear, norm_weight};
 /// Finite, so a fully masked row softmaxes to a uniform row, not NaN.
 pub(super) const MASKED: f32 = f32::MIN;
 
-/// One layer's cached keys and values `[B, kv_heads, S, head_dim]`, detached.
-pub(super) type LayerKv = Option<(Tensor, Tensor)>;
+/// One layer's cache slot: `None` until the first tokens run.
+pub(super) type LayerKv = Option<LayerCache>;
+
+/// One layer's cached keys and values, detached: buffers
+/// `[B, kv_heads, capacity, head_dim]` whose first `len` positions hold the
+/// tokens so far. Appending writes the new positions in place, so a decoding
+/// step costs its own tokens, not a copy of the whole cache as a
+/// concatenation would; only a full buffer is reallocated, to at least twice
+/// its capacity (amortized O(1) per token), and
+/// [`LayerCache::reserve`] sizes it once for a known length.
+#[derive(Debug)]
+pub(super) struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Positions the buffers hold without reallocating.
+    fn capacity(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+
+    /// Keys and values of the cached positions `[B, kv_heads, len, head_dim]`
+    /// (views into the buffers: strided, no copy).
+    fn live(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+
+    /// Reallocates the buffers to hold `capacity` positions (at least `len`).
+    pub(super) fn reserve(&mut self, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity() {
+            return Ok(());
+        }
+        let (k, v) = self.live()?;
+        let (b, h, _, d) = k.dims4()?;
+        let extra = Tensor::zeros((b, h, capacity - self.len, d), k.dtype(), k.device())?;
+        self.k = Tensor::cat(&[&k, &extra], 2)?;
+        self.v = Tensor::cat(&[&v, &extra], 2)?;
+        Ok(())
+    }
+
+    /// Appends `k`, `v` `[B, kv_heads, t, head_dim]` to `slot` and returns
+    /// every cached position's keys and values.
+    fn append(slot: &mut LayerKv, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        let t = k.dim(2)?;
+        let cache = match slot {
+            None => slot.insert(LayerCache {
+                // Copies, not the computation's own storage: `slice_set` later
+                // writes into these buffers.
+                k: k.copy()?,
+                v: v.copy()?,
+                len: t,
+            }),
+            Some(cache) => {
+                if cache.len + t > cache.capacity() {
+                    cache.reserve((cache.len + t).max(2 * cache.capacity()))?;
+                }
+                cache.k.slice_set(&k, 2, cache.len)?;
+                cache.v.slice_set(&v, 2, cache.len)?;
+                cache.len += t;
+                cache
+            }
+        };
+        cache.live()
+    }
+
+    /// The cache of rows `index` (`[n]` U32, rows may repeat), capacity kept.
+    pub(super) fn select_rows(&self, index: &Tensor) -> Result<Self> {
+        Ok(Self {
+            k: self.k.index_select(index, 0)?,
+            v: self.v.index_select(index, 0)?,
+            len: self.len,
+        })
+    }
+
+    /// A copy with its own buffers (a plain clone would share them, and
+    /// appending to one would write into the other).
+    pub(super) fn deep_copy(&self) -> Result<Self> {
+        Ok(Self {
+            k: self.k.copy()?,
+            v: self.v.copy()?,
+            len: self.len,
+        })
+    }
+}
 
 /// M-RoPE (`Qwen2VLRotaryEmbedding`): angles `p_axis(i) * inv_freq[i]` with
 /// `inv_freq[i] = theta^(-2i / head_dim)` (computed in f32 as transformers
@@ -131,17 +216,7 @@ impl Attention {
         let v = split(&self.v_proj, self.kv_heads)?.contiguous()?;
         let (k, v) = match cache {
             None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (
-                        Tensor::cat(&[&pk, &k.detach()], 2)?,
-                        Tensor::cat(&[&pv, &v.detach()], 2)?,
-                    ),
-                    None => (k.detach(), v.detach()),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => LayerCache::append(slot, &k, &v)?,
         };
         let s = k.dim(2)?;
         // Query head h reads K/V head h / rep (transformers' repeat_kv):
@@ -448,7 +523,7 @@ mod tests {
                 None,
             )
             .unwrap();
-        let mut caches: Vec<LayerKv> = vec![None; m.num_layers()];
+        let mut caches: Vec<LayerKv> = (0..m.num_layers()).map(|_| None).collect();
         let prefix = 4;
         let head = ids.narrow(1, 0, prefix).unwrap();
         let mut outs = vec![m
@@ -475,11 +550,13 @@ mod tests {
             );
         }
         assert_close(&Tensor::cat(&outs, 1).unwrap(), &full, 1e-5, "cached vs full");
-        assert_eq!(caches[0].as_ref().unwrap().0.dims(), &[b, 2, t, 16]);
-        assert!(
-            !caches[0].as_ref().unwrap().0.track_op(),
-            "the cache keeps no graph"
-        );
+        let cache = caches[0].as_ref().unwrap();
+        // The prefill's buffer held 4 positions; the first step doubled it and
+        // the second wrote in place.
+        assert_eq!((cache.len, cache.capacity()), (t, 2 * prefix));
+        let (k, _) = cache.live().unwrap();
+        assert_eq!(k.dims(), &[b, 2, t, 16]);
+        assert!(!k.track_op(), "the cache keeps no graph");
     }
 
     /// GQA by folding query groups equals attention over K/V heads repeated
