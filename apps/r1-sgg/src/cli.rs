@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::data::dataset::{write_dataset, DatasetFormat};
 use crate::data::scene::{Vocabulary, PSG, SYNTHETIC, VG150};
 use crate::data::synthetic::Split;
-use crate::report::summary::{eval_table, recall_gains, write};
+use crate::report::summary::{describe_r1_sgg, eval_table, recall_gains, write};
 use crate::reward::{EdgeReward, RewardWeights};
 use crate::train::grpo::LossVariant;
 use crate::train::session::{Run, Stage};
@@ -651,27 +651,7 @@ fn eval_records(args: &EvalRecordsArgs) -> Result<()> {
         &commit[..7],
         s.images
     );
-    if args.predictions.is_none() {
-        println!(
-            "  failure rate {:.2}% ({} of {})",
-            100.0 * s.failure_rate,
-            s.failures,
-            s.images
-        );
-    }
-    let pct = |v: &[(usize, f64)]| {
-        v.iter()
-            .map(|(k, r)| format!("@{k} {:.2}", 100.0 * r))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    println!("  R   {}   ({} images counted)", pct(&s.recall), s.recall_images);
-    println!("  mR  {}", pct(&s.mean_recall));
-    println!(
-        "  triplet recall {:.2}, its mean over predicates {:.2}",
-        100.0 * s.triplet_recall,
-        100.0 * s.triplet_mean_recall
-    );
+    println!("{}", describe_r1_sgg(&s, args.predictions.is_none()));
     if let Some(out) = &args.out {
         let json = serde_json::json!({"summary": s, "images": eval.images()});
         write(out, &serde_json::to_string_pretty(&json)?)?;

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::metrics::MetricsLog;
 use super::plot::{line_chart_png, panels_png, smooth, Panel, Series};
+use crate::eval::r1_sgg::R1SggSummary;
 use crate::eval::stats::RelativeGain;
 use crate::eval::EvalSummary;
 
@@ -35,6 +36,61 @@ pub fn describe(s: &EvalSummary) -> String {
         s.out_of_vocabulary,
         s.predicted_labels,
     )
+}
+
+/// R1-SGG's evaluation as its `vg150_eval.py` prints it: the failure rate
+/// (unless `failures` is false: scoring gathered predictions, which hold
+/// none), R@K and mR@K, the triplet recall; percentages, one line each.
+pub fn describe_r1_sgg(s: &R1SggSummary, failures: bool) -> String {
+    let pct = |v: &[(usize, f64)]| {
+        v.iter()
+            .map(|(k, r)| format!("@{k} {:.2}", 100.0 * r))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut text = String::new();
+    if failures {
+        text += &format!(
+            "  failure rate {:.2}% ({} of {})\n",
+            100.0 * s.failure_rate,
+            s.failures,
+            s.images
+        );
+    }
+    text += &format!(
+        "  R   {}   ({} images counted)\n",
+        pct(&s.recall),
+        s.recall_images
+    );
+    text += &format!("  mR  {}\n", pct(&s.mean_recall));
+    text += &format!(
+        "  triplet recall {:.2}, its mean over predicates {:.2}",
+        100.0 * s.triplet_recall,
+        100.0 * s.triplet_mean_recall
+    );
+    text
+}
+
+/// One metrics line for R1-SGG's evaluation of split `split` at `stage`.
+pub fn r1_sgg_record(stage: &str, split: &str, s: &R1SggSummary) -> Value {
+    let mut record = json!({
+        "stage": stage,
+        "eval": split,
+        "evaluation": "r1_sgg",
+        "images": s.images,
+        "failure_rate": s.failure_rate,
+        "recall_images": s.recall_images,
+        "triplet_recall": s.triplet_recall,
+    });
+    if let Some(fields) = record.as_object_mut() {
+        for (k, r) in &s.recall {
+            fields.insert(format!("R@{k}"), json!(r));
+        }
+        for (k, r) in &s.mean_recall {
+            fields.insert(format!("mR@{k}"), json!(r));
+        }
+    }
+    record
 }
 
 /// One metrics line for an evaluation.

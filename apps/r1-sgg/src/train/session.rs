@@ -38,12 +38,14 @@ use crate::data::scene::{covering_vocabulary, SceneGraph, Vocabulary};
 use crate::data::source::{load_samples, DataSource};
 use crate::data::synthetic::{generate_split, Split};
 use crate::data::{BadRows, Sample};
+use crate::eval::r1_sgg::records::{evaluate_records, write_records, Record};
+use crate::eval::r1_sgg::Dataset;
 use crate::eval::{evaluate, predict, EvalSummary};
 use crate::model::qwen2_vl::Checkpointing;
 use crate::model::tiny_tokenizer::Tokenizer;
 use crate::model::{NumberTokens, PixelStem, SeededVars, Vlm, VlmConfig};
 use crate::report::metrics::MetricsLog;
-use crate::report::summary::{describe, eval_record, grpo_chart, sft_chart};
+use crate::report::summary::{describe, describe_r1_sgg, eval_record, grpo_chart, r1_sgg_record, sft_chart};
 use crate::reward::{RewardWeights, SpacyTable};
 
 /// Which command a [`Run`] serves (R1-SGG's prompts and image sizes differ by stage).
@@ -474,7 +476,12 @@ impl<'a> Run<'a> {
     /// every prediction beside its ground truth
     /// (`predictions_<stage>_<split>.jsonl`; a file given by `--eval-data`
     /// names the split by its stem), and draws the first images'
-    /// predictions (`predictions_<stage>.png`).
+    /// predictions (`predictions_<stage>.png`). On VG150 or PSG data it also
+    /// runs R1-SGG's own evaluation ([`crate::eval::r1_sgg`]; its numbers are
+    /// the ones to set beside the paper's) on one record per image, written
+    /// to `records_<stage>_<split>/` as R1-SGG's inference script writes
+    /// them. Decoding is greedy: R1-SGG's temperature 0.01 with top-k 1
+    /// picks the same argmax.
     pub(crate) fn eval_all(&self, stage: &str) -> Result<Vec<(String, EvalSummary)>> {
         let mut metrics = MetricsLog::append(&self.path("eval.jsonl"))?;
         let mut results = Vec::new();
@@ -492,6 +499,31 @@ impl<'a> Run<'a> {
             for (s, text) in samples.iter().zip(&texts) {
                 predictions
                     .write(&json!({"id": s.id, "prediction": text, "ground_truth": graph_json(&s.graph)}))?;
+            }
+            // On R1-SGG's datasets, its own evaluation too, from one record
+            // per image as its inference script writes them.
+            if let Some(dataset) = Dataset::of(&self.vocab) {
+                let records: Vec<Record> = samples
+                    .iter()
+                    .zip(&texts)
+                    .map(|(s, t)| Record::from_sample(s, t))
+                    .collect();
+                write_records(&records, &self.path(&format!("records_{stage}_{label}")))?;
+                // R1-SGG's code refuses ground truth outside its dataset's
+                // vocabulary (mixed data, say): then only ours is reported.
+                match evaluate_records(&records, dataset, &Default::default()) {
+                    Ok((eval, _)) => {
+                        let r = eval.summary();
+                        println!(
+                            "{stage} on {name}, R1-SGG's evaluation ({dataset:?}):\n{}",
+                            describe_r1_sgg(&r, true)
+                        );
+                        metrics.write(&r1_sgg_record(stage, name, &r))?;
+                    }
+                    Err(e) => println!(
+                        "{stage} on {name}: R1-SGG's evaluation ({dataset:?}) cannot score this data: {e:#}"
+                    ),
+                }
             }
             if results.is_empty() {
                 self.predictions_png(

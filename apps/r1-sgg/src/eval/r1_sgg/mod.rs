@@ -87,6 +87,18 @@ pub enum Dataset {
     Psg,
 }
 
+impl Dataset {
+    /// The R1-SGG dataset of `vocab`, if it is one of them.
+    pub fn of(vocab: &crate::data::scene::Vocabulary) -> Option<Self> {
+        use crate::data::scene::{PSG, VG150};
+        match *vocab {
+            v if v == VG150 => Some(Dataset::Vg150),
+            v if v == PSG => Some(Dataset::Psg),
+            _ => None,
+        }
+    }
+}
+
 /// Why an image cannot be evaluated: a ground truth R1-SGG's code could not
 /// read either (it raises; its datasets never hold one), or a
 /// [`Prediction`] whose indices do not fit together.

@@ -102,6 +102,38 @@ impl Record {
         }
     }
 
+    /// The record of `response`, a model's answer with boxes in `0..=1000`,
+    /// for `sample`: its ground truth back in pixels of the sample's image
+    /// (normalized coordinates times its width and height; within f32
+    /// rounding of the dataset's own numbers).
+    pub fn from_sample(sample: &crate::data::Sample, response: &str) -> Self {
+        let (w, h) = sample.image.dimensions();
+        let (w, h) = (f64::from(w), f64::from(h));
+        let objects: Vec<Value> = sample
+            .graph
+            .objects
+            .iter()
+            .map(|o| {
+                let [x1, y1, x2, y2] = o.bbox.map(f64::from);
+                json!({"id": o.id, "bbox": [x1 * w, y1 * h, x2 * w, y2 * h]})
+            })
+            .collect();
+        let relations: Vec<Value> = sample
+            .graph
+            .relations
+            .iter()
+            .map(|r| json!({"subject": r.subject, "predicate": r.predicate, "object": r.object}))
+            .collect();
+        Self::new(
+            sample.id.clone(),
+            response,
+            Value::Array(objects),
+            Value::Array(relations),
+            [1000.0, 1000.0],
+            (w, h),
+        )
+    }
+
     /// Reads a record from its JSON (see the module docs).
     pub fn from_json(value: &Value) -> Result<Self, String> {
         let image_id = match value.get("image_id") {
@@ -507,6 +539,37 @@ pub fn evaluate_strict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sample's record carries its ground truth in pixels, so R1-SGG's
+    /// evaluation of the sample's own graph, written as a model would
+    /// answer, recalls every triplet.
+    #[test]
+    fn a_samples_record_scores_its_own_graph_perfectly() {
+        use crate::data::format::answer_text;
+        use crate::data::scene::{Object, Relation, SceneGraph};
+        let graph = SceneGraph {
+            objects: vec![
+                Object::from_id("man.1", [0.1, 0.2, 0.5, 0.9]),
+                Object::from_id("horse.2", [0.3, 0.4, 1.0, 1.0]),
+            ],
+            relations: vec![Relation::new("man.1", "riding", "horse.2")],
+        };
+        let sample = crate::data::Sample {
+            id: "7".into(),
+            image: image::RgbImage::new(640, 480),
+            graph,
+        };
+        let record = Record::from_sample(&sample, &answer_text(&sample.graph, None));
+        assert_eq!(record.size, Some((640.0, 480.0)));
+        assert_eq!(
+            record.gt_objects[0]["bbox"][2].as_f64().unwrap(),
+            0.5f32 as f64 * 640.0
+        );
+        let (eval, _) = evaluate_records(&[record], Dataset::Vg150, &HashMap::new()).unwrap();
+        let s = eval.summary();
+        assert_eq!((s.failures, s.recall_images), (0, 1));
+        assert!(s.recall.iter().all(|&(_, r)| r == 1.0), "{:?}", s.recall);
+    }
 
     #[test]
     fn python_constants_outside_strings_only() {
