@@ -571,7 +571,9 @@ struct Recorder<'r, 'a> {
     steps: usize,
     eval_every: usize,
     interrupted_at: Option<usize>,
-    plain: bool,
+    /// Off a terminal (no progress bar): when this stage's steps began, and
+    /// the first of them, for the progress lines' rate and ETA.
+    plain: Option<(Instant, usize)>,
 }
 
 impl<'r, 'a> Recorder<'r, 'a> {
@@ -582,7 +584,7 @@ impl<'r, 'a> Recorder<'r, 'a> {
             steps,
             eval_every,
             interrupted_at: None,
-            plain: !std::io::stderr().is_terminal(),
+            plain: None,
         }
     }
 
@@ -629,8 +631,11 @@ impl Hooks for Recorder<'_, '_> {
             line.extend(fields.clone());
         }
         self.metrics.write(&line)?;
-        if self.plain && (step + 1).is_multiple_of((self.steps / 20).max(1)) {
-            println!("{stage} step {}/{}: {record}", step + 1, self.steps);
+        if !std::io::stderr().is_terminal() {
+            let (t0, first) = *self.plain.get_or_insert((Instant::now(), step));
+            if (step + 1).is_multiple_of((self.steps / 20).max(1)) {
+                println!("{}", progress_line(stage, step, self.steps, t0, first, &record));
+            }
         }
         if self.eval_every > 0 && (step + 1).is_multiple_of(self.eval_every) {
             self.eval_val(step + 1).map_err(wrap)?;
@@ -647,6 +652,46 @@ impl Hooks for Recorder<'_, '_> {
         }
         Ok(true)
     }
+}
+
+/// A progress line for logs (where the progress bar does not draw):
+/// `sft step 120/2400 (5%), 0.42 s/step, 16 min left: loss 1.130, lr 0.003`,
+/// the rate and what is left measured from `t0`, when step `first` began.
+fn progress_line(
+    stage: &str,
+    step: usize,
+    steps: usize,
+    t0: Instant,
+    first: usize,
+    record: &Value,
+) -> String {
+    let done = step + 1;
+    let per_step = t0.elapsed().as_secs_f64() / (done - first).max(1) as f64;
+    let left = per_step * steps.saturating_sub(done) as f64;
+    let left = if left >= 90.0 {
+        format!("{:.0} min left", left / 60.0)
+    } else {
+        format!("{left:.0} s left")
+    };
+    let fields: Vec<String> = record
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != "seconds")
+        .filter_map(|(k, v)| {
+            let v = v.as_f64()?;
+            Some(if v.fract() == 0.0 && v.abs() < 1e9 {
+                format!("{k} {v:.0}")
+            } else {
+                format!("{k} {v:.3}")
+            })
+        })
+        .collect();
+    format!(
+        "{stage} step {done}/{steps} ({:.0}%), {per_step:.2} s/step, {left}: {}",
+        100.0 * done as f64 / steps.max(1) as f64,
+        fields.join(", ")
+    )
 }
 
 /// An error naming `flag` unless `total` splits into `parts` equal micro-batches.
@@ -716,6 +761,20 @@ fn number_tokens(tok: &Tokenizer, basis: usize) -> Option<NumberTokens> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_read_as_a_sentence() {
+        let record = json!({"loss": 1.1308999, "tokens": 1242, "seconds": 0.4, "lr": 0.003});
+        let line = progress_line("sft", 119, 2400, Instant::now(), 0, &record);
+        assert!(
+            line.starts_with("sft step 120/2400 (5%), 0.00 s/step, 0 s left: "),
+            "{line}"
+        );
+        assert!(
+            line.contains("loss 1.131") && line.contains("tokens 1242") && !line.contains("seconds"),
+            "{line}"
+        );
+    }
 
     #[test]
     pub(crate) fn number_tokens_are_found_in_the_answer_tokenizer() {
