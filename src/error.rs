@@ -211,7 +211,17 @@ pub(crate) mod check {
 
     /// First non-finite value, as a `NonFinite` error.
     pub fn finite(op: &'static str, what: &'static str, xs: &[f32]) -> Result<()> {
-        match xs.iter().position(|x| !x.is_finite()) {
+        finite_by(op, what, xs, |&x| x.is_finite())
+    }
+
+    /// First element `ok` rejects, as a `NonFinite` error.
+    pub fn finite_by<T>(
+        op: &'static str,
+        what: &'static str,
+        xs: &[T],
+        ok: impl Fn(&T) -> bool,
+    ) -> Result<()> {
+        match xs.iter().position(|x| !ok(x)) {
             None => Ok(()),
             Some(index) => Err(Error::NonFinite { op, what, index }),
         }
@@ -228,6 +238,26 @@ pub(crate) mod check {
             elements: n,
         })?;
         Ok(v)
+    }
+
+    /// Resizes `v` to `n` elements (new ones `fill`), or returns an
+    /// `Allocation` error instead of aborting when growing it fails.
+    pub fn grow<T: Clone>(
+        op: &'static str,
+        what: &'static str,
+        v: &mut Vec<T>,
+        n: usize,
+        fill: T,
+    ) -> Result<()> {
+        if n > v.len() {
+            v.try_reserve_exact(n - v.len()).map_err(|_| Error::Allocation {
+                op,
+                what,
+                elements: n,
+            })?;
+        }
+        v.resize(n, fill);
+        Ok(())
     }
 }
 
@@ -248,7 +278,18 @@ mod tests {
                 check::with_capacity::<f32>("op", "buffer", n).unwrap_err(),
                 refused(n)
             );
+            let mut v = vec![1.0f32; 3];
+            assert_eq!(
+                check::grow("op", "buffer", &mut v, n, 0.0).unwrap_err(),
+                refused(n)
+            );
+            assert_eq!(v, [1.0; 3], "unchanged on error");
         }
+        let mut v = vec![1.0f32; 3];
+        check::grow("op", "buffer", &mut v, 5, 0.0).unwrap();
+        assert_eq!(v, [1.0, 1.0, 1.0, 0.0, 0.0]);
+        check::grow("op", "buffer", &mut v, 2, 0.0).unwrap();
+        assert_eq!(v, [1.0, 1.0]);
         assert!(check::with_capacity::<f32>("op", "buffer", 7).unwrap().capacity() >= 7);
     }
 }
