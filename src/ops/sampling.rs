@@ -95,8 +95,10 @@
 //! # Non-finite logits
 //!
 //! `-inf` means probability 0; such a token is never drawn. A NaN or `+inf`
-//! logit, a scaled logit `z / T` that overflows f32, or a row with no finite
-//! logit is an [`Error::NonFinite`] naming the row.
+//! logit, or a row with no finite logit, is an [`Error::NonFinite`] with
+//! `what: "logits"` naming the row; a finite logit whose scaled value
+//! `z / T` overflows f32 is `what: "logits / temperature"`. The temperature
+//! must have a finite reciprocal (`T = 0` or `T >= 1 / f32::MAX`).
 
 use std::cell::RefCell;
 
@@ -105,6 +107,7 @@ use rayon::prelude::*;
 use crate::element::Float;
 use crate::error::{check, Error, Result};
 use crate::memory::{Host, Memory};
+use crate::ops::logprob::scaled_row_fault;
 use crate::ops::math::{self, multiversion, SoftmaxState, BLOCK};
 use crate::ops::philox::{self, RowStream, BLOCK_TOKENS, GUMBEL_MAX};
 
@@ -126,8 +129,9 @@ const NOISE_SLACK: f32 = 1e-3;
 /// with no filter, seed 0, step 0.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingConfig {
-    /// Softmax temperature `T >= 0`; logits are multiplied by `1 / T`.
-    /// `0` is greedy decoding (argmax, no filter, no randomness).
+    /// Softmax temperature `T >= 0`; logits are multiplied by `1 / T`, which
+    /// must be finite (`T >= 1 / f32::MAX`, about 2.9e-39). `0` is greedy
+    /// decoding (argmax, no filter, no randomness).
     pub temperature: f32,
     /// Keep the `top_k` largest logits (and ties with the k-th); `0`, or a
     /// value `>= V`, keeps all.
@@ -160,7 +164,14 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
         let t = self.temperature as f64;
-        check::param(op, "temperature", t, t >= 0.0, "finite and >= 0 (0 = greedy)")?;
+        let ok = t == 0.0 || (t > 0.0 && (1.0 / self.temperature).is_finite());
+        check::param(
+            op,
+            "temperature",
+            t,
+            ok,
+            "0 (greedy) or finite and >= 1 / f32::MAX (about 2.9e-39)",
+        )?;
         let p = self.top_p as f64;
         check::param(op, "top_p", p, p > 0.0 && p <= 1.0, "in (0, 1]")?;
         let p = self.min_p as f64;
@@ -242,9 +253,9 @@ pub fn sample<T: Float>(inputs: &SampleInputs<'_, T>, cfg: &SamplingConfig) -> R
     let mut tokens = Vec::with_capacity(picks.len());
     let mut logp = Vec::with_capacity(picks.len());
     for (index, pick) in picks.into_iter().enumerate() {
-        let (token, lp) = pick.ok_or(Error::NonFinite {
+        let (token, lp) = pick.ok_or_else(|| Error::NonFinite {
             op: OP,
-            what: "logits",
+            what: scaled_row_fault(&inputs.logits[index * vocab..(index + 1) * vocab]),
             index,
         })?;
         tokens.push(token);
