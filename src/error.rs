@@ -27,7 +27,12 @@
 //! 4. **CUDA** kernels test the same conditions on the device: they write
 //!    NaN into the outputs concerned and raise [`DeviceFault::NonFinite`],
 //!    which `cuda::Gpu::check` reports as [`Error::Device`] with the first
-//!    index.
+//!    index (one index per fault kind, so where several values fail at
+//!    once the index may differ from the CPU's). Two limits are the GPU's
+//!    own: the log-prob, fused linear and sampling kernels keep softmax
+//!    states in base 2, so a scaled logit beyond `±f32::MAX / log2(e)`
+//!    (about `±2.36e38`) is non-finite there; and the policy loss sums
+//!    token losses in f32, where the CPU widens each block's sum to f64.
 //! 5. **Sizes.** A host buffer sized by the caller's arguments rather than
 //!    by an input buffer (a padded layout's token count, a tile of the
 //!    fused LM head) that cannot be allocated is [`Error::Allocation`], not
