@@ -162,6 +162,9 @@ pub(crate) struct GroupStats {
     std: f64,
     /// All rewards exactly equal (or a single one).
     flat: bool,
+    /// The smallest and largest reward.
+    lo: f64,
+    hi: f64,
 }
 
 /// Reward components, `[K, P, G]`.
@@ -259,6 +262,8 @@ impl GroupStats {
             sq_dev,
             std: std_of(sq_dev, group_size, unbiased),
             flat,
+            lo,
+            hi,
         }
     }
 }
@@ -410,7 +415,10 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
 
 /// The statistics of one group's combined rewards `r`, and its advantages
 /// into `adv` (`[G]`), but for BatchNorm, whose advantages wait for the
-/// batch std; whether those advantages are finite.
+/// batch std; whether those advantages are finite. GroupNorm's are bounded
+/// by `sqrt(G - 1)`; in the other modes those of the smallest and largest
+/// reward bound the others (the map is monotone, and so is rounding), so
+/// two tests cover the group.
 #[inline(always)]
 fn stats_and_advantages(
     r: impl Iterator<Item = f64> + Clone,
@@ -420,15 +428,16 @@ fn stats_and_advantages(
 ) -> (GroupStats, bool) {
     let g = adv.len();
     let stats = GroupStats::of(r.clone(), g, mode.unbiased());
-    let mut finite = true;
-    if !batch_mode {
-        let affine = mode.group_affine(&stats, g, 0.0);
-        for (a, x) in adv.iter_mut().zip(r) {
-            *a = affine.apply(x) as f32;
-            finite &= a.is_finite();
-        }
+    if batch_mode {
+        return (stats, true);
     }
-    (stats, finite)
+    let affine = mode.group_affine(&stats, g, 0.0);
+    for (a, x) in adv.iter_mut().zip(r) {
+        *a = affine.apply(x) as f32;
+    }
+    let fits = |x: f64| (affine.apply(x) as f32).is_finite();
+    let bounded = matches!(mode, AdvantageMode::GroupNorm { .. });
+    (stats, bounded || fits(stats.lo) & fits(stats.hi))
 }
 
 /// Std of all rewards from the groups' sums (Chan et al.'s pairwise

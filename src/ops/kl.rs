@@ -199,8 +199,10 @@ fn chunk(i: usize, n: usize) -> std::ops::Range<usize> {
 }
 
 /// `out[i] = f(ref_logp[i] - logp[i])`, times `grad[i]` if given; whether
-/// every input and output was finite. Inlined into each estimator's arm so each loop is
-/// branch-free. Writes all of `out` when the inputs are as long.
+/// every input and output was finite (or, conservatively, `d` overflowed:
+/// the caller's error path then finds nothing and returns `out`). Inlined
+/// into each estimator's arm so each loop is branch-free. Writes all of
+/// `out` when the inputs are as long.
 #[inline(always)]
 fn map_d(
     logp: &[f32],
@@ -212,14 +214,19 @@ fn map_d(
     let mut finite = true;
     let pairs = out.iter_mut().zip(logp).zip(ref_logp);
     match grad {
+        // A non-finite input makes `d` non-finite, and a non-finite `g`
+        // makes `f'(d) g` non-finite (`0 * inf` is NaN): two tests cover
+        // inputs and output.
         None => pairs.for_each(|((o, &lp), &rf)| {
-            let v = f(rf - lp);
-            finite &= lp.is_finite() & rf.is_finite() & v.is_finite();
+            let d = rf - lp;
+            let v = f(d);
+            finite &= d.is_finite() & v.is_finite();
             o.write(v);
         }),
         Some(grad) => pairs.zip(grad).for_each(|(((o, &lp), &rf), &g)| {
-            let v = f(rf - lp) * g;
-            finite &= lp.is_finite() & rf.is_finite() & g.is_finite() & v.is_finite();
+            let d = rf - lp;
+            let v = f(d) * g;
+            finite &= d.is_finite() & v.is_finite();
             o.write(v);
         }),
     }
