@@ -15,10 +15,12 @@ constexpr int WARPS = THREADS / 32;
 
 enum Mode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4 };
 
-// A group's sums, kept for the batch statistics.
+// A group's sums, kept for the batch statistics. `overflow`: a combined
+// reward of the group overflows f32 (raised once, for the reward: the
+// group's std and advantages are then NaN, not raised again).
 struct GroupStats {
     double sum, mean, sq_dev;
-    bool flat;
+    bool flat, overflow;
 };
 
 // The layout the host allocates: four f64 per group.
@@ -75,7 +77,7 @@ __device__ GroupStats warp_group_stats(const float* values, const float* weights
     sum = warp_reduce(sum, Sum{});
     lo = warp_reduce(lo, MinF64{});
     hi = warp_reduce(hi, MaxF64{});
-    if (__any_sync(0xffffffffu, bad)) return {NAN, NAN, NAN, false};
+    if (__any_sync(0xffffffffu, bad)) return {NAN, NAN, NAN, false, false};
     const bool flat = lo == hi;
     const double mean = flat ? lo : sum / (double)g;
     double sq = 0.0;
@@ -84,7 +86,7 @@ __device__ GroupStats warp_group_stats(const float* values, const float* weights
             const double d = combined(values, weights, components, n, start + i, status) - mean;
             sq += d * d;
         }
-    return {sum, mean, warp_reduce(sq, Sum{}), flat};
+    return {sum, mean, warp_reduce(sq, Sum{}), flat, false};
 }
 
 // A = (r - shift) * scale, as AdvantageMode::group_affine.
@@ -122,16 +124,21 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
     // 1. Group statistics, a warp per group; the combined rewards.
     for (int64_t p = warp; p < groups; p += WARPS) {
-        const GroupStats s = warp_group_stats(values, weights, components, n, p * g, g, status);
+        GroupStats s = warp_group_stats(values, weights, components, n, p * g, g, status);
+        bool overflow = false;
         for (int64_t i = lane; i < g; i += 32) {
             const float r = (float)combined(values, weights, components, n, p * g + i, status);
             if (isinf(r)) raise(status, OP_ADVANTAGES, NON_FINITE, p * g + i);  // overflows f32
+            overflow |= isinf(r);
             rewards[p * g + i] = r;
         }
+        s.overflow = __any_sync(0xffffffffu, overflow);
         if (lane == 0) {
             stats[p] = s;
             group_mean[p] = (float)s.mean;
-            group_std[p] = (float)std_of(s, g, unbiased);
+            const float sd = s.overflow ? NAN : (float)std_of(s, g, unbiased);
+            if (isinf(sd)) raise(status, OP_ADVANTAGES, NON_FINITE, p);  // overflows f32
+            group_std[p] = sd;
         }
     }
 
@@ -163,7 +170,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         affine(mode, s, g, eps, unbiased, batch_std, &shift, &scale);
         for (int64_t i = lane; i < g; i += 32) {
             const double r = combined(values, weights, components, n, p * g + i, status);
-            advantages[p * g + i] = (float)((r - shift) * scale);
+            const float a = s.overflow ? NAN : (float)((r - shift) * scale);
+            if (isinf(a)) raise(status, OP_ADVANTAGES, NON_FINITE, p * g + i);  // overflows f32
+            advantages[p * g + i] = a;
         }
     }
 }

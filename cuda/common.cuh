@@ -26,6 +26,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// The largest finite value of each element type, as a float: a result
+// stored in that type must not exceed it in magnitude.
+template <typename T> __device__ __forceinline__ float max_finite();
+template <> __device__ __forceinline__ float max_finite<float>() { return 3.40282347e38f; }
+template <> __device__ __forceinline__ float max_finite<__nv_bfloat16>() { return 3.38953139e38f; }
+template <> __device__ __forceinline__ float max_finite<__half>() { return 65504.f; }
+
 // Token ids as i64, whatever their storage type.
 __device__ __forceinline__ int64_t to_id(uint32_t x) { return (int64_t)x; }
 __device__ __forceinline__ int64_t to_id(int32_t x) { return (int64_t)x; }

@@ -32,7 +32,9 @@ __device__ void tile_fwd(const float* tile, int64_t cols, int64_t col0, int64_t 
 
 // Backward, one tile: dlogits for the tile's columns, read from the f32 tile
 // and written in the GEMM dtype T; zero for skipped rows, NaN for rows whose
-// target is out of range (raised once per row). grid (tile rows).
+// target is out of range, or whose saved values or upstream gradients are
+// not finite or bound a gradient beyond T (raised once per row).
+// grid (tile rows).
 template <typename T, typename I>
 __device__ void tile_bwd(const float* tile, T* dtile, int64_t cols, int64_t col0, int64_t vocab, int64_t row0,
                          const I* targets, const uint8_t* mask, int64_t ignore_index, int has_ignore, float inv_t,
@@ -40,12 +42,16 @@ __device__ void tile_bwd(const float* tile, T* dtile, int64_t cols, int64_t col0
                          const float* grad_lse, uint32_t* status) {
     const int64_t row = row0 + blockIdx.x;
     const RowSpec spec = row_spec(targets, mask, row, vocab, ignore_index, has_ignore);
-    if (!spec.in_range && col0 == 0 && threadIdx.x == 0) raise(status, OP_FUSED_LINEAR, TOKEN_OUT_OF_RANGE, row);
+    const bool first = col0 == 0 && threadIdx.x == 0;
+    if (!spec.in_range && first) raise(status, OP_FUSED_LINEAR, TOKEN_OUT_OF_RANGE, row);
     const bool live = spec.target >= 0 && spec.in_range;
+    const float l = live ? lse[row] : 0.f, h = live && grad_entropy ? entropy[row] : 0.f;
+    const float g = live ? grad_logp[row] : 0.f, g_h = live && grad_entropy ? grad_entropy[row] : 0.f;
+    const float g_l = live && grad_lse ? grad_lse[row] : 0.f;
+    const bool bad = live && !backward_row_ok<T>(inv_t, l, h, g, g_h, g_l);
+    if (bad && first) raise(status, OP_FUSED_LINEAR, NON_FINITE, row);
     const int64_t local = blockIdx.x;
-    backward_slice(tile + local * cols, dtile + local * cols, spec, col0, 0, cols, inv_t, live ? lse[row] : 0.f,
-                   live && grad_entropy ? entropy[row] : 0.f, live ? grad_logp[row] : 0.f,
-                   live && grad_entropy ? grad_entropy[row] : 0.f, live && grad_lse ? grad_lse[row] : 0.f);
+    backward_slice(tile + local * cols, dtile + local * cols, spec, bad, col0, 0, cols, inv_t, l, h, g, g_h, g_l);
 }
 
 // The hidden states of rows [row0, row0 + gridDim.x) with skipped rows
@@ -65,7 +71,11 @@ __device__ void active_hidden(const T* hidden, T* out, int64_t hidden_size, int6
 }  // namespace
 
 // Per dtype: bias added to a tile (bias offset to the chunk), the f32 dhidden
-// accumulator cast to the output dtype, and a fill (the ones of db's GEMV).
+// accumulator cast to the output dtype, a fill (the ones of db's GEMV), and
+// the check of a finished gradient (dz W and dz^T h can overflow where dz
+// does not): a non-finite element raises NON_FINITE with its index, unless
+// a row already raised a fault (its NaN would be reported again, at a
+// smaller index than the row's).
 #define GK_FUSED_FLOAT_KERNELS(T, TN)                                                                          \
     extern "C" __global__ void fused_add_bias_##TN(float* tile, const T* bias, int64_t rows, int64_t cols) {   \
         for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * cols;                      \
@@ -79,6 +89,11 @@ __device__ void active_hidden(const T* hidden, T* out, int64_t hidden_size, int6
     extern "C" __global__ void fused_fill_##TN(T* dst, float value, int64_t n) {                               \
         for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) \
             dst[i] = from_float<T>(value);                                                                     \
+    }                                                                                                          \
+    extern "C" __global__ void fused_check_finite_##TN(const T* x, int64_t n, uint32_t* status) {              \
+        if (status[0] & (0xFu << (4u * OP_FUSED_LINEAR))) return;                                              \
+        for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) \
+            if (!isfinite(to_float(x[i]))) raise(status, OP_FUSED_LINEAR, NON_FINITE, i);                      \
     }
 
 #define GK_FUSED_ID_KERNELS(I, IN)                                                                             \

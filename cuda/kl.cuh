@@ -18,7 +18,8 @@ struct KlValueGrad {
 
 // e^d - 1 - d without the cancellation near 0: on |d| <= ln2/2 it is d^2 p(d)
 // with the Cephes polynomial of e^r = 1 + r + r^2 p(r) (as math::exp_excess on
-// the CPU); elsewhere the subtraction loses nothing that matters.
+// the CPU); elsewhere the subtraction loses nothing that matters. e^d
+// saturates at e^88.37 (about 2.4e38) as the CPU's does, never inf.
 __device__ __forceinline__ float exp_excess(float d) {
     if (fabsf(d) <= 0.3465736f) {
         float p = 1.9875691e-4f;
@@ -29,7 +30,7 @@ __device__ __forceinline__ float exp_excess(float d) {
         p = fmaf(p, d, 0.5f);
         return p * (d * d);
     }
-    return expf(d) - d - 1.f;
+    return expf(fminf(d, 88.37f)) - d - 1.f;
 }
 
 // k1 = -d; k2 = d^2 / 2; k3 = e^d - d - 1 (gradient 1 - e^d = -(d + k3));

@@ -39,6 +39,8 @@ __device__ void logprob_fwd(const T* logits, const I* targets, const uint8_t* ma
 }
 
 // grid (rows, splits), LOGPROB_THREADS threads. `dlogits` may equal `logits`.
+// A live row with a non-finite saved value or upstream gradient, or whose
+// gradient could overflow T, raises NON_FINITE and gets NaN.
 template <typename T, typename I>
 __device__ void logprob_bwd(const T* logits, T* dlogits, const I* targets, const uint8_t* mask, int64_t vocab,
                             int64_t ignore_index, int has_ignore, float inv_t, int64_t splits, const float* lse,
@@ -46,13 +48,17 @@ __device__ void logprob_bwd(const T* logits, T* dlogits, const I* targets, const
                             const float* grad_lse, uint32_t* status) {
     const int64_t row = blockIdx.x, split = blockIdx.y;
     const RowSpec spec = row_spec(targets, mask, row, vocab, ignore_index, has_ignore);
-    if (!spec.in_range && split == 0 && threadIdx.x == 0) raise(status, OP_LOGPROB, TOKEN_OUT_OF_RANGE, row);
+    const bool first = split == 0 && threadIdx.x == 0;
+    if (!spec.in_range && first) raise(status, OP_LOGPROB, TOKEN_OUT_OF_RANGE, row);
     int64_t begin, end;
     slice_bounds<T>(vocab, splits, split, &begin, &end);
     const bool live = spec.target >= 0 && spec.in_range;
-    backward_slice(logits + row * vocab, dlogits + row * vocab, spec, 0, begin, end, inv_t, live ? lse[row] : 0.f,
-                   live && grad_entropy ? entropy[row] : 0.f, live ? grad_logp[row] : 0.f,
-                   live && grad_entropy ? grad_entropy[row] : 0.f, live && grad_lse ? grad_lse[row] : 0.f);
+    const float l = live ? lse[row] : 0.f, h = live && grad_entropy ? entropy[row] : 0.f;
+    const float g = live ? grad_logp[row] : 0.f, g_h = live && grad_entropy ? grad_entropy[row] : 0.f;
+    const float g_l = live && grad_lse ? grad_lse[row] : 0.f;
+    const bool bad = live && !backward_row_ok<T>(inv_t, l, h, g, g_h, g_l);
+    if (bad && first) raise(status, OP_LOGPROB, NON_FINITE, row);
+    backward_slice(logits + row * vocab, dlogits + row * vocab, spec, bad, 0, begin, end, inv_t, l, h, g, g_h, g_l);
 }
 
 }  // namespace

@@ -34,7 +34,9 @@ __device__ __forceinline__ void slice_bounds(int64_t vocab, int64_t splits, int6
     *end = min(vocab, *begin + per);
 }
 
-// Writes a row's outputs from its complete state and its target's logit.
+// Writes a row's outputs from its complete state and its target's logit. A
+// target log-prob that is not finite (a -inf target logit, or one more than
+// f32's range below the lse) raises NON_FINITE and is NaN.
 __device__ __forceinline__ void finish_row(RowSpec spec, Softmax st, float target_logit, float inv_t, int64_t row,
                                            float* logp, float* entropy, float* lse, uint32_t* status, OpId op) {
     if (spec.target < 0) {
@@ -50,8 +52,10 @@ __device__ __forceinline__ void finish_row(RowSpec spec, Softmax st, float targe
         return;
     }
     const float l = st.lse();
+    const float lp = target_logit * inv_t - l;
+    if (!isfinite(lp)) raise(status, op, NON_FINITE, row);
     lse[row] = l;
-    logp[row] = target_logit * inv_t - l;
+    logp[row] = isfinite(lp) ? lp : NAN;
     if (entropy) entropy[row] = st.entropy();
 }
 
@@ -88,18 +92,33 @@ __device__ __forceinline__ void merge_rows(const T* logits, const float* target_
     finish_row(spec, st, zy, inv_t, row, logp, entropy, lse, status, op);
 }
 
+// Whether a live row's backward may run: its saved values and upstream
+// gradients are finite, and its gradient's bound (src/ops/logprob.rs:
+// |dz_j| <= (|c| + 87.4 |g_H| + |g|) / T) fits Tout, and its intermediate
+// c - g_H log p fits f32. In double, as the CPU checks it.
+template <typename Tout>
+__device__ __forceinline__ bool backward_row_ok(float inv_t, float lse, float entropy, float g, float g_h, float g_l) {
+    if (!isfinite(lse) || !isfinite(entropy) || !isfinite(g) || !isfinite(g_h) || !isfinite(g_l)) return false;
+    const float c = g_l - g - g_h * entropy;
+    const double inner = fabs((double)c) + 87.4 * fabs((double)g_h);
+    const double bound = (inner + fabs((double)g)) * (double)inv_t, margin = 1.0 + 1e-5;
+    return isfinite(c) && inner * margin <= 3.4028234663852886e38 && bound * margin <= (double)max_finite<Tout>();
+}
+
 // Backward over one slice of one row (of `vocab` columns, starting at
 // column `col0` of a row of `full_vocab`):
 // dz_j = (p_j (c - g_H l_j) + g 1[j = y]) / T with c = g_L - g - g_H H and
 // l_j = log p_j = z_j / T - lse (no large terms cancel; see the CPU docs).
-// In base 2: t_j = l_j log2(e) = z_j k - lse log2(e), k = log2(e) / T.
+// In base 2: t_j = l_j log2(e) = z_j k - lse log2(e), k = log2(e) / T,
+// taken as at most 0 (so p_j <= 1 whatever lse is passed). A row that is
+// out of range or failed backward_row_ok (`bad`) gets NaN.
 // `x` and `dx` may alias when Tin == Tout (in place).
 template <typename Tin, typename Tout>
-__device__ __forceinline__ void backward_slice(const Tin* x, Tout* dx, RowSpec spec, int64_t col0, int64_t begin,
-                                               int64_t end, float inv_t, float lse, float entropy, float g, float g_h,
-                                               float g_l) {
-    if (spec.target < 0 || !spec.in_range) {
-        const float fill = spec.in_range ? 0.f : NAN;
+__device__ __forceinline__ void backward_slice(const Tin* x, Tout* dx, RowSpec spec, bool bad, int64_t col0,
+                                               int64_t begin, int64_t end, float inv_t, float lse, float entropy,
+                                               float g, float g_h, float g_l) {
+    if (spec.target < 0 || !spec.in_range || bad) {
+        const float fill = spec.in_range && !bad ? 0.f : NAN;
         map_row(x, dx, begin, end, 1.f, [=](float, int64_t) { return fill; });
         return;
     }
@@ -109,7 +128,7 @@ __device__ __forceinline__ void backward_slice(const Tin* x, Tout* dx, RowSpec s
     const float g_t = g_h * LN2 * inv_t, g_y = g * inv_t;
     const int64_t y = spec.target - col0;
     map_row(x, dx, begin, end, inv_t * LOG2E, [=](float v, int64_t j) {
-        const float t = v - lse2, p = exp2_approx(t);
+        const float t = fminf(v - lse2, 0.f), p = exp2_approx(t);
         const float d = p > 0.f ? p * (c - g_t * t) : 0.f;  // p = 0 where v = -inf
         return j == y ? d + g_y : d;
     });

@@ -143,6 +143,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
         bool bad;
         const TokenTerms k = token_terms(p, t, advantage(p, s, t), seq_lr, &bad);
+        bad = bad || !isfinite(k.loss) || !isfinite(k.kl);  // finite inputs can overflow f32
         if (bad) raise(status, OP_POLICY_LOSS, NON_FINITE, t);
         per_token[t] = bad ? NAN : k.loss;
         acc = CombinePartial{}(acc, {bad ? NAN : k.loss, 1.f, (float)k.clip_low, (float)k.clip_high, (float)k.dual,
@@ -179,6 +180,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         case SEQ_MEAN_TOKEN_SUM: loss = total.loss / seqs; break;
         default: loss = total.loss / (seqs * p.agg_constant); break;
     }
+    // Finite token losses whose sum overflows (a token already raised makes it NaN).
+    if (isinf(loss)) raise(status, OP_POLICY_LOSS, NON_FINITE, 0);
     summary[LOSS] = loss;
     summary[CLIP_LOW] = total.clip_low * per;
     summary[CLIP_HIGH] = total.clip_high * per;
@@ -210,6 +213,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         default: w = 1.f / (seqs * p.agg_constant); break;
     }
     const float g = grad_loss[0] * w;
+    if (!isfinite(grad_loss[0]) && s == 0 && threadIdx.x == 0) raise(status, OP_POLICY_LOSS, NON_FINITE, 0);
     for (int64_t t = begin + threadIdx.x; t < end; t += THREADS) {
         if (!active(p, t)) {
             dlogp[t] = 0.f;
@@ -219,8 +223,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const TokenTerms k = token_terms(p, t, advantage(p, s, t), seq_lr, &bad);
         const float g_t = grad_per_token ? grad_per_token[t] : 0.f;
         bad = bad || !isfinite(g_t);
+        const float d = (g + g_t) * k.dloss_dlogp;
+        bad = bad || !isfinite(d);  // a non-finite grad_loss, or an overflow
         if (bad) raise(status, OP_POLICY_LOSS, NON_FINITE, t);
-        const float c = g + g_t;
-        dlogp[t] = bad ? NAN : c * k.dloss_dlogp;
+        dlogp[t] = bad ? NAN : d;
     }
 }

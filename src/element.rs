@@ -49,6 +49,9 @@ pub trait Float:
 {
     /// This type's [`DType`].
     const DTYPE: DType;
+    /// The largest finite value, as f32: a gradient stored in this type must
+    /// not exceed it in magnitude.
+    const MAX: f32;
     /// Exact widening to f32.
     fn to_f32(self) -> f32;
     /// Round-to-nearest-even narrowing from f32.
@@ -73,6 +76,7 @@ pub trait Float:
 
 impl Float for f32 {
     const DTYPE: DType = DType::F32;
+    const MAX: f32 = f32::MAX;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -85,6 +89,7 @@ impl Float for f32 {
 
 impl Float for bf16 {
     const DTYPE: DType = DType::BF16;
+    const MAX: f32 = bf16::MAX.to_f32_const();
     #[inline(always)]
     fn to_f32(self) -> f32 {
         // bf16 is the top half of an f32: a shift, which vectorizes.
@@ -98,6 +103,7 @@ impl Float for bf16 {
 
 impl Float for f16 {
     const DTYPE: DType = DType::F16;
+    const MAX: f32 = f16::MAX.to_f32_const();
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

@@ -1,5 +1,42 @@
 //! One error type for every op: it names the op, the argument and what was
 //! wrong, so a trainer can print it and a test can match on it.
+//!
+//! # Non-finite values: one rule for every op and backend
+//!
+//! No op panics on any input, and no op returns a NaN or an infinity in a
+//! result it reports as valid:
+//!
+//! 1. **Inputs.** A NaN or `+inf` (and `-inf`, except where an op gives it
+//!    a meaning, as a logit of probability 0) in an element the op reads is
+//!    [`Error::NonFinite`], `what` naming the argument and `index` its first
+//!    such element (or row). Elements an op never reads (masked-out tokens,
+//!    skipped rows) may hold anything.
+//! 2. **Upstream gradients** are inputs like any other: every backward
+//!    rejects a NaN or infinite gradient at a row or token it reads, with
+//!    `what` the gradient's argument name (`grad_logp`, `grad_entropy`,
+//!    `grad_lse`, `grad`, `grad_loss`, `grad_per_token`), before writing any
+//!    output (an in-place backward leaves its buffer untouched). The candle
+//!    ops inherit this: a NaN reaching `backward()` is this error, wrapped.
+//! 3. **Results.** Where finite inputs of extreme magnitude give a result
+//!    beyond the output type's range, the op returns [`Error::NonFinite`]
+//!    with `what` naming the result (`logits / temperature`, `logp`,
+//!    `dlogits`, `kl`, `dlogp`, `advantages`, `per_token`, `loss`, ...),
+//!    unless its module documents a saturation (only the `k3` KL estimate,
+//!    whose `e^d` saturates at `e^88.37`, and its derivative). The modules
+//!    state each bound.
+//! 4. **CUDA** kernels test the same conditions on the device: they write
+//!    NaN into the outputs concerned and raise [`DeviceFault::NonFinite`],
+//!    which `cuda::Gpu::check` reports as [`Error::Device`] with the first
+//!    index (one index per fault kind, so where several values fail at
+//!    once the index may differ from the CPU's). Two limits are the GPU's
+//!    own: the log-prob, fused linear and sampling kernels keep softmax
+//!    states in base 2, so a scaled logit beyond `±f32::MAX / log2(e)`
+//!    (about `±2.36e38`) is non-finite there; and the policy loss sums
+//!    token losses in f32, where the CPU widens each block's sum to f64.
+//! 5. **Sizes.** A host buffer sized by the caller's arguments rather than
+//!    by an input buffer (a padded layout's token count, a tile of the
+//!    fused LM head) that cannot be allocated is [`Error::Allocation`], not
+//!    an abort.
 
 use std::fmt;
 
@@ -31,11 +68,19 @@ pub enum Error {
         value: f64,
         expected: &'static str,
     },
-    /// A NaN or +inf in an input (or a logit row with no finite value).
+    /// A NaN or infinity in an input (or a logit row with no finite
+    /// value), or a result beyond its type's range: see the [rule](self).
     NonFinite {
         op: &'static str,
         what: &'static str,
         index: usize,
+    },
+    /// A host buffer of `elements` values, sized by the caller's arguments,
+    /// cannot be allocated.
+    Allocation {
+        op: &'static str,
+        what: &'static str,
+        elements: usize,
     },
     /// Sequence offsets or groups that do not describe the data.
     InvalidLayout { op: &'static str, reason: String },
@@ -96,7 +141,13 @@ impl fmt::Display for Error {
                 expected,
             } => write!(f, "{op}: parameter `{name}` = {value} must be {expected}"),
             Error::NonFinite { op, what, index } => {
-                write!(f, "{op}: `{what}` holds a NaN or infinity at index {index}")
+                write!(f, "{op}: `{what}` is not finite (NaN, infinity or beyond its type's range) at index {index}")
+            }
+            Error::Allocation { op, what, elements } => {
+                write!(
+                    f,
+                    "{op}: `{what}` needs {elements} elements, more than can be allocated"
+                )
             }
             Error::InvalidLayout { op, reason } => write!(f, "{op}: invalid layout: {reason}"),
             Error::Unsupported { op, reason } => write!(f, "{op}: {reason}"),
@@ -165,9 +216,85 @@ pub(crate) mod check {
 
     /// First non-finite value, as a `NonFinite` error.
     pub fn finite(op: &'static str, what: &'static str, xs: &[f32]) -> Result<()> {
-        match xs.iter().position(|x| !x.is_finite()) {
+        finite_by(op, what, xs, |&x| x.is_finite())
+    }
+
+    /// First element `ok` rejects, as a `NonFinite` error.
+    pub fn finite_by<T>(
+        op: &'static str,
+        what: &'static str,
+        xs: &[T],
+        ok: impl Fn(&T) -> bool,
+    ) -> Result<()> {
+        match xs.iter().position(|x| !ok(x)) {
             None => Ok(()),
             Some(index) => Err(Error::NonFinite { op, what, index }),
         }
+    }
+
+    /// An empty `Vec` with room for `n` elements, or an `Allocation` error
+    /// (instead of an abort) when `n` values of `T` exceed the address
+    /// space or the allocator refuses them.
+    pub fn with_capacity<T>(op: &'static str, what: &'static str, n: usize) -> Result<Vec<T>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).map_err(|_| Error::Allocation {
+            op,
+            what,
+            elements: n,
+        })?;
+        Ok(v)
+    }
+
+    /// Resizes `v` to `n` elements (new ones `fill`), or returns an
+    /// `Allocation` error instead of aborting when growing it fails.
+    pub fn grow<T: Clone>(
+        op: &'static str,
+        what: &'static str,
+        v: &mut Vec<T>,
+        n: usize,
+        fill: T,
+    ) -> Result<()> {
+        if n > v.len() {
+            v.try_reserve_exact(n - v.len()).map_err(|_| Error::Allocation {
+                op,
+                what,
+                elements: n,
+            })?;
+        }
+        v.resize(n, fill);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check, Error};
+
+    #[test]
+    fn sizes_that_cannot_be_allocated_are_errors() {
+        let refused = |elements| Error::Allocation {
+            op: "op",
+            what: "buffer",
+            elements,
+        };
+        // Past isize::MAX bytes (capacity overflow), and past any address space.
+        for n in [usize::MAX / 2, 1 << 55] {
+            assert_eq!(
+                check::with_capacity::<f32>("op", "buffer", n).unwrap_err(),
+                refused(n)
+            );
+            let mut v = vec![1.0f32; 3];
+            assert_eq!(
+                check::grow("op", "buffer", &mut v, n, 0.0).unwrap_err(),
+                refused(n)
+            );
+            assert_eq!(v, [1.0; 3], "unchanged on error");
+        }
+        let mut v = vec![1.0f32; 3];
+        check::grow("op", "buffer", &mut v, 5, 0.0).unwrap();
+        assert_eq!(v, [1.0, 1.0, 1.0, 0.0, 0.0]);
+        check::grow("op", "buffer", &mut v, 2, 0.0).unwrap();
+        assert_eq!(v, [1.0, 1.0]);
+        assert!(check::with_capacity::<f32>("op", "buffer", 7).unwrap().capacity() >= 7);
     }
 }

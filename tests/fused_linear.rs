@@ -560,7 +560,8 @@ proptest! {
 
 #[test]
 fn negative_infinite_bias_bans_a_token() {
-    // -inf logits mean probability 0, as in token_logprobs.
+    // -inf logits mean probability 0, as in token_logprobs; a banned
+    // target has no finite log-prob, which is an error.
     let c = Case {
         n: 3,
         h: 4,
@@ -574,10 +575,18 @@ fn negative_infinite_bias_bans_a_token() {
     };
     let mut x = Inputs::<f32>::new(&c);
     x.bias.as_mut().unwrap()[5] = f32::NEG_INFINITY;
-    x.targets = vec![5, 0, 1];
+    x.targets = vec![0, 5, 1];
+    assert_eq!(
+        fused_linear_logprobs(&x.rows(c.h), &c.cfg()).unwrap_err(),
+        Error::NonFinite {
+            op: "fused_linear_logprobs",
+            what: "logp",
+            index: 1
+        }
+    );
+    x.targets = vec![2, 0, 1];
     let out = fused_linear_logprobs(&x.rows(c.h), &c.cfg()).unwrap();
-    assert_eq!(out.logp[0], f32::NEG_INFINITY);
-    assert!(out.logp[1..].iter().chain(&out.lse).all(|l| l.is_finite()));
+    assert!(out.logp.iter().chain(&out.lse).all(|l| l.is_finite()));
     let want = reference(&c, &x);
     assert_close(
         "lse",
@@ -586,7 +595,6 @@ fn negative_infinite_bias_bans_a_token() {
         2e-5,
         2e-5,
     );
-    x.targets[0] = 2;
     let grads = backward(&c, &x, &upstream(c.n, 4));
     assert_eq!(grads.bias.as_ref().unwrap()[5], 0.0);
     assert!(grads.hidden.iter().chain(&grads.weight).all(|d| d.is_finite()));

@@ -86,18 +86,23 @@ fn forward_is_stable_for_huge_logits() {
 #[test]
 fn negative_infinity_means_probability_zero() {
     let logits = [0.0f32, f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY];
-    let out = token_logprobs(
-        &LogitRows {
-            logits: &logits,
-            targets: &[1u32, 0],
-            mask: None,
-            vocab: 2,
-        },
-        &cfg(1.0),
-    )
-    .unwrap();
-    assert_eq!(out.logp[0], f32::NEG_INFINITY);
-    assert_eq!(out.logp[1], 0.0);
+    let rows = |targets: &'static [u32]| LogitRows {
+        logits: &logits[..],
+        targets,
+        mask: None,
+        vocab: 2,
+    };
+    // A target of probability 0 has no finite log-prob.
+    assert_eq!(
+        token_logprobs(&rows(&[1u32, 0]), &cfg(1.0)).unwrap_err(),
+        Error::NonFinite {
+            op: "token_logprobs",
+            what: "logp",
+            index: 0
+        }
+    );
+    let out = token_logprobs(&rows(&[0u32, 0]), &cfg(1.0)).unwrap();
+    assert_eq!(out.logp, vec![0.0, 0.0]);
     assert_eq!(out.entropy.as_ref().unwrap(), &vec![0.0, 0.0]);
     let grads = [1.0f32, 1.0];
     let d = token_logprobs_backward(

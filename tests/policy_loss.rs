@@ -699,8 +699,9 @@ fn bad_lengths_and_layouts_are_typed_errors() {
     for bad in [f32::NAN, f32::INFINITY] {
         assert!(matches!(
             bwd(bad, None),
-            Error::InvalidParameter {
-                name: "grad_loss",
+            Error::NonFinite {
+                what: "grad_loss",
+                index: 0,
                 ..
             }
         ));

@@ -89,7 +89,10 @@ fn stream_follows_the_documented_counter_layout() {
 }
 
 // ---------------------------------------------------------------------------
-// The reference: HF's warpers in f64 on a full sort, then Gumbel-max.
+// The reference: HF's warpers in f64 on a full sort, then Gumbel-max. Its
+// top-p keeps a tie group whole, the crate's documented rule, where HF
+// cuts the group in `torch.sort`'s order: `top_p_against_hugging_face`
+// (src/ops/sampling.rs) checks the rule against transformers itself.
 
 /// One row's filtered distribution, straight from the definitions.
 struct Filtered {
@@ -131,9 +134,9 @@ fn filter(z: &[f64], cfg: &SamplingConfig) -> Filtered {
     let mut kept: Vec<bool> = x.iter().map(|&x| x >= tau_k).collect();
     let mut margin = vec![f64::INFINITY; v];
 
-    // TopPLogitsWarper over the top-k survivors: keep iff the mass strictly
-    // above is < p of their total. Walk the sorted survivors a group of
-    // equal values at a time.
+    // TopPLogitsWarper over the top-k survivors, with ties kept whole: keep
+    // iff the mass strictly above is < p of their total. Walk the sorted
+    // survivors a group of equal values at a time.
     if cfg.top_p < 1.0 {
         let p = cfg.top_p as f64;
         let order: Vec<usize> = order.into_iter().filter(|&j| kept[j]).collect();

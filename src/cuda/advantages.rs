@@ -37,7 +37,8 @@ impl AdvantageMode {
 /// The `K` weights are copied from the host first (a small pageable copy,
 /// ordered on the stream). A non-finite reward, or a weighted sum that
 /// overflows f32, is reported by [`Gpu::check`] with its index, and its
-/// group's outputs are NaN. All `P * G` rewards are handled by one block,
+/// group's outputs are NaN; so is an advantage or a group std that
+/// overflows f32 (the CPU op's rule). All `P * G` rewards are handled by one block,
 /// which suits GRPO's batches (up to about a million completions).
 pub fn group_advantages(
     gpu: &Gpu,
@@ -99,7 +100,9 @@ pub fn group_advantages(
 /// (`InvalidLayout`, naming the sequence), as is a non-finite value.
 ///
 /// Errors (on the host): no sequence, `tokens == 0`, `per_seq.len() != S`,
-/// a padded layout with `batch * seq_len != tokens`.
+/// a padded layout with `batch * seq_len != tokens`, more tokens than an
+/// address space holds ([`Error::Allocation`], as on the CPU; a device that
+/// merely lacks the memory is [`Error::Cuda`]).
 pub fn broadcast_to_tokens(
     gpu: &Gpu,
     per_seq: &CudaView<'_, f32>,
@@ -113,6 +116,13 @@ pub fn broadcast_to_tokens(
         return Err(Error::Unsupported {
             op: OP_BROADCAST,
             reason: format!("{seqs} sequences exceed a CUDA grid (2^31 - 1)"),
+        });
+    }
+    if tokens > isize::MAX as usize / std::mem::size_of::<f32>() {
+        return Err(Error::Allocation {
+            op: OP_BROADCAST,
+            what: "tokens",
+            elements: tokens,
         });
     }
     let mut out = gpu.alloc::<f32>(tokens)?;

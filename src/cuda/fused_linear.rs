@@ -231,8 +231,8 @@ fn logits_tile<T: GpuFloat>(
 /// [`crate::fused_linear_logprobs`] on the GPU, into caller-provided
 /// buffers: per-row log-probs, optional entropies and log-sum-exps of
 /// `softmax((h W^T + b) / T)`, one cuBLAS tile of logits at a time. A
-/// target out of range or a non-finite logit is reported by [`Gpu::check`]
-/// (the row's outputs are NaN).
+/// target out of range, a non-finite logit or a non-finite target log-prob
+/// is reported by [`Gpu::check`] (the row's outputs are NaN).
 ///
 /// Errors (on the host): those of the CPU op's validation, output lengths,
 /// dimensions past cuBLAS's 32-bit limits, cuBLAS not loadable.
@@ -352,9 +352,14 @@ pub struct LinearGradsOut<'a, T> {
 
 /// [`crate::fused_linear_logprobs_backward`] on the GPU, into
 /// caller-provided buffers: `dh`, `dW` and `db`, recomputing each logits
-/// tile. A row whose target is out of range is reported by [`Gpu::check`]
-/// and poisons the gradients with NaN: its own `dh` row, and all of `dW`
-/// and `db`, to which every row contributes (never a plausible value).
+/// tile. A row whose target is out of range, or whose saved values or
+/// upstream gradients are not finite, is reported by [`Gpu::check`] and
+/// poisons the gradients with NaN: its own `dh` row, and all of `dW` and
+/// `db`, to which every row contributes (never a plausible value). The
+/// finished gradients are then checked for non-finite values, as on the
+/// CPU. One difference: `dz` is rounded to `T` before the GEMMs here, so a
+/// row whose `dz` bound exceeds `T`'s range is refused (f16: 65504), where
+/// the CPU, whose tiles stay f32, bounds it by f32's.
 ///
 /// Errors (on the host): those of the CPU op's validation, output lengths,
 /// dimensions past cuBLAS's 32-bit limits, cuBLAS not loadable.
@@ -493,6 +498,23 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
             launched(
                 unsafe { launch.launch(elementwise(gpu, r * h)) }.map(drop),
                 &cast_name,
+            )?;
+        }
+        // The finished gradients, checked as the CPU checks them.
+        let check_name = format!("fused_check_finite_{dtype}");
+        let check_fn = gpu.function(FILE, &check_name)?;
+        let finished = [
+            Some((d_hidden, plan.rows * h)),
+            Some((d_weight, plan.vocab * h)),
+            d_bias.map(|db| (db, plan.vocab)),
+        ];
+        for (ptr, n) in finished.into_iter().flatten() {
+            let n_i = n as i64;
+            let mut launch = stream.launch_builder(&check_fn);
+            launch.arg(&ptr).arg(&n_i).arg(&*status);
+            launched(
+                unsafe { launch.launch(elementwise(gpu, n)) }.map(drop),
+                &check_name,
             )?;
         }
     }

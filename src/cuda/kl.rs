@@ -36,7 +36,8 @@ fn grid(gpu: &Gpu, n: usize) -> LaunchConfig {
 }
 
 /// [`crate::kl_divergence`] on the GPU: `[N]` estimates. A non-finite
-/// input is reported by [`Gpu::check`].
+/// input, or an estimate (in the backward: a gradient) that overflows f32,
+/// is reported by [`Gpu::check`].
 pub fn kl_divergence(gpu: &Gpu, inputs: &KlInputs<'_, Device>, est: KlEstimator) -> Result<CudaSlice<f32>> {
     let n = inputs.validate(OP)?;
     let mut out = gpu.alloc::<f32>(n)?;

@@ -11,9 +11,11 @@
 //!
 //! **Asynchrony and errors.** Ops validate shapes and parameters on the host
 //! and return a typed [`Error`] before launching anything. What only the data
-//! can show (a token id out of range, a NaN logit, bad `cu_seqlens`) is found
-//! by the kernels, which then write NaN into the affected outputs (never a
-//! plausible wrong value) and raise a bit in the [`Gpu`]'s status word;
+//! can show (a token id out of range, a NaN logit or upstream gradient, a
+//! result that overflows, bad `cu_seqlens`) is found by the kernels, which
+//! then write NaN into the affected outputs (never a plausible wrong value)
+//! and raise a bit in the [`Gpu`]'s status word, following the crate's
+//! [rule on non-finite values](crate::error);
 //! [`Gpu::check`] synchronizes the stream and turns the bits into
 //! [`Error::Device`]. Nothing in an op synchronizes unless its docs say so.
 //!
@@ -281,6 +283,17 @@ impl Gpu {
 
     /// An uninitialized buffer, for outputs a kernel writes in full.
     pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // cudarc multiplies `len` by the size unchecked: a wrapped product
+        // would allocate a short buffer the kernel then overruns.
+        if len
+            .checked_mul(std::mem::size_of::<T>())
+            .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(Error::Cuda(format!(
+                "a device buffer of {len} elements of {} bytes exceeds the address space",
+                std::mem::size_of::<T>()
+            )));
+        }
         // SAFETY: every caller launches a kernel that writes all `len` elements
         // before the buffer is handed out.
         unsafe { self.stream.alloc::<T>(len) }.map_err(Error::cuda)

@@ -147,9 +147,11 @@ fn per_sequence(op: &'static str, seqs: usize) -> Result<LaunchConfig> {
 
 /// [`crate::policy_loss`] on the GPU: per-token losses `[N]` and the summary
 /// `[PolicyLossStats::SUMMARY_LEN]` (loss first), both on the device; read
-/// the summary with [`PolicyLossStats::from_summary`]. Bad offsets and
-/// non-finite inputs at masked-in tokens are reported by [`Gpu::check`]
-/// (the index is the token's, also for per-sequence advantages).
+/// the summary with [`PolicyLossStats::from_summary`]. Bad offsets,
+/// non-finite inputs at masked-in tokens, and token losses or KL estimates
+/// that overflow f32 are reported by [`Gpu::check`] (the index is the
+/// token's, also for per-sequence advantages; 0 for a loss whose f32 sum
+/// overflows).
 pub fn policy_loss(
     gpu: &Gpu,
     inputs: &PolicyLossInputs<'_, Device>,
@@ -181,7 +183,9 @@ pub fn policy_loss(
 /// `L = g * loss + sum_t grad_per_token_t * per_token_t`, with `g` the single
 /// element of `grad_loss` (device memory: no host round trip). `summary` is
 /// the forward's (its token count normalizes `TokenMean` without a
-/// normalizer).
+/// normalizer). A non-finite `grad_loss` (index 0), `grad_per_token` or
+/// input at a masked-in token, or a gradient that overflows f32, is
+/// reported by [`Gpu::check`].
 pub fn policy_loss_backward(
     gpu: &Gpu,
     inputs: &PolicyLossInputs<'_, Device>,

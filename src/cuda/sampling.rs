@@ -19,8 +19,9 @@ const FILE: KernelFile = KernelFile {
 const THREADS: u32 = 1024;
 
 /// [`crate::sample`] on the GPU: one token and its log-prob per row. A row
-/// with a NaN or `+inf` logit (or no finite one) is reported by
-/// [`Gpu::check`]; its token is 0 and its log-prob NaN.
+/// with a NaN or `+inf` logit (or no finite one), or whose scaled logits
+/// overflow (beyond about `±2.36e38`: the kernel's softmax state is in base
+/// 2), is reported by [`Gpu::check`]; its token is 0 and its log-prob NaN.
 pub fn sample<T: GpuFloat>(
     gpu: &Gpu,
     inputs: &SampleInputs<'_, T, Device>,

@@ -32,6 +32,15 @@
 //!
 //! Sums run in f64 (rewards are few; this keeps `mean` and `std` exact to
 //! f32 output precision for any `G`).
+//!
+//! **Non-finite values** (the crate's [rule](crate::error)). A NaN or
+//! infinite reward or weight is [`Error::NonFinite`] naming it. Finite
+//! rewards near `f32::MAX` can give results beyond f32 (a weighted sum, a
+//! spread `r - mean` up to twice the largest reward in `GroupMean` and
+//! `LeaveOneOut`, the std of `[MAX, -MAX]`): the first such output is
+//! `NonFinite` with `what: "weighted rewards"`, `"advantages"` or
+//! `"group_std"` and its index. The normalizing modes' advantages are
+//! bounded (`|A| <= sqrt(G - 1)` for `GroupNorm`) and never overflow.
 
 use rayon::prelude::*;
 
@@ -153,6 +162,9 @@ pub(crate) struct GroupStats {
     std: f64,
     /// All rewards exactly equal (or a single one).
     flat: bool,
+    /// The smallest and largest reward.
+    lo: f64,
+    hi: f64,
 }
 
 /// Reward components, `[K, P, G]`.
@@ -250,6 +262,8 @@ impl GroupStats {
             sq_dev,
             std: std_of(sq_dev, group_size, unbiased),
             flat,
+            lo,
+            hi,
         }
     }
 }
@@ -290,8 +304,9 @@ type GroupOut<'o> = (((&'o mut [f32], &'o mut [f32]), &'o mut f32), &'o mut f32)
 /// Errors: empty `values`, `group_size == 0`, empty or non-finite `weights`,
 /// a `values` length that is not a multiple of `K * G`
 /// ([`Error::InvalidLayout`]), `eps` negative or non-finite, a non-finite
-/// reward ([`Error::NonFinite`] with its index in `values`), or a combined
-/// reward outside f32's range (`what: "weighted rewards"`).
+/// reward ([`Error::NonFinite`] with its index in `values`), or an output
+/// outside f32's range (`what: "weighted rewards"`, `"advantages"` or
+/// `"group_std"`; see the module docs).
 pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<GroupAdvantages> {
     let (_, n) = rewards.validate(OP)?;
     mode.validate(OP)?;
@@ -312,8 +327,9 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
             None => {
                 let values = &rewards.values[start..start + g];
                 comb.copy_from_slice(values);
-                let stats = stats_and_advantages(values.iter().map(|&v| v as f64), adv, mode, batch_mode);
-                (stats, stats.sum.is_finite())
+                let (stats, adv_finite) =
+                    stats_and_advantages(values.iter().map(|&v| v as f64), adv, mode, batch_mode);
+                (stats, stats.sum.is_finite() & adv_finite)
             }
             Some(_) => {
                 // Recomputed per pass: K products are cheaper than a copy.
@@ -323,12 +339,13 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
                     *c = x as f32;
                     finite &= c.is_finite();
                 }
-                (stats_and_advantages(r, adv, mode, batch_mode), finite)
+                let (stats, adv_finite) = stats_and_advantages(r, adv, mode, batch_mode);
+                (stats, finite & adv_finite)
             }
         };
         *mean = stats.mean as f32;
         *std = stats.std as f32;
-        (stats, finite)
+        (stats, finite & std.is_finite())
     };
     // Each group's output slices, in order.
     macro_rules! groups {
@@ -374,9 +391,12 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
     if !finite {
         check::finite(OP, "values", rewards.values)?;
         check::finite(OP, "weighted rewards", &combined)?;
+        check::finite(OP, "advantages", &advantages)?;
+        check::finite(OP, "group_std", &group_std)?;
     }
 
     if batch_mode {
+        // Bounded by sqrt(P G - 1) once the rewards are finite: never overflows.
         let batch_std = batch_std(&stats, g, unbiased);
         for (p, (adv, st)) in advantages.chunks_mut(g).zip(&stats).enumerate() {
             let affine = mode.group_affine(st, g, batch_std);
@@ -395,23 +415,29 @@ pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<Gr
 
 /// The statistics of one group's combined rewards `r`, and its advantages
 /// into `adv` (`[G]`), but for BatchNorm, whose advantages wait for the
-/// batch std.
+/// batch std; whether those advantages are finite. GroupNorm's are bounded
+/// by `sqrt(G - 1)`; in the other modes those of the smallest and largest
+/// reward bound the others (the map is monotone, and so is rounding), so
+/// two tests cover the group.
 #[inline(always)]
 fn stats_and_advantages(
     r: impl Iterator<Item = f64> + Clone,
     adv: &mut [f32],
     mode: AdvantageMode,
     batch_mode: bool,
-) -> GroupStats {
+) -> (GroupStats, bool) {
     let g = adv.len();
     let stats = GroupStats::of(r.clone(), g, mode.unbiased());
-    if !batch_mode {
-        let affine = mode.group_affine(&stats, g, 0.0);
-        for (a, x) in adv.iter_mut().zip(r) {
-            *a = affine.apply(x) as f32;
-        }
+    if batch_mode {
+        return (stats, true);
     }
-    stats
+    let affine = mode.group_affine(&stats, g, 0.0);
+    for (a, x) in adv.iter_mut().zip(r) {
+        *a = affine.apply(x) as f32;
+    }
+    let fits = |x: f64| (affine.apply(x) as f32).is_finite();
+    let bounded = matches!(mode, AdvantageMode::GroupNorm { .. });
+    (stats, bounded || fits(stats.lo) & fits(stats.hi))
 }
 
 /// Std of all rewards from the groups' sums (Chan et al.'s pairwise
@@ -431,7 +457,9 @@ fn batch_std(stats: &[GroupStats], g: usize, unbiased: bool) -> f64 {
 /// `N` the layout's token count (e.g. per-completion advantages to the
 /// per-token advantages of the policy loss).
 ///
-/// Errors: an invalid layout, `per_seq.len() != S`, a non-finite value.
+/// Errors: an invalid layout, `per_seq.len() != S`, a non-finite value, a
+/// padded layout of more tokens than can be allocated
+/// ([`Error::Allocation`]: its `batch * seq_len` is not backed by any input).
 pub fn broadcast_to_tokens(per_seq: &[f32], layout: &SeqLayout<'_>) -> Result<Vec<f32>> {
     let tokens = match layout {
         SeqLayout::Padded { batch, seq_len } => {
@@ -445,9 +473,10 @@ pub fn broadcast_to_tokens(per_seq: &[f32], layout: &SeqLayout<'_>) -> Result<Ve
     let seqs = layout.validate(OP_BROADCAST, tokens)?;
     check::len(OP_BROADCAST, "per_seq", seqs, per_seq.len())?;
     check::finite(OP_BROADCAST, "per_seq", per_seq)?;
-    let mut out = vec![0.0f32; tokens];
+    let mut out = check::with_capacity(OP_BROADCAST, "tokens", tokens)?;
+    // The validated ranges cover 0..tokens in order.
     for (range, &v) in layout.ranges().zip(per_seq) {
-        out[range].fill(v);
+        out.extend(std::iter::repeat_n(v, range.len()));
     }
     Ok(out)
 }

@@ -47,12 +47,21 @@
 //! hold anything, NaN included) and get zero outputs and gradients. Row
 //! chunks are made of active rows only, so padding costs no compute.
 //!
-//! **Non-finite values.** As in token_logprobs, a `-inf` logit means
-//! probability 0 (a `-inf` bias bans a token), and a NaN or `+inf` logit of
-//! an active row, whether from a NaN or infinity in `h`, `W` or `b` or from
-//! f32 overflow, is an [`Error::NonFinite`] with `what: "logits"` and the
-//! row's index. A NaN weight spoils every row, so the first active row is
-//! named.
+//! **Non-finite values** (the crate's [rule](crate::error)). As in
+//! token_logprobs, a `-inf` logit means probability 0 (a `-inf` bias bans a
+//! token), and a NaN or `+inf` logit of an active row, whether from a NaN or
+//! infinity in `h`, `W` or `b` or from f32 overflow, is an
+//! [`Error::NonFinite`] with `what: "logits"` and the row's index. A NaN
+//! weight spoils every row, so the first active row is named. A target of
+//! probability 0 (or of a log-prob below `-f32::MAX`) is `what: "logp"`.
+//! The backward checks the saved values and upstream gradients as
+//! token_logprobs_backward does (before any GEMM), with the row bound on
+//! `dz` taken against f32 (the tiles' type), and then the gradients it
+//! returns: `dz W` and `dz^T h` can overflow where `dz` does not, so a
+//! non-finite `dh`, `dW` or `db` (or one beyond `T`'s range once rounded to
+//! it) is `NonFinite` with `what: "dhidden"`, `"dweight"` or `"dbias"` and
+//! the element's index. The tile is sized by the chunk sizes and the
+//! dimensions: one too large to allocate is [`Error::Allocation`].
 //!
 //! **Threads.** The GEMMs run on all rayon threads (the `gemm` crate splits
 //! the output, never the inner dimension) and the row math is split over
@@ -283,7 +292,14 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
         for cols in head.col_chunks() {
             let width = cols.len();
             let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
-            head.logits(&buf.hidden, w_cols, cols.clone(), &mut buf.bias, &mut buf.tile);
+            head.logits(
+                OP,
+                &buf.hidden,
+                w_cols,
+                cols.clone(),
+                &mut buf.bias,
+                &mut buf.tile,
+            )?;
             let rows_per_task = MIN_TASK / width + 1;
             buf.tile
                 .par_chunks(width * rows_per_task)
@@ -302,6 +318,13 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
                 index: i,
             })?;
             logp[i] = x - row_lse;
+            if !logp[i].is_finite() {
+                return Err(Error::NonFinite {
+                    op: OP,
+                    what: "logp",
+                    index: i,
+                });
+            }
             entropy[i] = row_h;
             lse[i] = row_lse;
         }
@@ -317,9 +340,11 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
 /// given its gradients with respect to [`fused_linear_logprobs`]'s outputs
 /// (and what that forward saved). Each logits tile is recomputed.
 ///
-/// Errors: those of the forward (but no scan for non-finite values: the
-/// forward has seen the same inputs), gradient lengths, an entropy gradient
-/// without a saved entropy, a non-finite saved `lse`.
+/// Errors: those of the forward (but no scan of the inputs for non-finite
+/// values: the forward has seen the same inputs), gradient lengths, an
+/// entropy gradient without a saved entropy, a non-finite saved value or
+/// upstream gradient at an active row, a row whose `dz` could overflow f32,
+/// a non-finite gradient (see the module docs).
 pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
     rows: &LinearRows<'_, T, I>,
     cfg: &FusedLinearConfig,
@@ -337,6 +362,7 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
         &cfg.logprob,
         saved,
         grads,
+        f32::MAX,
     )?;
     let active: Vec<usize> = (0..shape.rows).filter(|&i| coefs[i].target.is_some()).collect();
     let head = Head::new(rows, shape, cfg);
@@ -357,7 +383,14 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
         for (k, cols) in head.col_chunks().enumerate() {
             let width = cols.len();
             let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
-            head.logits(&buf.hidden, w_cols, cols.clone(), &mut buf.bias, &mut buf.tile);
+            head.logits(
+                OP_BWD,
+                &buf.hidden,
+                w_cols,
+                cols.clone(),
+                &mut buf.bias,
+                &mut buf.tile,
+            )?;
             buf.tile
                 .par_chunks_mut(width)
                 .zip(chunk)
@@ -391,7 +424,23 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
             T::store(src, &mut grad.hidden[i * h..(i + 1) * h]);
         }
     }
+    finite_grad("dhidden", &grad.hidden)?;
+    finite_grad("dweight", &grad.weight)?;
+    if let Some(bias) = &grad.bias {
+        finite_grad("dbias", bias)?;
+    }
     Ok(grad)
+}
+
+/// A `NonFinite` error at the first non-finite element of a gradient.
+fn finite_grad<T: Float>(what: &'static str, xs: &[T]) -> Result<()> {
+    let finite = xs
+        .par_chunks(MIN_TASK)
+        .all(|c| c.iter().all(|x| x.to_f32().is_finite()));
+    if finite {
+        return Ok(());
+    }
+    check::finite_by(OP_BWD, what, xs, |x| x.to_f32().is_finite())
 }
 
 /// The LM head of one call, as the tile loops see it.
@@ -448,14 +497,16 @@ impl<'a, T: Float> Head<'a, T> {
     /// `tile = (h_rows W_cols^T + b_cols) / T`, `[rows, cols.len()]` row-major.
     fn logits(
         &self,
+        op: &'static str,
         h_rows: &[f32],
         w_cols: &[f32],
         cols: Range<usize>,
         bias_buf: &mut Vec<f32>,
         tile: &mut Vec<f32>,
-    ) {
+    ) -> Result<()> {
         let (n_rows, width) = (h_rows.len() / self.hidden, cols.len());
-        tile.resize(n_rows * width, 0.0);
+        // Sized by the caller's chunk sizes, not by an input: it may not fit.
+        check::grow(op, "logits tile", tile, n_rows.saturating_mul(width), 0.0)?;
         // With a bias the tile starts as b_cols in every row and the GEMM
         // adds to it: dst = (1/T) dst + (1/T) h W^T.
         let keep = self.bias.map(|bias| {
@@ -472,6 +523,7 @@ impl<'a, T: Float> Head<'a, T> {
             Mat::new(h_rows, n_rows, self.hidden),
             Mat::new(w_cols, width, self.hidden).t(),
         );
+        Ok(())
     }
 }
 

@@ -20,12 +20,20 @@
 //! `k3` is computed as [`math::exp_excess`]`(d)`, accurate near `d = 0`
 //! where the policy is close to the reference and `e^d - d - 1` computed
 //! literally loses every digit. For `d > 88.37` the value saturates at about
-//! `2.4e38` (the largest `e^x` [`math::exp`] returns) instead of overflowing;
-//! use [`KlEstimator::LowVarK3`] where such tokens occur.
+//! `2.4e38` (the largest `e^x` [`math::exp`] returns) instead of overflowing,
+//! and so does its derivative `1 - e^d` (at about `-2.4e38`); use
+//! [`KlEstimator::LowVarK3`] where such tokens occur.
 //!
-//! **Inputs.** Both log-probs must be finite: `-inf` (a token the model
-//! cannot produce) makes every estimator infinite or NaN, so it is an
-//! [`Error::NonFinite`](crate::Error::NonFinite) here, like NaN and `+inf`.
+//! **Non-finite values** (the crate's [rule](crate::error)). Both log-probs
+//! must be finite: `-inf` (a token the model cannot produce) makes every
+//! estimator infinite or NaN, so it is an
+//! [`Error::NonFinite`](crate::Error::NonFinite) here, like NaN and `+inf`;
+//! so is a non-finite upstream `grad` in the backward. Log-probs above 0
+//! (which bf16 rounding produces) are accepted. Finite inputs whose result
+//! overflows f32 (`k1` or `d` itself when `|ref_logp - logp|` exceeds
+//! `f32::MAX`, `k2` when `|d|` exceeds about `2.6e19`, a gradient times a
+//! large `grad`) are `NonFinite` with `what: "kl"` (forward) or `"dlogp"`
+//! (backward) and the token's index: the only saturation is `k3`'s, above.
 
 use std::mem::MaybeUninit;
 
@@ -141,7 +149,8 @@ impl<'a> KlInputs<'a, Host> {
 ///
 /// Errors: empty input, length mismatch, a non-finite log-prob
 /// ([`Error::NonFinite`](crate::Error::NonFinite) at the first one in
-/// `logp`, else in `ref_logp`).
+/// `logp`, else in `ref_logp`), an estimate that overflows f32 (`what:
+/// "kl"`).
 pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>> {
     let n = inputs.validate(OP)?;
     let block = |i| chunk(i, n);
@@ -154,6 +163,7 @@ pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>
     if !finite {
         check::finite(OP, "logp", inputs.logp)?;
         check::finite(OP, "ref_logp", inputs.ref_logp)?;
+        check::finite(OP, "kl", &out)?;
     }
     Ok(out)
 }
@@ -161,7 +171,8 @@ pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>
 /// `dL/dlogp = grad * d kl / d logp` for each token, given `grad = dL/dkl`
 /// `[N]`. The gradient with respect to `ref_logp` is its negation.
 ///
-/// Errors: as [`kl_divergence`], plus `grad`'s length and non-finite values.
+/// Errors: as [`kl_divergence`], plus `grad`'s length and non-finite
+/// values, and a gradient that overflows f32 (`what: "dlogp"`).
 pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f32]) -> Result<Vec<f32>> {
     let n = inputs.validate(OP_BWD)?;
     check::len(OP_BWD, "grad", n, grad.len())?;
@@ -177,6 +188,7 @@ pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f
         check::finite(OP_BWD, "logp", inputs.logp)?;
         check::finite(OP_BWD, "ref_logp", inputs.ref_logp)?;
         check::finite(OP_BWD, "grad", grad)?;
+        check::finite(OP_BWD, "dlogp", &out)?;
     }
     Ok(out)
 }
@@ -187,8 +199,10 @@ fn chunk(i: usize, n: usize) -> std::ops::Range<usize> {
 }
 
 /// `out[i] = f(ref_logp[i] - logp[i])`, times `grad[i]` if given; whether
-/// every input was finite. Inlined into each estimator's arm so each loop is
-/// branch-free. Writes all of `out` when the inputs are as long.
+/// every input and output was finite (or, conservatively, `d` overflowed:
+/// the caller's error path then finds nothing and returns `out`). Inlined
+/// into each estimator's arm so each loop is branch-free. Writes all of
+/// `out` when the inputs are as long.
 #[inline(always)]
 fn map_d(
     logp: &[f32],
@@ -200,20 +214,27 @@ fn map_d(
     let mut finite = true;
     let pairs = out.iter_mut().zip(logp).zip(ref_logp);
     match grad {
+        // A non-finite input makes `d` non-finite, and a non-finite `g`
+        // makes `f'(d) g` non-finite (`0 * inf` is NaN): two tests cover
+        // inputs and output.
         None => pairs.for_each(|((o, &lp), &rf)| {
-            finite &= lp.is_finite() & rf.is_finite();
-            o.write(f(rf - lp));
+            let d = rf - lp;
+            let v = f(d);
+            finite &= d.is_finite() & v.is_finite();
+            o.write(v);
         }),
         Some(grad) => pairs.zip(grad).for_each(|(((o, &lp), &rf), &g)| {
-            finite &= lp.is_finite() & rf.is_finite() & g.is_finite();
-            o.write(f(rf - lp) * g);
+            let d = rf - lp;
+            let v = f(d) * g;
+            finite &= d.is_finite() & v.is_finite();
+            o.write(v);
         }),
     }
     finite
 }
 
 multiversion! {
-    /// The estimate over one block; whether every input was finite.
+    /// The estimate over one block; whether every input and output was finite.
     fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [MaybeUninit<f32>]) -> bool {
         match est {
             KlEstimator::K1 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K1.value::<Mad>(d)),
@@ -225,7 +246,7 @@ multiversion! {
 }
 
 multiversion! {
-    /// `grad * d kl / d logp` over one block; whether every input was finite.
+    /// `grad * d kl / d logp` over one block; whether every input and output was finite.
     fn kl_grad_block(
         est: KlEstimator,
         logp: &[f32],

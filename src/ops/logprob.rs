@@ -28,9 +28,31 @@
 //! packed batch is its `cu_seqlens[S]` rows back to back. Rows that are
 //! masked or ignored are never read: their outputs and gradients are 0.
 //!
-//! **Non-finite logits.** `-inf` is allowed and means probability 0 (a row
-//! needs one finite logit). A NaN or `+inf` in an active row is an
-//! [`Error::NonFinite`] naming the row.
+//! **Non-finite values** (the crate's [rule](crate::error)). `-inf` is an
+//! allowed logit and means probability 0 (a row needs one finite logit). A
+//! NaN or `+inf` logit in an active row is [`Error::NonFinite`] with `what:
+//! "logits"` and the row; a finite logit whose scaled value `z / T`
+//! overflows f32 is `what: "logits / temperature"`. A target's log-prob must
+//! be finite: a target of probability 0 (a `-inf` logit), or one whose
+//! scaled logit lies more than `f32::MAX` below the row's log-sum-exp, is
+//! `what: "logp"`. The temperature must have a finite reciprocal (`T >=
+//! 1 / f32::MAX`, about 2.9e-39).
+//!
+//! The backward reads, at each active row only, the saved `lse` (and
+//! `entropy` when an entropy gradient is given) and the upstream gradients:
+//! a NaN or infinity there is `NonFinite` naming it (`lse`, `entropy`,
+//! `grad_logp`, `grad_entropy`, `grad_lse`), found before anything is
+//! written. Its result is bounded per row by
+//!
+//! ```text
+//! |dz_j| <= ( |c| + 87.4 |g_H| + |g| ) / T        (p_j <= 1, p_j |log p_j| <= 87.4 p_j where p_j > 0)
+//! ```
+//!
+//! and a row whose bound exceeds the logits dtype's largest value (f32,
+//! bf16: about 3.4e38; f16: 65504) is `what: "dlogits"`, so the gradient
+//! written is always finite. (`log p_j` is taken as at most 0, which it is
+//! for the forward's own `lse`: a smaller `lse` passed in cannot push
+//! `p_j` above 1.)
 
 use rayon::prelude::*;
 
@@ -66,7 +88,14 @@ impl Default for LogProbConfig {
 impl LogProbConfig {
     pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
         let t = self.temperature as f64;
-        check::param(op, "temperature", t, t > 0.0, "finite and > 0")
+        let ok = t > 0.0 && (1.0 / self.temperature).is_finite();
+        check::param(
+            op,
+            "temperature",
+            t,
+            ok,
+            "finite and >= 1 / f32::MAX (about 2.9e-39)",
+        )
     }
 
     /// Whether a row with this target (and mask value) is computed.
@@ -215,8 +244,9 @@ impl<M: Memory> LogProbGrads<'_, M> {
 
 /// Per-row token log-probs, entropies and log-sum-exps of `softmax(logits / T)`.
 ///
-/// Errors: empty input, length mismatches, `temperature <= 0`, a target
-/// outside `0..vocab` (unless ignored), a NaN or `+inf` logit in an active row.
+/// Errors: empty input, length mismatches, a temperature out of range, a
+/// target outside `0..vocab` (unless ignored), a non-finite logit, scaled
+/// logit or target log-prob in an active row (see the module docs).
 pub fn token_logprobs<T: Float, I: TokenId>(
     rows: &LogitRows<'_, T, I>,
     cfg: &LogProbConfig,
@@ -253,12 +283,14 @@ pub fn token_logprobs<T: Float, I: TokenId>(
                 }
             },
         );
-    if let Some(index) = lse.iter().position(|l| l.is_nan()) {
-        return Err(Error::NonFinite {
-            op: OP,
-            what: "logits",
-            index,
-        });
+    let bad = |i: usize| lse[i].is_nan() || !logp[i].is_finite();
+    if let Some(index) = (0..n).find(|&i| bad(i)) {
+        let what = if lse[index].is_nan() {
+            scaled_row_fault(&rows.logits[index * vocab..(index + 1) * vocab])
+        } else {
+            "logp"
+        };
+        return Err(Error::NonFinite { op: OP, what, index });
     }
     Ok(LogProbs {
         logp,
@@ -267,9 +299,26 @@ pub fn token_logprobs<T: Float, I: TokenId>(
     })
 }
 
+/// What to blame for a row whose scaled logits have no finite softmax: the
+/// logits themselves when they hold a NaN or `+inf` or no finite value,
+/// else their scaled values, which overflowed f32.
+pub(crate) fn scaled_row_fault<T: Float>(row: &[T]) -> &'static str {
+    let bad = |z: &T| z.to_f32().is_nan() || z.to_f32() == f32::INFINITY;
+    if row.iter().any(bad) || row.iter().all(|z| z.to_f32() == f32::NEG_INFINITY) {
+        "logits"
+    } else {
+        "logits / temperature"
+    }
+}
+
 /// Gradient of a loss with respect to the logits, given its gradients with
 /// respect to [`token_logprobs`]'s outputs. Returns `[rows, vocab]` in the
 /// logits' dtype.
+///
+/// Errors: those of the forward's validation, gradient lengths, an entropy
+/// gradient without a saved entropy, a non-finite saved value or upstream
+/// gradient at an active row, a row whose gradient could exceed `T`'s range
+/// (`what: "dlogits"`; see the module docs).
 pub fn token_logprobs_backward<T: Float, I: TokenId>(
     rows: &LogitRows<'_, T, I>,
     cfg: &LogProbConfig,
@@ -277,7 +326,17 @@ pub fn token_logprobs_backward<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<Vec<T>> {
     let n = rows.validate(OP_BWD)?;
-    let coefs = backward_coefs(OP_BWD, n, rows.targets, rows.mask, rows.vocab, cfg, saved, grads)?;
+    let coefs = backward_coefs(
+        OP_BWD,
+        n,
+        rows.targets,
+        rows.mask,
+        rows.vocab,
+        cfg,
+        saved,
+        grads,
+        T::MAX,
+    )?;
     let mut dlogits = vec![T::default(); rows.logits.len()];
     rows.logits
         .par_chunks(rows.vocab)
@@ -292,7 +351,8 @@ pub fn token_logprobs_backward<T: Float, I: TokenId>(
 }
 
 /// [`token_logprobs_backward`] writing the gradient over the logits buffer,
-/// so that logits and their gradient are never held at once.
+/// so that logits and their gradient are never held at once. Every error is
+/// found before the buffer is written: on error it still holds the logits.
 pub fn token_logprobs_backward_inplace<T: Float, I: TokenId>(
     logits: &mut [T],
     targets: &[I],
@@ -303,7 +363,7 @@ pub fn token_logprobs_backward_inplace<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<()> {
     let n = validate_lens(OP_BWD, vocab, logits.len(), targets.len(), mask.map(<[u8]>::len))?;
-    let coefs = backward_coefs(OP_BWD, n, targets, mask, vocab, cfg, saved, grads)?;
+    let coefs = backward_coefs(OP_BWD, n, targets, mask, vocab, cfg, saved, grads, T::MAX)?;
     logits
         .par_chunks_mut(vocab)
         .zip(&coefs)
@@ -369,7 +429,14 @@ impl RowGrad {
     }
 }
 
-/// Validates the backward's inputs (for `op`); returns each row's constants.
+/// A bound on `|log p_j|` wherever `p_j > 0`: [`math::exp`] is exactly 0
+/// below `e^-87.33`, and the CUDA kernels' `ex2` flushes below `2^-126`
+/// (`e^-87.34`).
+const MAX_NEG_LOG_P: f64 = 87.4;
+
+/// Validates the backward's inputs (for `op`); returns each row's
+/// constants. `limit` is the largest gradient magnitude the caller can
+/// hold (the output dtype's largest value).
 pub(crate) fn backward_coefs<I: TokenId>(
     op: &'static str,
     n: usize,
@@ -379,28 +446,56 @@ pub(crate) fn backward_coefs<I: TokenId>(
     cfg: &LogProbConfig,
     saved: &LogProbSaved<'_>,
     grads: &LogProbGrads<'_>,
+    limit: f32,
 ) -> Result<Vec<RowGrad>> {
     cfg.validate(op)?;
     grads.validate(op, n, saved)?;
     let active = active_rows(op, targets, mask, vocab, cfg)?;
-    check::finite(op, "lse", saved.lse)?;
     let inv_t = 1.0 / cfg.temperature;
-    Ok((0..n)
+    (0..n)
         .map(|i| {
             let g = grads.logp[i];
-            let g_h = grads.entropy.map_or(0.0, |ge| ge[i]);
+            // An entropy gradient is read with the saved entropy it multiplies.
+            let (g_h, h) = match (grads.entropy, saved.entropy) {
+                (Some(ge), Some(e)) => (ge[i], e[i]),
+                _ => (0.0, 0.0),
+            };
             let g_l = grads.lse.map_or(0.0, |gl| gl[i]);
-            let h = saved.entropy.map_or(0.0, |e| e[i]);
-            RowGrad {
+            let row = RowGrad {
                 target: active[i],
                 inv_t,
                 lse: saved.lse[i],
                 g,
                 g_h,
                 c: g_l - g - g_h * h,
+            };
+            if row.target.is_some() {
+                let read = [
+                    ("lse", saved.lse[i]),
+                    ("entropy", h),
+                    ("grad_logp", g),
+                    ("grad_entropy", g_h),
+                    ("grad_lse", g_l),
+                ];
+                if let Some(&(what, _)) = read.iter().find(|(_, v)| !v.is_finite()) {
+                    return Err(Error::NonFinite { op, what, index: i });
+                }
+                // See the module docs: every intermediate, then the result.
+                let inner = (row.c as f64).abs() + MAX_NEG_LOG_P * (g_h as f64).abs();
+                let bound = (inner + (g as f64).abs()) * inv_t as f64;
+                // A relative margin for the f32 roundings of the row math.
+                let margin = 1.0 + 1e-5;
+                if !row.c.is_finite() || inner * margin > f32::MAX as f64 || bound * margin > limit as f64 {
+                    return Err(Error::NonFinite {
+                        op,
+                        what: "dlogits",
+                        index: i,
+                    });
+                }
             }
+            Ok(row)
         })
-        .collect())
+        .collect()
 }
 
 /// Writes one row's gradient into `dst`, reading logits from `src`, or from
@@ -428,7 +523,9 @@ multiversion! {
     fn grad_block(xs: &mut [f32], coef: &RowGrad) {
         let (lse, c, g_h, inv_t) = (coef.lse, coef.c, coef.g_h, coef.inv_t);
         for x in xs.iter_mut() {
+            // At most 0, as it is for the forward's own lse: p <= 1 whatever lse is given.
             let log_p = *x - lse;
+            let log_p = if log_p > 0.0 { 0.0 } else { log_p };
             let p = math::exp::<Mad>(log_p);
             // p == 0 for -inf logits, where g_H log p would be NaN.
             *x = if p > 0.0 { p * (c - g_h * log_p) * inv_t } else { 0.0 };

@@ -48,18 +48,26 @@
 //! ([`PolicyLossStats::LOSS`] and the other index constants), so a CUDA
 //! kernel can write them all to one device buffer.
 //!
-//! **Masking.** Masked-out tokens are never read: NaN there is fine, and
-//! their loss and gradient are 0. So is the advantage of a sequence with no
-//! masked-in token. A NaN or infinity in `logp`, `old_logp`, `ref_logp`,
-//! the advantages (or the backward's `grad_per_token`) at a masked-in token
-//! is an [`Error::NonFinite`] naming the first such token (or sequence, for
-//! per-sequence advantages).
+//! **Masking and non-finite values** (the crate's [rule](crate::error)).
+//! Masked-out tokens are never read: NaN there is fine, and their loss and
+//! gradient are 0. So is the advantage of a sequence with no masked-in
+//! token. A NaN or infinity in `logp`, `old_logp`, `ref_logp`, the
+//! advantages (or the backward's `grad_per_token`) at a masked-in token is
+//! an [`Error::NonFinite`] naming the first such token (or sequence, for
+//! per-sequence advantages); so is a non-finite `grad_loss` (`index: 0`).
+//! Finite inputs of extreme magnitude can still overflow f32 (`r A` with
+//! `r` up to `e^C` and a huge advantage, a `k2` of a huge `d`, a sum of
+//! large token losses): the first token whose loss or KL estimate is not
+//! finite is `NonFinite` with `what: "per_token"` or `"kl"`, a loss that
+//! overflows in the aggregation is `what: "loss"` (`index: 0`), and the
+//! backward's first non-finite gradient is `what: "dlogp"`.
 //!
 //! **Parameters.** `eps_low` lies in `[0, 1]` (the lower bound `1 - eps_low`
 //! is a ratio; `eps_low = 1` turns lower clipping off), `eps_high >= 0`, the
 //! dual clip `c > 1` (verl's `clip_ratio_c`, typically 3),
-//! `log_ratio_clamp > 0`, `beta >= 0`, and `ref_logp` is required when
-//! `beta != 0`.
+//! `log_ratio_clamp` in `(0, 88]` (so that the ratio `e^C` fits f32, whose
+//! largest `e^x` is at `x = 88.72`), `beta >= 0`, and `ref_logp` is required
+//! when `beta != 0`.
 //!
 //! The CPU kernel runs one rayon task per run of sequences, each in
 //! [`BLOCK`]-token blocks of 16-lane f32 accumulators, reduced to f64 per
@@ -81,6 +89,9 @@ pub(crate) const OP_BWD: &str = "policy_loss_backward";
 
 /// Tokens per parallel task (rayon splits no finer).
 const MIN_TASK_TOKENS: usize = 1 << 14;
+
+/// The largest `log_ratio_clamp`: `e^88` is 1.7e38, and `e^88.73` overflows f32.
+const MAX_LOG_RATIO_CLAMP: f64 = 88.0;
 
 /// Advantages, per sequence or per token.
 pub enum Advantage<'a, M: Memory = Host> {
@@ -180,7 +191,7 @@ pub struct PolicyLossConfig {
     /// `A < 0` the loss is at most `-c A`.
     pub dual_clip: Option<f32>,
     /// Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]`
-    /// before `exp` (verl: 20); `> 0`.
+    /// before `exp` (verl: 20); in `(0, 88]`, so that `e^clamp` fits f32.
     pub log_ratio_clamp: f32,
     /// Token or sequence importance ratio.
     pub importance: ImportanceLevel,
@@ -243,7 +254,13 @@ impl PolicyLossConfig {
             check::param(op, "dual_clip", c as f64, c > 1.0, "finite and > 1")?;
         }
         let clamp = self.log_ratio_clamp as f64;
-        check::param(op, "log_ratio_clamp", clamp, clamp > 0.0, "finite and > 0")?;
+        check::param(
+            op,
+            "log_ratio_clamp",
+            clamp,
+            clamp > 0.0 && clamp <= MAX_LOG_RATIO_CLAMP,
+            "in (0, 88]: e^clamp must fit f32",
+        )?;
         let beta = self.beta as f64;
         check::param(op, "beta", beta, beta >= 0.0, "finite and >= 0")?;
         check::param(
@@ -402,13 +419,16 @@ impl<'a> PolicyLossInputs<'a, Host> {
         }
     }
 
-    /// Errors on the first non-finite value read at a masked-in token (run
-    /// only once a kernel has seen one: the kernels check as they go).
+    /// Errors on the first non-finite value read at a masked-in token, else
+    /// on the first non-finite value of `results` (`(what, values)`, `[N]`
+    /// each) at one (run only once a kernel has seen one: the kernels check
+    /// as they go).
     fn check_finite(
         &self,
         op: &'static str,
         ranges: &[Range<usize>],
         grad_per_token: Option<&[f32]>,
+        results: &[(&'static str, &[f32])],
     ) -> Result<()> {
         let bad = |x: f32| !x.is_finite();
         for (s, range) in ranges.iter().enumerate() {
@@ -434,6 +454,12 @@ impl<'a> PolicyLossInputs<'a, Host> {
                 if let Some((what, index)) = found {
                     return Err(Error::NonFinite { op, what, index });
                 }
+            }
+        }
+        let active = |t: &usize| self.mask.is_none_or(|m| m[*t] != 0);
+        for &(what, values) in results {
+            if let Some(index) = (0..values.len()).filter(active).find(|&t| !values[t].is_finite()) {
+                return Err(Error::NonFinite { op, what, index });
             }
         }
         Ok(())
@@ -551,7 +577,14 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Res
         .map(|(s, (range, out))| seq_forward(cfg, &inputs.seq(s, range.clone(), None), out))
         .collect();
     if sums.iter().any(|s| !s.finite) {
-        inputs.check_finite(OP, &ranges, None)?;
+        // Only on the error path: the KL estimates, to name an overflowing one.
+        let kl: Vec<f32> = inputs.ref_logp.map_or_else(Vec::new, |r| {
+            r.iter()
+                .zip(inputs.logp)
+                .map(|(&r, &l)| cfg.kl.value::<math::Baseline>(r - l))
+                .collect()
+        });
+        inputs.check_finite(OP, &ranges, None, &[("kl", &kl), ("per_token", &per_token)])?;
     }
 
     let tokens: usize = sums.iter().map(|s| s.tokens).sum();
@@ -578,6 +611,13 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Res
         kl_mean: mean(total.kl),
         tokens: tokens as f32,
     };
+    if !stats.loss.is_finite() {
+        return Err(Error::NonFinite {
+            op: OP,
+            what: "loss",
+            index: 0,
+        });
+    }
     Ok(PolicyLoss {
         per_token,
         summary: stats.to_summary().to_vec(),
@@ -587,8 +627,9 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Res
 /// `dL/dlogp` for `L = grad_loss * loss + sum_t grad_per_token_t * per_token_t`:
 /// `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`, `[N]`.
 ///
-/// Errors: as [`policy_loss`], plus a non-finite `grad_loss`, and
-/// `grad_per_token`'s length or a non-finite value at a masked-in token.
+/// Errors: as [`policy_loss`] (but for the loss's own overflow), plus a
+/// non-finite `grad_loss`, `grad_per_token`'s length or a non-finite value
+/// at a masked-in token, and a gradient that overflows (`what: "dlogp"`).
 pub fn policy_loss_backward(
     inputs: &PolicyLossInputs<'_>,
     cfg: &PolicyLossConfig,
@@ -597,7 +638,13 @@ pub fn policy_loss_backward(
 ) -> Result<Vec<f32>> {
     let ranges = inputs.validate_host(OP_BWD, cfg)?;
     let n = inputs.logp.len();
-    check::param(OP_BWD, "grad_loss", grad_loss as f64, true, "finite")?;
+    if !grad_loss.is_finite() {
+        return Err(Error::NonFinite {
+            op: OP_BWD,
+            what: "grad_loss",
+            index: 0,
+        });
+    }
     if let Some(g) = grad_per_token {
         check::len(OP_BWD, "grad_per_token", n, g.len())?;
     }
@@ -626,7 +673,7 @@ pub fn policy_loss_backward(
         })
         .reduce(|| true, |a, b| a && b);
     if !finite {
-        inputs.check_finite(OP_BWD, &ranges, grad_per_token)?;
+        inputs.check_finite(OP_BWD, &ranges, grad_per_token, &[("dlogp", &dlogp)])?;
     }
     Ok(dlogp)
 }
@@ -940,7 +987,8 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
                     acc.ratio_max[i]
                 };
                 acc.kl[i] += if on { t.kl } else { 0.0 };
-                acc.finite[i] &= SeqData::lane_finite(&x, i);
+                let results_finite = t.loss.is_finite() & t.kl.is_finite();
+                acc.finite[i] &= SeqData::lane_finite(&x, i) & (results_finite | !on);
             }
             SeqData::store(out, at, &terms);
         }
@@ -971,7 +1019,7 @@ fn backward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f
             } else {
                 0.0
             };
-            finite[i] &= SeqData::lane_finite(&x, i);
+            finite[i] &= SeqData::lane_finite(&x, i) & grads[i].is_finite();
         }
         SeqData::store(out, at, &grads);
     }

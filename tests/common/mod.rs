@@ -119,6 +119,7 @@ pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
     4.0 * f32::EPSILON as f64 * xmax
 }
 
+pub mod bad_input;
 #[cfg(feature = "candle")]
 pub mod composed;
 #[cfg(feature = "cuda")]
