@@ -482,6 +482,7 @@ mod tests {
 
     use super::*;
     use crate::data::scene::SYNTHETIC;
+    use crate::data::stream::TrainSet;
     use crate::data::synthetic::{generate_split, Split};
     use crate::train::grpo::{grpo, grpo_defaults, LossVariant};
     use crate::train::sft::{sft, Augment, SftConfig};
@@ -645,7 +646,7 @@ mod tests {
     fn sft_lowers_the_loss_of_a_repeated_batch() {
         for (loss_on, dtype) in [(LossOn::Answer, DType::BF16), (LossOn::All, DType::F32)] {
             let q = policy(dtype, SystemPrompt::Plain);
-            let train = generate_split(Split::Train, 2, 4);
+            let train = TrainSet::in_memory(generate_split(Split::Train, 2, 4));
             let mut opt = adamw(&q, 2e-3, true).unwrap();
             let mut hooks = collect(None);
             let learner = Learner {
@@ -667,7 +668,7 @@ mod tests {
     #[test]
     fn a_grpo_step_gives_finite_stats() {
         let q = policy(DType::F32, SystemPrompt::Think);
-        let train = generate_split(Split::Train, 4, 5);
+        let train = TrainSet::in_memory(generate_split(Split::Train, 4, 5));
         let mut cfg = grpo_defaults(1, 0);
         cfg.prompts = 2;
         cfg.accumulate = 2;
@@ -698,18 +699,18 @@ mod tests {
     /// run that was not stopped (bf16 weights with f32 master weights).
     #[test]
     fn resume_continues_exactly() {
-        let train = generate_split(Split::Train, 3, 6);
+        // A set per run: its visit counts (R1-SGG's augmentation) start
+        // afresh in each process, as here in each run.
+        let train = || TrainSet::in_memory(generate_split(Split::Train, 3, 6));
+        let (first, rest_a, rest_b) = (train(), train(), train());
         let cfg = sft_config(4, LossOn::Answer);
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("sft");
 
         let a = policy(DType::BF16, SystemPrompt::Plain);
         let mut opt_a = adamw(&a, cfg.lr, true).unwrap();
-        let learner = |p| Learner {
-            policy: p,
-            train: &train,
-        };
-        sft(learner(&a), &cfg, &mut opt_a, 0, &mut collect(Some(1))).unwrap();
+        let learner = |p, t| Learner { policy: p, train: t };
+        sft(learner(&a, &first), &cfg, &mut opt_a, 0, &mut collect(Some(1))).unwrap();
         let state = TrainingState {
             stage: "sft".into(),
             step: 2,
@@ -723,8 +724,8 @@ mod tests {
         let mut opt_b = adamw(&b, cfg.lr, true).unwrap();
         assert_eq!(b.resume(&ckpt, &mut opt_b).unwrap(), state);
         assert_eq!(opt_b.step_count(), 2);
-        sft(learner(&a), &cfg, &mut opt_a, 2, &mut collect(None)).unwrap();
-        sft(learner(&b), &cfg, &mut opt_b, 2, &mut collect(None)).unwrap();
+        sft(learner(&a, &rest_a), &cfg, &mut opt_a, 2, &mut collect(None)).unwrap();
+        sft(learner(&b, &rest_b), &cfg, &mut opt_b, 2, &mut collect(None)).unwrap();
         let (va, vb) = (a.vars().data().lock().unwrap(), b.vars().data().lock().unwrap());
         for (name, v) in va.iter() {
             let d = crate::model::qwen2_vl::tests::max_abs_diff(v.as_tensor(), vb[name].as_tensor());
