@@ -309,12 +309,13 @@ impl TrainSet {
     }
 
     /// Positions the stream for a stage starting at `start_step` with
-    /// `per_step` samples a step, unless [`restore`](Self::restore) already
-    /// did (a checkpoint from before positions were saved resumes at
+    /// `per_step` samples a step, unless [`restore`](Self::restore) did
+    /// since the last call (a checkpoint from before positions were saved resumes at
     /// `start_step * per_step`, exact when no row was skipped).
     pub fn begin(&self, start_step: usize, per_step: usize) {
         let mut c = self.lock();
-        if !c.restored {
+        // A restored position serves the stage it was restored for only.
+        if !std::mem::take(&mut c.restored) {
             c.position = (start_step as u64).saturating_mul(per_step as u64);
         }
     }
@@ -535,6 +536,9 @@ mod tests {
             resumed.begin(3, 24);
             let tail = run(&resumed, 4, 24);
             assert_eq!([head, tail].concat(), whole);
+            // The next stage (GRPO after SFT in `demo`) starts afresh.
+            resumed.begin(0, 24);
+            assert_eq!(run(&resumed, 1, 24), whole[..24]);
             // Without a saved position, the step says where to start.
             let by_step = open();
             by_step.begin(3, 24);
