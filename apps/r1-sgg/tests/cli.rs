@@ -101,7 +101,11 @@ fn malformed_parquet_rows_are_named_or_skipped_and_counted() {
     // first epoch is passed, and each bad row is counted once).
     let out = scratch().join("skipped");
     let mut args = sft(["--data", bad]);
-    let steps = args.iter().position(|a| *a == "--sft-steps").expect("--sft-steps") + 1;
+    let steps = args
+        .iter()
+        .position(|a| *a == "--sft-steps")
+        .expect("--sft-steps")
+        + 1;
     args[steps] = "2";
     args.extend(["--skip-bad-rows", "--out", out.to_str().unwrap()]);
     let run = Command::new(env!("CARGO_BIN_EXE_r1-sgg"))
