@@ -231,23 +231,41 @@ impl QwenPolicy {
                 .collect()
         };
         let batch = self.batch(&prompts, &rows, &[], true)?;
-        let (mut cache, mut logits) = self.model().prefill(&batch.inputs)?;
-        if share_prompt && group > 1 {
-            cache = cache.repeat_interleave(group)?;
-            let index: Vec<u32> = rows
-                .iter()
-                .flat_map(|&u| std::iter::repeat_n(u as u32, group))
-                .collect();
-            let n = index.len();
-            logits = logits.index_select(&Tensor::from_vec(index, n, &self.device)?, 0)?;
-        }
-        cache.reserve(max_new)?;
-        let mut decoder = QwenDecoder {
-            model: self.model(),
-            cache,
-        };
-        sample_completions(&mut decoder, logits, max_new, sampling, &self.stop)
+        let shared = if share_prompt { group } else { 1 };
+        rollout(self.model(), &batch.inputs, shared, max_new, sampling, &self.stop)
     }
+}
+
+/// Samples `group` completions of each row of `inputs` (a left-padded
+/// prompt batch with its images), rows `r * group .. (r + 1) * group` for
+/// prompt `r`: the prompts run once ([`Qwen2Vl::prefill`]: every image
+/// encoded once, every prompt's KV cache computed once), the cache and the
+/// last logits repeated for the completions, then [`sample_completions`]
+/// until a token of `stop` or `max_new` tokens (`stop` empty: exactly
+/// `max_new`, as the real-size benchmark generates). What
+/// [`QwenPolicy::generate_with`] runs, exposed for the benchmarks on
+/// random-weight models, which have no tokenizer.
+pub fn rollout(
+    model: &Qwen2Vl,
+    inputs: &Inputs,
+    group: usize,
+    max_new: usize,
+    sampling: &SamplingConfig,
+    stop: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    let (mut cache, mut logits) = model.prefill(inputs)?;
+    if group > 1 {
+        cache = cache.repeat_interleave(group)?;
+        let b = logits.dim(0)?;
+        let index: Vec<u32> = (0..b as u32)
+            .flat_map(|u| std::iter::repeat_n(u, group))
+            .collect();
+        let n = index.len();
+        logits = logits.index_select(&Tensor::from_vec(index, n, logits.device())?, 0)?;
+    }
+    cache.reserve(max_new)?;
+    let mut decoder = QwenDecoder { model, cache };
+    sample_completions(&mut decoder, logits, max_new, sampling, stop)
 }
 
 impl QwenPolicy {
