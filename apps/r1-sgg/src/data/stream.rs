@@ -190,10 +190,24 @@ impl TrainSet {
                 let groups = Some(data.row_groups());
                 let name = match shards.as_slice() {
                     [one] => one.clone(),
-                    _ => shards[0].parent().map(PathBuf::from).unwrap_or_default(),
+                    more => more
+                        .first()
+                        .and_then(|p| p.parent())
+                        .map(PathBuf::from)
+                        .unwrap_or_default(),
                 };
                 Self::with_rows(Rows::Parquet(data), groups, order, bad_rows, side, name)
             }
+        })
+        .and_then(|set| {
+            // An epoch's order holds rows as u32.
+            if set.len() > u32::MAX as usize {
+                return Err(DataError::Source {
+                    path: set.name.clone(),
+                    reason: format!("{} rows; at most {} are streamed", set.len(), u32::MAX),
+                });
+            }
+            Ok(set)
         })
     }
 
