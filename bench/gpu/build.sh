@@ -25,5 +25,9 @@ cargo test --release -p grpo-kernels --features candle-cuda $tests --no-run --me
 cargo bench -p grpo-kernels --features candle-cuda --no-run --message-format=json | copy bench_
 cargo build --release -p r1-sgg --features cuda --bin r1-sgg --message-format=json | copy app_
 cargo bench -p r1-sgg --features cuda --bench qwen2_vl_sft --no-run --message-format=json | copy app_bench_
+cargo bench -p r1-sgg --features cuda --bench qwen2_vl_grpo --no-run --message-format=json | copy app_bench_
+# TRL's GRPO loss path for `run.sh qwen2vl-grpo` (installed there with --no-deps; the
+# transformers wheel of `run.sh qwen2vl` goes beside it).
+mkdir -p .whl && python3 -m pip download -q --no-deps --dest .whl trl==1.16.0
 strip .gpu/test_* .gpu/bench_* .gpu/app_*
 du -sh .gpu

@@ -16,6 +16,14 @@
 #            bf16, 8 samples x 1024 tokens with a 448x448 image each):
 #            ours (criterion, plain and checkpointed) against transformers
 #            with sdpa (its wheel in .whl/), GPU memory sampled for both
+# qwen2vl-grpo: one GRPO step of Qwen2-VL-2B's real config (random weights,
+#            bf16): 8 prompts of 1024 tokens (a 448x448 image each) x 8
+#            completions x 256 new tokens. Ours (the rollout from the shared
+#            prompt cache; the update through the fused log-probs, BNPO,
+#            checkpointed, AdamW with f32 moments and master weights) against
+#            transformers' generate (same sampling) and TRL's GRPO loss path
+#            on the very same completions and advantages (the trl wheel in
+#            .whl/); GPU memory sampled for both. Needs .gpu/app_bench_qwen2_vl_grpo.
 # GK_ONLY=<regex> keeps the parity, sanitizer and bench binaries whose
 # names match (e.g. GK_ONLY='advantages|fused_linear').
 # Results (logs, criterion medians, comparisons, metrics) go to ./gpu-out,
@@ -111,6 +119,30 @@ PY
         --device cuda --dtype bfloat16 --attn sdpa --warmup 2 --steps 10
       kill $smi
       tail -5 "$out"/qwen2vl_*.log ;;
+    qwen2vl-grpo)
+      if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+      fi
+      cfg=apps/r1-sgg/fixtures/qwen2_vl/configs/qwen2-vl-2b-instruct.json
+      prompts=/tmp/qwen2vl-prompts.safetensors rollouts=/tmp/qwen2vl-rollouts.safetensors
+      python3 apps/r1-sgg/scripts/qwen2_vl_bench_batch.py --config $cfg --out $prompts --samples 8 --tokens 1024 --image-side 448
+      mkdir -p "$out/qwen2vl_grpo"
+      nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/qwen2vl_grpo/memory_ours.csv" &
+      smi=$!
+      QWEN2VL_BENCH_CONFIG=$cfg QWEN2VL_BENCH_BATCH=$prompts QWEN2VL_BENCH_DEVICE=cuda QWEN2VL_BENCH_DTYPE=bf16 \
+        QWEN2VL_BENCH_GROUP=8 QWEN2VL_BENCH_MAX_NEW=256 QWEN2VL_BENCH_RUNS=2 QWEN2VL_BENCH_ROLLOUTS=$rollouts \
+        run qwen2vl_grpo_ours $bin/app_bench_qwen2_vl_grpo
+      kill $smi
+      nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -l 1 > "$out/qwen2vl_grpo/memory_torch.csv" &
+      smi=$!
+      run qwen2vl_grpo_torch python3 apps/r1-sgg/scripts/qwen2_vl_grpo_torch.py --config $cfg --batch $prompts \
+        --rollouts $rollouts --group 8 --max-new 256 --runs 2 --device cuda --dtype bfloat16 --precision autocast
+      kill $smi
+      for side in ours torch; do
+        echo "peak GPU memory, $side: $(cut -d, -f2 "$out/qwen2vl_grpo/memory_$side.csv" | sort -n | tail -1)"
+      done | tee "$out/qwen2vl_grpo/memory_peak.txt"
+      grep -h -E "qwen2_vl_grpo/|transformers generate|TRL GRPO update" "$out"/qwen2vl_grpo_*.log | tee "$out/qwen2vl_grpo/summary.txt"
+      pack ;;
     r1sgg)
       # SFT, GRPO from it, and evaluation of the result, each a short run
       # (a stage stopped at the limit saves its checkpoint, as at Ctrl-C).

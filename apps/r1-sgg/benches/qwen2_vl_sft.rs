@@ -16,90 +16,39 @@
 //! QWEN2VL_BENCH_DEVICE=cuda QWEN2VL_BENCH_DTYPE=bf16 cargo bench -p r1-sgg --features cuda --bench qwen2_vl_sft
 //! ```
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::ParamsAdamW;
 use criterion::{criterion_group, criterion_main, Criterion};
 use grpo_kernels::{FusedLinearConfig, LogProbConfig};
-use r1_sgg::hf::pretrained::Pretrained;
-use r1_sgg::model::qwen2_vl::{Checkpointing, Config, Inputs, Qwen2Vl};
+use r1_sgg::model::qwen2_vl::{Checkpointing, Inputs};
 use r1_sgg::train::optim::AdamW;
 
 #[path = "../../../benches/util/peak_heap.rs"]
 mod peak_heap;
 use peak_heap::{peak_extra, Counting};
 
+#[path = "common/qwen2_vl.rs"]
+mod common;
+use common::{batch_file, model, read_batch};
+
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/qwen2_vl")
-        .join(rel)
-}
-
-/// `QWEN2VL_BENCH_<name>` (paths as given: relative to the working folder).
-fn setting(name: &str) -> Option<String> {
-    std::env::var(format!("QWEN2VL_BENCH_{name}")).ok()
-}
-
-/// A batch file (`input_ids`, `attention_mask`, `pixel_values`,
-/// `image_grid_thw`, `labels`: the fixture's reference layout) as model
-/// inputs in `dtype` on `device`, and its answer-token mask `[B, T - 1]`.
-fn batch(path: &Path, dtype: DType, device: &Device) -> (Inputs, Tensor) {
-    let r: HashMap<String, Tensor> = candle_core::safetensors::load(path, device).expect("the batch file");
-    let grids = r["image_grid_thw"]
-        .to_vec2::<i64>()
-        .expect("grids")
-        .into_iter()
-        .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-        .collect();
+/// The batch file's inputs and its answer-token mask `[B, T - 1]` (labels not -100).
+fn batch(path: &std::path::Path, dtype: DType, device: &Device) -> (Inputs, Tensor) {
+    let (input, r) = read_batch(path, dtype, device);
     let labels = &r["labels"];
     let t = labels.dim(1).expect("labels [B, T]");
     let mask = labels
         .narrow(1, 1, t - 1)
         .and_then(|l| l.ne(-100f64))
         .expect("mask");
-    let input = Inputs {
-        input_ids: r["input_ids"].to_dtype(DType::U32).expect("ids"),
-        attention_mask: Some(r["attention_mask"].clone()),
-        pixel_values: Some(r["pixel_values"].to_dtype(dtype).expect("pixels")),
-        image_grid_thw: grids,
-        position_ids: None,
-    };
     (input, mask)
 }
 
-/// The model: random weights of `QWEN2VL_BENCH_CONFIG`, or the fixture's.
-fn model(dtype: DType, device: &Device) -> (Qwen2Vl, VarMap) {
-    match setting("CONFIG") {
-        Some(path) => {
-            let cfg =
-                Config::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).expect("the config");
-            let vars = VarMap::new();
-            let model = Qwen2Vl::new(&cfg, VarBuilder::from_varmap(&vars, dtype, device)).expect("a model");
-            (model, vars)
-        }
-        None => {
-            let qwen = Pretrained::load(&fixture("untied"), dtype, device).expect("the fixture model");
-            (qwen.model, qwen.vars)
-        }
-    }
-}
-
 fn sft_step(c: &mut Criterion) {
-    let device = match setting("DEVICE").as_deref() {
-        Some("cuda") => Device::new_cuda(0).expect("a CUDA device"),
-        _ => Device::Cpu,
-    };
-    let dtype = match setting("DTYPE").as_deref() {
-        Some("bf16") => DType::BF16,
-        _ => DType::F32,
-    };
-    let batch_file = setting("BATCH").map_or_else(|| fixture("reference_untied.safetensors"), PathBuf::from);
-    let (input, mask) = batch(&batch_file, dtype, &device);
+    let (device, dtype) = (common::device(), common::dtype());
+    let (input, mask) = batch(&batch_file(), dtype, &device);
     // On a GPU, the chunk sizes that keep cuBLAS near its peak.
     let chunks = if device.is_cuda() {
         FusedLinearConfig::gpu()

@@ -219,6 +219,12 @@ pub struct Common {
     /// instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Row groups of a parquet --data whose rows are shuffled together
+    /// (the shuffle buffer: each epoch the row groups in a seeded order, then
+    /// this many at a time, their rows shuffled; memory grows with it). A
+    /// JSONL --data is shuffled whole. See the README's "Real data".
+    #[arg(long, default_value_t = crate::data::stream::DEFAULT_WINDOW, value_parser = at_least(1))]
+    pub shuffle_window: usize,
     /// Synthetic training scenes to generate.
     #[arg(long, default_value_t = 4000, value_parser = at_least(1))]
     pub train_size: usize,

@@ -96,9 +96,17 @@ fn malformed_parquet_rows_are_named_or_skipped_and_counted() {
     let bad = fixtures.join("bad/rows.parquet");
     let bad = bad.to_str().unwrap();
     refused(&sft(["--data", bad]), &["rows.parquet", "row 1", "invalid JSON"]);
-    // Skipped: the shard's one good row trains, and the nine others are counted.
+    // Skipped: the shard's one good row trains, and the nine others are
+    // counted as the stream passes them (two draws of one sample: the whole
+    // first epoch is passed, and each bad row is counted once).
     let out = scratch().join("skipped");
     let mut args = sft(["--data", bad]);
+    let steps = args
+        .iter()
+        .position(|a| *a == "--sft-steps")
+        .expect("--sft-steps")
+        + 1;
+    args[steps] = "2";
     args.extend(["--skip-bad-rows", "--out", out.to_str().unwrap()]);
     let run = Command::new(env!("CARGO_BIN_EXE_r1-sgg"))
         .args(&args)
@@ -108,7 +116,8 @@ fn malformed_parquet_rows_are_named_or_skipped_and_counted() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("--data: skipped 9 malformed records"), "{stdout}");
-    assert!(stdout.contains("data: 1 train"), "{stdout}");
+    // The stream counts the shard's rows, bad ones included.
+    assert!(stdout.contains("data: 10 train"), "{stdout}");
     // A shard compressed with a codec this build lacks is never skipped.
     let zstd = fixtures.join("bad/zstd.parquet");
     let mut args = sft(["--data", zstd.to_str().unwrap()]);

@@ -7,7 +7,10 @@
 //! `--data`.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use image::{ImageFormat, RgbImage};
 use indicatif::ProgressBar;
@@ -16,6 +19,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::record::{objects_out, relations_out, scene_graph, ObjectOut, RelationOut};
+use super::scene::add_labels;
 use super::{DataError, Sample};
 use crate::util::fs::write_atomically;
 
@@ -43,27 +47,150 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>, DataError> {
     read_jsonl(path)?.collect()
 }
 
-/// [`load_jsonl`] one record at a time: the file's text is read now, each
-/// record's image when the iterator reaches it, so a consumer that keeps
-/// only a resized copy never holds every full-size image at once. An
-/// unreadable file is the outer error; a bad record is an item's
-/// ([`DataError::Record`] or [`DataError::Image`], naming the line).
+/// [`load_jsonl`] one record at a time, through a [`JsonlIndex`]: each
+/// record's line and image are read when the iterator reaches it, so a
+/// consumer that keeps only a resized copy never holds every full-size
+/// image at once. An unreadable file is the outer error; a bad record is an
+/// item's ([`DataError::Record`] or [`DataError::Image`], naming the line).
 pub fn read_jsonl(path: &Path) -> Result<impl Iterator<Item = Result<Sample, DataError>>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let path = path.to_path_buf();
-    let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let lines: Vec<(usize, String)> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| (n + 1, l.to_string()))
-        .collect();
-    Ok(lines
-        .into_iter()
-        .map(move |(line, text)| load_record(&path, &folder, line, &text)))
+    let index = JsonlIndex::open(path)?;
+    Ok((0..index.len()).map(move |i| index.get(i)))
+}
+
+/// Where each record of a JSONL file starts, found in one pass over the
+/// file (12 bytes a record: its byte offset and line number), so any record
+/// is read on demand ([`get`](Self::get)): its line, then its image. What
+/// the training stream (`data/stream.rs`) reads a JSONL set through.
+#[derive(Debug)]
+pub struct JsonlIndex {
+    path: PathBuf,
+    folder: PathBuf,
+    /// Byte offset of each record's line.
+    offsets: Vec<u64>,
+    /// Its 1-based line number.
+    lines: Vec<u32>,
+    /// The open file and the offset its reader stands at (sequential reads
+    /// do not seek, so they keep the reader's buffer).
+    file: Mutex<(BufReader<File>, u64)>,
+}
+
+impl JsonlIndex {
+    /// Indexes the non-blank lines of `path` (reading it once, a buffer at
+    /// a time). A file that cannot be opened or read is a [`DataError::Io`];
+    /// records are not parsed here.
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut reader = BufReader::with_capacity(1 << 16, File::open(path).map_err(io)?);
+        let (mut offsets, mut lines) = (Vec::new(), Vec::new());
+        let (mut offset, mut line) = (0u64, 0u32);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            line = line.checked_add(1).ok_or_else(|| DataError::Source {
+                path: path.to_path_buf(),
+                reason: "more than 4,294,967,295 lines".into(),
+            })?;
+            if !String::from_utf8_lossy(&buf).trim().is_empty() {
+                offsets.push(offset);
+                lines.push(line);
+            }
+            offset += n as u64;
+        }
+        let file = File::open(path).map_err(io)?;
+        Ok(JsonlIndex {
+            path: path.to_path_buf(),
+            folder: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            offsets,
+            lines,
+            file: Mutex::new((BufReader::new(file), 0)),
+        })
+    }
+
+    /// Records (non-blank lines), bad ones included.
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// The JSONL file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Record `index`'s line, as text, and its line number. A line that is
+    /// not UTF-8 is a [`DataError::Record`]; a read failure, [`DataError::Io`].
+    fn line(&self, index: usize) -> Result<(usize, String), DataError> {
+        let Some(&offset) = self.offsets.get(index) else {
+            return Err(DataError::OutOfRange {
+                index,
+                len: self.len(),
+            });
+        };
+        let line = self.lines[index] as usize;
+        let io = |source| DataError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut buf = Vec::new();
+        {
+            let mut guard = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+            let (reader, at) = &mut *guard;
+            if *at != offset {
+                reader.seek(SeekFrom::Start(offset)).map_err(io)?;
+            }
+            let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
+            *at = offset + n as u64;
+        }
+        while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+            buf.pop();
+        }
+        let text = String::from_utf8(buf).map_err(|_| DataError::Record {
+            path: self.path.clone(),
+            line,
+            reason: "the line is not UTF-8".into(),
+        })?;
+        Ok((line, text))
+    }
+
+    /// Record `index` (`0..len()`, in file order): its line read and parsed,
+    /// its image read and decoded, as [`load_jsonl`] reads it. A bad record
+    /// is a [`DataError::Record`] or [`DataError::Image`] naming its line;
+    /// an index past the end, [`DataError::OutOfRange`].
+    pub fn get(&self, index: usize) -> Result<Sample, DataError> {
+        let (line, text) = self.line(index)?;
+        load_record(&self.path, &self.folder, line, &text)
+    }
+
+    /// Every record's object categories and predicates, normalized
+    /// ([`add_labels`]), from the lines alone (no image is read): what
+    /// choosing the data's vocabulary needs. Records that cannot be read are
+    /// left out here; reading their samples reports them.
+    pub fn labels(&self, labels: &mut HashSet<String>) {
+        for index in 0..self.len() {
+            let Ok((_, text)) = self.line(index) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            // Boxes are not needed: any frame serves.
+            let graph = scene_graph(record.get("objects"), record.get("relationships"), (1.0, 1.0));
+            if let Ok(graph) = graph {
+                add_labels(&graph, labels);
+            }
+        }
+    }
 }
 
 fn load_record(path: &Path, folder: &Path, line: usize, text: &str) -> Result<Sample, DataError> {

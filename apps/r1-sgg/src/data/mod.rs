@@ -10,6 +10,7 @@
 //! - [`jsonl`]: reading and writing R1-SGG's JSONL layout;
 //! - [`parquet`](mod@parquet): reading (streaming) and writing R1-SGG's Hugging Face parquet shards;
 //! - [`source`]: what `--data` names (a JSONL file, shards, a folder, a glob) and loading it;
+//! - [`stream`]: the training set streamed in a seeded, resumable order with bounded memory;
 //! - [`dataset`]: the synthetic dataset written in either layout, with its README;
 //! - [`preview`]: a grid of images with their boxes, to look at.
 
@@ -28,6 +29,7 @@ pub mod prompt;
 pub(crate) mod record;
 pub mod scene;
 pub mod source;
+pub mod stream;
 pub mod synthetic;
 
 /// One image and its scene graph.

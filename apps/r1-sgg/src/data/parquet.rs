@@ -15,14 +15,15 @@
 //! (pyarrow's default) in row groups of 100 rows for image datasets.
 //!
 //! [`ParquetDataset`] reads them lazily: opening reads only the shards'
-//! footers; a sample is decoded from its row group when asked for, one row
-//! group held at a time, so a 56k-image training set is never in memory at
-//! once. Boxes are normalized by the decoded image's size, as R1-SGG does
+//! footers; a sample is decoded from its row group when asked for, a few
+//! row groups held at a time ([`ParquetDataset::set_cached_groups`]; the
+//! training stream, `data/stream.rs`, holds its shuffle window), so a
+//! 56k-image training set is never in memory at once. Boxes are normalized by the decoded image's size, as R1-SGG does
 //! (`image.size` of the PIL image), through the same record rules as the
 //! JSONL reader (`data/record.rs`). [`write_parquet`] writes samples in this
 //! layout (the synthetic dataset's `--format parquet`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ use serde_json::{json, Value};
 
 use super::jsonl::file_stem;
 use super::record::{objects_out, relations_out, scene_graph};
+use super::scene::add_labels;
 use super::{DataError, Sample};
 use crate::util::fs::AtomicFile;
 
@@ -80,7 +82,8 @@ pub struct Record {
 
 /// Parquet shards in R1-SGG's Hugging Face layout (see the module docs),
 /// read as one sequence of rows, shard after shard, decoding a row group
-/// only when one of its rows is asked for and keeping the last one decoded.
+/// only when one of its rows is asked for and keeping the last ones decoded
+/// (one unless [`set_cached_groups`](Self::set_cached_groups) says more).
 ///
 /// Opening reads the footers: the row count ([`len`](Self::len)) and the
 /// row groups ([`row_groups`](Self::row_groups)) are known without
@@ -93,8 +96,10 @@ pub struct ParquetDataset {
     shards: Vec<Shard>,
     /// Global index of each shard's first row, then the total row count.
     starts: Vec<usize>,
-    /// The row group decoded last.
-    cache: Mutex<Option<Arc<Group>>>,
+    /// The row groups decoded last, least recently used first.
+    cache: Mutex<VecDeque<Arc<Group>>>,
+    /// How many decoded row groups `cache` keeps (at least 1).
+    cached_groups: usize,
     /// Row groups decoded so far.
     groups_read: AtomicUsize,
 }
@@ -105,6 +110,8 @@ struct Shard {
     metadata: ArrowReaderMetadata,
     /// The [`COLUMNS`] the shard has.
     projection: ProjectionMask,
+    /// Its `objects` and `relationships` columns only (no image bytes read).
+    labels_projection: ProjectionMask,
     /// Index in the shard of each row group's first row, then its row count.
     group_starts: Vec<usize>,
 }
@@ -142,7 +149,8 @@ impl ParquetDataset {
         Ok(ParquetDataset {
             shards: opened,
             starts,
-            cache: Mutex::new(None),
+            cache: Mutex::new(VecDeque::new()),
+            cached_groups: 1,
             groups_read: AtomicUsize::new(0),
         })
     }
@@ -174,6 +182,52 @@ impl ParquetDataset {
             .collect()
     }
 
+    /// Keeps the last `groups` decoded row groups (at least 1; 1 when
+    /// opened), so reading rows of up to that many groups in any order
+    /// decodes each group once. Each holds its rows' encoded images (about
+    /// 100 rows of `datasets`' shards): the memory this costs.
+    pub fn set_cached_groups(&mut self, groups: usize) {
+        self.cached_groups = groups.max(1);
+        let cache = self.cache.get_mut().unwrap_or_else(PoisonError::into_inner);
+        while cache.len() > self.cached_groups {
+            cache.pop_front();
+        }
+    }
+
+    /// Every object category and predicate of every row, normalized
+    /// ([`add_labels`]), read from the `objects` and `relationships` columns
+    /// alone (no image is read or decoded): what choosing the data's
+    /// vocabulary needs. Rows and row groups that cannot be read are left
+    /// out here; reading their samples reports them.
+    pub fn labels(&self, labels: &mut HashSet<String>) {
+        for shard in &self.shards {
+            for group in 0..shard.group_starts.len() - 1 {
+                let Ok(batches) = shard.read_group(group, &shard.labels_projection) else {
+                    continue;
+                };
+                for batch in &batches {
+                    for i in 0..batch.num_rows() {
+                        let field = |name| -> Option<Value> {
+                            text(batch, name, i)
+                                .ok()
+                                .flatten()
+                                .map(|s| Value::String(s.to_string()))
+                        };
+                        // Boxes are not needed: any frame serves.
+                        let graph = scene_graph(
+                            field("objects").as_ref(),
+                            field("relationships").as_ref(),
+                            (1.0, 1.0),
+                        );
+                        if let Ok(graph) = graph {
+                            add_labels(&graph, labels);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Row groups decoded so far (each decode reads and decompresses one
     /// row group of one shard).
     pub fn row_groups_read(&self) -> usize {
@@ -181,7 +235,7 @@ impl ParquetDataset {
     }
 
     /// Row `index` (`0..len()`, shard after shard), decoding its row group
-    /// unless it is the one decoded last. A malformed row, or one of a row
+    /// unless it is one of those kept ([`set_cached_groups`](Self::set_cached_groups)). A malformed row, or one of a row
     /// group that cannot be decoded, is a [`DataError::Row`]; an index past
     /// the end, [`DataError::OutOfRange`].
     pub fn get(&self, index: usize) -> Result<Record, DataError> {
@@ -213,21 +267,31 @@ impl ParquetDataset {
         (0..self.len()).map(|i| self.get(i))
     }
 
-    /// Row group `group` of shard `shard`: the cached one, or decoded now
-    /// (and cached). The lock is not held while decoding; two threads
-    /// asking for the same new group may both decode it.
+    /// Row group `group` of shard `shard`: a cached one (then the most
+    /// recently used), or decoded now and cached, the least recently used
+    /// dropped past [`set_cached_groups`](Self::set_cached_groups). The lock
+    /// is not held while decoding; two threads asking for the same new group
+    /// may both decode it.
     fn group(&self, shard: usize, group: usize) -> Arc<Group> {
-        let cached = self.cache.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if let Some(g) = cached.filter(|g| g.shard == shard && g.group == group) {
-            return g;
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(k) = cache.iter().position(|g| g.shard == shard && g.group == group) {
+                let hit = cache.remove(k).expect("a position found in the cache");
+                cache.push_back(hit.clone());
+                return hit;
+            }
         }
         self.groups_read.fetch_add(1, Ordering::Relaxed);
         let decoded = Arc::new(Group {
             shard,
             group,
-            batches: self.shards[shard].read_group(group),
+            batches: self.shards[shard].read_group(group, &self.shards[shard].projection),
         });
-        *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = Some(decoded.clone());
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.push_back(decoded.clone());
+        while cache.len() > self.cached_groups {
+            cache.pop_front();
+        }
         decoded
     }
 }
@@ -260,14 +324,19 @@ impl Shard {
             }
         }
         let schema = parquet.file_metadata().schema_descr();
-        let roots = schema
-            .root_schema()
-            .get_fields()
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| COLUMNS.contains(&f.name()))
-            .map(|(i, _)| i);
-        let projection = ProjectionMask::roots(schema, roots);
+        let roots = |wanted: &[&str]| {
+            let roots: Vec<usize> = schema
+                .root_schema()
+                .get_fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| wanted.contains(&f.name()))
+                .map(|(i, _)| i)
+                .collect();
+            ProjectionMask::roots(schema, roots)
+        };
+        let projection = roots(&COLUMNS);
+        let labels_projection = roots(&["objects", "relationships"]);
         let mut group_starts = vec![0usize];
         for group in parquet.row_groups() {
             let end = usize::try_from(group.num_rows())
@@ -280,6 +349,7 @@ impl Shard {
             path: path.to_path_buf(),
             metadata,
             projection,
+            labels_projection,
             group_starts,
         })
     }
@@ -288,15 +358,15 @@ impl Shard {
         self.group_starts[self.group_starts.len() - 1]
     }
 
-    /// Reads and decompresses row group `group` (the read columns only).
-    fn read_group(&self, group: usize) -> Result<Vec<RecordBatch>, String> {
+    /// Reads and decompresses row group `group`, the columns of `projection` only.
+    fn read_group(&self, group: usize, projection: &ProjectionMask) -> Result<Vec<RecordBatch>, String> {
         // Batches are sized by the footer's row count, which a damaged file
         // could inflate: capped, so a bad count never sizes an allocation.
         const MAX_BATCH: usize = 1024;
         let file = File::open(&self.path).map_err(|e| e.to_string())?;
         let rows = self.group_starts[group + 1] - self.group_starts[group];
         ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
-            .with_projection(self.projection.clone())
+            .with_projection(projection.clone())
             .with_row_groups(vec![group])
             .with_batch_size(rows.clamp(1, MAX_BATCH))
             .build()

@@ -241,9 +241,21 @@ pub const KNOWN_VOCABULARIES: [Vocabulary; 3] = [SYNTHETIC, VG150, PSG];
 pub fn covering_vocabulary<'a>(graphs: impl IntoIterator<Item = &'a SceneGraph>) -> (Vocabulary, f64) {
     let mut labels = HashSet::new();
     for g in graphs {
-        labels.extend(g.objects.iter().map(|o| normalize_label(&o.category)));
-        labels.extend(g.relations.iter().map(|r| normalize_label(&r.predicate)));
+        add_labels(g, &mut labels);
     }
+    covering_labels(&labels)
+}
+
+/// Adds the object categories and predicates of `graph` to `labels`,
+/// normalized ([`normalize_label`]): what [`covering_labels`] weighs.
+pub fn add_labels(graph: &SceneGraph, labels: &mut HashSet<String>) {
+    labels.extend(graph.objects.iter().map(|o| normalize_label(&o.category)));
+    labels.extend(graph.relations.iter().map(|r| normalize_label(&r.predicate)));
+}
+
+/// [`covering_vocabulary`] of labels gathered with [`add_labels`] (a
+/// streamed training set's, gathered without holding its graphs).
+pub fn covering_labels(labels: &HashSet<String>) -> (Vocabulary, f64) {
     let mut best = (KNOWN_VOCABULARIES[0], 0);
     for vocab in KNOWN_VOCABULARIES {
         let known = vocab.normalized_labels();

@@ -13,7 +13,7 @@ use grpo_kernels::{
 
 use super::optim::AdamW;
 use super::policy::LossOn;
-use super::{clipped_step, pick, progress, Accumulated, Hooks, Learner, Schedule, FORM, MAX_GRAD_NORM};
+use super::{clipped_step, progress, Accumulated, Hooks, Learner, Schedule, FORM, MAX_GRAD_NORM};
 use crate::data::format::parse_answer;
 use crate::data::Sample;
 use crate::reward::{score, ExactMatch, LabelSimilarity, RewardBreakdown, RewardConfig, SpacyTable};
@@ -157,7 +157,8 @@ struct Rollout<'s> {
     ref_logp: Option<Tensor>,
 }
 
-/// GRPO on `train`, steps `start..steps` with `opt`; each step's mean
+/// GRPO on `train` (drawn `prompts` samples a step, positioned for step
+/// `start`), steps `start..steps` with `opt`; each step's mean
 /// rewards, loss statistics, completion length and time go to `hooks`.
 ///
 /// A step draws `prompts` images and samples `group` completions of each,
@@ -200,13 +201,15 @@ pub fn grpo(
     let bar = progress(cfg.steps as u64, "GRPO");
     bar.set_position(start as u64);
     let mut rng = Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    train.begin(start, cfg.prompts);
     for step in start..cfg.steps {
         let t0 = Instant::now();
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps);
         opt.set_learning_rate(lr);
-        let batch: Vec<&Sample> = (0..cfg.prompts)
-            .map(|_| &train[pick(&mut rng, train.len())])
-            .collect();
+        let drawn = train
+            .draw(cfg.prompts, &mut rng)
+            .map_err(candle_core::Error::wrap)?;
+        let batch: Vec<&Sample> = drawn.iter().map(|d| &d.sample).collect();
 
         // Completions of the whole step, sampled by the policy before this
         // step's update, `rollout_prompts` prompts at a time (the sampler

@@ -20,8 +20,7 @@ use candle_nn::ParamsAdamW;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::format::AnswerForm;
-use crate::data::Sample;
-use crate::util::rng::Rng;
+use crate::data::stream::TrainSet;
 use optim::AdamW;
 use policy::Policy;
 
@@ -184,11 +183,12 @@ impl Schedule {
     }
 }
 
-/// What both training stages work on: the model and the training samples.
+/// What both training stages work on: the model and the training set,
+/// drawn from a batch at a time.
 #[derive(Clone, Copy)]
 pub struct Learner<'a> {
     pub policy: &'a dyn Policy,
-    pub train: &'a [Sample],
+    pub train: &'a TrainSet,
 }
 
 /// What the training loops report after each optimizer step, and how the
@@ -204,9 +204,4 @@ pub trait Hooks {
         record: serde_json::Value,
         opt: &AdamW,
     ) -> Result<bool>;
-}
-
-/// The index of a uniformly chosen sample of `len`.
-pub(crate) fn pick(rng: &mut Rng, len: usize) -> usize {
-    (rng.next_u64() % len as u64) as usize
 }

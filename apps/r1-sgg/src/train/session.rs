@@ -8,6 +8,13 @@
 //! temperature, reward weights, completion length, image size and prompts
 //! (each flag's help names both).
 //!
+//! **Data.** `--data` is streamed ([`TrainSet`]): epochs of a seeded
+//! order, read on demand with bounded memory, its position saved in each
+//! checkpoint so `--resume` continues the same order. Without `--data` the
+//! demo's synthetic set is generated in memory and drawn as it always was
+//! (independent uniform picks). Evaluation sets (`--eval-data`, or the
+//! synthetic val, test and shifted splits) are small and loaded whole.
+//!
 //! **Checkpoints.** The demo's model: `<out>/<stage>.safetensors`
 //! (weights, optimizer, step) with `model.json` and `tokenizer.json`. A
 //! Qwen2-VL: `<out>/<stage>/`, a Hugging Face model directory (loads in
@@ -15,6 +22,7 @@
 //! moments, master weights, step; [`checkpoint`]'s layout without weights),
 //! written in one atomic swap with the model files.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -34,8 +42,9 @@ use crate::cli::{AugmentArg, Common, GrpoArgs, LabelSimilarityArg, Preset, Promp
 use crate::data::format::{graph_json, parse_answer, BoxRounding};
 use crate::data::preview::render_preview;
 use crate::data::prompt::{PromptStyle, SystemPrompt};
-use crate::data::scene::{covering_vocabulary, SceneGraph, Vocabulary};
+use crate::data::scene::{add_labels, covering_labels, Vocabulary};
 use crate::data::source::{load_samples, DataSource};
+use crate::data::stream::{Order, TrainSet, POSITION_KEY};
 use crate::data::synthetic::{generate_split, Split};
 use crate::data::{BadRows, Sample};
 use crate::eval::r1_sgg::records::{evaluate_records, write_records, Record};
@@ -70,8 +79,9 @@ pub(crate) enum Model {
 pub struct Run<'a> {
     pub(crate) common: &'a Common,
     pub(crate) model: Model,
-    pub(crate) train: Vec<Sample>,
-    /// Named evaluation sets: val, test, shifted (or the --eval-data file).
+    /// Streamed from --data, or the synthetic set in memory.
+    pub(crate) train: TrainSet,
+    /// Named evaluation sets, in memory: val, test, shifted (or the --eval-data file).
     pub(crate) eval: Vec<(String, Vec<Sample>)>,
     /// The data's vocabulary (--vocabulary).
     pub(crate) vocab: Vocabulary,
@@ -126,9 +136,29 @@ impl<'a> Run<'a> {
         };
         let resize = |samples: Vec<Sample>| samples.into_iter().map(fit).collect();
         let load = |path: &Path, flag: &str| load_samples_from(path, flag, common.skip_bad_rows, fit);
-        let train: Vec<Sample> = match &common.data {
-            Some(p) => load(p, "--data")?,
-            None => resize(generate_split(Split::Train, common.train_size, common.seed)),
+        let train = match &common.data {
+            Some(p) => {
+                let bad_rows = if common.skip_bad_rows {
+                    BadRows::Skip
+                } else {
+                    BadRows::Fail
+                };
+                let order = Order::Epochs {
+                    seed: common.seed,
+                    window: common.shuffle_window,
+                };
+                let set = TrainSet::open(&DataSource::resolve(p)?, bad_rows, order, side)
+                    .with_context(|| format!("--data {}", p.display()))?;
+                if set.is_empty() {
+                    bail!("--data {}: the file holds no samples", p.display());
+                }
+                set
+            }
+            None => TrainSet::in_memory(resize(generate_split(
+                Split::Train,
+                common.train_size,
+                common.seed,
+            ))),
         };
         let eval: Vec<(String, Vec<Sample>)> = match &common.eval_data {
             Some(p) => vec![(p.display().to_string(), load(p, "--eval-data")?)],
@@ -146,15 +176,18 @@ impl<'a> Run<'a> {
         let vocab = match common.vocabulary.named() {
             Some(vocab) => vocab,
             None => {
-                // The data files' labels decide; without any, the data is synthetic.
-                let mut graphs: Vec<&SceneGraph> = Vec::new();
+                // The data files' labels decide; without any, the data is
+                // synthetic. A streamed set's labels are read without images.
+                let mut labels = HashSet::new();
                 if common.data.is_some() {
-                    graphs.extend(train.iter().map(|s| &s.graph));
+                    train.labels(&mut labels);
                 }
                 if common.eval_data.is_some() {
-                    graphs.extend(eval.iter().flat_map(|(_, s)| s).map(|s| &s.graph));
+                    for s in eval.iter().flat_map(|(_, s)| s) {
+                        add_labels(&s.graph, &mut labels);
+                    }
                 }
-                let (vocab, share) = covering_vocabulary(graphs);
+                let (vocab, share) = covering_labels(&labels);
                 println!(
                     "vocabulary: {} ({:.1}% of the data's labels; --vocabulary to choose)",
                     vocab.name,
@@ -328,6 +361,12 @@ impl<'a> Run<'a> {
                 bail!("{}: a {} checkpoint, not {stage}", ckpt.display(), state.stage);
             }
             println!("resuming {stage} at step {} from {}", state.step, ckpt.display());
+            if let Some(position) = state.extra.get(POSITION_KEY) {
+                let position = position
+                    .parse()
+                    .with_context(|| format!("{}: {POSITION_KEY} {position:?}", ckpt.display()))?;
+                self.train.restore(position);
+            }
             return Ok((opt, state.step, MetricsLog::append(&metrics_path)?));
         }
         Ok((opt, 0, MetricsLog::create(&metrics_path)?))
@@ -338,12 +377,17 @@ impl<'a> Run<'a> {
     /// `tokenizer.json` in the output folder; for a Hugging Face model the
     /// directory `<stage>/` with `trainer_state.safetensors`.
     pub(crate) fn save(&self, stage: &str, next_step: usize, opt: &AdamW) -> Result<()> {
-        let state = TrainingState {
+        let mut state = TrainingState {
             stage: stage.to_string(),
             step: next_step,
             seed: self.common.seed,
             extra: Default::default(),
         };
+        if self.train.order() != Order::Independent {
+            state
+                .extra
+                .insert(POSITION_KEY.to_string(), self.train.position().to_string());
+        }
         let ckpt = self.checkpoint_path(stage);
         match &self.model {
             Model::Tiny(t) => {
@@ -603,6 +647,9 @@ impl<'r, 'a> Recorder<'r, 'a> {
     pub(crate) fn finish(&mut self, stage: &str, opt: &AdamW) -> Result<bool> {
         let next = self.interrupted_at.map_or(self.steps, |s| s + 1);
         self.run.save(stage, next, opt)?;
+        if let (n @ 1.., Some(first)) = self.run.train.skipped() {
+            println!("--data: skipped {n} malformed records; the first: {first}");
+        }
         let ckpt = self.run.checkpoint_path(stage);
         match self.interrupted_at {
             Some(step) => {

@@ -1,14 +1,13 @@
 //! Supervised fine-tuning: teacher-forced cross-entropy on the serialized
 //! scene graph, from the fused log-probs, with gradient accumulation.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Result};
 
 use super::optim::AdamW;
 use super::policy::LossOn;
-use super::{clipped_step, pick, progress, Accumulated, Hooks, Learner, Schedule};
+use super::{clipped_step, progress, Accumulated, Hooks, Learner, Schedule};
 use crate::data::format::augment;
 use crate::data::Sample;
 use crate::util::rng::Rng;
@@ -23,8 +22,9 @@ pub enum Augment {
     Always,
     /// R1-SGG's (`src/sft_sgg.py` `Collator`): from a sample's second visit
     /// on, with probability 0.5, its objects shuffled and renumbered, the
-    /// relations renamed in their order. Visits are counted per sample in
-    /// this process (as R1-SGG's collator does).
+    /// relations renamed in their order. A sample's visits are its epoch
+    /// when the training set is streamed in epochs (so they survive
+    /// `--resume`), else counted in this process (as R1-SGG's collator does).
     R1Sgg,
 }
 
@@ -52,7 +52,8 @@ pub struct SftConfig {
     pub loss_on: LossOn,
 }
 
-/// Supervised fine-tuning on `train` (answers optionally augmented, see
+/// Supervised fine-tuning on `train` (drawn `batch` samples a step,
+/// positioned for step `start`; answers optionally augmented, see
 /// [`Augment`]), steps `start..steps` with `opt` (fresh, or restored from a
 /// checkpoint); each step's `{"loss", "tokens", "lr", "seconds"}` (answer
 /// tokens trained on, the step's wall time) goes to `hooks`.
@@ -80,27 +81,27 @@ pub fn sft(
     let bar = progress(cfg.steps as u64, "SFT");
     bar.set_position(start as u64);
     let mut rng = Rng::new(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut visits: HashMap<usize, usize> = HashMap::new();
+    train.begin(start, cfg.batch);
     for step in start..cfg.steps {
         let t0 = Instant::now();
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps);
         opt.set_learning_rate(lr);
-        let picked: Vec<usize> = (0..cfg.batch).map(|_| pick(&mut rng, train.len())).collect();
-        let batch: Vec<&Sample> = picked.iter().map(|&i| &train[i]).collect();
+        let drawn = train
+            .draw(cfg.batch, &mut rng)
+            .map_err(candle_core::Error::wrap)?;
+        let batch: Vec<&Sample> = drawn.iter().map(|d| &d.sample).collect();
         let mut answers = Vec::with_capacity(batch.len());
-        for (&i, s) in picked.iter().zip(&batch) {
-            let seed = rng.next_u64();
-            let seen = visits.entry(i).or_default();
+        for d in &drawn {
+            let (s, seed) = (&d.sample, rng.next_u64());
             let mut graph = match cfg.augment {
                 Augment::None => s.graph.clone(),
                 Augment::Always => augment(&s.graph, seed, true),
                 // A coin of its own, not the shuffle's stream.
-                Augment::R1Sgg if *seen > 0 && Rng::new(!seed).next_u64() & 1 == 1 => {
+                Augment::R1Sgg if d.visit > 0 && Rng::new(!seed).next_u64() & 1 == 1 => {
                     augment(&s.graph, seed, false)
                 }
                 Augment::R1Sgg => s.graph.clone(),
             };
-            *seen += 1;
             if cfg.objects_only {
                 graph.relations.clear();
             }

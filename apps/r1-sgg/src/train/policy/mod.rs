@@ -16,7 +16,7 @@ use crate::data::Sample;
 mod qwen;
 mod tiny;
 
-pub use qwen::{QwenOptions, QwenPolicy, TRAINER_STATE};
+pub use qwen::{rollout as qwen_rollout, QwenOptions, QwenPolicy, TRAINER_STATE};
 pub use tiny::TinyPolicy;
 
 /// Which target tokens the SFT loss covers.

@@ -231,23 +231,41 @@ impl QwenPolicy {
                 .collect()
         };
         let batch = self.batch(&prompts, &rows, &[], true)?;
-        let (mut cache, mut logits) = self.model().prefill(&batch.inputs)?;
-        if share_prompt && group > 1 {
-            cache = cache.repeat_interleave(group)?;
-            let index: Vec<u32> = rows
-                .iter()
-                .flat_map(|&u| std::iter::repeat_n(u as u32, group))
-                .collect();
-            let n = index.len();
-            logits = logits.index_select(&Tensor::from_vec(index, n, &self.device)?, 0)?;
-        }
-        cache.reserve(max_new)?;
-        let mut decoder = QwenDecoder {
-            model: self.model(),
-            cache,
-        };
-        sample_completions(&mut decoder, logits, max_new, sampling, &self.stop)
+        let shared = if share_prompt { group } else { 1 };
+        rollout(self.model(), &batch.inputs, shared, max_new, sampling, &self.stop)
     }
+}
+
+/// Samples `group` completions of each row of `inputs` (a left-padded
+/// prompt batch with its images), rows `r * group .. (r + 1) * group` for
+/// prompt `r`: the prompts run once ([`Qwen2Vl::prefill`]: every image
+/// encoded once, every prompt's KV cache computed once), the cache and the
+/// last logits repeated for the completions, then [`sample_completions`]
+/// until a token of `stop` or `max_new` tokens (`stop` empty: exactly
+/// `max_new`, as the real-size benchmark generates). What
+/// [`QwenPolicy::generate_with`] runs, exposed for the benchmarks on
+/// random-weight models, which have no tokenizer.
+pub fn rollout(
+    model: &Qwen2Vl,
+    inputs: &Inputs,
+    group: usize,
+    max_new: usize,
+    sampling: &SamplingConfig,
+    stop: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    let (mut cache, mut logits) = model.prefill(inputs)?;
+    if group > 1 {
+        cache = cache.repeat_interleave(group)?;
+        let b = logits.dim(0)?;
+        let index: Vec<u32> = (0..b as u32)
+            .flat_map(|u| std::iter::repeat_n(u, group))
+            .collect();
+        let n = index.len();
+        logits = logits.index_select(&Tensor::from_vec(index, n, logits.device())?, 0)?;
+    }
+    cache.reserve(max_new)?;
+    let mut decoder = QwenDecoder { model, cache };
+    sample_completions(&mut decoder, logits, max_new, sampling, stop)
 }
 
 impl QwenPolicy {
@@ -482,6 +500,7 @@ mod tests {
 
     use super::*;
     use crate::data::scene::SYNTHETIC;
+    use crate::data::stream::TrainSet;
     use crate::data::synthetic::{generate_split, Split};
     use crate::train::grpo::{grpo, grpo_defaults, LossVariant};
     use crate::train::sft::{sft, Augment, SftConfig};
@@ -645,7 +664,7 @@ mod tests {
     fn sft_lowers_the_loss_of_a_repeated_batch() {
         for (loss_on, dtype) in [(LossOn::Answer, DType::BF16), (LossOn::All, DType::F32)] {
             let q = policy(dtype, SystemPrompt::Plain);
-            let train = generate_split(Split::Train, 2, 4);
+            let train = TrainSet::in_memory(generate_split(Split::Train, 2, 4));
             let mut opt = adamw(&q, 2e-3, true).unwrap();
             let mut hooks = collect(None);
             let learner = Learner {
@@ -667,7 +686,7 @@ mod tests {
     #[test]
     fn a_grpo_step_gives_finite_stats() {
         let q = policy(DType::F32, SystemPrompt::Think);
-        let train = generate_split(Split::Train, 4, 5);
+        let train = TrainSet::in_memory(generate_split(Split::Train, 4, 5));
         let mut cfg = grpo_defaults(1, 0);
         cfg.prompts = 2;
         cfg.accumulate = 2;
@@ -698,18 +717,18 @@ mod tests {
     /// run that was not stopped (bf16 weights with f32 master weights).
     #[test]
     fn resume_continues_exactly() {
-        let train = generate_split(Split::Train, 3, 6);
+        // A set per run: its visit counts (R1-SGG's augmentation) start
+        // afresh in each process, as here in each run.
+        let train = || TrainSet::in_memory(generate_split(Split::Train, 3, 6));
+        let (first, rest_a, rest_b) = (train(), train(), train());
         let cfg = sft_config(4, LossOn::Answer);
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("sft");
 
         let a = policy(DType::BF16, SystemPrompt::Plain);
         let mut opt_a = adamw(&a, cfg.lr, true).unwrap();
-        let learner = |p| Learner {
-            policy: p,
-            train: &train,
-        };
-        sft(learner(&a), &cfg, &mut opt_a, 0, &mut collect(Some(1))).unwrap();
+        let learner = |p, t| Learner { policy: p, train: t };
+        sft(learner(&a, &first), &cfg, &mut opt_a, 0, &mut collect(Some(1))).unwrap();
         let state = TrainingState {
             stage: "sft".into(),
             step: 2,
@@ -723,8 +742,8 @@ mod tests {
         let mut opt_b = adamw(&b, cfg.lr, true).unwrap();
         assert_eq!(b.resume(&ckpt, &mut opt_b).unwrap(), state);
         assert_eq!(opt_b.step_count(), 2);
-        sft(learner(&a), &cfg, &mut opt_a, 2, &mut collect(None)).unwrap();
-        sft(learner(&b), &cfg, &mut opt_b, 2, &mut collect(None)).unwrap();
+        sft(learner(&a, &rest_a), &cfg, &mut opt_a, 2, &mut collect(None)).unwrap();
+        sft(learner(&b, &rest_b), &cfg, &mut opt_b, 2, &mut collect(None)).unwrap();
         let (va, vb) = (a.vars().data().lock().unwrap(), b.vars().data().lock().unwrap());
         for (name, v) in va.iter() {
             let d = crate::model::qwen2_vl::tests::max_abs_diff(v.as_tensor(), vb[name].as_tensor());
