@@ -4,12 +4,10 @@
 //! `candle::nn`'s refusals: the typed error for each bad parameter or shape.
 #![cfg(feature = "candle")]
 
-mod common;
-
+use crate::common::composed::composed_grpo;
+use crate::common::tensors::{to32, to64};
+use crate::common::{assert_close, assert_typed_error, Rng};
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::composed::composed_grpo;
-use common::tensors::{to32, to64};
-use common::{assert_close, assert_typed_error, Rng};
 use grpo_kernels::candle::{fused_linear_logprobs, policy_loss, sample, token_logprobs, PolicyLossTensors};
 use grpo_kernels::{
     Advantage, Aggregation, FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig,

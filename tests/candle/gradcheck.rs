@@ -8,12 +8,10 @@
 //! and candle's own erf GELU.
 #![cfg(feature = "candle")]
 
-mod common;
-
+use crate::common::reference::logprob_rows;
+use crate::common::tensors::{to32, to64};
+use crate::common::{assert_close, assert_close_rows, finite_diff, Rng};
 use candle_core::{DType, Device, Module, Tensor, Var};
-use common::reference::logprob_rows;
-use common::tensors::{to32, to64};
-use common::{assert_close, assert_close_rows, finite_diff, Rng};
 use grpo_kernels::candle::nn::{
     quick_gelu, rms_normalize, rope, rope_tables, softmax_last_dim, LayerNorm, RmsNorm,
 };

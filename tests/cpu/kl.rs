@@ -1,9 +1,7 @@
 //! KL estimators against an f64 reference, the backward against finite
 //! differences, verl's clamps, properties, and every bad input.
 
-mod common;
-
-use common::{assert_close, finite_diff, widen, Rng};
+use crate::common::{assert_close, finite_diff, widen, Rng};
 use grpo_kernels::{kl_divergence, kl_divergence_backward, Error, KlEstimator, KlInputs};
 use proptest::prelude::*;
 
