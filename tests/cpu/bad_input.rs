@@ -1,7 +1,7 @@
 //! Bad input, op family by op family, on the CPU and (feature `candle`)
 //! through the candle ops and their autograd: every case of
-//! `crate::common::bad_input` gives its typed error, the same on both paths, or
-//! succeeds with finite outputs. `tests/cuda_bad_input.rs` runs the same
+//! `common::bad_input` gives its typed error, the same on both paths, or
+//! succeeds with finite outputs. `tests/cuda/bad_input.rs` runs the same
 //! cases on a GPU.
 
 use crate::common::bad_input::{
