@@ -4,7 +4,7 @@
 
 use crate::common::reference::kl_ref;
 use crate::common::tensors::{f64s, to32, var, CPU};
-use crate::common::{assert_close, finite_diff, Rng};
+use crate::common::{assert_close, assert_typed_error, finite_diff, Rng};
 use candle_core::{DType, Device, Tensor};
 use grpo_kernels::candle::kl_divergence;
 use grpo_kernels::KlEstimator;
@@ -29,8 +29,19 @@ fn kl_equals_raw_op_and_rejects_bad_inputs() {
         let want = kl_divergence(&KlInputs::new(&logp, &reference), est).unwrap();
         assert_eq!(to32(&candle_kl(&a, &b, est).unwrap()), want);
     }
-    assert!(candle_kl(&a, &b.narrow(0, 0, 36).unwrap(), KlEstimator::K3).is_err());
-    assert!(candle_kl(&a.to_dtype(DType::BF16).unwrap(), &b, KlEstimator::K3).is_err());
+    // The candle layer's own checks are this crate's typed errors too.
+    let unsupported = |reason: &str| grpo_kernels::Error::Unsupported {
+        op: "kl_divergence",
+        reason: reason.into(),
+    };
+    assert_typed_error(
+        candle_kl(&a, &b.narrow(0, 0, 36).unwrap(), KlEstimator::K3),
+        unsupported("logp [37] and ref_logp [36] must have one shape"),
+    );
+    assert_typed_error(
+        candle_kl(&a.to_dtype(DType::BF16).unwrap(), &b, KlEstimator::K3),
+        unsupported("`logp` must be F32, got BF16"),
+    );
     let nan = Tensor::new(&[f32::NAN], &Device::Cpu).unwrap();
     assert!(candle_kl(&nan, &nan, KlEstimator::K3).is_err());
 }
