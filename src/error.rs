@@ -43,63 +43,101 @@ use std::fmt;
 /// Everything an op can refuse or fail with. Ops never panic on bad input.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-#[allow(missing_docs)] // fields: `op` is the op's name, the rest as the variant says
 pub enum Error {
     /// A buffer's length disagrees with the shape the op derived from its other inputs.
     ShapeMismatch {
+        /// The op's name (as its function is named, e.g. `token_logprobs`).
         op: &'static str,
+        /// The argument (or field of an input struct).
         what: &'static str,
+        /// The length the other inputs imply.
         expected: usize,
+        /// The length it has.
         got: usize,
     },
     /// An input that must hold at least one element holds none.
-    Empty { op: &'static str, what: &'static str },
+    Empty {
+        /// The op's name.
+        op: &'static str,
+        /// The argument.
+        what: &'static str,
+    },
     /// A token id outside `0..vocab` (ignored ids excepted).
     TokenOutOfRange {
+        /// The op's name.
         op: &'static str,
+        /// The first row holding such an id.
         index: usize,
+        /// The id.
         token: i64,
+        /// The vocabulary size.
         vocab: usize,
     },
     /// A scalar parameter outside its domain.
     InvalidParameter {
+        /// The op's name.
         op: &'static str,
+        /// The parameter (a config field, e.g. `temperature`).
         name: &'static str,
+        /// Its value.
         value: f64,
+        /// Its domain, in words.
         expected: &'static str,
     },
     /// A NaN or infinity in an input (or a logit row with no finite
     /// value), or a result beyond its type's range: see the [rule](self).
     NonFinite {
+        /// The op's name.
         op: &'static str,
+        /// The argument, or the result that overflows.
         what: &'static str,
+        /// Its first such element (or row).
         index: usize,
     },
     /// A host buffer of `elements` values, sized by the caller's arguments,
     /// cannot be allocated.
     Allocation {
+        /// The op's name.
         op: &'static str,
+        /// The buffer.
         what: &'static str,
+        /// How many values it would hold.
         elements: usize,
     },
     /// Sequence offsets or groups that do not describe the data.
-    InvalidLayout { op: &'static str, reason: String },
-    /// Inputs on different devices, of an unsupported dtype, or otherwise unusable together.
-    Unsupported { op: &'static str, reason: String },
-    /// A CUDA kernel found bad data (reported by `Gpu::check`): `index` is
-    /// the first row, token or offset concerned.
-    Device {
+    InvalidLayout {
+        /// The op's name.
         op: &'static str,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// Inputs on different devices, of an unsupported dtype, or otherwise
+    /// unusable together (the candle layer's own checks among them).
+    Unsupported {
+        /// The op's name (`grpo_kernels::candle` for the candle layer's
+        /// checks shared by every op: contiguity, storage dtype and device).
+        op: &'static str,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// A CUDA kernel found bad data (reported by `Gpu::check`).
+    Device {
+        /// The op whose kernel raised it.
+        op: &'static str,
+        /// What the kernel found.
         fault: DeviceFault,
+        /// The first row, token or offset concerned.
         index: usize,
     },
     /// The CUDA driver, cuBLAS or a kernel launch failed, or a CUDA library
-    /// cannot be loaded. `context` says what was being done; `source` is
-    /// cudarc's error where there is one, which [`std::error::Error::source`]
-    /// also returns (a `cudarc::driver::DriverError` or
-    /// `cudarc::cublas::result::CublasError`, to downcast).
+    /// cannot be loaded.
     Cuda {
+        /// What was being done (e.g. ``launching `kl_fwd` ``); empty when
+        /// the error was wrapped with `Error::cuda` alone.
         context: String,
+        /// cudarc's error, where there is one; [`std::error::Error::source`]
+        /// returns it too (a `cudarc::driver::DriverError` or
+        /// `cudarc::cublas::result::CublasError`, to downcast).
         source: Option<CudaFailure>,
     },
 }
