@@ -5,9 +5,8 @@
 //!
 //! Environment: `NVCC` (the compiler; else `$CUDA_HOME/bin/nvcc`, else
 //! `nvcc` on PATH), `CUDA_COMPUTE_CAP` (e.g. `90`; default `80`, whose PTX
-//! loads on Ampere, Hopper and Blackwell), `GK_GPU_TESTS=1` (build the CUDA
-//! tests to run rather than be ignored), `DOCS_RS` (set by docs.rs, which has
-//! no nvcc: every PTX is left empty, enough to document the `cuda` module).
+//! loads on Ampere, Hopper and Blackwell), `DOCS_RS` (set by docs.rs, which
+//! has no nvcc: every PTX is left empty, enough to document the `cuda` module).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,14 +14,8 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=cuda");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "GK_GPU_TESTS", "DOCS_RS"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "DOCS_RS"] {
         println!("cargo:rerun-if-env-changed={var}");
-    }
-    // GPU tests are #[ignore]d (reported as such, never as passed) unless the
-    // build is meant for a machine with a GPU: GK_GPU_TESTS=1.
-    println!("cargo::rustc-check-cfg=cfg(gpu_tests)");
-    if std::env::var("GK_GPU_TESTS").is_ok_and(|v| v == "1") {
-        println!("cargo:rustc-cfg=gpu_tests");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -194,8 +194,10 @@ fn nn_cpu(c: &mut Criterion) {
 
 #[cfg(feature = "candle-cuda")]
 fn cuda(c: &mut Criterion) {
-    match grpo_kernels::cuda::driver_present().then(|| Device::new_cuda(0)) {
-        Some(Ok(dev)) => step(c, &dev, "candle_grpo_step_cuda", (4, 1024, 151_936)),
+    // `Gpu::try_default` is `Ok(None)` without a usable driver or device
+    // (where candle's own CUDA calls would panic).
+    match grpo_kernels::cuda::Gpu::try_default(0).map(|gpu| gpu.map(|_| Device::new_cuda(0))) {
+        Ok(Some(Ok(dev))) => step(c, &dev, "candle_grpo_step_cuda", (4, 1024, 151_936)),
         _ => eprintln!("candle cuda benches SKIPPED: no CUDA device"),
     }
 }

@@ -43,58 +43,158 @@ use std::fmt;
 /// Everything an op can refuse or fail with. Ops never panic on bad input.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-#[allow(missing_docs)] // fields: `op` is the op's name, the rest as the variant says
 pub enum Error {
     /// A buffer's length disagrees with the shape the op derived from its other inputs.
     ShapeMismatch {
+        /// The op's name (as its function is named, e.g. `token_logprobs`).
         op: &'static str,
+        /// The argument (or field of an input struct).
         what: &'static str,
+        /// The length the other inputs imply.
         expected: usize,
+        /// The length it has.
         got: usize,
     },
     /// An input that must hold at least one element holds none.
-    Empty { op: &'static str, what: &'static str },
+    Empty {
+        /// The op's name.
+        op: &'static str,
+        /// The argument.
+        what: &'static str,
+    },
     /// A token id outside `0..vocab` (ignored ids excepted).
     TokenOutOfRange {
+        /// The op's name.
         op: &'static str,
+        /// The first row holding such an id.
         index: usize,
+        /// The id.
         token: i64,
+        /// The vocabulary size.
         vocab: usize,
     },
     /// A scalar parameter outside its domain.
     InvalidParameter {
+        /// The op's name.
         op: &'static str,
+        /// The parameter (a config field, e.g. `temperature`).
         name: &'static str,
+        /// Its value.
         value: f64,
+        /// Its domain, in words.
         expected: &'static str,
     },
     /// A NaN or infinity in an input (or a logit row with no finite
     /// value), or a result beyond its type's range: see the [rule](self).
     NonFinite {
+        /// The op's name.
         op: &'static str,
+        /// The argument, or the result that overflows.
         what: &'static str,
+        /// Its first such element (or row).
         index: usize,
     },
     /// A host buffer of `elements` values, sized by the caller's arguments,
     /// cannot be allocated.
     Allocation {
+        /// The op's name.
         op: &'static str,
+        /// The buffer.
         what: &'static str,
+        /// How many values it would hold.
         elements: usize,
     },
     /// Sequence offsets or groups that do not describe the data.
-    InvalidLayout { op: &'static str, reason: String },
-    /// Inputs on different devices, of an unsupported dtype, or otherwise unusable together.
-    Unsupported { op: &'static str, reason: String },
-    /// A CUDA kernel found bad data (reported by `Gpu::check`): `index` is
-    /// the first row, token or offset concerned.
-    Device {
+    InvalidLayout {
+        /// The op's name.
         op: &'static str,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// Inputs on different devices, of an unsupported dtype, or otherwise
+    /// unusable together (the candle layer's own checks among them).
+    Unsupported {
+        /// The op's name (`grpo_kernels::candle` for the candle layer's
+        /// checks shared by every op: contiguity, storage dtype and device).
+        op: &'static str,
+        /// What is wrong, in words.
+        reason: String,
+    },
+    /// A CUDA kernel found bad data (reported by `Gpu::check`).
+    Device {
+        /// The op whose kernel raised it.
+        op: &'static str,
+        /// What the kernel found.
         fault: DeviceFault,
+        /// The first row, token or offset concerned.
         index: usize,
     },
-    /// The CUDA driver, cuBLAS or a kernel launch failed.
-    Cuda(String),
+    /// The CUDA driver, cuBLAS or a kernel launch failed, or a CUDA library
+    /// cannot be loaded.
+    Cuda {
+        /// What was being done (e.g. ``launching `kl_fwd` ``); empty when
+        /// the error was wrapped with `Error::cuda` alone.
+        context: String,
+        /// cudarc's error, where there is one; [`std::error::Error::source`]
+        /// returns it too (a `cudarc::driver::DriverError` or
+        /// `cudarc::cublas::result::CublasError`, to downcast).
+        source: Option<CudaFailure>,
+    },
+}
+
+/// The error a CUDA library call returned, kept as cudarc's value (a code,
+/// comparable and matchable), not as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CudaFailure {
+    /// A CUDA driver call (loading a module, allocating, copying, launching).
+    #[cfg(feature = "cuda")]
+    Driver(cudarc::driver::DriverError),
+    /// A cuBLAS call.
+    #[cfg(feature = "cuda")]
+    Blas(cudarc::cublas::result::CublasError),
+}
+
+#[cfg(feature = "cuda")]
+impl From<cudarc::driver::DriverError> for CudaFailure {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        CudaFailure::Driver(e)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl From<cudarc::cublas::result::CublasError> for CudaFailure {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        CudaFailure::Blas(e)
+    }
+}
+
+impl fmt::Display for CudaFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(feature = "cuda")]
+        match self {
+            CudaFailure::Driver(e) => write!(f, "{e}"),
+            CudaFailure::Blas(e) => write!(f, "cuBLAS {e}"),
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = f;
+            match *self {}
+        }
+    }
+}
+
+impl CudaFailure {
+    /// cudarc's error, as `Error::source` gives it.
+    fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        #[cfg(feature = "cuda")]
+        match self {
+            CudaFailure::Driver(e) => e,
+            CudaFailure::Blas(e) => e,
+        }
+        #[cfg(not(feature = "cuda"))]
+        match *self {}
+    }
 }
 
 /// What a CUDA kernel found wrong with its input data.
@@ -109,9 +209,33 @@ pub enum DeviceFault {
 }
 
 impl Error {
-    /// Wraps a CUDA driver or library error.
-    pub fn cuda(e: impl fmt::Display) -> Self {
-        Error::Cuda(e.to_string())
+    /// Wraps a CUDA driver or cuBLAS error (`map_err(Error::cuda)`), keeping it
+    /// as the source.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(e: impl Into<CudaFailure>) -> Self {
+        Error::Cuda {
+            context: String::new(),
+            source: Some(e.into()),
+        }
+    }
+
+    /// A CUDA failure while doing `context`, caused by `e`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_in(context: impl Into<String>, e: impl Into<CudaFailure>) -> Self {
+        Error::Cuda {
+            context: context.into(),
+            source: Some(e.into()),
+        }
+    }
+
+    /// A CUDA failure with no library error behind it (a library that
+    /// cannot be loaded, a buffer beyond the address space).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_msg(context: impl Into<String>) -> Self {
+        Error::Cuda {
+            context: context.into(),
+            source: None,
+        }
     }
 }
 
@@ -159,12 +283,23 @@ impl fmt::Display for Error {
                 };
                 write!(f, "{op} (CUDA): {what}, first at index {index}")
             }
-            Error::Cuda(msg) => write!(f, "CUDA: {msg}"),
+            Error::Cuda { context, source } => match source {
+                None => write!(f, "CUDA: {context}"),
+                Some(e) if context.is_empty() => write!(f, "CUDA: {e}"),
+                Some(e) => write!(f, "CUDA: {context}: {e}"),
+            },
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Cuda { source: Some(e), .. } => Some(e.as_error()),
+            _ => None,
+        }
+    }
+}
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -269,6 +404,22 @@ pub(crate) mod check {
 #[cfg(test)]
 mod tests {
     use super::{check, Error};
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_errors_keep_cudarc_error_as_their_source() {
+        use super::CudaFailure;
+        use cudarc::driver::{sys::CUresult, DriverError};
+        let driver = DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        for e in [Error::cuda(driver), Error::cuda_in("launching `kl_fwd`", driver)] {
+            let source = std::error::Error::source(&e).expect("a source");
+            assert_eq!(source.downcast_ref::<DriverError>(), Some(&driver));
+            assert!(matches!(e, Error::Cuda { source: Some(CudaFailure::Driver(d)), .. } if d == driver));
+        }
+        let e = Error::cuda_msg("cuBLAS cannot be loaded");
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string(), "CUDA: cuBLAS cannot be loaded");
+    }
 
     #[test]
     fn sizes_that_cannot_be_allocated_are_errors() {

@@ -28,7 +28,7 @@ pub mod cuda;
 pub mod candle;
 
 pub use element::{DType, Float, TokenId};
-pub use error::{DeviceFault, Error, Result};
+pub use error::{CudaFailure, DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
 pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
 pub use ops::fused_linear::{
@@ -40,10 +40,10 @@ pub use ops::logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
     LogProbSaved, LogProbs, LogitRows,
 };
-pub use ops::math::{set_simd_level, simd_level, SimdLevel};
+pub use ops::math::{active_simd_level, set_simd_level, simd_level, SimdLevel};
 pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::policy_loss::{
     policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,
-    PolicyLossInputs, PolicyLossStats, TokenLoss,
+    PolicyLossInputs, PolicyLossStats,
 };
 pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};

@@ -4,7 +4,9 @@
 #
 #     bash bench/gpu/run.sh [parity] [sanitizer] [bench] [compare] [r1sgg]
 #
-# parity:    every CUDA parity suite (tests/cuda_*.rs, candle CUDA tests)
+# parity:    every CUDA parity suite (tests/cuda/<family>.rs, the candle
+#            CUDA tests in tests/cuda/candle.rs), one family at a time, with
+#            --include-ignored (they are #[ignore = "needs a CUDA device"])
 # sanitizer: the parity suites under compute-sanitizer memcheck and
 #            racecheck, on the smaller cases (GK_SANITIZER=1)
 # bench:     the criterion benches' CUDA groups (names containing "cuda")
@@ -24,8 +26,8 @@
 #            transformers' generate (same sampling) and TRL's GRPO loss path
 #            on the very same completions and advantages (the trl wheel in
 #            .whl/); GPU memory sampled for both. Needs .gpu/app_bench_qwen2_vl_grpo.
-# GK_ONLY=<regex> keeps the parity, sanitizer and bench binaries whose
-# names match (e.g. GK_ONLY='advantages|fused_linear').
+# GK_ONLY=<regex> keeps the test families (modules of tests/cuda/) and the
+# bench binaries whose names match (e.g. GK_ONLY='advantages|fused_linear').
 # Results (logs, criterion medians, comparisons, metrics) go to ./gpu-out,
 # and, under the device tool (which returns only a few files from $OUT),
 # into $OUT/results.tar.gz, repacked after every command so a run stopped
@@ -43,7 +45,9 @@ mkdir -p "$out"
 # Written under a temporary name and renamed, so two instances side by side
 # (say parity and sanitizer) never leave a torn archive.
 pack() { [ -z "${OUT:-}" ] || { tar -czf "$OUT/.results.$$" -C "$out" . && mv -f "$OUT/.results.$$" "$OUT/results.tar.gz"; }; }
-only() { grep -E "${GK_ONLY:-.}" || true; }  # binaries to run, filtered by GK_ONLY
+only() { grep -E "${GK_ONLY:-.}" || true; }  # families or binaries to run, filtered by GK_ONLY
+# The test families: the modules of tests/cuda/ (each runs as `test_cuda <family>::`).
+families=$(ls tests/cuda/*.rs | xargs -n1 basename | sed 's/\.rs$//' | grep -v '^main$')
 steps=${*:-parity sanitizer bench compare}
 status=0
 
@@ -72,12 +76,15 @@ run() {  # name, command...: logs to $out/name.log, remembers failures
 for step in $steps; do
   case $step in
     parity)
-      for t in $(ls $bin/test_* | only); do run "parity_$(basename "$t")" "$t" --test-threads=1; done ;;
+      for f in $(only <<< "$families"); do
+        run "parity_$f" $bin/test_cuda --include-ignored --test-threads=1 "$f::"
+      done ;;
     sanitizer)
-      for t in $(ls $bin/test_cuda_* | only); do
+      for f in $(only <<< "$families"); do
+        [ "$f" = candle ] && continue  # candle's own kernels are not ours to check
         for tool in memcheck racecheck; do
-          GK_SANITIZER=1 run "sanitizer_${tool}_$(basename "$t")" \
-            compute-sanitizer --tool $tool --error-exitcode 9 "$t" --test-threads=1
+          GK_SANITIZER=1 run "sanitizer_${tool}_$f" \
+            compute-sanitizer --tool $tool --error-exitcode 9 $bin/test_cuda --include-ignored --test-threads=1 "$f::"
         done
       done ;;
     bench)

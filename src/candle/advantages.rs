@@ -41,13 +41,14 @@ pub fn group_advantages(
     mode: AdvantageMode,
 ) -> Result<AdvantageTensors> {
     if rewards.dtype() != DType::F32 {
-        candle_core::bail!("{OP}: rewards must be F32, got {:?}", rewards.dtype());
+        bail_unsupported!(OP, "rewards must be F32, got {:?}", rewards.dtype());
     }
     let (p, g) = match (rewards.dims(), weights) {
         (&[p, g], None) => (p, g),
         (&[k, p, g], Some(w)) if w.len() == k => (p, g),
-        (dims, w) => candle_core::bail!(
-            "{OP}: rewards must be [P, G] without weights or [K, P, G] with K weights; got {dims:?} and {} weights",
+        (dims, w) => bail_unsupported!(
+            OP,
+            "rewards must be [P, G] without weights or [K, P, G] with K weights; got {dims:?} and {} weights",
             w.map_or("no".to_string(), |w| w.len().to_string())
         ),
     };
@@ -65,7 +66,10 @@ pub fn group_advantages(
         }
         #[cfg(feature = "candle-cuda")]
         Storage::Cuda(s) => return cuda::run(s, layout, weights, g, mode, p),
-        _ => candle_core::bail!("{OP}: rewards on an unsupported device (build with `candle-cuda` for CUDA)"),
+        _ => bail_unsupported!(
+            OP,
+            "rewards on an unsupported device (build with `candle-cuda` for CUDA)"
+        ),
     };
     let dev = rewards.device();
     Ok(AdvantageTensors {

@@ -45,8 +45,9 @@ pub fn fused_linear_logprobs(
     let (vocab, h) = weight.dims2()?;
     let lead = hidden.dims()[..hidden.rank().saturating_sub(1)].to_vec();
     if hidden.dims().last() != Some(&h) || hidden.dtype() != weight.dtype() {
-        candle_core::bail!(
-            "{OP}: hidden {:?} {:?} and weight {:?} {:?} must share the last dimension and dtype",
+        bail_unsupported!(
+            OP,
+            "hidden {:?} {:?} and weight {:?} {:?} must share the last dimension and dtype",
             hidden.dims(),
             hidden.dtype(),
             weight.dims(),
@@ -115,7 +116,7 @@ macro_rules! with_float_pair {
                 );
                 $body
             }
-            _ => candle_core::bail!("{OP}: hidden and weight must both be F32, BF16 or F16"),
+            _ => bail_unsupported!(OP, "hidden and weight must both be F32, BF16 or F16"),
         }
     };
 }
@@ -316,7 +317,7 @@ mod cuda {
         weight: Operand<'_>,
     ) -> Result<(CudaStorage, Shape)> {
         if hidden.0.dtype() != weight.0.dtype() {
-            candle_core::bail!("{}: hidden and weight must share a dtype", super::OP);
+            bail_unsupported!(super::OP, "hidden and weight must share a dtype");
         }
         let job = Job {
             op,

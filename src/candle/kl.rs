@@ -28,12 +28,13 @@ pub fn kl_divergence(logp: &Tensor, ref_logp: &Tensor, est: KlEstimator) -> Resu
     same_device(logp.device(), OP, &[("ref_logp", ref_logp)])?;
     for (name, t) in [("logp", logp), ("ref_logp", ref_logp)] {
         if t.dtype() != candle_core::DType::F32 {
-            candle_core::bail!("{OP}: `{name}` must be F32, got {:?}", t.dtype());
+            bail_unsupported!(OP, "`{name}` must be F32, got {:?}", t.dtype());
         }
     }
     if logp.shape() != ref_logp.shape() {
-        candle_core::bail!(
-            "{OP}: logp {:?} and ref_logp {:?} must have one shape",
+        bail_unsupported!(
+            OP,
+            "logp {:?} and ref_logp {:?} must have one shape",
             logp.dims(),
             ref_logp.dims()
         );

@@ -56,6 +56,15 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
+/// `return Err(unsupported(op, format!(...)))`.
+macro_rules! bail_unsupported {
+    ($op:expr, $($fmt:tt)+) => {
+        return Err($crate::candle::unsupported($op, format!($($fmt)+)))
+    };
+}
+
+pub(crate) use bail_unsupported;
+
 pub mod advantages;
 pub mod fused_linear;
 pub mod kl;
@@ -88,7 +97,8 @@ macro_rules! with_float_slice {
                 let $s = $crate::candle::host_slice::<half::f16>($storage, $layout, $what)?;
                 $body
             }
-            other => candle_core::bail!(
+            other => $crate::candle::bail_unsupported!(
+                $crate::candle::LAYER,
                 "{} must be F32, BF16 or F16, got {:?}",
                 $what,
                 candle_core::backend::BackendStorage::dtype(other)
@@ -104,6 +114,17 @@ pub(crate) fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
 }
 
+/// The op named in errors of the layer's shared checks (contiguity, dtype,
+/// device of a storage), which do not know which op called them.
+pub(crate) const LAYER: &str = "grpo_kernels::candle";
+
+/// An input this layer cannot take (dtype, device, shape, layout), as this
+/// crate's [`crate::Error::Unsupported`], wrapped like every other error of
+/// the candle ops.
+pub(crate) fn unsupported(op: &'static str, reason: String) -> candle_core::Error {
+    wrap(crate::Error::Unsupported { op, reason })
+}
+
 /// The contiguous elements of a CPU storage under `layout`.
 pub(crate) fn host_slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
@@ -112,16 +133,21 @@ pub(crate) fn host_slice<'a, T: candle_core::WithDType>(
 ) -> Result<&'a [T]> {
     let (start, end) = l
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous (call .contiguous())")))?;
+        .ok_or_else(|| unsupported(LAYER, format!("`{what}` must be contiguous (call .contiguous())")))?;
     Ok(&s.as_slice::<T>()?[start..end])
 }
 
 /// Fails unless every tensor is on `device`.
-pub(crate) fn same_device(device: &candle_core::Device, op: &str, tensors: &[(&str, &Tensor)]) -> Result<()> {
+pub(crate) fn same_device(
+    device: &candle_core::Device,
+    op: &'static str,
+    tensors: &[(&str, &Tensor)],
+) -> Result<()> {
     for (name, t) in tensors {
         if !t.device().same_device(device) {
-            candle_core::bail!(
-                "{op}: `{name}` is on {:?}, the other inputs on {:?}",
+            bail_unsupported!(
+                op,
+                "`{name}` is on {:?}, the other inputs on {:?}",
                 t.device(),
                 device
             );
@@ -145,7 +171,7 @@ pub(crate) fn with_cpu<R>(
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cpu(s) => f(s, layout),
-        _ => candle_core::bail!("{what} is not on the CPU"),
+        _ => bail_unsupported!(LAYER, "{what} is not on the CPU"),
     }
 }
 
@@ -153,7 +179,8 @@ pub(crate) fn host_ids<'a>(s: &'a CpuStorage, l: &Layout) -> Result<HostIds<'a>>
     match s {
         CpuStorage::U32(_) => Ok(HostIds::U32(host_slice(s, l, "targets")?)),
         CpuStorage::I64(_) => Ok(HostIds::I64(host_slice(s, l, "targets")?)),
-        other => candle_core::bail!(
+        other => bail_unsupported!(
+            LAYER,
             "token ids must be U32 or I64, got {:?}",
             candle_core::backend::BackendStorage::dtype(other)
         ),
@@ -188,7 +215,10 @@ pub(crate) mod gpu {
     /// The contiguous elements of a CUDA storage under `layout`, as a view.
     pub fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
         let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg(format!("{what} must be contiguous (call .contiguous())"))
+            super::unsupported(
+                super::LAYER,
+                format!("`{what}` must be contiguous (call .contiguous())"),
+            )
         })?;
         Ok(s.as_cuda_slice::<T>()?.slice(start..end))
     }
@@ -202,7 +232,7 @@ pub(crate) mod gpu {
         let (storage, layout) = t.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => f(s, layout),
-            _ => candle_core::bail!("{what} is not on a CUDA device"),
+            _ => bail_unsupported!(super::LAYER, "{what} is not on a CUDA device"),
         }
     }
 
@@ -228,9 +258,9 @@ pub(crate) mod gpu {
             (DType::F16, DType::U32) => job.run::<f16, u32>(),
             (DType::F16, DType::I64) => job.run::<f16, i64>(),
             (DType::F32 | DType::BF16 | DType::F16, d) => {
-                candle_core::bail!("token ids must be U32 or I64, got {d:?}")
+                bail_unsupported!(super::LAYER, "token ids must be U32 or I64, got {d:?}")
             }
-            (d, _) => candle_core::bail!("{what} must be F32, BF16 or F16, got {d:?}"),
+            (d, _) => bail_unsupported!(super::LAYER, "{what} must be F32, BF16 or F16, got {d:?}"),
         }
     }
 }

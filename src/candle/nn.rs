@@ -35,10 +35,11 @@ fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// A row-wise op on the CPU: `f(x_row, g_row, out_row)` over the rows of
+/// A row-wise op (`op`, in errors) on the CPU: `f(x_row, g_row, out_row)` over the rows of
 /// `row` elements of the contiguous f32 `x` (and of `grad` in the
 /// backward; the last row may be shorter), in parallel for large inputs.
 fn map_rows(
+    op: &'static str,
     x: (&CpuStorage, &Layout),
     row: usize,
     grad: Option<&Tensor>,
@@ -66,7 +67,12 @@ fn map_rows(
         Some(g) => with_cpu(g, "grad", |s, l| {
             let gs: &[f32] = host_slice(s, l, "grad")?;
             if gs.len() != xs.len() {
-                candle_core::bail!("grad has {} elements, expected {}", gs.len(), xs.len());
+                return Err(wrap(crate::Error::ShapeMismatch {
+                    op,
+                    what: "grad",
+                    expected: xs.len(),
+                    got: gs.len(),
+                }));
             }
             run(Some(gs));
             Ok(())
@@ -251,34 +257,40 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (centered, eps) = (self.norm == Norm::Layer, self.eps);
-        map_rows((s, l), row_len(l), self.grad.as_ref(), |x, g, out| {
-            // In f64, the mean first and then the squares about it: 1e4-scale
-            // activations squared lose bits in f32, and E[x^2] - E[x]^2
-            // cancels.
-            let n = x.len() as f64;
-            let mean = if centered {
-                x.iter().map(|&v| v as f64).sum::<f64>() / n
-            } else {
-                0.0
-            };
-            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-            let r = 1.0 / (var + eps).sqrt();
-            let xhat = |v: f32| (v as f64 - mean) * r;
-            match g {
-                None => out.iter_mut().zip(x).for_each(|(o, &v)| *o = xhat(v) as f32),
-                Some(g) => {
-                    let (sum_g, dot) = x.iter().zip(g).fold((0.0, 0.0), |(s, d), (&v, &gv)| {
-                        (s + gv as f64, d + gv as f64 * xhat(v))
-                    });
-                    // mean(g) is the mean's share of the gradient: none for RMS.
-                    let mean_g = if centered { sum_g / n } else { 0.0 };
-                    let mean_dot = dot / n;
-                    for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
-                        *o = (r * (gv as f64 - mean_g - xhat(v) * mean_dot)) as f32;
+        map_rows(
+            self.name(),
+            (s, l),
+            row_len(l),
+            self.grad.as_ref(),
+            |x, g, out| {
+                // In f64, the mean first and then the squares about it: 1e4-scale
+                // activations squared lose bits in f32, and E[x^2] - E[x]^2
+                // cancels.
+                let n = x.len() as f64;
+                let mean = if centered {
+                    x.iter().map(|&v| v as f64).sum::<f64>() / n
+                } else {
+                    0.0
+                };
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let r = 1.0 / (var + eps).sqrt();
+                let xhat = |v: f32| (v as f64 - mean) * r;
+                match g {
+                    None => out.iter_mut().zip(x).for_each(|(o, &v)| *o = xhat(v) as f32),
+                    Some(g) => {
+                        let (sum_g, dot) = x.iter().zip(g).fold((0.0, 0.0), |(s, d), (&v, &gv)| {
+                            (s + gv as f64, d + gv as f64 * xhat(v))
+                        });
+                        // mean(g) is the mean's share of the gradient: none for RMS.
+                        let mean_g = if centered { sum_g / n } else { 0.0 };
+                        let mean_dot = dot / n;
+                        for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+                            *o = (r * (gv as f64 - mean_g - xhat(v) * mean_dot)) as f32;
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
     }
 
     fn bwd(&self, x: &Tensor, _xhat: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -315,25 +327,31 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows((s, l), row_len(l), self.grad.as_ref(), |x, g, out| match g {
-            None => {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = (v - max).exp();
-                    sum += *o;
+        map_rows(
+            self.name(),
+            (s, l),
+            row_len(l),
+            self.grad.as_ref(),
+            |x, g, out| match g {
+                None => {
+                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = (v - max).exp();
+                        sum += *o;
+                    }
+                    let inv = 1.0 / sum;
+                    out.iter_mut().for_each(|o| *o *= inv);
                 }
-                let inv = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= inv);
-            }
-            // Here `x` holds the forward's output y.
-            Some(g) => {
-                let dot: f32 = x.iter().zip(g).map(|(&y, &gv)| y * gv).sum();
-                for ((o, &y), &gv) in out.iter_mut().zip(x).zip(g) {
-                    *o = y * (gv - dot);
+                // Here `x` holds the forward's output y.
+                Some(g) => {
+                    let dot: f32 = x.iter().zip(g).map(|(&y, &gv)| y * gv).sum();
+                    for ((o, &y), &gv) in out.iter_mut().zip(x).zip(g) {
+                        *o = y * (gv - dot);
+                    }
                 }
-            }
-        })
+            },
+        )
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -370,7 +388,13 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        map_rows((s, l), MIN_TASK, self.grad.as_ref(), quick_gelu_chunk)
+        map_rows(
+            self.name(),
+            (s, l),
+            MIN_TASK,
+            self.grad.as_ref(),
+            quick_gelu_chunk,
+        )
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

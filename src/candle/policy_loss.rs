@@ -71,8 +71,9 @@ pub fn policy_loss(
             seq_len: shape.dims()[1],
         },
         (1, Some(cu)) => Sequences::Packed(capture(cu, "cu_seqlens", DType::U32)?),
-        (r, cu) => candle_core::bail!(
-            "{OP}: logp must be [S, T] (padded) or [N] with cu_seqlens (packed); got rank {r} {} cu_seqlens",
+        (r, cu) => bail_unsupported!(
+            OP,
+            "logp must be [S, T] (padded) or [N] with cu_seqlens (packed); got rank {r} {} cu_seqlens",
             if cu.is_some() { "with" } else { "without" }
         ),
     };
@@ -113,7 +114,7 @@ pub fn policy_loss(
 /// A captured input, flattened and contiguous, checked for its dtype.
 fn capture(t: &Tensor, what: &str, dtype: DType) -> Result<Tensor> {
     if t.dtype() != dtype {
-        candle_core::bail!("{OP}: `{what}` must be {dtype:?}, got {:?}", t.dtype());
+        bail_unsupported!(OP, "`{what}` must be {dtype:?}, got {:?}", t.dtype());
     }
     t.contiguous()?.flatten_all()
 }
@@ -205,8 +206,9 @@ impl Captured {
 fn f32_input<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     match storage {
         CpuStorage::F32(_) => host_slice::<f32>(storage, layout, "logp"),
-        other => candle_core::bail!(
-            "{OP}: logp must be F32, got {:?}",
+        other => bail_unsupported!(
+            OP,
+            "logp must be F32, got {:?}",
             candle_core::backend::BackendStorage::dtype(other)
         ),
     }
@@ -302,7 +304,7 @@ mod cuda {
         ) -> Result<CudaView<'a, T>> {
             match storage {
                 candle_core::Storage::Cuda(s) => view(s, layout, what),
-                _ => candle_core::bail!("{what} is not on a CUDA device"),
+                _ => bail_unsupported!(crate::candle::LAYER, "{what} is not on a CUDA device"),
             }
         }
         let old = c.old.as_ref().map(Tensor::storage_and_layout);
@@ -335,7 +337,7 @@ mod cuda {
                 (Sequences::Packed(_), Some(g)) => SeqLayout::Packed {
                     cu_seqlens: v::<u32>(&g.0, g.1, "cu_seqlens")?,
                 },
-                (Sequences::Packed(_), None) => candle_core::bail!("cu_seqlens missing"),
+                (Sequences::Packed(_), None) => bail_unsupported!(crate::candle::LAYER, "cu_seqlens missing"),
             },
         };
         f(&inputs)
@@ -378,7 +380,10 @@ mod cuda {
         let n = logp.len();
         let (packed, grad) = (op.packed.storage_and_layout(), op.grad.storage_and_layout());
         let (candle_core::Storage::Cuda(ps), candle_core::Storage::Cuda(gs)) = (&*packed.0, &*grad.0) else {
-            candle_core::bail!("policy loss backward: saved output and gradient must be on the CUDA device");
+            bail_unsupported!(
+                crate::ops::policy_loss::OP_BWD,
+                "saved output and gradient must be on the CUDA device"
+            );
         };
         let packed_view: CudaView<'_, f32> = view(ps, packed.1, "saved")?;
         let grad_view: CudaView<'_, f32> = view(gs, grad.1, "grad")?;

@@ -35,7 +35,10 @@ pub fn sample(logits: &Tensor, cfg: &SamplingConfig) -> Result<(Tensor, Tensor)>
         .map_err(wrap)?),
         #[cfg(feature = "candle-cuda")]
         Storage::Cuda(s) => return cuda::sample(s, layout, vocab, cfg),
-        _ => candle_core::bail!("{OP}: logits on an unsupported device (build with `candle-cuda` for CUDA)"),
+        _ => bail_unsupported!(
+            OP,
+            "logits on an unsupported device (build with `candle-cuda` for CUDA)"
+        ),
     };
     let b = out.tokens.len();
     let dev = logits.device();
@@ -68,7 +71,7 @@ mod cuda {
             DType::F32 => run::<f32>(storage, layout, vocab, cfg),
             DType::BF16 => run::<half::bf16>(storage, layout, vocab, cfg),
             DType::F16 => run::<half::f16>(storage, layout, vocab, cfg),
-            d => candle_core::bail!("logits must be F32, BF16 or F16, got {d:?}"),
+            d => bail_unsupported!(crate::candle::LAYER, "logits must be F32, BF16 or F16, got {d:?}"),
         }
     }
 

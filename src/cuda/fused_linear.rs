@@ -114,7 +114,7 @@ fn gemm(gpu: &Gpu, op: &'static str, c: Mat, beta: f32, a: (Mat, bool), b: (Mat,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| Error::Cuda(format!("{op}: cuBLAS GEMM: {e}")))
+    .map_err(|e| Error::cuda_in(format!("{op}: cuBLAS GEMM"), e))
 }
 
 /// A grid-stride elementwise launch over `n` elements.

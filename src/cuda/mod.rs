@@ -155,7 +155,7 @@ impl Loaded {
         };
         let f = module
             .load_function(name)
-            .map_err(|e| Error::Cuda(format!("kernel `{name}` of {}.cu: {e}", file.name)))?;
+            .map_err(|e| Error::cuda_in(format!("kernel `{name}` of {}.cu", file.name), e))?;
         self.functions.lock().unwrap().insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -261,14 +261,13 @@ impl Gpu {
             return Ok(blas);
         }
         if !library_present(&["libcublas.so.13", "libcublas.so"], &["cublas64_13.dll"]) {
-            return Err(Error::Cuda(
+            return Err(Error::cuda_msg(
                 "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 toolkit or the \
-                 nvidia-cublas wheel and add its lib folder to LD_LIBRARY_PATH"
-                    .into(),
+                 nvidia-cublas wheel and add its lib folder to LD_LIBRARY_PATH",
             ));
         }
-        let blas = CudaBlas::new(self.stream.clone())
-            .map_err(|e| Error::Cuda(format!("creating a cuBLAS handle: {e}")))?;
+        let blas =
+            CudaBlas::new(self.stream.clone()).map_err(|e| Error::cuda_in("creating a cuBLAS handle", e))?;
         Ok(self.blas.get_or_init(|| blas))
     }
 
@@ -289,7 +288,7 @@ impl Gpu {
             .checked_mul(std::mem::size_of::<T>())
             .is_none_or(|b| b > isize::MAX as usize)
         {
-            return Err(Error::Cuda(format!(
+            return Err(Error::cuda_msg(format!(
                 "a device buffer of {len} elements of {} bytes exceeds the address space",
                 std::mem::size_of::<T>()
             )));
@@ -311,7 +310,7 @@ impl Gpu {
 /// Whether a CUDA driver library can be loaded on this machine. (cudarc
 /// panics on first use when it cannot, whether it loads the driver itself
 /// or was linked against it by candle.)
-pub fn driver_present() -> bool {
+pub(crate) fn driver_present() -> bool {
     library_present(&["libcuda.so.1", "libcuda.so"], &["nvcuda.dll"])
 }
 
@@ -373,5 +372,5 @@ impl<'a> LaunchExt<'a> for LaunchArgs<'a> {
 
 /// A launch's result as this crate's error.
 pub(crate) fn launched(r: std::result::Result<(), cudarc::driver::DriverError>, kernel: &str) -> Result<()> {
-    r.map_err(|e| Error::Cuda(format!("launching `{kernel}`: {e}")))
+    r.map_err(|e| Error::cuda_in(format!("launching `{kernel}`"), e))
 }

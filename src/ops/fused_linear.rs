@@ -17,7 +17,7 @@
 //! **Tiles.** Rows are taken `chunk_rows` at a time (outer loop), the
 //! vocabulary `chunk_vocab` columns at a time (inner loop). Forward: each
 //! `[rows, cols]` tile `(h_rows W_cols^T + b_cols) / T` is one f32 GEMM,
-//! folded into each row's [`SoftmaxState`]; the target's logit is picked up
+//! folded into each row's online-softmax state; the target's logit is picked up
 //! from the tile holding it. Backward: each tile is recomputed, turned into
 //! `dz` in place by token_logprobs_backward's row math, then
 //! `dh_rows += dz W_cols`, `dW_cols += dz^T h_rows`, `db_cols += column

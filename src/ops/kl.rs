@@ -17,10 +17,10 @@
 //! themselves, and so does this). Every estimator depends on `d` alone, so
 //! `dL/dref_logp = -dL/dlogp`.
 //!
-//! `k3` is computed as [`math::exp_excess`]`(d)`, accurate near `d = 0`
+//! `k3` is computed as `exp_excess(d)` (`e^d - d - 1` in one formula), accurate near `d = 0`
 //! where the policy is close to the reference and `e^d - d - 1` computed
 //! literally loses every digit. For `d > 88.37` the value saturates at about
-//! `2.4e38` (the largest `e^x` [`math::exp`] returns) instead of overflowing,
+//! `2.4e38` (the largest `e^x` the crate's vectorized `exp` returns) instead of overflowing,
 //! and so does its derivative `1 - e^d` (at about `-2.4e38`); use
 //! [`KlEstimator::LowVarK3`] where such tokens occur.
 //!
@@ -71,10 +71,33 @@ pub enum KlEstimator {
 }
 
 impl KlEstimator {
-    /// The estimate for one token, from `d = ref_logp - logp`, with `M`'s
-    /// multiply-add ([`math::Baseline`] unless inside a vectorized copy).
+    /// The estimate for one token, from `d = ref_logp - logp`: bit for bit
+    /// what [`crate::kl_divergence`] gives for that token on this CPU at the
+    /// current [`crate::simd_level`] (the copies with fused multiply-adds
+    /// round some products differently from the portable one).
+    pub fn value(self, d: f32) -> f32 {
+        if math::has_avx2_fma() {
+            self.value_with::<math::Fused>(d)
+        } else {
+            self.value_with::<math::Baseline>(d)
+        }
+    }
+
+    /// `d value / d logp` for one token, from `d = ref_logp - logp`: bit for
+    /// bit what [`crate::kl_divergence_backward`] gives for that token with
+    /// an upstream gradient of 1, as [`KlEstimator::value`].
+    pub fn grad_logp(self, d: f32) -> f32 {
+        if math::has_avx2_fma() {
+            self.grad_logp_with::<math::Fused>(d)
+        } else {
+            self.grad_logp_with::<math::Baseline>(d)
+        }
+    }
+
+    /// [`KlEstimator::value`] with `M`'s multiply-add (`math::Baseline`
+    /// unless inside a vectorized copy).
     #[inline(always)]
-    pub fn value<M: MulAdd>(self, d: f32) -> f32 {
+    pub(crate) fn value_with<M: MulAdd>(self, d: f32) -> f32 {
         match self {
             KlEstimator::K1 => -d,
             KlEstimator::K2 => 0.5 * d * d,
@@ -86,10 +109,9 @@ impl KlEstimator {
         }
     }
 
-    /// `d value / d logp` for one token, from `d = ref_logp - logp`, with
-    /// `M`'s multiply-add.
+    /// [`KlEstimator::grad_logp`] with `M`'s multiply-add.
     #[inline(always)]
-    pub fn grad_logp<M: MulAdd>(self, d: f32) -> f32 {
+    pub(crate) fn grad_logp_with<M: MulAdd>(self, d: f32) -> f32 {
         match self {
             KlEstimator::K1 => 1.0,
             KlEstimator::K2 => -d,
@@ -237,10 +259,10 @@ multiversion! {
     /// The estimate over one block; whether every input and output was finite.
     fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [MaybeUninit<f32>]) -> bool {
         match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K1.value::<Mad>(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K2.value::<Mad>(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K3.value::<Mad>(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::LowVarK3.value::<Mad>(d)),
+            KlEstimator::K1 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K1.value_with::<Mad>(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K2.value_with::<Mad>(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K3.value_with::<Mad>(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::LowVarK3.value_with::<Mad>(d)),
         }
     }
 }
@@ -256,10 +278,10 @@ multiversion! {
     ) -> bool {
         let g = Some(grad);
         match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K1.grad_logp::<Mad>(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K2.grad_logp::<Mad>(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K3.grad_logp::<Mad>(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::LowVarK3.grad_logp::<Mad>(d)),
+            KlEstimator::K1 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K1.grad_logp_with::<Mad>(d)),
+            KlEstimator::K2 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K2.grad_logp_with::<Mad>(d)),
+            KlEstimator::K3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K3.grad_logp_with::<Mad>(d)),
+            KlEstimator::LowVarK3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::LowVarK3.grad_logp_with::<Mad>(d)),
         }
     }
 }

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! One pass over the logits in the forward (online max/sum merge, see
-//! [`SoftmaxState`](crate::ops::math::SoftmaxState)), one read and one
+//! the crate's `SoftmaxState`), one read and one
 //! write in the backward; only `lse` (and `H` when its gradient is wanted)
 //! is saved in between. This is TRL's
 //! `selective_log_softmax` and entropy, fused.

@@ -108,6 +108,20 @@ pub fn simd_level() -> SimdLevel {
     simd_level()
 }
 
+/// The copy the CPU ops run now: the widest level both this CPU and the cap
+/// ([`simd_level`]) allow. [`SimdLevel::Native`] here means the AVX-512
+/// copies; a CPU without AVX-512 runs [`SimdLevel::Avx2`] at most, one
+/// without AVX2 and FMA (or not x86-64) [`SimdLevel::Portable`].
+pub fn active_simd_level() -> SimdLevel {
+    if has_avx512() {
+        SimdLevel::Native
+    } else if has_avx2_fma() {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Portable
+    }
+}
+
 /// Whether the AVX2+FMA copies may run: the CPU has AVX2 and FMA (cached by
 /// std after the first call) and [`simd_level`] allows them.
 #[inline]
@@ -429,8 +443,10 @@ impl SoftmaxState {
         }
     }
 
-    /// The state of the union of the values behind `self` and `other`.
+    /// The state of the union of the values behind `self` and `other` (what
+    /// the CUDA kernels do across threads; checked by the tests below).
     #[inline]
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn merge(self, other: Self) -> Self {
         let m = self.m.max(other.m);
         if m == f32::NEG_INFINITY {

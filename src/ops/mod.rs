@@ -2,7 +2,7 @@
 //! parameters, validation) and its CPU kernel, which is both the reference
 //! the CUDA kernels are tested against and a multithreaded fallback.
 
-pub mod math;
+pub(crate) mod math;
 
 pub mod advantages;
 pub mod fused_linear;

@@ -27,13 +27,13 @@
 use crate::ops::math;
 
 /// First Philox multiplier (of counter word 0).
-pub const PHILOX_M0: u32 = 0xD251_1F53;
+pub(crate) const PHILOX_M0: u32 = 0xD251_1F53;
 /// Second Philox multiplier (of counter word 2).
-pub const PHILOX_M1: u32 = 0xCD9E_8D57;
+pub(crate) const PHILOX_M1: u32 = 0xCD9E_8D57;
 /// Weyl increment of key word 0 between rounds (golden ratio).
-pub const PHILOX_W0: u32 = 0x9E37_79B9;
+pub(crate) const PHILOX_W0: u32 = 0x9E37_79B9;
 /// Weyl increment of key word 1 between rounds (sqrt(3) - 1).
-pub const PHILOX_W1: u32 = 0xBB67_AE85;
+pub(crate) const PHILOX_W1: u32 = 0xBB67_AE85;
 
 /// An upper bound on every Gumbel value of the stream (the largest is
 /// `-ln(-ln(1 - 2^-24)) = 16.636`; the margin absorbs `ln`'s rounding).
@@ -78,14 +78,14 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 
 /// A random word mapped to `((x >> 9) + 0.5) * 2^-23`, in (0, 1) exclusive.
 #[inline(always)]
-pub fn uniform(x: u32) -> f32 {
+pub(crate) fn uniform(x: u32) -> f32 {
     const SCALE: f32 = 1.0 / (1u32 << 23) as f32;
     ((x >> 9) as f32 + 0.5) * SCALE
 }
 
 /// Standard Gumbel noise `-ln(-ln u)` of a uniform `u` in (0, 1).
 #[inline(always)]
-pub fn gumbel<M: math::MulAdd>(u: f32) -> f32 {
+pub(crate) fn gumbel<M: math::MulAdd>(u: f32) -> f32 {
     -math::ln::<M>(-math::ln::<M>(u))
 }
 

@@ -70,7 +70,7 @@
 //! when `beta != 0`.
 //!
 //! The CPU kernel runs one rayon task per run of sequences, each in
-//! [`BLOCK`]-token blocks of 16-lane f32 accumulators, reduced to f64 per
+//! 2048-token blocks of 16-lane f32 accumulators, reduced to f64 per
 //! block and combined in sequence order: the result does not depend on the
 //! thread count.
 
@@ -222,7 +222,7 @@ impl Default for PolicyLossConfig {
 
 /// One token's loss, its derivative and what the statistics count.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TokenLoss {
+pub(crate) struct TokenLoss {
     /// `l_t = pg_t + beta kl_t`.
     pub loss: f32,
     /// `dl_t / dlogp_t`.
@@ -277,7 +277,7 @@ impl PolicyLossConfig {
     /// `log_ratio` (the token's, or its sequence's mean), its advantage and
     /// `d_ref = ref_logp - logp` (0 without a reference model).
     #[inline(always)]
-    pub fn token_loss<M: MulAdd>(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
+    pub(crate) fn token_loss<M: MulAdd>(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
         let c = self.log_ratio_clamp;
         let clamped = log_ratio > c || log_ratio < -c;
         let lr = if log_ratio > c { c } else { log_ratio };
@@ -303,10 +303,10 @@ impl PolicyLossConfig {
         let constant = clip_low || clip_high || dual_clip || clamped;
         let pg_grad = if constant { 0.0 } else { -adv * ratio };
 
-        let kl = self.kl.value::<M>(d_ref);
+        let kl = self.kl.value_with::<M>(d_ref);
         TokenLoss {
             loss: pg + self.beta * kl,
-            grad: pg_grad + self.beta * self.kl.grad_logp::<M>(d_ref),
+            grad: pg_grad + self.beta * self.kl.grad_logp_with::<M>(d_ref),
             ratio,
             kl,
             clip_low,
@@ -581,7 +581,7 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Res
         let kl: Vec<f32> = inputs.ref_logp.map_or_else(Vec::new, |r| {
             r.iter()
                 .zip(inputs.logp)
-                .map(|(&r, &l)| cfg.kl.value::<math::Baseline>(r - l))
+                .map(|(&r, &l)| cfg.kl.value_with::<math::Baseline>(r - l))
                 .collect()
         });
         inputs.check_finite(OP, &ranges, None, &[("kl", &kl), ("per_token", &per_token)])?;

@@ -1,16 +1,19 @@
-//! GPU test helpers: a device handle that fails loudly when the build asked
-//! for GPU tests but no GPU is there, uploads, downloads, NaN poisoning.
+//! GPU test helpers: a device handle that fails loudly when the GPU tests
+//! were asked to run (`--include-ignored`) but no GPU is there, uploads,
+//! downloads, NaN poisoning.
 #![allow(dead_code)]
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use grpo_kernels::cuda::Gpu;
 
-/// The GPU, or a panic explaining why not (GPU tests only run in builds
-/// made with GK_GPU_TESTS=1, for a machine that has one).
+/// The GPU, or a panic explaining why not (the GPU tests are `#[ignore]`d
+/// and run only when asked, with `--include-ignored`, on a machine with one).
 pub fn gpu() -> Gpu {
     match Gpu::try_default(0) {
         Ok(Some(gpu)) => gpu,
-        Ok(None) => panic!("GPU tests were built to run (GK_GPU_TESTS=1), but no CUDA device is usable here"),
+        Ok(None) => {
+            panic!("GPU tests were asked to run (--include-ignored), but no CUDA device is usable here")
+        }
         Err(e) => panic!("CUDA device unusable: {e}"),
     }
 }

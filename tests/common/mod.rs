@@ -163,7 +163,18 @@ pub fn assert_typed_error<T: std::fmt::Debug>(r: candle_core::Result<T>, want: g
 /// Candle tensors flattened to host vectors.
 #[cfg(feature = "candle")]
 pub mod tensors {
-    use candle_core::{DType, Tensor};
+    use candle_core::{DType, Device, Tensor, Var};
+
+    pub const CPU: Device = Device::Cpu;
+
+    /// A variable on the CPU holding `x` in `shape`.
+    pub fn var(x: &[f32], shape: &[usize]) -> Var {
+        Var::from_tensor(&Tensor::from_vec(x.to_vec(), shape, &CPU).unwrap()).unwrap()
+    }
+
+    pub fn f64s(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
 
     pub fn to64(t: &Tensor) -> Vec<f64> {
         t.flatten_all()

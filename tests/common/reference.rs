@@ -25,3 +25,14 @@ pub fn logprob_rows(logits: &[f64], targets: &[usize], vocab: usize, t: f64) -> 
         })
         .collect()
 }
+
+/// A KL estimate from `d = ref_logp - logp` in f64 (`LowVarK3` without
+/// its clamps).
+pub fn kl_ref(est: grpo_kernels::KlEstimator, d: f64) -> f64 {
+    use grpo_kernels::KlEstimator;
+    match est {
+        KlEstimator::K1 => -d,
+        KlEstimator::K2 => d * d / 2.0,
+        KlEstimator::K3 | KlEstimator::LowVarK3 => d.exp_m1() - d,
+    }
+}

@@ -5,10 +5,8 @@
 //! status word for bad rows.
 #![cfg(feature = "cuda")]
 
-mod common;
-
-use common::gpu::{down, gpu, poison_pool, sanitizer, up};
-use common::{assert_close, Rng};
+use crate::common::gpu::{down, gpu, poison_pool, sanitizer, up};
+use crate::common::{assert_close, Rng};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
 use grpo_kernels::{sample, DeviceFault, Error, SampleInputs, SamplingConfig};
 use half::{bf16, f16};
@@ -81,10 +79,7 @@ fn compare<T: GpuFloat>(
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn tokens_match_cpu_on_awkward_sizes_and_dtypes() {
     let gpu = gpu();
     let shapes: &[(usize, usize)] = if sanitizer() {
@@ -114,10 +109,7 @@ fn tokens_match_cpu_on_awkward_sizes_and_dtypes() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn ties_and_plateaus_are_resolved_like_the_cpu() {
     let gpu = gpu();
     // Many equal values (one histogram bin that cannot be split), top-k
@@ -145,10 +137,7 @@ fn ties_and_plateaus_are_resolved_like_the_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn bad_rows_are_reported_by_index() {
     let gpu = gpu();
     let vocab = 300;

@@ -1,12 +1,10 @@
 //! Bad input, op family by op family, on the CPU and (feature `candle`)
 //! through the candle ops and their autograd: every case of
 //! `common::bad_input` gives its typed error, the same on both paths, or
-//! succeeds with finite outputs. `tests/cuda_bad_input.rs` runs the same
+//! succeeds with finite outputs. `tests/cuda/bad_input.rs` runs the same
 //! cases on a GPU.
 
-mod common;
-
-use common::bad_input::{
+use crate::common::bad_input::{
     advantage_cases, broadcast_cases, fused_cases, kl_cases, logprob_cases, policy_cases, sample_cases,
     AdvCase, FusedCase, KlCase, LogProbCase, PolicyCase, SampleCase,
 };
@@ -231,14 +229,13 @@ mod candle {
     use candle_core::{DType as CDType, Device, Tensor, Var};
     use grpo_kernels::candle as ops;
 
-    use super::common::bad_input::*;
     use super::*;
 
     type CResult<T> = candle_core::Result<T>;
 
     /// A candle outcome against `want`, compared by message (candle 0.11
     /// wraps this crate's errors as `Display` only; see
-    /// `common::assert_typed_error`).
+    /// `crate::common::assert_typed_error`).
     #[track_caller]
     fn check_candle(name: &str, r: CResult<Vec<Tensor>>, want: &Option<Error>) {
         let r = r.map_err(|mut e| {

@@ -4,9 +4,7 @@
 //! exact filtered distribution (chi-square), determinism, awkward sizes and
 //! dtypes, and every bad input.
 
-mod common;
-
-use common::{assert_close, widen, Rng};
+use crate::common::{assert_close, widen, Rng};
 use grpo_kernels::{philox4x32_10, sample, Error, Float, RowStream, SampleInputs, Samples, SamplingConfig};
 use half::{bf16, f16};
 use proptest::prelude::*;

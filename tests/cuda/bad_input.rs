@@ -1,17 +1,15 @@
-//! The bad-input cases of `common::bad_input` on the CUDA ops: what the
+//! The bad-input cases of `crate::common::bad_input` on the CUDA ops: what the
 //! host validates gives the CPU's error before any launch; what only the
 //! data shows is raised by the kernels and reported by `Gpu::check` as
 //! `Error::Device` with the same fault and index as the CPU's error; and
 //! the cases that succeed on the CPU succeed here, with finite outputs.
 #![cfg(feature = "cuda")]
 
-mod common;
-
-use common::bad_input::{
+use crate::common::bad_input::{
     advantage_cases, broadcast_cases, cuda_op, fused_cases, kl_cases, logprob_cases, policy_cases,
     sample_cases, AdvCase, FusedCase, KlCase, LogProbCase, PolicyCase, SampleCase,
 };
-use common::gpu::{down, gpu, up};
+use crate::common::gpu::{down, gpu, up};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
 use grpo_kernels::{
@@ -111,10 +109,7 @@ fn logprob_gpu<T: GpuFloat>(gpu: &Gpu, c: &LogProbCase) -> Result<Outs> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn logprob_cuda_cases() {
     let gpu = gpu();
     for c in logprob_cases() {
@@ -155,10 +150,7 @@ fn fused_gpu<T: GpuFloat>(gpu: &Gpu, c: &FusedCase) -> Result<Outs> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn fused_linear_cuda_cases() {
     let gpu = gpu();
     for c in fused_cases() {
@@ -181,10 +173,7 @@ fn advantages_gpu(gpu: &Gpu, c: &AdvCase) -> Result<Outs> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn advantages_cuda_cases() {
     let gpu = gpu();
     for c in advantage_cases() {
@@ -218,10 +207,7 @@ fn kl_gpu(gpu: &Gpu, c: &KlCase) -> Result<Outs> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn kl_cuda_cases() {
     let gpu = gpu();
     for c in kl_cases() {
@@ -263,10 +249,7 @@ fn policy_gpu(gpu: &Gpu, c: &PolicyCase) -> Result<Outs> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn policy_loss_cuda_cases() {
     let gpu = gpu();
     for c in policy_cases() {
@@ -285,10 +268,7 @@ fn sample_gpu(gpu: &Gpu, c: &SampleCase) -> Result<Outs> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn sampling_cuda_cases() {
     let gpu = gpu();
     for c in sample_cases() {

@@ -1,206 +1,141 @@
-//! Gradients through candle's autograd against central finite differences
-//! of independent f64 references, for every differentiable op of
-//! `grpo_kernels::candle` beyond token log-probs (whose check lives in
-//! candle_logprob.rs): KL estimators, the clipped policy loss (loss and
-//! per-token outputs), fused linear log-probs (hidden and weight), and the
-//! `nn` layers: softmax, RMS norm, LayerNorm and quick GELU on their fused
-//! CPU path (f32) and their composed one (F64, BF16), RoPE and its tables,
-//! and candle's own erf GELU.
-#![cfg(feature = "candle")]
+//! `grpo_kernels::candle::nn`: softmax, RMS norm, LayerNorm and quick GELU
+//! on their fused CPU path (f32) and their composed one (F64, BF16), RoPE
+//! and its tables, and candle's own erf GELU, against f64 references and
+//! central finite differences through candle's autograd; and the typed
+//! error for each bad parameter or shape.
 
-mod common;
-
+use crate::common::tensors::{f64s, to32, to64, var, CPU};
+use crate::common::{assert_close, assert_close_rows, assert_typed_error, finite_diff, Rng};
 use candle_core::{DType, Device, Module, Tensor, Var};
-use common::reference::logprob_rows;
-use common::tensors::{to32, to64};
-use common::{assert_close, assert_close_rows, finite_diff, Rng};
 use grpo_kernels::candle::nn::{
     quick_gelu, rms_normalize, rope, rope_tables, softmax_last_dim, LayerNorm, RmsNorm,
 };
-use grpo_kernels::candle::{fused_linear_logprobs, kl_divergence, policy_loss, PolicyLossTensors};
-use grpo_kernels::{FusedLinearConfig, KlEstimator, LogProbConfig, PolicyLossConfig};
-
-const CPU: Device = Device::Cpu;
-
-fn kl_ref(est: KlEstimator, d: f64) -> f64 {
-    match est {
-        KlEstimator::K1 => -d,
-        KlEstimator::K2 => d * d / 2.0,
-        KlEstimator::K3 | KlEstimator::LowVarK3 => d.exp_m1() - d,
-    }
-}
-
-fn var(x: &[f32], shape: &[usize]) -> Var {
-    Var::from_tensor(&Tensor::from_vec(x.to_vec(), shape, &CPU).unwrap()).unwrap()
-}
-
-fn f64s(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
-}
 
 #[test]
-fn kl_gradients_match_finite_differences_in_both_inputs() {
-    let mut rng = Rng::new(21);
-    let n = 23;
-    for est in [
-        KlEstimator::K1,
-        KlEstimator::K2,
-        KlEstimator::K3,
-        KlEstimator::LowVarK3,
-    ] {
-        // |d| < 2: inside LowVarK3's clamps, where it is k3.
-        let logp: Vec<f32> = (0..n).map(|_| rng.range(-4.0, -0.5) as f32).collect();
-        let ref_logp: Vec<f32> = logp.iter().map(|&l| l + rng.range(-1.5, 1.5) as f32).collect();
-        let w: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        let (lv, rv) = (var(&logp, &[n]), var(&ref_logp, &[n]));
-        let wt = Tensor::new(w.as_slice(), &CPU).unwrap();
-        let kl = kl_divergence(&lv, &rv, est).unwrap();
-        let grads = kl.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
-
-        let objective = |lp: &[f64], rf: &[f64]| -> f64 {
-            (0..n).map(|t| w[t] as f64 * kl_ref(est, rf[t] - lp[t])).sum()
-        };
-        let (lp64, rf64) = (f64s(&logp), f64s(&ref_logp));
-        let want_logp = finite_diff(&lp64, 1e-6, |x| objective(x, &rf64));
-        let want_ref = finite_diff(&rf64, 1e-6, |x| objective(&lp64, x));
-        let got_logp = to32(grads.get(&lv).unwrap());
-        let got_ref = to32(grads.get(&rv).unwrap());
-        assert_close(&format!("dkl/dlogp {est:?}"), &got_logp, &want_logp, 1e-5, 1e-4);
-        assert_close(&format!("dkl/dref {est:?}"), &got_ref, &want_ref, 1e-5, 1e-4);
-    }
-}
-
-#[test]
-fn policy_loss_gradient_matches_finite_differences() {
-    let mut rng = Rng::new(22);
-    let (s, t) = (3usize, 5usize);
-    let n = s * t;
-    let logp: Vec<f32> = (0..n).map(|_| rng.range(-3.0, -0.5) as f32).collect();
-    // Log-ratios spread across both clip bounds (ln 0.8 = -0.22, ln 1.28 =
-    // 0.25), none within 0.02 of a kink where finite differences straddle it.
-    let old: Vec<f32> = logp
-        .iter()
-        .map(|&l| {
-            let bounds = [0.8f64.ln(), 1.28f64.ln()];
-            let mut r = rng.range(-0.5, 0.5);
-            while bounds.iter().any(|b| (r - b).abs() < 0.02) {
-                r = rng.range(-0.5, 0.5);
-            }
-            l - r as f32
-        })
-        .collect();
-    let ref_logp: Vec<f32> = logp.iter().map(|&l| l + rng.range(-0.3, 0.3) as f32).collect();
-    let adv: Vec<f32> = vec![1.3, -0.7, 0.4];
-    let mask: Vec<u8> = (0..n).map(|i| (i % 7 != 3) as u8).collect();
-    let w: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-    let cfg = PolicyLossConfig {
-        eps_low: 0.2,
-        eps_high: 0.28,
-        beta: 0.04,
-        kl: KlEstimator::K3,
-        ..PolicyLossConfig::default()
+fn nn_norms_reject_bad_eps_weights_and_dtypes_with_typed_errors() {
+    use candle_core::Module;
+    use grpo_kernels::candle::nn::{layer_normalize, rms_normalize, LayerNorm, RmsNorm};
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let x = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
+    let (w, b) = (
+        Tensor::ones(4, DType::F32, &dev).unwrap(),
+        Tensor::zeros(4, DType::F32, &dev).unwrap(),
+    );
+    let bad_eps = |op, value| Error::InvalidParameter {
+        op,
+        name: "eps",
+        value,
+        expected: "finite and >= 0",
     };
-
-    let lv = var(&logp, &[s, t]);
-    let tensor = |x: &[f32]| Tensor::from_vec(x.to_vec(), (s, t), &CPU).unwrap();
-    let (old_t, ref_t, w_t) = (tensor(&old), tensor(&ref_logp), tensor(&w));
-    let adv_t = Tensor::new(adv.as_slice(), &CPU).unwrap();
-    let mask_t = Tensor::from_vec(mask.clone(), (s, t), &CPU).unwrap();
-    let inputs = PolicyLossTensors {
-        old_logp: Some(&old_t),
-        ref_logp: Some(&ref_t),
-        advantages: &adv_t,
-        mask: Some(&mask_t),
-        cu_seqlens: None,
-    };
-    let out = policy_loss(&lv, &inputs, &cfg).unwrap();
-    // The loss and a weighted sum of the per-token terms: both outputs' backward.
-    let objective = (&out.loss + out.per_token.mul(&w_t).unwrap().sum_all().unwrap()).unwrap();
-    let grads = objective.backward().unwrap();
-
-    // f64 reference: GRPO's clipped surrogate plus beta k3, sequence-mean of token-means.
-    let reference = |live: &[f64]| -> f64 {
-        let (lo, hi) = (1.0 - cfg.eps_low as f64, 1.0 + cfg.eps_high as f64);
-        let mut total = 0.0;
-        for (q, &a) in adv.iter().enumerate() {
-            let a = a as f64;
-            let act: Vec<usize> = (q * t..(q + 1) * t).filter(|&i| mask[i] != 0).collect();
-            for &i in &act {
-                let r = (live[i] - old[i] as f64).exp();
-                let pg = -(r * a).min(r.clamp(lo, hi) * a);
-                let l = pg + cfg.beta as f64 * kl_ref(KlEstimator::K3, ref_logp[i] as f64 - live[i]);
-                total += l / (s as f64 * act.len() as f64) + w[i] as f64 * l;
-            }
+    // Both paths: fused (F32) and composed (F64).
+    for x in [x.clone(), x.to_dtype(DType::F64).unwrap()] {
+        for eps in [-1e-6, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_typed_error(rms_normalize(&x, eps), bad_eps("rms_normalize", eps));
+            assert_typed_error(layer_normalize(&x, eps), bad_eps("layer_normalize", eps));
         }
-        total
+        assert!(rms_normalize(&x, 0.0).is_ok() && layer_normalize(&x, 0.0).is_ok());
+    }
+    let norm = LayerNorm::new(w.clone(), Some(b.clone()), -1.0);
+    assert_typed_error(norm.forward(&x), bad_eps("layer_normalize", -1.0));
+    assert_typed_error(
+        RmsNorm::new(w.clone(), f64::NAN).forward(&x),
+        bad_eps("rms_normalize", f64::NAN),
+    );
+
+    // A weight or bias must hold one value per column: a [1] tensor would
+    // broadcast silently, a [2, 4] one stack the rows.
+    let shape = |op, what, got| Error::ShapeMismatch {
+        op,
+        what,
+        expected: 4,
+        got,
     };
-    let want = finite_diff(&f64s(&logp), 1e-6, reference);
-    assert_close(
-        "policy loss dlogp",
-        &to32(grads.get(&lv).unwrap()),
-        &want,
-        1e-5,
-        1e-4,
+    let one = Tensor::ones(1, DType::F32, &dev).unwrap();
+    let two_rows = Tensor::ones((2, 4), DType::F32, &dev).unwrap();
+    let ln = |w: &Tensor, b: Option<&Tensor>| LayerNorm::new(w.clone(), b.cloned(), 1e-6).forward(&x);
+    assert_typed_error(ln(&one, Some(&b)), shape("layer_norm", "weight", 1));
+    assert_typed_error(ln(&w, Some(&two_rows)), shape("layer_norm", "bias", 8));
+    assert_typed_error(
+        RmsNorm::new(two_rows.clone(), 1e-6).forward(&x),
+        shape("rms_norm", "weight", 8),
+    );
+    // [4, 1] is still one value per column.
+    let column = w.reshape((4, 1)).unwrap();
+    assert_eq!(
+        to32(&ln(&column, Some(&b)).unwrap()),
+        to32(&ln(&w, Some(&b)).unwrap())
+    );
+
+    // Integer input would round the normalized values back to integers.
+    let ids = Tensor::ones((2, 4), DType::U32, &dev).unwrap();
+    for (op, r) in [
+        ("rms_normalize", rms_normalize(&ids, 1e-6)),
+        ("layer_normalize", layer_normalize(&ids, 1e-6)),
+    ] {
+        let reason = "`x` must be F32, F64, BF16 or F16, got U32".to_string();
+        assert_typed_error(r, Error::Unsupported { op, reason });
+    }
+}
+
+#[test]
+fn rope_rejects_odd_dims_and_tables_of_the_wrong_width() {
+    use grpo_kernels::candle::nn::{rope, rope_tables};
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let (cos, sin) = rope_tables(3, 6, 10_000.0, &dev).unwrap();
+    let x = Tensor::ones((1, 2, 3, 6), DType::F32, &dev).unwrap();
+    assert!(rope(&x, &cos, &sin).is_ok());
+    // An odd dimension: the last column has no partner.
+    let odd = Tensor::ones((1, 2, 3, 7), DType::F32, &dev).unwrap();
+    assert_typed_error(
+        rope(&odd, &cos, &sin),
+        Error::InvalidParameter {
+            op: "rope",
+            name: "dim",
+            value: 7.0,
+            expected: "even (x's last dimension)",
+        },
+    );
+    // Tables as wide as x (transformers' `cat(freqs, freqs)` layout) or too narrow.
+    let wide = Tensor::cat(&[&cos, &cos], 1).unwrap();
+    let mismatch = |what, got| Error::ShapeMismatch {
+        op: "rope",
+        what,
+        expected: 3,
+        got,
+    };
+    assert_typed_error(rope(&x, &wide, &sin), mismatch("cos's last dimension", 6));
+    assert_typed_error(
+        rope(&x, &cos, &sin.narrow(1, 0, 2).unwrap()),
+        mismatch("sin's last dimension", 2),
     );
 }
 
 #[test]
-fn fused_linear_gradients_match_finite_differences() {
-    let mut rng = Rng::new(23);
-    let (b, t, h, v) = (2usize, 3usize, 4usize, 7usize);
-    let n = b * t;
-    let hidden: Vec<f32> = (0..n * h).map(|_| rng.normal() as f32).collect();
-    let weight: Vec<f32> = (0..v * h).map(|_| (rng.normal() * 0.8) as f32).collect();
-    let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
-    let mask: Vec<u8> = (0..n).map(|i| (i != 4) as u8).collect();
-    let w: Vec<[f32; 3]> = (0..n)
-        .map(|_| [rng.normal() as f32, rng.normal() as f32, rng.normal() as f32])
-        .collect();
-    let temp = 0.8f32;
-    // Chunks smaller than the problem, so tiles and row chunks are exercised.
-    let cfg = FusedLinearConfig {
-        logprob: LogProbConfig {
-            temperature: temp,
-            entropy: true,
-            ignore_index: None,
-        },
-        chunk_rows: 4,
-        chunk_vocab: 3,
+fn rope_tables_reject_bad_theta_odd_dims_and_unrepresentable_lengths() {
+    use grpo_kernels::candle::nn::rope_tables;
+    use grpo_kernels::Error;
+    let dev = Device::Cpu;
+    let bad = |name, value, expected| Error::InvalidParameter {
+        op: "rope_tables",
+        name,
+        value,
+        expected,
     };
-    let (hv, wv) = (var(&hidden, &[b, t, h]), var(&weight, &[v, h]));
-    let targets_t = Tensor::from_vec(targets.clone(), (b, t), &CPU).unwrap();
-    let mask_t = Tensor::from_vec(mask.clone(), (b, t), &CPU).unwrap();
-    let out = fused_linear_logprobs(&hv, &wv, &targets_t, Some(&mask_t), &cfg).unwrap();
-    let wk = |k: usize| Tensor::from_vec(w.iter().map(|x| x[k]).collect::<Vec<_>>(), (b, t), &CPU).unwrap();
-    let objective = (out.logp.mul(&wk(0)).unwrap() + out.entropy.unwrap().mul(&wk(1)).unwrap())
-        .unwrap()
-        .add(&out.lse.mul(&wk(2)).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let grads = objective.backward().unwrap();
-
-    let reference = |hd: &[f64], wt: &[f64]| -> f64 {
-        let logits: Vec<f64> = (0..n)
-            .flat_map(|i| (0..v).map(move |j| (0..h).map(|k| hd[i * h + k] * wt[j * h + k]).sum::<f64>()))
-            .collect();
-        let tgt: Vec<usize> = targets.iter().map(|&x| x as usize).collect();
-        logprob_rows(&logits, &tgt, v, temp as f64)
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| mask[*i] != 0)
-            .map(|(i, o)| w[i][0] as f64 * o.0 + w[i][1] as f64 * o.1 + w[i][2] as f64 * o.2)
-            .sum()
-    };
-    let (h64, w64) = (f64s(&hidden), f64s(&weight));
-    let want_h = finite_diff(&h64, 1e-6, |x| reference(x, &w64));
-    let want_w = finite_diff(&w64, 1e-6, |x| reference(&h64, x));
-    let got_h = to32(&grads.get(&hv).unwrap().to_dtype(DType::F32).unwrap());
-    let got_w = to32(grads.get(&wv).unwrap());
-    assert_close("fused linear dhidden", &got_h, &want_h, 2e-5, 2e-4);
-    assert_close("fused linear dweight", &got_w, &want_w, 2e-5, 2e-4);
-    // The masked row's hidden state gets exactly zero gradient.
-    assert!(got_h[4 * h..5 * h].iter().all(|&x| x == 0.0));
+    for theta in [0.0, -10.0, f64::NAN, f64::INFINITY] {
+        assert_typed_error(
+            rope_tables(4, 8, theta, &dev),
+            bad("theta", theta, "finite and > 0"),
+        );
+    }
+    assert_typed_error(rope_tables(4, 7, 1e4, &dev), bad("dim", 7.0, "even"));
+    // Positions are u32 ids: one more would have wrapped to a shorter table.
+    let seq = u32::MAX as usize + 1;
+    assert_typed_error(
+        rope_tables(seq, 8, 1e4, &dev),
+        bad("seq", seq as f64, "at most u32::MAX"),
+    );
 }
 
 /// Rows of `d` values each; `f` maps one f64 row to its output row.

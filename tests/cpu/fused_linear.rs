@@ -4,10 +4,8 @@
 //! the chain rule through token_logprobs_backward; independence from the
 //! chunk sizes; masked rows; every bad input.
 
-mod common;
-
-use common::reference::logprob_rows;
-use common::{assert_close, finite_diff, widen, Rng};
+use crate::common::reference::logprob_rows;
+use crate::common::{assert_close, finite_diff, widen, Rng};
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, token_logprobs, token_logprobs_backward, DType,
     Error, Float, FusedLinearConfig, LinearGrads, LinearRows, LogProbConfig, LogProbGrads, LogProbSaved,

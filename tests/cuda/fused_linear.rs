@@ -4,10 +4,8 @@
 //! NaN-poisoned memory pool, and the status word for bad data.
 #![cfg(feature = "cuda")]
 
-mod common;
-
-use common::gpu::{down, gpu, poison_pool, sized, up};
-use common::{assert_close, assert_close_rows, assert_within, Rng};
+use crate::common::gpu::{down, gpu, poison_pool, sized, up};
+use crate::common::{assert_close, assert_close_rows, assert_within, Rng};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, DType, DeviceFault, Error, FusedLinearConfig,
@@ -324,10 +322,7 @@ fn check<T: GpuFloat>(gpu: &Gpu, c: Case, seed: u64) {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn fused_linear_matches_cpu_f32() {
     let gpu = gpu();
     for (i, c) in cases().into_iter().enumerate() {
@@ -336,10 +331,7 @@ fn fused_linear_matches_cpu_f32() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn fused_linear_matches_cpu_half() {
     let gpu = gpu();
     for (i, c) in cases().into_iter().enumerate() {
@@ -349,10 +341,7 @@ fn fused_linear_matches_cpu_half() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn bad_rows_are_reported_by_index() {
     let gpu = gpu();
     let (n, h, v) = (6, 8, 50);

@@ -1,9 +1,9 @@
-//! Policy loss (with a k3 KL penalty), KL estimators and group advantages on
-//! the CPU, each beside a naive single-threaded version of the same op
-//! written plainly here, so the speedup reads as a ratio.
-//!
-//! Sizes: 128 sequences x 2048 tokens (N = 262144) for the loss and KL; 256
-//! rewards (R1-SGG's 32 prompts x 8) and 1M rewards (G = 8) for advantages.
+//! The clipped policy loss (with a k3 KL penalty) on the CPU beside a naive
+//! single-threaded version of the same op written plainly here, so the
+//! speedup reads as a ratio, and on CUDA (the loss, and the whole GRPO loss
+//! step from logits). Size: 128 sequences x 2048 tokens (N = 262144). The KL
+//! estimators and group advantages have their own benches (`kl.rs`,
+//! `advantages.rs`).
 
 // The naive versions are plain index loops on purpose.
 #![allow(clippy::needless_range_loop)]
@@ -12,8 +12,7 @@ mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grpo_kernels::{
-    group_advantages, kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, Advantage,
-    AdvantageMode, KlEstimator, KlInputs, PolicyLossConfig, PolicyLossInputs, Rewards, SeqLayout,
+    policy_loss, policy_loss_backward, Advantage, KlEstimator, PolicyLossConfig, PolicyLossInputs, SeqLayout,
 };
 
 const SEQS: usize = 128;
@@ -156,98 +155,6 @@ fn bench_policy_loss(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("naive_backward_1thread", &id), |b| {
         b.iter(|| naive_policy_loss_backward(&logp, &old, &ref_logp, &adv, &mask, cfg.beta))
     });
-    g.finish();
-}
-
-fn bench_kl(c: &mut Criterion) {
-    if !util::selected("kl_k3") {
-        return;
-    }
-    let n = SEQS * SEQ_LEN;
-    let logp = util::uniforms(n, -4.0, -0.01, 6);
-    let ref_logp: Vec<f32> = logp
-        .iter()
-        .zip(util::uniforms(n, -0.5, 0.5, 7))
-        .map(|(l, d)| l + d)
-        .collect();
-    let grad = util::uniforms(n, -1.0, 1.0, 8);
-    let inputs = KlInputs::new(&logp, &ref_logp);
-    let est = KlEstimator::K3;
-    let naive_k3 = || -> Vec<f32> {
-        logp.iter()
-            .zip(&ref_logp)
-            .map(|(l, r)| {
-                let d = r - l;
-                d.exp() - d - 1.0
-            })
-            .collect()
-    };
-    let naive_k3_backward = || -> Vec<f32> {
-        logp.iter()
-            .zip(&ref_logp)
-            .zip(&grad)
-            .map(|((l, r), g)| g * (1.0 - (r - l).exp()))
-            .collect()
-    };
-    let mut g = c.benchmark_group("kl_k3");
-    g.throughput(Throughput::Elements(n as u64));
-    g.bench_function(BenchmarkId::new("forward", n), |b| {
-        b.iter(|| kl_divergence(&inputs, est).unwrap())
-    });
-    g.bench_function(BenchmarkId::new("naive_forward_1thread", n), |b| b.iter(naive_k3));
-    g.bench_function(BenchmarkId::new("backward", n), |b| {
-        b.iter(|| kl_divergence_backward(&inputs, est, &grad).unwrap())
-    });
-    g.bench_function(BenchmarkId::new("naive_backward_1thread", n), |b| {
-        b.iter(naive_k3_backward)
-    });
-    g.finish();
-}
-
-/// The op's outputs (advantages, rewards, group means and stds), plainly:
-/// per group, mean, unbiased std, normalize.
-fn naive_advantages(r: &[f32], g: usize) -> [Vec<f32>; 4] {
-    let (mut adv, mut means, mut stds) = (Vec::new(), Vec::new(), Vec::new());
-    for group in r.chunks(g) {
-        let mean = group.iter().map(|&x| x as f64).sum::<f64>() / g as f64;
-        let var = group.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (g - 1) as f64;
-        let std = if group.iter().all(|&x| x == group[0]) {
-            0.0
-        } else {
-            var.sqrt()
-        };
-        adv.extend(group.iter().map(|&x| {
-            if std == 0.0 {
-                0.0
-            } else {
-                ((x as f64 - mean) / (std + 1e-4)) as f32
-            }
-        }));
-        means.push(mean as f32);
-        stds.push(std as f32);
-    }
-    [adv, r.to_vec(), means, stds]
-}
-
-fn bench_advantages(c: &mut Criterion) {
-    if !util::selected("advantages_group_norm") {
-        return;
-    }
-    let g_size = 8;
-    let mut g = c.benchmark_group("advantages_group_norm");
-    for n in [256usize, 1 << 20] {
-        // Binary-ish rewards like R1-SGG's, with some flat groups.
-        let values: Vec<f32> = util::uniforms(n, 0.0, 3.0, 9).iter().map(|x| x.floor()).collect();
-        let rewards = Rewards::new(&values, g_size);
-        let mode = AdvantageMode::default();
-        g.throughput(Throughput::Elements(n as u64));
-        g.bench_function(BenchmarkId::new("ours", n), |b| {
-            b.iter(|| group_advantages(&rewards, mode).unwrap())
-        });
-        g.bench_function(BenchmarkId::new("naive_1thread", n), |b| {
-            b.iter(|| naive_advantages(&values, g_size))
-        });
-    }
     g.finish();
 }
 
@@ -401,5 +308,5 @@ fn bench_cuda(c: &mut Criterion) {
 #[cfg(not(feature = "cuda"))]
 fn bench_cuda(_: &mut Criterion) {}
 
-criterion_group!(benches, bench_policy_loss, bench_kl, bench_advantages, bench_cuda);
+criterion_group!(benches, bench_policy_loss, bench_cuda);
 criterion_main!(benches);

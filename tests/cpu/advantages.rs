@@ -1,9 +1,7 @@
 //! Group advantages against an f64 reference for every mode, degenerate
 //! groups, properties, token broadcasting, and every bad input.
 
-mod common;
-
-use common::{assert_close, widen, Rng, ADVANTAGE_MODES};
+use crate::common::{assert_close, widen, Rng, ADVANTAGE_MODES};
 use grpo_kernels::{broadcast_to_tokens, group_advantages, AdvantageMode, Error, Rewards, SeqLayout};
 use proptest::prelude::*;
 

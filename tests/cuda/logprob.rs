@@ -3,10 +3,8 @@
 //! the status word for bad data.
 #![cfg(feature = "cuda")]
 
-mod common;
-
-use common::gpu::{down, gpu, poisoned, sized, up};
-use common::{assert_close, assert_close_rows, softmax_row_atol, Rng};
+use crate::common::gpu::{down, gpu, poisoned, sized, up};
+use crate::common::{assert_close, assert_close_rows, softmax_row_atol, Rng};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat, LogProbsOut};
 use grpo_kernels::{
     token_logprobs, token_logprobs_backward, DeviceFault, Error, LogProbConfig, LogProbGrads, LogProbSaved,
@@ -191,10 +189,7 @@ fn cases() -> Vec<Case> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn logprobs_match_cpu_f32() {
     let gpu = gpu();
     for (i, case) in cases().iter().enumerate() {
@@ -203,10 +198,7 @@ fn logprobs_match_cpu_f32() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn logprobs_match_cpu_bf16() {
     let gpu = gpu();
     for (i, case) in cases().iter().enumerate() {
@@ -215,10 +207,7 @@ fn logprobs_match_cpu_bf16() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn logprobs_match_cpu_f16() {
     let gpu = gpu();
     for (i, case) in cases().iter().take(6).enumerate() {
@@ -227,17 +216,18 @@ fn logprobs_match_cpu_f16() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn random_row_counts_match_cpu() {
     let gpu = gpu();
     let mut rng = Rng::new(77);
-    let runs = if common::gpu::sanitizer() { 2 } else { 12 };
+    let runs = if crate::common::gpu::sanitizer() { 2 } else { 12 };
     for i in 0..runs {
         let case = Case {
-            rows: 1 + rng.below(if common::gpu::sanitizer() { 256 } else { 16_384 }),
+            rows: 1 + rng.below(if crate::common::gpu::sanitizer() {
+                256
+            } else {
+                16_384
+            }),
             vocab: 1 + rng.below(5_000),
             temperature: rng.range(0.3, 2.0) as f32,
             entropy: true,
@@ -248,10 +238,7 @@ fn random_row_counts_match_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn bad_data_is_reported_and_poisons_only_its_row() {
     let gpu = gpu();
     let vocab = 1000;

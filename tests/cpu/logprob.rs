@@ -1,10 +1,8 @@
 //! Token log-probs on the CPU against an independent f64 reference, the
 //! backward against finite differences, properties, and every bad input.
 
-mod common;
-
-use common::reference::logprob_rows as reference;
-use common::{assert_close, assert_close_rows, finite_diff, softmax_row_atol, widen, Rng};
+use crate::common::reference::logprob_rows as reference;
+use crate::common::{assert_close, assert_close_rows, finite_diff, softmax_row_atol, widen, Rng};
 use grpo_kernels::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, Error, Float, LogProbConfig,
     LogProbGrads, LogitRows,

@@ -3,11 +3,9 @@
 //! option, padded and packed; the backward against finite differences;
 //! properties; and every bad input.
 
-mod common;
-
 use std::ops::Range;
 
-use common::{assert_close, widen, Rng};
+use crate::common::{assert_close, widen, Rng};
 use grpo_kernels::{
     broadcast_to_tokens, policy_loss, policy_loss_backward, Advantage, Aggregation, Error, ImportanceLevel,
     KlEstimator, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, SeqLayout,

@@ -3,10 +3,8 @@
 //! both), a NaN-poisoned memory pool, and the status word for bad data.
 #![cfg(feature = "cuda")]
 
-mod common;
-
-use common::gpu::{down, gpu, poison_pool, up};
-use common::{assert_close, Rng, ADVANTAGE_MODES};
+use crate::common::gpu::{down, gpu, poison_pool, up};
+use crate::common::{assert_close, Rng, ADVANTAGE_MODES};
 use grpo_kernels::cuda::{self, Device};
 use grpo_kernels::{
     broadcast_to_tokens, group_advantages, AdvantageMode, DeviceFault, Error, Rewards, SeqLayout,
@@ -38,10 +36,7 @@ fn rewards(rng: &mut Rng, k: usize, p: usize, g: usize) -> Vec<f32> {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn advantages_match_cpu() {
     let gpu = gpu();
     let mut rng = Rng::new(11);
@@ -100,10 +95,7 @@ fn advantages_match_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn broadcast_matches_cpu() {
     let gpu = gpu();
     let mut rng = Rng::new(12);
@@ -134,10 +126,7 @@ fn broadcast_matches_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn bad_data_is_reported() {
     let gpu = gpu();
     // A NaN reward: named by its index in `values`; its group is NaN.

@@ -1,10 +1,7 @@
 //! KL estimators against an f64 reference, the backward against finite
 //! differences, verl's clamps, properties, and every bad input.
 
-mod common;
-
-use common::{assert_close, finite_diff, widen, Rng};
-use grpo_kernels::ops::math;
+use crate::common::{assert_close, finite_diff, widen, Rng};
 use grpo_kernels::{kl_divergence, kl_divergence_backward, Error, KlEstimator, KlInputs};
 use proptest::prelude::*;
 
@@ -147,12 +144,8 @@ proptest! {
             let dlogp = kl_divergence_backward(&input, est, &grad).unwrap();
             for i in 0..n {
                 let d = ref_logp[i] - logp[i];
-                // The multiply-add of the copy the kernel dispatched to.
-                let (v, g) = if math::has_avx2_fma() {
-                    (est.value::<math::Fused>(d), est.grad_logp::<math::Fused>(d))
-                } else {
-                    (est.value::<math::Baseline>(d), est.grad_logp::<math::Baseline>(d))
-                };
+                // With the multiply-add of the copy the kernel dispatched to.
+                let (v, g) = (est.value(d), est.grad_logp(d));
                 prop_assert_eq!(value[i], v);
                 prop_assert_eq!(dlogp[i], g);
                 match est {

@@ -6,8 +6,6 @@
 //! Never a panic, never a NaN or infinity handed back as a result. With
 //! feature `candle`, the candle ops and their backward too.
 
-mod common;
-
 use grpo_kernels::{
     broadcast_to_tokens, fused_linear_logprobs, fused_linear_logprobs_backward, group_advantages,
     kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, sample, token_logprobs,

@@ -3,11 +3,9 @@
 //! reference, for every output and dtype.
 #![cfg(feature = "candle")]
 
-mod common;
-
+use crate::common::reference::logprob_rows;
+use crate::common::{assert_close, finite_diff, widen, Rng};
 use candle_core::{DType, Device, Tensor, Var};
-use common::reference::logprob_rows;
-use common::{assert_close, finite_diff, widen, Rng};
 use grpo_kernels::candle::token_logprobs;
 use grpo_kernels::{token_logprobs as raw, LogProbConfig, LogitRows};
 

@@ -2,19 +2,14 @@
 //! values and gradients through candle's autograd (feature `candle-cuda`).
 #![cfg(feature = "candle-cuda")]
 
-mod common;
-
+use crate::common::tensors::{to32, to64};
+use crate::common::{assert_close, Rng};
 use candle_core::{DType, Device, Tensor, Var};
-use common::tensors::{to32, to64};
-use common::{assert_close, Rng};
 use grpo_kernels::candle::token_logprobs;
 use grpo_kernels::LogProbConfig;
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn token_logprobs_on_cuda_equal_cpu_with_gradients() {
     let cuda = Device::new_cuda(0).expect("a CUDA device");
     let mut rng = Rng::new(21);
@@ -74,10 +69,7 @@ fn token_logprobs_on_cuda_equal_cpu_with_gradients() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn policy_loss_and_sampling_on_cuda_equal_cpu() {
     use grpo_kernels::candle::{policy_loss, sample, PolicyLossTensors};
     use grpo_kernels::{Aggregation, KlEstimator, PolicyLossConfig, SamplingConfig};
@@ -160,10 +152,7 @@ fn policy_loss_and_sampling_on_cuda_equal_cpu() {
 }
 
 #[test]
-#[cfg_attr(
-    not(gpu_tests),
-    ignore = "needs a CUDA GPU (build with GK_GPU_TESTS=1 on a GPU machine)"
-)]
+#[ignore = "needs a CUDA device"]
 fn fused_linear_kl_and_advantages_on_cuda_equal_cpu() {
     use grpo_kernels::candle::{fused_linear_logprobs, group_advantages, kl_divergence};
     use grpo_kernels::{AdvantageMode, FusedLinearConfig, KlEstimator};

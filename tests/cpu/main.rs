@@ -1,0 +1,22 @@
+//! The CPU ops, one module per op family (as `src/ops/`), plus the two
+//! suites that run every family: `bad_input` (each kind of bad call gives its
+//! typed error) and `extreme_inputs` (random finite inputs of extreme
+//! magnitude give a typed error or finite outputs). Those two also run each
+//! case through the candle ops, in their `candle` submodules, because the
+//! point of both is one outcome on both paths from one table of cases.
+//!
+//! `tests/simd_level.rs` is a binary of its own: it caps the instruction set
+//! process-wide, which would change the bits other tests here compute.
+//! Layout: `tests/README.md`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod advantages;
+mod bad_input;
+mod extreme_inputs;
+mod fused_linear;
+mod kl;
+mod logprob;
+mod policy_loss;
+mod sampling;
