@@ -12,6 +12,7 @@
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
 //! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
 //! | fused linear log-probs: the same from hidden states and the LM head, without `[N, V]` logits | [`ops::fused_linear`] |
+//! | fused LM head + GRPO loss: loss, statistics and `dh`, `dW` from hidden states in one pass (three matrix products) | [`ops::fused_linear_loss`] |
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -34,6 +35,7 @@ pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, 
 pub use ops::fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
 };
+pub use ops::fused_linear_loss::{fused_linear_policy_loss, FusedLossConfig, LinearLoss, LinearLossInputs};
 pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{

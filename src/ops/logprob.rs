@@ -418,6 +418,19 @@ pub(crate) struct RowGrad {
 }
 
 impl RowGrad {
+    /// The constants of an active row whose only upstream gradient is `g`,
+    /// that of its log-prob (`c = -g`): `dz_j = g (1[j=y] - p_j) / T`.
+    pub(crate) fn logp_only(target: usize, inv_t: f32, lse: f32, g: f32) -> Self {
+        Self {
+            target: Some(target),
+            inv_t,
+            lse,
+            g,
+            g_h: 0.0,
+            c: -g,
+        }
+    }
+
     /// Turns a block of this row's scaled logits, columns
     /// `start..start + block.len()`, into their gradient.
     #[inline]
