@@ -35,7 +35,10 @@ pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, 
 pub use ops::fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
 };
-pub use ops::fused_linear_loss::{fused_linear_policy_loss, FusedLossConfig, LinearLoss, LinearLossInputs};
+pub use ops::fused_linear_loss::{
+    fused_linear_policy_loss, fused_linear_policy_loss_into, FusedLossConfig, LinearLoss, LinearLossInputs,
+    LinearLossOut,
+};
 pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{

@@ -109,13 +109,15 @@ pub fn fused_linear_policy_loss(
             seq_len: shape.dims()[1],
         },
         (1, Some(cu)) => Sequences::Packed(capture(cu, "cu_seqlens", DType::U32)?),
-        (r, cu) => return Err(wrap(Error::Unsupported {
-            op: OP,
-            reason: format!(
+        (r, cu) => {
+            return Err(wrap(Error::Unsupported {
+                op: OP,
+                reason: format!(
                 "targets must be [S, T] (padded) or [N] with cu_seqlens (packed); got rank {r} {} cu_seqlens",
                 if cu.is_some() { "with" } else { "without" }
             ),
-        })),
+            }))
+        }
     };
     let mut named = vec![
         ("weight", weight),

@@ -284,11 +284,71 @@ impl<T: Float> LinearLoss<T> {
     }
 }
 
+/// Where [`fused_linear_policy_loss_into`] writes: caller-provided buffers
+/// of the lengths [`LinearLoss`] has (the shape of the CUDA side's
+/// `LogProbsOut` / `LinearGradsOut`). Every element is written, so they
+/// need not be zeroed; after an error their contents are unspecified.
+pub struct LinearLossOut<'a, T> {
+    /// `[N]` log-probs.
+    pub logp: &'a mut [f32],
+    /// `[N]` entropies, exactly when `cfg.logprob.entropy`.
+    pub entropy: Option<&'a mut [f32]>,
+    /// `[N]` per-token losses `m_t l_t`.
+    pub per_token: &'a mut [f32],
+    /// `[PolicyLossStats::SUMMARY_LEN]` loss and statistics.
+    pub summary: &'a mut [f32],
+    /// `[N, H]` gradient of the loss with respect to the hidden states.
+    pub dhidden: &'a mut [T],
+    /// `[V, H]` gradient with respect to the weight.
+    pub dweight: &'a mut [T],
+    /// `[V]` gradient with respect to the bias, exactly when there is one.
+    pub dbias: Option<&'a mut [T]>,
+}
+
+impl<T> LinearLossOut<'_, T> {
+    fn validate(&self, shape: LinearShape, entropy: bool, has_bias: bool) -> Result<()> {
+        let (n, h, v) = (shape.rows, shape.hidden, shape.vocab);
+        check::len(OP, "logp (output)", n, self.logp.len())?;
+        check::len(OP, "per_token (output)", n, self.per_token.len())?;
+        check::len(
+            OP,
+            "summary (output)",
+            PolicyLossStats::SUMMARY_LEN,
+            self.summary.len(),
+        )?;
+        check::len(OP, "dhidden (output)", n * h, self.dhidden.len())?;
+        check::len(OP, "dweight (output)", v * h, self.dweight.len())?;
+        match (&self.entropy, entropy) {
+            (Some(e), true) => check::len(OP, "entropy (output)", n, e.len())?,
+            (None, false) => {}
+            _ => {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    reason: "an entropy output buffer is given exactly when `logprob.entropy` is set".into(),
+                })
+            }
+        }
+        match (&self.dbias, has_bias) {
+            (Some(b), true) => check::len(OP, "dbias (output)", v, b.len()),
+            (None, false) => Ok(()),
+            _ => Err(Error::Unsupported {
+                op: OP,
+                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
+            }),
+        }
+    }
+}
+
 /// The GRPO policy loss of an LM head's log-probs, its statistics and its
 /// gradients `dh`, `dW` (`db`), in one pass of three matrix products (see
 /// the [module docs](self) for the math and the chunking). Equal, up to
 /// rounding, to `policy_loss` on `fused_linear_logprobs`' log-probs, with
 /// `policy_loss_backward` chained into `fused_linear_logprobs_backward`.
+///
+/// Allocates its outputs (`dW` is the size of the weight); the working
+/// buffers, the `chunk_rows x V` logits among them, are kept per thread
+/// from call to call, so a training loop's steady state maps no new
+/// memory for them. [`fused_linear_policy_loss_into`] also reuses the outputs.
 ///
 /// Errors: those of [`crate::fused_linear_logprobs`] and [`crate::policy_loss`]
 /// (lengths, layout, parameters, targets, non-finite inputs and results),
@@ -298,10 +358,90 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
     inputs: &LinearLossInputs<'_, T, I>,
     cfg: &FusedLossConfig,
 ) -> Result<LinearLoss<T>> {
+    let (shape, _) = inputs.validate(OP, cfg)?;
+    let (n, h, v) = (shape.rows, shape.hidden, shape.vocab);
+    // Sized by the inputs; refused rather than aborting when they cannot be allocated.
+    let uninit = |len: usize, what| -> Result<Vec<f32>> {
+        let mut x = check::with_capacity(OP, what, len)?;
+        x.resize(len, 0.0);
+        Ok(x)
+    };
+    let grad = |len: usize, what| -> Result<Vec<T>> {
+        let mut x = check::with_capacity(OP, what, len)?;
+        x.resize(len, T::default());
+        Ok(x)
+    };
+    let mut out = LinearLoss {
+        logp: uninit(n, "logp")?,
+        entropy: cfg.logprob.entropy.then(|| uninit(n, "entropy")).transpose()?,
+        per_token: uninit(n, "per_token")?,
+        summary: vec![0.0; PolicyLossStats::SUMMARY_LEN],
+        grads: LinearGrads {
+            hidden: grad(n * h, "dhidden")?,
+            weight: grad(v * h, "dweight")?,
+            bias: inputs.rows.bias.map(|_| grad(v, "dbias")).transpose()?,
+        },
+    };
+    fused_linear_policy_loss_into(
+        inputs,
+        cfg,
+        &mut LinearLossOut {
+            logp: &mut out.logp,
+            entropy: out.entropy.as_deref_mut(),
+            per_token: &mut out.per_token,
+            summary: &mut out.summary,
+            dhidden: &mut out.grads.hidden,
+            dweight: &mut out.grads.weight,
+            dbias: out.grads.bias.as_deref_mut(),
+        },
+    )?;
+    Ok(out)
+}
+
+/// The working buffers of one call, kept per thread between calls.
+#[derive(Default)]
+struct Workspace {
+    buf: Buffers,
+    /// `[chunk_rows, V]`: a row chunk's logits, then their gradient.
+    logits: Vec<f32>,
+    d_hidden: Vec<f32>,
+    d_weight: Vec<f32>,
+    d_bias: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: std::cell::Cell<Option<Box<Workspace>>> = const { std::cell::Cell::new(None) };
+}
+
+/// [`fused_linear_policy_loss`] into caller-provided buffers: with them
+/// reused, a steady-state loop allocates nothing (the working buffers are
+/// kept per thread). Errors: those of the allocating form, and output
+/// buffers of the wrong lengths (or an entropy / dbias buffer given
+/// without, or missing with, `logprob.entropy` / a bias).
+pub fn fused_linear_policy_loss_into<T: Float, I: TokenId>(
+    inputs: &LinearLossInputs<'_, T, I>,
+    cfg: &FusedLossConfig,
+    out: &mut LinearLossOut<'_, T>,
+) -> Result<()> {
+    // Taken out of the thread's slot for the call (a nested or failed call
+    // simply starts from an empty one), put back after.
+    let mut ws = WORKSPACE.with(|w| w.take()).unwrap_or_default();
+    let result = run(inputs, cfg, out, &mut ws);
+    WORKSPACE.with(|w| w.set(Some(ws)));
+    result
+}
+
+fn run<T: Float, I: TokenId>(
+    inputs: &LinearLossInputs<'_, T, I>,
+    cfg: &FusedLossConfig,
+    out: &mut LinearLossOut<'_, T>,
+    ws: &mut Workspace,
+) -> Result<()> {
     let (shape, seqs) = inputs.validate(OP, cfg)?;
     let n = shape.rows;
-    inputs.layout.validate(OP, n)?;
     let rows = &inputs.rows;
+    out.validate(shape, cfg.logprob.entropy, rows.bias.is_some())?;
+    inputs.layout.validate(OP, n)?;
     let targets = active_rows(OP, rows.targets, rows.mask, shape.vocab, &cfg.logprob)?;
     let ranges: Vec<Range<usize>> = inputs.layout.ranges().collect();
     let (tokens, scale) = token_weights(&ranges, &targets, seqs, cfg.loss.aggregation);
@@ -317,27 +457,38 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
     let head = Head::new(rows, shape, &lin);
     let (h, vocab) = (shape.hidden, shape.vocab);
     let inv_t = 1.0 / cfg.logprob.temperature;
-    let mut out: LinearLoss<T> = LinearLoss {
-        logp: vec![0.0f32; n],
-        entropy: cfg.logprob.entropy.then(|| vec![0.0f32; n]),
-        per_token: vec![0.0f32; n],
-        summary: Vec::new(),
-        grads: LinearGrads {
-            hidden: vec![T::default(); n * h],
-            weight: vec![T::default(); vocab * h],
-            bias: rows.bias.map(|_| vec![T::default(); vocab]),
-        },
-    };
+    // Per-row outputs and the gradients of skipped rows are 0; dW and db
+    // are written in full by the first row chunk (or zeroed if none).
+    out.logp.fill(0.0);
+    out.per_token.fill(0.0);
+    if let Some(e) = &mut out.entropy {
+        e.fill(0.0);
+    }
+    for (i, t) in targets.iter().enumerate() {
+        if t.is_none() {
+            out.dhidden[i * h..(i + 1) * h].fill(T::default());
+        }
+    }
+    if active.is_empty() {
+        out.dweight.fill(T::default());
+        if let Some(b) = &mut out.dbias {
+            b.fill(T::default());
+        }
+    }
     let mut sums = Sums::default();
-    let mut buf = Buffers::default();
-    let mut logits: Vec<f32> = Vec::new();
+    let Workspace {
+        buf,
+        logits,
+        d_hidden,
+        d_weight,
+        d_bias,
+    } = ws;
     let (mut states, mut target_logits, mut coefs) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut d_hidden, mut d_weight, mut d_bias) = (Vec::new(), Vec::new(), Vec::new());
     for (c, chunk) in active.chunks(cfg.chunk_rows).enumerate() {
         let n_rows = chunk.len();
         gather_rows(rows.hidden, h, chunk.iter().map(|&(i, _)| i), &mut buf.hidden);
         // Sized by the caller's chunk size, not by an input: it may not fit.
-        check::grow(OP, "logits tile", &mut logits, n_rows.saturating_mul(vocab), 0.0)?;
+        check::grow(OP, "logits tile", logits, n_rows.saturating_mul(vocab), 0.0)?;
         states.clear();
         states.resize(n_rows, SoftmaxState::EMPTY);
         target_logits.clear();
@@ -418,14 +569,14 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
             let dz = Mat::new(tile, n_rows, width);
             let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
             matmul(
-                &mut d_hidden,
+                d_hidden,
                 (k > 0).then_some(1.0),
                 1.0,
                 dz,
                 Mat::new(w_cols, width, h),
             );
-            let d_weight_cols = &mut out.grads.weight[cols.start * h..cols.end * h];
-            accumulate(d_weight_cols, &mut d_weight, first, |acc, add| {
+            let d_weight_cols = &mut out.dweight[cols.start * h..cols.end * h];
+            accumulate(d_weight_cols, d_weight, first, |acc, add| {
                 matmul(
                     acc,
                     add.then_some(1.0),
@@ -434,19 +585,19 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
                     Mat::new(&buf.hidden, n_rows, h),
                 )
             });
-            if let Some(bias) = &mut out.grads.bias {
-                accumulate(&mut bias[cols], &mut d_bias, first, |acc, add| {
+            if let Some(bias) = &mut out.dbias {
+                accumulate(&mut bias[cols], d_bias, first, |acc, add| {
                     column_sums(tile, width, acc, add)
                 });
             }
         }
         for (src, &(i, _)) in d_hidden.chunks(h).zip(chunk) {
-            T::store(src, &mut out.grads.hidden[i * h..(i + 1) * h]);
+            T::store(src, &mut out.dhidden[i * h..(i + 1) * h]);
         }
     }
-    finite_grad(OP, "dhidden", &out.grads.hidden)?;
-    finite_grad(OP, "dweight", &out.grads.weight)?;
-    if let Some(bias) = &out.grads.bias {
+    finite_grad(OP, "dhidden", out.dhidden)?;
+    finite_grad(OP, "dweight", out.dweight)?;
+    if let Some(bias) = &out.dbias {
         finite_grad(OP, "dbias", bias)?;
     }
     let stats = sums.stats(tokens);
@@ -457,8 +608,8 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
             index: 0,
         });
     }
-    out.summary = stats.to_summary().to_vec();
-    Ok(out)
+    out.summary.copy_from_slice(&stats.to_summary());
+    Ok(())
 }
 
 /// The masked-in token count `M` and each row's aggregation weight `w_i`
