@@ -46,7 +46,7 @@ fn case(packed: bool, dtype: DType, seed: u64) -> Case {
     let cfg = FusedLossConfig {
         logprob: LogProbConfig {
             temperature: 0.9,
-            entropy: seed % 2 == 0,
+            entropy: seed.is_multiple_of(2),
             ignore_index: None,
         },
         loss: PolicyLossConfig {

@@ -58,7 +58,7 @@ fn cases() -> Vec<Case> {
         chunk_rows,
         chunk_vocab,
         bias: i % 2 == 1,
-        packed: i % 2 == 0,
+        packed: i.is_multiple_of(2),
         per_token_adv: i % 3 == 1,
         aggregation: aggs[i % aggs.len()],
     })
@@ -92,7 +92,7 @@ fn check<T: GpuFloat + Into<f64>>(gpu: &Gpu, c: Case, seed: u64, tol: f64) {
     let cfg = FusedLossConfig {
         logprob: LogProbConfig {
             temperature: 0.9,
-            entropy: seed % 2 == 0,
+            entropy: seed.is_multiple_of(2),
             ignore_index: Some(IGNORE),
         },
         loss: PolicyLossConfig {
@@ -106,7 +106,7 @@ fn check<T: GpuFloat + Into<f64>>(gpu: &Gpu, c: Case, seed: u64, tol: f64) {
         chunk_vocab: c.chunk_vocab,
     };
     // Padded layouts need whole sequences.
-    let padded = !c.packed && n % seq_len == 0;
+    let padded = !c.packed && n.is_multiple_of(seq_len);
     let host_rows = LinearRows::new(&hidden, &weight, &targets, h).with_mask(&mask);
     let host_rows = if c.bias {
         host_rows.with_bias(&bias)

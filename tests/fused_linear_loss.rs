@@ -525,7 +525,7 @@ fn skipped_rows_are_never_read_and_get_zero_gradients() {
     while p.n < 4 {
         p = Problem::random(p.n as u64 + 1000, false);
     }
-    p.mask = Some((0..p.n).map(|i| (i % 2 == 0) as u8).collect());
+    p.mask = Some((0..p.n).map(|i| i.is_multiple_of(2) as u8).collect());
     let clean = p.run::<f32>().unwrap();
     for i in (0..p.n).filter(|i| i % 2 == 1) {
         p.hidden[i * p.h..(i + 1) * p.h].fill(f32::NAN);
