@@ -39,16 +39,19 @@ pub use ops::fused_linear_loss::{
     fused_linear_policy_loss, fused_linear_policy_loss_into, FusedLossConfig, LinearLoss, LinearLossInputs,
     LinearLossOut,
 };
-pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
+pub use ops::kl::{
+    kl_divergence, kl_divergence_backward, kl_divergence_backward_into, kl_divergence_into, KlEstimator,
+    KlInputs,
+};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
-    token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
-    LogProbSaved, LogProbs, LogitRows,
+    token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_backward_into,
+    token_logprobs_into, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogProbsOut, LogitRows,
 };
 pub use ops::math::{set_simd_level, simd_level, SimdLevel};
 pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::policy_loss::{
-    policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,
-    PolicyLossInputs, PolicyLossStats, TokenLoss,
+    policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into, Advantage, Aggregation,
+    ImportanceLevel, PolicyLoss, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, TokenLoss,
 };
 pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};
