@@ -58,7 +58,7 @@ pub struct FusedLossOutput {
 /// `hidden` is `[S, T, H]` (padded; `targets` `[S, T]`) or `[N, H]` with
 /// `inputs.cu_seqlens` (packed; `targets` `[N]`), `weight` `[V, H]` (no
 /// bias), both F32, BF16 or F16 of one dtype; `targets` U32 or I64; the
-/// other inputs as [`super::policy_loss`] takes them, shaped like `targets`
+/// other inputs as [`super::policy_loss()`] takes them, shaped like `targets`
 /// (`inputs.mask` also skips the rows of the LM head).
 ///
 /// ```

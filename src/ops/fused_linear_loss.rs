@@ -16,7 +16,7 @@
 //!
 //! The per-token loss and its derivative are [`PolicyLossConfig::token_loss`]
 //! itself, the function [`policy_loss`](crate::policy_loss) evaluates, and
-//! `dz` is the same [`RowGrad`] math as [`fused_linear_logprobs_backward`]:
+//! `dz` is the same row math (`RowGrad`) as [`fused_linear_logprobs_backward`]:
 //! the op shares both, so it computes what the two-call form
 //! (`fused_linear_logprobs`, `policy_loss`, `policy_loss_backward`,
 //! `fused_linear_logprobs_backward`) computes, in one pass.
