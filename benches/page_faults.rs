@@ -1,9 +1,9 @@
 //! Minor page faults and time per call of the CPU ops' allocating forms
 //! against their `_into` forms writing into reused buffers: KL k3 forward
-//! + backward (N = 262144 tokens), policy loss + k3 forward + backward
-//! (the same tokens, 1024 sequences), token log-probs forward + backward
-//! (256 x 32768 f32 logits). Faults come from `/proc/self/stat` (the
-//! `getrusage` minor-fault count); medians of interleaved rounds.
+//! and backward (N = 262144 tokens), policy loss with k3 forward and
+//! backward (the same tokens, 1024 sequences), token log-probs forward and
+//! backward (256 x 32768 f32 logits). Faults come from `/proc/self/stat`
+//! (the `getrusage` minor-fault count); medians of interleaved rounds.
 //!
 //! ```text
 //! cargo bench --bench page_faults -- [--rounds 20]
@@ -38,6 +38,9 @@ fn values(n: usize, seed: u32, offset: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// One measured call.
+type Case<'a> = Box<dyn FnMut() + 'a>;
 
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
@@ -82,7 +85,7 @@ fn main() {
     let (mut per_token, mut summary, mut dlogp) = (vec![0.0; n], vec![0.0; 8], vec![0.0; n]);
     let (mut lp, mut lse, mut dz) = (vec![0.0; rows], vec![0.0; rows], vec![0.0f32; rows * v]);
     let saved = token_logprobs(&lrows, &lcfg).unwrap();
-    let mut cases: Vec<(&str, Box<dyn FnMut()>)> = vec![
+    let mut cases: Vec<(&str, Case)> = vec![
         (
             "KL k3 fwd+bwd, allocating",
             Box::new(|| {
