@@ -51,6 +51,7 @@ OPS = {
     "sample_topp09": ("sampling, top-p 0.9", "", True),
     "fused_linear_fwd": ("fused linear log-probs, forward", "", True),
     "fused_linear_fwd_bwd": ("fused linear log-probs, fwd + bwd", "", True),
+    "fused_linear_loss_fwd_bwd": ("fused LM head + GRPO loss, fwd + bwd (one pass, 3 GEMMs)", "", True),
     "candle_grpo_step": ("candle GRPO step (log-probs, loss + k3, backward)", "", True),
     "qwen2vl_sft_step": ("Qwen2-VL SFT step", "", True),
 }

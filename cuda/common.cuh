@@ -44,7 +44,8 @@ __device__ __forceinline__ int64_t to_id(int64_t x) { return x; }
 // word 0: bits, (1 << (4 * op + kind)); words 1..3: the smallest index that
 // raised each kind (atomicMin), so the error can name a row.
 enum StatusKind : uint32_t { TOKEN_OUT_OF_RANGE = 0, NON_FINITE = 1, BAD_LAYOUT = 2 };
-enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5 };
+enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5,
+               OP_FUSED_LINEAR_LOSS = 6 };
 
 __device__ __forceinline__ void raise(uint32_t* status, OpId op, StatusKind kind, uint64_t index) {
     atomicOr(status, 1u << (4u * op + kind));

@@ -7,7 +7,7 @@
 // Backward: one block per sequence; the loss gradient is read from device
 // memory, so an autograd backward never waits for the host.
 #include "common.cuh"
-#include "kl.cuh"
+#include "policy_loss.cuh"
 
 using namespace gk;
 
@@ -69,39 +69,15 @@ __device__ __forceinline__ CountSum seq_totals(const Params& p, int64_t begin, i
     return block_reduce(acc, Sum{}, scratch);
 }
 
-// One token's loss pieces. Gradient flows through the unclipped term iff it
-// is the larger loss (ties flow: inside the clip range both are equal).
-struct TokenTerms {
-    float ratio, loss, kl, dloss_dlogp;
-    bool clip_low, clip_high, dual;
-};
-
 __device__ __forceinline__ TokenTerms token_terms(const Params& p, int64_t t, float adv, float seq_lr, bool* bad) {
     const float logp = p.logp[t];
     const float lr = p.seq_level ? seq_lr : log_ratio(p, t);
     *bad = !isfinite(logp) || !isfinite(lr) || !isfinite(adv);
-    const float lr_c = fminf(fmaxf(lr, -p.log_ratio_clamp), p.log_ratio_clamp);
-    const float r = expf(lr_c);
-    const float r_clip = fminf(fmaxf(r, 1.f - p.eps_low), 1.f + p.eps_high);
-    const float unclipped = -r * adv, clipped = -r_clip * adv;
-    float pg = fmaxf(unclipped, clipped);
-    float dpg = unclipped >= clipped && lr_c == lr ? -adv * r : 0.f;  // d(-r A)/dlogp = -A r
-    bool dual = false;
-    if (p.dual_clip > 0.f && adv < 0.f && pg > -p.dual_clip * adv) {
-        pg = -p.dual_clip * adv;
-        dpg = 0.f;
-        dual = true;
-    }
-    float kl = 0.f, dkl = 0.f;
-    if (p.ref_logp) {
-        const float ref = p.ref_logp[t];
-        *bad = *bad || !isfinite(ref);
-        const KlValueGrad k = kl_estimate(p.kl_kind, ref - logp);
-        kl = k.value;
-        dkl = k.grad_logp;
-    }
-    return {r, pg + p.beta * kl, kl, dpg + p.beta * dkl, r < 1.f - p.eps_low && adv < 0.f,
-            r > 1.f + p.eps_high && adv > 0.f, dual};
+    const bool has_ref = p.ref_logp != nullptr;
+    const float ref = has_ref ? p.ref_logp[t] : 0.f;
+    *bad = *bad || (has_ref && !isfinite(ref));
+    const TokenParams tp = {p.eps_low, p.eps_high, p.dual_clip, p.log_ratio_clamp, p.beta, p.kl_kind};
+    return token_loss(tp, lr, adv, has_ref, ref - logp);
 }
 
 // Per-sequence sums; ratio_max combines by max.

@@ -12,6 +12,7 @@
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
 //! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
 //! | fused linear log-probs: the same from hidden states and the LM head, without `[N, V]` logits | [`ops::fused_linear`] |
+//! | fused LM head + GRPO loss: loss, statistics and `dh`, `dW` from hidden states in one pass (three matrix products) | [`ops::fused_linear_loss`] |
 
 #![warn(missing_docs)]
 #![allow(clippy::too_many_arguments)]
@@ -34,16 +35,23 @@ pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, 
 pub use ops::fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
 };
-pub use ops::kl::{kl_divergence, kl_divergence_backward, KlEstimator, KlInputs};
+pub use ops::fused_linear_loss::{
+    fused_linear_policy_loss, fused_linear_policy_loss_into, FusedLossConfig, LinearLoss, LinearLossInputs,
+    LinearLossOut,
+};
+pub use ops::kl::{
+    kl_divergence, kl_divergence_backward, kl_divergence_backward_into, kl_divergence_into, KlEstimator,
+    KlInputs,
+};
 pub use ops::layout::SeqLayout;
 pub use ops::logprob::{
-    token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, LogProbConfig, LogProbGrads,
-    LogProbSaved, LogProbs, LogitRows,
+    token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_backward_into,
+    token_logprobs_into, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogProbsOut, LogitRows,
 };
 pub use ops::math::{active_simd_level, set_simd_level, simd_level, SimdLevel};
 pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::policy_loss::{
-    policy_loss, policy_loss_backward, Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig,
-    PolicyLossInputs, PolicyLossStats,
+    policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into, Advantage, Aggregation,
+    ImportanceLevel, PolicyLoss, PolicyLossConfig, PolicyLossInputs, PolicyLossStats,
 };
 pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};

@@ -67,6 +67,7 @@ pub(crate) use bail_unsupported;
 
 pub mod advantages;
 pub mod fused_linear;
+pub mod fused_linear_loss;
 pub mod kl;
 pub mod logprob;
 pub mod nn;
@@ -75,6 +76,7 @@ pub mod sampling;
 
 pub use advantages::{group_advantages, AdvantageTensors};
 pub use fused_linear::fused_linear_logprobs;
+pub use fused_linear_loss::{fused_linear_policy_loss, FusedLossOutput};
 pub use kl::kl_divergence;
 pub use logprob::{token_logprobs, LogProbTensors};
 pub use policy_loss::{policy_loss, PolicyLossOutput, PolicyLossTensors};

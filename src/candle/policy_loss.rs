@@ -112,7 +112,7 @@ pub fn policy_loss(
 }
 
 /// A captured input, flattened and contiguous, checked for its dtype.
-fn capture(t: &Tensor, what: &str, dtype: DType) -> Result<Tensor> {
+pub(super) fn capture(t: &Tensor, what: &str, dtype: DType) -> Result<Tensor> {
     if t.dtype() != dtype {
         bail_unsupported!(OP, "`{what}` must be {dtype:?}, got {:?}", t.dtype());
     }
@@ -121,21 +121,21 @@ fn capture(t: &Tensor, what: &str, dtype: DType) -> Result<Tensor> {
 
 /// The sequence layout, with the packed offsets captured as a tensor.
 #[derive(Debug, Clone)]
-enum Sequences {
+pub(super) enum Sequences {
     Padded { batch: usize, seq_len: usize },
     Packed(Tensor),
 }
 
 /// Everything the forward and backward ops hold besides `logp`.
 #[derive(Debug)]
-struct Captured {
-    old: Option<Tensor>,
-    reference: Option<Tensor>,
-    advantages: Tensor,
-    per_token_adv: bool,
-    mask: Option<Tensor>,
-    layout: Sequences,
-    cfg: PolicyLossConfig,
+pub(super) struct Captured {
+    pub(super) old: Option<Tensor>,
+    pub(super) reference: Option<Tensor>,
+    pub(super) advantages: Tensor,
+    pub(super) per_token_adv: bool,
+    pub(super) mask: Option<Tensor>,
+    pub(super) layout: Sequences,
+    pub(super) cfg: PolicyLossConfig,
 }
 
 struct PolicyLossOp {
@@ -152,17 +152,17 @@ struct PolicyLossBackward {
 }
 
 /// Host copies of the captured tensors (F32 / U8 / U32).
-struct HostInputs {
-    old: Option<Vec<f32>>,
-    reference: Option<Vec<f32>>,
-    advantages: Vec<f32>,
-    mask: Option<Vec<u8>>,
+pub(super) struct HostInputs {
+    pub(super) old: Option<Vec<f32>>,
+    pub(super) reference: Option<Vec<f32>>,
+    pub(super) advantages: Vec<f32>,
+    pub(super) mask: Option<Vec<u8>>,
     /// Read when packed.
-    cu_seqlens: Option<Vec<u32>>,
+    pub(super) cu_seqlens: Option<Vec<u32>>,
 }
 
 impl Captured {
-    fn host(&self) -> Result<HostInputs> {
+    pub(super) fn host(&self) -> Result<HostInputs> {
         fn read<T: candle_core::WithDType>(t: &Tensor, what: &str) -> Result<Vec<T>> {
             with_cpu(t, what, |s, l| Ok(host_slice::<T>(s, l, what)?.to_vec()))
         }

@@ -31,20 +31,20 @@ use crate::error::{check, Error, Result};
 use crate::ops::fused_linear::{FusedLinearConfig, LinearGrads, LinearRows, OP, OP_BWD};
 use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogProbs};
 
-const FILE: KernelFile = KernelFile {
+pub(super) const FILE: KernelFile = KernelFile {
     name: "fused_linear",
     ptx: ptx::FUSED_LINEAR,
 };
 /// Threads per row of the tile kernels (`LOGPROB_THREADS` in logprob.cuh).
-const TILE_THREADS: u32 = 512;
+pub(super) const TILE_THREADS: u32 = 512;
 /// Rows per block of the merge: one warp each.
-const MERGE_ROWS_PER_BLOCK: u32 = 8;
+pub(super) const MERGE_ROWS_PER_BLOCK: u32 = 8;
 /// Threads of the elementwise kernels.
-const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 
 /// A row-major matrix in device memory: its address, dtype and shape.
 #[derive(Clone, Copy)]
-struct Mat {
+pub(super) struct Mat {
     ptr: u64,
     dtype: cudaDataType_t,
     rows: usize,
@@ -52,7 +52,7 @@ struct Mat {
 }
 
 impl Mat {
-    fn new<T: GpuFloat>(ptr: u64, rows: usize, cols: usize) -> Self {
+    pub(super) fn new<T: GpuFloat>(ptr: u64, rows: usize, cols: usize) -> Self {
         Mat {
             ptr,
             dtype: T::CUBLAS,
@@ -82,7 +82,14 @@ fn int(op: &'static str, what: &str, n: usize) -> Result<i32> {
 }
 
 /// Row-major `c = op(a) op(b) + beta c`, f32 accumulation.
-fn gemm(gpu: &Gpu, op: &'static str, c: Mat, beta: f32, a: (Mat, bool), b: (Mat, bool)) -> Result<()> {
+pub(super) fn gemm(
+    gpu: &Gpu,
+    op: &'static str,
+    c: Mat,
+    beta: f32,
+    a: (Mat, bool),
+    b: (Mat, bool),
+) -> Result<()> {
     let (a, op_a, m, k) = a.0.op(a.1);
     let (b, op_b, k_b, n) = b.0.op(b.1);
     debug_assert!(k == k_b && c.rows == m && c.cols == n, "GEMM shapes");
@@ -118,7 +125,7 @@ fn gemm(gpu: &Gpu, op: &'static str, c: Mat, beta: f32, a: (Mat, bool), b: (Mat,
 }
 
 /// A grid-stride elementwise launch over `n` elements.
-fn elementwise(gpu: &Gpu, n: usize) -> LaunchConfig {
+pub(super) fn elementwise(gpu: &Gpu, n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(THREADS as usize).min(8 * gpu.sm_count()).max(1);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -128,7 +135,7 @@ fn elementwise(gpu: &Gpu, n: usize) -> LaunchConfig {
 }
 
 /// One block per row of a chunk.
-fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+pub(super) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -138,19 +145,19 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
 
 /// Validated dimensions, raw pointers and kernel parameters shared by the
 /// forward and the backward.
-struct Plan {
-    rows: usize,
-    hidden: usize,
-    vocab: usize,
-    chunk_rows: usize,
-    chunk_vocab: usize,
-    ignore: i64,
-    has_ignore: i32,
-    inv_t: f32,
+pub(super) struct Plan {
+    pub(super) rows: usize,
+    pub(super) hidden: usize,
+    pub(super) vocab: usize,
+    pub(super) chunk_rows: usize,
+    pub(super) chunk_vocab: usize,
+    pub(super) ignore: i64,
+    pub(super) has_ignore: i32,
+    pub(super) inv_t: f32,
 }
 
 impl Plan {
-    fn new<T, I>(
+    pub(super) fn new<T, I>(
         op: &'static str,
         rows: &LinearRows<'_, T, I, Device>,
         cfg: &FusedLinearConfig,
@@ -170,21 +177,21 @@ impl Plan {
     }
 
     /// `(first row, row count)` of each row chunk.
-    fn row_chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+    pub(super) fn row_chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..self.rows)
             .step_by(self.chunk_rows)
             .map(|r0| (r0, self.chunk_rows.min(self.rows - r0)))
     }
 
     /// `(chunk index, first column, column count)` of each vocabulary chunk.
-    fn col_chunks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    pub(super) fn col_chunks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         (0..self.vocab)
             .step_by(self.chunk_vocab)
             .enumerate()
             .map(|(c, c0)| (c, c0, self.chunk_vocab.min(self.vocab - c0)))
     }
 
-    fn num_col_chunks(&self) -> usize {
+    pub(super) fn num_col_chunks(&self) -> usize {
         self.vocab.div_ceil(self.chunk_vocab)
     }
 }
@@ -192,7 +199,7 @@ impl Plan {
 /// `tile[rows, cols] = hidden[r0..r0 + rows] W[c0..c0 + cols]^T + b[c0..]`,
 /// f32, from device addresses of the inputs.
 #[allow(clippy::too_many_arguments)]
-fn logits_tile<T: GpuFloat>(
+pub(super) fn logits_tile<T: GpuFloat>(
     gpu: &Gpu,
     op: &'static str,
     plan: &Plan,

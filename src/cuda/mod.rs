@@ -38,6 +38,7 @@ use crate::memory::Memory;
 
 pub mod advantages;
 pub mod fused_linear;
+pub mod fused_linear_loss;
 pub mod kl;
 pub mod logprob;
 pub mod policy_loss;
@@ -48,6 +49,7 @@ pub use fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
     fused_linear_logprobs_into, LinearGradsOut,
 };
+pub use fused_linear_loss::{fused_linear_policy_loss, fused_linear_policy_loss_into, LinearLossDevice};
 pub use kl::{kl_divergence, kl_divergence_backward};
 pub use logprob::{
     token_logprobs, token_logprobs_backward, token_logprobs_backward_inplace, token_logprobs_backward_into,
@@ -166,13 +168,14 @@ impl Loaded {
 const STATUS_WORDS: usize = 4;
 const STATUS_CLEAR: [u32; STATUS_WORDS] = [0, u32::MAX, u32::MAX, u32::MAX];
 /// Op ids in the order of `OpId` in `cuda/common.cuh`.
-const OP_NAMES: [&str; 6] = [
+const OP_NAMES: [&str; 7] = [
     "token_logprobs",
     "fused_linear_logprobs",
     "group_advantages",
     "policy_loss",
     "kl_divergence",
     "sample",
+    "fused_linear_policy_loss",
 ];
 const FAULTS: [DeviceFault; 3] = [
     DeviceFault::TokenOutOfRange,

@@ -84,7 +84,7 @@ pub(crate) const OP: &str = "fused_linear_logprobs";
 pub(crate) const OP_BWD: &str = "fused_linear_logprobs_backward";
 
 /// Parallel loops hand each task at least this many f32 elements.
-const MIN_TASK: usize = 1 << 16;
+pub(crate) const MIN_TASK: usize = 1 << 16;
 
 /// Parameters of [`fused_linear_logprobs`] and its backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -424,27 +424,27 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
             T::store(src, &mut grad.hidden[i * h..(i + 1) * h]);
         }
     }
-    finite_grad("dhidden", &grad.hidden)?;
-    finite_grad("dweight", &grad.weight)?;
+    finite_grad(OP_BWD, "dhidden", &grad.hidden)?;
+    finite_grad(OP_BWD, "dweight", &grad.weight)?;
     if let Some(bias) = &grad.bias {
-        finite_grad("dbias", bias)?;
+        finite_grad(OP_BWD, "dbias", bias)?;
     }
     Ok(grad)
 }
 
 /// A `NonFinite` error at the first non-finite element of a gradient.
-fn finite_grad<T: Float>(what: &'static str, xs: &[T]) -> Result<()> {
+pub(crate) fn finite_grad<T: Float>(op: &'static str, what: &'static str, xs: &[T]) -> Result<()> {
     let finite = xs
         .par_chunks(MIN_TASK)
         .all(|c| c.iter().all(|x| x.to_f32().is_finite()));
     if finite {
         return Ok(());
     }
-    check::finite_by(OP_BWD, what, xs, |x| x.to_f32().is_finite())
+    check::finite_by(op, what, xs, |x| x.to_f32().is_finite())
 }
 
 /// The LM head of one call, as the tile loops see it.
-struct Head<'a, T> {
+pub(crate) struct Head<'a, T> {
     weight: &'a [T],
     bias: Option<&'a [T]>,
     hidden: usize,
@@ -455,19 +455,19 @@ struct Head<'a, T> {
 
 /// f32 working buffers, reused from tile to tile.
 #[derive(Default)]
-struct Buffers {
+pub(crate) struct Buffers {
     /// `[rows, H]`: the row chunk's hidden states.
-    hidden: Vec<f32>,
+    pub(crate) hidden: Vec<f32>,
     /// `[cols, H]`: the weight chunk, when not stored as f32.
-    weight: Vec<f32>,
+    pub(crate) weight: Vec<f32>,
     /// `[cols]`: the bias chunk, when not stored as f32.
-    bias: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
     /// `[rows, cols]`: logits, then (backward) their gradient.
-    tile: Vec<f32>,
+    pub(crate) tile: Vec<f32>,
 }
 
 impl<'a, T: Float> Head<'a, T> {
-    fn new<I>(rows: &LinearRows<'a, T, I>, shape: LinearShape, cfg: &FusedLinearConfig) -> Self {
+    pub(crate) fn new<I>(rows: &LinearRows<'a, T, I>, shape: LinearShape, cfg: &FusedLinearConfig) -> Self {
         Self {
             weight: rows.weight,
             bias: rows.bias,
@@ -479,7 +479,7 @@ impl<'a, T: Float> Head<'a, T> {
     }
 
     /// The vocabulary's column ranges, in order.
-    fn col_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+    pub(crate) fn col_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
         (0..self.vocab)
             .step_by(self.chunk_vocab)
             .map(|start| start..(start + self.chunk_vocab).min(self.vocab))
@@ -487,7 +487,7 @@ impl<'a, T: Float> Head<'a, T> {
 
     /// Weight rows `cols` in f32: borrowed when stored as f32, else
     /// converted into `buf`.
-    fn weight_rows<'b>(&'b self, cols: Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    pub(crate) fn weight_rows<'b>(&'b self, cols: Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
         f32_view(
             &self.weight[cols.start * self.hidden..cols.end * self.hidden],
             buf,
@@ -495,7 +495,7 @@ impl<'a, T: Float> Head<'a, T> {
     }
 
     /// `tile = (h_rows W_cols^T + b_cols) / T`, `[rows, cols.len()]` row-major.
-    fn logits(
+    pub(crate) fn logits(
         &self,
         op: &'static str,
         h_rows: &[f32],
@@ -507,6 +507,20 @@ impl<'a, T: Float> Head<'a, T> {
         let (n_rows, width) = (h_rows.len() / self.hidden, cols.len());
         // Sized by the caller's chunk sizes, not by an input: it may not fit.
         check::grow(op, "logits tile", tile, n_rows.saturating_mul(width), 0.0)?;
+        self.logits_into(h_rows, w_cols, cols, bias_buf, tile);
+        Ok(())
+    }
+
+    /// [`Self::logits`] into a tile of exactly `[rows, cols.len()]`.
+    pub(crate) fn logits_into(
+        &self,
+        h_rows: &[f32],
+        w_cols: &[f32],
+        cols: Range<usize>,
+        bias_buf: &mut Vec<f32>,
+        tile: &mut [f32],
+    ) {
+        let (n_rows, width) = (h_rows.len() / self.hidden, cols.len());
         // With a bias the tile starts as b_cols in every row and the GEMM
         // adds to it: dst = (1/T) dst + (1/T) h W^T.
         let keep = self.bias.map(|bias| {
@@ -523,12 +537,16 @@ impl<'a, T: Float> Head<'a, T> {
             Mat::new(h_rows, n_rows, self.hidden),
             Mat::new(w_cols, width, self.hidden).t(),
         );
-        Ok(())
     }
 }
 
 /// The given rows of `hidden` (`h` wide), in f32, one after another in `dst`.
-fn gather_rows<T: Float>(hidden: &[T], h: usize, rows: impl Iterator<Item = usize>, dst: &mut Vec<f32>) {
+pub(crate) fn gather_rows<T: Float>(
+    hidden: &[T],
+    h: usize,
+    rows: impl Iterator<Item = usize>,
+    dst: &mut Vec<f32>,
+) {
     dst.clear();
     for i in rows {
         let start = dst.len();
@@ -576,7 +594,7 @@ fn f32_view<'b, T: Float>(xs: &'b [T], buf: &'b mut Vec<f32>) -> &'b [f32] {
 /// The first contribution is written, not added to zeros: reading a fresh
 /// zeroed allocation before writing it faults each page twice (zero page,
 /// then copy on write), which doubled the time of the dW GEMM.
-fn accumulate<T: Float>(
+pub(crate) fn accumulate<T: Float>(
     out: &mut [T],
     buf: &mut Vec<f32>,
     first: bool,
@@ -609,7 +627,7 @@ fn accumulate<T: Float>(
 multiversion! {
     /// Folds each `cols`-wide row of `tile` into its softmax state (its
     /// entropy sum only if `entropy`).
-    fn fold_rows(tile: &[f32], cols: usize, entropy: bool, states: &mut [SoftmaxState]) {
+    pub(crate) fn fold_rows(tile: &[f32], cols: usize, entropy: bool, states: &mut [SoftmaxState]) {
         for (row, state) in tile.chunks(cols).zip(states) {
             *state = state.fold::<Mad>(row, entropy);
         }
@@ -619,7 +637,7 @@ multiversion! {
 multiversion! {
     /// The column sums of a `cols`-wide row-major tile, written into
     /// `sums` (`add == false`) or added to it.
-    fn column_sums(tile: &[f32], cols: usize, sums: &mut [f32], add: bool) {
+    pub(crate) fn column_sums(tile: &[f32], cols: usize, sums: &mut [f32], add: bool) {
         if !add {
             sums.fill(0.0);
         }
@@ -633,7 +651,7 @@ multiversion! {
 
 /// A strided view of an f32 matrix: element `(r, c)` is `data[r * rs + c * cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub(crate) struct Mat<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -643,7 +661,7 @@ struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     /// `data` as a row-major `[rows, cols]` matrix; it must hold exactly that.
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "matrix buffer length");
         Self {
             data,
@@ -655,7 +673,7 @@ impl<'a> Mat<'a> {
     }
 
     /// The transpose, over the same data.
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -668,7 +686,7 @@ impl<'a> Mat<'a> {
 
 /// `dst = beta a b`, or `dst = alpha dst + beta a b` when `alpha` is given,
 /// for a row-major `dst [a.rows, b.cols]`; f32 GEMM on all rayon threads.
-fn matmul(dst: &mut [f32], alpha: Option<f32>, beta: f32, a: Mat<'_>, b: Mat<'_>) {
+pub(crate) fn matmul(dst: &mut [f32], alpha: Option<f32>, beta: f32, a: Mat<'_>, b: Mat<'_>) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() == m * n, "matmul shapes");
     // SAFETY: `Mat::new` checked that each operand's buffer holds its rows x

@@ -40,7 +40,7 @@ use std::mem::MaybeUninit;
 use crate::error::{check, Result};
 use crate::memory::{Host, Memory};
 use crate::ops::math::{self, multiversion, MulAdd};
-use crate::ops::output::par_filled;
+use crate::ops::output::{par_fill_into, par_filled};
 
 pub(crate) const OP: &str = "kl_divergence";
 pub(crate) const OP_BWD: &str = "kl_divergence_backward";
@@ -190,6 +190,25 @@ pub fn kl_divergence(inputs: &KlInputs<'_>, est: KlEstimator) -> Result<Vec<f32>
     Ok(out)
 }
 
+/// [`kl_divergence`] into a caller's buffer `out` `[N]` (every element
+/// written; unspecified after an error): with the buffer reused, a loop of
+/// calls allocates nothing. Errors: those of [`kl_divergence`], and
+/// `out`'s length.
+pub fn kl_divergence_into(inputs: &KlInputs<'_>, est: KlEstimator, out: &mut [f32]) -> Result<()> {
+    let n = inputs.validate(OP)?;
+    check::len(OP, "out", n, out.len())?;
+    let block = |i| chunk(i, n);
+    let finite = par_fill_into(out, CHUNK, |i, out| {
+        kl_block(est, &inputs.logp[block(i)], &inputs.ref_logp[block(i)], out)
+    });
+    if !finite {
+        check::finite(OP, "logp", inputs.logp)?;
+        check::finite(OP, "ref_logp", inputs.ref_logp)?;
+        check::finite(OP, "kl", out)?;
+    }
+    Ok(())
+}
+
 /// `dL/dlogp = grad * d kl / d logp` for each token, given `grad = dL/dkl`
 /// `[N]`. The gradient with respect to `ref_logp` is its negation.
 ///
@@ -213,6 +232,32 @@ pub fn kl_divergence_backward(inputs: &KlInputs<'_>, est: KlEstimator, grad: &[f
         check::finite(OP_BWD, "dlogp", &out)?;
     }
     Ok(out)
+}
+
+/// [`kl_divergence_backward`] into a caller's buffer `dlogp` `[N]` (every
+/// element written; unspecified after an error). Errors: those of
+/// [`kl_divergence_backward`], and `dlogp`'s length.
+pub fn kl_divergence_backward_into(
+    inputs: &KlInputs<'_>,
+    est: KlEstimator,
+    grad: &[f32],
+    dlogp: &mut [f32],
+) -> Result<()> {
+    let n = inputs.validate(OP_BWD)?;
+    check::len(OP_BWD, "grad", n, grad.len())?;
+    check::len(OP_BWD, "dlogp", n, dlogp.len())?;
+    let block = |i| chunk(i, n);
+    let finite = par_fill_into(dlogp, CHUNK, |i, out| {
+        let (logp, ref_logp) = (&inputs.logp[block(i)], &inputs.ref_logp[block(i)]);
+        kl_grad_block(est, logp, ref_logp, &grad[block(i)], out)
+    });
+    if !finite {
+        check::finite(OP_BWD, "logp", inputs.logp)?;
+        check::finite(OP_BWD, "ref_logp", inputs.ref_logp)?;
+        check::finite(OP_BWD, "grad", grad)?;
+        check::finite(OP_BWD, "dlogp", dlogp)?;
+    }
+    Ok(())
 }
 
 /// The indices of the `i`-th of `n` tokens' parallel blocks.

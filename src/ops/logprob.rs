@@ -253,36 +253,105 @@ pub fn token_logprobs<T: Float, I: TokenId>(
 ) -> Result<LogProbs> {
     let n = rows.validate(OP)?;
     cfg.validate(OP)?;
-    let vocab = rows.vocab;
-    let active = active_rows(OP, rows.targets, rows.mask, vocab, cfg)?;
-    let inv_t = 1.0 / cfg.temperature;
-
+    let active = active_rows(OP, rows.targets, rows.mask, rows.vocab, cfg)?;
     let mut logp = vec![0.0f32; n];
-    let mut entropy = vec![0.0f32; n];
+    let mut entropy = cfg.entropy.then(|| vec![0.0f32; n]);
     let mut lse = vec![0.0f32; n];
+    let mut out = LogProbsOut {
+        logp: &mut logp,
+        entropy: entropy.as_deref_mut(),
+        lse: &mut lse,
+    };
+    forward_into(rows, cfg, n, &active, &mut out)?;
+    Ok(LogProbs { logp, entropy, lse })
+}
+
+/// Where [`token_logprobs_into`] writes: caller-provided `[rows]` buffers
+/// (the host twin of the CUDA side's `cuda::LogProbsOut`). Every element is
+/// written; after an error their contents are unspecified.
+pub struct LogProbsOut<'a> {
+    /// `log p(target)`.
+    pub logp: &'a mut [f32],
+    /// Entropies, exactly when `cfg.entropy`.
+    pub entropy: Option<&'a mut [f32]>,
+    /// `logsumexp(logits / T)`.
+    pub lse: &'a mut [f32],
+}
+
+impl LogProbsOut<'_> {
+    pub(crate) fn validate(&self, op: &'static str, n: usize, entropy: bool) -> Result<()> {
+        check::len(op, "logp (output)", n, self.logp.len())?;
+        check::len(op, "lse (output)", n, self.lse.len())?;
+        match (&self.entropy, entropy) {
+            (Some(e), true) => check::len(op, "entropy (output)", n, e.len()),
+            (None, false) => Ok(()),
+            _ => Err(Error::Unsupported {
+                op,
+                reason: "an entropy output buffer is given exactly when `entropy` is set".into(),
+            }),
+        }
+    }
+}
+
+/// [`token_logprobs`] into caller-provided buffers: with them reused, a
+/// loop of calls allocates nothing but the per-row target list. Errors:
+/// those of [`token_logprobs`], and the buffers' lengths.
+pub fn token_logprobs_into<T: Float, I: TokenId>(
+    rows: &LogitRows<'_, T, I>,
+    cfg: &LogProbConfig,
+    out: &mut LogProbsOut<'_>,
+) -> Result<()> {
+    let n = rows.validate(OP)?;
+    cfg.validate(OP)?;
+    out.validate(OP, n, cfg.entropy)?;
+    let active = active_rows(OP, rows.targets, rows.mask, rows.vocab, cfg)?;
+    forward_into(rows, cfg, n, &active, out)
+}
+
+/// The forward's row loop, into validated buffers.
+fn forward_into<T: Float, I: TokenId>(
+    rows: &LogitRows<'_, T, I>,
+    cfg: &LogProbConfig,
+    n: usize,
+    active: &[Option<usize>],
+    out: &mut LogProbsOut<'_>,
+) -> Result<()> {
+    use rayon::iter::Either;
+    let vocab = rows.vocab;
+    let inv_t = 1.0 / cfg.temperature;
+    let entropy = match out.entropy.as_deref_mut() {
+        Some(e) => Either::Left(e.par_iter_mut().map(Some)),
+        None => Either::Right((0..n).into_par_iter().map(|_| None)),
+    };
     rows.logits
         .par_chunks(vocab)
-        .zip(&active)
-        .zip(
-            logp.par_iter_mut()
-                .zip(entropy.par_iter_mut())
-                .zip(lse.par_iter_mut()),
-        )
+        .zip(active)
+        .zip(out.logp.par_iter_mut().zip(entropy).zip(out.lse.par_iter_mut()))
         .with_min_len((1 << 16) / vocab + 1)
         .for_each_init(
             || Box::new([0.0f32; BLOCK]),
             |buf, ((row, &target), ((lp, h), l))| {
-                let Some(y) = target else { return };
+                let Some(y) = target else {
+                    *lp = 0.0;
+                    *l = 0.0;
+                    if let Some(h) = h {
+                        *h = 0.0;
+                    }
+                    return;
+                };
                 match math::softmax_state(row, inv_t, cfg.entropy, buf).finish() {
                     Some((row_lse, row_h)) => {
                         *lp = row[y].to_f32() * inv_t - row_lse;
-                        *h = row_h;
+                        if let Some(h) = h {
+                            *h = row_h;
+                        }
                         *l = row_lse;
                     }
                     None => *l = f32::NAN,
                 }
             },
         );
+    let (logp, lse) = (&*out.logp, &*out.lse);
     let bad = |i: usize| lse[i].is_nan() || !logp[i].is_finite();
     if let Some(index) = (0..n).find(|&i| bad(i)) {
         let what = if lse[index].is_nan() {
@@ -292,11 +361,7 @@ pub fn token_logprobs<T: Float, I: TokenId>(
         };
         return Err(Error::NonFinite { op: OP, what, index });
     }
-    Ok(LogProbs {
-        logp,
-        entropy: cfg.entropy.then_some(entropy),
-        lse,
-    })
+    Ok(())
 }
 
 /// What to blame for a row whose scaled logits have no finite softmax: the
@@ -338,16 +403,48 @@ pub fn token_logprobs_backward<T: Float, I: TokenId>(
         T::MAX,
     )?;
     let mut dlogits = vec![T::default(); rows.logits.len()];
+    backward_rows(rows, &coefs, &mut dlogits);
+    Ok(dlogits)
+}
+
+/// [`token_logprobs_backward`] into a caller's buffer `dlogits` `[rows,
+/// vocab]` (every element written; untouched on error, which is found
+/// before anything is written). Errors: those of
+/// [`token_logprobs_backward`], and `dlogits`' length.
+pub fn token_logprobs_backward_into<T: Float, I: TokenId>(
+    rows: &LogitRows<'_, T, I>,
+    cfg: &LogProbConfig,
+    saved: &LogProbSaved<'_>,
+    grads: &LogProbGrads<'_>,
+    dlogits: &mut [T],
+) -> Result<()> {
+    let n = rows.validate(OP_BWD)?;
+    check::len(OP_BWD, "dlogits (output)", rows.logits.len(), dlogits.len())?;
+    let coefs = backward_coefs(
+        OP_BWD,
+        n,
+        rows.targets,
+        rows.mask,
+        rows.vocab,
+        cfg,
+        saved,
+        grads,
+        T::MAX,
+    )?;
+    backward_rows(rows, &coefs, dlogits);
+    Ok(())
+}
+
+fn backward_rows<T: Float, I: TokenId>(rows: &LogitRows<'_, T, I>, coefs: &[RowGrad], dlogits: &mut [T]) {
     rows.logits
         .par_chunks(rows.vocab)
         .zip(dlogits.par_chunks_mut(rows.vocab))
-        .zip(&coefs)
+        .zip(coefs)
         .with_min_len((1 << 16) / rows.vocab + 1)
         .for_each_init(
             || Box::new([0.0f32; BLOCK]),
             |buf, ((src, dst), coef)| backward_row(coef, Some(src), dst, buf),
         );
-    Ok(dlogits)
 }
 
 /// [`token_logprobs_backward`] writing the gradient over the logits buffer,
@@ -418,6 +515,19 @@ pub(crate) struct RowGrad {
 }
 
 impl RowGrad {
+    /// The constants of an active row whose only upstream gradient is `g`,
+    /// that of its log-prob (`c = -g`): `dz_j = g (1[j=y] - p_j) / T`.
+    pub(crate) fn logp_only(target: usize, inv_t: f32, lse: f32, g: f32) -> Self {
+        Self {
+            target: Some(target),
+            inv_t,
+            lse,
+            g,
+            g_h: 0.0,
+            c: -g,
+        }
+    }
+
     /// Turns a block of this row's scaled logits, columns
     /// `start..start + block.len()`, into their gradient.
     #[inline]

@@ -6,6 +6,7 @@ pub(crate) mod math;
 
 pub mod advantages;
 pub mod fused_linear;
+pub mod fused_linear_loss;
 pub mod kl;
 pub mod layout;
 pub mod logprob;

@@ -36,3 +36,21 @@ where
     unsafe { out.set_len(n) };
     (out, all)
 }
+
+/// [`par_filled`] into a caller's buffer: `fill(i, out)` writes chunk `i`
+/// of `out`, in parallel; whether every call returned true. Safe: a
+/// `MaybeUninit` view of initialized memory may only be written through.
+pub(crate) fn par_fill_into<T, F>(out: &mut [T], chunk: usize, fill: F) -> bool
+where
+    T: Send,
+    F: Fn(usize, &mut [MaybeUninit<T>]) -> bool + Sync,
+{
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and `fill` can only store
+    // initialized `T`s through it, so `out` stays initialized.
+    let view =
+        unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<T>>(), out.len()) };
+    view.par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(i, c)| fill(i, c))
+        .reduce(|| true, |a, b| a && b)
+}

@@ -566,9 +566,32 @@ impl PolicyLossStats {
 /// (per-sequence advantages); a parameter out of range (see the module
 /// docs); a non-finite input at a masked-in token.
 pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Result<PolicyLoss> {
-    let ranges = inputs.validate_host(OP, cfg)?;
     let mut per_token = vec![0.0f32; inputs.logp.len()];
-    let outs = split_by_ranges(&mut per_token, &ranges);
+    let mut summary = vec![0.0f32; PolicyLossStats::SUMMARY_LEN];
+    policy_loss_into(inputs, cfg, &mut per_token, &mut summary)?;
+    Ok(PolicyLoss { per_token, summary })
+}
+
+/// [`policy_loss`] into caller-provided buffers: `per_token` `[N]` and
+/// `summary` `[PolicyLossStats::SUMMARY_LEN]`, every element written
+/// (unspecified after an error). With the buffers reused, a loop of calls
+/// allocates nothing beyond a few per-sequence values. Errors: those of
+/// [`policy_loss`], and the buffers' lengths.
+pub fn policy_loss_into(
+    inputs: &PolicyLossInputs<'_>,
+    cfg: &PolicyLossConfig,
+    per_token: &mut [f32],
+    summary: &mut [f32],
+) -> Result<()> {
+    let ranges = inputs.validate_host(OP, cfg)?;
+    check::len(OP, "per_token (output)", inputs.logp.len(), per_token.len())?;
+    check::len(
+        OP,
+        "summary (output)",
+        PolicyLossStats::SUMMARY_LEN,
+        summary.len(),
+    )?;
+    let outs = split_by_ranges(per_token, &ranges);
     let sums: Vec<SeqSums> = ranges
         .par_iter()
         .zip(outs)
@@ -584,7 +607,7 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Res
                 .map(|(&r, &l)| cfg.kl.value_with::<math::Baseline>(r - l))
                 .collect()
         });
-        inputs.check_finite(OP, &ranges, None, &[("kl", &kl), ("per_token", &per_token)])?;
+        inputs.check_finite(OP, &ranges, None, &[("kl", &kl), ("per_token", per_token)])?;
     }
 
     let tokens: usize = sums.iter().map(|s| s.tokens).sum();
@@ -618,10 +641,8 @@ pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Res
             index: 0,
         });
     }
-    Ok(PolicyLoss {
-        per_token,
-        summary: stats.to_summary().to_vec(),
-    })
+    summary.copy_from_slice(&stats.to_summary());
+    Ok(())
 }
 
 /// `dL/dlogp` for `L = grad_loss * loss + sum_t grad_per_token_t * per_token_t`:
@@ -636,8 +657,24 @@ pub fn policy_loss_backward(
     grad_loss: f32,
     grad_per_token: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
+    let mut dlogp = vec![0.0f32; inputs.logp.len()];
+    policy_loss_backward_into(inputs, cfg, grad_loss, grad_per_token, &mut dlogp)?;
+    Ok(dlogp)
+}
+
+/// [`policy_loss_backward`] into a caller's buffer `dlogp` `[N]`, every
+/// element written (unspecified after an error). Errors: those of
+/// [`policy_loss_backward`], and `dlogp`'s length.
+pub fn policy_loss_backward_into(
+    inputs: &PolicyLossInputs<'_>,
+    cfg: &PolicyLossConfig,
+    grad_loss: f32,
+    grad_per_token: Option<&[f32]>,
+    dlogp: &mut [f32],
+) -> Result<()> {
     let ranges = inputs.validate_host(OP_BWD, cfg)?;
     let n = inputs.logp.len();
+    check::len(OP_BWD, "dlogp (output)", n, dlogp.len())?;
     if !grad_loss.is_finite() {
         return Err(Error::NonFinite {
             op: OP_BWD,
@@ -658,8 +695,7 @@ pub fn policy_loss_backward(
         .collect();
     let tokens = counts.iter().sum();
 
-    let mut dlogp = vec![0.0f32; n];
-    let outs = split_by_ranges(&mut dlogp, &ranges);
+    let outs = split_by_ranges(dlogp, &ranges);
     let finite = ranges
         .par_iter()
         .zip(outs)
@@ -673,9 +709,9 @@ pub fn policy_loss_backward(
         })
         .reduce(|| true, |a, b| a && b);
     if !finite {
-        inputs.check_finite(OP_BWD, &ranges, grad_per_token, &[("dlogp", &dlogp)])?;
+        inputs.check_finite(OP_BWD, &ranges, grad_per_token, &[("dlogp", dlogp)])?;
     }
-    Ok(dlogp)
+    Ok(())
 }
 
 /// Sequences per rayon task, so that a task holds about `MIN_TASK_TOKENS`.

@@ -13,6 +13,8 @@ mod advantages;
 #[cfg(feature = "candle")]
 mod fused_linear;
 #[cfg(feature = "candle")]
+mod fused_linear_loss;
+#[cfg(feature = "candle")]
 mod kl;
 #[cfg(feature = "candle")]
 mod logprob;

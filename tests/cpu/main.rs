@@ -16,6 +16,8 @@ mod advantages;
 mod bad_input;
 mod extreme_inputs;
 mod fused_linear;
+mod fused_linear_loss;
+mod into_forms;
 mod kl;
 mod logprob;
 mod policy_loss;

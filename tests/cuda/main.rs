@@ -24,6 +24,8 @@ mod candle;
 #[cfg(feature = "cuda")]
 mod fused_linear;
 #[cfg(feature = "cuda")]
+mod fused_linear_loss;
+#[cfg(feature = "cuda")]
 mod kl;
 #[cfg(feature = "cuda")]
 mod logprob;
@@ -50,7 +52,7 @@ macro_rules! compiled_out {
 #[cfg(not(feature = "cuda"))]
 mod without_cuda_feature {
     compiled_out!("needs a CUDA device, and the `cuda` feature (nvcc) to build: see tests/README.md":
-        advantages, bad_input, fused_linear, kl, logprob, policy_loss, sampling);
+        advantages, bad_input, fused_linear, fused_linear_loss, kl, logprob, policy_loss, sampling);
 }
 
 #[cfg(not(feature = "candle-cuda"))]

@@ -1,0 +1,172 @@
+//! The `_into` forms write what their allocating forms return, into
+//! buffers that start as NaN (so an element left unwritten shows), and
+//! refuse buffers of the wrong length with a typed error.
+
+use crate::common::Rng;
+use grpo_kernels::{
+    kl_divergence, kl_divergence_backward, kl_divergence_backward_into, kl_divergence_into, policy_loss,
+    policy_loss_backward, policy_loss_backward_into, policy_loss_into, token_logprobs,
+    token_logprobs_backward, token_logprobs_backward_into, token_logprobs_into, Advantage, Error,
+    KlEstimator, KlInputs, LogProbConfig, LogProbGrads, LogProbsOut, LogitRows, PolicyLossConfig,
+    PolicyLossInputs, PolicyLossStats, SeqLayout,
+};
+
+fn bits(xs: &[f32]) -> Vec<u32> {
+    xs.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn kl_into_equals_allocating() {
+    let mut rng = Rng::new(1);
+    let n = 100_003;
+    let logp: Vec<f32> = (0..n).map(|_| (rng.normal() - 3.0) as f32).collect();
+    let reference: Vec<f32> = (0..n).map(|_| (rng.normal() - 3.0) as f32).collect();
+    let grad: Vec<f32> = rng.normals(n, 1.0);
+    let inputs = KlInputs::new(&logp, &reference);
+    for est in [
+        KlEstimator::K1,
+        KlEstimator::K2,
+        KlEstimator::K3,
+        KlEstimator::LowVarK3,
+    ] {
+        let mut out = vec![f32::NAN; n];
+        kl_divergence_into(&inputs, est, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&kl_divergence(&inputs, est).unwrap()));
+        let mut d = vec![f32::NAN; n];
+        kl_divergence_backward_into(&inputs, est, &grad, &mut d).unwrap();
+        assert_eq!(
+            bits(&d),
+            bits(&kl_divergence_backward(&inputs, est, &grad).unwrap())
+        );
+    }
+    let mut short = vec![0.0; n - 1];
+    assert_eq!(
+        kl_divergence_into(&inputs, KlEstimator::K3, &mut short).unwrap_err(),
+        Error::ShapeMismatch {
+            op: "kl_divergence",
+            what: "out",
+            expected: n,
+            got: n - 1
+        }
+    );
+    assert!(matches!(
+        kl_divergence_backward_into(&inputs, KlEstimator::K3, &grad, &mut short).unwrap_err(),
+        Error::ShapeMismatch { what: "dlogp", .. }
+    ));
+}
+
+#[test]
+fn policy_loss_into_equals_allocating() {
+    let mut rng = Rng::new(2);
+    let (s, t) = (37, 61);
+    let n = s * t;
+    let logp: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.3 - 2.0) as f32).collect();
+    let old: Vec<f32> = logp.iter().map(|&x| x + (rng.normal() * 0.2) as f32).collect();
+    let reference: Vec<f32> = logp.iter().map(|&x| x + (rng.normal() * 0.2) as f32).collect();
+    let adv: Vec<f32> = rng.normals(s, 1.0);
+    let mask: Vec<u8> = (0..n).map(|i| (i % 7 != 0) as u8).collect();
+    let grad_tok: Vec<f32> = rng.normals(n, 0.1);
+    let layout = || SeqLayout::Padded { batch: s, seq_len: t };
+    let inputs = PolicyLossInputs::new(&logp, Advantage::per_sequence(&adv), layout())
+        .with_old(&old)
+        .with_ref(&reference)
+        .with_mask(&mask);
+    let cfg = PolicyLossConfig {
+        beta: 0.04,
+        ..PolicyLossConfig::default()
+    };
+    let want = policy_loss(&inputs, &cfg).unwrap();
+    let (mut per_token, mut summary) = (vec![f32::NAN; n], vec![f32::NAN; PolicyLossStats::SUMMARY_LEN]);
+    policy_loss_into(&inputs, &cfg, &mut per_token, &mut summary).unwrap();
+    assert_eq!(bits(&per_token), bits(&want.per_token));
+    assert_eq!(bits(&summary), bits(&want.summary));
+    let mut d = vec![f32::NAN; n];
+    policy_loss_backward_into(&inputs, &cfg, 0.5, Some(&grad_tok), &mut d).unwrap();
+    assert_eq!(
+        bits(&d),
+        bits(&policy_loss_backward(&inputs, &cfg, 0.5, Some(&grad_tok)).unwrap())
+    );
+    assert!(matches!(
+        policy_loss_into(&inputs, &cfg, &mut per_token, &mut summary[1..]).unwrap_err(),
+        Error::ShapeMismatch {
+            what: "summary (output)",
+            ..
+        }
+    ));
+    assert!(matches!(
+        policy_loss_backward_into(&inputs, &cfg, 1.0, None, &mut d[1..]).unwrap_err(),
+        Error::ShapeMismatch {
+            what: "dlogp (output)",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn token_logprobs_into_equals_allocating() {
+    let mut rng = Rng::new(3);
+    let (n, v) = (67, 1031);
+    let logits: Vec<f32> = rng.normals(n * v, 2.0);
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+    let mask: Vec<u8> = (0..n).map(|i| (i % 5 != 2) as u8).collect();
+    let rows = LogitRows::new(&logits, &targets, v).with_mask(&mask);
+    for entropy in [false, true] {
+        let cfg = LogProbConfig {
+            temperature: 0.8,
+            entropy,
+            ignore_index: None,
+        };
+        let want = token_logprobs(&rows, &cfg).unwrap();
+        let (mut logp, mut ent, mut lse) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        let mut out = LogProbsOut {
+            logp: &mut logp,
+            entropy: entropy.then_some(&mut ent[..]),
+            lse: &mut lse,
+        };
+        token_logprobs_into(&rows, &cfg, &mut out).unwrap();
+        assert_eq!(bits(&logp), bits(&want.logp));
+        assert_eq!(bits(&lse), bits(&want.lse));
+        if entropy {
+            assert_eq!(bits(&ent), bits(want.entropy.as_ref().unwrap()));
+        }
+        let g: Vec<f32> = rng.normals(n, 1.0);
+        let grads = LogProbGrads {
+            logp: &g[..],
+            entropy: None,
+            lse: None,
+        };
+        let mut d = vec![f32::NAN; n * v];
+        token_logprobs_backward_into(&rows, &cfg, &want.saved(), &grads, &mut d).unwrap();
+        assert_eq!(
+            bits(&d),
+            bits(&token_logprobs_backward(&rows, &cfg, &want.saved(), &grads).unwrap())
+        );
+        assert!(matches!(
+            token_logprobs_backward_into(&rows, &cfg, &want.saved(), &grads, &mut d[1..]).unwrap_err(),
+            Error::ShapeMismatch {
+                what: "dlogits (output)",
+                ..
+            }
+        ));
+    }
+    let cfg = LogProbConfig::default();
+    let (mut logp, mut lse, mut ent) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let mut out = LogProbsOut {
+        logp: &mut logp,
+        entropy: Some(&mut ent),
+        lse: &mut lse,
+    };
+    // An entropy buffer without `entropy: true`.
+    assert!(matches!(
+        token_logprobs_into(
+            &rows,
+            &LogProbConfig {
+                entropy: false,
+                ..cfg
+            },
+            &mut out
+        )
+        .unwrap_err(),
+        Error::Unsupported { .. }
+    ));
+}
