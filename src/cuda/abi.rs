@@ -26,10 +26,11 @@
 //! a caller may pass: a device buffer of the right element type (a cudarc
 //! view or slice, or a [`DevAddr`]), `None` only where the kernel accepts a
 //! null pointer, the [`Gpu`](super::Gpu)'s status word, a scalar of exactly
-//! the kernel's type. The PTX cannot tell an `int64_t` from a pointer (both
-//! `.u64`), nor a `float*` from an `int*`; those the typed launcher catches
-//! at compile time instead, as the `.cu` and the declaration are read side
-//! by side.
+//! the kernel's type; every call site is held to the declaration at
+//! compile time. What the PTX cannot show (an `int64_t` and a pointer are
+//! both `.u64`; a `float*` and an `int*` look alike; constness) rests on
+//! reading the declaration beside the `.cu` signature, which is why the
+//! declarations follow the `.cu` parameter names and order.
 
 use std::borrow::Cow;
 use std::marker::PhantomData;
@@ -459,6 +460,11 @@ fn check(declared: &Kernels, ptx: &str) -> Vec<String> {
     problems
 }
 
+/// The generator build.rs runs on `cuda/abi.h`, here for its tests.
+#[cfg(test)]
+#[path = "abi_gen.rs"]
+mod abi_gen;
+
 #[cfg(test)]
 mod tests {
     use super::super::{advantages, fused_linear, kl, logprob, policy_loss, ptx, sampling};
@@ -551,6 +557,44 @@ mod tests {
             &check(&policy, ptx::POLICY_LOSS),
             "`policy_loss_fwd` takes [Bytes { align: 8, size: 120 }",
         );
+    }
+
+    /// The header generates, and what the generator cannot read fails the
+    /// build with the line, never silently.
+    #[test]
+    fn the_header_generator_refuses_what_it_cannot_read() {
+        let header = include_str!("../../cuda/abi.h");
+        let rust = super::abi_gen::generate(header).unwrap();
+        assert!(
+            rust.contains("pub(crate) enum KlKind {\n    KL_K1 = 0,"),
+            "{rust}"
+        );
+        assert!(rust.contains("const _: () = assert!(std::mem::size_of::<PolicyLossParams>() == 120);"));
+        let cases = [
+            ("enum E : int { A, B };", "line 1: every value is explicit"),
+            (
+                "enum E : char { A = 0 };",
+                "line 1: enum types are `int` or `uint32_t`",
+            ),
+            (
+                "struct S {\n    float a, b;\n};",
+                "line 2: a field type outside the grammar",
+            ),
+            (
+                "struct S {\n    half h;\n};",
+                "line 2: a field type outside the grammar",
+            ),
+            ("// doc\n#define X 3", "line 2: a line outside the grammar"),
+            (
+                "static_assert(alignof(S) == 8, \"\");",
+                "line 1: asserts are on `sizeof(T)` or `offsetof(T, field)`",
+            ),
+            ("constexpr int X = -1;", "line 1: a non-negative integer"),
+        ];
+        for (header, expected) in cases {
+            let err = super::abi_gen::generate(header).unwrap_err();
+            assert!(err.starts_with(expected), "`{header}`: {err}");
+        }
     }
 
     #[test]
