@@ -36,6 +36,8 @@ constexpr int ADVANTAGES_THREADS = 1024;
 constexpr int POLICY_LOSS_THREADS = 256;
 // `sample_*`: one block per row.
 constexpr int SAMPLING_THREADS = 1024;
+// The fused LM-head loss's sequence counts, their total and its summary.
+constexpr int FUSED_LOSS_THREADS = 256;
 
 // ------------------------------------------------------------ status word
 // Kernels never trap on bad data: they write NaN where an output is
@@ -46,8 +48,7 @@ constexpr int SAMPLING_THREADS = 1024;
 // What a kernel found wrong with its data.
 enum StatusKind : uint32_t { TOKEN_OUT_OF_RANGE = 0, NON_FINITE = 1, BAD_LAYOUT = 2 };
 // The op whose kernel raised it.
-enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5,
-               OP_FUSED_LINEAR_LOSS = 6 };
+enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5, OP_FUSED_LINEAR_LOSS = 6 };
 // u32 words of the status word: the bits, then one index per kind.
 constexpr int STATUS_WORDS = 4;
 
@@ -114,8 +115,9 @@ static_assert(offsetof(PolicyLossParams, eps_low) == 80, "PolicyLossParams: floa
 static_assert(offsetof(PolicyLossParams, seq_level) == 104, "PolicyLossParams: ints after 6 floats");
 static_assert(offsetof(PolicyLossParams, aggregation) == 112, "PolicyLossParams: aggregation last");
 
-// A sequence's sums in the policy loss forward, folded by the last block;
-// `ratio_max` combines by max.
+// A sequence's sums in the policy loss forward, folded by the last block,
+// and a row's in the fused LM-head loss (`fll_rows`' per-row statistics,
+// folded by `fll_summary`); `ratio_max` combines by max.
 struct PolicyLossPartial {
     float loss;
     float count;
@@ -127,5 +129,43 @@ struct PolicyLossPartial {
     float kl_sum;
 };
 static_assert(sizeof(PolicyLossPartial) == 32, "PolicyLossPartial: eight f32");
+
+// ------------------------------------------------------------ fused LM-head loss
+// Everything `fll_rows` reads besides the row chunk's softmax partials,
+// passed by value. Null inputs are absent (`old_logp`: ratio 1; `ref_logp`:
+// no KL); exactly one of `adv_seq` and `adv_tok` is set.
+struct FusedLossRowParams {
+    const float* old_logp;
+    const float* ref_logp;
+    const float* adv_seq;
+    const float* adv_tok;
+    // [seqs] masked-in tokens per sequence (`fll_counts`).
+    const float* counts;
+    // [1] masked-in tokens in all (`fll_total`).
+    const float* total;
+    // [rows] each row's sequence (`fll_counts`).
+    const int32_t* seq_of;
+    int64_t rows;
+    int64_t vocab;
+    int64_t seqs;
+    // 1 / temperature.
+    float inv_t;
+    float eps_low;
+    float eps_high;
+    // 0: no dual clip.
+    float dual_clip;
+    float log_ratio_clamp;
+    float beta;
+    // TokenMean's normalizer (0: the masked-in token count), or
+    // SeqMeanTokenSumNorm's constant.
+    float agg_constant;
+    KlKind kl_kind;
+    Aggregation aggregation;
+};
+static_assert(sizeof(FusedLossRowParams) == 120, "FusedLossRowParams: 120 bytes");
+static_assert(offsetof(FusedLossRowParams, rows) == 56, "FusedLossRowParams: scalars after 7 pointers");
+static_assert(offsetof(FusedLossRowParams, inv_t) == 80, "FusedLossRowParams: floats after 3 i64");
+static_assert(offsetof(FusedLossRowParams, kl_kind) == 108, "FusedLossRowParams: enums after 7 floats");
+static_assert(offsetof(FusedLossRowParams, aggregation) == 112, "FusedLossRowParams: aggregation last");
 
 }  // namespace gk

@@ -16,7 +16,7 @@ namespace {
 constexpr int THREADS = POLICY_LOSS_THREADS;
 
 // The kernels' parameters and per-sequence sums, and the summary's order
-// (`Summary`): abi.h.
+// (`Summary`): abi.h; the sums' fold (`CombinePartial`): policy_loss.cuh.
 using Params = PolicyLossParams;
 using Partial = PolicyLossPartial;
 
@@ -69,14 +69,6 @@ __device__ __forceinline__ TokenTerms token_terms(const Params& p, int64_t t, fl
     const TokenParams tp = {p.eps_low, p.eps_high, p.dual_clip, p.log_ratio_clamp, p.beta, p.kl_kind};
     return token_loss(tp, lr, adv, has_ref, ref - logp);
 }
-
-struct CombinePartial {
-    __device__ __forceinline__ Partial operator()(const Partial& a, const Partial& b) const {
-        return {a.loss + b.loss,           a.count + b.count, a.clip_low + b.clip_low, a.clip_high + b.clip_high,
-                a.dual + b.dual,           a.ratio_sum + b.ratio_sum, fmaxf(a.ratio_max, b.ratio_max),
-                a.kl_sum + b.kl_sum};
-    }
-};
 
 __device__ __forceinline__ float advantage(const Params& p, int64_t s, int64_t t) {
     return p.adv_tok ? p.adv_tok[t] : p.adv_seq[s];

@@ -99,6 +99,10 @@ scalars! {
         align: std::mem::align_of::<PolicyLossParams>(),
         size: std::mem::size_of::<PolicyLossParams>(),
     },
+    FusedLossRowParams => Ptx::Bytes {
+        align: std::mem::align_of::<FusedLossRowParams>(),
+        size: std::mem::size_of::<FusedLossRowParams>(),
+    },
 }
 
 /// `const T*`: a device buffer the kernel reads.
@@ -467,14 +471,17 @@ mod abi_gen;
 
 #[cfg(test)]
 mod tests {
-    use super::super::{advantages, fused_linear, kl, logprob, policy_loss, ptx, sampling};
+    use super::super::{
+        advantages, fused_linear, fused_linear_loss, kl, logprob, policy_loss, ptx, sampling,
+    };
     use super::*;
 
     /// Every kernel file's declarations.
-    fn declared() -> [Kernels; 6] {
+    fn declared() -> [Kernels; 7] {
         [
             advantages::kernel::declared(),
             fused_linear::kernel::declared(),
+            fused_linear_loss::kernel::declared(),
             kl::kernel::declared(),
             logprob::kernel::declared(),
             policy_loss::kernel::declared(),

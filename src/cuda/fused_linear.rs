@@ -232,6 +232,21 @@ pub(super) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// One block of `THREADS` per row of a chunk: `fused_active_hidden`'s grid.
+pub(super) fn active_hidden_grid(rows: usize) -> LaunchConfig {
+    per_row(rows, THREADS)
+}
+
+/// One warp per row, `MERGE_ROWS_PER_BLOCK` rows a block, blocks covering
+/// `rows`: the grid of `fused_merge` (and of the fused loss's `fll_rows`).
+pub(super) fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
+        block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Validated dimensions, raw pointers and kernel parameters shared by the
 /// forward and the backward.
 pub(super) struct Plan {
@@ -389,17 +404,12 @@ pub fn fused_linear_logprobs_into<T: GpuFloat, I: GpuId>(
         }
     }
 
-    let merge = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
-        block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: every buffer holds `n` rows (`partials` `n * chunks`), the
     // outputs validated above; the blocks cover the `n` rows.
     unsafe {
         kernel::fused_merge::<I>(
             gpu,
-            merge,
+            warp_per_row(n),
             &target_logits,
             &rows.targets,
             rows.mask.as_ref(),
@@ -532,7 +542,7 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
             unsafe {
                 kernel::fused_active_hidden::<T, I>(
                     gpu,
-                    per_row(r, THREADS),
+                    active_hidden_grid(r),
                     DevAddr::new(hidden),
                     DevAddr::new(active),
                     h_i,

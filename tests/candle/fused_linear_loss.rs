@@ -4,9 +4,9 @@
 //! packed, f32 and bf16; an upstream gradient scales them; bad inputs are
 //! the CPU op's typed errors.
 
-use candle_core::{DType, Device, Tensor, Var};
 use crate::common::tensors::{to32, to64};
 use crate::common::{assert_close, assert_typed_error, Rng};
+use candle_core::{DType, Device, Tensor, Var};
 use grpo_kernels::candle::{fused_linear_logprobs, fused_linear_policy_loss, policy_loss, PolicyLossTensors};
 use grpo_kernels::{
     Aggregation, Error, FusedLinearConfig, FusedLossConfig, ImportanceLevel, KlEstimator, LogProbConfig,
