@@ -10,21 +10,8 @@ using namespace gk;
 
 namespace {
 
-constexpr int THREADS = 1024;
+constexpr int THREADS = ADVANTAGES_THREADS;
 constexpr int WARPS = THREADS / 32;
-
-enum Mode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4 };
-
-// A group's sums, kept for the batch statistics. `overflow`: a combined
-// reward of the group overflows f32 (raised once, for the reward: the
-// group's std and advantages are then NaN, not raised again).
-struct GroupStats {
-    double sum, mean, sq_dev;
-    bool flat, overflow;
-};
-
-// The layout the host allocates: four f64 per group.
-static_assert(sizeof(GroupStats) == 32, "GroupStats is [f64; 4] on the host");
 
 struct MinF64 {
     __device__ double operator()(double a, double b) const { return fmin(a, b); }
@@ -117,7 +104,7 @@ __device__ __forceinline__ void affine(int mode, const GroupStats& s, int64_t g,
 // `unbiased` is the std convention of the mode (true for modes without one).
 extern "C" __global__ void __launch_bounds__(THREADS)
     group_advantages(const float* values, const float* weights, int64_t components, int64_t n, int64_t group_size,
-                     int mode, float eps, int unbiased, float* advantages, float* rewards, float* group_mean,
+                     AdvantageMode mode, float eps, int unbiased, float* advantages, float* rewards, float* group_mean,
                      float* group_std, GroupStats* stats, uint32_t* status) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t g = group_size, groups = n / group_size;

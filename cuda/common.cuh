@@ -3,9 +3,13 @@
 // combine, the online softmax state, and the status word through which
 // kernels report bad data without a host round trip.
 //
-// Every kernel file includes this and nothing else of the project; each op
-// family's kernels live in their own .cu file.
+// Every kernel file includes this, which includes abi.h (what the host
+// must agree on); each op family's kernels live in their own .cu file, with
+// row math shared between families in a header of its own (logprob.cuh,
+// kl.cuh).
 #pragma once
+
+#include "abi.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,13 +43,7 @@ __device__ __forceinline__ int64_t to_id(int32_t x) { return (int64_t)x; }
 __device__ __forceinline__ int64_t to_id(int64_t x) { return x; }
 
 // ------------------------------------------------------------ status word
-// Kernels never trap on bad data: they write NaN where an output is
-// undefined and raise a bit here, which the host reads when it checks.
-// word 0: bits, (1 << (4 * op + kind)); words 1..3: the smallest index that
-// raised each kind (atomicMin), so the error can name a row.
-enum StatusKind : uint32_t { TOKEN_OUT_OF_RANGE = 0, NON_FINITE = 1, BAD_LAYOUT = 2 };
-enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5,
-               OP_FUSED_LINEAR_LOSS = 6 };
+// Layout and ids in abi.h. The index words are lowered with atomicMin.
 
 __device__ __forceinline__ void raise(uint32_t* status, OpId op, StatusKind kind, uint64_t index) {
     atomicOr(status, 1u << (4u * op + kind));

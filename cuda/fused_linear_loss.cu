@@ -17,39 +17,13 @@ using namespace gk;
 
 namespace {
 
-constexpr int THREADS = 256;
+constexpr int THREADS = FUSED_LOSS_THREADS;
 
-enum Aggregation : int { TOKEN_MEAN = 0, SEQ_MEAN_TOKEN_MEAN = 1, SEQ_MEAN_TOKEN_SUM = 2, SEQ_MEAN_TOKEN_SUM_NORM = 3 };
-
-// Summary order, shared with the Rust side (PolicyLossStats).
-enum Summary : int { LOSS = 0, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, RATIO_MEAN, RATIO_MAX, KL_MEAN, TOKENS, SUMMARY_LEN };
-
-// Per-row statistics written by fll_rows, folded by fll_summary.
-struct RowStats {
-    float loss, count, clip_low, clip_high, dual, ratio_sum, ratio_max, kl_sum;
-};
-static_assert(sizeof(RowStats) == 32, "RowStats: 8 floats");
-
-struct CombineStats {
-    __device__ __forceinline__ RowStats operator()(const RowStats& a, const RowStats& b) const {
-        return {a.loss + b.loss,           a.count + b.count, a.clip_low + b.clip_low, a.clip_high + b.clip_high,
-                a.dual + b.dual,           a.ratio_sum + b.ratio_sum, fmaxf(a.ratio_max, b.ratio_max),
-                a.kl_sum + b.kl_sum};
-    }
-};
-
-// Everything fll_rows reads besides the chunk's partials. Mirrored by
-// `RowParams` in src/cuda/fused_linear_loss.rs.
-struct RowParams {
-    const float *old_logp, *ref_logp, *adv_seq, *adv_tok;
-    const float* counts;    // [seqs] masked-in tokens per sequence
-    const float* total;     // [1] masked-in tokens in all
-    const int32_t* seq_of;  // [rows] each row's sequence
-    int64_t rows, vocab, seqs;
-    float inv_t, eps_low, eps_high, dual_clip, log_ratio_clamp, beta, agg_constant;
-    int kl_kind, aggregation;
-};
-static_assert(sizeof(RowParams) == 120, "RowParams layout: 7 pointers, 3 int64, 7 float, 2 int, 4 bytes of padding");
+// The row parameters, the per-row statistics (a policy loss partial per
+// row, folded by CombinePartial), the aggregation and the summary's order:
+// abi.h.
+using RowParams = FusedLossRowParams;
+using RowStats = PolicyLossPartial;
 
 __device__ __forceinline__ float token_weight(const RowParams& p, int64_t s) {
     const float seqs = (float)p.seqs;
@@ -183,8 +157,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     fll_summary(const RowStats* stats, int64_t rows, const float* total, float* summary, uint32_t* status) {
     __shared__ RowStats scratch[THREADS / 32];
     RowStats acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -INFINITY, 0.f};
-    for (int64_t r = threadIdx.x; r < rows; r += THREADS) acc = CombineStats{}(acc, stats[r]);
-    acc = block_reduce(acc, CombineStats{}, scratch);
+    for (int64_t r = threadIdx.x; r < rows; r += THREADS) acc = CombinePartial{}(acc, stats[r]);
+    acc = block_reduce(acc, CombinePartial{}, scratch);
     if (threadIdx.x != 0) return;
     const float m = total[0], per = m > 0.f ? 1.f / m : 0.f;
     // Finite token losses whose sum overflows (a bad row already raised makes it NaN).
@@ -200,7 +174,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 }
 
 // fll_counts: grid (seqs), THREADS threads. fll_tile_fwd: grid (chunk rows),
-// LOGPROB_THREADS. fll_rows: grid ceil(chunk rows / 8), 256 threads (a warp a row).
+// LOGPROB_THREADS. fll_rows: a warp a row, any number of whole warps a block
+// (the host launches 8), blocks covering the chunk's rows.
 #define GK_FLL_ID_KERNELS(I, IN)                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS) fll_counts_##IN(                                     \
         const I* targets, const uint8_t* mask, int64_t ignore_index, int has_ignore, const uint32_t* cu_seqlens, \

@@ -7,7 +7,7 @@ using namespace gk;
 
 // kl[i] = estimate(ref[i] - logp[i]); non-finite inputs, or an estimate
 // that overflows f32, raise NON_FINITE.
-extern "C" __global__ void kl_fwd(const float* logp, const float* ref, int64_t n, int kind, float* kl,
+extern "C" __global__ void kl_fwd(const float* logp, const float* ref, int64_t n, KlKind kind, float* kl,
                                   uint32_t* status) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float a = logp[i], b = ref[i], v = kl_estimate(kind, b - a).value;
@@ -18,7 +18,7 @@ extern "C" __global__ void kl_fwd(const float* logp, const float* ref, int64_t n
 
 // dlogp[i] = grad[i] * d estimate / d logp; non-finite inputs or grad, or a
 // result that overflows f32, raise NON_FINITE.
-extern "C" __global__ void kl_bwd(const float* logp, const float* ref, const float* grad, int64_t n, int kind,
+extern "C" __global__ void kl_bwd(const float* logp, const float* ref, const float* grad, int64_t n, KlKind kind,
                                   float* dlogp, uint32_t* status) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const float a = logp[i], b = ref[i], v = grad[i] * kl_estimate(kind, b - a).grad_logp;

@@ -4,9 +4,9 @@
 // src/ops/kl.rs.
 #pragma once
 
-namespace gk {
+#include "abi.h"
 
-enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3 };
+namespace gk {
 
 // verl's low_var_kl bounds: d clamped to +-20, the estimate to +-10.
 constexpr float LOW_VAR_D_CLAMP = 20.f, LOW_VAR_KL_CLAMP = 10.f;

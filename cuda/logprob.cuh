@@ -7,7 +7,6 @@
 
 namespace gk {
 
-constexpr int LOGPROB_THREADS = 512;
 constexpr int LOGPROB_UNROLL = 4;
 
 struct RowSpec {

@@ -13,22 +13,12 @@ using namespace gk;
 
 namespace {
 
-constexpr int THREADS = 256;
+constexpr int THREADS = POLICY_LOSS_THREADS;
 
-enum Aggregation : int { TOKEN_MEAN = 0, SEQ_MEAN_TOKEN_MEAN = 1, SEQ_MEAN_TOKEN_SUM = 2, SEQ_MEAN_TOKEN_SUM_NORM = 3 };
-
-// Summary order, shared with the Rust side.
-enum Summary : int { LOSS = 0, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, RATIO_MEAN, RATIO_MAX, KL_MEAN, TOKENS, SUMMARY_LEN };
-
-struct Params {
-    const float *logp, *old_logp, *ref_logp, *adv_seq, *adv_tok;
-    const uint8_t* mask;
-    const uint32_t* cu_seqlens;  // null: padded, sequence s = [s * seq_len, (s + 1) * seq_len)
-    int64_t seqs, tokens, seq_len;
-    float eps_low, eps_high, dual_clip;  // dual_clip 0 = off
-    float log_ratio_clamp, beta, agg_constant;
-    int seq_level, kl_kind, aggregation;
-};
+// The kernels' parameters and per-sequence sums, and the summary's order
+// (`Summary`): abi.h; the sums' fold (`CombinePartial`): policy_loss.cuh.
+using Params = PolicyLossParams;
+using Partial = PolicyLossPartial;
 
 // Sequence s's token range; bad offsets raise BAD_LAYOUT and read as empty.
 __device__ __forceinline__ void seq_range(const Params& p, int64_t s, int64_t* begin, int64_t* end, uint32_t* status) {
@@ -79,18 +69,6 @@ __device__ __forceinline__ TokenTerms token_terms(const Params& p, int64_t t, fl
     const TokenParams tp = {p.eps_low, p.eps_high, p.dual_clip, p.log_ratio_clamp, p.beta, p.kl_kind};
     return token_loss(tp, lr, adv, has_ref, ref - logp);
 }
-
-// Per-sequence sums; ratio_max combines by max.
-struct Partial {
-    float loss, count, clip_low, clip_high, dual, ratio_sum, ratio_max, kl_sum;
-};
-struct CombinePartial {
-    __device__ __forceinline__ Partial operator()(const Partial& a, const Partial& b) const {
-        return {a.loss + b.loss,           a.count + b.count, a.clip_low + b.clip_low, a.clip_high + b.clip_high,
-                a.dual + b.dual,           a.ratio_sum + b.ratio_sum, fmaxf(a.ratio_max, b.ratio_max),
-                a.kl_sum + b.kl_sum};
-    }
-};
 
 __device__ __forceinline__ float advantage(const Params& p, int64_t s, int64_t t) {
     return p.adv_tok ? p.adv_tok[t] : p.adv_seq[s];

@@ -11,7 +11,7 @@ namespace gk {
 struct TokenParams {
     float eps_low, eps_high, dual_clip;  // dual_clip 0 = off
     float log_ratio_clamp, beta;
-    int kl_kind;
+    KlKind kl_kind;
 };
 
 // One token's loss pieces. Gradient flows through the unclipped term iff it
@@ -45,5 +45,16 @@ __device__ __forceinline__ TokenTerms token_loss(const TokenParams& p, float lr,
     return {r, pg + p.beta * kl, kl, dpg + p.beta * dkl, r < 1.f - p.eps_low && adv < 0.f,
             r > 1.f + p.eps_high && adv > 0.f, dual};
 }
+
+// Folds two PolicyLossPartial (a sequence's sums in the policy loss, a
+// row's in the fused LM-head loss): sums, and the max of `ratio_max`.
+struct CombinePartial {
+    __device__ __forceinline__ PolicyLossPartial operator()(const PolicyLossPartial& a,
+                                                            const PolicyLossPartial& b) const {
+        return {a.loss + b.loss,           a.count + b.count, a.clip_low + b.clip_low, a.clip_high + b.clip_high,
+                a.dual + b.dual,           a.ratio_sum + b.ratio_sum, fmaxf(a.ratio_max, b.ratio_max),
+                a.kl_sum + b.kl_sum};
+    }
+};
 
 }  // namespace gk

@@ -23,7 +23,7 @@ using namespace gk;
 
 namespace {
 
-constexpr int THREADS = 1024;
+constexpr int THREADS = SAMPLING_THREADS;
 constexpr int NB = 1024;         // histogram bins per level
 constexpr int CAP = 2048;        // values sorted in shared memory
 constexpr int MAX_LEVELS = 8;    // refinement depth (float resolution is reached long before)

@@ -1,9 +1,10 @@
 //! Launches of the group advantage kernels (`cuda/advantages.cu`). The spec,
 //! conventions and validation are those of [`crate::ops::advantages`].
 
-use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
-use super::{launched, ptx, Device, Gpu, KernelFile, LaunchExt};
+use super::abi::{self, GroupStats};
+use super::{ptx, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::advantages::{AdvantageMode, GroupAdvantages, Rewards, OP, OP_BROADCAST};
 use crate::ops::layout::SeqLayout;
@@ -12,20 +13,54 @@ const FILE: KernelFile = KernelFile {
     name: "advantages",
     ptx: ptx::ADVANTAGES,
 };
-/// Threads of the one block of `group_advantages` (`THREADS` in the .cu).
-const THREADS: u32 = 1024;
 /// Threads per sequence of `broadcast_to_tokens`.
 const BROADCAST_THREADS: u32 = 256;
 
+abi::kernels! {
+    file: FILE;
+    /// Every group's advantages: one block of `ADVANTAGES_THREADS` for the
+    /// batch. `values`: `[components, n]`; `weights`: `[components]` or
+    /// null (one component); `advantages`, `rewards`: `[n]`; `group_mean`,
+    /// `group_std`, `stats` (scratch): `[n / group_size]`.
+    fn group_advantages(
+        values: In<f32>,
+        weights: Opt<In<f32>>,
+        components: i64,
+        n: i64,
+        group_size: i64,
+        mode: abi::AdvantageMode,
+        eps: f32,
+        unbiased: i32,
+        advantages: Out<f32>,
+        rewards: Out<f32>,
+        group_mean: Out<f32>,
+        group_std: Out<f32>,
+        stats: Out<GroupStats>,
+        status: Status,
+    );
+    /// `per_token[t] = per_seq[s]` for the tokens `t` of sequence `s`: one
+    /// block per sequence, any block size. `per_seq`: `[grid]`;
+    /// `cu_seqlens`: `[grid + 1]`, or null for padded sequences of
+    /// `seq_len`; `per_token`: `[tokens]`.
+    fn broadcast_to_tokens(
+        per_seq: In<f32>,
+        cu_seqlens: Opt<In<u32>>,
+        seq_len: i64,
+        tokens: i64,
+        per_token: Out<f32>,
+        status: Status,
+    );
+}
+
 impl AdvantageMode {
-    /// `(mode, eps)` as `cuda/advantages.cu` takes them (`Mode`).
-    fn kernel_params(self) -> (i32, f32) {
+    /// `(mode, eps)` as the kernel takes them.
+    fn kernel_params(self) -> (abi::AdvantageMode, f32) {
         match self {
-            AdvantageMode::GroupNorm { eps, .. } => (0, eps),
-            AdvantageMode::GroupMean => (1, 0.0),
-            AdvantageMode::BatchNorm { eps, .. } => (2, eps),
-            AdvantageMode::LeaveOneOut => (3, 0.0),
-            AdvantageMode::None => (4, 0.0),
+            AdvantageMode::GroupNorm { eps, .. } => (abi::AdvantageMode::GROUP_NORM, eps),
+            AdvantageMode::GroupMean => (abi::AdvantageMode::GROUP_MEAN, 0.0),
+            AdvantageMode::BatchNorm { eps, .. } => (abi::AdvantageMode::BATCH_NORM, eps),
+            AdvantageMode::LeaveOneOut => (abi::AdvantageMode::LEAVE_ONE_OUT, 0.0),
+            AdvantageMode::None => (abi::AdvantageMode::NONE, 0.0),
         }
     }
 }
@@ -53,38 +88,41 @@ pub fn group_advantages(
         Some(w) => Some(gpu.stream().clone_htod(w).map_err(Error::cuda)?),
         None => None,
     };
-    let weights_view = weights.as_ref().map(|w| w.as_view());
     let mut advantages = gpu.alloc::<f32>(n)?;
     let mut combined = gpu.alloc::<f32>(n)?;
     let mut group_mean = gpu.alloc::<f32>(groups)?;
     let mut group_std = gpu.alloc::<f32>(groups)?;
-    let mut stats = gpu.alloc::<[f64; 4]>(groups)?;
+    let mut stats = gpu.alloc::<GroupStats>(groups)?;
     let (mode_id, eps) = mode.kernel_params();
-    let (k_i, n_i, g_i, unbiased) = (components as i64, n as i64, g as i64, mode.unbiased() as i32);
-    let f = gpu.function(FILE, "group_advantages")?;
     let status = gpu.status();
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch
-        .arg(&rewards.values)
-        .opt(&weights_view)
-        .arg(&k_i)
-        .arg(&n_i)
-        .arg(&g_i)
-        .arg(&mode_id)
-        .arg(&eps)
-        .arg(&unbiased)
-        .arg(&mut advantages)
-        .arg(&mut combined)
-        .arg(&mut group_mean)
-        .arg(&mut group_std)
-        .arg(&mut stats)
-        .arg(&*status);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (abi::ADVANTAGES_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(unsafe { launch.launch(cfg) }.map(drop), "group_advantages")?;
+    // SAFETY: `values` holds `components * n` rewards and `weights` (when
+    // given) `components` (validated above); the outputs are allocated at
+    // the lengths the kernel writes; one block of ADVANTAGES_THREADS.
+    unsafe {
+        kernel::group_advantages(
+            gpu,
+            cfg,
+            &rewards.values,
+            weights.as_ref(),
+            components as i64,
+            n as i64,
+            g as i64,
+            mode_id,
+            eps,
+            mode.unbiased() as i32,
+            &mut advantages,
+            &mut combined,
+            &mut group_mean,
+            &mut group_std,
+            &mut stats,
+            &*status,
+        )
+    }?;
     Ok(GroupAdvantages {
         advantages,
         rewards: combined,
@@ -126,30 +164,30 @@ pub fn broadcast_to_tokens(
         });
     }
     let mut out = gpu.alloc::<f32>(tokens)?;
-    let stream = gpu.stream();
-    let (cu_seqlens, seq_len, _guard) = match layout {
-        SeqLayout::Padded { seq_len, .. } => (0, *seq_len as i64, None),
-        SeqLayout::Packed { cu_seqlens } => {
-            let (ptr, guard) = cu_seqlens.device_ptr(stream);
-            (ptr, 0, Some(guard))
-        }
+    let (cu_seqlens, seq_len) = match layout {
+        SeqLayout::Padded { seq_len, .. } => (None, *seq_len as i64),
+        SeqLayout::Packed { cu_seqlens } => (Some(cu_seqlens), 0),
     };
-    let tokens_i = tokens as i64;
-    let f = gpu.function(FILE, "broadcast_to_tokens")?;
     let status = gpu.status();
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(per_seq)
-        .arg(&cu_seqlens)
-        .arg(&seq_len)
-        .arg(&tokens_i)
-        .arg(&mut out)
-        .arg(&*status);
     let cfg = LaunchConfig {
         grid_dim: (seqs as u32, 1, 1),
         block_dim: (BROADCAST_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(unsafe { launch.launch(cfg) }.map(drop), "broadcast_to_tokens")?;
+    // SAFETY: `per_seq` holds `seqs` values, `cu_seqlens` (packed) `seqs + 1`
+    // offsets and `out` `tokens` elements (validated above); the kernel
+    // checks the offsets' values before using them.
+    unsafe {
+        kernel::broadcast_to_tokens(
+            gpu,
+            cfg,
+            per_seq,
+            cu_seqlens,
+            seq_len,
+            tokens as i64,
+            &mut out,
+            &*status,
+        )
+    }?;
     Ok(out)
 }

@@ -24,9 +24,10 @@
 
 use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt, LogProbsOut};
+use super::abi::{self, DevAddr};
+use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LogProbsOut};
 use crate::error::{check, Error, Result};
 use crate::ops::fused_linear::{FusedLinearConfig, LinearGrads, LinearRows, OP, OP_BWD};
 use crate::ops::logprob::{LogProbGrads, LogProbSaved, LogProbs};
@@ -35,12 +36,100 @@ pub(super) const FILE: KernelFile = KernelFile {
     name: "fused_linear",
     ptx: ptx::FUSED_LINEAR,
 };
-/// Threads per row of the tile kernels (`LOGPROB_THREADS` in logprob.cuh).
-pub(super) const TILE_THREADS: u32 = 512;
 /// Rows per block of the merge: one warp each.
-pub(super) const MERGE_ROWS_PER_BLOCK: u32 = 8;
-/// Threads of the elementwise kernels.
-pub(super) const THREADS: u32 = 256;
+const MERGE_ROWS_PER_BLOCK: u32 = 8;
+/// Threads of the elementwise kernels and of `fused_active_hidden`.
+const THREADS: u32 = 256;
+
+abi::kernels! {
+    file: FILE;
+    /// `tile[i] += bias[i % cols]` over a `[rows, cols]` tile; grid-stride,
+    /// any grid and block. `bias`: `[cols]`.
+    fn fused_add_bias<T: GpuFloat>(tile: Out<f32>, bias: In<T>, rows: i64, cols: i64);
+    /// `dst[i] = src[i]` rounded to `T`, `i < n`; grid-stride, any grid and block.
+    fn fused_cast<T: GpuFloat>(src: In<f32>, dst: Out<T>, n: i64);
+    /// `dst[i] = value`, `i < n`; grid-stride, any grid and block.
+    fn fused_fill<T: GpuFloat>(dst: Out<T>, value: f32, n: i64);
+    /// Raises NON_FINITE at the first non-finite `x[i]`, `i < n`, unless the
+    /// op already raised; grid-stride, any grid and block.
+    fn fused_check_finite<T: GpuFloat>(x: In<T>, n: i64, status: Status);
+    /// Folds a logits tile (`[grid, cols]`, columns `col0..` of `vocab`,
+    /// rows `row0..` of the batch) into per-row softmax states: one block
+    /// of `LOGPROB_THREADS` per tile row. `targets`, `mask`: the batch's;
+    /// `partials`: `[rows * chunks]`, this chunk's at `chunk`;
+    /// `target_logits`: `[rows]`, the row's target logit where it lies in
+    /// the tile.
+    fn fused_tile_fwd<I: GpuId>(
+        tile: In<f32>,
+        cols: i64,
+        col0: i64,
+        vocab: i64,
+        row0: i64,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        entropy: i32,
+        chunk: i64,
+        chunks: i64,
+        partials: Out<[f32; 3]>,
+        target_logits: Out<f32>,
+    );
+    /// Folds each row's `chunks` states into its outputs (each `[rows]`):
+    /// one warp per row, any number of warps per block, blocks covering
+    /// `rows`.
+    fn fused_merge<I: GpuId>(
+        target_logits: In<f32>,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        rows: i64,
+        vocab: i64,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        chunks: i64,
+        partials: In<[f32; 3]>,
+        logp: Out<f32>,
+        entropy: Opt<Out<f32>>,
+        lse: Out<f32>,
+        status: Status,
+    );
+    /// A logits tile's gradient `dtile` (`[grid, cols]`, in `T`) from the
+    /// saved values and upstream gradients (each `[rows]` of the batch,
+    /// read at `row0..`): one block of `LOGPROB_THREADS` per tile row.
+    fn fused_tile_bwd<T: GpuFloat, I: GpuId>(
+        tile: In<f32>,
+        dtile: Out<T>,
+        cols: i64,
+        col0: i64,
+        vocab: i64,
+        row0: i64,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        lse: In<f32>,
+        entropy: Opt<In<f32>>,
+        grad_logp: In<f32>,
+        grad_entropy: Opt<In<f32>>,
+        grad_lse: Opt<In<f32>>,
+        status: Status,
+    );
+    /// `out` (`[grid, hidden_size]`) = the rows `row0..` of `hidden`, with
+    /// skipped rows zeroed: one block per row, any block size.
+    fn fused_active_hidden<T: GpuFloat, I: GpuId>(
+        hidden: In<T>,
+        out: Out<T>,
+        hidden_size: i64,
+        row0: i64,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+    );
+}
 
 /// A row-major matrix in device memory: its address, dtype and shape.
 #[derive(Clone, Copy)]
@@ -143,6 +232,21 @@ pub(super) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// One block of `THREADS` per row of a chunk: `fused_active_hidden`'s grid.
+pub(super) fn active_hidden_grid(rows: usize) -> LaunchConfig {
+    per_row(rows, THREADS)
+}
+
+/// One warp per row, `MERGE_ROWS_PER_BLOCK` rows a block, blocks covering
+/// `rows`: the grid of `fused_merge` (and of the fused loss's `fll_rows`).
+pub(super) fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
+        block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Validated dimensions, raw pointers and kernel parameters shared by the
 /// forward and the backward.
 pub(super) struct Plan {
@@ -222,15 +326,19 @@ pub(super) fn logits_tile<T: GpuFloat>(
         (w_cols, true),
     )?;
     if let Some(bias) = bias {
-        let name = format!("fused_add_bias_{}", T::DTYPE.name());
-        let f = gpu.function(FILE, &name)?;
-        let (bias_cols, rows_i, cols_i) = (bias + c0 as u64 * size, rows as i64, cols as i64);
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch.arg(&tile).arg(&bias_cols).arg(&rows_i).arg(&cols_i);
-        launched(
-            unsafe { launch.launch(elementwise(gpu, rows * cols)) }.map(drop),
-            &name,
-        )?;
+        let bias_cols = DevAddr::<T>::new(bias + c0 as u64 * size);
+        // SAFETY: the tile holds `rows * cols` values, the bias (the
+        // caller's, guarded) `c0 + cols`.
+        unsafe {
+            kernel::fused_add_bias::<T>(
+                gpu,
+                elementwise(gpu, rows * cols),
+                DevAddr::new(tile),
+                bias_cols,
+                rows as i64,
+                cols as i64,
+            )
+        }?;
     }
     Ok(())
 }
@@ -263,65 +371,61 @@ pub fn fused_linear_logprobs_into<T: GpuFloat, I: GpuId>(
     let bias = bias_guard.as_ref().map(|(p, _)| *p);
     let (tile_ptr, _t) = tile.device_ptr_mut(stream);
     let size = std::mem::size_of::<T>();
-    let tile_name = format!("fused_tile_fwd_{}", I::NAME);
-    let tile_fn = gpu.function(FILE, &tile_name)?;
     let (vocab_i, chunks_i, entropy_i) = (plan.vocab as i64, chunks as i64, cfg.logprob.entropy as i32);
     let status = gpu.status();
     for (r0, r) in plan.row_chunks() {
         let hidden_rows = hidden + (r0 * plan.hidden * size) as u64;
         for (c, c0, cols) in plan.col_chunks() {
             logits_tile::<T>(gpu, OP, &plan, hidden_rows, weight, bias, (r, c0, cols), tile_ptr)?;
-            let (cols_i, c0_i, r0_i, c_i) = (cols as i64, c0 as i64, r0 as i64, c as i64);
-            let mut launch = stream.launch_builder(&tile_fn);
-            launch
-                .arg(&tile_ptr)
-                .arg(&cols_i)
-                .arg(&c0_i)
-                .arg(&vocab_i)
-                .arg(&r0_i)
-                .arg(&rows.targets)
-                .opt(&rows.mask)
-                .arg(&plan.ignore)
-                .arg(&plan.has_ignore)
-                .arg(&plan.inv_t)
-                .arg(&entropy_i)
-                .arg(&c_i)
-                .arg(&chunks_i)
-                .arg(&mut partials)
-                .arg(&mut target_logits)
-                .arg(&*status);
-            launched(
-                unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
-                &tile_name,
-            )?;
+            // SAFETY: the tile holds `r * cols` values, `targets` and `mask`
+            // `n` (validated), `partials` `n * chunks` and `target_logits`
+            // `n` (allocated above); rows `r0..r0 + r` of `n`.
+            unsafe {
+                kernel::fused_tile_fwd::<I>(
+                    gpu,
+                    per_row(r, abi::LOGPROB_THREADS),
+                    DevAddr::new(tile_ptr),
+                    cols as i64,
+                    c0 as i64,
+                    vocab_i,
+                    r0 as i64,
+                    &rows.targets,
+                    rows.mask.as_ref(),
+                    plan.ignore,
+                    plan.has_ignore,
+                    plan.inv_t,
+                    entropy_i,
+                    c as i64,
+                    chunks_i,
+                    &mut partials,
+                    &mut target_logits,
+                )
+            }?;
         }
     }
 
-    let merge_name = format!("fused_merge_{}", I::NAME);
-    let f = gpu.function(FILE, &merge_name)?;
-    let n_i = n as i64;
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(&target_logits)
-        .arg(&rows.targets)
-        .opt(&rows.mask)
-        .arg(&n_i)
-        .arg(&vocab_i)
-        .arg(&plan.ignore)
-        .arg(&plan.has_ignore)
-        .arg(&plan.inv_t)
-        .arg(&chunks_i)
-        .arg(&partials)
-        .arg(&mut out.logp)
-        .opt_mut(&mut out.entropy)
-        .arg(&mut out.lse)
-        .arg(&*status);
-    let merge = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
-        block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launched(unsafe { launch.launch(merge) }.map(drop), &merge_name)
+    // SAFETY: every buffer holds `n` rows (`partials` `n * chunks`), the
+    // outputs validated above; the blocks cover the `n` rows.
+    unsafe {
+        kernel::fused_merge::<I>(
+            gpu,
+            warp_per_row(n),
+            &target_logits,
+            &rows.targets,
+            rows.mask.as_ref(),
+            n as i64,
+            vocab_i,
+            plan.ignore,
+            plan.has_ignore,
+            plan.inv_t,
+            chunks_i,
+            &partials,
+            &mut out.logp,
+            out.entropy.as_mut(),
+            &mut out.lse,
+            &*status,
+        )
+    }
 }
 
 /// [`fused_linear_logprobs_into`], allocating its outputs.
@@ -420,69 +524,67 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
         let d_bias = d_bias_guard.as_ref().map(|(p, _)| *p);
         let size = std::mem::size_of::<T>() as u64;
         let offset = |rows: usize| rows as u64 * h as u64 * size;
-        let dtype = T::DTYPE.name();
 
         if let Some(ones) = ones {
-            let fill_name = format!("fused_fill_{dtype}");
-            let f = gpu.function(FILE, &fill_name)?;
-            let (one, rc_i) = (1.0f32, rc as i64);
-            let mut launch = stream.launch_builder(&f);
-            launch.arg(&ones).arg(&one).arg(&rc_i);
-            launched(
-                unsafe { launch.launch(elementwise(gpu, rc)) }.map(drop),
-                &fill_name,
-            )?;
+            // SAFETY: `ones` holds `rc` elements.
+            unsafe {
+                kernel::fused_fill::<T>(gpu, elementwise(gpu, rc), DevAddr::new(ones), 1.0, rc as i64)
+            }?;
         }
 
-        let active_name = format!("fused_active_hidden_{dtype}_{}", I::NAME);
-        let active_fn = gpu.function(FILE, &active_name)?;
-        let tile_name = format!("fused_tile_bwd_{dtype}_{}", I::NAME);
-        let tile_fn = gpu.function(FILE, &tile_name)?;
-        let cast_name = format!("fused_cast_{dtype}");
-        let cast_fn = gpu.function(FILE, &cast_name)?;
         let (vocab_i, h_i) = (plan.vocab as i64, h as i64);
         let status = gpu.status();
         for (chunk, (r0, r)) in plan.row_chunks().enumerate() {
             let r0_i = r0 as i64;
-            let mut launch = stream.launch_builder(&active_fn);
-            launch
-                .arg(&hidden)
-                .arg(&active)
-                .arg(&h_i)
-                .arg(&r0_i)
-                .arg(&rows.targets)
-                .opt(&rows.mask)
-                .arg(&plan.ignore)
-                .arg(&plan.has_ignore);
-            launched(
-                unsafe { launch.launch(per_row(r, THREADS)) }.map(drop),
-                &active_name,
-            )?;
+            // SAFETY: `hidden` holds `n * h` values and `targets`, `mask`
+            // `n` (validated), `active` `rc * h >= r * h`; rows
+            // `r0..r0 + r` of `n`.
+            unsafe {
+                kernel::fused_active_hidden::<T, I>(
+                    gpu,
+                    active_hidden_grid(r),
+                    DevAddr::new(hidden),
+                    DevAddr::new(active),
+                    h_i,
+                    r0_i,
+                    &rows.targets,
+                    rows.mask.as_ref(),
+                    plan.ignore,
+                    plan.has_ignore,
+                )
+            }?;
 
             let h_active = Mat::new::<T>(active, r, h);
             let acc_rows = Mat::new::<f32>(acc, r, h);
             let first_rows = if chunk == 0 { 0.0 } else { 1.0 };
             for (_, c0, cols) in plan.col_chunks() {
                 logits_tile::<T>(gpu, OP_BWD, &plan, active, weight, bias, (r, c0, cols), tile)?;
-                let (cols_i, c0_i) = (cols as i64, c0 as i64);
-                let mut launch = stream.launch_builder(&tile_fn);
-                launch
-                    .arg(&tile)
-                    .arg(&d_tile)
-                    .arg(&cols_i)
-                    .arg(&c0_i)
-                    .arg(&vocab_i)
-                    .arg(&r0_i)
-                    .arg(&rows.targets)
-                    .opt(&rows.mask)
-                    .arg(&plan.ignore)
-                    .arg(&plan.has_ignore)
-                    .arg(&plan.inv_t)
-                    .logprob_grads(saved, grads, &status);
-                launched(
-                    unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
-                    &tile_name,
-                )?;
+                // SAFETY: `tile` and `d_tile` hold `rc * vc >= r * cols`
+                // values, the rows' inputs, saved values and gradients `n`
+                // (validated); rows `r0..r0 + r` of `n`.
+                unsafe {
+                    kernel::fused_tile_bwd::<T, I>(
+                        gpu,
+                        per_row(r, abi::LOGPROB_THREADS),
+                        DevAddr::new(tile),
+                        DevAddr::new(d_tile),
+                        cols as i64,
+                        c0 as i64,
+                        vocab_i,
+                        r0_i,
+                        &rows.targets,
+                        rows.mask.as_ref(),
+                        plan.ignore,
+                        plan.has_ignore,
+                        plan.inv_t,
+                        &saved.lse,
+                        saved.entropy.as_ref(),
+                        &grads.logp,
+                        grads.entropy.as_ref(),
+                        grads.lse.as_ref(),
+                        &*status,
+                    )
+                }?;
 
                 let dz = Mat::new::<T>(d_tile, r, cols);
                 let w_cols = Mat::new::<T>(weight + offset(c0), cols, h);
@@ -499,30 +601,36 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
                     gemm(gpu, OP_BWD, db_cols, first_rows, (ones, false), (dz, false))?;
                 }
             }
-            let (dst, n_i) = (d_hidden + offset(r0), (r * h) as i64);
-            let mut launch = stream.launch_builder(&cast_fn);
-            launch.arg(&acc).arg(&dst).arg(&n_i);
-            launched(
-                unsafe { launch.launch(elementwise(gpu, r * h)) }.map(drop),
-                &cast_name,
-            )?;
+            let dst = DevAddr::<T>::new(d_hidden + offset(r0));
+            // SAFETY: `acc` holds `rc * h >= r * h` values, `dh` rows
+            // `r0..r0 + r` of `n` (validated above).
+            unsafe {
+                kernel::fused_cast::<T>(
+                    gpu,
+                    elementwise(gpu, r * h),
+                    DevAddr::new(acc),
+                    dst,
+                    (r * h) as i64,
+                )
+            }?;
         }
         // The finished gradients, checked as the CPU checks them.
-        let check_name = format!("fused_check_finite_{dtype}");
-        let check_fn = gpu.function(FILE, &check_name)?;
         let finished = [
             Some((d_hidden, plan.rows * h)),
             Some((d_weight, plan.vocab * h)),
             d_bias.map(|db| (db, plan.vocab)),
         ];
         for (ptr, n) in finished.into_iter().flatten() {
-            let n_i = n as i64;
-            let mut launch = stream.launch_builder(&check_fn);
-            launch.arg(&ptr).arg(&n_i).arg(&*status);
-            launched(
-                unsafe { launch.launch(elementwise(gpu, n)) }.map(drop),
-                &check_name,
-            )?;
+            // SAFETY: each gradient buffer holds `n` elements (validated above).
+            unsafe {
+                kernel::fused_check_finite::<T>(
+                    gpu,
+                    elementwise(gpu, n),
+                    DevAddr::new(ptr),
+                    n as i64,
+                    &*status,
+                )
+            }?;
         }
     }
     Ok(())

@@ -25,16 +25,13 @@
 //! row, token loss or gradient, bad `cu_seqlens`; the rows concerned get
 //! NaN, and so do `dW` and `db`, to which every row contributes.
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
 
+use super::abi::{self, DevAddr, FusedLossRowParams, PolicyLossPartial};
 use super::fused_linear::{
-    elementwise, gemm, logits_tile, per_row, Mat, Plan, FILE as LINEAR_FILE, MERGE_ROWS_PER_BLOCK, THREADS,
-    TILE_THREADS,
+    self, active_hidden_grid, elementwise, gemm, logits_tile, per_row, warp_per_row, Mat, Plan,
 };
-use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt};
+use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::fused_linear_loss::{FusedLossConfig, LinearLossInputs, OP};
 use crate::ops::layout::SeqLayout;
@@ -44,39 +41,106 @@ const FILE: KernelFile = KernelFile {
     name: "fused_linear_loss",
     ptx: ptx::FUSED_LINEAR_LOSS,
 };
-/// Floats in a per-row statistics record (`RowStats` in the .cu).
-const ROW_STATS_FLOATS: usize = 8;
 
-/// `RowParams` of `cuda/fused_linear_loss.cu`, field for field.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct RowParams {
-    old_logp: u64,
-    ref_logp: u64,
-    adv_seq: u64,
-    adv_tok: u64,
-    counts: u64,
-    total: u64,
-    seq_of: u64,
-    rows: i64,
-    vocab: i64,
-    seqs: i64,
-    inv_t: f32,
-    eps_low: f32,
-    eps_high: f32,
-    dual_clip: f32,
-    log_ratio_clamp: f32,
-    beta: f32,
-    agg_constant: f32,
-    kl_kind: i32,
-    aggregation: i32,
+abi::kernels! {
+    file: FILE;
+    /// Raises NON_FINITE at the first non-finite `x[i]`, `i < n`, unless the
+    /// op already raised; grid-stride, any grid and block.
+    fn fll_check_finite<T: GpuFloat>(x: In<T>, n: i64, status: Status);
+    /// Each sequence's masked-in token count into `counts` (`[seqs]`) and
+    /// each row's sequence into `seq_of` (`[rows]`): one block of
+    /// `FUSED_LOSS_THREADS` per sequence (grid = `seqs`). `targets`, `mask`:
+    /// `[rows]`; `cu_seqlens`: `[seqs + 1]`, or null for padded sequences
+    /// of `seq_len` (`seqs * seq_len = rows`).
+    fn fll_counts<I: GpuId>(
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+        cu_seqlens: Opt<In<u32>>,
+        seq_len: i64,
+        seqs: i64,
+        rows: i64,
+        counts: Out<f32>,
+        seq_of: Out<i32>,
+        status: Status,
+    );
+    /// `total[0]` = the sum of `counts` (`[seqs]`), in a fixed order: one
+    /// block of `FUSED_LOSS_THREADS`.
+    fn fll_total(counts: In<f32>, seqs: i64, total: Out<f32>);
+    /// The loss and statistics (`summary`: `[SUMMARY_LEN]`) from the
+    /// per-row statistics (`stats`: `[rows]`) and the token total
+    /// (`total`: `[1]`): one block of `FUSED_LOSS_THREADS`.
+    fn fll_summary(stats: In<PolicyLossPartial>, rows: i64, total: In<f32>, summary: Out<f32>, status: Status);
+    /// Folds the chunk's logits block (`[grid, cols]`, columns `col0..` of
+    /// `vocab`, rows `row0..` of the batch) into per-row softmax states:
+    /// one block of `LOGPROB_THREADS` per chunk row. `targets`, `mask`:
+    /// the batch's; `partials`: `[grid * chunks]` by chunk row, this vocab
+    /// chunk's at `chunk`; `target_logits`: `[rows]` of the batch, the
+    /// row's target logit where it lies in the block.
+    fn fll_tile_fwd<I: GpuId>(
+        tile: In<f32>,
+        cols: i64,
+        col0: i64,
+        vocab: i64,
+        row0: i64,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        entropy: i32,
+        chunk: i64,
+        chunks: i64,
+        partials: Out<[f32; 3]>,
+        target_logits: Out<f32>,
+    );
+    /// Rows `row0..row0 + n` of the batch: each row's `chunks` softmax
+    /// states (`partials`: `[n * chunks]`) folded into its log-prob, then
+    /// its token loss, `dL/dlogp` into `coef` and its statistics into
+    /// `stats`: one warp per row, any number of whole warps per block,
+    /// blocks covering `n`. `p`'s inputs, `target_logits`, `targets`,
+    /// `mask` and the outputs: `[p.rows]` (`p.adv_seq`, `p.counts`:
+    /// `[p.seqs]`; `p.total`: `[1]`).
+    fn fll_rows<I: GpuId>(
+        p: FusedLossRowParams,
+        target_logits: In<f32>,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+        row0: i64,
+        n: i64,
+        chunks: i64,
+        partials: In<[f32; 3]>,
+        logp: Out<f32>,
+        entropy: Opt<Out<f32>>,
+        lse: Out<f32>,
+        per_token: Out<f32>,
+        coef: Out<f32>,
+        stats: Out<PolicyLossPartial>,
+        status: Status,
+    );
+    /// `dz` (`dtile`, `[grid, cols]` in `T`) of the chunk's logits block
+    /// (`tile`, as in `fll_tile_fwd`) from `lse` and `coef` (`[rows]` of
+    /// the batch, read at `row0..`): one block of `LOGPROB_THREADS` per
+    /// chunk row.
+    fn fll_tile_dz<T: GpuFloat, I: GpuId>(
+        tile: In<f32>,
+        dtile: Out<T>,
+        cols: i64,
+        col0: i64,
+        vocab: i64,
+        row0: i64,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        lse: In<f32>,
+        coef: In<f32>,
+    );
 }
-
-// The .cu asserts the same size.
-const _: () = assert!(std::mem::size_of::<RowParams>() == 120);
-
-// SAFETY: plain old data with the C layout of the kernel's `RowParams`.
-unsafe impl DeviceRepr for RowParams {}
 
 /// Where [`fused_linear_policy_loss_into`] writes, on the device: the
 /// buffers of the CPU op's [`crate::LinearLossOut`].
@@ -174,7 +238,7 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
     let mut target_logits = gpu.alloc::<f32>(n)?;
     let mut lse = gpu.alloc::<f32>(n)?;
     let mut coef = gpu.alloc::<f32>(n)?;
-    let mut row_stats = gpu.alloc::<[f32; ROW_STATS_FLOATS]>(n)?;
+    let mut row_stats = gpu.alloc::<PolicyLossPartial>(n)?;
     let mut counts = gpu.alloc::<f32>(seqs)?;
     let mut total = gpu.alloc::<f32>(1)?;
     let mut seq_of = gpu.alloc::<i32>(n)?;
@@ -183,47 +247,46 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
         None => None,
     };
     let status = gpu.status();
-    let dtype = T::DTYPE.name();
     let (ignore, has_ignore, inv_t) = (plan.ignore, plan.has_ignore, plan.inv_t);
     let (n_i, v_i, h_i, seqs_i, chunks_i) = (n as i64, v as i64, h as i64, seqs as i64, chunks as i64);
 
     // Sequence counts, then their total: every row's weight, before the pass.
-    {
-        let name = format!("fll_counts_{}", I::NAME);
-        let f = gpu.function(FILE, &name)?;
-        let (cu, seq_len) = match &inputs.layout {
-            SeqLayout::Padded { seq_len, .. } => (None, *seq_len as i64),
-            SeqLayout::Packed { cu_seqlens } => (Some(cu_seqlens), 0),
-        };
-        let cu_ptr = cu.map(|c| c.device_ptr(stream));
-        let cu_arg = cu_ptr.as_ref().map_or(0u64, |(p, _)| *p);
-        let mut launch = stream.launch_builder(&f);
-        launch
-            .arg(&rows.targets)
-            .opt(&rows.mask)
-            .arg(&ignore)
-            .arg(&has_ignore)
-            .arg(&cu_arg)
-            .arg(&seq_len)
-            .arg(&seqs_i)
-            .arg(&n_i)
-            .arg(&mut counts)
-            .arg(&mut seq_of)
-            .arg(&*status);
-        let grid = LaunchConfig {
-            grid_dim: (seqs as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launched(unsafe { launch.launch(grid) }.map(drop), &name)?;
-        let f = gpu.function(FILE, "fll_total")?;
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&counts).arg(&seqs_i).arg(&mut total);
-        launched(
-            unsafe { launch.launch(per_row(1, THREADS)) }.map(drop),
-            "fll_total",
-        )?;
-    }
+    let (cu_seqlens, seq_len) = match &inputs.layout {
+        SeqLayout::Padded { seq_len, .. } => (None, *seq_len as i64),
+        SeqLayout::Packed { cu_seqlens } => (Some(cu_seqlens), 0),
+    };
+    // SAFETY: `targets` and `mask` hold `n` rows and `cu_seqlens` `seqs + 1`
+    // offsets, or the padded layout `seqs * seq_len = n` rows (validated
+    // above); `counts` holds `seqs`, `seq_of` `n` (allocated above); one
+    // block of FUSED_LOSS_THREADS per sequence (`seqs` fits a grid).
+    unsafe {
+        kernel::fll_counts::<I>(
+            gpu,
+            per_row(seqs, abi::FUSED_LOSS_THREADS),
+            &rows.targets,
+            rows.mask.as_ref(),
+            ignore,
+            has_ignore,
+            cu_seqlens,
+            seq_len,
+            seqs_i,
+            n_i,
+            &mut counts,
+            &mut seq_of,
+            &*status,
+        )
+    }?;
+    // SAFETY: `counts` holds `seqs`, `total` one (allocated above); one
+    // block of FUSED_LOSS_THREADS.
+    unsafe {
+        kernel::fll_total(
+            gpu,
+            per_row(1, abi::FUSED_LOSS_THREADS),
+            &counts,
+            seqs_i,
+            &mut total,
+        )
+    }?;
 
     let mut guards = Vec::new();
     let old_logp = ptr_of(stream, inputs.old_logp.as_ref(), &mut guards);
@@ -233,15 +296,17 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
         Advantage::PerToken(a) => (0, ptr_of(stream, Some(a), &mut guards)),
     };
     let (aggregation, agg_constant) = match cfg.loss.aggregation {
-        Aggregation::TokenMean { normalizer } => (0, normalizer.unwrap_or(0.0)),
-        Aggregation::SeqMeanTokenMean => (1, 0.0),
-        Aggregation::SeqMeanTokenSum => (2, 0.0),
-        Aggregation::SeqMeanTokenSumNorm { constant } => (3, constant),
+        Aggregation::TokenMean { normalizer } => (abi::Aggregation::TOKEN_MEAN, normalizer.unwrap_or(0.0)),
+        Aggregation::SeqMeanTokenMean => (abi::Aggregation::SEQ_MEAN_TOKEN_MEAN, 0.0),
+        Aggregation::SeqMeanTokenSum => (abi::Aggregation::SEQ_MEAN_TOKEN_SUM, 0.0),
+        Aggregation::SeqMeanTokenSumNorm { constant } => {
+            (abi::Aggregation::SEQ_MEAN_TOKEN_SUM_NORM, constant)
+        }
     };
     let (counts_ptr, _c) = counts.device_ptr(stream);
     let (total_ptr, _t) = total.device_ptr(stream);
     let (seq_of_ptr, _s) = seq_of.device_ptr(stream);
-    let params = RowParams {
+    let params = FusedLossRowParams {
         old_logp,
         ref_logp,
         adv_seq,
@@ -263,7 +328,8 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
         aggregation,
     };
 
-    let (hidden, _h) = rows.hidden.device_ptr(stream);
+    // Buffers that the GEMMs read or write, or that kernels use at an
+    // offset, by address (their guards held to the end).
     let (weight, _w) = rows.weight.device_ptr(stream);
     let bias_guard = rows.bias.as_ref().map(|b| b.device_ptr(stream));
     let bias = bias_guard.as_ref().map(|(p, _)| *p);
@@ -271,18 +337,8 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
     let (d_tile_ptr, _dt) = d_tile.device_ptr_mut(stream);
     let (active, _a) = hidden_active.device_ptr_mut(stream);
     let (acc, _acc) = d_hidden_acc.device_ptr_mut(stream);
-    let (partials_ptr, _p) = partials.device_ptr_mut(stream);
-    let (target_ptr, _tl) = target_logits.device_ptr_mut(stream);
-    let (lse_ptr, _lse) = lse.device_ptr_mut(stream);
-    let (coef_ptr, _coef) = coef.device_ptr_mut(stream);
-    let (stats_ptr, _st) = row_stats.device_ptr_mut(stream);
     let ones_guard = ones.as_mut().map(|o| o.device_ptr_mut(stream));
     let ones = ones_guard.as_ref().map(|(p, _)| *p);
-    let (logp_ptr, _lp) = out.logp.device_ptr_mut(stream);
-    let entropy_guard = out.entropy.as_mut().map(|e| e.device_ptr_mut(stream));
-    let entropy_ptr = entropy_guard.as_ref().map_or(0u64, |(p, _)| *p);
-    let (per_token_ptr, _pt) = out.per_token.device_ptr_mut(stream);
-    let (summary_ptr, _sum) = out.summary.device_ptr_mut(stream);
     let (d_hidden, _dh) = out.dhidden.device_ptr_mut(stream);
     let (d_weight, _dw) = out.dweight.device_ptr_mut(stream);
     let d_bias_guard = out.dbias.as_mut().map(|b| b.device_ptr_mut(stream));
@@ -291,98 +347,100 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
     let offset = |rows: usize| rows as u64 * h as u64 * size;
 
     if let Some(ones) = ones {
-        let name = format!("fused_fill_{dtype}");
-        let f = gpu.function(LINEAR_FILE, &name)?;
-        let (one, rc_i) = (1.0f32, rc as i64);
-        let mut launch = stream.launch_builder(&f);
-        launch.arg(&ones).arg(&one).arg(&rc_i);
-        launched(unsafe { launch.launch(elementwise(gpu, rc)) }.map(drop), &name)?;
+        // SAFETY: `ones` holds `rc` elements.
+        unsafe {
+            fused_linear::kernel::fused_fill::<T>(
+                gpu,
+                elementwise(gpu, rc),
+                DevAddr::new(ones),
+                1.0,
+                rc as i64,
+            )
+        }?;
     }
-    let active_name = format!("fused_active_hidden_{dtype}_{}", I::NAME);
-    let active_fn = gpu.function(LINEAR_FILE, &active_name)?;
-    let cast_name = format!("fused_cast_{dtype}");
-    let cast_fn = gpu.function(LINEAR_FILE, &cast_name)?;
-    let fwd_name = format!("fll_tile_fwd_{}", I::NAME);
-    let fwd_fn = gpu.function(FILE, &fwd_name)?;
-    let rows_name = format!("fll_rows_{}", I::NAME);
-    let rows_fn = gpu.function(FILE, &rows_name)?;
-    let dz_name = format!("fll_tile_dz_{dtype}_{}", I::NAME);
-    let dz_fn = gpu.function(FILE, &dz_name)?;
     let entropy_i = cfg.logprob.entropy as i32;
 
     for (chunk, (r0, r)) in plan.row_chunks().enumerate() {
         let r0_i = r0 as i64;
         // Hidden rows with skipped rows zeroed (a NaN there times a zero dz is NaN).
-        let mut launch = stream.launch_builder(&active_fn);
-        launch
-            .arg(&hidden)
-            .arg(&active)
-            .arg(&h_i)
-            .arg(&r0_i)
-            .arg(&rows.targets)
-            .opt(&rows.mask)
-            .arg(&ignore)
-            .arg(&has_ignore);
-        launched(
-            unsafe { launch.launch(per_row(r, THREADS)) }.map(drop),
-            &active_name,
-        )?;
+        // SAFETY: `hidden` holds `n * h` values and `targets`, `mask` `n`
+        // (validated), `active` `rc * h >= r * h`; rows `r0..r0 + r` of `n`.
+        unsafe {
+            fused_linear::kernel::fused_active_hidden::<T, I>(
+                gpu,
+                active_hidden_grid(r),
+                &rows.hidden,
+                DevAddr::new(active),
+                h_i,
+                r0_i,
+                &rows.targets,
+                rows.mask.as_ref(),
+                ignore,
+                has_ignore,
+            )
+        }?;
 
         // 1. GEMM 1 per vocab chunk into the chunk's logits, folded as it lands.
         for (c, c0, cols) in plan.col_chunks() {
             let block = logits_ptr + 4 * (r * c0) as u64;
             logits_tile::<T>(gpu, OP, &plan, active, weight, bias, (r, c0, cols), block)?;
-            let (cols_i, c0_i, c_i) = (cols as i64, c0 as i64, c as i64);
-            let mut launch = stream.launch_builder(&fwd_fn);
-            launch
-                .arg(&block)
-                .arg(&cols_i)
-                .arg(&c0_i)
-                .arg(&v_i)
-                .arg(&r0_i)
-                .arg(&rows.targets)
-                .opt(&rows.mask)
-                .arg(&ignore)
-                .arg(&has_ignore)
-                .arg(&inv_t)
-                .arg(&entropy_i)
-                .arg(&c_i)
-                .arg(&chunks_i)
-                .arg(&partials_ptr)
-                .arg(&target_ptr);
-            launched(
-                unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
-                &fwd_name,
-            )?;
+            // SAFETY: the block holds `r * cols` values of `logits` (`rc * v`),
+            // `targets` and `mask` `n` (validated), `partials` `rc * chunks`
+            // and `target_logits` `n` (allocated above); rows `r0..r0 + r`
+            // of `n`, `c < chunks`.
+            unsafe {
+                kernel::fll_tile_fwd::<I>(
+                    gpu,
+                    per_row(r, abi::LOGPROB_THREADS),
+                    DevAddr::new(block),
+                    cols as i64,
+                    c0 as i64,
+                    v_i,
+                    r0_i,
+                    &rows.targets,
+                    rows.mask.as_ref(),
+                    ignore,
+                    has_ignore,
+                    inv_t,
+                    entropy_i,
+                    c as i64,
+                    chunks_i,
+                    &mut partials,
+                    &mut target_logits,
+                )
+            }?;
         }
 
         // 2. The rows' log-probs, token losses and dL/dlogp.
-        let r_i = r as i64;
-        let mut launch = stream.launch_builder(&rows_fn);
-        launch
-            .arg(&params)
-            .arg(&target_ptr)
-            .arg(&rows.targets)
-            .opt(&rows.mask)
-            .arg(&ignore)
-            .arg(&has_ignore)
-            .arg(&r0_i)
-            .arg(&r_i)
-            .arg(&chunks_i)
-            .arg(&partials_ptr)
-            .arg(&logp_ptr)
-            .arg(&entropy_ptr)
-            .arg(&lse_ptr)
-            .arg(&per_token_ptr)
-            .arg(&coef_ptr)
-            .arg(&stats_ptr)
-            .arg(&*status);
-        let grid = LaunchConfig {
-            grid_dim: ((r as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
-            block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launched(unsafe { launch.launch(grid) }.map(drop), &rows_name)?;
+        // SAFETY: `params`' buffers hold what it says (the inputs validated
+        // above, their guards and `counts`', `total`'s and `seq_of`'s held
+        // to the end); `partials` holds `rc * chunks >= r * chunks`, the
+        // outputs and `target_logits`, `lse`, `coef`, `row_stats` `n`
+        // (validated or allocated above); rows `r0..r0 + r` of `n`, one
+        // warp each.
+        unsafe {
+            kernel::fll_rows::<I>(
+                gpu,
+                warp_per_row(r),
+                params,
+                &target_logits,
+                &rows.targets,
+                rows.mask.as_ref(),
+                ignore,
+                has_ignore,
+                r0_i,
+                r as i64,
+                chunks_i,
+                &partials,
+                &mut out.logp,
+                out.entropy.as_mut(),
+                &mut lse,
+                &mut out.per_token,
+                &mut coef,
+                &mut row_stats,
+                &*status,
+            )
+        }?;
 
         // 3. dz per vocab chunk, then GEMMs 2 and 3 (and db's GEMV).
         let h_active = Mat::new::<T>(active, r, h);
@@ -390,26 +448,28 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
         let first_rows = if chunk == 0 { 0.0 } else { 1.0 };
         for (_, c0, cols) in plan.col_chunks() {
             let block = logits_ptr + 4 * (r * c0) as u64;
-            let (cols_i, c0_i) = (cols as i64, c0 as i64);
-            let mut launch = stream.launch_builder(&dz_fn);
-            launch
-                .arg(&block)
-                .arg(&d_tile_ptr)
-                .arg(&cols_i)
-                .arg(&c0_i)
-                .arg(&v_i)
-                .arg(&r0_i)
-                .arg(&rows.targets)
-                .opt(&rows.mask)
-                .arg(&ignore)
-                .arg(&has_ignore)
-                .arg(&inv_t)
-                .arg(&lse_ptr)
-                .arg(&coef_ptr);
-            launched(
-                unsafe { launch.launch(per_row(r, TILE_THREADS)) }.map(drop),
-                &dz_name,
-            )?;
+            // SAFETY: the block holds `r * cols` values of `logits` and
+            // `d_tile` `rc * vc >= r * cols`, `targets` and `mask` `n`
+            // (validated), `lse` and `coef` `n`; rows `r0..r0 + r` of `n`.
+            unsafe {
+                kernel::fll_tile_dz::<T, I>(
+                    gpu,
+                    per_row(r, abi::LOGPROB_THREADS),
+                    DevAddr::new(block),
+                    DevAddr::new(d_tile_ptr),
+                    cols as i64,
+                    c0 as i64,
+                    v_i,
+                    r0_i,
+                    &rows.targets,
+                    rows.mask.as_ref(),
+                    ignore,
+                    has_ignore,
+                    inv_t,
+                    &lse,
+                    &coef,
+                )
+            }?;
             let dz = Mat::new::<T>(d_tile_ptr, r, cols);
             let w_cols = Mat::new::<T>(weight + offset(c0), cols, h);
             let first_cols = if c0 == 0 { 0.0 } else { 1.0 };
@@ -422,43 +482,49 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
                 gemm(gpu, OP, db_cols, first_rows, (ones, false), (dz, false))?;
             }
         }
-        let (dst, len_i) = (d_hidden + offset(r0), (r * h) as i64);
-        let mut launch = stream.launch_builder(&cast_fn);
-        launch.arg(&acc).arg(&dst).arg(&len_i);
-        launched(
-            unsafe { launch.launch(elementwise(gpu, r * h)) }.map(drop),
-            &cast_name,
-        )?;
+        // SAFETY: `acc` holds `rc * h >= r * h` values, `dhidden` rows
+        // `r0..r0 + r` of `n` (validated above).
+        unsafe {
+            fused_linear::kernel::fused_cast::<T>(
+                gpu,
+                elementwise(gpu, r * h),
+                DevAddr::new(acc),
+                DevAddr::<T>::new(d_hidden + offset(r0)),
+                (r * h) as i64,
+            )
+        }?;
     }
 
     // The loss and statistics, then the finished gradients checked.
-    let f = gpu.function(FILE, "fll_summary")?;
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(&stats_ptr)
-        .arg(&n_i)
-        .arg(&total_ptr)
-        .arg(&summary_ptr)
-        .arg(&*status);
-    launched(
-        unsafe { launch.launch(per_row(1, THREADS)) }.map(drop),
-        "fll_summary",
-    )?;
-    let check_name = format!("fll_check_finite_{dtype}");
-    let check_fn = gpu.function(FILE, &check_name)?;
+    // SAFETY: `row_stats` holds `n`, `total` one, `summary` SUMMARY_LEN
+    // (validated above); one block of FUSED_LOSS_THREADS.
+    unsafe {
+        kernel::fll_summary(
+            gpu,
+            per_row(1, abi::FUSED_LOSS_THREADS),
+            &row_stats,
+            n_i,
+            &total,
+            &mut out.summary,
+            &*status,
+        )
+    }?;
     let finished = [
         Some((d_hidden, n * h)),
         Some((d_weight, v * h)),
         d_bias.map(|db| (db, v)),
     ];
     for (ptr, len) in finished.into_iter().flatten() {
-        let len_i = len as i64;
-        let mut launch = stream.launch_builder(&check_fn);
-        launch.arg(&ptr).arg(&len_i).arg(&*status);
-        launched(
-            unsafe { launch.launch(elementwise(gpu, len)) }.map(drop),
-            &check_name,
-        )?;
+        // SAFETY: each gradient buffer holds `len` elements (validated above).
+        unsafe {
+            kernel::fll_check_finite::<T>(
+                gpu,
+                elementwise(gpu, len),
+                DevAddr::new(ptr),
+                len as i64,
+                &*status,
+            )
+        }?;
     }
     Ok(())
 }

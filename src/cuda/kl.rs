@@ -1,9 +1,10 @@
 //! Launches of the KL estimator kernels (`cuda/kl.cu`, math in `cuda/kl.cuh`).
 //! The spec and validation are those of [`crate::ops::kl`].
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
-use super::{launched, ptx, Device, Gpu, KernelFile};
+use super::abi::{self, KlKind};
+use super::{ptx, Device, Gpu, KernelFile};
 use crate::error::{check, Result};
 use crate::ops::kl::{KlEstimator, KlInputs, OP, OP_BWD};
 
@@ -11,16 +12,27 @@ const FILE: KernelFile = KernelFile {
     name: "kl",
     ptx: ptx::KL,
 };
+/// Threads per block (the kernels are grid-stride: any size works).
 const THREADS: u32 = 256;
 
+abi::kernels! {
+    file: FILE;
+    /// `kl[i]` = the `kind` estimate at `ref_logp[i] - logp[i]`, for `i < n`;
+    /// grid-stride, any grid and block. Buffers: `[n]`.
+    fn kl_fwd(logp: In<f32>, ref_logp: In<f32>, n: i64, kind: KlKind, kl: Out<f32>, status: Status);
+    /// `dlogp[i] = grad[i] * d kl[i] / d logp[i]`, for `i < n`; grid-stride,
+    /// any grid and block. Buffers: `[n]`.
+    fn kl_bwd(logp: In<f32>, ref_logp: In<f32>, grad: In<f32>, n: i64, kind: KlKind, dlogp: Out<f32>, status: Status);
+}
+
 impl KlEstimator {
-    /// The estimator's id in `cuda/kl.cuh` (`KlKind`).
-    pub(crate) fn kind(self) -> i32 {
+    /// The estimator's id in `cuda/abi.h`.
+    pub(crate) fn kind(self) -> KlKind {
         match self {
-            KlEstimator::K1 => 0,
-            KlEstimator::K2 => 1,
-            KlEstimator::K3 => 2,
-            KlEstimator::LowVarK3 => 3,
+            KlEstimator::K1 => KlKind::KL_K1,
+            KlEstimator::K2 => KlKind::KL_K2,
+            KlEstimator::K3 => KlKind::KL_K3,
+            KlEstimator::LowVarK3 => KlKind::KL_LOW_VAR_K3,
         }
     }
 }
@@ -41,18 +53,20 @@ fn grid(gpu: &Gpu, n: usize) -> LaunchConfig {
 pub fn kl_divergence(gpu: &Gpu, inputs: &KlInputs<'_, Device>, est: KlEstimator) -> Result<CudaSlice<f32>> {
     let n = inputs.validate(OP)?;
     let mut out = gpu.alloc::<f32>(n)?;
-    let (n_i, kind) = (n as i64, est.kind());
-    let f = gpu.function(FILE, "kl_fwd")?;
     let status = gpu.status();
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch
-        .arg(&inputs.logp)
-        .arg(&inputs.ref_logp)
-        .arg(&n_i)
-        .arg(&kind)
-        .arg(&mut out)
-        .arg(&*status);
-    launched(unsafe { launch.launch(grid(gpu, n)) }.map(drop), "kl_fwd")?;
+    // SAFETY: every buffer holds `n` elements (validated above).
+    unsafe {
+        kernel::kl_fwd(
+            gpu,
+            grid(gpu, n),
+            &inputs.logp,
+            &inputs.ref_logp,
+            n as i64,
+            est.kind(),
+            &mut out,
+            &*status,
+        )
+    }?;
     Ok(out)
 }
 
@@ -66,18 +80,20 @@ pub fn kl_divergence_backward(
     let n = inputs.validate(OP_BWD)?;
     check::len(OP_BWD, "grad", n, grad.len())?;
     let mut out = gpu.alloc::<f32>(n)?;
-    let (n_i, kind) = (n as i64, est.kind());
-    let f = gpu.function(FILE, "kl_bwd")?;
     let status = gpu.status();
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch
-        .arg(&inputs.logp)
-        .arg(&inputs.ref_logp)
-        .arg(grad)
-        .arg(&n_i)
-        .arg(&kind)
-        .arg(&mut out)
-        .arg(&*status);
-    launched(unsafe { launch.launch(grid(gpu, n)) }.map(drop), "kl_bwd")?;
+    // SAFETY: every buffer holds `n` elements (validated above).
+    unsafe {
+        kernel::kl_bwd(
+            gpu,
+            grid(gpu, n),
+            &inputs.logp,
+            &inputs.ref_logp,
+            grad,
+            n as i64,
+            est.kind(),
+            &mut out,
+            &*status,
+        )
+    }?;
     Ok(out)
 }

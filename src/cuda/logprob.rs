@@ -1,11 +1,10 @@
 //! Launches of the token log-prob kernels (`cuda/logprob.cu`). The spec,
 //! math and validation are those of [`crate::ops::logprob`].
 
-use cudarc::driver::{
-    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::{launched, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LaunchExt};
+use super::abi::{self, DevAddr};
+use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::logprob::{
     validate_lens, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogitRows, OP, OP_BWD,
@@ -15,12 +14,73 @@ const FILE: KernelFile = KernelFile {
     name: "logprob",
     ptx: ptx::LOGPROB,
 };
-/// Threads per block of the forward and backward (`THREADS` in the .cu).
-const THREADS: u32 = 512;
 /// Rows per block of the merge: one warp each.
 const MERGE_ROWS_PER_BLOCK: u32 = 8;
 /// A vocab slice is at least this long, so a block's sweep amortizes its reduction.
 const MIN_SLICE: usize = 8192;
+
+abi::kernels! {
+    file: FILE;
+    /// Rows of `logits` (`[grid.x, vocab]`) in `grid.y = splits` vocab
+    /// slices, one block of `LOGPROB_THREADS` per (row, slice). `targets`,
+    /// `mask`, `logp`, `entropy`, `lse`: `[grid.x]`. With one slice the
+    /// row's outputs are written; with more, `partials` (`[grid.x * splits]`
+    /// softmax states) is, for `logprob_merge`.
+    fn logprob_fwd<T: GpuFloat, I: GpuId>(
+        logits: In<T>,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        vocab: i64,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        splits: i64,
+        logp: Out<f32>,
+        entropy: Opt<Out<f32>>,
+        lse: Out<f32>,
+        partials: Opt<Out<[f32; 3]>>,
+        status: Status,
+    );
+    /// Folds the forward's `partials` (`[rows * splits]`) into each row's
+    /// outputs: one warp per row, any number of warps per block, blocks
+    /// covering `rows`. Lengths as in `logprob_fwd`, `[rows]`.
+    fn logprob_merge<T: GpuFloat, I: GpuId>(
+        logits: In<T>,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        rows: i64,
+        vocab: i64,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        splits: i64,
+        partials: In<[f32; 3]>,
+        logp: Out<f32>,
+        entropy: Opt<Out<f32>>,
+        lse: Out<f32>,
+        status: Status,
+    );
+    /// `dlogits` (`[grid.x, vocab]`, which may be `logits` itself) from the
+    /// saved `lse` and `entropy` and the upstream gradients (each
+    /// `[grid.x]`): grid and block as `logprob_fwd`.
+    fn logprob_bwd<T: GpuFloat, I: GpuId>(
+        logits: In<T>,
+        dlogits: Out<T>,
+        targets: In<I>,
+        mask: Opt<In<u8>>,
+        vocab: i64,
+        ignore_index: i64,
+        has_ignore: i32,
+        inv_t: f32,
+        splits: i64,
+        lse: In<f32>,
+        entropy: Opt<In<f32>>,
+        grad_logp: In<f32>,
+        grad_entropy: Opt<In<f32>>,
+        grad_lse: Opt<In<f32>>,
+        status: Status,
+    );
+}
 
 /// Where the forward writes its outputs (each `[rows]`).
 pub struct LogProbsOut<'a> {
@@ -81,69 +141,69 @@ pub fn token_logprobs_into<T: GpuFloat, I: GpuId>(
     out.validate(OP, n, cfg.entropy)?;
     let vocab = rows.vocab;
     let (grid_rows, splits) = grid(OP, n, gpu.vocab_splits(n, vocab, MIN_SLICE))?;
-    let partials: Option<CudaSlice<[f32; 3]>> = match splits {
+    let mut partials: Option<CudaSlice<[f32; 3]>> = match splits {
         1 => None,
         s => Some(gpu.alloc(n * s as usize)?),
     };
     let (ignore, has_ignore) = (cfg.ignore_index.unwrap_or(0), cfg.ignore_index.is_some() as i32);
     let inv_t = 1.0 / cfg.temperature;
     let (vocab_i, splits_i) = (vocab as i64, splits as i64);
-    let suffix = format!("{}_{}", T::DTYPE.name(), I::NAME);
     let status = gpu.status();
-
-    let name = format!("logprob_fwd_{suffix}");
-    let f = gpu.function(FILE, &name)?;
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch
-        .arg(&rows.logits)
-        .arg(&rows.targets)
-        .opt(&rows.mask)
-        .arg(&vocab_i)
-        .arg(&ignore)
-        .arg(&has_ignore)
-        .arg(&inv_t)
-        .arg(&splits_i)
-        .arg(&mut out.logp)
-        .opt_mut(&mut out.entropy)
-        .arg(&mut out.lse);
-    match &partials {
-        Some(p) => launch.arg(p),
-        None => launch.arg(&super::NULL),
-    };
-    launch.arg(&*status);
     let cfg_fwd = LaunchConfig {
         grid_dim: (grid_rows, splits, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (abi::LOGPROB_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(unsafe { launch.launch(cfg_fwd) }.map(drop), &name)?;
+    // SAFETY: `logits` holds `n * vocab` values, the other inputs and the
+    // outputs `n` (validated above), `partials` `n * splits` states when
+    // there are several slices.
+    unsafe {
+        kernel::logprob_fwd::<T, I>(
+            gpu,
+            cfg_fwd,
+            &rows.logits,
+            &rows.targets,
+            rows.mask.as_ref(),
+            vocab_i,
+            ignore,
+            has_ignore,
+            inv_t,
+            splits_i,
+            &mut out.logp,
+            out.entropy.as_mut(),
+            &mut out.lse,
+            partials.as_mut(),
+            &*status,
+        )
+    }?;
 
     if let Some(partials) = &partials {
-        let name = format!("logprob_merge_{suffix}");
-        let f = gpu.function(FILE, &name)?;
-        let n_i = n as i64;
-        let mut launch = gpu.stream().launch_builder(&f);
-        launch
-            .arg(&rows.logits)
-            .arg(&rows.targets)
-            .opt(&rows.mask)
-            .arg(&n_i)
-            .arg(&vocab_i)
-            .arg(&ignore)
-            .arg(&has_ignore)
-            .arg(&inv_t)
-            .arg(&splits_i)
-            .arg(partials)
-            .arg(&mut out.logp)
-            .opt_mut(&mut out.entropy)
-            .arg(&mut out.lse)
-            .arg(&*status);
         let cfg_merge = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(MERGE_ROWS_PER_BLOCK), 1, 1),
             block_dim: (32 * MERGE_ROWS_PER_BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        launched(unsafe { launch.launch(cfg_merge) }.map(drop), &name)?;
+        // SAFETY: as for the forward; the blocks cover the `n` rows.
+        unsafe {
+            kernel::logprob_merge::<T, I>(
+                gpu,
+                cfg_merge,
+                &rows.logits,
+                &rows.targets,
+                rows.mask.as_ref(),
+                n as i64,
+                vocab_i,
+                ignore,
+                has_ignore,
+                inv_t,
+                splits_i,
+                partials,
+                &mut out.logp,
+                out.entropy.as_mut(),
+                &mut out.lse,
+                &*status,
+            )
+        }?;
     }
     Ok(())
 }
@@ -189,6 +249,7 @@ pub fn token_logprobs_backward_into<T: GpuFloat, I: GpuId>(
     check::len(OP_BWD, "dlogits (output)", rows.logits.len(), dlogits.len())?;
     let (src, _read) = rows.logits.device_ptr(gpu.stream());
     let (dst, _written) = dlogits.device_ptr_mut(gpu.stream());
+    let (src, dst) = (DevAddr::new(src), DevAddr::new(dst));
     let rows_ref = RowRefs {
         n,
         vocab: rows.vocab,
@@ -218,6 +279,7 @@ pub fn token_logprobs_backward_inplace<T: GpuFloat, I: GpuId>(
         mask.as_ref().map(|m| m.len()),
     )?;
     let (ptr, _written) = logits.device_ptr_mut(gpu.stream());
+    let ptr = DevAddr::new(ptr);
     let rows = RowRefs {
         n,
         vocab,
@@ -240,8 +302,8 @@ struct RowRefs<'a, 'b, I> {
 /// guards.
 fn launch_backward<T: GpuFloat, I: GpuId>(
     gpu: &Gpu,
-    logits: u64,
-    dlogits: u64,
+    logits: DevAddr<T>,
+    dlogits: DevAddr<T>,
     rows: RowRefs<'_, '_, I>,
     cfg: &LogProbConfig,
     saved: &LogProbSaved<'_, Device>,
@@ -253,27 +315,36 @@ fn launch_backward<T: GpuFloat, I: GpuId>(
     let (ignore, has_ignore) = (cfg.ignore_index.unwrap_or(0), cfg.ignore_index.is_some() as i32);
     let inv_t = 1.0 / cfg.temperature;
     let (vocab_i, splits_i) = (rows.vocab as i64, splits as i64);
-    let name = format!("logprob_bwd_{}_{}", T::DTYPE.name(), I::NAME);
-    let f = gpu.function(FILE, &name)?;
     let status = gpu.status();
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch
-        .arg(&logits)
-        .arg(&dlogits)
-        .arg(rows.targets)
-        .opt(rows.mask)
-        .arg(&vocab_i)
-        .arg(&ignore)
-        .arg(&has_ignore)
-        .arg(&inv_t)
-        .arg(&splits_i)
-        .logprob_grads(saved, grads, &status);
     let cfg_bwd = LaunchConfig {
         grid_dim: (grid_rows, splits, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (abi::LOGPROB_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(unsafe { launch.launch(cfg_bwd) }.map(drop), &name)
+    // SAFETY: `logits` and `dlogits` address `n * vocab` elements (the
+    // callers validated them and hold their guards), the saved values and
+    // gradients `n` (validated above).
+    unsafe {
+        kernel::logprob_bwd::<T, I>(
+            gpu,
+            cfg_bwd,
+            logits,
+            dlogits,
+            rows.targets,
+            rows.mask.as_ref(),
+            vocab_i,
+            ignore,
+            has_ignore,
+            inv_t,
+            splits_i,
+            &saved.lse,
+            saved.entropy.as_ref(),
+            &grads.logp,
+            grads.entropy.as_ref(),
+            grads.lse.as_ref(),
+            &*status,
+        )
+    }
 }
 
 /// [`crate::token_logprobs_backward`] on the GPU, allocating `dlogits`.

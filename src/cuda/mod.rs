@@ -29,13 +29,14 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use cudarc::cublas::{sys::cudaDataType_t, CudaBlas};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
-    LaunchArgs, PushKernelArg, ValidAsZeroBits,
+    ValidAsZeroBits,
 };
 
 use crate::element::{Float, TokenId};
 use crate::error::{DeviceFault, Error, Result};
 use crate::memory::Memory;
 
+pub(crate) mod abi;
 pub mod advantages;
 pub mod fused_linear;
 pub mod fused_linear_loss;
@@ -163,25 +164,32 @@ impl Loaded {
     }
 }
 
-/// Status word layout, shared with `cuda/common.cuh`: word 0 holds bit
-/// `4 * op + kind`, word `1 + kind` the smallest index that raised `kind`.
-const STATUS_WORDS: usize = 4;
-const STATUS_CLEAR: [u32; STATUS_WORDS] = [0, u32::MAX, u32::MAX, u32::MAX];
-/// Op ids in the order of `OpId` in `cuda/common.cuh`.
-const OP_NAMES: [&str; 7] = [
-    "token_logprobs",
-    "fused_linear_logprobs",
-    "group_advantages",
-    "policy_loss",
-    "kl_divergence",
-    "sample",
-    "fused_linear_policy_loss",
-];
-const FAULTS: [DeviceFault; 3] = [
-    DeviceFault::TokenOutOfRange,
-    DeviceFault::NonFinite,
-    DeviceFault::InvalidLayout,
-];
+/// The status word with nothing raised (layout: `cuda/abi.h`): word 0
+/// holds bit `4 * op + kind`, word `1 + kind` the smallest index that
+/// raised `kind`.
+const STATUS_CLEAR: [u32; abi::STATUS_WORDS as usize] = [0, u32::MAX, u32::MAX, u32::MAX];
+const _: () = assert!(abi::STATUS_WORDS as usize == 1 + abi::StatusKind::ALL.len());
+
+/// The public name of the op a kernel reports for.
+fn op_name(op: abi::OpId) -> &'static str {
+    match op {
+        abi::OpId::OP_LOGPROB => "token_logprobs",
+        abi::OpId::OP_FUSED_LINEAR => "fused_linear_logprobs",
+        abi::OpId::OP_ADVANTAGES => "group_advantages",
+        abi::OpId::OP_POLICY_LOSS => "policy_loss",
+        abi::OpId::OP_KL => "kl_divergence",
+        abi::OpId::OP_SAMPLING => "sample",
+        abi::OpId::OP_FUSED_LINEAR_LOSS => "fused_linear_policy_loss",
+    }
+}
+
+fn fault(kind: abi::StatusKind) -> DeviceFault {
+    match kind {
+        abi::StatusKind::TOKEN_OUT_OF_RANGE => DeviceFault::TokenOutOfRange,
+        abi::StatusKind::NON_FINITE => DeviceFault::NonFinite,
+        abi::StatusKind::BAD_LAYOUT => DeviceFault::InvalidLayout,
+    }
+}
 
 /// The handle every CUDA op takes: a stream, the kernels loaded for its
 /// context, and the status word the kernels report bad data into.
@@ -249,11 +257,14 @@ impl Gpu {
             .memcpy_htod(&STATUS_CLEAR, &mut *status)
             .map_err(Error::cuda)?;
         let bit = words[0].trailing_zeros() as usize;
-        let (op, kind) = (bit / 4, bit % 4);
+        let kinds = abi::StatusKind::ALL;
+        let kind = kinds[(bit % 4).min(kinds.len() - 1)];
         Err(Error::Device {
-            op: OP_NAMES.get(op).copied().unwrap_or("unknown op"),
-            fault: FAULTS[kind.min(FAULTS.len() - 1)],
-            index: words[1 + kind.min(2)] as usize,
+            op: abi::OpId::ALL
+                .get(bit / 4)
+                .map_or("unknown op", |&op| op_name(op)),
+            fault: fault(kind),
+            index: words[1 + kind as usize] as usize,
         })
     }
 
@@ -325,52 +336,6 @@ fn library_present(unix: &[&str], windows: &[&str]) -> bool {
     names
         .iter()
         .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
-}
-
-/// A null pointer argument, for optional buffers.
-static NULL: u64 = 0;
-
-/// Pushing optional buffers and the status word onto a launch.
-pub(crate) trait LaunchExt<'a> {
-    fn opt<T>(&mut self, buf: &'a Option<CudaView<'_, T>>) -> &mut Self;
-    fn opt_mut<T>(&mut self, buf: &'a mut Option<CudaViewMut<'_, T>>) -> &mut Self;
-    /// What every log-prob backward kernel reads after its rows (`lse`,
-    /// `entropy`, `grad_logp`, `grad_entropy`, `grad_lse`), then the status word.
-    fn logprob_grads(
-        &mut self,
-        saved: &'a crate::ops::logprob::LogProbSaved<'_, Device>,
-        grads: &'a crate::ops::logprob::LogProbGrads<'_, Device>,
-        status: &'a CudaSlice<u32>,
-    ) -> &mut Self;
-}
-
-impl<'a> LaunchExt<'a> for LaunchArgs<'a> {
-    fn logprob_grads(
-        &mut self,
-        saved: &'a crate::ops::logprob::LogProbSaved<'_, Device>,
-        grads: &'a crate::ops::logprob::LogProbGrads<'_, Device>,
-        status: &'a CudaSlice<u32>,
-    ) -> &mut Self {
-        self.arg(&saved.lse)
-            .opt(&saved.entropy)
-            .arg(&grads.logp)
-            .opt(&grads.entropy)
-            .opt(&grads.lse)
-            .arg(status)
-    }
-
-    fn opt<T>(&mut self, buf: &'a Option<CudaView<'_, T>>) -> &mut Self {
-        match buf {
-            Some(b) => self.arg(b),
-            None => self.arg(&NULL),
-        }
-    }
-    fn opt_mut<T>(&mut self, buf: &'a mut Option<CudaViewMut<'_, T>>) -> &mut Self {
-        match buf {
-            Some(b) => self.arg(b),
-            None => self.arg(&NULL),
-        }
-    }
 }
 
 /// A launch's result as this crate's error.

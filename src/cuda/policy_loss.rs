@@ -7,11 +7,10 @@
 //! loss gradient as a device scalar, so an autograd backward never waits
 //! for the host.
 
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, SyncOnDrop};
 
-use super::{launched, ptx, Device, Gpu, KernelFile};
+use super::abi::{self, PolicyLossParams, PolicyLossPartial, Summary};
+use super::{ptx, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::layout::SeqLayout;
 use crate::ops::policy_loss::{
@@ -23,42 +22,53 @@ const FILE: KernelFile = KernelFile {
     name: "policy_loss",
     ptx: ptx::POLICY_LOSS,
 };
-/// Threads per block (`THREADS` in the .cu).
-const THREADS: u32 = 256;
-/// Floats in a per-sequence partial (`Partial` in the .cu).
-const PARTIAL_FLOATS: usize = 8;
 
-/// `Params` of `cuda/policy_loss.cu`, field for field.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Params {
-    logp: u64,
-    old_logp: u64,
-    ref_logp: u64,
-    adv_seq: u64,
-    adv_tok: u64,
-    mask: u64,
-    cu_seqlens: u64,
-    seqs: i64,
-    tokens: i64,
-    seq_len: i64,
-    eps_low: f32,
-    eps_high: f32,
-    dual_clip: f32,
-    log_ratio_clamp: f32,
-    beta: f32,
-    agg_constant: f32,
-    seq_level: i32,
-    kl_kind: i32,
-    aggregation: i32,
+abi::kernels! {
+    file: FILE;
+    /// Per-token losses and the summary: one block of `POLICY_LOSS_THREADS`
+    /// per sequence (grid = `p.seqs`), the last to finish folding the
+    /// partials. `p`'s inputs: `[p.tokens]` (`adv_seq`: `[p.seqs]`;
+    /// `cu_seqlens`: `[p.seqs + 1]`); `per_token`: `[p.tokens]`;
+    /// `partials`: `[p.seqs]`; `summary`: `[SUMMARY_LEN]`; `ticket`: one
+    /// zeroed counter, which the kernel leaves zeroed.
+    fn policy_loss_fwd(
+        p: PolicyLossParams,
+        per_token: Out<f32>,
+        partials: Out<PolicyLossPartial>,
+        summary: Out<f32>,
+        ticket: Out<u32>,
+        status: Status,
+    );
+    /// `dlogp` (`[p.tokens]`) from the forward's `summary` (`[SUMMARY_LEN]`),
+    /// the loss gradient `grad_loss` (`[1]`) and optionally per-token
+    /// gradients (`[p.tokens]`): one block of `POLICY_LOSS_THREADS` per
+    /// sequence.
+    fn policy_loss_bwd(
+        p: PolicyLossParams,
+        summary: In<f32>,
+        grad_loss: In<f32>,
+        grad_per_token: Opt<In<f32>>,
+        dlogp: Out<f32>,
+        status: Status,
+    );
 }
 
-// SAFETY: plain old data with the C layout of the kernel's `Params`.
-unsafe impl DeviceRepr for Params {}
+// The summary's order is the kernel's.
+const _: () = {
+    assert!(PolicyLossStats::LOSS == Summary::LOSS as usize);
+    assert!(PolicyLossStats::CLIP_FRAC_LOW == Summary::CLIP_LOW as usize);
+    assert!(PolicyLossStats::CLIP_FRAC_HIGH == Summary::CLIP_HIGH as usize);
+    assert!(PolicyLossStats::DUAL_CLIP_FRAC == Summary::DUAL_CLIP as usize);
+    assert!(PolicyLossStats::RATIO_MEAN == Summary::RATIO_MEAN as usize);
+    assert!(PolicyLossStats::RATIO_MAX == Summary::RATIO_MAX as usize);
+    assert!(PolicyLossStats::KL_MEAN == Summary::KL_MEAN as usize);
+    assert!(PolicyLossStats::TOKENS == Summary::TOKENS as usize);
+    assert!(PolicyLossStats::SUMMARY_LEN == Summary::SUMMARY_LEN as usize);
+};
 
 /// Device pointers of the inputs, kept readable until the guards drop.
 struct Pointers<'a> {
-    params: Params,
+    params: PolicyLossParams,
     _guards: Vec<SyncOnDrop<'a>>,
 }
 
@@ -99,13 +109,15 @@ fn pointers<'a>(
         }
     };
     let (aggregation, agg_constant) = match cfg.aggregation {
-        Aggregation::TokenMean { normalizer } => (0, normalizer.unwrap_or(0.0)),
-        Aggregation::SeqMeanTokenMean => (1, 0.0),
-        Aggregation::SeqMeanTokenSum => (2, 0.0),
-        Aggregation::SeqMeanTokenSumNorm { constant } => (3, constant),
+        Aggregation::TokenMean { normalizer } => (abi::Aggregation::TOKEN_MEAN, normalizer.unwrap_or(0.0)),
+        Aggregation::SeqMeanTokenMean => (abi::Aggregation::SEQ_MEAN_TOKEN_MEAN, 0.0),
+        Aggregation::SeqMeanTokenSum => (abi::Aggregation::SEQ_MEAN_TOKEN_SUM, 0.0),
+        Aggregation::SeqMeanTokenSumNorm { constant } => {
+            (abi::Aggregation::SEQ_MEAN_TOKEN_SUM_NORM, constant)
+        }
     };
     Pointers {
-        params: Params {
+        params: PolicyLossParams {
             logp,
             old_logp,
             ref_logp,
@@ -140,7 +152,7 @@ fn per_sequence(op: &'static str, seqs: usize) -> Result<LaunchConfig> {
     }
     Ok(LaunchConfig {
         grid_dim: (seqs as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (abi::POLICY_LOSS_THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
 }
@@ -162,20 +174,25 @@ pub fn policy_loss(
     let stream = gpu.stream();
     let mut per_token = gpu.alloc::<f32>(n)?;
     let mut summary = gpu.alloc::<f32>(PolicyLossStats::SUMMARY_LEN)?;
-    let mut partials = gpu.alloc::<f32>(seqs * PARTIAL_FLOATS)?;
+    let mut partials = gpu.alloc::<PolicyLossPartial>(seqs)?;
     let mut ticket = stream.alloc_zeros::<u32>(1).map_err(Error::cuda)?;
     let ptrs = pointers(stream, inputs, cfg, n, seqs);
-    let f = gpu.function(FILE, "policy_loss_fwd")?;
     let status = gpu.status();
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(&ptrs.params)
-        .arg(&mut per_token)
-        .arg(&mut partials)
-        .arg(&mut summary)
-        .arg(&mut ticket)
-        .arg(&*status);
-    launched(unsafe { launch.launch(launch_cfg) }.map(drop), "policy_loss_fwd")?;
+    // SAFETY: the inputs hold what `p` says (validated above; the guards in
+    // `ptrs` keep them alive), the outputs are allocated at the kernel's
+    // lengths, the ticket zeroed; one block per sequence.
+    unsafe {
+        kernel::policy_loss_fwd(
+            gpu,
+            launch_cfg,
+            ptrs.params,
+            &mut per_token,
+            &mut partials,
+            &mut summary,
+            &mut ticket,
+            &*status,
+        )
+    }?;
     Ok(PolicyLoss { per_token, summary })
 }
 
@@ -204,15 +221,21 @@ pub fn policy_loss_backward(
     let stream = gpu.stream();
     let mut dlogp = gpu.alloc::<f32>(n)?;
     let ptrs = pointers(stream, inputs, cfg, n, seqs);
-    let f = gpu.function(FILE, "policy_loss_bwd")?;
     let status = gpu.status();
-    let mut launch = stream.launch_builder(&f);
-    launch.arg(&ptrs.params).arg(summary).arg(grad_loss);
-    match grad_per_token {
-        Some(g) => launch.arg(g),
-        None => launch.arg(&super::NULL),
-    };
-    launch.arg(&mut dlogp).arg(&*status);
-    launched(unsafe { launch.launch(launch_cfg) }.map(drop), "policy_loss_bwd")?;
+    // SAFETY: the inputs hold what `p` says (validated above; the guards in
+    // `ptrs` keep them alive), `summary`, `grad_loss` and `grad_per_token`
+    // their lengths (checked above), `dlogp` `n`; one block per sequence.
+    unsafe {
+        kernel::policy_loss_bwd(
+            gpu,
+            launch_cfg,
+            ptrs.params,
+            summary,
+            grad_loss,
+            grad_per_token,
+            &mut dlogp,
+            &*status,
+        )
+    }?;
     Ok(dlogp)
 }

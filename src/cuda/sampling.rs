@@ -5,9 +5,10 @@
 //! keys tie within an ulp (the GPU's `logf` and the CPU's `ln` may round
 //! differently there).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
-use super::{launched, ptx, Device, Gpu, GpuFloat, KernelFile};
+use super::abi;
+use super::{ptx, Device, Gpu, GpuFloat, KernelFile};
 use crate::error::{Error, Result};
 use crate::ops::sampling::{SampleInputs, Samples, SamplingConfig, OP};
 
@@ -15,8 +16,25 @@ const FILE: KernelFile = KernelFile {
     name: "sampling",
     ptx: ptx::SAMPLING,
 };
-/// Threads per block (`THREADS` in the .cu).
-const THREADS: u32 = 1024;
+
+abi::kernels! {
+    file: FILE;
+    /// One token per row of `logits` (`[grid, vocab]`): one block of
+    /// `SAMPLING_THREADS` per row. `tokens`, `logp`: `[grid]`.
+    fn sample<T: GpuFloat>(
+        logits: In<T>,
+        vocab: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        seed: u64,
+        step: u64,
+        tokens: Out<u32>,
+        logp: Out<f32>,
+        status: Status,
+    );
+}
 
 /// [`crate::sample`] on the GPU: one token and its log-prob per row. A row
 /// with a NaN or `+inf` logit (or no finite one), or whose scaled logits
@@ -40,27 +58,30 @@ pub fn sample<T: GpuFloat>(
     let vocab = inputs.vocab as i64;
     // top_k = 0 or >= V keeps all, as on the CPU.
     let top_k = cfg.top_k.min(i64::MAX as usize) as i64;
-    let name = format!("sample_{}", T::DTYPE.name());
-    let f = gpu.function(FILE, &name)?;
     let status = gpu.status();
-    let mut launch = gpu.stream().launch_builder(&f);
-    launch
-        .arg(&inputs.logits)
-        .arg(&vocab)
-        .arg(&cfg.temperature)
-        .arg(&top_k)
-        .arg(&cfg.top_p)
-        .arg(&cfg.min_p)
-        .arg(&cfg.seed)
-        .arg(&cfg.step)
-        .arg(&mut tokens)
-        .arg(&mut logp)
-        .arg(&*status);
     let launch_cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (abi::SAMPLING_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(unsafe { launch.launch(launch_cfg) }.map(drop), &name)?;
+    // SAFETY: `logits` holds `rows * vocab` values (validated above), the
+    // outputs `rows`; one block of SAMPLING_THREADS per row.
+    unsafe {
+        kernel::sample::<T>(
+            gpu,
+            launch_cfg,
+            &inputs.logits,
+            vocab,
+            cfg.temperature,
+            top_k,
+            cfg.top_p,
+            cfg.min_p,
+            cfg.seed,
+            cfg.step,
+            &mut tokens,
+            &mut logp,
+            &*status,
+        )
+    }?;
     Ok(Samples { tokens, logp })
 }

@@ -14,8 +14,8 @@
 //! dh      = dz W,   dW = dz^T h,   db = sum_i dz_i
 //! ```
 //!
-//! The per-token loss and its derivative are the very function (not a copy)
-//! that [`policy_loss`](crate::policy_loss) evaluates per token, and
+//! The per-token loss and its derivative are `PolicyLossConfig::token_loss`
+//! itself, the function [`policy_loss`](crate::policy_loss) evaluates, and
 //! `dz` is the same row math (`RowGrad`) as [`fused_linear_logprobs_backward`]:
 //! the op shares both, so it computes what the two-call form
 //! (`fused_linear_logprobs`, `policy_loss`, `policy_loss_backward`,

@@ -37,6 +37,7 @@ mod sampling;
 /// One ignored test per family when the CUDA suites are compiled out, so
 /// `cargo test` shows where they are and why they did not run (a plain
 /// `--include-ignored` then fails here instead of passing nothing).
+#[cfg(not(feature = "candle-cuda"))]
 macro_rules! compiled_out {
     ($reason:literal: $($family:ident),+) => {
         $(
