@@ -16,7 +16,6 @@
 mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gemm::Parallelism;
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, DType, Float, FusedLinearConfig, LinearRows,
     LogProbGrads,
@@ -26,40 +25,6 @@ use half::bf16;
 const N: usize = 512;
 const H: usize = 896;
 const V: usize = 151_936;
-
-/// `dst [m, n] = a b` in f32 (the `gemm` crate, all threads), `a` stored
-/// row-major as `[m, k]` (or `[k, m]` when `a_t`), `b` as `[k, n]` (or
-/// `[n, k]` when `b_t`).
-fn gemm_f32(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: &[f32], a_t: bool, b: &[f32], b_t: bool) {
-    assert!(dst.len() == m * n && a.len() == m * k && b.len() == k * n);
-    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
-    // SAFETY: the buffers hold the shapes asserted above at these strides,
-    // and `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        )
-    }
-}
 
 /// Buffers of the naive code and of the matmul baseline.
 struct Naive {
@@ -93,7 +58,7 @@ impl Naive {
     /// Materialized logits, then per row max, sum of exps, log; returns `(logp, lse)`.
     fn forward<T: Float>(&mut self, hidden: &[T], weight: &[T], targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
         self.widen(hidden, weight);
-        gemm_f32(
+        util::gemm_f32(
             &mut self.logits,
             (N, V, H),
             &self.hidden,
@@ -127,7 +92,7 @@ impl Naive {
             }
             row[y as usize] += 1.0;
         }
-        gemm_f32(
+        util::gemm_f32(
             &mut self.d_hidden,
             (N, H, V),
             &self.logits,
@@ -135,7 +100,7 @@ impl Naive {
             &self.weight,
             false,
         );
-        gemm_f32(
+        util::gemm_f32(
             &mut self.d_weight,
             (V, H, N),
             &self.logits,
@@ -149,7 +114,7 @@ impl Naive {
 
     /// The GEMMs alone, on inputs already widened.
     fn matmuls(&mut self, backward: bool) {
-        gemm_f32(
+        util::gemm_f32(
             &mut self.logits,
             (N, V, H),
             &self.hidden,
@@ -158,7 +123,7 @@ impl Naive {
             true,
         );
         if backward {
-            gemm_f32(
+            util::gemm_f32(
                 &mut self.d_hidden,
                 (N, H, V),
                 &self.logits,
@@ -166,7 +131,7 @@ impl Naive {
                 &self.weight,
                 false,
             );
-            gemm_f32(
+            util::gemm_f32(
                 &mut self.d_weight,
                 (V, H, N),
                 &self.logits,

@@ -19,9 +19,10 @@
 //! RAYON_NUM_THREADS=1 cargo bench --bench fused_linear_loss
 //! ```
 
+mod util;
+
 use std::time::Instant;
 
-use gemm::Parallelism;
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_policy_loss,
     fused_linear_policy_loss_into, policy_loss, policy_loss_backward, Advantage, FusedLinearConfig,
@@ -70,39 +71,6 @@ fn peak_rss() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
-}
-
-/// `dst [m, n] = a b`, `a` row-major `[m, k]` (or `[k, m]` when `a_t`),
-/// `b` `[k, n]` (or `[n, k]` when `b_t`).
-fn gemm_f32(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: &[f32], a_t: bool, b: &[f32], b_t: bool) {
-    assert!(dst.len() == m * n && a.len() == m * k && b.len() == k * n);
-    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
-    // SAFETY: the buffers hold the shapes asserted above at these strides,
-    // and `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(0),
-        )
-    }
 }
 
 struct Inputs {
@@ -233,9 +201,9 @@ struct Gemms {
 impl Gemms {
     fn run(&mut self, x: &Inputs) {
         let n = x.n;
-        gemm_f32(&mut self.logits, (n, V, H), &x.hidden, false, &x.weight, true);
-        gemm_f32(&mut self.dh, (n, H, V), &self.logits, false, &x.weight, false);
-        gemm_f32(&mut self.dw, (V, H, n), &self.logits, true, &x.hidden, false);
+        util::gemm_f32(&mut self.logits, (n, V, H), &x.hidden, false, &x.weight, true);
+        util::gemm_f32(&mut self.dh, (n, H, V), &self.logits, false, &x.weight, false);
+        util::gemm_f32(&mut self.dw, (V, H, n), &self.logits, true, &x.hidden, false);
     }
 }
 

@@ -55,6 +55,47 @@ pub fn targets(rows: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+/// `dst [m, n] = a b` in f32 (the `gemm` crate, all threads), `a` stored
+/// row-major as `[m, k]` (or `[k, m]` when `a_t`), `b` as `[k, n]` (or
+/// `[n, k]` when `b_t`).
+pub fn gemm_f32(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+) {
+    assert!(dst.len() == m * n && a.len() == m * k && b.len() == k * n);
+    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
+    // SAFETY: the buffers hold the shapes asserted above at these strides,
+    // and `dst` is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub mod gpu {
     use cudarc::driver::sys::CUevent_flags;
