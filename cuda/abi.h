@@ -52,6 +52,18 @@ enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, O
 // u32 words of the status word: the bits, then one index per kind.
 constexpr int STATUS_WORDS = 4;
 
+// ------------------------------------------------------------ log-softmax
+// A log-softmax state over part of a row (`Softmax` in common.cuh, base 2:
+// the max, the sum of 2^(x - max), the sum of 2^(x - max) (x - max)), which
+// a split forward writes for each slice of a row and a finishing kernel
+// merges (`partials` of the log-prob and fused linear kernels).
+struct SoftmaxPartial {
+    float m;
+    float s;
+    float e;
+};
+static_assert(sizeof(SoftmaxPartial) == 12, "SoftmaxPartial: three f32");
+
 // ------------------------------------------------------------ KL
 // KL estimator of d = ref_logp - logp (`KlEstimator` in src/ops/kl.rs).
 enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3 };

@@ -151,6 +151,13 @@ struct Softmax {
     __device__ __forceinline__ float entropy() const { return (__log2f(s) - e / s) * LN2; }
 };
 
+// Split forwards write these states to memory the host allocates as
+// `SoftmaxPartial`s: one layout.
+static_assert(sizeof(Softmax) == sizeof(SoftmaxPartial) && offsetof(Softmax, m) == offsetof(SoftmaxPartial, m) &&
+                  offsetof(Softmax, s) == offsetof(SoftmaxPartial, s) &&
+                  offsetof(Softmax, e) == offsetof(SoftmaxPartial, e),
+              "Softmax is stored as a SoftmaxPartial");
+
 struct MergeSoftmax {
     __device__ __forceinline__ Softmax operator()(const Softmax& a, const Softmax& b) const { return a.merge(b); }
 };

@@ -15,7 +15,6 @@
 //! | fused LM head + GRPO loss: loss, statistics and `dh`, `dW` from hidden states in one pass (three matrix products) | [`ops::fused_linear_loss`] |
 
 #![warn(missing_docs)]
-#![allow(clippy::too_many_arguments)]
 
 pub mod element;
 pub mod error;

@@ -26,7 +26,7 @@ use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::driver::{CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::abi::{self, DevAddr};
+use super::abi::{self, DevAddr, SoftmaxPartial};
 use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile, LogProbsOut};
 use crate::error::{check, Error, Result};
 use crate::ops::fused_linear::{FusedLinearConfig, LinearGrads, LinearRows, OP, OP_BWD};
@@ -73,7 +73,7 @@ abi::kernels! {
         entropy: i32,
         chunk: i64,
         chunks: i64,
-        partials: Out<[f32; 3]>,
+        partials: Out<SoftmaxPartial>,
         target_logits: Out<f32>,
     );
     /// Folds each row's `chunks` states into its outputs (each `[rows]`):
@@ -89,7 +89,7 @@ abi::kernels! {
         has_ignore: i32,
         inv_t: f32,
         chunks: i64,
-        partials: In<[f32; 3]>,
+        partials: In<SoftmaxPartial>,
         logp: Out<f32>,
         entropy: Opt<Out<f32>>,
         lse: Out<f32>,
@@ -361,7 +361,7 @@ pub fn fused_linear_logprobs_into<T: GpuFloat, I: GpuId>(
     let (n, chunks) = (plan.rows, plan.num_col_chunks());
     out.validate(OP, n, cfg.logprob.entropy)?;
     let stream = gpu.stream();
-    let mut partials = gpu.alloc::<[f32; 3]>(n * chunks)?;
+    let mut partials = gpu.alloc::<SoftmaxPartial>(n * chunks)?;
     let mut target_logits = gpu.alloc::<f32>(n)?;
     let mut tile = gpu.alloc::<f32>(plan.chunk_rows * plan.chunk_vocab)?;
 

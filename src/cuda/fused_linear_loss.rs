@@ -27,7 +27,7 @@
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use super::abi::{self, DevAddr, FusedLossRowParams, PolicyLossPartial};
+use super::abi::{self, DevAddr, FusedLossRowParams, PolicyLossPartial, SoftmaxPartial};
 use super::fused_linear::{
     self, active_hidden_grid, elementwise, gemm, logits_tile, per_row, warp_per_row, Mat, Plan,
 };
@@ -92,7 +92,7 @@ abi::kernels! {
         entropy: i32,
         chunk: i64,
         chunks: i64,
-        partials: Out<[f32; 3]>,
+        partials: Out<SoftmaxPartial>,
         target_logits: Out<f32>,
     );
     /// Rows `row0..row0 + n` of the batch: each row's `chunks` softmax
@@ -112,7 +112,7 @@ abi::kernels! {
         row0: i64,
         n: i64,
         chunks: i64,
-        partials: In<[f32; 3]>,
+        partials: In<SoftmaxPartial>,
         logp: Out<f32>,
         entropy: Opt<Out<f32>>,
         lse: Out<f32>,
@@ -234,7 +234,7 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
     let mut d_tile = gpu.alloc::<T>(rc * vc)?;
     let mut hidden_active = gpu.alloc::<T>(rc * h)?;
     let mut d_hidden_acc = gpu.alloc::<f32>(rc * h)?;
-    let mut partials = gpu.alloc::<[f32; 3]>(rc * chunks)?;
+    let mut partials = gpu.alloc::<SoftmaxPartial>(rc * chunks)?;
     let mut target_logits = gpu.alloc::<f32>(n)?;
     let mut lse = gpu.alloc::<f32>(n)?;
     let mut coef = gpu.alloc::<f32>(n)?;

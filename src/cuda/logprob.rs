@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
-use super::abi::{self, DevAddr};
+use super::abi::{self, DevAddr, SoftmaxPartial};
 use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::logprob::{
@@ -38,7 +38,7 @@ abi::kernels! {
         logp: Out<f32>,
         entropy: Opt<Out<f32>>,
         lse: Out<f32>,
-        partials: Opt<Out<[f32; 3]>>,
+        partials: Opt<Out<SoftmaxPartial>>,
         status: Status,
     );
     /// Folds the forward's `partials` (`[rows * splits]`) into each row's
@@ -54,7 +54,7 @@ abi::kernels! {
         has_ignore: i32,
         inv_t: f32,
         splits: i64,
-        partials: In<[f32; 3]>,
+        partials: In<SoftmaxPartial>,
         logp: Out<f32>,
         entropy: Opt<Out<f32>>,
         lse: Out<f32>,
@@ -141,7 +141,7 @@ pub fn token_logprobs_into<T: GpuFloat, I: GpuId>(
     out.validate(OP, n, cfg.entropy)?;
     let vocab = rows.vocab;
     let (grid_rows, splits) = grid(OP, n, gpu.vocab_splits(n, vocab, MIN_SLICE))?;
-    let mut partials: Option<CudaSlice<[f32; 3]>> = match splits {
+    let mut partials: Option<CudaSlice<SoftmaxPartial>> = match splits {
         1 => None,
         s => Some(gpu.alloc(n * s as usize)?),
     };
@@ -261,6 +261,9 @@ pub fn token_logprobs_backward_into<T: GpuFloat, I: GpuId>(
 
 /// [`crate::token_logprobs_backward_inplace`] on the GPU: the gradient
 /// replaces the logits.
+// The CPU form's seven arguments and the GPU: a struct would hold a mutable
+// view beside shared ones only to satisfy the lint.
+#[allow(clippy::too_many_arguments)]
 pub fn token_logprobs_backward_inplace<T: GpuFloat, I: GpuId>(
     gpu: &Gpu,
     logits: &mut CudaViewMut<'_, T>,

@@ -353,16 +353,14 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
 ) -> Result<LinearGrads<T>> {
     let shape = rows.validate(OP_BWD)?;
     cfg.validate(OP_BWD)?;
-    let coefs = backward_coefs(
+    let coefs = backward_coefs::<f32, I>(
         OP_BWD,
-        shape.rows,
         rows.targets,
         rows.mask,
         shape.vocab,
         &cfg.logprob,
         saved,
         grads,
-        f32::MAX,
     )?;
     let active: Vec<usize> = (0..shape.rows).filter(|&i| coefs[i].target.is_some()).collect();
     let head = Head::new(rows, shape, cfg);

@@ -390,18 +390,8 @@ pub fn token_logprobs_backward<T: Float, I: TokenId>(
     saved: &LogProbSaved<'_>,
     grads: &LogProbGrads<'_>,
 ) -> Result<Vec<T>> {
-    let n = rows.validate(OP_BWD)?;
-    let coefs = backward_coefs(
-        OP_BWD,
-        n,
-        rows.targets,
-        rows.mask,
-        rows.vocab,
-        cfg,
-        saved,
-        grads,
-        T::MAX,
-    )?;
+    rows.validate(OP_BWD)?;
+    let coefs = backward_coefs::<T, I>(OP_BWD, rows.targets, rows.mask, rows.vocab, cfg, saved, grads)?;
     let mut dlogits = vec![T::default(); rows.logits.len()];
     backward_rows(rows, &coefs, &mut dlogits);
     Ok(dlogits)
@@ -418,19 +408,9 @@ pub fn token_logprobs_backward_into<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
     dlogits: &mut [T],
 ) -> Result<()> {
-    let n = rows.validate(OP_BWD)?;
+    rows.validate(OP_BWD)?;
     check::len(OP_BWD, "dlogits (output)", rows.logits.len(), dlogits.len())?;
-    let coefs = backward_coefs(
-        OP_BWD,
-        n,
-        rows.targets,
-        rows.mask,
-        rows.vocab,
-        cfg,
-        saved,
-        grads,
-        T::MAX,
-    )?;
+    let coefs = backward_coefs::<T, I>(OP_BWD, rows.targets, rows.mask, rows.vocab, cfg, saved, grads)?;
     backward_rows(rows, &coefs, dlogits);
     Ok(())
 }
@@ -459,8 +439,8 @@ pub fn token_logprobs_backward_inplace<T: Float, I: TokenId>(
     saved: &LogProbSaved<'_>,
     grads: &LogProbGrads<'_>,
 ) -> Result<()> {
-    let n = validate_lens(OP_BWD, vocab, logits.len(), targets.len(), mask.map(<[u8]>::len))?;
-    let coefs = backward_coefs(OP_BWD, n, targets, mask, vocab, cfg, saved, grads, T::MAX)?;
+    validate_lens(OP_BWD, vocab, logits.len(), targets.len(), mask.map(<[u8]>::len))?;
+    let coefs = backward_coefs::<T, I>(OP_BWD, targets, mask, vocab, cfg, saved, grads)?;
     logits
         .par_chunks_mut(vocab)
         .zip(&coefs)
@@ -544,20 +524,19 @@ impl RowGrad {
 /// (`e^-87.34`).
 const MAX_NEG_LOG_P: f64 = 87.4;
 
-/// Validates the backward's inputs (for `op`); returns each row's
-/// constants. `limit` is the largest gradient magnitude the caller can
-/// hold (the output dtype's largest value).
-pub(crate) fn backward_coefs<I: TokenId>(
+/// Validates the backward's inputs (for `op`, rows whose lengths are
+/// validated); returns each row's constants. The gradient is bounded by
+/// `G::MAX`, the largest magnitude the caller's gradient dtype holds.
+pub(crate) fn backward_coefs<G: Float, I: TokenId>(
     op: &'static str,
-    n: usize,
     targets: &[I],
     mask: Option<&[u8]>,
     vocab: usize,
     cfg: &LogProbConfig,
     saved: &LogProbSaved<'_>,
     grads: &LogProbGrads<'_>,
-    limit: f32,
 ) -> Result<Vec<RowGrad>> {
+    let (n, limit) = (targets.len(), G::MAX);
     cfg.validate(op)?;
     grads.validate(op, n, saved)?;
     let active = active_rows(op, targets, mask, vocab, cfg)?;
