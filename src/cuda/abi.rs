@@ -244,6 +244,9 @@ pub(crate) struct KernelSig {
     /// The parameters' kinds (the same for every instance: a parameter
     /// whose type names a generic is a pointer).
     pub params: Vec<Ptx>,
+    /// The block size a `__launch_bounds__` kernel is built for (its PTX
+    /// `.maxntid`), declared as `threads(N)`.
+    pub threads: Option<u32>,
 }
 
 /// A kernel file's declarations.
@@ -259,7 +262,11 @@ pub(crate) struct Kernels {
 /// `kernel::name::<G, ..>(gpu, cfg, args..)` that loads the instance
 /// `name_<suffix of G>..` and launches it on `gpu`'s stream, and (in tests)
 /// `kernel::declared()`, the signatures the PTX check compares. Bounds are
-/// `GpuFloat` and `GpuId`. A launcher's `# Safety` section is the kernel's
+/// `GpuFloat` and `GpuId`. A kernel built with `__launch_bounds__(N)`
+/// declares `threads(N)` after its parameters: the PTX check compares `N`
+/// with the PTX's `.maxntid`, and the launcher refuses any other block
+/// size (a launch beyond the bound fails, and kernels that size shared
+/// arrays by it would misread a smaller block). A launcher's `# Safety` section is the kernel's
 /// contract: the caller guarantees what the kernel's doc says about grid,
 /// block and buffer lengths, on top of what holds for every kernel:
 ///
@@ -281,7 +288,7 @@ macro_rules! kernels {
         file: $file:expr;
         $(
             $(#[doc = $doc:literal])*
-            fn $name:ident $(<$($g:ident: $bound:ident),+>)? ($($p:ident: $ty:ty),* $(,)?);
+            fn $name:ident $(<$($g:ident: $bound:ident),+>)? ($($p:ident: $ty:ty),* $(,)?) $(threads($threads:expr))?;
         )*
     ) => {
         /// Typed launchers of this file's kernels, declared once (see
@@ -307,6 +314,7 @@ macro_rules! kernels {
                             }
                             params$(::<$($crate::cuda::abi::instance!($bound)),+>)?()
                         },
+                        threads: None$(.or(Some($threads as u32)))?,
                     }),*],
                 }
             }
@@ -324,6 +332,18 @@ macro_rules! kernels {
                     cfg: cudarc::driver::LaunchConfig,
                     $(mut $p: impl Push<$ty>),*
                 ) -> $crate::Result<()> {
+                    $(
+                        // An internal invariant (launchers are crate-private),
+                        // not a caller's input: a bug, so it panics.
+                        assert_eq!(
+                            cfg.block_dim,
+                            ($threads as u32, 1, 1),
+                            "{}: launched with a block of {:?}, built for {}",
+                            stringify!($name),
+                            cfg.block_dim,
+                            $threads
+                        );
+                    )?
                     let name = kernel_name(
                         stringify!($name),
                         &[$($($crate::cuda::abi::suffix!($bound, $g)),+)?],
@@ -379,12 +399,21 @@ macro_rules! instance {
 #[cfg(test)]
 pub(crate) use instance;
 
+/// A PTX `.entry`: its name, its parameters' kinds and its `.maxntid`.
+#[cfg(test)]
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    name: String,
+    params: Vec<Ptx>,
+    maxntid: Option<u32>,
+}
+
 /// Every `.entry` of a PTX file: its name and its parameters' kinds, in
 /// order. Unknown parameter forms are an error, never skipped.
 #[cfg(test)]
-fn entries(ptx: &str) -> Result<Vec<(String, Vec<Ptx>)>, String> {
+fn entries(ptx: &str) -> Result<Vec<Entry>, String> {
     let mut found = Vec::new();
-    let mut lines = ptx.lines();
+    let mut lines = ptx.lines().peekable();
     while let Some(line) = lines.next() {
         let Some(rest) = line.trim().strip_prefix(".visible .entry ") else {
             continue;
@@ -402,9 +431,26 @@ fn entries(ptx: &str) -> Result<Vec<(String, Vec<Ptx>)>, String> {
                 params.push(param_kind(param).ok_or_else(|| format!("{name}: unknown parameter `{param}`"))?);
             }
         }
-        found.push((name.to_string(), params));
+        // `.maxntid X, Y, Z` follows the list when `__launch_bounds__` is set.
+        let maxntid = match lines.peek().and_then(|l| l.trim().strip_prefix(".maxntid ")) {
+            Some(dims) => {
+                Some(block_size(dims).ok_or_else(|| format!("{name}: unreadable `.maxntid {dims}`"))?)
+            }
+            None => None,
+        };
+        found.push(Entry {
+            name: name.to_string(),
+            params,
+            maxntid,
+        });
     }
     Ok(found)
+}
+
+/// The threads of a `.maxntid X, Y, Z` block.
+#[cfg(test)]
+fn block_size(dims: &str) -> Option<u32> {
+    dims.split(',').map(|d| d.trim().parse::<u32>().ok()).product()
 }
 
 /// `.param .u64 name`, `.param .align 8 .b8 name[120]`, ...
@@ -445,18 +491,28 @@ fn check(declared: &Kernels, ptx: &str) -> Vec<String> {
                 .collect();
         }
         for name in names {
-            match entries.iter().find(|(n, _)| *n == name) {
+            match entries.iter().find(|e| e.name == name) {
                 None => problems.push(format!("{file}.cu: no kernel `{name}` (declared in Rust)")),
-                Some((_, params)) if *params != sig.params => problems.push(format!(
-                    "{file}.cu: `{name}` takes {params:?} in the PTX, {:?} as declared in Rust",
-                    sig.params
-                )),
-                Some(_) => {}
+                Some(e) => {
+                    if e.params != sig.params {
+                        problems.push(format!(
+                            "{file}.cu: `{name}` takes {:?} in the PTX, {:?} as declared in Rust",
+                            e.params, sig.params
+                        ));
+                    }
+                    if e.maxntid != sig.threads {
+                        problems.push(format!(
+                            "{file}.cu: `{name}` is built for blocks of {:?} threads (`.maxntid`), declared in Rust \
+                             for {:?} (`threads(N)`)",
+                            e.maxntid, sig.threads
+                        ));
+                    }
+                }
             }
             expected.push(name);
         }
     }
-    for (name, _) in &entries {
+    for Entry { name, .. } in &entries {
         if !expected.contains(name) {
             problems.push(format!("{file}.cu: kernel `{name}` has no Rust declaration"));
         }
@@ -553,6 +609,19 @@ mod tests {
             &kl_problems(|sigs| sigs[1].name = "kl_back"),
             "no kernel `kl_back`",
         );
+        // A block size other than the kernel's `__launch_bounds__`, and one
+        // missing where the kernel has them.
+        let mut policy = policy_loss::kernel::declared();
+        policy.sigs[0].threads = Some(512);
+        assert_reported(
+            &check(&policy, ptx::POLICY_LOSS),
+            "`policy_loss_fwd` is built for blocks of Some(256) threads (`.maxntid`), declared in Rust for Some(512)",
+        );
+        policy.sigs[0].threads = None;
+        assert_reported(
+            &check(&policy, ptx::POLICY_LOSS),
+            "`policy_loss_fwd` is built for blocks of Some(256) threads (`.maxntid`), declared in Rust for None",
+        );
         // A generic declaration with an instance the PTX lacks.
         let mut logprob = logprob::kernel::declared();
         logprob.sigs[0].instances[0] = &["f32", "f64"];
@@ -607,15 +676,17 @@ mod tests {
     #[test]
     fn ptx_parameter_forms() {
         let ptx = ".visible .entry k(\n\t.param .align 8 .b8 k_param_0[120],\n\t.param .u32 k_param_1\n)\n\
-                   .visible .entry none()\n";
+                   .maxntid 256, 1, 1\n{\n}\n.visible .entry none()\n{\n}\n";
+        let entry = |name: &str, params, maxntid| Entry {
+            name: name.to_string(),
+            params,
+            maxntid,
+        };
         assert_eq!(
             entries(ptx).unwrap(),
             [
-                (
-                    "k".to_string(),
-                    vec![Ptx::Bytes { align: 8, size: 120 }, Ptx::U32]
-                ),
-                ("none".to_string(), vec![])
+                entry("k", vec![Ptx::Bytes { align: 8, size: 120 }, Ptx::U32], Some(256)),
+                entry("none", vec![], None),
             ]
         );
         assert!(entries(".visible .entry k(\n\t.param .f64 k_param_0\n)\n").is_err());

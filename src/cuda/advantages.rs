@@ -37,7 +37,7 @@ abi::kernels! {
         group_std: Out<f32>,
         stats: Out<GroupStats>,
         status: Status,
-    );
+    ) threads(abi::ADVANTAGES_THREADS);
     /// `per_token[t] = per_seq[s]` for the tokens `t` of sequence `s`: one
     /// block per sequence, any block size. `per_seq`: `[grid]`;
     /// `cu_seqlens`: `[grid + 1]`, or null for padded sequences of

@@ -75,7 +75,7 @@ abi::kernels! {
         chunks: i64,
         partials: Out<SoftmaxPartial>,
         target_logits: Out<f32>,
-    );
+    ) threads(abi::LOGPROB_THREADS);
     /// Folds each row's `chunks` states into its outputs (each `[rows]`):
     /// one warp per row, any number of warps per block, blocks covering
     /// `rows`.
@@ -116,7 +116,7 @@ abi::kernels! {
         grad_entropy: Opt<In<f32>>,
         grad_lse: Opt<In<f32>>,
         status: Status,
-    );
+    ) threads(abi::LOGPROB_THREADS);
     /// `out` (`[grid, hidden_size]`) = the rows `row0..` of `hidden`, with
     /// skipped rows zeroed: one block per row, any block size.
     fn fused_active_hidden<T: GpuFloat, I: GpuId>(

@@ -64,14 +64,14 @@ abi::kernels! {
         counts: Out<f32>,
         seq_of: Out<i32>,
         status: Status,
-    );
+    ) threads(abi::FUSED_LOSS_THREADS);
     /// `total[0]` = the sum of `counts` (`[seqs]`), in a fixed order: one
     /// block of `FUSED_LOSS_THREADS`.
-    fn fll_total(counts: In<f32>, seqs: i64, total: Out<f32>);
+    fn fll_total(counts: In<f32>, seqs: i64, total: Out<f32>) threads(abi::FUSED_LOSS_THREADS);
     /// The loss and statistics (`summary`: `[SUMMARY_LEN]`) from the
     /// per-row statistics (`stats`: `[rows]`) and the token total
     /// (`total`: `[1]`): one block of `FUSED_LOSS_THREADS`.
-    fn fll_summary(stats: In<PolicyLossPartial>, rows: i64, total: In<f32>, summary: Out<f32>, status: Status);
+    fn fll_summary(stats: In<PolicyLossPartial>, rows: i64, total: In<f32>, summary: Out<f32>, status: Status) threads(abi::FUSED_LOSS_THREADS);
     /// Folds the chunk's logits block (`[grid, cols]`, columns `col0..` of
     /// `vocab`, rows `row0..` of the batch) into per-row softmax states:
     /// one block of `LOGPROB_THREADS` per chunk row. `targets`, `mask`:
@@ -94,7 +94,7 @@ abi::kernels! {
         chunks: i64,
         partials: Out<SoftmaxPartial>,
         target_logits: Out<f32>,
-    );
+    ) threads(abi::LOGPROB_THREADS);
     /// Rows `row0..row0 + n` of the batch: each row's `chunks` softmax
     /// states (`partials`: `[n * chunks]`) folded into its log-prob, then
     /// its token loss, `dL/dlogp` into `coef` and its statistics into
@@ -139,7 +139,7 @@ abi::kernels! {
         inv_t: f32,
         lse: In<f32>,
         coef: In<f32>,
-    );
+    ) threads(abi::LOGPROB_THREADS);
 }
 
 /// Where [`fused_linear_policy_loss_into`] writes, on the device: the

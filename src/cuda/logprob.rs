@@ -40,7 +40,7 @@ abi::kernels! {
         lse: Out<f32>,
         partials: Opt<Out<SoftmaxPartial>>,
         status: Status,
-    );
+    ) threads(abi::LOGPROB_THREADS);
     /// Folds the forward's `partials` (`[rows * splits]`) into each row's
     /// outputs: one warp per row, any number of warps per block, blocks
     /// covering `rows`. Lengths as in `logprob_fwd`, `[rows]`.
@@ -79,7 +79,7 @@ abi::kernels! {
         grad_entropy: Opt<In<f32>>,
         grad_lse: Opt<In<f32>>,
         status: Status,
-    );
+    ) threads(abi::LOGPROB_THREADS);
 }
 
 /// Where the forward writes its outputs (each `[rows]`).

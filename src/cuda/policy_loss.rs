@@ -38,7 +38,7 @@ abi::kernels! {
         summary: Out<f32>,
         ticket: Out<u32>,
         status: Status,
-    );
+    ) threads(abi::POLICY_LOSS_THREADS);
     /// `dlogp` (`[p.tokens]`) from the forward's `summary` (`[SUMMARY_LEN]`),
     /// the loss gradient `grad_loss` (`[1]`) and optionally per-token
     /// gradients (`[p.tokens]`): one block of `POLICY_LOSS_THREADS` per
@@ -50,7 +50,7 @@ abi::kernels! {
         grad_per_token: Opt<In<f32>>,
         dlogp: Out<f32>,
         status: Status,
-    );
+    ) threads(abi::POLICY_LOSS_THREADS);
 }
 
 // The summary's order is the kernel's.

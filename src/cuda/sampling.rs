@@ -33,7 +33,7 @@ abi::kernels! {
         tokens: Out<u32>,
         logp: Out<f32>,
         status: Status,
-    );
+    ) threads(abi::SAMPLING_THREADS);
 }
 
 /// [`crate::sample`] on the GPU: one token and its log-prob per row. A row
