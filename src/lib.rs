@@ -32,7 +32,8 @@ pub use error::{CudaFailure, DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
 pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
 pub use ops::fused_linear::{
-    fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
+    fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
+    fused_linear_logprobs_into, FusedLinearConfig, LinearGrads, LinearGradsOut, LinearRows,
 };
 pub use ops::fused_linear_loss::{
     fused_linear_policy_loss, fused_linear_policy_loss_into, FusedLossConfig, LinearLoss, LinearLossInputs,

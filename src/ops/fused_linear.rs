@@ -69,6 +69,7 @@
 //! order on every run: results are deterministic.
 
 use std::any::TypeId;
+use std::cell::Cell;
 use std::ops::Range;
 
 use gemm::Parallelism;
@@ -77,7 +78,9 @@ use rayon::prelude::*;
 use crate::element::{Float, TokenId};
 use crate::error::{check, Error, Result};
 use crate::memory::{opt_len, Host, Memory};
-use crate::ops::logprob::{active_rows, backward_coefs, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs};
+use crate::ops::logprob::{
+    active_rows, backward_coefs, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogProbsOut,
+};
 use crate::ops::math::{multiversion, SoftmaxState, BLOCK};
 
 pub(crate) const OP: &str = "fused_linear_logprobs";
@@ -265,74 +268,119 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
     rows: &LinearRows<'_, T, I>,
     cfg: &FusedLinearConfig,
 ) -> Result<LogProbs> {
+    let n = rows.validate(OP)?.rows;
+    let zeros = |what| -> Result<Vec<f32>> {
+        let mut x = check::with_capacity(OP, what, n)?;
+        x.resize(n, 0.0);
+        Ok(x)
+    };
+    let (mut logp, mut lse) = (zeros("logp")?, zeros("lse")?);
+    let mut entropy = cfg.logprob.entropy.then(|| zeros("entropy")).transpose()?;
+    fused_linear_logprobs_into(
+        rows,
+        cfg,
+        &mut LogProbsOut {
+            logp: &mut logp,
+            entropy: entropy.as_deref_mut(),
+            lse: &mut lse,
+        },
+    )?;
+    let out = LogProbs { logp, entropy, lse };
+    Ok(out)
+}
+
+/// [`fused_linear_logprobs`] into caller-provided `[rows]` buffers (the
+/// host twin of [`cuda::fused_linear_logprobs_into`](crate::cuda)): with
+/// them reused, a loop of calls allocates nothing but the per-row target
+/// list (the chunk buffers are kept per thread). Skipped rows get 0.
+/// Errors: those of [`fused_linear_logprobs`], and output lengths (an
+/// entropy buffer is given exactly when `cfg.logprob.entropy`).
+pub fn fused_linear_logprobs_into<T: Float, I: TokenId>(
+    rows: &LinearRows<'_, T, I>,
+    cfg: &FusedLinearConfig,
+    out: &mut LogProbsOut<'_>,
+) -> Result<()> {
     let shape = rows.validate(OP)?;
     cfg.validate(OP)?;
+    out.validate(OP, shape.rows, cfg.logprob.entropy)?;
     let active: Vec<(usize, usize)> = active_rows(OP, rows.targets, rows.mask, shape.vocab, &cfg.logprob)?
         .into_iter()
         .enumerate()
         .filter_map(|(i, target)| target.map(|y| (i, y)))
         .collect();
     let head = Head::new(rows, shape, cfg);
-    let n = shape.rows;
-    let (mut logp, mut entropy, mut lse) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-    let mut buf = Buffers::default();
-    let mut states = Vec::new();
-    let mut target_logits = Vec::new();
-    for chunk in active.chunks(cfg.chunk_rows) {
-        gather_rows(
-            rows.hidden,
-            shape.hidden,
-            chunk.iter().map(|&(i, _)| i),
-            &mut buf.hidden,
-        );
-        states.clear();
-        states.resize(chunk.len(), SoftmaxState::EMPTY);
-        target_logits.clear();
-        target_logits.resize(chunk.len(), 0.0f32);
-        for cols in head.col_chunks() {
-            let width = cols.len();
-            let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
-            head.logits(
-                OP,
-                &buf.hidden,
-                w_cols,
-                cols.clone(),
-                &mut buf.bias,
-                &mut buf.tile,
-            )?;
-            let rows_per_task = MIN_TASK / width + 1;
-            buf.tile
-                .par_chunks(width * rows_per_task)
-                .zip(states.par_chunks_mut(rows_per_task))
-                .for_each(|(tile, states)| fold_rows(tile, width, cfg.logprob.entropy, states));
-            for ((&(_, y), x), row) in chunk.iter().zip(&mut target_logits).zip(buf.tile.chunks(width)) {
-                if cols.contains(&y) {
-                    *x = row[y - cols.start];
+    let (logp, lse) = (&mut *out.logp, &mut *out.lse);
+    let mut entropy = out.entropy.as_deref_mut();
+    logp.fill(0.0);
+    lse.fill(0.0);
+    if let Some(e) = &mut entropy {
+        e.fill(0.0);
+    }
+    Workspace::with(|ws| {
+        let Workspace {
+            buf,
+            states,
+            target_logits,
+            ..
+        } = ws;
+        for chunk in active.chunks(cfg.chunk_rows) {
+            gather_rows(
+                rows.hidden,
+                shape.hidden,
+                chunk.iter().map(|&(i, _)| i),
+                &mut buf.hidden,
+            );
+            states.clear();
+            states.resize(chunk.len(), SoftmaxState::EMPTY);
+            target_logits.clear();
+            target_logits.resize(chunk.len(), 0.0f32);
+            for cols in head.col_chunks() {
+                let width = cols.len();
+                let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
+                head.logits(
+                    OP,
+                    &buf.hidden,
+                    w_cols,
+                    cols.clone(),
+                    &mut buf.bias,
+                    &mut buf.tile,
+                )?;
+                let rows_per_task = MIN_TASK / width + 1;
+                buf.tile
+                    .par_chunks(width * rows_per_task)
+                    .zip(states.par_chunks_mut(rows_per_task))
+                    .for_each(|(tile, states)| fold_rows(tile, width, cfg.logprob.entropy, states));
+                for ((&(_, y), x), row) in chunk
+                    .iter()
+                    .zip(target_logits.iter_mut())
+                    .zip(buf.tile.chunks(width))
+                {
+                    if cols.contains(&y) {
+                        *x = row[y - cols.start];
+                    }
                 }
             }
-        }
-        for ((&(i, _), state), &x) in chunk.iter().zip(&states).zip(&target_logits) {
-            let (row_lse, row_h) = state.finish().ok_or(Error::NonFinite {
-                op: OP,
-                what: "logits",
-                index: i,
-            })?;
-            logp[i] = x - row_lse;
-            if !logp[i].is_finite() {
-                return Err(Error::NonFinite {
+            for ((&(i, _), state), &x) in chunk.iter().zip(states.iter()).zip(target_logits.iter()) {
+                let (row_lse, row_h) = state.finish().ok_or(Error::NonFinite {
                     op: OP,
-                    what: "logp",
+                    what: "logits",
                     index: i,
-                });
+                })?;
+                logp[i] = x - row_lse;
+                if !logp[i].is_finite() {
+                    return Err(Error::NonFinite {
+                        op: OP,
+                        what: "logp",
+                        index: i,
+                    });
+                }
+                if let Some(e) = &mut entropy {
+                    e[i] = row_h;
+                }
+                lse[i] = row_lse;
             }
-            entropy[i] = row_h;
-            lse[i] = row_lse;
         }
-    }
-    Ok(LogProbs {
-        logp,
-        entropy: cfg.logprob.entropy.then_some(entropy),
-        lse,
+        Ok(())
     })
 }
 
@@ -352,7 +400,68 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<LinearGrads<T>> {
     let shape = rows.validate(OP_BWD)?;
+    let zeros = |len: usize, what| -> Result<Vec<T>> {
+        let mut x = check::with_capacity(OP_BWD, what, len)?;
+        x.resize(len, T::default());
+        Ok(x)
+    };
+    let mut hidden = zeros(shape.rows * shape.hidden, "dhidden")?;
+    let mut weight = zeros(shape.vocab * shape.hidden, "dweight")?;
+    let mut bias = rows.bias.map(|_| zeros(shape.vocab, "dbias")).transpose()?;
+    fused_linear_logprobs_backward_into(
+        rows,
+        cfg,
+        saved,
+        grads,
+        &mut LinearGradsOut {
+            hidden: &mut hidden,
+            weight: &mut weight,
+            bias: bias.as_deref_mut(),
+        },
+    )?;
+    let grad = LinearGrads { hidden, weight, bias };
+    Ok(grad)
+}
+
+/// Where [`fused_linear_logprobs_backward_into`] writes (the host twin of
+/// the CUDA side's `cuda::LinearGradsOut`). Every element is written; after
+/// an error their contents are unspecified.
+pub struct LinearGradsOut<'a, T> {
+    /// `[rows, H]`; zero for skipped rows.
+    pub hidden: &'a mut [T],
+    /// `[V, H]`.
+    pub weight: &'a mut [T],
+    /// `[V]`; present exactly when the inputs have a bias.
+    pub bias: Option<&'a mut [T]>,
+}
+
+/// [`fused_linear_logprobs_backward`] into caller-provided buffers: with
+/// them reused, a loop of calls allocates nothing but the per-row
+/// constants (the chunk buffers are kept per thread). Errors: those of
+/// [`fused_linear_logprobs_backward`], and output lengths (a bias gradient
+/// is given exactly when the inputs have a bias).
+pub fn fused_linear_logprobs_backward_into<T: Float, I: TokenId>(
+    rows: &LinearRows<'_, T, I>,
+    cfg: &FusedLinearConfig,
+    saved: &LogProbSaved<'_>,
+    grads: &LogProbGrads<'_>,
+    out: &mut LinearGradsOut<'_, T>,
+) -> Result<()> {
+    let shape = rows.validate(OP_BWD)?;
     cfg.validate(OP_BWD)?;
+    let h = shape.hidden;
+    check::len(OP_BWD, "dhidden (output)", shape.rows * h, out.hidden.len())?;
+    check::len(OP_BWD, "dweight (output)", shape.vocab * h, out.weight.len())?;
+    match (&rows.bias, &out.bias) {
+        (Some(_), Some(db)) => check::len(OP_BWD, "dbias (output)", shape.vocab, db.len())?,
+        (None, None) => {}
+        _ => {
+            return Err(Error::Unsupported {
+                op: OP_BWD,
+                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
+            })
+        }
+    }
     let coefs = backward_coefs::<f32, I>(
         OP_BWD,
         rows.targets,
@@ -364,70 +473,86 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
     )?;
     let active: Vec<usize> = (0..shape.rows).filter(|&i| coefs[i].target.is_some()).collect();
     let head = Head::new(rows, shape, cfg);
-    let h = shape.hidden;
-    let mut grad: LinearGrads<T> = LinearGrads {
-        hidden: vec![T::default(); shape.rows * h],
-        weight: vec![T::default(); shape.vocab * h],
-        bias: rows.bias.map(|_| vec![T::default(); shape.vocab]),
-    };
-    let mut buf = Buffers::default();
-    let mut d_hidden = Vec::new();
-    let (mut d_weight, mut d_bias) = (Vec::new(), Vec::new());
-    for (c, chunk) in active.chunks(cfg.chunk_rows).enumerate() {
-        let first = c == 0;
-        gather_rows(rows.hidden, h, chunk.iter().copied(), &mut buf.hidden);
-        let n_rows = chunk.len();
-        d_hidden.resize(n_rows * h, 0.0f32);
-        for (k, cols) in head.col_chunks().enumerate() {
-            let width = cols.len();
-            let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
-            head.logits(
-                OP_BWD,
-                &buf.hidden,
-                w_cols,
-                cols.clone(),
-                &mut buf.bias,
-                &mut buf.tile,
-            )?;
-            buf.tile
-                .par_chunks_mut(width)
-                .zip(chunk)
-                .with_min_len(MIN_TASK / width + 1)
-                .for_each(|(row, &i)| coefs[i].apply(row, cols.start));
-            let dz = Mat::new(&buf.tile, n_rows, width);
-            matmul(
-                &mut d_hidden,
-                (k > 0).then_some(1.0),
-                1.0,
-                dz,
-                Mat::new(w_cols, width, h),
-            );
-            let d_weight_cols = &mut grad.weight[cols.start * h..cols.end * h];
-            accumulate(d_weight_cols, &mut d_weight, first, |acc, add| {
+    let (d_hidden_out, d_weight_out) = (&mut *out.hidden, &mut *out.weight);
+    let mut d_bias_out = out.bias.as_deref_mut();
+    // Skipped rows' dh is 0; dW and db are written in full by the first
+    // row chunk (zeroed when there is none).
+    for (i, coef) in coefs.iter().enumerate() {
+        if coef.target.is_none() {
+            d_hidden_out[i * h..(i + 1) * h].fill(T::default());
+        }
+    }
+    if active.is_empty() {
+        d_weight_out.fill(T::default());
+        if let Some(b) = &mut d_bias_out {
+            b.fill(T::default());
+        }
+    }
+    Workspace::with(|ws| {
+        let Workspace {
+            buf,
+            d_hidden,
+            d_weight,
+            d_bias,
+            ..
+        } = ws;
+        for (c, chunk) in active.chunks(cfg.chunk_rows).enumerate() {
+            let first = c == 0;
+            gather_rows(rows.hidden, h, chunk.iter().copied(), &mut buf.hidden);
+            let n_rows = chunk.len();
+            d_hidden.resize(n_rows * h, 0.0f32);
+            for (k, cols) in head.col_chunks().enumerate() {
+                let width = cols.len();
+                let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
+                head.logits(
+                    OP_BWD,
+                    &buf.hidden,
+                    w_cols,
+                    cols.clone(),
+                    &mut buf.bias,
+                    &mut buf.tile,
+                )?;
+                buf.tile
+                    .par_chunks_mut(width)
+                    .zip(chunk)
+                    .with_min_len(MIN_TASK / width + 1)
+                    .for_each(|(row, &i)| coefs[i].apply(row, cols.start));
+                let dz = Mat::new(&buf.tile, n_rows, width);
                 matmul(
-                    acc,
-                    add.then_some(1.0),
+                    &mut d_hidden[..n_rows * h],
+                    (k > 0).then_some(1.0),
                     1.0,
-                    dz.t(),
-                    Mat::new(&buf.hidden, n_rows, h),
-                )
-            });
-            if let Some(bias) = &mut grad.bias {
-                accumulate(&mut bias[cols], &mut d_bias, first, |acc, add| {
-                    column_sums(&buf.tile, width, acc, add)
+                    dz,
+                    Mat::new(w_cols, width, h),
+                );
+                let d_weight_cols = &mut d_weight_out[cols.start * h..cols.end * h];
+                accumulate(d_weight_cols, d_weight, first, |acc, add| {
+                    matmul(
+                        acc,
+                        add.then_some(1.0),
+                        1.0,
+                        dz.t(),
+                        Mat::new(&buf.hidden, n_rows, h),
+                    )
                 });
+                if let Some(bias) = &mut d_bias_out {
+                    accumulate(&mut bias[cols], d_bias, first, |acc, add| {
+                        column_sums(&buf.tile, width, acc, add)
+                    });
+                }
+            }
+            for (src, &i) in d_hidden.chunks(h).zip(chunk) {
+                T::store(src, &mut d_hidden_out[i * h..(i + 1) * h]);
             }
         }
-        for (src, &i) in d_hidden.chunks(h).zip(chunk) {
-            T::store(src, &mut grad.hidden[i * h..(i + 1) * h]);
-        }
-    }
-    finite_grad(OP_BWD, "dhidden", &grad.hidden)?;
-    finite_grad(OP_BWD, "dweight", &grad.weight)?;
-    if let Some(bias) = &grad.bias {
+        Ok::<(), Error>(())
+    })?;
+    finite_grad(OP_BWD, "dhidden", d_hidden_out)?;
+    finite_grad(OP_BWD, "dweight", d_weight_out)?;
+    if let Some(bias) = &d_bias_out {
         finite_grad(OP_BWD, "dbias", bias)?;
     }
-    Ok(grad)
+    Ok(())
 }
 
 /// A `NonFinite` error at the first non-finite element of a gradient.
@@ -462,6 +587,42 @@ pub(crate) struct Buffers {
     pub(crate) bias: Vec<f32>,
     /// `[rows, cols]`: logits, then (backward) their gradient.
     pub(crate) tile: Vec<f32>,
+}
+
+/// The working buffers of one fused call (log-probs, their backward, the
+/// fused LM-head loss), kept per thread between calls so that a training
+/// loop's steady state allocates none: each grows to the largest chunk it
+/// has held and is reused. The calling thread holds them until it exits.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    pub(crate) buf: Buffers,
+    /// `[chunk_rows, V]`: the fused loss's row-chunk logits, then their gradient.
+    pub(crate) logits: Vec<f32>,
+    /// Each chunk row's softmax state.
+    pub(crate) states: Vec<SoftmaxState>,
+    /// Each chunk row's target logit.
+    pub(crate) target_logits: Vec<f32>,
+    /// `[rows, H]` f32 accumulator of a row chunk's `dh`.
+    pub(crate) d_hidden: Vec<f32>,
+    /// f32 accumulators of `dW` and `db` for dtypes other than f32.
+    pub(crate) d_weight: Vec<f32>,
+    pub(crate) d_bias: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: Cell<Option<Box<Workspace>>> = const { Cell::new(None) };
+}
+
+impl Workspace {
+    /// Runs `f` with this thread's workspace, taken out of its slot for the
+    /// call (a nested call, or one after a panic, starts from an empty one)
+    /// and put back after.
+    pub(crate) fn with<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
+        let mut ws = WORKSPACE.with(Cell::take).unwrap_or_default();
+        let result = f(&mut ws);
+        WORKSPACE.with(|slot| slot.set(Some(ws)));
+        result
+    }
 }
 
 impl<'a, T: Float> Head<'a, T> {

@@ -87,8 +87,8 @@ use crate::element::{Float, TokenId};
 use crate::error::{check, Error, Result};
 use crate::memory::{opt_len, Host, Memory};
 use crate::ops::fused_linear::{
-    accumulate, column_sums, finite_grad, fold_rows, gather_rows, matmul, Buffers, FusedLinearConfig, Head,
-    LinearGrads, LinearRows, LinearShape, Mat, MIN_TASK,
+    accumulate, column_sums, finite_grad, fold_rows, gather_rows, matmul, FusedLinearConfig, Head,
+    LinearGrads, LinearRows, LinearShape, Mat, Workspace, MIN_TASK,
 };
 use crate::ops::layout::SeqLayout;
 use crate::ops::logprob::{active_rows, LogProbConfig, RowGrad};
@@ -400,21 +400,6 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
     Ok(out)
 }
 
-/// The working buffers of one call, kept per thread between calls.
-#[derive(Default)]
-struct Workspace {
-    buf: Buffers,
-    /// `[chunk_rows, V]`: a row chunk's logits, then their gradient.
-    logits: Vec<f32>,
-    d_hidden: Vec<f32>,
-    d_weight: Vec<f32>,
-    d_bias: Vec<f32>,
-}
-
-thread_local! {
-    static WORKSPACE: std::cell::Cell<Option<Box<Workspace>>> = const { std::cell::Cell::new(None) };
-}
-
 /// [`fused_linear_policy_loss`] into caller-provided buffers: with them
 /// reused, a steady-state loop allocates nothing (the working buffers are
 /// kept per thread). Errors: those of the allocating form, and output
@@ -425,12 +410,7 @@ pub fn fused_linear_policy_loss_into<T: Float, I: TokenId>(
     cfg: &FusedLossConfig,
     out: &mut LinearLossOut<'_, T>,
 ) -> Result<()> {
-    // Taken out of the thread's slot for the call (a nested or failed call
-    // simply starts from an empty one), put back after.
-    let mut ws = WORKSPACE.with(|w| w.take()).unwrap_or_default();
-    let result = run(inputs, cfg, out, &mut ws);
-    WORKSPACE.with(|w| w.set(Some(ws)));
-    result
+    Workspace::with(|ws| run(inputs, cfg, out, ws))
 }
 
 fn run<T: Float, I: TokenId>(
@@ -481,11 +461,13 @@ fn run<T: Float, I: TokenId>(
     let Workspace {
         buf,
         logits,
+        states,
+        target_logits,
         d_hidden,
         d_weight,
         d_bias,
     } = ws;
-    let (mut states, mut target_logits, mut coefs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut coefs = Vec::new();
     for (c, chunk) in active.chunks(cfg.chunk_rows).enumerate() {
         let n_rows = chunk.len();
         gather_rows(rows.hidden, h, chunk.iter().map(|&(i, _)| i), &mut buf.hidden);
@@ -506,7 +488,7 @@ fn run<T: Float, I: TokenId>(
             tile.par_chunks(width * rows_per_task)
                 .zip(states.par_chunks_mut(rows_per_task))
                 .for_each(|(tile, states)| fold_rows(tile, width, cfg.logprob.entropy, states));
-            for ((&(_, y), x), row) in chunk.iter().zip(&mut target_logits).zip(tile.chunks(width)) {
+            for ((&(_, y), x), row) in chunk.iter().zip(target_logits.iter_mut()).zip(tile.chunks(width)) {
                 if cols.contains(&y) {
                     *x = row[y - cols.start];
                 }
@@ -515,7 +497,7 @@ fn run<T: Float, I: TokenId>(
 
         // 2. Per row: log-prob, token loss, dL/dlogp.
         coefs.clear();
-        for ((&(i, y), state), &x) in chunk.iter().zip(&states).zip(&target_logits) {
+        for ((&(i, y), state), &x) in chunk.iter().zip(states.iter()).zip(target_logits.iter()) {
             let (lse, entropy) = state.finish().ok_or(Error::NonFinite {
                 op: OP,
                 what: "logits",

@@ -4,11 +4,12 @@
 
 use crate::common::Rng;
 use grpo_kernels::{
-    kl_divergence, kl_divergence_backward, kl_divergence_backward_into, kl_divergence_into, policy_loss,
-    policy_loss_backward, policy_loss_backward_into, policy_loss_into, token_logprobs,
-    token_logprobs_backward, token_logprobs_backward_into, token_logprobs_into, Advantage, Error,
-    KlEstimator, KlInputs, LogProbConfig, LogProbGrads, LogProbsOut, LogitRows, PolicyLossConfig,
-    PolicyLossInputs, PolicyLossStats, SeqLayout,
+    fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
+    fused_linear_logprobs_into, kl_divergence, kl_divergence_backward, kl_divergence_backward_into,
+    kl_divergence_into, policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into,
+    token_logprobs, token_logprobs_backward, token_logprobs_backward_into, token_logprobs_into, Advantage,
+    Error, FusedLinearConfig, KlEstimator, KlInputs, LinearGradsOut, LinearRows, LogProbConfig, LogProbGrads,
+    LogProbsOut, LogitRows, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, SeqLayout,
 };
 
 fn bits(xs: &[f32]) -> Vec<u32> {
@@ -169,4 +170,110 @@ fn token_logprobs_into_equals_allocating() {
         .unwrap_err(),
         Error::Unsupported { .. }
     ));
+}
+
+/// The fused linear log-probs and their backward: NaN-filled buffers are
+/// written in full, and the per-thread working buffers carry nothing from
+/// one call to the next (a large call, a small one with a bias, the large
+/// one again give the allocating forms' bits each time).
+#[test]
+fn fused_linear_into_equals_allocating() {
+    let mut rng = Rng::new(4);
+    let cfg = FusedLinearConfig {
+        chunk_rows: 16,
+        chunk_vocab: 256,
+        logprob: LogProbConfig {
+            temperature: 0.9,
+            entropy: true,
+            ignore_index: None,
+        },
+    };
+    let mut case = |n: usize, v: usize, h: usize, bias: bool| {
+        let hidden: Vec<f32> = rng.normals(n * h, 1.0);
+        let weight: Vec<f32> = rng.normals(v * h, 0.3);
+        let b: Vec<f32> = rng.normals(v, 0.5);
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(v) as u32).collect();
+        let mask: Vec<u8> = (0..n).map(|i| (i % 7 != 3) as u8).collect();
+        let g: Vec<f32> = rng.normals(n, 1.0);
+        let ge: Vec<f32> = rng.normals(n, 0.1);
+        let mut rows = LinearRows::new(&hidden, &weight, &targets, h).with_mask(&mask);
+        if bias {
+            rows = rows.with_bias(&b);
+        }
+        let want = fused_linear_logprobs(&rows, &cfg).unwrap();
+        let (mut logp, mut ent, mut lse) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        fused_linear_logprobs_into(
+            &rows,
+            &cfg,
+            &mut LogProbsOut {
+                logp: &mut logp,
+                entropy: Some(&mut ent),
+                lse: &mut lse,
+            },
+        )
+        .unwrap();
+        assert_eq!(bits(&logp), bits(&want.logp));
+        assert_eq!(bits(&lse), bits(&want.lse));
+        assert_eq!(bits(&ent), bits(want.entropy.as_ref().unwrap()));
+
+        let grads = LogProbGrads {
+            logp: &g[..],
+            entropy: Some(&ge[..]),
+            lse: None,
+        };
+        let want_grad = fused_linear_logprobs_backward(&rows, &cfg, &want.saved(), &grads).unwrap();
+        let (mut dh, mut dw, mut db) = (vec![f32::NAN; n * h], vec![f32::NAN; v * h], vec![f32::NAN; v]);
+        let mut out = LinearGradsOut {
+            hidden: &mut dh,
+            weight: &mut dw,
+            bias: bias.then_some(&mut db[..]),
+        };
+        fused_linear_logprobs_backward_into(&rows, &cfg, &want.saved(), &grads, &mut out).unwrap();
+        assert_eq!(bits(&dh), bits(&want_grad.hidden));
+        assert_eq!(bits(&dw), bits(&want_grad.weight));
+        if bias {
+            assert_eq!(bits(&db), bits(want_grad.bias.as_ref().unwrap()));
+        }
+        // A bias gradient buffer exactly when there is a bias; lengths.
+        let mut wrong = LinearGradsOut {
+            hidden: &mut dh,
+            weight: &mut dw,
+            bias: (!bias).then_some(&mut db[..]),
+        };
+        assert!(matches!(
+            fused_linear_logprobs_backward_into(&rows, &cfg, &want.saved(), &grads, &mut wrong).unwrap_err(),
+            Error::Unsupported { .. }
+        ));
+        let mut short = LinearGradsOut {
+            hidden: &mut dh[1..],
+            weight: &mut dw,
+            bias: bias.then_some(&mut db[..]),
+        };
+        assert!(matches!(
+            fused_linear_logprobs_backward_into(&rows, &cfg, &want.saved(), &grads, &mut short).unwrap_err(),
+            Error::ShapeMismatch {
+                what: "dhidden (output)",
+                ..
+            }
+        ));
+        assert!(matches!(
+            fused_linear_logprobs_into(
+                &rows,
+                &cfg,
+                &mut LogProbsOut {
+                    logp: &mut logp[1..],
+                    entropy: Some(&mut ent),
+                    lse: &mut lse,
+                },
+            )
+            .unwrap_err(),
+            Error::ShapeMismatch {
+                what: "logp (output)",
+                ..
+            }
+        ));
+    };
+    case(53, 700, 24, false);
+    case(9, 130, 8, true);
+    case(53, 700, 24, false);
 }
