@@ -54,4 +54,4 @@ pub use ops::policy_loss::{
     policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into, Advantage, Aggregation,
     ImportanceLevel, PolicyLoss, PolicyLossConfig, PolicyLossInputs, PolicyLossStats,
 };
-pub use ops::sampling::{sample, SampleInputs, Samples, SamplingConfig};
+pub use ops::sampling::{sample, sample_into, SampleInputs, Samples, SamplesOut, SamplingConfig};

@@ -257,28 +257,69 @@ pub struct Samples<M: Memory = Host> {
 /// `vocab`, a parameter out of range or non-finite, a row holding a NaN or
 /// `+inf` (or no finite logit).
 pub fn sample<T: Float>(inputs: &SampleInputs<'_, T>, cfg: &SamplingConfig) -> Result<Samples> {
-    inputs.validate(OP)?;
+    let rows = inputs.validate(OP)?;
+    let mut tokens = check::with_capacity(OP, "tokens", rows)?;
+    tokens.resize(rows, 0);
+    let mut logp = check::with_capacity(OP, "logp", rows)?;
+    logp.resize(rows, 0.0);
+    sample_into(
+        inputs,
+        cfg,
+        &mut SamplesOut {
+            tokens: &mut tokens,
+            logp: &mut logp,
+        },
+    )?;
+    Ok(Samples { tokens, logp })
+}
+
+/// Where [`sample_into`] writes: caller-provided `[B]` buffers. Every
+/// element is written; after an error their contents are unspecified.
+pub struct SamplesOut<'a> {
+    /// The chosen token ids.
+    pub tokens: &'a mut [u32],
+    /// `log softmax(z / T)` at the chosen token (see [`Samples::logp`]).
+    pub logp: &'a mut [f32],
+}
+
+/// [`sample`] into caller-provided buffers: with them reused (and each
+/// thread's scratch kept between calls), a decoding loop allocates
+/// nothing. Errors: those of [`sample`] (a faulty row is the first such
+/// row, as there), and output lengths.
+pub fn sample_into<T: Float>(
+    inputs: &SampleInputs<'_, T>,
+    cfg: &SamplingConfig,
+    out: &mut SamplesOut<'_>,
+) -> Result<()> {
+    let rows = inputs.validate(OP)?;
     cfg.validate(OP)?;
+    check::len(OP, "tokens (output)", rows, out.tokens.len())?;
+    check::len(OP, "logp (output)", rows, out.logp.len())?;
     let vocab = inputs.vocab;
-    let picks: Vec<Option<(u32, f32)>> = inputs
+    let first_fault = inputs
         .logits
         .par_chunks(vocab)
+        .zip(out.tokens.par_iter_mut().zip(out.logp.par_iter_mut()))
         .enumerate()
         .with_min_len((1 << 16) / vocab + 1)
-        .map(|(row, logits)| SCRATCH.with_borrow_mut(|s| sample_row(logits, row as u32, cfg, s)))
-        .collect();
-    let mut tokens = Vec::with_capacity(picks.len());
-    let mut logp = Vec::with_capacity(picks.len());
-    for (index, pick) in picks.into_iter().enumerate() {
-        let (token, lp) = pick.ok_or_else(|| Error::NonFinite {
+        .filter_map(|(row, (logits, (token, logp)))| {
+            match SCRATCH.with_borrow_mut(|s| sample_row(logits, row as u32, cfg, s)) {
+                Some((t, lp)) => {
+                    (*token, *logp) = (t, lp);
+                    None
+                }
+                None => Some(row),
+            }
+        })
+        .min();
+    match first_fault {
+        None => Ok(()),
+        Some(index) => Err(Error::NonFinite {
             op: OP,
             what: scaled_row_fault(&inputs.logits[index * vocab..(index + 1) * vocab]),
             index,
-        })?;
-        tokens.push(token);
-        logp.push(lp);
+        }),
     }
-    Ok(Samples { tokens, logp })
 }
 
 /// A thread's working memory, kept between calls.

@@ -7,9 +7,10 @@ use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
     fused_linear_logprobs_into, kl_divergence, kl_divergence_backward, kl_divergence_backward_into,
     kl_divergence_into, policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into,
-    token_logprobs, token_logprobs_backward, token_logprobs_backward_into, token_logprobs_into, Advantage,
-    Error, FusedLinearConfig, KlEstimator, KlInputs, LinearGradsOut, LinearRows, LogProbConfig, LogProbGrads,
-    LogProbsOut, LogitRows, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, SeqLayout,
+    sample, sample_into, token_logprobs, token_logprobs_backward, token_logprobs_backward_into,
+    token_logprobs_into, Advantage, Error, FusedLinearConfig, KlEstimator, KlInputs, LinearGradsOut,
+    LinearRows, LogProbConfig, LogProbGrads, LogProbsOut, LogitRows, PolicyLossConfig, PolicyLossInputs,
+    PolicyLossStats, SampleInputs, SamplesOut, SamplingConfig, SeqLayout,
 };
 
 fn bits(xs: &[f32]) -> Vec<u32> {
@@ -276,4 +277,57 @@ fn fused_linear_into_equals_allocating() {
     case(53, 700, 24, false);
     case(9, 130, 8, true);
     case(53, 700, 24, false);
+}
+
+/// `sample_into` writes the allocating form's draws, and reports the first
+/// faulty row as it does.
+#[test]
+fn sample_into_equals_allocating() {
+    let mut rng = Rng::new(5);
+    let (b, v) = (37, 509);
+    let mut logits: Vec<f32> = rng.normals(b * v, 3.0);
+    let cfg = SamplingConfig {
+        temperature: 0.7,
+        top_k: 50,
+        top_p: 0.9,
+        seed: 11,
+        ..SamplingConfig::default()
+    };
+    let want = sample(&SampleInputs::new(&logits, v), &cfg).unwrap();
+    let (mut tokens, mut logp) = (vec![u32::MAX; b], vec![f32::NAN; b]);
+    let mut out = SamplesOut {
+        tokens: &mut tokens,
+        logp: &mut logp,
+    };
+    sample_into(&SampleInputs::new(&logits, v), &cfg, &mut out).unwrap();
+    assert_eq!(tokens, want.tokens);
+    assert_eq!(bits(&logp), bits(&want.logp));
+    for row in [30, 12] {
+        logits[row * v + 7] = f32::NAN;
+    }
+    let err = |r: Result<(), Error>| r.unwrap_err();
+    let want_err = sample(&SampleInputs::new(&logits, v), &cfg).unwrap_err();
+    assert!(
+        matches!(want_err, Error::NonFinite { index: 12, .. }),
+        "{want_err:?}"
+    );
+    let mut out = SamplesOut {
+        tokens: &mut tokens,
+        logp: &mut logp,
+    };
+    assert_eq!(
+        err(sample_into(&SampleInputs::new(&logits, v), &cfg, &mut out)),
+        want_err
+    );
+    let mut short = SamplesOut {
+        tokens: &mut tokens[1..],
+        logp: &mut logp,
+    };
+    assert!(matches!(
+        err(sample_into(&SampleInputs::new(&logits, v), &cfg, &mut short)),
+        Error::ShapeMismatch {
+            what: "tokens (output)",
+            ..
+        }
+    ));
 }
