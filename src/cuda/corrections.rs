@@ -221,7 +221,13 @@ pub fn high_entropy_mask_into(
     weights: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let op = OP_ENTROPY;
-    check::param(op, "top_quantile", top_quantile, (0.0..=1.0).contains(&top_quantile), "in [0, 1]")?;
+    check::param(
+        op,
+        "top_quantile",
+        top_quantile,
+        (0.0..=1.0).contains(&top_quantile),
+        "in [0, 1]",
+    )?;
     let n = entropy.len();
     check::non_empty(op, "entropy", n)?;
     if let Some(m) = mask {
@@ -238,7 +244,18 @@ pub fn high_entropy_mask_into(
     let q = entropy_q(top_quantile);
     // SAFETY: `entropy` and `mask` hold `n` elements (checked above),
     // `threshold` 2; one block of ENTROPY_SELECT_THREADS.
-    unsafe { kernel::corr_entropy_select(gpu, one_block, entropy, mask, n as i64, q, &mut threshold, &*status) }?;
+    unsafe {
+        kernel::corr_entropy_select(
+            gpu,
+            one_block,
+            entropy,
+            mask,
+            n as i64,
+            q,
+            &mut threshold,
+            &*status,
+        )
+    }?;
     let blocks = n.div_ceil(THREADS as usize).min(8 * gpu.sm_count()).max(1);
     let grid = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -247,5 +264,16 @@ pub fn high_entropy_mask_into(
     };
     // SAFETY: every buffer holds `n` elements (checked above), `threshold`
     // 2; grid-stride.
-    unsafe { kernel::corr_entropy_apply(gpu, grid, entropy, mask, n as i64, &threshold, &mut *weights, &*status) }
+    unsafe {
+        kernel::corr_entropy_apply(
+            gpu,
+            grid,
+            entropy,
+            mask,
+            n as i64,
+            &threshold,
+            &mut *weights,
+            &*status,
+        )
+    }
 }

@@ -191,3 +191,72 @@ pub fn entropy_ref(h: &[f32], mask: &[u8], rho: f64) -> (Vec<f64>, Option<f64>) 
         .collect();
     (w, Some(t))
 }
+
+/// A random batch: the trainer's and sampler's log-probs (NaN in padding
+/// and at some unscored tokens), a mask with padding, entropies with ties.
+pub struct Batch {
+    pub layout: Layout,
+    pub logp: Vec<f32>,
+    pub sampler: Vec<f32>,
+    pub mask: Vec<u8>,
+    pub entropy: Vec<f32>,
+    pub adv: Vec<f32>,
+}
+
+pub fn batch(rng: &mut super::Rng, packed: bool) -> Batch {
+    let (seqs, len) = (2 + rng.below(9), 1 + rng.below(23));
+    batch_sized(rng, seqs, len, packed)
+}
+
+/// [`batch`] of `seqs` sequences of up to `max_len` tokens.
+pub fn batch_sized(rng: &mut super::Rng, seqs: usize, max_len: usize, packed: bool) -> Batch {
+    let (seqs, len) = (seqs, max_len);
+    let layout = Layout::random(rng, seqs, len, packed);
+    let n = layout.tokens().max(1);
+    let layout = if n == layout.tokens() {
+        layout
+    } else {
+        Layout::Padded(1, 1)
+    };
+    let mask: Vec<u8> = (0..n).map(|_| (rng.uniform() > 0.2) as u8).collect();
+    let logp: Vec<f32> = (0..n)
+        .map(|t| {
+            if mask[t] == 0 {
+                f32::NAN
+            } else {
+                -(3.0 * rng.uniform()) as f32
+            }
+        })
+        .collect();
+    let sampler = (0..n)
+        .map(|t| match (mask[t], rng.below(8)) {
+            (0, _) | (_, 0) => f32::NAN,
+            _ => logp[t] + (0.5 * rng.normal()) as f32,
+        })
+        .collect();
+    let entropy = (0..n)
+        .map(|_| {
+            if rng.below(4) == 0 {
+                1.5
+            } else {
+                (4.0 * rng.uniform()) as f32
+            }
+        })
+        .collect();
+    let adv = (0..layout.ranges().len()).map(|_| rng.normal() as f32).collect();
+    Batch {
+        layout,
+        logp,
+        sampler,
+        mask,
+        entropy,
+        adv,
+    }
+}
+
+pub const MODES: [IsMode; 4] = [
+    IsMode::TokenTruncate,
+    IsMode::TokenMask,
+    IsMode::SequenceTruncate,
+    IsMode::SequenceMask,
+];

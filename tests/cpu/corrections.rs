@@ -4,7 +4,9 @@
 //! on random padded and packed batches; `_into` forms multiply into a
 //! buffer; bad inputs are in `tests/common/bad_input.rs`.
 
-use crate::common::corrections::{entropy_ref, f32s, fixture, is_config, is_ref, opsm_ref, u8s, Layout};
+use crate::common::corrections::{
+    batch, entropy_ref, f32s, fixture, is_config, is_ref, opsm_ref, u8s, Layout, MODES,
+};
 use crate::common::{assert_close, Rng};
 use grpo_kernels::{
     high_entropy_mask, high_entropy_mask_into, mask_truncated_completions, off_policy_mask,
@@ -122,69 +124,6 @@ fn mask_truncated_completions_matches_trl() {
         assert_eq!(n, changed);
     }
 }
-
-/// A random batch: the trainer's and sampler's log-probs (NaN in padding
-/// and at some unscored tokens), a mask with padding, entropies with ties.
-struct Batch {
-    layout: Layout,
-    logp: Vec<f32>,
-    sampler: Vec<f32>,
-    mask: Vec<u8>,
-    entropy: Vec<f32>,
-    adv: Vec<f32>,
-}
-
-fn batch(rng: &mut Rng, packed: bool) -> Batch {
-    let (seqs, len) = (2 + rng.below(9), 1 + rng.below(23));
-    let layout = Layout::random(rng, seqs, len, packed);
-    let n = layout.tokens().max(1);
-    let layout = if n == layout.tokens() {
-        layout
-    } else {
-        Layout::Padded(1, 1)
-    };
-    let mask: Vec<u8> = (0..n).map(|_| (rng.uniform() > 0.2) as u8).collect();
-    let logp: Vec<f32> = (0..n)
-        .map(|t| {
-            if mask[t] == 0 {
-                f32::NAN
-            } else {
-                -(3.0 * rng.uniform()) as f32
-            }
-        })
-        .collect();
-    let sampler = (0..n)
-        .map(|t| match (mask[t], rng.below(8)) {
-            (0, _) | (_, 0) => f32::NAN,
-            _ => logp[t] + (0.5 * rng.normal()) as f32,
-        })
-        .collect();
-    let entropy = (0..n)
-        .map(|_| {
-            if rng.below(4) == 0 {
-                1.5
-            } else {
-                (4.0 * rng.uniform()) as f32
-            }
-        })
-        .collect();
-    let adv = (0..layout.ranges().len()).map(|_| rng.normal() as f32).collect();
-    Batch {
-        layout,
-        logp,
-        sampler,
-        mask,
-        entropy,
-        adv,
-    }
-}
-
-const MODES: [IsMode; 4] = [
-    IsMode::TokenTruncate,
-    IsMode::TokenMask,
-    IsMode::SequenceTruncate,
-    IsMode::SequenceMask,
-];
 
 #[test]
 fn every_op_matches_an_f64_reference_on_random_batches() {
