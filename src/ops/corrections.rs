@@ -221,9 +221,8 @@ impl<M: Memory> SamplerLogps<'_, M> {
 }
 
 impl SamplerLogps<'_, Host> {
-    /// Full host validation: shape, offsets, log-probs at masked-in tokens
-    /// (`logp_name` names the trainer's in errors).
-    fn validate(&self, op: &'static str, logp_name: &'static str) -> Result<(usize, usize)> {
+    /// Full host validation: shape, offsets, log-probs at masked-in tokens.
+    fn validate(&self, op: &'static str) -> Result<(usize, usize)> {
         let (n, s) = self.validate_shape(op)?;
         self.layout.validate(op, n)?;
         let on = |i: usize| self.mask.is_none_or(|m| m[i] != 0);
@@ -231,7 +230,7 @@ impl SamplerLogps<'_, Host> {
         if let Some(index) = first(self.logp, f32::is_finite) {
             return Err(Error::NonFinite {
                 op,
-                what: logp_name,
+                what: "logp",
                 index,
             });
         }
@@ -245,8 +244,6 @@ impl SamplerLogps<'_, Host> {
         Ok((n, s))
     }
 }
-
-type M = Host;
 
 /// torch's `nan_to_num(x, nan=0.0)` in f32: NaN to 0, infinities to
 /// `+-f32::MAX`.
@@ -358,7 +355,7 @@ pub struct SamplerIs {
 /// masked-in token, bounds out of range (`clip_max < clip_min`), a truncate
 /// mode with no bound ([`Error::Unsupported`]), a non-finite weight.
 pub fn sampler_is_weights(inputs: &SamplerLogps<'_>, cfg: &SamplerIsConfig) -> Result<SamplerIs> {
-    let n = M::len(&inputs.logp);
+    let n = inputs.logp.len();
     let mut weights = check::with_capacity(OP_IS, "weights", n)?;
     weights.resize(n, 1.0f32);
     let stats = sampler_is_weights_into(inputs, cfg, &mut weights)?;
@@ -373,7 +370,7 @@ pub fn sampler_is_weights_into(
     weights: &mut [f32],
 ) -> Result<SamplerIsStats> {
     cfg.validate(OP_IS)?;
-    let (n, _) = inputs.validate(OP_IS, "logp")?;
+    let (n, _) = inputs.validate(OP_IS)?;
     check::len(OP_IS, "weights", n, weights.len())?;
     let parts: Vec<IsPartial> = per_sequence(&inputs.layout, weights)
         .into_par_iter()
@@ -440,7 +437,7 @@ fn is_sequence(
 /// Errors: those of [`sampler_is_weights`] for the inputs, `advantages`'
 /// length or a non-finite advantage, a non-finite `threshold`.
 pub fn off_policy_mask(inputs: &SamplerLogps<'_>, advantages: &[f32], threshold: f32) -> Result<Vec<f32>> {
-    ones(OP_OPSM, M::len(&inputs.logp), |w| {
+    ones(OP_OPSM, inputs.logp.len(), |w| {
         off_policy_mask_into(inputs, advantages, threshold, w)
     })
 }
@@ -453,7 +450,7 @@ pub fn off_policy_mask_into(
     weights: &mut [f32],
 ) -> Result<()> {
     check::param(OP_OPSM, "threshold", threshold as f64, true, "finite")?;
-    let (n, s) = inputs.validate(OP_OPSM, "logp")?;
+    let (n, s) = inputs.validate(OP_OPSM)?;
     check::len(OP_OPSM, "advantages", s, advantages.len())?;
     check::finite(OP_OPSM, "advantages", advantages)?;
     check::len(OP_OPSM, "weights", n, weights.len())?;

@@ -10,7 +10,8 @@ use crate::common::corrections::{
 use crate::common::{assert_close, Rng};
 use grpo_kernels::{
     high_entropy_mask, high_entropy_mask_into, mask_truncated_completions, off_policy_mask,
-    off_policy_mask_into, sampler_is_weights, sampler_is_weights_into, IsMode, SamplerIsConfig, SamplerLogps,
+    off_policy_mask_into, sampler_is_weights, sampler_is_weights_into, Error, IsMode, SamplerIsConfig,
+    SamplerLogps,
 };
 
 const RTOL: f64 = 1e-5;
@@ -231,4 +232,55 @@ fn edge_cases() {
         (out.weights[0], out.stats.ratio_max, out.stats.logp_diff_max),
         (1.0, 0.0, 0.0)
     );
+}
+
+#[test]
+fn mask_truncated_completions_against_a_naive_reference() {
+    let mut rng = Rng::new(11);
+    for i in 0..60 {
+        let b = batch(&mut rng, i % 2 == 0);
+        let ids: Vec<u32> = (0..b.mask.len()).map(|_| rng.below(6) as u32).collect();
+        let stop = [2i64, 5];
+        let mut mask = b.mask.clone();
+        mask_truncated_completions(&ids, &b.layout.get(), &stop, &mut mask).unwrap();
+        let mut want = b.mask.clone();
+        for r in b.layout.ranges() {
+            let last = r.clone().filter(|&t| b.mask[t] != 0).max();
+            if last.is_some_and(|t| ids[t] != 2 && ids[t] != 5) {
+                r.for_each(|t| want[t] = 0);
+            }
+        }
+        assert_eq!(mask, want, "batch {i}");
+    }
+}
+
+#[test]
+fn mask_truncated_completions_bad_inputs() {
+    let op = "mask_truncated_completions";
+    let mut mask = vec![1u8; 3];
+    let e = mask_truncated_completions(&[1u32, 2], &Layout::Padded(1, 2).get(), &[2], &mut mask).unwrap_err();
+    assert_eq!(
+        e,
+        Error::ShapeMismatch {
+            op,
+            what: "mask",
+            expected: 2,
+            got: 3
+        }
+    );
+    let e =
+        mask_truncated_completions(&[1u32, 2, 3], &Layout::Padded(2, 2).get(), &[2], &mut mask).unwrap_err();
+    assert_eq!(
+        e,
+        Error::ShapeMismatch {
+            op,
+            what: "tokens (batch * seq_len)",
+            expected: 4,
+            got: 3
+        }
+    );
+    let bad = Layout::Packed(vec![0, 2, 1, 3]);
+    let e = mask_truncated_completions(&[1u32, 2, 3], &bad.get(), &[2], &mut mask).unwrap_err();
+    assert!(matches!(e, Error::InvalidLayout { op: o, .. } if o == op), "{e}");
+    assert_eq!(mask, [1, 1, 1], "untouched on error");
 }
