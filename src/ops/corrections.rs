@@ -71,7 +71,7 @@
 //! the token: TRL gives it a zero difference), but not infinite. Padding
 //! (mask 0) is never read. A weight that is not finite (a sequence-level
 //! ratio beyond f32 under a mode without upper bound, or a product with a
-//! caller's non-finite weight) is [`Error::NonFinite`](crate::Error::NonFinite)
+//! caller's non-finite weight) is [`Error::NonFinite`]
 //! with `what: "weights"`.
 //!
 //! **Exact quantile.** [`high_entropy_mask`] follows `torch.quantile`
