@@ -284,3 +284,43 @@ fn mask_truncated_completions_bad_inputs() {
     assert!(matches!(e, Error::InvalidLayout { op: o, .. } if o == op), "{e}");
     assert_eq!(mask, [1, 1, 1], "untouched on error");
 }
+
+/// Finite log-probs and entropies of extreme magnitude: a typed error
+/// (`weights` beyond f32 with no upper bound) or finite weights, never NaN
+/// (entropies are >= 0, as entropies are).
+#[test]
+fn extreme_inputs_give_finite_weights_or_a_typed_error() {
+    let mut rng = Rng::new(5);
+    let big = |rng: &mut Rng| [3e38f32, -3e38, 1e30, -1e-30, 0.0][rng.below(5)];
+    for i in 0..200 {
+        let mut b = batch(&mut rng, i % 2 == 0);
+        for t in 0..b.logp.len() {
+            if b.mask[t] != 0 {
+                b.logp[t] = big(&mut rng);
+                b.sampler[t] = big(&mut rng);
+                b.entropy[t] = big(&mut rng).abs();
+            }
+        }
+        let inputs = logps(&b.logp, &b.sampler, &b.mask, &b.layout);
+        for mode in MODES {
+            for (clip_min, clip_max) in [(None, Some(3.0)), (Some(0.5), None)] {
+                let cfg = SamplerIsConfig {
+                    mode,
+                    clip_min,
+                    clip_max,
+                };
+                match sampler_is_weights(&inputs, &cfg) {
+                    Ok(out) => assert!(out.weights.iter().all(|w| w.is_finite() && *w >= 0.0)),
+                    Err(e) => assert!(
+                        clip_max.is_none() && matches!(e, Error::NonFinite { what: "weights", .. }),
+                        "{e}"
+                    ),
+                }
+            }
+        }
+        let w = off_policy_mask(&inputs, &b.adv, 0.1).unwrap();
+        assert!(w.iter().all(|&x| x == 0.0 || x == 1.0));
+        let (w, t) = high_entropy_mask(&b.entropy, Some(&b.mask), 0.3).unwrap();
+        assert!(w.iter().all(|&x| x == 0.0 || x == 1.0) && t.is_none_or(f32::is_finite));
+    }
+}
