@@ -38,6 +38,9 @@ constexpr int POLICY_LOSS_THREADS = 256;
 constexpr int SAMPLING_THREADS = 1024;
 // The fused LM-head loss's sequence counts, their total and its summary.
 constexpr int FUSED_LOSS_THREADS = 256;
+// The corrections' per-sequence kernels, and the entropy quantile's one block.
+constexpr int CORRECTIONS_THREADS = 256;
+constexpr int ENTROPY_SELECT_THREADS = 1024;
 
 // ------------------------------------------------------------ status word
 // Kernels never trap on bad data: they write NaN where an output is
@@ -48,7 +51,7 @@ constexpr int FUSED_LOSS_THREADS = 256;
 // What a kernel found wrong with its data.
 enum StatusKind : uint32_t { TOKEN_OUT_OF_RANGE = 0, NON_FINITE = 1, BAD_LAYOUT = 2 };
 // The op whose kernel raised it.
-enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5, OP_FUSED_LINEAR_LOSS = 6 };
+enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, OP_POLICY_LOSS = 3, OP_KL = 4, OP_SAMPLING = 5, OP_FUSED_LINEAR_LOSS = 6, OP_CORRECTIONS = 7 };
 // u32 words of the status word: the bits, then one index per kind.
 constexpr int STATUS_WORDS = 4;
 
@@ -179,5 +182,47 @@ static_assert(offsetof(FusedLossRowParams, rows) == 56, "FusedLossRowParams: sca
 static_assert(offsetof(FusedLossRowParams, inv_t) == 80, "FusedLossRowParams: floats after 3 i64");
 static_assert(offsetof(FusedLossRowParams, kl_kind) == 108, "FusedLossRowParams: enums after 7 floats");
 static_assert(offsetof(FusedLossRowParams, aggregation) == 112, "FusedLossRowParams: aggregation last");
+
+// ------------------------------------------------------------ corrections
+// TRL's `vllm_importance_sampling_mode` (`IsMode` in src/ops/corrections.rs).
+enum IsModeKind : int { IS_TOKEN_TRUNCATE = 0, IS_TOKEN_MASK = 1, IS_SEQUENCE_TRUNCATE = 2, IS_SEQUENCE_MASK = 3 };
+
+// What the per-sequence correction kernels read, passed by value. Null
+// `mask`: every token in; null `cu_seqlens`: padded by `seq_len`.
+struct CorrectionParams {
+    const float* logp;
+    const float* sampler_logp;
+    const uint8_t* mask;
+    const uint32_t* cu_seqlens;
+    // [seqs], read by `corr_off_policy` only.
+    const float* advantages;
+    int64_t seqs;
+    int64_t tokens;
+    int64_t seq_len;
+    // The importance ratio's bounds, -inf / +inf where absent.
+    float clip_min;
+    float clip_max;
+    // OPSM's delta.
+    float threshold;
+    IsModeKind mode;
+};
+static_assert(sizeof(CorrectionParams) == 80, "CorrectionParams: 80 bytes");
+static_assert(offsetof(CorrectionParams, seqs) == 40, "CorrectionParams: scalars after 5 pointers");
+static_assert(offsetof(CorrectionParams, clip_min) == 64, "CorrectionParams: floats after 3 i64");
+
+// One sequence's partial statistics of the sampler ratio and of
+// |logp - sampler_logp| (`IsPartial` in src/ops/corrections.rs), folded on
+// the host in sequence order.
+struct IsSeqPartial {
+    double ratio_sum;
+    double diff_sum;
+    uint64_t ratio_count;
+    uint64_t diff_count;
+    float ratio_min;
+    float ratio_max;
+    float diff_max;
+    float unused;
+};
+static_assert(sizeof(IsSeqPartial) == 48, "IsSeqPartial: 48 bytes");
 
 }  // namespace gk

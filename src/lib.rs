@@ -9,6 +9,7 @@
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
 //! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
 //! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
+//! | policy-gradient corrections (TRL): sampler importance weights (vLLM IS), off-policy sequence mask (OPSM), high-entropy token mask, truncated-completion mask | [`ops::corrections`] |
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
 //! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
 //! | fused linear log-probs: the same from hidden states and the LM head, without `[N, V]` logits | [`ops::fused_linear`] |
@@ -31,6 +32,11 @@ pub use element::{DType, Float, TokenId};
 pub use error::{CudaFailure, DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
 pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
+pub use ops::corrections::{
+    high_entropy_mask, high_entropy_mask_into, mask_truncated_completions, off_policy_mask,
+    off_policy_mask_into, sampler_is_weights, sampler_is_weights_into, IsMode, SamplerIs, SamplerIsConfig,
+    SamplerIsStats, SamplerLogps,
+};
 pub use ops::fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
     fused_linear_logprobs_into, FusedLinearConfig, LinearGrads, LinearGradsOut, LinearRows,

@@ -66,6 +66,7 @@ macro_rules! bail_unsupported {
 pub(crate) use bail_unsupported;
 
 pub mod advantages;
+pub mod corrections;
 pub mod fused_linear;
 pub mod fused_linear_loss;
 pub mod kl;
@@ -75,6 +76,9 @@ pub mod policy_loss;
 pub mod sampling;
 
 pub use advantages::{group_advantages, AdvantageTensors};
+pub use corrections::{
+    high_entropy_mask, mask_truncated_completions, off_policy_mask, sampler_is_weights, SamplerLogpTensors,
+};
 pub use fused_linear::fused_linear_logprobs;
 pub use fused_linear_loss::{fused_linear_policy_loss, FusedLossOutput};
 pub use kl::kl_divergence;

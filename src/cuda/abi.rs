@@ -103,6 +103,10 @@ scalars! {
         align: std::mem::align_of::<FusedLossRowParams>(),
         size: std::mem::size_of::<FusedLossRowParams>(),
     },
+    CorrectionParams => Ptx::Bytes {
+        align: std::mem::align_of::<CorrectionParams>(),
+        size: std::mem::size_of::<CorrectionParams>(),
+    },
 }
 
 /// `const T*`: a device buffer the kernel reads.
@@ -528,14 +532,15 @@ mod abi_gen;
 #[cfg(test)]
 mod tests {
     use super::super::{
-        advantages, fused_linear, fused_linear_loss, kl, logprob, policy_loss, ptx, sampling,
+        advantages, corrections, fused_linear, fused_linear_loss, kl, logprob, policy_loss, ptx, sampling,
     };
     use super::*;
 
     /// Every kernel file's declarations.
-    fn declared() -> [Kernels; 7] {
+    fn declared() -> [Kernels; 8] {
         [
             advantages::kernel::declared(),
+            corrections::kernel::declared(),
             fused_linear::kernel::declared(),
             fused_linear_loss::kernel::declared(),
             kl::kernel::declared(),

@@ -38,6 +38,7 @@ use crate::memory::Memory;
 
 pub(crate) mod abi;
 pub mod advantages;
+pub mod corrections;
 pub mod fused_linear;
 pub mod fused_linear_loss;
 pub mod kl;
@@ -46,6 +47,7 @@ pub mod policy_loss;
 pub mod sampling;
 
 pub use advantages::{broadcast_to_tokens, group_advantages};
+pub use corrections::{high_entropy_mask_into, off_policy_mask_into, sampler_is_weights_into};
 pub use fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
     fused_linear_logprobs_into, LinearGradsOut,
@@ -180,6 +182,7 @@ fn op_name(op: abi::OpId) -> &'static str {
         abi::OpId::OP_KL => "kl_divergence",
         abi::OpId::OP_SAMPLING => "sample",
         abi::OpId::OP_FUSED_LINEAR_LOSS => "fused_linear_policy_loss",
+        abi::OpId::OP_CORRECTIONS => "corrections",
     }
 }
 

@@ -5,6 +5,7 @@
 pub(crate) mod math;
 
 pub mod advantages;
+pub mod corrections;
 pub mod fused_linear;
 pub mod fused_linear_loss;
 pub mod kl;

@@ -11,6 +11,8 @@ mod common;
 #[cfg(feature = "candle")]
 mod advantages;
 #[cfg(feature = "candle")]
+mod corrections;
+#[cfg(feature = "candle")]
 mod fused_linear;
 #[cfg(feature = "candle")]
 mod fused_linear_loss;

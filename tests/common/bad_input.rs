@@ -8,8 +8,8 @@
 #![allow(dead_code)]
 
 use grpo_kernels::{
-    AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, KlEstimator, LogProbConfig,
-    PolicyLossConfig, SamplingConfig,
+    AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, IsMode, KlEstimator, LogProbConfig,
+    PolicyLossConfig, SamplerIsConfig, SamplingConfig,
 };
 
 const NAN: f32 = f32::NAN;
@@ -689,6 +689,209 @@ pub fn sample_cases() -> Vec<SampleCase> {
     ]
 }
 
+/// Which correction a [`CorrectionCase`] runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Correction {
+    SamplerIs(SamplerIsConfig),
+    OffPolicy {
+        threshold: f32,
+    },
+    /// `logp` holds the entropies.
+    Entropy {
+        top_quantile: f64,
+    },
+}
+
+/// A correction over a padded `[batch, N / batch]` batch.
+pub struct CorrectionCase {
+    pub name: &'static str,
+    /// The trainer's log-probs, or the entropies.
+    pub logp: Vec<f32>,
+    pub sampler_logp: Vec<f32>,
+    pub mask: Option<Vec<u8>>,
+    pub advantages: Vec<f32>,
+    pub batch: usize,
+    pub op: Correction,
+    pub want: Option<Error>,
+}
+
+pub fn correction_cases() -> Vec<CorrectionCase> {
+    const IS: &str = "sampler_is_weights";
+    const OPSM: &str = "off_policy_mask";
+    const ENT: &str = "high_entropy_mask";
+    let case =
+        |name, logp: Vec<f32>, sampler_logp: Vec<f32>, mask: Option<Vec<u8>>, op, want| CorrectionCase {
+            name,
+            logp,
+            sampler_logp,
+            mask,
+            advantages: vec![1.0, -1.0],
+            batch: 2,
+            op,
+            want,
+        };
+    let is = |mode, clip_min, clip_max| {
+        Correction::SamplerIs(SamplerIsConfig {
+            mode,
+            clip_min,
+            clip_max,
+        })
+    };
+    let default_is = Correction::SamplerIs(SamplerIsConfig::default());
+    let lp = || vec![-1.0f32, -0.5, -2.0, -0.3];
+    let on = || Some(vec![1u8, 1, 1, 1]);
+    vec![
+        case(
+            "IS: clip_min > clip_max",
+            lp(),
+            lp(),
+            on(),
+            is(IsMode::TokenTruncate, Some(1.0), Some(0.5)),
+            bad_param(IS, "clip_max", 0.5, "finite and >= clip_min"),
+        ),
+        case(
+            "IS: a negative clip_min",
+            lp(),
+            lp(),
+            on(),
+            is(IsMode::TokenMask, Some(-1.0), None),
+            bad_param(IS, "clip_min", -1.0, "finite and >= 0"),
+        ),
+        case(
+            "IS: a truncate mode without bounds",
+            lp(),
+            lp(),
+            on(),
+            is(IsMode::SequenceTruncate, None, None),
+            Some(Error::Unsupported {
+                op: IS,
+                reason: "a truncate mode needs clip_min or clip_max (TRL's torch.clamp with neither raises)"
+                    .into(),
+            }),
+        ),
+        case(
+            "IS: a NaN trainer log-prob at a masked-in token",
+            vec![-1.0, NAN, -2.0, -0.3],
+            lp(),
+            on(),
+            default_is,
+            non_finite(IS, "logp", 1),
+        ),
+        case(
+            "IS: an infinite sampler log-prob at a masked-in token",
+            lp(),
+            vec![-1.0, -0.5, -INF, -0.3],
+            on(),
+            default_is,
+            non_finite(IS, "sampler_logp", 2),
+        ),
+        case(
+            "IS: NaN sampler log-probs (not scored) and NaN padding are accepted",
+            vec![-1.0, -0.5, NAN, -0.3],
+            vec![NAN, -0.5, INF, NAN],
+            Some(vec![1, 1, 0, 1]),
+            is(IsMode::SequenceMask, Some(0.5), None),
+            None,
+        ),
+        case(
+            "IS: a sequence ratio beyond f32 with no upper bound",
+            vec![0.0, 0.0, -1.0, -1.0],
+            vec![-60.0, -60.0, -1.0, -1.0],
+            on(),
+            is(IsMode::SequenceMask, Some(0.5), None),
+            non_finite(IS, "weights", 0),
+        ),
+        case(
+            "IS: sampler_logp shorter than logp",
+            lp(),
+            vec![-1.0, -0.5, -2.0],
+            on(),
+            default_is,
+            Some(Error::ShapeMismatch {
+                op: IS,
+                what: "sampler_logp",
+                expected: 4,
+                got: 3,
+            }),
+        ),
+        CorrectionCase {
+            advantages: vec![1.0, NAN],
+            ..case(
+                "OPSM: a NaN advantage",
+                lp(),
+                lp(),
+                on(),
+                Correction::OffPolicy { threshold: 0.1 },
+                non_finite(OPSM, "advantages", 1),
+            )
+        },
+        CorrectionCase {
+            advantages: vec![1.0, -1.0, 0.5],
+            ..case(
+                "OPSM: one advantage too many",
+                lp(),
+                lp(),
+                on(),
+                Correction::OffPolicy { threshold: 0.1 },
+                Some(Error::ShapeMismatch {
+                    op: OPSM,
+                    what: "advantages",
+                    expected: 2,
+                    got: 3,
+                }),
+            )
+        },
+        case(
+            "OPSM: an infinite threshold",
+            lp(),
+            lp(),
+            on(),
+            Correction::OffPolicy { threshold: INF },
+            bad_param(OPSM, "threshold", INF, "finite"),
+        ),
+        case(
+            "OPSM: a NaN current log-prob at a masked-in token",
+            vec![-1.0, -0.5, -2.0, NAN],
+            lp(),
+            on(),
+            Correction::OffPolicy { threshold: 0.1 },
+            non_finite(OPSM, "logp", 3),
+        ),
+        case(
+            "entropy: a quantile above 1",
+            vec![0.1, 0.2, 0.3, 0.4],
+            vec![0.0; 4],
+            None,
+            Correction::Entropy { top_quantile: 1.5 },
+            bad_param(ENT, "top_quantile", 1.5, "in [0, 1]"),
+        ),
+        case(
+            "entropy: a negative quantile",
+            vec![0.1, 0.2, 0.3, 0.4],
+            vec![0.0; 4],
+            None,
+            Correction::Entropy { top_quantile: -0.25 },
+            bad_param(ENT, "top_quantile", -0.25, "in [0, 1]"),
+        ),
+        case(
+            "entropy: a NaN at a masked-in token",
+            vec![0.1, 0.2, NAN, 0.4],
+            vec![0.0; 4],
+            on(),
+            Correction::Entropy { top_quantile: 0.2 },
+            non_finite(ENT, "entropy", 2),
+        ),
+        case(
+            "entropy: NaN in padding is never read",
+            vec![0.1, NAN, 0.3, 0.4],
+            vec![0.0; 4],
+            Some(vec![1, 0, 1, 1]),
+            Correction::Entropy { top_quantile: 0.2 },
+            None,
+        ),
+    ]
+}
+
 /// The op a CUDA kernel names in its status word: the family's forward
 /// (`Gpu::check` reports the forward's and backward's faults alike).
 pub fn cuda_op(op: &'static str) -> &'static str {
@@ -698,6 +901,7 @@ pub fn cuda_op(op: &'static str) -> &'static str {
         "kl_divergence_backward" => "kl_divergence",
         "policy_loss_backward" => "policy_loss",
         "broadcast_to_tokens" => "group_advantages",
+        "sampler_is_weights" | "off_policy_mask" | "high_entropy_mask" => "corrections",
         other => other,
     }
 }

@@ -122,6 +122,7 @@ pub fn softmax_row_atol<T: Float>(logits: &[T], t: f32) -> f64 {
 pub mod bad_input;
 #[cfg(feature = "candle")]
 pub mod composed;
+pub mod corrections;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod reference;

@@ -5,8 +5,9 @@
 //! cases on a GPU.
 
 use crate::common::bad_input::{
-    advantage_cases, broadcast_cases, fused_cases, kl_cases, logprob_cases, policy_cases, sample_cases,
-    AdvCase, FusedCase, KlCase, LogProbCase, PolicyCase, SampleCase,
+    advantage_cases, broadcast_cases, correction_cases, fused_cases, kl_cases, logprob_cases, policy_cases,
+    sample_cases, AdvCase, Correction, CorrectionCase, FusedCase, KlCase, LogProbCase, PolicyCase,
+    SampleCase,
 };
 use grpo_kernels::{
     broadcast_to_tokens, fused_linear_logprobs, fused_linear_logprobs_backward, group_advantages,
@@ -172,6 +173,35 @@ fn kl_cpu(c: &KlCase) -> Result<Vec<f32>> {
     match &c.grad {
         None => Ok(kl),
         Some(g) => kl_divergence_backward(&inputs, c.est, g),
+    }
+}
+
+fn correction_cpu(c: &CorrectionCase) -> Result<Vec<f32>> {
+    let layout = SeqLayout::Padded {
+        batch: c.batch,
+        seq_len: c.logp.len() / c.batch,
+    };
+    let inputs = grpo_kernels::SamplerLogps {
+        logp: &c.logp[..],
+        sampler_logp: &c.sampler_logp[..],
+        mask: c.mask.as_deref(),
+        layout,
+    };
+    match c.op {
+        Correction::SamplerIs(cfg) => grpo_kernels::sampler_is_weights(&inputs, &cfg).map(|o| o.weights),
+        Correction::OffPolicy { threshold } => {
+            grpo_kernels::off_policy_mask(&inputs, &c.advantages, threshold)
+        }
+        Correction::Entropy { top_quantile } => {
+            grpo_kernels::high_entropy_mask(&c.logp, c.mask.as_deref(), top_quantile).map(|o| o.0)
+        }
+    }
+}
+
+#[test]
+fn corrections_cpu_cases() {
+    for c in correction_cases() {
+        check(c.name, correction_cpu(&c), &c.want);
     }
 }
 
@@ -353,6 +383,41 @@ mod candle {
     fn advantages_candle_cases() {
         for c in advantage_cases() {
             check_candle(c.name, advantages_candle(&c), &c.want);
+        }
+    }
+
+    fn correction_candle(c: &CorrectionCase) -> CResult<Vec<Tensor>> {
+        let shape = [c.batch, c.logp.len() / c.batch];
+        let logp = tensor(&c.logp, &shape);
+        let sampler = tensor(&c.sampler_logp, &shape);
+        let mask = c
+            .mask
+            .as_ref()
+            .map(|m| Tensor::from_vec(m.clone(), &shape[..], &Device::Cpu).unwrap());
+        let inputs = ops::SamplerLogpTensors {
+            logp: &logp,
+            sampler_logp: &sampler,
+            mask: mask.as_ref(),
+            cu_seqlens: None,
+        };
+        Ok(vec![match c.op {
+            Correction::SamplerIs(cfg) => ops::sampler_is_weights(&inputs, &cfg)?.0,
+            Correction::OffPolicy { threshold } => {
+                let adv = tensor(&c.advantages, &[c.advantages.len()]);
+                ops::off_policy_mask(&inputs, &adv, threshold)?
+            }
+            Correction::Entropy { top_quantile } => {
+                ops::high_entropy_mask(&logp, mask.as_ref(), top_quantile)?
+            }
+        }])
+    }
+
+    /// Lengths that disagree are shapes candle checks itself (its own error).
+    #[test]
+    fn corrections_candle_cases() {
+        let shapes_agree = |c: &CorrectionCase| c.sampler_logp.len() == c.logp.len();
+        for c in correction_cases().into_iter().filter(shapes_agree) {
+            check_candle(c.name, correction_candle(&c), &c.want);
         }
     }
 

@@ -14,6 +14,7 @@ mod common;
 
 mod advantages;
 mod bad_input;
+mod corrections;
 mod extreme_inputs;
 mod fused_linear;
 mod fused_linear_loss;

@@ -6,8 +6,9 @@
 #![cfg(feature = "cuda")]
 
 use crate::common::bad_input::{
-    advantage_cases, broadcast_cases, cuda_op, fused_cases, kl_cases, logprob_cases, policy_cases,
-    sample_cases, AdvCase, FusedCase, KlCase, LogProbCase, PolicyCase, SampleCase,
+    advantage_cases, broadcast_cases, correction_cases, cuda_op, fused_cases, kl_cases, logprob_cases,
+    policy_cases, sample_cases, AdvCase, Correction, CorrectionCase, FusedCase, KlCase, LogProbCase,
+    PolicyCase, SampleCase,
 };
 use crate::common::gpu::{down, gpu, up};
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -188,6 +189,49 @@ fn advantages_cuda_cases() {
         let r = cuda::broadcast_to_tokens(&gpu, &per_seq.as_view(), &layout, c.batch * c.seq_len)
             .map(|out| vec![down(&gpu, &out)]);
         check(&gpu, c.name, r, &c.want);
+    }
+}
+
+fn correction_gpu(gpu: &Gpu, c: &CorrectionCase) -> Result<Outs> {
+    let (logp, sampler, adv) = (up(gpu, &c.logp), up(gpu, &c.sampler_logp), up(gpu, &c.advantages));
+    let mask = c.mask.as_ref().map(|m| up(gpu, m));
+    let inputs = grpo_kernels::SamplerLogps::<Device> {
+        logp: logp.as_view(),
+        sampler_logp: sampler.as_view(),
+        mask: mask.as_ref().map(|m| m.as_view()),
+        layout: SeqLayout::Padded {
+            batch: c.batch,
+            seq_len: c.logp.len() / c.batch,
+        },
+    };
+    let mut w = up(gpu, &vec![1.0f32; c.logp.len()]);
+    match c.op {
+        Correction::SamplerIs(cfg) => {
+            cuda::sampler_is_weights_into(gpu, &inputs, &cfg, &mut w.as_view_mut())?;
+        }
+        Correction::OffPolicy { threshold } => {
+            cuda::off_policy_mask_into(gpu, &inputs, &adv.as_view(), threshold, &mut w.as_view_mut())?
+        }
+        Correction::Entropy { top_quantile } => {
+            let m = mask.as_ref().map(|m| m.as_view());
+            cuda::high_entropy_mask_into(
+                gpu,
+                &logp.as_view(),
+                m.as_ref(),
+                top_quantile,
+                &mut w.as_view_mut(),
+            )?
+        }
+    }
+    Ok(vec![down(gpu, &w)])
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn corrections_cuda_cases() {
+    let gpu = gpu();
+    for c in correction_cases() {
+        check(&gpu, c.name, correction_gpu(&gpu, &c), &c.want);
     }
 }
 

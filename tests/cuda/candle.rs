@@ -227,3 +227,53 @@ fn fused_linear_kl_and_advantages_on_cuda_equal_cpu() {
         1e-6,
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn corrections_on_cuda_equal_cpu() {
+    use crate::common::corrections::{batch_sized, Layout};
+    use grpo_kernels::candle::{high_entropy_mask, off_policy_mask, sampler_is_weights, SamplerLogpTensors};
+    use grpo_kernels::SamplerIsConfig;
+    let cuda = Device::new_cuda(0).expect("a CUDA device");
+    let mut rng = Rng::new(41);
+    for packed in [false, true] {
+        let b = batch_sized(&mut rng, 9, 700, packed);
+        let run = |dev: &Device| {
+            let t = |x: &[f32]| match &b.layout {
+                Layout::Padded(s, l) => Tensor::from_vec(x.to_vec(), (*s, *l), dev).unwrap(),
+                Layout::Packed(_) => Tensor::from_vec(x.to_vec(), x.len(), dev).unwrap(),
+            };
+            let mask = match &b.layout {
+                Layout::Padded(s, l) => Tensor::from_vec(b.mask.clone(), (*s, *l), dev).unwrap(),
+                Layout::Packed(_) => Tensor::from_vec(b.mask.clone(), b.mask.len(), dev).unwrap(),
+            };
+            let cu = match &b.layout {
+                Layout::Packed(cu) => Some(Tensor::new(&cu[..], dev).unwrap()),
+                Layout::Padded(..) => None,
+            };
+            let (logp, sampler, ent) = (t(&b.logp), t(&b.sampler), t(&b.entropy));
+            let adv = Tensor::new(&b.adv[..], dev).unwrap();
+            let inputs = SamplerLogpTensors {
+                logp: &logp,
+                sampler_logp: &sampler,
+                mask: Some(&mask),
+                cu_seqlens: cu.as_ref(),
+            };
+            let (w, stats) = sampler_is_weights(&inputs, &SamplerIsConfig::default()).unwrap();
+            let opsm = off_policy_mask(&inputs, &adv, 0.0).unwrap();
+            let h = high_entropy_mask(&ent, Some(&mask), 0.2).unwrap();
+            (w, stats, opsm, h)
+        };
+        let (cpu, gpu) = (run(&Device::Cpu), run(&cuda));
+        assert_close("IS weights", &to32(&gpu.0), &to64(&cpu.0), 1e-30, 2e-6);
+        assert_close(
+            "IS ratio mean",
+            &[gpu.1.ratio_mean],
+            &[cpu.1.ratio_mean as f64],
+            1e-7,
+            2e-6,
+        );
+        assert_eq!(to32(&gpu.2), to32(&cpu.2), "OPSM");
+        assert_eq!(to32(&gpu.3), to32(&cpu.3), "entropy mask");
+    }
+}

@@ -22,6 +22,8 @@ mod bad_input;
 #[cfg(feature = "candle-cuda")]
 mod candle;
 #[cfg(feature = "cuda")]
+mod corrections;
+#[cfg(feature = "cuda")]
 mod fused_linear;
 #[cfg(feature = "cuda")]
 mod fused_linear_loss;
@@ -53,7 +55,7 @@ macro_rules! compiled_out {
 #[cfg(not(feature = "cuda"))]
 mod without_cuda_feature {
     compiled_out!("needs a CUDA device, and the `cuda` feature (nvcc) to build: see tests/README.md":
-        advantages, bad_input, fused_linear, fused_linear_loss, kl, logprob, policy_loss, sampling);
+        advantages, bad_input, corrections, fused_linear, fused_linear_loss, kl, logprob, policy_loss, sampling);
 }
 
 #[cfg(not(feature = "candle-cuda"))]
