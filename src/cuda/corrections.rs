@@ -34,10 +34,10 @@ abi::kernels! {
     /// and writes each sequence's partial statistics (`partials`,
     /// `[p.seqs]`): one block of `CORRECTIONS_THREADS` per sequence (grid =
     /// `p.seqs`). `p`'s inputs: `[p.tokens]`, `cu_seqlens` `[p.seqs + 1]`.
-    fn corr_sampler_is(p: CorrectionParams, weights: Out<f32>, partials: Out<IsSeqPartial>, status: Status);
+    fn corr_sampler_is(p: CorrectionParams, weights: Out<f32>, partials: Out<IsSeqPartial>, status: Status) threads(abi::CORRECTIONS_THREADS);
     /// Zeroes `weights` (`[p.tokens]`) on every sequence OPSM drops: one
     /// block of `CORRECTIONS_THREADS` per sequence; `p.advantages`: `[p.seqs]`.
-    fn corr_off_policy(p: CorrectionParams, weights: Out<f32>, status: Status);
+    fn corr_off_policy(p: CorrectionParams, weights: Out<f32>, status: Status) threads(abi::CORRECTIONS_THREADS);
     /// One block of `ENTROPY_SELECT_THREADS`: `threshold` (`[2]`) = the
     /// quantile `q` of the masked-in entropies (`entropy`, `mask`: `[n]`),
     /// and whether there was any.
@@ -48,7 +48,7 @@ abi::kernels! {
         q: f32,
         threshold: Out<f32>,
         status: Status,
-    );
+    ) threads(abi::ENTROPY_SELECT_THREADS);
     /// `weights[i] *= [mask_i and entropy_i >= threshold[0]]` (0 where
     /// `threshold[1] == 0`); grid-stride, any grid and block. Buffers: `[n]`,
     /// `threshold` `[2]`.
