@@ -8,6 +8,7 @@
 //! cargo bench --bench versus_torch -- --dump DIR [--small]
 //! cargo bench --bench versus_torch -- --case NAME --threads N --rounds R DIR
 //! cargo bench --bench versus_torch -- --list
+//! cargo test --release --bench versus_torch     # the self-test below
 //! ```
 //!
 //! `--dump` writes every case's inputs (raw little-endian arrays, one file
@@ -17,7 +18,10 @@
 //! f64 sum of every output element). Each case runs twice there, through
 //! the same code `--case` times, and must give the same checksum both times
 //! (buffers reused between calls). `--small` shrinks every case, for a
-//! smoke test of the whole pipeline.
+//! smoke test of the whole pipeline. With no subcommand (`cargo test`,
+//! plain `cargo bench`) the binary tests itself: a small dump into a
+//! temporary directory, then every case through `--case`'s code, reading
+//! the files back to the dump's checksums.
 //!
 //! `--case` reads the case's inputs from `DIR`, builds a rayon pool of `N`
 //! threads, runs one untimed call, then `R` timed calls, and prints one
@@ -804,27 +808,24 @@ fn dump(dir: &Path, small: bool) {
     );
 }
 
-fn time_case(name: &str, threads: usize, rounds: usize, dir: &Path) {
-    let case = CASES
+fn find(name: &str) -> &'static Case {
+    CASES
         .iter()
         .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no case {name:?} (--list names them)"));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .unwrap();
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(file(dir, "meta.json")).unwrap()).unwrap();
-    let s = if meta["small"].as_bool().unwrap() {
-        SMALL
-    } else {
-        FULL
-    };
-    assert_eq!(
-        meta["sizes"],
-        sizes_json(&s),
-        "meta.json's sizes differ from this binary's"
-    );
+        .unwrap_or_else(|| panic!("no case {name:?} (--list names them)"))
+}
+
+/// The sizes `dir/meta.json` was dumped at.
+fn dumped_sizes(dir: &Path) -> Sizes {
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(file(dir, "meta.json")).unwrap()).unwrap();
+    let s = if meta["small"].as_bool().unwrap() { SMALL } else { FULL };
+    assert_eq!(meta["sizes"], sizes_json(&s), "meta.json's sizes differ from this binary's");
+    s
+}
+
+/// `--case`: loads the case, one untimed call, `rounds` timed ones; the JSON line.
+fn time_case(case: &Case, threads: usize, rounds: usize, dir: &Path) -> Value {
+    let s = dumped_sizes(dir);
     let start_rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|m| m.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -840,12 +841,29 @@ fn time_case(name: &str, threads: usize, rounds: usize, dir: &Path) {
         times.push(t0.elapsed().as_secs_f64());
         faults.push((rusage().0 - f0) as f64);
     }
-    let line = json!({
-        "case": name, "impl": "ours", "form": case.form, "threads": threads, "rounds": rounds,
+    json!({
+        "case": case.name, "impl": "ours", "form": case.form, "threads": threads, "rounds": rounds,
         "min_s": times.iter().copied().fold(f64::INFINITY, f64::min), "median_s": median(times),
         "faults_per_call": median(faults), "start_rss": start_rss, "peak_rss": rusage().1, "checksum": sum,
-    });
-    println!("{line}");
+    })
+}
+
+/// No subcommand (`cargo bench`, `cargo test`): the small dump into a
+/// temporary directory, then every case through `--case`'s path, which
+/// must read the files back to the dump's checksum.
+fn self_test() {
+    let dir = std::env::temp_dir().join(format!("versus_torch_selftest_{}", std::process::id()));
+    dump(&dir, true);
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(file(&dir, "meta.json")).unwrap()).unwrap();
+    for (case, m) in CASES.iter().zip(meta["cases"].as_array().unwrap()) {
+        let line = time_case(case, rayon::current_num_threads(), 1, &dir);
+        assert_eq!(line["checksum"], m["checksum"], "{}: --case read back another result", case.name);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    println!(
+        "versus_torch self-test passed ({} cases, small sizes); bench/cpu_versus_torch.sh runs the comparison",
+        CASES.len()
+    );
 }
 
 fn main() {
@@ -866,22 +884,14 @@ fn main() {
     } else if let Some(dir) = value("--dump") {
         dump(Path::new(&dir), args.iter().any(|a| a == "--small"));
     } else if let Some(name) = value("--case") {
-        let dir = args
-            .last()
-            .filter(|a| !a.starts_with("--"))
-            .expect("--case NAME ... DIR");
-        time_case(
-            &name,
-            number("--threads", 1),
-            number("--rounds", 5),
-            Path::new(dir),
-        );
+        let dir = args.last().filter(|a| !a.starts_with("--")).expect("--case NAME ... DIR");
+        let threads = number("--threads", 1);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .unwrap();
+        println!("{}", time_case(find(&name), threads, number("--rounds", 5), Path::new(dir)));
     } else {
-        eprintln!(
-            "versus_torch: nothing to do; run bench/cpu_versus_torch.sh, or\n  \
-             cargo bench --bench versus_torch -- --dump DIR [--small]\n  \
-             cargo bench --bench versus_torch -- --case NAME --threads N --rounds R DIR\n  \
-             cargo bench --bench versus_torch -- --list"
-        );
+        self_test();
     }
 }
