@@ -817,9 +817,18 @@ fn find(name: &str) -> &'static Case {
 
 /// The sizes `dir/meta.json` was dumped at.
 fn dumped_sizes(dir: &Path) -> Sizes {
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(file(dir, "meta.json")).unwrap()).unwrap();
-    let s = if meta["small"].as_bool().unwrap() { SMALL } else { FULL };
-    assert_eq!(meta["sizes"], sizes_json(&s), "meta.json's sizes differ from this binary's");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(file(dir, "meta.json")).unwrap()).unwrap();
+    let s = if meta["small"].as_bool().unwrap() {
+        SMALL
+    } else {
+        FULL
+    };
+    assert_eq!(
+        meta["sizes"],
+        sizes_json(&s),
+        "meta.json's sizes differ from this binary's"
+    );
     s
 }
 
@@ -854,10 +863,15 @@ fn time_case(case: &Case, threads: usize, rounds: usize, dir: &Path) -> Value {
 fn self_test() {
     let dir = std::env::temp_dir().join(format!("versus_torch_selftest_{}", std::process::id()));
     dump(&dir, true);
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(file(&dir, "meta.json")).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(file(&dir, "meta.json")).unwrap()).unwrap();
     for (case, m) in CASES.iter().zip(meta["cases"].as_array().unwrap()) {
         let line = time_case(case, rayon::current_num_threads(), 1, &dir);
-        assert_eq!(line["checksum"], m["checksum"], "{}: --case read back another result", case.name);
+        assert_eq!(
+            line["checksum"], m["checksum"],
+            "{}: --case read back another result",
+            case.name
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
     println!(
@@ -884,13 +898,19 @@ fn main() {
     } else if let Some(dir) = value("--dump") {
         dump(Path::new(&dir), args.iter().any(|a| a == "--small"));
     } else if let Some(name) = value("--case") {
-        let dir = args.last().filter(|a| !a.starts_with("--")).expect("--case NAME ... DIR");
+        let dir = args
+            .last()
+            .filter(|a| !a.starts_with("--"))
+            .expect("--case NAME ... DIR");
         let threads = number("--threads", 1);
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()
             .unwrap();
-        println!("{}", time_case(find(&name), threads, number("--rounds", 5), Path::new(dir)));
+        println!(
+            "{}",
+            time_case(find(&name), threads, number("--rounds", 5), Path::new(dir))
+        );
     } else {
         self_test();
     }
