@@ -244,7 +244,7 @@ const CASES: &[Case] = &[
         name: "advantages",
         op: "advantages",
         dtype: "f32",
-        form: "group_advantages (allocating: no _into form)",
+        form: "group_advantages, allocating: no _into form",
         kind: Kind::Advantages,
     },
 ];

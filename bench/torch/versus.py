@@ -341,6 +341,8 @@ def rss_now():
 
 def run(args):
     import torch
+    import transformers.generation.logits_process  # noqa: F401 (imported before start_rss is read)
+    import trl.trainer.utils  # noqa: F401
 
     torch.set_num_threads(args.threads)
     d = Path(args.dir)
@@ -384,8 +386,9 @@ def t3(s):
             return f"{v:.0f} {unit}" if v >= 99.95 else f"{v:.1f} {unit}" if v >= 9.995 else f"{v:.2f} {unit}"
 
 
-def mb(b):
-    return f"{b / 1e6:.0f} MB"
+def rss(a):
+    """Peak RSS, and the RSS the process had before loading the case."""
+    return f"{a['peak'] / 1e6:.0f} MB ({a['start'] / 1e6:.0f} at start)"
 
 
 def cpu_model():
@@ -411,7 +414,8 @@ def render_report(args):
         if not side["ours"] or not side["torch"]:
             continue
         a = {i: {"min": min(r["min_s"] for r in rs), "median": statistics.median(r["median_s"] for r in rs),
-                 "faults": statistics.median(r["faults_per_call"] for r in rs), "peak": max(r["peak_rss"] for r in rs)}
+                 "faults": statistics.median(r["faults_per_call"] for r in rs), "peak": max(r["peak_rss"] for r in rs),
+                 "start": statistics.median(r["start_rss"] for r in rs)}
              for i, rs in side.items()}
         # The ratio of each round's pair of fresh processes, then their median.
         paired = [t["median_s"] / o["median_s"] for o in side["ours"] for t in side["torch"] if o["round"] == t["round"]]
@@ -420,7 +424,7 @@ def render_report(args):
         agg[key] = a
         print(f"| {key[0]} | {c['shape']} {c['dtype']} | `{c['form']}` | {key[1]} | {t3(a['ours']['min'])} "
               f"| {t3(a['ours']['median'])} | {t3(a['torch']['min'])} | {t3(a['torch']['median'])} | {ratio:.2f}x "
-              f"| {a['ours']['faults']:.0f} | {a['torch']['faults']:.0f} | {mb(a['ours']['peak'])} | {mb(a['torch']['peak'])} |")
+              f"| {a['ours']['faults']:.0f} | {a['torch']['faults']:.0f} | {rss(a['ours'])} | {rss(a['torch'])} |")
     rounds = len({r["round"] for r in res})
     print(f"\nPyTorch {torch_version} eager, {rounds} round(s) of fresh processes, {cpu_model()}")
     if not args.csv:
