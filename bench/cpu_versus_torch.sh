@@ -27,7 +27,9 @@
 # --threads 1 --calls 1: about a minute on an idle machine, most of it the
 # 13 PyTorch processes importing torch and TRL; writes to $TMPDIR, appends
 # no CSV rows unless --csv is given). The quicker smoke test, dump and
-# comparison only (seconds):
+# comparison only (seconds), is the bench's self-test:
+#   PYTHON=python3 cargo test --release --bench versus_torch
+# or by hand:
 #   cargo bench --bench versus_torch -- --small --dump /tmp/x
 #   python3 bench/torch/versus.py /tmp/x --rounds 0
 # PYTHON: the interpreter with torch 2.15, transformers and TRL 1.16

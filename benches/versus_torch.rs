@@ -20,8 +20,9 @@
 //! (buffers reused between calls). `--small` shrinks every case, for a
 //! smoke test of the whole pipeline. With no subcommand (`cargo test`,
 //! plain `cargo bench`) the binary tests itself: a small dump into a
-//! temporary directory, then every case through `--case`'s code, reading
-//! the files back to the dump's checksums.
+//! temporary directory, every case through `--case`'s code, reading the
+//! files back to the dump's checksums, and, where `$PYTHON` (default
+//! `python3`) has torch, transformers and TRL, `versus.py`'s comparison.
 //!
 //! `--case` reads the case's inputs from `DIR`, builds a rayon pool of `N`
 //! threads, runs one untimed call, then `R` timed calls, and prints one
@@ -894,9 +895,35 @@ fn time_case(case: &Case, threads: usize, rounds: usize, dir: &Path) -> Value {
     })
 }
 
+/// `bench/torch/versus.py DIR --rounds 0` (PyTorch's outputs against ours)
+/// when `$PYTHON` (default `python3`) has torch, transformers and TRL;
+/// skipped, saying so, otherwise (CI has no Python).
+fn torch_check(dir: &Path) {
+    use std::process::Command;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_torch = Command::new(&python)
+        .args(["-c", "import torch, transformers, trl"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_torch {
+        println!("PyTorch comparison skipped: {python} lacks torch, transformers or trl (set PYTHON)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch/versus.py");
+    let status = Command::new(&python)
+        .arg(script)
+        .arg(dir)
+        .args(["--rounds", "0"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "PyTorch's outputs differ from ours (above)");
+}
+
 /// No subcommand (`cargo bench`, `cargo test`): the small dump into a
 /// temporary directory, then every case through `--case`'s path, which
-/// must read the files back to the dump's checksum.
+/// must read the files back to the dump's checksum, then PyTorch's
+/// comparison where a Python with torch is found ([`torch_check`]).
 fn self_test() {
     let dir = std::env::temp_dir().join(format!("versus_torch_selftest_{}", std::process::id()));
     dump(&dir, true);
@@ -910,9 +937,10 @@ fn self_test() {
             case.name
         );
     }
+    torch_check(&dir);
     std::fs::remove_dir_all(&dir).unwrap();
     println!(
-        "versus_torch self-test passed ({} cases, small sizes); bench/cpu_versus_torch.sh runs the comparison",
+        "versus_torch self-test passed ({} cases, small sizes)",
         CASES.len()
     );
 }

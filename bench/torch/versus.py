@@ -358,7 +358,7 @@ def run(args):
         out = step()
         check(out)
         total = checksum(out)
-        del out
+        del out, check
         times, faults = [], []
         for _ in range(args.rounds):
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -373,6 +373,7 @@ def run(args):
                 "median_s": statistics.median(times), "faults_per_call": statistics.median(faults),
                 "start_rss": start_rss, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "checksum": total}), flush=True)
+        del step  # this case's tensors go before the next case loads its own
     if not args.rounds:
         print(f"all {len(cases)} case(s) agree with PyTorch {torch.__version__} within the tolerances")
 
