@@ -4,11 +4,12 @@
 #
 #   bash bench/cpu_versus_torch.sh [--rounds 5] [--threads "1 2"] [--calls 3]
 #        [--cases "sample advantages"] [--out FILE] [--csv FILE | --no-csv]
-#        [--dir DIR] [--small]
+#        [--dir DIR] [--reuse-dump] [--small]
 #
 # 1. builds and runs `benches/versus_torch.rs --dump DIR`: every case's
 #    inputs and our outputs (DIR: $TMPDIR/versus_torch, about 5 GB at full
-#    size; reused when its meta.json is there and of the same size);
+#    size; --reuse-dump keeps a dump of the same size that is there, whose
+#    outputs came from the binary that wrote it);
 # 2. `bench/torch/versus.py DIR --rounds 0`: PyTorch's outputs against ours
 #    for every case, and TRL's transcribed lines against TRL's source; any
 #    mismatch stops here, before anything is timed;
@@ -37,7 +38,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rounds="" threads="" calls="" cases="" out="" csv=bench/data/kernels.csv dir="" small=""
+rounds="" threads="" calls="" cases="" out="" csv=bench/data/kernels.csv dir="" small="" reuse=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -49,6 +50,7 @@ while [ $# -gt 0 ]; do
     --no-csv) csv=""; shift ;;
     --dir) dir=$2; shift 2 ;;
     --small) small=--small; shift ;;
+    --reuse-dump) reuse=1; shift ;;
     *) echo "unknown argument $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -59,13 +61,16 @@ if [ -n "$small" ]; then
   # One fresh process per case and side: each PyTorch one imports torch and TRL (seconds).
   rounds=${rounds:-1} threads=${threads:-1} calls=${calls:-1}
   dir=${dir:-$tmp/versus_torch_small}
-  out=${out:-$tmp/versus_torch_small/results.md}
+  out=${out:-$tmp/versus_torch_small.md}
   [ -n "${csv_given:-}" ] || csv=""
 else
   rounds=${rounds:-5} threads=${threads:-"1 2"} calls=${calls:-3}
   dir=${dir:-$tmp/versus_torch}
   out=${out:-bench/cpu/logs/$(date -u +%F)-$commit-versus/results.md}
 fi
+case "$(realpath -m "$out")" in
+  "$(realpath -m "$dir")"/*) echo "--out must lie outside the dump directory $dir (a new dump replaces it)" >&2; exit 2 ;;
+esac
 mkdir -p "$(dirname "$out")"
 raw=${out%.md}.jsonl
 log=${out%.md}.log
@@ -79,8 +84,8 @@ bin=$(cargo bench --bench versus_torch --no-run 2>&1 | tee -a "$log" |
 
 echo "== inputs and our outputs: $dir"
 want_small=$([ -n "$small" ] && echo true || echo false)
-if [ -f "$dir/meta.json" ] && grep -q "\"small\": $want_small" "$dir/meta.json"; then
-  echo "reusing $dir (delete it to dump again)"
+if [ -n "$reuse" ] && [ -f "$dir/meta.json" ] && grep -q "\"small\": $want_small" "$dir/meta.json"; then
+  echo "reusing $dir (--reuse-dump)"
 else
   rm -rf "$dir"
   "$bin" --dump "$dir" $small | tee -a "$log"
