@@ -39,12 +39,14 @@ OPS = {
     "logprob_fwd": ("token log-probs, forward", "", True),
     "logprob_bwd": ("token log-probs, backward", "", True),
     "logprob_fwd_bwd": ("token log-probs, fwd + bwd (in place)", "", True),
+    "logprob_fwd_bwd_buf": ("token log-probs, fwd + bwd (dlogits into a buffer)", "", True),
     "grpo_step": ("GRPO step from logits (log-probs, loss + k3 KL, backward to dlogits)", "", True),
     "policy_loss_fwd": ("policy loss + k3, forward", "", False),
     "policy_loss_bwd": ("policy loss + k3, backward", "", False),
     "policy_loss_fwd_bwd": ("policy loss + KL, fwd + bwd, with stats", "tokens", False),
     "kl_k3_fwd": ("KL k3, forward", "", False),
     "kl_k3_bwd": ("KL k3, backward", "", False),
+    "kl_k3_fwd_bwd": ("KL k3, fwd + bwd", "", False),
     "advantages": ("group advantages", "rewards", False),
     "sample_temperature": ("sampling, temperature", "", True),
     "sample_topk50_topp09": ("sampling, top-k 50 + top-p 0.9", "", True),
@@ -213,6 +215,33 @@ def kernels_threads(rows, _all):
     return table(["threads"] + impls + [f"{impls[0]} / {impls[-1]}"], body)
 
 
+def kernels_torch_cpu(rows, _all):
+    """CPU: ours against PyTorch eager running TRL's and transformers' code
+    for each op (bench/cpu_versus_torch.sh: fresh processes, interleaved),
+    per thread count: min and median per call, PyTorch / ours of the
+    medians, and each side's peak RSS (the whole process)."""
+    key = lambda r: (r["op"], r["dtype"], r["shape"], r["threads"])
+    ours = {}
+    for r in rows:
+        if r["impl"].startswith("ours"):
+            ours.setdefault(key(r), {})[r["stat"]] = r
+    body = []
+    for k in sorted(ours, key=lambda k: (list(OPS).index(k[0]), k[1], int(k[3]))):
+        mine = ours[k]
+        theirs = {r["stat"]: r for r in rows if key(r) == k and r["impl"].startswith("PyTorch")}
+        if "median" not in mine or "median" not in theirs:
+            continue
+        o, t = mine["median"], theirs["median"]
+        pair = lambda d: f"{t3(num(d['min']['time_us']))} / {t3(num(d['median']['time_us']))}" if "min" in d \
+            else t3(num(d["median"]["time_us"]))
+        mb = lambda r: f"{int(r['peak_bytes']) / 1e6:.0f} MB" if r["peak_bytes"] else "—"
+        form = o["impl"][len("ours ("):-1] if o["impl"].startswith("ours (") else "—"
+        body.append([OPS[k[0]][0], size(o), k[3], f"`{form}`", pair(mine), t["impl"], pair(theirs),
+                     times(num(t["time_us"]) / num(o["time_us"])), f"{mb(o)} / {mb(t)}"])
+    return table(["op", "size", "threads", "our form", "ours min / median", "baseline", "its min / median",
+                  "its median / ours", "peak RSS ours / its"], body)
+
+
 # ---------------------------------------------------------------- R1-SGG tables
 
 STAGE = {"sft": "SFT", "grpo": "SFT + GRPO"}
@@ -251,6 +280,7 @@ KINDS = {
     "kernels-cpu": ("kernels.csv", kernels_cpu),
     "kernels-versus": ("kernels.csv", kernels_versus),
     "kernels-threads": ("kernels.csv", kernels_threads),
+    "kernels-torch-cpu": ("kernels.csv", kernels_torch_cpu),
     "r1sgg-evals": ("r1_sgg.csv", r1sgg_evals),
     "r1sgg-seeds": ("r1_sgg.csv", r1sgg_seeds),
 }

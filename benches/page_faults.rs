@@ -2,14 +2,18 @@
 //! against their `_into` forms writing into reused buffers: KL k3 forward
 //! and backward (N = 262144 tokens), policy loss with k3 forward and
 //! backward (the same tokens, 1024 sequences), token log-probs forward and
-//! backward (256 x 32768 f32 logits). Faults come from `/proc/self/stat`
-//! (the `getrusage` minor-fault count); medians of interleaved rounds.
+//! backward (256 x 32768 f32 logits). Faults come from `getrusage`
+//! (`ru_minflt`); medians of interleaved rounds.
 //!
 //! ```text
 //! cargo bench --bench page_faults -- [--rounds 20]
 //! ```
 
+mod util;
+
 use std::time::Instant;
+
+use util::median;
 
 use grpo_kernels::{
     kl_divergence, kl_divergence_backward, kl_divergence_backward_into, kl_divergence_into, policy_loss,
@@ -20,11 +24,7 @@ use grpo_kernels::{
 };
 
 fn minor_faults() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0)
+    util::rusage().0
 }
 
 fn values(n: usize, seed: u32, offset: f32) -> Vec<f32> {
@@ -41,11 +41,6 @@ fn values(n: usize, seed: u32, offset: f32) -> Vec<f32> {
 
 /// One measured call.
 type Case<'a> = Box<dyn FnMut() + 'a>;
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

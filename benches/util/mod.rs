@@ -1,6 +1,12 @@
-//! Shared by the benches: seeded data, the memory-copy floors, and CUDA
-//! event timing.
+//! Shared by the benches: seeded data, the memory-copy floors, process
+//! counters (page faults, peak RSS), raw array files, the fused LM-head
+//! loss problem, and CUDA event timing.
 #![allow(dead_code)]
+
+pub mod fused_loss;
+
+use std::io::Read;
+use std::path::Path;
 
 use grpo_kernels::Float;
 
@@ -94,6 +100,56 @@ pub fn gemm_f32(
             gemm::Parallelism::Rayon(0),
         )
     }
+}
+
+/// `(minor page faults so far, peak resident set in bytes)` of this
+/// process: `ru_minflt` and `ru_maxrss` of `getrusage(RUSAGE_SELF)`, the
+/// counters Python's `resource.getrusage` reads.
+pub fn rusage() -> (u64, u64) {
+    // SAFETY: `rusage` is plain integers; getrusage fills the one it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a live struct, RUSAGE_SELF always valid.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    assert_eq!(rc, 0, "getrusage failed");
+    (u.ru_minflt as u64, u.ru_maxrss as u64 * 1024)
+}
+
+/// The median (the mean of the middle two for an even count).
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    }
+}
+
+/// Plain numbers (`f32`, `bf16`, `u32`, `u8`) viewed as their little-endian
+/// bytes (every supported target is little-endian).
+pub fn as_bytes<T: Copy>(xs: &[T]) -> &[u8] {
+    // SAFETY: plain data without padding, read as bytes while `xs` lives.
+    unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) }
+}
+
+/// Writes `xs` raw to `path`.
+pub fn write_raw<T: Copy>(path: &Path, xs: &[T]) {
+    std::fs::write(path, as_bytes(xs)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Reads a file [`write_raw`] wrote straight into one buffer (no second
+/// copy: peak memory is the array itself).
+pub fn read_raw<T: Copy + Default>(path: &Path) -> Vec<T> {
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let bytes = f.metadata().unwrap().len() as usize;
+    assert_eq!(bytes % std::mem::size_of::<T>(), 0, "{}: size", path.display());
+    let mut xs = vec![T::default(); bytes / std::mem::size_of::<T>()];
+    // SAFETY: the numbers `read_raw` is used for are valid for any bit
+    // pattern; the view covers exactly `xs`, borrowed mutably.
+    let view = unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr().cast::<u8>(), bytes) };
+    f.read_exact(view)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    xs
 }
 
 #[cfg(feature = "cuda")]
