@@ -53,8 +53,9 @@ enum OpId : uint32_t { OP_LOGPROB = 0, OP_FUSED_LINEAR = 1, OP_ADVANTAGES = 2, O
 constexpr int STATUS_WORDS = 4;
 
 // ------------------------------------------------------------ KL
-// KL estimator of d = ref_logp - logp (`KlEstimator` in src/ops/kl.rs).
-enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3 };
+// KL estimator of d = ref_logp - logp (`KlEstimator` in src/ops/kl.rs);
+// `_ST`: straight-through, the value of the named one with k2's gradient.
+enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3, KL_ABS = 4, KL_K1_ST = 5, KL_LOW_VAR_K3_ST = 6, KL_ABS_ST = 7 };
 
 // ------------------------------------------------------------ advantages
 // Advantage normalization (`AdvantageMode` in src/ops/advantages.rs).

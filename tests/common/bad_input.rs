@@ -438,7 +438,7 @@ pub fn kl_cases() -> Vec<KlCase> {
         grad,
         want,
     };
-    use KlEstimator::{LowVarK3, K1, K2, K3};
+    use KlEstimator::{Abs, K1StraightThrough, LowVarK3, LowVarK3StraightThrough, K1, K2, K3};
     vec![
         case(
             "a -inf logp",
@@ -495,6 +495,38 @@ pub fn kl_cases() -> Vec<KlCase> {
             LowVarK3,
             Some(vec![1e30, -1e30]),
             None,
+        ),
+        case(
+            "abs of a d beyond f32",
+            vec![-1.0, 3e38],
+            vec![-1.0, -3e38],
+            Abs,
+            None,
+            non_finite(FWD, "kl", 1),
+        ),
+        case(
+            "abs's gradient of extreme log-probs is a sign",
+            vec![-2e38, 1e38],
+            vec![1e38, -2e38],
+            Abs,
+            Some(vec![1e30, -1e30]),
+            None,
+        ),
+        case(
+            "verl's k3+ gradient -d times a large grad overflows",
+            vec![-1.0, -1e20],
+            vec![-1.0, 1e20],
+            LowVarK3StraightThrough,
+            Some(vec![1.0, 1e20]),
+            non_finite(BWD, "dlogp", 1),
+        ),
+        case(
+            "verl's k1+ of a NaN ref_logp",
+            vec![-1.0, -1.0],
+            vec![NAN, -1.0],
+            K1StraightThrough,
+            Some(vec![1.0, 1.0]),
+            non_finite(FWD, "ref_logp", 0),
         ),
     ]
 }

@@ -218,3 +218,33 @@ pub const ADVANTAGE_MODES: [grpo_kernels::AdvantageMode; 7] = [
     grpo_kernels::AdvantageMode::LeaveOneOut,
     grpo_kernels::AdvantageMode::None,
 ];
+
+/// Every KL estimator.
+pub const KL_ESTIMATORS: [grpo_kernels::KlEstimator; 8] = [
+    grpo_kernels::KlEstimator::K1,
+    grpo_kernels::KlEstimator::K2,
+    grpo_kernels::KlEstimator::K3,
+    grpo_kernels::KlEstimator::LowVarK3,
+    grpo_kernels::KlEstimator::Abs,
+    grpo_kernels::KlEstimator::K1StraightThrough,
+    grpo_kernels::KlEstimator::LowVarK3StraightThrough,
+    grpo_kernels::KlEstimator::AbsStraightThrough,
+];
+
+/// A committed JSON fixture of `tests/fixtures/`.
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A fixture's array of numbers, `null` read as NaN.
+pub fn fixture_f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|x| x.as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
