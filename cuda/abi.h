@@ -59,7 +59,7 @@ enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3, KL_ABS =
 
 // ------------------------------------------------------------ advantages
 // Advantage normalization (`AdvantageMode` in src/ops/advantages.rs).
-enum AdvantageMode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4 };
+enum AdvantageMode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4, WHITEN = 5 };
 
 // A group's sums, kept for the batch statistics (`group_advantages`'
 // scratch, one per group). `overflow`: a combined reward of the group

@@ -76,13 +76,23 @@ __device__ GroupStats warp_group_stats(const float* values, const float* weights
     return {sum, mean, warp_reduce(sq, Sum{}), flat, false};
 }
 
-// A = (r - shift) * scale, as AdvantageMode::group_affine.
-__device__ __forceinline__ void affine(int mode, const GroupStats& s, int64_t g, float eps, bool unbiased,
-                                       double batch_std, double* shift, double* scale) {
+// A = (r - shift) * scale, as AdvantageConfig::group_affine: `batch_mean`,
+// `batch_std` and `batch_flat` are read by the batch modes only; `verl`:
+// a group of one has mean 0 and std 1 (verl's convention), else 0.
+__device__ __forceinline__ void affine(int mode, const GroupStats& s, int64_t g, float eps, bool unbiased, bool verl,
+                                       double batch_mean, double batch_std, bool batch_flat, double* shift,
+                                       double* scale) {
+    const double batch_scale = batch_flat ? 0.0 : 1.0 / (batch_std + (double)eps);
     *shift = s.mean;
     if (mode == NONE) {
         *shift = 0.0;
         *scale = 1.0;
+    } else if (mode == WHITEN) {
+        *shift = batch_mean;
+        *scale = batch_scale;
+    } else if (verl && g == 1) {
+        *shift = 0.0;
+        *scale = mode == GROUP_NORM ? 1.0 / (1.0 + (double)eps) : mode == BATCH_NORM ? batch_scale : 1.0;
     } else if (s.flat) {
         *scale = 0.0;
     } else if (mode == GROUP_NORM) {
@@ -90,7 +100,7 @@ __device__ __forceinline__ void affine(int mode, const GroupStats& s, int64_t g,
     } else if (mode == GROUP_MEAN) {
         *scale = 1.0;
     } else if (mode == BATCH_NORM) {
-        *scale = 1.0 / (batch_std + (double)eps);
+        *scale = batch_scale;
     } else {  // LEAVE_ONE_OUT, G >= 2 here
         *scale = (double)g / ((double)g - 1.0);
     }
@@ -101,11 +111,12 @@ __device__ __forceinline__ void affine(int mode, const GroupStats& s, int64_t g,
 // values [K * n] component-major; weights [K] or null (one component, used
 // as is); outputs advantages and combined rewards [n], group_mean and
 // group_std [n / G]; stats [n / G] is scratch. One block of THREADS.
-// `unbiased` is the std convention of the mode (true for modes without one).
+// `unbiased` is the std convention of the mode (true for modes without one);
+// `verl_singletons`: a group of one has mean 0 and std 1 (`Singletons::Verl`).
 extern "C" __global__ void __launch_bounds__(THREADS)
     group_advantages(const float* values, const float* weights, int64_t components, int64_t n, int64_t group_size,
-                     AdvantageMode mode, float eps, int unbiased, float* advantages, float* rewards, float* group_mean,
-                     float* group_std, GroupStats* stats, uint32_t* status) {
+                     AdvantageMode mode, float eps, int unbiased, int verl_singletons, float* advantages,
+                     float* rewards, float* group_mean, float* group_std, GroupStats* stats, uint32_t* status) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t g = group_size, groups = n / group_size;
 
@@ -129,23 +140,32 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
     }
 
-    // 2. Batch std from the group sums (Chan et al.: SS = sum_g SS_g + G
-    //    (mean_g - mean)^2), for BatchNorm only.
-    double batch_std = 0.0;
-    if (mode == BATCH_NORM) {
+    // 2. Batch mean and std from the group sums (Chan et al.: SS = sum_g
+    //    SS_g + G (mean_g - mean)^2), for BatchNorm and Whiten only; the
+    //    batch is flat when every group is, at one value (mean and std 0).
+    double batch_mean = 0.0, batch_std = 0.0;
+    bool batch_flat = false;
+    if (mode == BATCH_NORM || mode == WHITEN) {
         __shared__ double scratch[WARPS];
         __syncthreads();
-        double sum = 0.0;
-        for (int64_t p = threadIdx.x; p < groups; p += THREADS) sum += stats[p].sum;
-        const double mean = block_reduce(sum, Sum{}, scratch) / (double)n;
+        double sum = 0.0, lo = INFINITY, hi = -INFINITY;
+        for (int64_t p = threadIdx.x; p < groups; p += THREADS) {
+            sum += stats[p].sum;
+            lo = fmin(lo, stats[p].flat ? stats[p].mean : -INFINITY);
+            hi = fmax(hi, stats[p].flat ? stats[p].mean : INFINITY);
+        }
+        lo = block_reduce(lo, MinF64{}, scratch);
+        hi = block_reduce(hi, MaxF64{}, scratch);
+        batch_flat = n < 2 || lo == hi;
+        batch_mean = batch_flat ? lo : block_reduce(sum, Sum{}, scratch) / (double)n;
         double sq = 0.0;
         for (int64_t p = threadIdx.x; p < groups; p += THREADS) {
-            const double d = stats[p].mean - mean;
+            const double d = stats[p].mean - batch_mean;
             sq += stats[p].sq_dev + (double)g * d * d;
         }
         sq = block_reduce(sq, Sum{}, scratch);
         const int64_t div = unbiased ? n - 1 : n;
-        batch_std = div > 0 ? sqrt(sq / (double)div) : 0.0;
+        batch_std = batch_flat || div <= 0 ? 0.0 : sqrt(sq / (double)div);
     }
 
     // 3. Advantages, each group's affine map of its rewards. A warp reads
@@ -154,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     for (int64_t p = warp; p < groups; p += WARPS) {
         const GroupStats s = stats[p];
         double shift, scale;
-        affine(mode, s, g, eps, unbiased, batch_std, &shift, &scale);
+        affine(mode, s, g, eps, unbiased, verl_singletons, batch_mean, batch_std, batch_flat, &shift, &scale);
         for (int64_t i = lane; i < g; i += 32) {
             const double r = combined(values, weights, components, n, p * g + i, status);
             const float a = s.overflow ? NAN : (float)((r - shift) * scale);

@@ -31,7 +31,10 @@ pub mod candle;
 pub use element::{DType, Float, TokenId};
 pub use error::{CudaFailure, DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
-pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
+pub use ops::advantages::{
+    broadcast_to_tokens, group_advantages, AdvantageConfig, AdvantageMode, GroupAdvantages, NanRewards,
+    RewardAggregation, Rewards, Singletons,
+};
 pub use ops::fused_linear::{
     fused_linear_logprobs, fused_linear_logprobs_backward, FusedLinearConfig, LinearGrads, LinearRows,
 };

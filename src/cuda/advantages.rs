@@ -6,7 +6,10 @@ use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use super::abi::{self, GroupStats};
 use super::{ptx, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
-use crate::ops::advantages::{AdvantageMode, GroupAdvantages, Rewards, OP, OP_BROADCAST};
+use crate::ops::advantages::{
+    AdvantageConfig, AdvantageMode, GroupAdvantages, NanRewards, RewardAggregation, Rewards, Singletons, OP,
+    OP_BROADCAST,
+};
 use crate::ops::layout::SeqLayout;
 
 const FILE: KernelFile = KernelFile {
@@ -31,6 +34,7 @@ abi::kernels! {
         mode: abi::AdvantageMode,
         eps: f32,
         unbiased: i32,
+        verl_singletons: i32,
         advantages: Out<f32>,
         rewards: Out<f32>,
         group_mean: Out<f32>,
@@ -61,6 +65,7 @@ impl AdvantageMode {
             AdvantageMode::BatchNorm { eps, .. } => (abi::AdvantageMode::BATCH_NORM, eps),
             AdvantageMode::LeaveOneOut => (abi::AdvantageMode::LEAVE_ONE_OUT, 0.0),
             AdvantageMode::None => (abi::AdvantageMode::NONE, 0.0),
+            AdvantageMode::Whiten { eps, .. } => (abi::AdvantageMode::WHITEN, eps),
         }
     }
 }
@@ -75,13 +80,26 @@ impl AdvantageMode {
 /// group's outputs are NaN; so is an advantage or a group std that
 /// overflows f32 (the CPU op's rule). All `P * G` rewards are handled by one block,
 /// which suits GRPO's batches (up to about a million completions).
+///
+/// Every mode and [`Singletons`] setting runs on the GPU;
+/// [`NanRewards::Skip`] and [`RewardAggregation::NormalizeThenSum`] do
+/// not yet ([`Error::Unsupported`]: use the CPU op, whose inputs are a few
+/// hundred rewards).
 pub fn group_advantages(
     gpu: &Gpu,
     rewards: &Rewards<'_, Device>,
-    mode: AdvantageMode,
+    config: impl Into<AdvantageConfig>,
 ) -> Result<GroupAdvantages<Device>> {
+    let cfg: AdvantageConfig = config.into();
     let (components, n) = rewards.validate(OP)?;
-    mode.validate(OP)?;
+    cfg.validate(OP)?;
+    if cfg.nan_rewards != NanRewards::Error || cfg.aggregation != RewardAggregation::SumThenNormalize {
+        return Err(Error::Unsupported {
+            op: OP,
+            reason: "NanRewards::Skip and RewardAggregation::NormalizeThenSum run on the CPU only".into(),
+        });
+    }
+    let mode = cfg.mode;
     let g = rewards.group_size;
     let groups = n / g;
     let weights = match rewards.weights {
@@ -115,6 +133,7 @@ pub fn group_advantages(
             mode_id,
             eps,
             mode.unbiased() as i32,
+            (cfg.singletons == Singletons::Verl) as i32,
             &mut advantages,
             &mut combined,
             &mut group_mean,
