@@ -90,16 +90,16 @@ pub fn group_advantages(
     rewards: &Rewards<'_, Device>,
     config: impl Into<AdvantageConfig>,
 ) -> Result<GroupAdvantages<Device>> {
-    let cfg: AdvantageConfig = config.into();
+    let config: AdvantageConfig = config.into();
     let (components, n) = rewards.validate(OP)?;
-    cfg.validate(OP)?;
-    if cfg.nan_rewards != NanRewards::Error || cfg.aggregation != RewardAggregation::SumThenNormalize {
+    config.validate(OP)?;
+    if config.nan_rewards != NanRewards::Error || config.aggregation != RewardAggregation::SumThenNormalize {
         return Err(Error::Unsupported {
             op: OP,
             reason: "NanRewards::Skip and RewardAggregation::NormalizeThenSum run on the CPU only".into(),
         });
     }
-    let mode = cfg.mode;
+    let mode = config.mode;
     let g = rewards.group_size;
     let groups = n / g;
     let weights = match rewards.weights {
@@ -133,7 +133,7 @@ pub fn group_advantages(
             mode_id,
             eps,
             mode.unbiased() as i32,
-            (cfg.singletons == Singletons::Verl) as i32,
+            (config.singletons == Singletons::Verl) as i32,
             &mut advantages,
             &mut combined,
             &mut group_mean,

@@ -48,7 +48,7 @@
 //! `+` is stripped. `mse+` and `k2+` raise in verl too, and are `k2`
 //! anyway. verl computes `k3` as `exp(d) - d - 1` in the input's precision
 //! (all digits lost near `d = 0` in f32); the crate's `k3` is accurate
-//! there (below). The fixture `tests/fixtures/advantages_kl.json`
+//! there (below). The fixture `tests/fixtures/kl_reference.json`
 //! (`advantages_kl_reference.py`) holds verl's values and torch autograd
 //! gradients for every name.
 //!

@@ -1,13 +1,15 @@
 //! CUDA group advantages and token broadcasting against the CPU ops: every
 //! mode, weighted components, flat groups and groups of one (exactly 0 on
-//! both), a NaN-poisoned memory pool, and the status word for bad data.
+//! both, or verl's convention), a NaN-poisoned memory pool, the status word
+//! for bad data, and the settings the kernel refuses.
 #![cfg(feature = "cuda")]
 
 use crate::common::gpu::{down, gpu, poison_pool, up};
 use crate::common::{assert_close, Rng, ADVANTAGE_MODES};
 use grpo_kernels::cuda::{self, Device};
 use grpo_kernels::{
-    broadcast_to_tokens, group_advantages, AdvantageMode, DeviceFault, Error, Rewards, SeqLayout,
+    broadcast_to_tokens, group_advantages, AdvantageConfig, AdvantageMode, DeviceFault, Error, NanRewards,
+    Rewards, SeqLayout, Singletons,
 };
 
 fn widen(v: &[f32]) -> Vec<f64> {
@@ -45,7 +47,15 @@ fn advantages_match_cpu() {
     for &(p, g) in &shapes {
         for k in [1, 3] {
             let values = rewards(&mut rng, k, p, g);
-            for mode in ADVANTAGE_MODES {
+            // Every mode, with groups of one at 0 and as verl has them.
+            let configs = ADVANTAGE_MODES.iter().flat_map(|&mode| {
+                [Singletons::Zero, Singletons::Verl].map(|singletons| AdvantageConfig {
+                    mode,
+                    singletons,
+                    ..AdvantageConfig::default()
+                })
+            });
+            for mode in configs {
                 let host = Rewards::new(&values, g);
                 let host = if k == 3 { host.with_weights(&weights) } else { host };
                 let want = group_advantages(&host, mode).unwrap();
@@ -179,4 +189,27 @@ fn bad_data_is_reported() {
         }) => {}
         other => panic!("expected an InvalidLayout fault at sequence 1, got {other:?}"),
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nan_rewards_and_normalize_then_sum_are_unsupported_on_the_gpu() {
+    let gpu = gpu();
+    let values = up(&gpu, &[1.0f32, f32::NAN, 0.0, 2.0]);
+    let dev = Rewards::<Device> {
+        values: values.as_view(),
+        weights: None,
+        group_size: 2,
+    };
+    let skip = AdvantageConfig {
+        nan_rewards: NanRewards::Skip,
+        ..AdvantageConfig::default()
+    };
+    assert!(matches!(
+        cuda::group_advantages(&gpu, &dev, skip),
+        Err(Error::Unsupported {
+            op: "group_advantages",
+            ..
+        })
+    ));
 }
