@@ -23,7 +23,7 @@ pub struct AdvantageTensors {
 /// Group-relative advantages of `rewards`, F32 `[P, G]` (one component)
 /// or `[K, P, G]` with `weights` of length `K` (R1-SGG's format, node and
 /// edge rewards weighted 1, 2, 5); `config` an
-/// [`AdvantageConfig`](crate::AdvantageConfig) (TRL's NaN rewards and
+/// [`AdvantageConfig`] (TRL's NaN rewards and
 /// `normalize_then_sum`, verl's groups of one) or just an
 /// [`AdvantageMode`](crate::AdvantageMode); see [`crate::group_advantages`]
 /// for the modes and the exact 0 of flat groups. On CUDA the kernel of
