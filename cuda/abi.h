@@ -69,10 +69,12 @@ struct GroupStats {
     double sum;
     double mean;
     double sq_dev;
+    // Scored (non-NaN) rewards; `flat`: fewer than two, or all equal.
+    int64_t count;
     bool flat;
     bool overflow;
 };
-static_assert(sizeof(GroupStats) == 32, "GroupStats: four f64 per group");
+static_assert(sizeof(GroupStats) == 40, "GroupStats: five 8-byte words per group");
 
 // ------------------------------------------------------------ policy loss
 // Loss aggregation (`Aggregation` in src/ops/policy_loss.rs).

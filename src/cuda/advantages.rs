@@ -24,7 +24,8 @@ abi::kernels! {
     /// Every group's advantages: one block of `ADVANTAGES_THREADS` for the
     /// batch. `values`: `[components, n]`; `weights`: `[components]` or
     /// null (one component); `advantages`, `rewards`: `[n]`; `group_mean`,
-    /// `group_std`, `stats` (scratch): `[n / group_size]`.
+    /// `group_std`, `stats` (scratch): `[n / group_size]`; `comp` (scratch,
+    /// `NormalizeThenSum` only, else null): `[2 components n / group_size]`.
     fn group_advantages(
         values: In<f32>,
         weights: Opt<In<f32>>,
@@ -35,11 +36,14 @@ abi::kernels! {
         eps: f32,
         unbiased: i32,
         verl_singletons: i32,
+        skip_nan: i32,
+        agg_eps: f32,
         advantages: Out<f32>,
         rewards: Out<f32>,
         group_mean: Out<f32>,
         group_std: Out<f32>,
         stats: Out<GroupStats>,
+        comp: Opt<Out<f64>>,
         status: Status,
     );
     /// `per_token[t] = per_seq[s]` for the tokens `t` of sequence `s`: one
@@ -80,11 +84,8 @@ impl AdvantageMode {
 /// group's outputs are NaN; so is an advantage or a group std that
 /// overflows f32 (the CPU op's rule). All `P * G` rewards are handled by one block,
 /// which suits GRPO's batches (up to about a million completions).
-///
-/// Every mode and [`Singletons`] setting runs on the GPU;
-/// [`NanRewards::Skip`] and [`RewardAggregation::NormalizeThenSum`] do
-/// not yet ([`Error::Unsupported`]: use the CPU op, whose inputs are a few
-/// hundred rewards).
+/// Every [`AdvantageConfig`] runs on the GPU (with [`NanRewards::Skip`]
+/// an unscorable completion's combined reward is NaN, as on the CPU).
 pub fn group_advantages(
     gpu: &Gpu,
     rewards: &Rewards<'_, Device>,
@@ -93,13 +94,11 @@ pub fn group_advantages(
     let config: AdvantageConfig = config.into();
     let (components, n) = rewards.validate(OP)?;
     config.validate(OP)?;
-    if config.nan_rewards != NanRewards::Error || config.aggregation != RewardAggregation::SumThenNormalize {
-        return Err(Error::Unsupported {
-            op: OP,
-            reason: "NanRewards::Skip and RewardAggregation::NormalizeThenSum run on the CPU only".into(),
-        });
-    }
     let mode = config.mode;
+    let agg_eps = match config.aggregation {
+        RewardAggregation::NormalizeThenSum { eps } => Some(eps),
+        RewardAggregation::SumThenNormalize => None,
+    };
     let g = rewards.group_size;
     let groups = n / g;
     let weights = match rewards.weights {
@@ -111,6 +110,10 @@ pub fn group_advantages(
     let mut group_mean = gpu.alloc::<f32>(groups)?;
     let mut group_std = gpu.alloc::<f32>(groups)?;
     let mut stats = gpu.alloc::<GroupStats>(groups)?;
+    let mut comp = match agg_eps {
+        Some(_) => Some(gpu.alloc::<f64>(2 * components * groups)?),
+        None => None,
+    };
     let (mode_id, eps) = mode.kernel_params();
     let status = gpu.status();
     let cfg = LaunchConfig {
@@ -119,8 +122,9 @@ pub fn group_advantages(
         shared_mem_bytes: 0,
     };
     // SAFETY: `values` holds `components * n` rewards and `weights` (when
-    // given) `components` (validated above); the outputs are allocated at
-    // the lengths the kernel writes; one block of ADVANTAGES_THREADS.
+    // given) `components` (validated above); the outputs and scratch are
+    // allocated at the lengths the kernel writes; one block of
+    // ADVANTAGES_THREADS.
     unsafe {
         kernel::group_advantages(
             gpu,
@@ -134,11 +138,14 @@ pub fn group_advantages(
             eps,
             mode.unbiased() as i32,
             (config.singletons == Singletons::Verl) as i32,
+            (config.nan_rewards == NanRewards::Skip) as i32,
+            agg_eps.unwrap_or(0.0),
             &mut advantages,
             &mut combined,
             &mut group_mean,
             &mut group_std,
             &mut stats,
+            comp.as_mut(),
             &*status,
         )
     }?;

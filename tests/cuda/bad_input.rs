@@ -176,7 +176,7 @@ fn advantages_gpu(gpu: &Gpu, c: &AdvCase) -> Result<Outs> {
 #[ignore = "needs a CUDA device"]
 fn advantages_cuda_cases() {
     let gpu = gpu();
-    for c in advantage_cases().into_iter().filter(AdvCase::on_gpu) {
+    for c in advantage_cases() {
         check(&gpu, c.name, advantages_gpu(&gpu, &c), &c.want);
     }
     for c in broadcast_cases() {
