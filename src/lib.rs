@@ -7,8 +7,8 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
-//! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
-//! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
+//! | group advantages (GRPO, Dr. GRPO, batch std, RLOO, whitening), reward weighting, TRL's NaN rewards and `normalize_then_sum`, verl's groups of one, broadcast to tokens | [`ops::advantages`] |
+//! | KL estimators k1, k2, k3, verl's low-variance k3, `abs` and straight-through `+` forms, forward and backward | [`ops::kl`] |
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
 //! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
 //! | fused linear log-probs: the same from hidden states and the LM head, without `[N, V]` logits | [`ops::fused_linear`] |
