@@ -28,17 +28,17 @@
 //! `beta > 0`), each reproduced exactly in value and gradient
 //! ([`KlEstimator::from_verl_name`] parses verl's):
 //!
-//! | reference | setting | crate |
-//! |---|---|---|
-//! | TRL `beta > 0` (`exp(ref - logp) - (ref - logp) - 1`) | | [`KlEstimator::K3`] |
-//! | verl `kl`, `k1` | `kl_loss_type` / `kl_penalty` | [`KlEstimator::K1`] |
-//! | verl `abs` | | [`KlEstimator::Abs`] |
-//! | verl `mse`, `k2` | | [`KlEstimator::K2`] |
-//! | verl `low_var_kl`, `k3` (note: verl's `k3` is clamped) | | [`KlEstimator::LowVarK3`] |
-//! | verl `kl+`, `k1+` | | [`KlEstimator::K1StraightThrough`] |
-//! | verl `abs+` | | [`KlEstimator::AbsStraightThrough`] |
-//! | verl `low_var_kl+`, `k3+` | | [`KlEstimator::LowVarK3StraightThrough`] |
-//! | verl `full` | | none (verl raises `NotImplementedError`) |
+//! | reference (verl: `kl_loss_type` / `kl_penalty` name) | crate |
+//! |---|---|
+//! | TRL `beta > 0` (`exp(ref - logp) - (ref - logp) - 1`) | [`KlEstimator::K3`] |
+//! | verl `kl`, `k1` | [`KlEstimator::K1`] |
+//! | verl `abs` | [`KlEstimator::Abs`] |
+//! | verl `mse`, `k2` | [`KlEstimator::K2`] |
+//! | verl `low_var_kl`, `k3` (verl's `k3` is clamped) | [`KlEstimator::LowVarK3`] |
+//! | verl `kl+`, `k1+` | [`KlEstimator::K1StraightThrough`] |
+//! | verl `abs+` | [`KlEstimator::AbsStraightThrough`] |
+//! | verl `low_var_kl+`, `k3+` | [`KlEstimator::LowVarK3StraightThrough`] |
+//! | verl `full` | none (verl raises `NotImplementedError`) |
 //!
 //! Where the crate differs: verl at that commit passes the name with its
 //! `+` on to `kl_penalty_forward`, which knows no such name and raises
