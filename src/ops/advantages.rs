@@ -71,7 +71,7 @@
 //! | verl `grpo`, `norm_adv_by_std_in_grpo=False` (Dr. GRPO) | `mode: GroupMean, singletons: Verl` |
 //! | verl `rloo` | `mode: LeaveOneOut, singletons: Verl` |
 //! | verl `rloo_vectorized` (groups of one get 0, unlike `rloo`) | `mode: LeaveOneOut` (`singletons: Zero`) |
-//! | verl `grpo_vectorized` (same math as `grpo`, not in the fixture) | as `grpo` |
+//! | verl `grpo_vectorized` (`verl.utils.group_mean_std`: a variance floored at `eps`, so `std >= sqrt(1e-6)`, from one-pass f32 sums; not in the fixture) | nearest: as `grpo`; differs where a group's variance is below `1e-6` |
 //! | verl `reinforce_plus_plus_baseline`, `grpo_passk`, `opo`, `gpg`, `remax`, `gae`, `optimal_token_baseline` | not covered: token-level, value- or length-weighted baselines outside this op |
 //!
 //! Where the crate differs on purpose: flat groups get an exact 0 (above);
