@@ -68,12 +68,13 @@ struct SoftmaxPartial {
 static_assert(sizeof(SoftmaxPartial) == 12, "SoftmaxPartial: three f32");
 
 // ------------------------------------------------------------ KL
-// KL estimator of d = ref_logp - logp (`KlEstimator` in src/ops/kl.rs).
-enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3 };
+// KL estimator of d = ref_logp - logp (`KlEstimator` in src/ops/kl.rs);
+// `_ST`: straight-through, the value of the named one with k2's gradient.
+enum KlKind : int { KL_K1 = 0, KL_K2 = 1, KL_K3 = 2, KL_LOW_VAR_K3 = 3, KL_ABS = 4, KL_K1_ST = 5, KL_LOW_VAR_K3_ST = 6, KL_ABS_ST = 7 };
 
 // ------------------------------------------------------------ advantages
 // Advantage normalization (`AdvantageMode` in src/ops/advantages.rs).
-enum AdvantageMode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4 };
+enum AdvantageMode : int { GROUP_NORM = 0, GROUP_MEAN = 1, BATCH_NORM = 2, LEAVE_ONE_OUT = 3, NONE = 4, WHITEN = 5 };
 
 // A group's sums, kept for the batch statistics (`group_advantages`'
 // scratch, one per group). `overflow`: a combined reward of the group
@@ -83,10 +84,12 @@ struct GroupStats {
     double sum;
     double mean;
     double sq_dev;
+    // Scored (non-NaN) rewards; `flat`: fewer than two, or all equal.
+    int64_t count;
     bool flat;
     bool overflow;
 };
-static_assert(sizeof(GroupStats) == 32, "GroupStats: four f64 per group");
+static_assert(sizeof(GroupStats) == 40, "GroupStats: five 8-byte words per group");
 
 // ------------------------------------------------------------ policy loss
 // Loss aggregation (`Aggregation` in src/ops/policy_loss.rs).

@@ -34,20 +34,26 @@ __device__ __forceinline__ float exp_excess(float d) {
 }
 
 // k1 = -d; k2 = d^2 / 2; k3 = e^d - d - 1 (gradient 1 - e^d = -(d + k3));
-// low_var: k3 with clamps, zero gradient where a clamp is active.
+// low_var: k3 with clamps, zero gradient where a clamp is active; abs = |d|
+// (gradient -sign(d), 0 at 0 as torch's); the straight-through kinds (`_ST`,
+// verl's `+`): the named value with k2's gradient -d.
 __device__ __forceinline__ KlValueGrad kl_estimate(int kind, float d) {
     switch (kind) {
         case KL_K1: return {-d, 1.f};
+        case KL_K1_ST: return {-d, -d};
         case KL_K2: return {0.5f * d * d, -d};
         case KL_K3: {
             const float k = exp_excess(d);
             return {k, -(d + k)};
         }
-        default: {
+        case KL_ABS: return {fabsf(d), d > 0.f ? -1.f : (d < 0.f ? 1.f : 0.f)};
+        case KL_ABS_ST: return {fabsf(d), -d};
+        default: {  // KL_LOW_VAR_K3, KL_LOW_VAR_K3_ST
             const float dc = fminf(fmaxf(d, -LOW_VAR_D_CLAMP), LOW_VAR_D_CLAMP);
             const float k = exp_excess(dc);
             const bool free = dc == d && k <= LOW_VAR_KL_CLAMP;
-            return {fminf(k, LOW_VAR_KL_CLAMP), free ? -(d + k) : 0.f};
+            const float grad = kind == KL_LOW_VAR_K3_ST ? -d : (free ? -(d + k) : 0.f);
+            return {fminf(k, LOW_VAR_KL_CLAMP), grad};
         }
     }
 }

@@ -7,8 +7,8 @@
 //! | op | module |
 //! |---|---|
 //! | token log-probs (+ entropy), forward and backward | [`ops::logprob`] |
-//! | group advantages (GRPO, Dr. GRPO, batch std, RLOO), reward weighting, broadcast to tokens | [`ops::advantages`] |
-//! | KL estimators k1, k2, k3, verl's low-variance k3, forward and backward | [`ops::kl`] |
+//! | group advantages (GRPO, Dr. GRPO, batch std, RLOO, whitening), reward weighting, TRL's NaN rewards and `normalize_then_sum`, verl's groups of one, broadcast to tokens | [`ops::advantages`] |
+//! | KL estimators k1, k2, k3, verl's low-variance k3, `abs` and straight-through `+` forms, forward and backward | [`ops::kl`] |
 //! | policy-gradient corrections (TRL): sampler importance weights (vLLM IS), off-policy sequence mask (OPSM), high-entropy token mask, truncated-completion mask | [`ops::corrections`] |
 //! | clipped policy loss (token / sequence ratios, dual clip, KL penalty, four aggregations) with statistics, forward and backward | [`ops::policy_loss`] |
 //! | token sampling: temperature, top-k, top-p, min-p, Gumbel-max over a Philox4x32-10 stream | [`ops::sampling`], [`ops::philox`] |
@@ -31,7 +31,10 @@ pub mod candle;
 pub use element::{DType, Float, TokenId};
 pub use error::{CudaFailure, DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
-pub use ops::advantages::{broadcast_to_tokens, group_advantages, AdvantageMode, GroupAdvantages, Rewards};
+pub use ops::advantages::{
+    broadcast_to_tokens, group_advantages, AdvantageConfig, AdvantageMode, GroupAdvantages, NanRewards,
+    RewardAggregation, Rewards, Singletons,
+};
 pub use ops::corrections::{
     high_entropy_mask, high_entropy_mask_into, mask_truncated_completions, off_policy_mask,
     off_policy_mask_into, sampler_is_weights, sampler_is_weights_into, IsMode, SamplerIs, SamplerIsConfig,

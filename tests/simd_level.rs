@@ -69,6 +69,10 @@ fn outputs(seqs: usize, len: usize) -> Vec<(&'static str, Vec<u32>)> {
         KlEstimator::K2,
         KlEstimator::K3,
         KlEstimator::LowVarK3,
+        KlEstimator::Abs,
+        KlEstimator::K1StraightThrough,
+        KlEstimator::LowVarK3StraightThrough,
+        KlEstimator::AbsStraightThrough,
     ] {
         out.push(("kl", bits(&kl_divergence(&kl, est).unwrap())));
         out.push((

@@ -5,7 +5,7 @@
 use candle_core::{DType, Result, Storage, Tensor};
 
 use super::{host_slice, wrap};
-use crate::ops::advantages::{self as op, AdvantageMode, GroupAdvantages, Rewards, OP};
+use crate::ops::advantages::{self as op, AdvantageConfig, GroupAdvantages, Rewards, OP};
 
 /// Outputs of [`group_advantages`], F32 on the rewards' device.
 #[derive(Debug, Clone)]
@@ -22,8 +22,11 @@ pub struct AdvantageTensors {
 
 /// Group-relative advantages of `rewards`, F32 `[P, G]` (one component)
 /// or `[K, P, G]` with `weights` of length `K` (R1-SGG's format, node and
-/// edge rewards weighted 1, 2, 5); see [`crate::group_advantages`] for the
-/// modes and the exact 0 of flat groups. On CUDA the kernel of
+/// edge rewards weighted 1, 2, 5); `config` an
+/// [`AdvantageConfig`] (TRL's NaN rewards and
+/// `normalize_then_sum`, verl's groups of one) or just an
+/// [`AdvantageMode`](crate::AdvantageMode); see [`crate::group_advantages`]
+/// for the modes and the exact 0 of flat groups. On CUDA the kernel of
 /// `grpo_kernels::cuda::group_advantages` runs on the tensor's stream.
 ///
 /// ```
@@ -38,8 +41,9 @@ pub struct AdvantageTensors {
 pub fn group_advantages(
     rewards: &Tensor,
     weights: Option<&[f32]>,
-    mode: AdvantageMode,
+    config: impl Into<AdvantageConfig>,
 ) -> Result<AdvantageTensors> {
+    let config: AdvantageConfig = config.into();
     if rewards.dtype() != DType::F32 {
         bail_unsupported!(OP, "rewards must be F32, got {:?}", rewards.dtype());
     }
@@ -62,10 +66,10 @@ pub fn group_advantages(
                 weights,
                 group_size: g,
             };
-            op::group_advantages(&host, mode).map_err(wrap)?
+            op::group_advantages(&host, config).map_err(wrap)?
         }
         #[cfg(feature = "candle-cuda")]
-        Storage::Cuda(s) => return cuda::run(s, layout, weights, g, mode, p),
+        Storage::Cuda(s) => return cuda::run(s, layout, weights, g, config, p),
         _ => bail_unsupported!(
             OP,
             "rewards on an unsupported device (build with `candle-cuda` for CUDA)"
@@ -90,14 +94,14 @@ mod cuda {
     use crate::candle::gpu::{checked, gpu, view};
     use crate::candle::wrap;
     use crate::cuda::{self as kernels, Device};
-    use crate::ops::advantages::{AdvantageMode, Rewards};
+    use crate::ops::advantages::{AdvantageConfig, Rewards};
 
     pub fn run(
         storage: &CudaStorage,
         layout: &Layout,
         weights: Option<&[f32]>,
         group_size: usize,
-        mode: AdvantageMode,
+        config: AdvantageConfig,
         prompts: usize,
     ) -> Result<AdvantageTensors> {
         let dev = &storage.device;
@@ -107,7 +111,7 @@ mod cuda {
             weights,
             group_size,
         };
-        let out = kernels::group_advantages(&g, &rewards, mode).map_err(wrap)?;
+        let out = kernels::group_advantages(&g, &rewards, config).map_err(wrap)?;
         checked(&g)?;
         let tensor = |s: cudarc::driver::CudaSlice<f32>, shape: Shape| {
             let s = CudaStorage::wrap_cuda_slice(s, dev.clone());

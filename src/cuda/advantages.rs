@@ -6,7 +6,10 @@ use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use super::abi::{self, GroupStats};
 use super::{ptx, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
-use crate::ops::advantages::{AdvantageMode, GroupAdvantages, Rewards, OP, OP_BROADCAST};
+use crate::ops::advantages::{
+    AdvantageConfig, AdvantageMode, GroupAdvantages, NanRewards, RewardAggregation, Rewards, Singletons, OP,
+    OP_BROADCAST,
+};
 use crate::ops::layout::SeqLayout;
 
 const FILE: KernelFile = KernelFile {
@@ -21,7 +24,8 @@ abi::kernels! {
     /// Every group's advantages: one block of `ADVANTAGES_THREADS` for the
     /// batch. `values`: `[components, n]`; `weights`: `[components]` or
     /// null (one component); `advantages`, `rewards`: `[n]`; `group_mean`,
-    /// `group_std`, `stats` (scratch): `[n / group_size]`.
+    /// `group_std`, `stats` (scratch): `[n / group_size]`; `comp` (scratch,
+    /// `NormalizeThenSum` only, else null): `[2 components n / group_size]`.
     fn group_advantages(
         values: In<f32>,
         weights: Opt<In<f32>>,
@@ -31,11 +35,15 @@ abi::kernels! {
         mode: abi::AdvantageMode,
         eps: f32,
         unbiased: i32,
+        verl_singletons: i32,
+        skip_nan: i32,
+        agg_eps: f32,
         advantages: Out<f32>,
         rewards: Out<f32>,
         group_mean: Out<f32>,
         group_std: Out<f32>,
         stats: Out<GroupStats>,
+        comp: Opt<Out<f64>>,
         status: Status,
     ) threads(abi::ADVANTAGES_THREADS);
     /// `per_token[t] = per_seq[s]` for the tokens `t` of sequence `s`: one
@@ -61,6 +69,7 @@ impl AdvantageMode {
             AdvantageMode::BatchNorm { eps, .. } => (abi::AdvantageMode::BATCH_NORM, eps),
             AdvantageMode::LeaveOneOut => (abi::AdvantageMode::LEAVE_ONE_OUT, 0.0),
             AdvantageMode::None => (abi::AdvantageMode::NONE, 0.0),
+            AdvantageMode::Whiten { eps, .. } => (abi::AdvantageMode::WHITEN, eps),
         }
     }
 }
@@ -75,13 +84,21 @@ impl AdvantageMode {
 /// group's outputs are NaN; so is an advantage or a group std that
 /// overflows f32 (the CPU op's rule). All `P * G` rewards are handled by one block,
 /// which suits GRPO's batches (up to about a million completions).
+/// Every [`AdvantageConfig`] runs on the GPU (with [`NanRewards::Skip`]
+/// an unscorable completion's combined reward is NaN, as on the CPU).
 pub fn group_advantages(
     gpu: &Gpu,
     rewards: &Rewards<'_, Device>,
-    mode: AdvantageMode,
+    config: impl Into<AdvantageConfig>,
 ) -> Result<GroupAdvantages<Device>> {
+    let config: AdvantageConfig = config.into();
     let (components, n) = rewards.validate(OP)?;
-    mode.validate(OP)?;
+    config.validate(OP)?;
+    let mode = config.mode;
+    let agg_eps = match config.aggregation {
+        RewardAggregation::NormalizeThenSum { eps } => Some(eps),
+        RewardAggregation::SumThenNormalize => None,
+    };
     let g = rewards.group_size;
     let groups = n / g;
     let weights = match rewards.weights {
@@ -93,6 +110,10 @@ pub fn group_advantages(
     let mut group_mean = gpu.alloc::<f32>(groups)?;
     let mut group_std = gpu.alloc::<f32>(groups)?;
     let mut stats = gpu.alloc::<GroupStats>(groups)?;
+    let mut comp = match agg_eps {
+        Some(_) => Some(gpu.alloc::<f64>(2 * components * groups)?),
+        None => None,
+    };
     let (mode_id, eps) = mode.kernel_params();
     let status = gpu.status();
     let cfg = LaunchConfig {
@@ -101,8 +122,9 @@ pub fn group_advantages(
         shared_mem_bytes: 0,
     };
     // SAFETY: `values` holds `components * n` rewards and `weights` (when
-    // given) `components` (validated above); the outputs are allocated at
-    // the lengths the kernel writes; one block of ADVANTAGES_THREADS.
+    // given) `components` (validated above); the outputs and scratch are
+    // allocated at the lengths the kernel writes; one block of
+    // ADVANTAGES_THREADS.
     unsafe {
         kernel::group_advantages(
             gpu,
@@ -115,11 +137,15 @@ pub fn group_advantages(
             mode_id,
             eps,
             mode.unbiased() as i32,
+            (config.singletons == Singletons::Verl) as i32,
+            (config.nan_rewards == NanRewards::Skip) as i32,
+            agg_eps.unwrap_or(0.0),
             &mut advantages,
             &mut combined,
             &mut group_mean,
             &mut group_std,
             &mut stats,
+            comp.as_mut(),
             &*status,
         )
     }?;

@@ -33,6 +33,10 @@ impl KlEstimator {
             KlEstimator::K2 => KlKind::KL_K2,
             KlEstimator::K3 => KlKind::KL_K3,
             KlEstimator::LowVarK3 => KlKind::KL_LOW_VAR_K3,
+            KlEstimator::Abs => KlKind::KL_ABS,
+            KlEstimator::K1StraightThrough => KlKind::KL_K1_ST,
+            KlEstimator::LowVarK3StraightThrough => KlKind::KL_LOW_VAR_K3_ST,
+            KlEstimator::AbsStraightThrough => KlKind::KL_ABS_ST,
         }
     }
 }

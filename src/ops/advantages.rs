@@ -14,6 +14,7 @@
 //! BatchNorm    A_i = (r_i - mean_g) / (std_batch + eps)    TRL scale_rewards="batch"
 //! LeaveOneOut  A_i = r_i - mean_{j != i} r_j               RLOO (Ahmadian et al., 2024)
 //!                  = G / (G - 1) (r_i - mean_g)
+//! Whiten       A_i = (r_i - mean_batch) / (std_batch + eps)  TRL normalize_then_sum's last step
 //! None         A_i = r_i
 //! ```
 //!
@@ -23,18 +24,67 @@
 //!
 //! **Degenerate groups.** A group whose rewards are all exactly equal
 //! (`max == min`, tested exactly rather than `std < tiny`, so a group with a
-//! tiny but real spread is still normalized) and a group of one (`G = 1`)
-//! get advantage exactly 0 in every mode but `None`, never NaN, and report
-//! `std_g = 0`. This differs from verl, which gives a group of one
-//! `mean = 0, std = 1`, i.e. `A = r / (1 + eps)`: a lone completion has no
-//! baseline, so it carries no relative signal. With `BatchNorm`, a batch
-//! with no spread has no non-degenerate group, so all advantages are 0.
+//! tiny but real spread is still normalized), a group of one (`G = 1`) and,
+//! with [`NanRewards::Skip`], a group with fewer than two scored
+//! completions get advantage exactly 0 in every mode but `None` and
+//! `Whiten`, never NaN, and report `std_g = 0`. TRL and verl compute
+//! `(r - mean) / (0 + eps)` there, which is 0 where their mean is exact and
+//! rounding noise divided by `eps` where it is not (e.g. three rewards of
+//! 0.1 in f32): the crate deliberately gives the exact 0. For groups of one
+//! verl instead uses mean 0 and std 1 (`A = r / (1 + eps)`, `r` for Dr.
+//! GRPO and RLOO): [`Singletons::Verl`] reproduces that;
+//! [`Singletons::Zero`] (the default, TRL's result) holds that a lone
+//! completion has no baseline. With `BatchNorm` and `Whiten`, a batch with
+//! no spread gives 0 too.
+//!
+//! **NaN rewards** ([`NanRewards::Skip`], TRL 1.16's "unscorable"
+//! completions): a NaN component is left out of the weighted sum; a
+//! completion with every component NaN is left out of its group's (and the
+//! batch's) mean and std, gets advantage 0, and its combined reward in the
+//! output is NaN (as TRL's `rewards`). By default ([`NanRewards::Error`]) a
+//! NaN reward is an error.
+//!
+//! **Several reward functions.** [`RewardAggregation::SumThenNormalize`]
+//! (TRL's default) sums the weighted components, then applies the mode;
+//! [`RewardAggregation::NormalizeThenSum`] first turns each component into
+//! its z-score within the group (unbiased std + eps), then sums those with
+//! the weights, then applies the mode (TRL: [`AdvantageMode::Whiten`]).
+//!
+//! **TRL 1.16 and verl, setting by setting.** Each row is reproduced exactly
+//! (to f32 rounding of an f64 computation) by the crate's setting, as the
+//! committed fixture `tests/fixtures/advantages_reference.json`
+//! (`advantages_kl_reference.py`, TRL's code path and verl's functions at
+//! commit b178a3cd56f58b2d502255daba591e92833930a7) shows for every row
+//! but the last two. Fields not named are [`AdvantageConfig::default`]'s;
+//! TRL rows need [`NanRewards::Skip`] only if rewards can be NaN.
+//!
+//! | reference | crate ([`AdvantageConfig`]) |
+//! |---|---|
+//! | TRL `scale_rewards="group"` (default), `multi_objective_aggregation="sum_then_normalize"` (default) | `mode: GroupNorm { eps: 1e-4, unbiased: true }` (= `AdvantageMode::default()`) |
+//! | TRL `scale_rewards="batch"` | `mode: BatchNorm { eps: 1e-4, unbiased: true }` |
+//! | TRL `scale_rewards="none"` (Dr. GRPO) | `mode: GroupMean` |
+//! | TRL `multi_objective_aggregation="normalize_then_sum"` (any `scale_rewards`: TRL ignores it there) | `aggregation: NormalizeThenSum { eps: 1e-4 }, mode: Whiten { eps: 1e-4, unbiased: true }` |
+//! | TRL `reward_weights` | [`Rewards::with_weights`] (`[K, P, G]` values) |
+//! | TRL reward functions returning `None` (NaN rewards, unscorable completions) | `nan_rewards: NanRewards::Skip` |
+//! | TRL `num_generations=1` | any mode: 0 (`singletons: Zero`) |
+//! | verl `adv_estimator=grpo` (`norm_adv_by_std_in_grpo=True`) | `mode: GroupNorm { eps: 1e-6, unbiased: true }, singletons: Verl` |
+//! | verl `grpo`, `norm_adv_by_std_in_grpo=False` (Dr. GRPO) | `mode: GroupMean, singletons: Verl` |
+//! | verl `rloo` | `mode: LeaveOneOut, singletons: Verl` |
+//! | verl `rloo_vectorized` (groups of one get 0, unlike `rloo`) | `mode: LeaveOneOut` (`singletons: Zero`) |
+//! | verl `grpo_vectorized` (`verl.utils.group_mean_std`: a variance floored at `eps`, so `std >= sqrt(1e-6)`, from one-pass f32 sums; not in the fixture) | nearest: as `grpo`; differs where a group's variance is below `1e-6` |
+//! | verl `reinforce_plus_plus_baseline`, `grpo_passk`, `opo`, `gpg`, `remax`, `gae`, `optimal_token_baseline` | not covered: token-level, value- or length-weighted baselines outside this op |
+//!
+//! Where the crate differs on purpose: flat groups get an exact 0 (above);
+//! verl's variable group sizes (any `index`) are not expressible, groups
+//! are `G` contiguous completions.
 //!
 //! Sums run in f64 (rewards are few; this keeps `mean` and `std` exact to
 //! f32 output precision for any `G`).
 //!
-//! **Non-finite values** (the crate's [rule](crate::error)). A NaN or
-//! infinite reward or weight is [`Error::NonFinite`] naming it. Finite
+//! **Non-finite values** (the crate's [rule](crate::error)). An infinite
+//! reward, a non-finite weight, and a NaN reward unless
+//! [`NanRewards::Skip`] asks for TRL's rule, is [`Error::NonFinite`]
+//! naming it. Finite
 //! rewards near `f32::MAX` can give results beyond f32 (a weighted sum, a
 //! spread `r - mean` up to twice the largest reward in `GroupMean` and
 //! `LeaveOneOut`, the std of `[MAX, -MAX]`): the first such output is
@@ -75,6 +125,14 @@ pub enum AdvantageMode {
     },
     /// `r_i - mean_{j != i} r_j`: RLOO.
     LeaveOneOut,
+    /// `(r - mean_batch) / (std_batch + eps)`, mean and std over all
+    /// `P * G` rewards: the batch whitening of TRL's `normalize_then_sum`.
+    Whiten {
+        /// Added to the batch std; `>= 0`.
+        eps: f32,
+        /// Divide by `P G - 1` (Bessel), else by `P G`.
+        unbiased: bool,
+    },
     /// `r`, unchanged.
     None,
 }
@@ -92,7 +150,9 @@ impl Default for AdvantageMode {
 impl AdvantageMode {
     pub(crate) fn validate(self, op: &'static str) -> Result<()> {
         match self {
-            AdvantageMode::GroupNorm { eps, .. } | AdvantageMode::BatchNorm { eps, .. } => {
+            AdvantageMode::GroupNorm { eps, .. }
+            | AdvantageMode::BatchNorm { eps, .. }
+            | AdvantageMode::Whiten { eps, .. } => {
                 check::param(op, "eps", eps as f64, eps >= 0.0, "finite and >= 0")
             }
             _ => Ok(()),
@@ -103,35 +163,147 @@ impl AdvantageMode {
     /// a std of their own report the unbiased one (TRL's logged `reward_std`).
     pub(crate) fn unbiased(self) -> bool {
         match self {
-            AdvantageMode::GroupNorm { unbiased, .. } | AdvantageMode::BatchNorm { unbiased, .. } => unbiased,
+            AdvantageMode::GroupNorm { unbiased, .. }
+            | AdvantageMode::BatchNorm { unbiased, .. }
+            | AdvantageMode::Whiten { unbiased, .. } => unbiased,
             _ => true,
         }
     }
 
-    /// The affine map `A = (r - shift) * scale` of a group with `stats` of
-    /// `group_size` rewards; `batch_std` is used by `BatchNorm` only.
-    #[inline]
-    pub(crate) fn group_affine(self, stats: &GroupStats, group_size: usize, batch_std: f64) -> Affine {
-        let g = group_size as f64;
-        let scale = match self {
-            AdvantageMode::None => {
-                return Affine {
-                    shift: 0.0,
-                    scale: 1.0,
-                }
-            }
-            // Also covers G = 1: a group of one is flat.
-            _ if stats.flat => 0.0,
-            AdvantageMode::GroupNorm { eps, .. } => 1.0 / (stats.std + eps as f64),
-            AdvantageMode::GroupMean => 1.0,
-            AdvantageMode::BatchNorm { eps, .. } => 1.0 / (batch_std + eps as f64),
-            // r_i - (sum - r_i) / (G - 1) = G / (G - 1) (r_i - mean); G >= 2 here.
-            AdvantageMode::LeaveOneOut => g / (g - 1.0),
-        };
-        Affine {
-            shift: stats.mean,
-            scale,
+    /// Whether the advantages need the batch's statistics.
+    pub(crate) fn uses_batch(self) -> bool {
+        matches!(
+            self,
+            AdvantageMode::BatchNorm { .. } | AdvantageMode::Whiten { .. }
+        )
+    }
+}
+
+/// What a NaN reward means; see the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NanRewards {
+    /// A NaN reward is [`Error::NonFinite`], like an infinite one.
+    #[default]
+    Error,
+    /// TRL 1.16's rule: a NaN component is a reward function that did not
+    /// score the completion (TRL's `None`) and is left out of the weighted
+    /// sum (`nansum`); a completion that no component scored is
+    /// *unscorable*: left out of every mean and std, its advantage is 0 and
+    /// its combined reward NaN. Infinite rewards are still errors.
+    Skip,
+}
+
+/// How several reward components (functions) become one advantage (TRL's
+/// `multi_objective_aggregation`); see the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RewardAggregation {
+    /// The weighted sum `r_i = sum_k w_k values[k][i]`, then the mode
+    /// (TRL's `"sum_then_normalize"`, its default).
+    #[default]
+    SumThenNormalize,
+    /// Each component normalized within its group first,
+    /// `z_k = (v_k - mean_gk) / (std_gk + eps)` (unbiased std, as TRL's
+    /// `nanstd`; 0 in a group where the component has fewer than two
+    /// scored values or no spread), then `r_i = sum_k w_k z_k[i]`, then the
+    /// mode (TRL's `"normalize_then_sum"` is this with `eps = 1e-4` and
+    /// [`AdvantageMode::Whiten`] `{ eps: 1e-4, unbiased: true }`).
+    NormalizeThenSum {
+        /// Added to each component's group std; `>= 0`.
+        eps: f32,
+    },
+}
+
+/// The advantage of a group of one (`G = 1`); see the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Singletons {
+    /// 0 in every mode but `None` and `Whiten` (TRL's result): a lone
+    /// completion has no baseline.
+    #[default]
+    Zero,
+    /// verl's convention (`compute_grpo_outcome_advantage`,
+    /// `compute_rloo_outcome_advantage`): a group of one has mean 0 and std
+    /// 1, so `GroupNorm` gives `r / (1 + eps)`, `GroupMean` and
+    /// `LeaveOneOut` give `r`, `BatchNorm` `r / (std_batch + eps)`.
+    Verl,
+}
+
+/// Every setting of [`group_advantages`]: the mode, and how several
+/// components, NaN rewards and groups of one are treated. An
+/// [`AdvantageMode`] converts into the crate's defaults for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AdvantageConfig {
+    /// How combined rewards become advantages.
+    pub mode: AdvantageMode,
+    /// How the components combine (with one component both are the same
+    /// but for `NormalizeThenSum`'s per-group normalization).
+    pub aggregation: RewardAggregation,
+    /// What a NaN reward means.
+    pub nan_rewards: NanRewards,
+    /// The advantage of a group of one.
+    pub singletons: Singletons,
+}
+
+impl From<AdvantageMode> for AdvantageConfig {
+    fn from(mode: AdvantageMode) -> Self {
+        AdvantageConfig {
+            mode,
+            ..AdvantageConfig::default()
         }
+    }
+}
+
+impl AdvantageConfig {
+    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+        self.mode.validate(op)?;
+        match self.aggregation {
+            RewardAggregation::NormalizeThenSum { eps } => {
+                check::param(op, "aggregation eps", eps as f64, eps >= 0.0, "finite and >= 0")
+            }
+            RewardAggregation::SumThenNormalize => Ok(()),
+        }
+    }
+
+    /// The affine map `A = (r - shift) * scale` of a group with `stats` of
+    /// `group_size` completions, given the batch's statistics (read by the
+    /// batch modes only).
+    #[inline]
+    pub(crate) fn group_affine(&self, stats: &GroupStats, group_size: usize, batch: &GroupStats) -> Affine {
+        let affine = |shift, scale| Affine { shift, scale };
+        let batch_scale = |eps: f32| {
+            if batch.degenerate() {
+                0.0
+            } else {
+                1.0 / (batch.std + eps as f64)
+            }
+        };
+        match self.mode {
+            AdvantageMode::None => return affine(0.0, 1.0),
+            AdvantageMode::Whiten { eps, .. } => return affine(batch.mean, batch_scale(eps)),
+            _ => {}
+        }
+        if group_size == 1 && self.singletons == Singletons::Verl {
+            // verl: mean 0, std 1.
+            return affine(
+                0.0,
+                match self.mode {
+                    AdvantageMode::GroupNorm { eps, .. } => 1.0 / (1.0 + eps as f64),
+                    AdvantageMode::BatchNorm { eps, .. } => batch_scale(eps),
+                    _ => 1.0,
+                },
+            );
+        }
+        if stats.degenerate() {
+            return affine(stats.mean, 0.0);
+        }
+        let c = stats.count as f64;
+        let scale = match self.mode {
+            AdvantageMode::GroupNorm { eps, .. } => 1.0 / (stats.std + eps as f64),
+            AdvantageMode::BatchNorm { eps, .. } => batch_scale(eps),
+            // r_i - (sum - r_i) / (c - 1) = c / (c - 1) (r_i - mean); c >= 2 here.
+            AdvantageMode::LeaveOneOut => c / (c - 1.0),
+            _ => 1.0,
+        };
+        affine(stats.mean, scale)
     }
 }
 
@@ -143,28 +315,121 @@ pub(crate) struct Affine {
 }
 
 impl Affine {
-    /// The advantage of reward `r`. A flat group has `scale = 0`: exactly 0.
+    /// The advantage of reward `r`: 0 for an unscorable completion (NaN),
+    /// and exactly 0 with `scale = 0` (a flat group).
     #[inline(always)]
     pub(crate) fn apply(self, r: f64) -> f64 {
-        (r - self.shift) * self.scale
+        if r.is_nan() {
+            0.0
+        } else {
+            (r - self.shift) * self.scale
+        }
     }
 }
 
-/// Sums of one group of combined rewards.
-#[derive(Debug, Clone, Copy, Default)]
+/// Sums of the scored (non-NaN) values of a group, or of the batch.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct GroupStats {
+    /// Scored values.
+    count: usize,
     sum: f64,
+    /// `sum / count` (the value itself when all are equal); NaN for none.
     mean: f64,
     /// `sum (r - mean)^2`.
     sq_dev: f64,
-    /// Standard deviation in the mode's convention (`AdvantageMode::unbiased`);
-    /// 0 for a flat group (its `sq_dev` is 0) or a divisor of 0.
+    /// Standard deviation in the mode's convention; 0 when degenerate.
     std: f64,
-    /// All rewards exactly equal (or a single one).
-    flat: bool,
-    /// The smallest and largest reward.
+    /// The smallest and largest value.
     lo: f64,
     hi: f64,
+}
+
+impl GroupStats {
+    /// The statistics of `r`'s non-NaN values, std divided by `count - 1`
+    /// if `unbiased` (else `count`).
+    fn of(r: &[f64], unbiased: bool) -> Self {
+        let (mut count, mut sum, mut lo, mut hi) = (0, 0.0, f64::INFINITY, f64::NEG_INFINITY);
+        for &x in r.iter().filter(|x| !x.is_nan()) {
+            count += 1;
+            sum += x;
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        let mean = match count {
+            0 => f64::NAN,
+            // All equal: the value exactly (sum / count may round).
+            _ if lo == hi => lo,
+            _ => sum / count as f64,
+        };
+        let sq_dev = if count < 2 || lo == hi {
+            0.0
+        } else {
+            r.iter()
+                .filter(|x| !x.is_nan())
+                .map(|x| (x - mean) * (x - mean))
+                .sum()
+        };
+        GroupStats {
+            count,
+            sum,
+            mean,
+            sq_dev,
+            std: std_of(sq_dev, count, unbiased),
+            lo,
+            hi,
+        }
+    }
+
+    /// The batch's statistics from its groups' (Chan et al.'s pairwise
+    /// combination: `SS = sum_g SS_g + c_g (mean_g - mean)^2`), in group
+    /// order so the result does not depend on threads.
+    fn batch(groups: &[GroupStats], unbiased: bool) -> Self {
+        let count: usize = groups.iter().map(|s| s.count).sum();
+        let sum: f64 = groups.iter().map(|s| s.sum).sum();
+        let lo = groups.iter().fold(f64::INFINITY, |m, s| m.min(s.lo));
+        let hi = groups.iter().fold(f64::NEG_INFINITY, |m, s| m.max(s.hi));
+        let mean = match count {
+            0 => f64::NAN,
+            _ if lo == hi => lo,
+            _ => sum / count as f64,
+        };
+        let sq_dev = if count < 2 || lo == hi {
+            0.0
+        } else {
+            groups
+                .iter()
+                .filter(|s| s.count > 0)
+                .map(|s| s.sq_dev + s.count as f64 * (s.mean - mean).powi(2))
+                .sum()
+        };
+        GroupStats {
+            count,
+            sum,
+            mean,
+            sq_dev,
+            std: std_of(sq_dev, count, unbiased),
+            lo,
+            hi,
+        }
+    }
+
+    /// Fewer than two scored values, or all equal: no spread to normalize.
+    #[inline(always)]
+    fn degenerate(&self) -> bool {
+        self.count < 2 || self.lo == self.hi
+    }
+}
+
+/// Standard deviation from a sum of squared deviations over `count` values,
+/// divided by `count - 1` if `unbiased`; 0 where that divisor is 0.
+#[inline(always)]
+fn std_of(sq_dev: f64, count: usize, unbiased: bool) -> f64 {
+    let div = if unbiased { count.saturating_sub(1) } else { count };
+    if div == 0 {
+        0.0
+    } else {
+        (sq_dev / div as f64).sqrt()
+    }
 }
 
 /// Reward components, `[K, P, G]`.
@@ -223,60 +488,48 @@ impl<'a> Rewards<'a, Host> {
         }
     }
 
-    /// The combined reward of completion `i`, `sum_k w_k values[k][i]`.
-    #[inline]
-    fn combined(&self, n: usize, i: usize) -> f64 {
-        match self.weights {
-            None => self.values[i] as f64,
-            Some(w) => w
-                .iter()
-                .enumerate()
-                .map(|(k, &wk)| wk as f64 * self.values[k * n + i] as f64)
-                .sum(),
-        }
-    }
-}
-
-impl GroupStats {
-    /// Sums of one group's combined rewards `r`, `group_size` of them, and
-    /// their std (divided by `group_size - 1` if `unbiased`).
+    /// The weight of component `k`.
     #[inline(always)]
-    fn of(r: impl Iterator<Item = f64> + Clone, group_size: usize, unbiased: bool) -> Self {
-        let (mut sum, mut lo, mut hi) = (0.0, f64::INFINITY, f64::NEG_INFINITY);
-        for x in r.clone() {
-            sum += x;
-            lo = lo.min(x);
-            hi = hi.max(x);
-        }
-        let flat = lo == hi;
-        // A flat group's mean is its value exactly (sum / G may round).
-        let mean = if flat { lo } else { sum / group_size as f64 };
-        let sq_dev = if flat {
-            0.0
-        } else {
-            r.map(|x| (x - mean) * (x - mean)).sum()
-        };
-        GroupStats {
-            sum,
-            mean,
-            sq_dev,
-            std: std_of(sq_dev, group_size, unbiased),
-            flat,
-            lo,
-            hi,
-        }
+    fn weight(&self, k: usize) -> f64 {
+        self.weights.map_or(1.0, |w| w[k] as f64)
     }
-}
 
-/// Standard deviation from a sum of squared deviations over `count` values,
-/// divided by `count - 1` if `unbiased`; 0 where that divisor is 0.
-#[inline(always)]
-fn std_of(sq_dev: f64, count: usize, unbiased: bool) -> f64 {
-    let div = if unbiased { count.saturating_sub(1) } else { count };
-    if div == 0 {
-        0.0
-    } else {
-        (sq_dev / div as f64).sqrt()
+    /// Group `p`'s combined rewards into `out` (`[G]`), in f64: the weighted
+    /// sum of its components' values (`NormalizeThenSum`: of their group
+    /// z-scores), NaN components left out; NaN where none is scored.
+    fn combine_group(&self, n: usize, p: usize, aggregation: RewardAggregation, out: &mut [f64]) {
+        let g = out.len();
+        let k_count = self.weights.map_or(1, <[f32]>::len);
+        out.fill(0.0);
+        let mut scored = vec![false; g];
+        for k in 0..k_count {
+            let v = &self.values[k * n + p * g..k * n + (p + 1) * g];
+            let w = self.weight(k);
+            let (shift, scale) = match aggregation {
+                RewardAggregation::SumThenNormalize => (0.0, 1.0),
+                RewardAggregation::NormalizeThenSum { eps } => {
+                    let v64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+                    let s = GroupStats::of(&v64, true);
+                    let scale = if s.degenerate() {
+                        0.0
+                    } else {
+                        1.0 / (s.std + eps as f64)
+                    };
+                    (if s.count == 0 { 0.0 } else { s.mean }, scale)
+                }
+            };
+            for ((o, sc), &x) in out.iter_mut().zip(scored.iter_mut()).zip(v) {
+                if !x.is_nan() {
+                    *o += w * ((x as f64 - shift) * scale);
+                    *sc = true;
+                }
+            }
+        }
+        for (o, sc) in out.iter_mut().zip(&scored) {
+            if !sc {
+                *o = f64::NAN;
+            }
+        }
     }
 }
 
@@ -285,172 +538,116 @@ fn std_of(sq_dev: f64, count: usize, unbiased: bool) -> f64 {
 pub struct GroupAdvantages<M: Memory = Host> {
     /// `[P * G]` advantages.
     pub advantages: M::Owned<f32>,
-    /// `[P * G]` combined rewards `sum_k w_k values[k]`.
+    /// `[P * G]` combined rewards `sum_k w_k values[k]` (with
+    /// `NormalizeThenSum`, of the components' group z-scores); NaN marks
+    /// an unscorable completion ([`NanRewards::Skip`] only).
     pub rewards: M::Owned<f32>,
-    /// `[P]` group means of the combined rewards.
+    /// `[P]` group means of the combined rewards (NaN for a group with no
+    /// scored completion, [`NanRewards::Skip`] only).
     pub group_mean: M::Owned<f32>,
     /// `[P]` group standard deviations in the mode's convention (`unbiased`
     /// for the normalizing modes, unbiased for the others), 0 for a flat
-    /// group or a group of one.
+    /// group, a group of one, or fewer than two scored completions.
     pub group_std: M::Owned<f32>,
 }
 
-/// One group's slices of the outputs: combined rewards and advantages
-/// (`[G]`), mean and std.
-type GroupOut<'o> = (((&'o mut [f32], &'o mut [f32]), &'o mut f32), &'o mut f32);
+/// `f(p, chunk)` for each group `p`'s `g`-long chunk of `out`; on rayon for
+/// large batches (a dispatch costs more than a GRPO batch's few hundred
+/// rewards).
+fn each_group<T: Send>(out: &mut [T], g: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if out.len() > MIN_TASK {
+        let min_groups = (MIN_TASK / g).max(1);
+        out.par_chunks_mut(g)
+            .with_min_len(min_groups)
+            .enumerate()
+            .for_each(|(p, c)| f(p, c));
+    } else {
+        out.chunks_mut(g).enumerate().for_each(|(p, c)| f(p, c));
+    }
+}
 
-/// Advantages of `P * G` completions from their (weighted) rewards.
+/// Advantages of `P * G` completions from their (weighted) rewards, with
+/// `config` an [`AdvantageConfig`] or just an [`AdvantageMode`] (the
+/// defaults: NaN is an error, weighted sum first, groups of one get 0).
 ///
 /// Errors: empty `values`, `group_size == 0`, empty or non-finite `weights`,
 /// a `values` length that is not a multiple of `K * G`
-/// ([`Error::InvalidLayout`]), `eps` negative or non-finite, a non-finite
-/// reward ([`Error::NonFinite`] with its index in `values`), or an output
-/// outside f32's range (`what: "weighted rewards"`, `"advantages"` or
-/// `"group_std"`; see the module docs).
-pub fn group_advantages(rewards: &Rewards<'_>, mode: AdvantageMode) -> Result<GroupAdvantages> {
+/// ([`Error::InvalidLayout`]), an `eps` negative or non-finite, a
+/// non-finite reward ([`Error::NonFinite`] with its index in `values`; NaN
+/// is allowed with [`NanRewards::Skip`]), or an output outside f32's range
+/// (`what: "weighted rewards"`, `"advantages"` or `"group_std"`; see the
+/// module docs).
+pub fn group_advantages(
+    rewards: &Rewards<'_>,
+    config: impl Into<AdvantageConfig>,
+) -> Result<GroupAdvantages> {
+    let cfg: AdvantageConfig = config.into();
     let (_, n) = rewards.validate(OP)?;
-    mode.validate(OP)?;
+    cfg.validate(OP)?;
+    match cfg.nan_rewards {
+        NanRewards::Error => check::finite(OP, "values", rewards.values)?,
+        NanRewards::Skip => {
+            if let Some(i) = rewards.values.iter().position(|x| x.is_infinite()) {
+                return Err(Error::NonFinite {
+                    op: OP,
+                    what: "values",
+                    index: i,
+                });
+            }
+        }
+    }
     let g = rewards.group_size;
-    let unbiased = mode.unbiased();
-    let batch_mode = matches!(mode, AdvantageMode::BatchNorm { .. });
-    let (mut combined, mut advantages) = (vec![0.0f32; n], vec![0.0f32; n]);
-    let (mut group_mean, mut group_std) = (vec![0.0f32; n / g], vec![0.0f32; n / g]);
+    let unbiased = cfg.mode.unbiased();
 
-    // One pass over each group writes every output (BatchNorm's advantages
-    // wait for the batch std) and says whether its combined rewards are
-    // finite; the inputs are scanned again only to name a non-finite one.
-    let group = |(p, (((comb, adv), mean), std)): (usize, GroupOut<'_>)| {
-        let start = p * g;
-        let (stats, finite) = match rewards.weights {
-            // One component: the rewards themselves, widened exactly (a
-            // finite f32's sum in f64 is finite).
-            None => {
-                let values = &rewards.values[start..start + g];
-                comb.copy_from_slice(values);
-                let (stats, adv_finite) =
-                    stats_and_advantages(values.iter().map(|&v| v as f64), adv, mode, batch_mode);
-                (stats, stats.sum.is_finite() & adv_finite)
-            }
-            Some(_) => {
-                // Recomputed per pass: K products are cheaper than a copy.
-                let r = (start..start + g).map(|i| rewards.combined(n, i));
-                let mut finite = true;
-                for (c, x) in comb.iter_mut().zip(r.clone()) {
-                    *c = x as f32;
-                    finite &= c.is_finite();
-                }
-                let (stats, adv_finite) = stats_and_advantages(r, adv, mode, batch_mode);
-                (stats, finite & adv_finite)
-            }
-        };
-        *mean = stats.mean as f32;
-        *std = stats.std as f32;
-        (stats, finite & std.is_finite())
+    // Combined rewards in f64 (exact for one component), group statistics,
+    // then each group's affine map of its rewards.
+    let mut r = vec![0.0f64; n];
+    match (rewards.weights, cfg.aggregation) {
+        (None, RewardAggregation::SumThenNormalize) => {
+            r.iter_mut().zip(rewards.values).for_each(|(r, &v)| *r = v as f64)
+        }
+        _ => each_group(&mut r, g, |p, out| {
+            rewards.combine_group(n, p, cfg.aggregation, out)
+        }),
+    }
+    let combined: Vec<f32> = r.iter().map(|&x| x as f32).collect();
+    if let Some(i) = combined.iter().position(|x| x.is_infinite()) {
+        return Err(Error::NonFinite {
+            op: OP,
+            what: "weighted rewards",
+            index: i,
+        });
+    }
+    let stats: Vec<GroupStats> = if n > MIN_TASK {
+        r.par_chunks(g)
+            .with_min_len((MIN_TASK / g).max(1))
+            .map(|grp| GroupStats::of(grp, unbiased))
+            .collect()
+    } else {
+        r.chunks(g).map(|grp| GroupStats::of(grp, unbiased)).collect()
     };
-    // Each group's output slices, in order.
-    macro_rules! groups {
-        ($chunks:ident, $items:ident) => {
-            combined
-                .$chunks(g)
-                .zip(advantages.$chunks(g))
-                .zip(group_mean.$items())
-                .zip(group_std.$items())
-                .enumerate()
-        };
-    }
-    // Small batches (GRPO's usual few hundred rewards) run on this thread:
-    // a rayon dispatch costs more than the whole op. Only BatchNorm keeps
-    // the groups' statistics (a large batch's would cost more memory
-    // traffic than the rewards themselves).
-    let min_groups = (MIN_TASK / g).max(1);
-    let (finite, stats): (bool, Vec<GroupStats>) = match (n > MIN_TASK, batch_mode) {
-        (true, false) => (
-            groups!(par_chunks_mut, par_iter_mut)
-                .with_min_len(min_groups)
-                .map(group)
-                .all(|(_, finite)| finite),
-            Vec::new(),
-        ),
-        (false, false) => (
-            groups!(chunks_mut, iter_mut).all(|item| group(item).1),
-            Vec::new(),
-        ),
-        (true, true) => {
-            let (stats, finite): (Vec<GroupStats>, Vec<bool>) = groups!(par_chunks_mut, par_iter_mut)
-                .with_min_len(min_groups)
-                .map(group)
-                .unzip();
-            (finite.iter().all(|&f| f), stats)
-        }
-        (false, true) => {
-            let (stats, finite): (Vec<GroupStats>, Vec<bool>) =
-                groups!(chunks_mut, iter_mut).map(group).unzip();
-            (finite.iter().all(|&f| f), stats)
-        }
+    let group_mean: Vec<f32> = stats.iter().map(|s| s.mean as f32).collect();
+    let group_std: Vec<f32> = stats.iter().map(|s| s.std as f32).collect();
+    check::finite(OP, "group_std", &group_std)?;
+    let batch = if cfg.mode.uses_batch() {
+        GroupStats::batch(&stats, unbiased)
+    } else {
+        GroupStats::of(&[], unbiased)
     };
-    if !finite {
-        check::finite(OP, "values", rewards.values)?;
-        check::finite(OP, "weighted rewards", &combined)?;
-        check::finite(OP, "advantages", &advantages)?;
-        check::finite(OP, "group_std", &group_std)?;
-    }
-
-    if batch_mode {
-        // Bounded by sqrt(P G - 1) once the rewards are finite: never overflows.
-        let batch_std = batch_std(&stats, g, unbiased);
-        for (p, (adv, st)) in advantages.chunks_mut(g).zip(&stats).enumerate() {
-            let affine = mode.group_affine(st, g, batch_std);
-            for (i, a) in adv.iter_mut().enumerate() {
-                *a = affine.apply(rewards.combined(n, p * g + i)) as f32;
-            }
+    let mut advantages = vec![0.0f32; n];
+    each_group(&mut advantages, g, |p, adv| {
+        let affine = cfg.group_affine(&stats[p], g, &batch);
+        for (a, &x) in adv.iter_mut().zip(&r[p * g..(p + 1) * g]) {
+            *a = affine.apply(x) as f32;
         }
-    }
+    });
+    check::finite(OP, "advantages", &advantages)?;
     Ok(GroupAdvantages {
         advantages,
         rewards: combined,
         group_mean,
         group_std,
     })
-}
-
-/// The statistics of one group's combined rewards `r`, and its advantages
-/// into `adv` (`[G]`), but for BatchNorm, whose advantages wait for the
-/// batch std; whether those advantages are finite. GroupNorm's are bounded
-/// by `sqrt(G - 1)`; in the other modes those of the smallest and largest
-/// reward bound the others (the map is monotone, and so is rounding), so
-/// two tests cover the group.
-#[inline(always)]
-fn stats_and_advantages(
-    r: impl Iterator<Item = f64> + Clone,
-    adv: &mut [f32],
-    mode: AdvantageMode,
-    batch_mode: bool,
-) -> (GroupStats, bool) {
-    let g = adv.len();
-    let stats = GroupStats::of(r.clone(), g, mode.unbiased());
-    if batch_mode {
-        return (stats, true);
-    }
-    let affine = mode.group_affine(&stats, g, 0.0);
-    for (a, x) in adv.iter_mut().zip(r) {
-        *a = affine.apply(x) as f32;
-    }
-    let fits = |x: f64| (affine.apply(x) as f32).is_finite();
-    let bounded = matches!(mode, AdvantageMode::GroupNorm { .. });
-    (stats, bounded || fits(stats.lo) & fits(stats.hi))
-}
-
-/// Std of all rewards from the groups' sums (Chan et al.'s pairwise
-/// combination: `SS = sum_g SS_g + G (mean_g - mean)^2`), in group order so
-/// the result does not depend on threads.
-fn batch_std(stats: &[GroupStats], g: usize, unbiased: bool) -> f64 {
-    let count = stats.len() * g;
-    let mean = stats.iter().map(|s| s.sum).sum::<f64>() / count as f64;
-    let sq_dev: f64 = stats
-        .iter()
-        .map(|s| s.sq_dev + g as f64 * (s.mean - mean).powi(2))
-        .sum();
-    std_of(sq_dev, count, unbiased)
 }
 
 /// Repeats each sequence's value over its tokens: `[S]` in, `[N]` out, with

@@ -9,12 +9,55 @@
 //! k2 = d^2 / 2                   biased, low variance
 //! k3 = e^d - d - 1               unbiased, low variance, >= 0 (GRPO's KL term)
 //! low_var_k3 = clamp(k3(clamp(d, -20, 20)), -10, 10)     verl's `low_var_kl`
+//! abs = |d|                      verl's `abs`
 //! ```
 //!
+//! **Straight-through estimators** (verl's names ending in `+`): the value
+//! of one estimator with the gradient of `k2`, so that the expected
+//! gradient is the true KL's (Schulman's `k1` and `k3` are unbiased in
+//! value, not in gradient): verl computes `k2 - sg(k2) + sg(value)` (`sg`:
+//! detach). [`KlEstimator::K1StraightThrough`],
+//! [`KlEstimator::LowVarK3StraightThrough`] and
+//! [`KlEstimator::AbsStraightThrough`] have the value of `K1`, `LowVarK3`
+//! and `Abs` and the gradient `-d = logp - ref_logp` (unclamped, also
+//! where `LowVarK3`'s clamps are active).
+//!
+//! **Names in TRL and verl** (verl `kl_penalty`/`kl_penalty_forward`,
+//! `verl/trainer/ppo/core_algos.py` at commit
+//! b178a3cd56f58b2d502255daba591e92833930a7; TRL 1.16 `GRPOTrainer` with
+//! `beta > 0`), each reproduced exactly in value and gradient
+//! ([`KlEstimator::from_verl_name`] parses verl's):
+//!
+//! | reference (verl: `kl_loss_type` / `kl_penalty` name) | crate |
+//! |---|---|
+//! | TRL `beta > 0` (`exp(ref - logp) - (ref - logp) - 1`) | [`KlEstimator::K3`] |
+//! | verl `kl`, `k1` | [`KlEstimator::K1`] |
+//! | verl `abs` | [`KlEstimator::Abs`] |
+//! | verl `mse`, `k2` | [`KlEstimator::K2`] |
+//! | verl `low_var_kl`, `k3` (verl's `k3` is clamped) | [`KlEstimator::LowVarK3`] |
+//! | verl `kl+`, `k1+` | [`KlEstimator::K1StraightThrough`] |
+//! | verl `abs+` | [`KlEstimator::AbsStraightThrough`] |
+//! | verl `low_var_kl+`, `k3+` | [`KlEstimator::LowVarK3StraightThrough`] |
+//! | verl `full` | none (verl raises `NotImplementedError`) |
+//!
+//! Where the crate differs: verl at that commit passes the name with its
+//! `+` on to `kl_penalty_forward`, which knows no such name and raises
+//! `NotImplementedError` for every `+` estimator; the crate implements
+//! what verl documents (`docs/algo/grpo.md`: "Appending `+` ... would apply
+//! straight through to employ k2") and its `kl_penalty` computes once the
+//! `+` is stripped. `mse+` and `k2+` raise in verl too, and are `k2`
+//! anyway. verl computes `k3` as `exp(d) - d - 1` in the input's precision
+//! (all digits lost near `d = 0` in f32); the crate's `k3` is accurate
+//! there (below). The fixture `tests/fixtures/kl_reference.json`
+//! (`advantages_kl_reference.py`) holds verl's values and torch autograd
+//! gradients for every name.
+//!
 //! Gradients with respect to `logp` (`dd/dlogp = -1`): `1`, `-d`,
-//! `1 - e^d`, and for `low_var_k3` the k3 gradient where neither clamp is
+//! `1 - e^d`, for `low_var_k3` the k3 gradient where neither clamp is
 //! active, 0 where one is (torch's `clamp` passes the gradient at the bounds
-//! themselves, and so does this). Every estimator depends on `d` alone, so
+//! themselves, and so does this), for `abs` `sign(logp - ref_logp) =
+//! -sign(d)`, 0 at `d = 0` as torch's `abs` backward (`sgn(0) = 0`), and
+//! `-d` for every straight-through estimator. Every estimator depends on `d` alone, so
 //! `dL/dref_logp = -dL/dlogp`.
 //!
 //! `k3` is computed as `exp_excess(d)` (`e^d - d - 1` in one formula), accurate near `d = 0`
@@ -65,12 +108,100 @@ pub enum KlEstimator {
     /// `low_var_kl` without clamps.
     #[default]
     K3,
-    /// verl's `low_var_kl`: `k3` with `d` clamped to `[-20, 20]` and the
-    /// estimate clamped to `[-10, 10]`, zero gradient where clamped.
+    /// verl's `low_var_kl` (also verl's `k3`): `k3` with `d` clamped to
+    /// `[-20, 20]` and the estimate clamped to `[-10, 10]`, zero gradient
+    /// where clamped.
     LowVarK3,
+    /// verl's `abs`: `|d| = |logp - ref_logp|`, gradient `-sign(d)` (0 at
+    /// `d = 0`, as torch's).
+    Abs,
+    /// verl's `k1+` (`kl+`): the value of [`KlEstimator::K1`], the gradient
+    /// of [`KlEstimator::K2`] (`-d`).
+    K1StraightThrough,
+    /// verl's `low_var_kl+` (`k3+`): the value of [`KlEstimator::LowVarK3`],
+    /// the gradient of [`KlEstimator::K2`] (`-d`, unclamped).
+    LowVarK3StraightThrough,
+    /// verl's `abs+`: the value of [`KlEstimator::Abs`], the gradient of
+    /// [`KlEstimator::K2`] (`-d`).
+    AbsStraightThrough,
+}
+
+/// `$body` with `$e` a constant equal to `$est`, one arm per estimator: in
+/// a loop over tokens the estimator's `match` then folds away and the loop
+/// vectorizes. The one list of every estimator.
+macro_rules! with_estimator {
+    ($est:expr, $e:ident => $body:expr) => {
+        match $est {
+            KlEstimator::K1 => {
+                const $e: KlEstimator = KlEstimator::K1;
+                $body
+            }
+            KlEstimator::K2 => {
+                const $e: KlEstimator = KlEstimator::K2;
+                $body
+            }
+            KlEstimator::K3 => {
+                const $e: KlEstimator = KlEstimator::K3;
+                $body
+            }
+            KlEstimator::LowVarK3 => {
+                const $e: KlEstimator = KlEstimator::LowVarK3;
+                $body
+            }
+            KlEstimator::Abs => {
+                const $e: KlEstimator = KlEstimator::Abs;
+                $body
+            }
+            KlEstimator::K1StraightThrough => {
+                const $e: KlEstimator = KlEstimator::K1StraightThrough;
+                $body
+            }
+            KlEstimator::LowVarK3StraightThrough => {
+                const $e: KlEstimator = KlEstimator::LowVarK3StraightThrough;
+                $body
+            }
+            KlEstimator::AbsStraightThrough => {
+                const $e: KlEstimator = KlEstimator::AbsStraightThrough;
+                $body
+            }
+        }
+    };
 }
 
 impl KlEstimator {
+    /// The estimator verl names `name` (its `kl_penalty` / `kl_loss_type`
+    /// setting at commit b178a3cd): `kl`/`k1`, `abs`, `mse`/`k2`,
+    /// `low_var_kl`/`k3` (clamped: [`KlEstimator::LowVarK3`]) and their
+    /// straight-through forms with a trailing `+`; `None` for `full` (which
+    /// verl does not implement either) and any other name. `k2+`/`mse+`
+    /// (which verl rejects) are `k2`, whose gradient is already `k2`'s.
+    pub fn from_verl_name(name: &str) -> Option<Self> {
+        let (base, plus) = match name.strip_suffix('+') {
+            Some(base) => (base, true),
+            None => (name, false),
+        };
+        Some(match (base, plus) {
+            ("kl" | "k1", false) => KlEstimator::K1,
+            ("kl" | "k1", true) => KlEstimator::K1StraightThrough,
+            ("abs", false) => KlEstimator::Abs,
+            ("abs", true) => KlEstimator::AbsStraightThrough,
+            ("mse" | "k2", _) => KlEstimator::K2,
+            ("low_var_kl" | "k3", false) => KlEstimator::LowVarK3,
+            ("low_var_kl" | "k3", true) => KlEstimator::LowVarK3StraightThrough,
+            _ => return None,
+        })
+    }
+
+    /// Whether the gradient is `k2`'s whatever the value (verl's `+`).
+    pub fn is_straight_through(self) -> bool {
+        matches!(
+            self,
+            KlEstimator::K1StraightThrough
+                | KlEstimator::LowVarK3StraightThrough
+                | KlEstimator::AbsStraightThrough
+        )
+    }
+
     /// The estimate for one token, from `d = ref_logp - logp`: bit for bit
     /// what [`crate::kl_divergence`] gives for that token on this CPU at the
     /// current [`crate::simd_level`] (the copies with fused multiply-adds
@@ -99,13 +230,14 @@ impl KlEstimator {
     #[inline(always)]
     pub(crate) fn value_with<M: MulAdd>(self, d: f32) -> f32 {
         match self {
-            KlEstimator::K1 => -d,
+            KlEstimator::K1 | KlEstimator::K1StraightThrough => -d,
             KlEstimator::K2 => 0.5 * d * d,
             KlEstimator::K3 => math::exp_excess::<M>(d),
-            KlEstimator::LowVarK3 => {
+            KlEstimator::LowVarK3 | KlEstimator::LowVarK3StraightThrough => {
                 let k = math::exp_excess::<M>(clamp(d, LOW_VAR_D_BOUND));
                 clamp(k, LOW_VAR_KL_BOUND)
             }
+            KlEstimator::Abs | KlEstimator::AbsStraightThrough => d.abs(),
         }
     }
 
@@ -114,7 +246,21 @@ impl KlEstimator {
     pub(crate) fn grad_logp_with<M: MulAdd>(self, d: f32) -> f32 {
         match self {
             KlEstimator::K1 => 1.0,
-            KlEstimator::K2 => -d,
+            // k2's gradient, also that of every straight-through estimator.
+            KlEstimator::K2
+            | KlEstimator::K1StraightThrough
+            | KlEstimator::LowVarK3StraightThrough
+            | KlEstimator::AbsStraightThrough => -d,
+            // sign(logp - ref) = -sign(d), 0 at 0 (torch's sgn).
+            KlEstimator::Abs => {
+                if d > 0.0 {
+                    -1.0
+                } else if d < 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
             // 1 - e^d, without the cancellation near d = 0.
             KlEstimator::K3 => -(d + math::exp_excess::<M>(d)),
             KlEstimator::LowVarK3 => {
@@ -303,12 +449,7 @@ fn map_d(
 multiversion! {
     /// The estimate over one block; whether every input and output was finite.
     fn kl_block(est: KlEstimator, logp: &[f32], ref_logp: &[f32], out: &mut [MaybeUninit<f32>]) -> bool {
-        match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K1.value_with::<Mad>(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K2.value_with::<Mad>(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::K3.value_with::<Mad>(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, None, out, |d| KlEstimator::LowVarK3.value_with::<Mad>(d)),
-        }
+        with_estimator!(est, E => map_d(logp, ref_logp, None, out, |d| E.value_with::<Mad>(d)))
     }
 }
 
@@ -321,12 +462,6 @@ multiversion! {
         grad: &[f32],
         out: &mut [MaybeUninit<f32>],
     ) -> bool {
-        let g = Some(grad);
-        match est {
-            KlEstimator::K1 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K1.grad_logp_with::<Mad>(d)),
-            KlEstimator::K2 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K2.grad_logp_with::<Mad>(d)),
-            KlEstimator::K3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::K3.grad_logp_with::<Mad>(d)),
-            KlEstimator::LowVarK3 => map_d(logp, ref_logp, g, out, |d| KlEstimator::LowVarK3.grad_logp_with::<Mad>(d)),
-        }
+        with_estimator!(est, E => map_d(logp, ref_logp, Some(grad), out, |d| E.grad_logp_with::<Mad>(d)))
     }
 }

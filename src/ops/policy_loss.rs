@@ -964,6 +964,8 @@ macro_rules! with_fixed_kl {
                 };
                 $call
             }
+            // The other estimators (`kl::with_estimator!` lists them all), unfolded.
+            _ => $call,
         }
     };
 }

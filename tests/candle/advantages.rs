@@ -44,3 +44,45 @@ fn group_advantages_equal_raw_op_with_weighted_components() {
     )
     .is_err());
 }
+
+/// TRL's and verl's advantages (`tests/fixtures/advantages_reference.json`)
+/// through candle: `[K, P, G]` tensors with TRL's weights, NaN rewards,
+/// `normalize_then_sum`, verl's groups of one.
+#[test]
+fn trl_and_verl_advantages_through_candle() {
+    use crate::common::{assert_close, fixture, fixture_f64s, trl_case, trl_settings, verl_settings};
+    use grpo_kernels::candle::group_advantages;
+    let fx = fixture("advantages_reference.json");
+    for case in fx["trl"].as_array().unwrap() {
+        let (values, weights, g) = trl_case(case);
+        let k = weights.len();
+        let t = Tensor::from_vec(values.clone(), (k, values.len() / k / g, g), &Device::Cpu).unwrap();
+        for (key, cfg) in trl_settings() {
+            let got = group_advantages(&t, Some(&weights), cfg).unwrap();
+            let want = fixture_f64s(&case["advantages"][key]);
+            assert_close(
+                &format!("TRL {key} {}", case["name"]),
+                &to32(&got.advantages.flatten_all().unwrap()),
+                &want,
+                1e-6,
+                1e-5,
+            );
+        }
+    }
+    for case in fx["verl"].as_array().unwrap() {
+        let values: Vec<f32> = fixture_f64s(&case["rewards"]).iter().map(|&x| x as f32).collect();
+        let g = case["group_size"].as_u64().unwrap() as usize;
+        let t = Tensor::from_vec(values.clone(), (values.len() / g, g), &Device::Cpu).unwrap();
+        for (key, cfg) in verl_settings() {
+            let got = group_advantages(&t, None, cfg).unwrap();
+            let want = fixture_f64s(&case["advantages"][key]);
+            assert_close(
+                &format!("verl {key} {}", case["name"]),
+                &to32(&got.advantages.flatten_all().unwrap()),
+                &want,
+                1e-6,
+                1e-5,
+            );
+        }
+    }
+}

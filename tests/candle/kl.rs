@@ -2,9 +2,11 @@
 //! gradients in both inputs against finite differences of an f64
 //! reference.
 
-use crate::common::reference::kl_ref;
+use crate::common::reference::{kl_grad_source, kl_ref};
 use crate::common::tensors::{f64s, to32, var, CPU};
-use crate::common::{assert_close, assert_typed_error, finite_diff, Rng};
+use crate::common::{
+    assert_close, assert_typed_error, finite_diff, fixture, fixture_f64s, Rng, KL_ESTIMATORS,
+};
 use candle_core::{DType, Device, Tensor};
 use grpo_kernels::candle::kl_divergence;
 use grpo_kernels::KlEstimator;
@@ -20,12 +22,7 @@ fn kl_equals_raw_op_and_rejects_bad_inputs() {
         Tensor::new(logp.as_slice(), &Device::Cpu).unwrap(),
         Tensor::new(reference.as_slice(), &Device::Cpu).unwrap(),
     );
-    for est in [
-        KlEstimator::K1,
-        KlEstimator::K2,
-        KlEstimator::K3,
-        KlEstimator::LowVarK3,
-    ] {
+    for est in KL_ESTIMATORS {
         let want = kl_divergence(&KlInputs::new(&logp, &reference), est).unwrap();
         assert_eq!(to32(&candle_kl(&a, &b, est).unwrap()), want);
     }
@@ -50,12 +47,7 @@ fn kl_equals_raw_op_and_rejects_bad_inputs() {
 fn kl_gradients_match_finite_differences_in_both_inputs() {
     let mut rng = Rng::new(21);
     let n = 23;
-    for est in [
-        KlEstimator::K1,
-        KlEstimator::K2,
-        KlEstimator::K3,
-        KlEstimator::LowVarK3,
-    ] {
+    for est in KL_ESTIMATORS {
         // |d| < 2: inside LowVarK3's clamps, where it is k3.
         let logp: Vec<f32> = (0..n).map(|_| rng.range(-4.0, -0.5) as f32).collect();
         let ref_logp: Vec<f32> = logp.iter().map(|&l| l + rng.range(-1.5, 1.5) as f32).collect();
@@ -65,8 +57,10 @@ fn kl_gradients_match_finite_differences_in_both_inputs() {
         let kl = kl_divergence(&lv, &rv, est).unwrap();
         let grads = kl.mul(&wt).unwrap().sum_all().unwrap().backward().unwrap();
 
+        // Straight-through estimators: differences of k2, their gradient.
+        let source = kl_grad_source(est);
         let objective = |lp: &[f64], rf: &[f64]| -> f64 {
-            (0..n).map(|t| w[t] as f64 * kl_ref(est, rf[t] - lp[t])).sum()
+            (0..n).map(|t| w[t] as f64 * kl_ref(source, rf[t] - lp[t])).sum()
         };
         let (lp64, rf64) = (f64s(&logp), f64s(&ref_logp));
         let want_logp = finite_diff(&lp64, 1e-6, |x| objective(x, &rf64));
@@ -75,5 +69,49 @@ fn kl_gradients_match_finite_differences_in_both_inputs() {
         let got_ref = to32(grads.get(&rv).unwrap());
         assert_close(&format!("dkl/dlogp {est:?}"), &got_logp, &want_logp, 1e-5, 1e-4);
         assert_close(&format!("dkl/dref {est:?}"), &got_ref, &want_ref, 1e-5, 1e-4);
+    }
+}
+
+/// verl's `kl_penalty` for every name and TRL's KL term
+/// (`tests/fixtures/kl_reference.json`): candle's values and autograd
+/// gradients equal torch's.
+#[test]
+fn kl_through_candle_autograd_matches_verl_and_trl() {
+    let fx = fixture("kl_reference.json");
+    let logp: Vec<f32> = fixture_f64s(&fx["logp"]).iter().map(|&x| x as f32).collect();
+    let ref_logp: Vec<f32> = fixture_f64s(&fx["ref_logp"]).iter().map(|&x| x as f32).collect();
+    let n = logp.len();
+    let mut cases: Vec<(KlEstimator, &serde_json::Value)> = fx["verl"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                KlEstimator::from_verl_name(c["name"].as_str().unwrap()).unwrap(),
+                c,
+            )
+        })
+        .collect();
+    cases.push((KlEstimator::K3, &fx["trl"]));
+    for (est, case) in cases {
+        let lv = var(&logp, &[n]);
+        let rf = Tensor::new(ref_logp.as_slice(), &CPU).unwrap();
+        let kl = kl_divergence(&lv, &rf, est).unwrap();
+        let grads = kl.sum_all().unwrap().backward().unwrap();
+        assert_close(
+            &format!("{est:?} value"),
+            &to32(&kl),
+            &fixture_f64s(&case["value"]),
+            1e-9,
+            1e-5,
+        );
+        let dlogp = to32(grads.get(&lv).unwrap());
+        assert_close(
+            &format!("{est:?} dlogp"),
+            &dlogp,
+            &fixture_f64s(&case["dlogp"]),
+            1e-9,
+            1e-5,
+        );
     }
 }

@@ -8,8 +8,9 @@
 #![allow(dead_code)]
 
 use grpo_kernels::{
-    AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, IsMode, KlEstimator, LogProbConfig,
-    PolicyLossConfig, SamplerIsConfig, SamplingConfig,
+    AdvantageConfig, AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, IsMode, KlEstimator,
+    LogProbConfig, NanRewards, PolicyLossConfig, RewardAggregation, SamplerIsConfig, SamplingConfig,
+    Singletons,
 };
 
 const NAN: f32 = f32::NAN;
@@ -306,21 +307,37 @@ pub struct AdvCase {
     pub values: Vec<f32>,
     pub weights: Option<Vec<f32>>,
     pub group_size: usize,
-    pub mode: AdvantageMode,
+    pub mode: AdvantageConfig,
     pub want: Option<Error>,
+}
+
+impl AdvCase {
+    /// Whether the CUDA kernel runs this case's settings (it refuses
+    /// `NanRewards::Skip` and `NormalizeThenSum` as unsupported).
+    pub fn on_gpu(&self) -> bool {
+        self.mode.nan_rewards == NanRewards::Error
+            && self.mode.aggregation == RewardAggregation::SumThenNormalize
+    }
 }
 
 pub fn advantage_cases() -> Vec<AdvCase> {
     const OP: &str = "group_advantages";
     let norm = AdvantageMode::default();
-    let case = |name, values: Vec<f32>, group_size, mode, want| AdvCase {
+    let case = |name, values: Vec<f32>, group_size, mode: AdvantageMode, want| AdvCase {
         name,
         values,
         weights: None,
         group_size,
-        mode,
+        mode: mode.into(),
         want,
     };
+    let with = |mode, nan_rewards, aggregation, singletons| AdvantageConfig {
+        mode,
+        nan_rewards,
+        aggregation,
+        singletons,
+    };
+    let sum = RewardAggregation::SumThenNormalize;
     vec![
         case(
             "a NaN reward",
@@ -381,6 +398,69 @@ pub fn advantage_cases() -> Vec<AdvCase> {
             },
             bad_param(OP, "eps", -1.0, "finite and >= 0"),
         ),
+        AdvCase {
+            mode: with(norm, NanRewards::Skip, sum, Singletons::Zero),
+            ..case(
+                "an infinite reward with NaN rewards skipped",
+                vec![1.0, NAN, INF, 0.0],
+                2,
+                norm,
+                non_finite(OP, "values", 2),
+            )
+        },
+        AdvCase {
+            mode: with(
+                norm,
+                NanRewards::Error,
+                RewardAggregation::NormalizeThenSum { eps: -1.0 },
+                Singletons::Zero,
+            ),
+            ..case(
+                "a negative normalize_then_sum eps",
+                vec![1.0, 0.0],
+                2,
+                norm,
+                bad_param(OP, "aggregation eps", -1.0, "finite and >= 0"),
+            )
+        },
+        case(
+            "a negative whitening eps",
+            vec![1.0, 0.0],
+            2,
+            AdvantageMode::Whiten {
+                eps: -1.0,
+                unbiased: true,
+            },
+            bad_param(OP, "eps", -1.0, "finite and >= 0"),
+        ),
+        case(
+            "whitened rewards near f32::MAX are finite",
+            vec![MAX, -MAX, MAX / 2.0, 0.0],
+            2,
+            AdvantageMode::Whiten {
+                eps: 0.0,
+                unbiased: false,
+            },
+            None,
+        ),
+        AdvCase {
+            mode: with(
+                AdvantageMode::GroupNorm {
+                    eps: 1e-6,
+                    unbiased: true,
+                },
+                NanRewards::Error,
+                sum,
+                Singletons::Verl,
+            ),
+            ..case(
+                "verl's groups of one near f32::MAX are finite",
+                vec![MAX, -MAX],
+                1,
+                norm,
+                None,
+            )
+        },
     ]
 }
 
@@ -438,7 +518,7 @@ pub fn kl_cases() -> Vec<KlCase> {
         grad,
         want,
     };
-    use KlEstimator::{LowVarK3, K1, K2, K3};
+    use KlEstimator::{Abs, K1StraightThrough, LowVarK3, LowVarK3StraightThrough, K1, K2, K3};
     vec![
         case(
             "a -inf logp",
@@ -495,6 +575,38 @@ pub fn kl_cases() -> Vec<KlCase> {
             LowVarK3,
             Some(vec![1e30, -1e30]),
             None,
+        ),
+        case(
+            "abs of a d beyond f32",
+            vec![-1.0, 3e38],
+            vec![-1.0, -3e38],
+            Abs,
+            None,
+            non_finite(FWD, "kl", 1),
+        ),
+        case(
+            "abs's gradient of extreme log-probs is a sign",
+            vec![-2e38, 1e38],
+            vec![1e38, -2e38],
+            Abs,
+            Some(vec![1e30, -1e30]),
+            None,
+        ),
+        case(
+            "verl's k3+ gradient -d times a large grad overflows",
+            vec![-1.0, -1e20],
+            vec![-1.0, 1e20],
+            LowVarK3StraightThrough,
+            Some(vec![1.0, 1e20]),
+            non_finite(BWD, "dlogp", 1),
+        ),
+        case(
+            "verl's k1+ of a NaN ref_logp",
+            vec![-1.0, -1.0],
+            vec![NAN, -1.0],
+            K1StraightThrough,
+            Some(vec![1.0, 1.0]),
+            non_finite(FWD, "ref_logp", 0),
         ),
     ]
 }

@@ -198,7 +198,7 @@ pub mod tensors {
 
 /// Every advantage mode, with both std conventions and eps from TRL's and
 /// verl's defaults down to 0.
-pub const ADVANTAGE_MODES: [grpo_kernels::AdvantageMode; 7] = [
+pub const ADVANTAGE_MODES: [grpo_kernels::AdvantageMode; 9] = [
     grpo_kernels::AdvantageMode::GroupNorm {
         eps: 1e-4,
         unbiased: true,
@@ -218,4 +218,113 @@ pub const ADVANTAGE_MODES: [grpo_kernels::AdvantageMode; 7] = [
     },
     grpo_kernels::AdvantageMode::LeaveOneOut,
     grpo_kernels::AdvantageMode::None,
+    grpo_kernels::AdvantageMode::Whiten {
+        eps: 1e-4,
+        unbiased: true,
+    },
+    grpo_kernels::AdvantageMode::Whiten {
+        eps: 0.0,
+        unbiased: false,
+    },
 ];
+
+/// Every KL estimator.
+pub const KL_ESTIMATORS: [grpo_kernels::KlEstimator; 8] = [
+    grpo_kernels::KlEstimator::K1,
+    grpo_kernels::KlEstimator::K2,
+    grpo_kernels::KlEstimator::K3,
+    grpo_kernels::KlEstimator::LowVarK3,
+    grpo_kernels::KlEstimator::Abs,
+    grpo_kernels::KlEstimator::K1StraightThrough,
+    grpo_kernels::KlEstimator::LowVarK3StraightThrough,
+    grpo_kernels::KlEstimator::AbsStraightThrough,
+];
+
+/// A committed JSON fixture of `tests/fixtures/`.
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A fixture's array of numbers, `null` read as NaN.
+pub fn fixture_f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|x| x.as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// A TRL case of `advantages_reference.json`: values component-major
+/// `[K, P G]` (TRL's `rewards_per_func` is `[P G, K]`), weights, `G`.
+pub fn trl_case(case: &serde_json::Value) -> (Vec<f32>, Vec<f32>, usize) {
+    let k = case["funcs"].as_u64().unwrap() as usize;
+    let rows = fixture_f64s(&case["rewards"]);
+    let n = rows.len() / k;
+    let values = (0..k)
+        .flat_map(|kk| (0..n).map(move |i| (kk, i)))
+        .map(|(kk, i)| rows[i * k + kk] as f32)
+        .collect();
+    let weights = fixture_f64s(&case["weights"]).iter().map(|&w| w as f32).collect();
+    (values, weights, case["group_size"].as_u64().unwrap() as usize)
+}
+
+/// TRL 1.16's settings (the fixture's keys) and the crate's equivalents.
+pub fn trl_settings() -> [(&'static str, grpo_kernels::AdvantageConfig); 4] {
+    use grpo_kernels::{AdvantageConfig, AdvantageMode, NanRewards, RewardAggregation};
+    let trl = |mode, aggregation| AdvantageConfig {
+        mode,
+        aggregation,
+        nan_rewards: NanRewards::Skip,
+        ..AdvantageConfig::default()
+    };
+    let sum = RewardAggregation::SumThenNormalize;
+    let (eps, unbiased) = (1e-4, true);
+    [
+        (
+            "sum_then_normalize/group",
+            trl(AdvantageMode::GroupNorm { eps, unbiased }, sum),
+        ),
+        (
+            "sum_then_normalize/batch",
+            trl(AdvantageMode::BatchNorm { eps, unbiased }, sum),
+        ),
+        ("sum_then_normalize/none", trl(AdvantageMode::GroupMean, sum)),
+        (
+            "normalize_then_sum",
+            trl(
+                AdvantageMode::Whiten { eps, unbiased },
+                RewardAggregation::NormalizeThenSum { eps },
+            ),
+        ),
+    ]
+}
+
+/// verl's estimators (the fixture's keys) and the crate's equivalents.
+pub fn verl_settings() -> [(&'static str, grpo_kernels::AdvantageConfig); 4] {
+    use grpo_kernels::{AdvantageConfig, AdvantageMode, Singletons};
+    let verl = |mode, singletons| AdvantageConfig {
+        mode,
+        singletons,
+        ..AdvantageConfig::default()
+    };
+    let grpo = AdvantageMode::GroupNorm {
+        eps: 1e-6,
+        unbiased: true,
+    };
+    [
+        ("grpo", verl(grpo, Singletons::Verl)),
+        (
+            "grpo/norm_adv_by_std_in_grpo=False",
+            verl(AdvantageMode::GroupMean, Singletons::Verl),
+        ),
+        ("rloo", verl(AdvantageMode::LeaveOneOut, Singletons::Verl)),
+        (
+            "rloo_vectorized",
+            verl(AdvantageMode::LeaveOneOut, Singletons::Zero),
+        ),
+    ]
+}

@@ -336,7 +336,7 @@ fn token_loss_f64(cfg: &PolicyLossConfig, log_ratio: f64, adv: f64, d: f64) -> (
         KlEstimator::K1 => (-d, 1.0),
         KlEstimator::K2 => (d * d / 2.0, -d),
         KlEstimator::K3 => (d.exp() - d - 1.0, 1.0 - d.exp()),
-        KlEstimator::LowVarK3 => unreachable!("not drawn"),
+        _ => unreachable!("not drawn"),
     };
     let beta = cfg.beta as f64;
     (pg + beta * kl, dpg + beta * dkl)

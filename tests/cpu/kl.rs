@@ -1,28 +1,13 @@
 //! KL estimators against an f64 reference, the backward against finite
-//! differences, verl's clamps, properties, and every bad input.
+//! differences, verl's clamps, TRL's and verl's own code (the committed
+//! fixture), the flow into the policy loss, properties, and every bad input.
 
-use crate::common::{assert_close, finite_diff, widen, Rng};
+use crate::common::reference::{kl_grad_ref, kl_grad_source, kl_value_ref};
+use crate::common::{assert_close, finite_diff, fixture, fixture_f64s, widen, Rng, KL_ESTIMATORS};
 use grpo_kernels::{kl_divergence, kl_divergence_backward, Error, KlEstimator, KlInputs};
 use proptest::prelude::*;
 
-const ESTIMATORS: [KlEstimator; 4] = [
-    KlEstimator::K1,
-    KlEstimator::K2,
-    KlEstimator::K3,
-    KlEstimator::LowVarK3,
-];
-
-/// The estimate of `d = ref - logp` in f64, from Schulman's definitions and
-/// verl's `low_var_kl`.
-fn kl_ref(est: KlEstimator, d: f64) -> f64 {
-    let k3 = |d: f64| d.exp_m1() - d;
-    match est {
-        KlEstimator::K1 => -d,
-        KlEstimator::K2 => d * d / 2.0,
-        KlEstimator::K3 => k3(d),
-        KlEstimator::LowVarK3 => k3(d.clamp(-20.0, 20.0)).clamp(-10.0, 10.0),
-    }
-}
+const ESTIMATORS: [KlEstimator; 8] = KL_ESTIMATORS;
 
 /// Log-probs and reference log-probs whose differences `d` cover tiny
 /// (1e-6), small and moderate (|d| < 2) values.
@@ -46,21 +31,21 @@ fn forward_matches_f64_reference_on_awkward_sizes() {
         let (lp, rf) = (widen(&logp), widen(&ref_logp));
         for est in ESTIMATORS {
             let got = kl_divergence(&KlInputs::new(&logp, &ref_logp), est).unwrap();
-            let want: Vec<f64> = lp.iter().zip(&rf).map(|(l, r)| kl_ref(est, r - l)).collect();
+            let want: Vec<f64> = lp
+                .iter()
+                .zip(&rf)
+                .map(|(l, r)| kl_value_ref(est, r - l))
+                .collect();
             // k3 ~ d^2/2 is accurate relative to itself, also for d ~ 1e-6.
             assert_close(&format!("{est:?} n={n}"), &got, &want, 1e-30, 4e-6);
-            // The backward over as many parallel blocks: `-grad dkl/dd`,
-            // each element's derivative by central differences.
+            // The backward over as many parallel blocks: `grad dkl/dlogp`.
             let grad: Vec<f32> = Rng::new(40 + i as u64).normals(n, 1.0);
             let got = kl_divergence_backward(&KlInputs::new(&logp, &ref_logp), est, &grad).unwrap();
             let want: Vec<f64> = lp
                 .iter()
                 .zip(&rf)
                 .zip(&grad)
-                .map(|((l, r), &g)| {
-                    let d = r - l;
-                    -(g as f64) * (kl_ref(est, d + 1e-6) - kl_ref(est, d - 1e-6)) / 2e-6
-                })
+                .map(|((l, r), &g)| g as f64 * kl_grad_ref(est, r - l))
                 .collect();
             assert_close(&format!("dlogp {est:?} n={n}"), &got, &want, 1e-6, 1e-5);
         }
@@ -77,17 +62,31 @@ fn backward_matches_finite_differences() {
         for est in ESTIMATORS {
             let input = KlInputs::new(&logp, &ref_logp);
             let got = kl_divergence_backward(&input, est, &grad).unwrap();
+            // Differences of the value, or of k2's for a straight-through
+            // estimator (its gradient by definition).
+            let source = kl_grad_source(est);
             let loss = |lp: &[f64], rf: &[f64]| -> f64 {
                 lp.iter()
                     .zip(rf)
                     .zip(&g)
-                    .map(|((l, r), g)| g * kl_ref(est, r - l))
+                    .map(|((l, r), g)| g * kl_value_ref(source, r - l))
                     .sum()
             };
-            let want = finite_diff(&lp, 1e-6, |x| loss(x, &rf));
+            let mut want = finite_diff(&lp, 1e-6, |x| loss(x, &rf));
+            let mut want_ref = finite_diff(&rf, 1e-6, |x| loss(&lp, x));
+            if source == KlEstimator::Abs {
+                // A step across |d|'s kink at 0 differences both sides:
+                // those tokens get torch's sign (the other tests check it).
+                for t in 0..n {
+                    let d = rf[t] - lp[t];
+                    if d.abs() <= 2e-6 {
+                        want[t] = g[t] * kl_grad_ref(est, d);
+                        want_ref[t] = -want[t];
+                    }
+                }
+            }
             assert_close(&format!("dlogp {est:?} n={n}"), &got, &want, 1e-8, 1e-5);
             // Every estimator depends on ref - logp alone.
-            let want_ref = finite_diff(&rf, 1e-6, |x| loss(&lp, x));
             let neg: Vec<f32> = got.iter().map(|x| -x).collect();
             assert_close(&format!("dref {est:?} n={n}"), &neg, &want_ref, 1e-8, 1e-5);
         }
@@ -121,6 +120,13 @@ fn low_var_k3_clamps_like_verl() {
             );
         }
     }
+    // verl's `low_var_kl+`: the same values, k2's gradient -d throughout.
+    let st = KlEstimator::LowVarK3StraightThrough;
+    assert_eq!(kl_divergence(&input, st).unwrap(), value);
+    let grad = kl_divergence_backward(&input, st, &vec![1.0; ds.len()]).unwrap();
+    for (i, &g) in grad.iter().enumerate() {
+        assert_eq!(g, logp[i] - ref_logp[i]);
+    }
     // The plain k3 saturates instead of overflowing.
     let k3 = kl_divergence(&KlInputs::new(&[-100.0], &[0.0]), KlEstimator::K3).unwrap();
     assert!(k3[0].is_finite() && k3[0] > 1e38, "{}", k3[0]);
@@ -149,12 +155,128 @@ proptest! {
                 prop_assert_eq!(value[i], v);
                 prop_assert_eq!(dlogp[i], g);
                 match est {
-                    KlEstimator::K2 | KlEstimator::K3 => prop_assert!(value[i] >= 0.0),
-                    KlEstimator::LowVarK3 => prop_assert!((0.0..=10.0).contains(&value[i])),
-                    _ => {}
+                    KlEstimator::K2 | KlEstimator::K3 | KlEstimator::Abs | KlEstimator::AbsStraightThrough => {
+                        prop_assert!(value[i] >= 0.0)
+                    }
+                    KlEstimator::LowVarK3 | KlEstimator::LowVarK3StraightThrough => {
+                        prop_assert!((0.0..=10.0).contains(&value[i]))
+                    }
+                    KlEstimator::K1 | KlEstimator::K1StraightThrough => {}
                 }
             }
         }
+    }
+}
+
+#[test]
+fn abs_gradient_is_torch_sign_with_zero_at_zero() {
+    // d = ref - logp = +0, -0 (logp = ref), tiny and ordinary of both signs.
+    let logp = [-1.0f32, -0.0, -1.0, -1.0, -2.0, -1.0];
+    let ref_logp = [-1.0f32, 0.0, -1.0 + 1e-7, -1.0 - 1e-7, -1.0, -3.0];
+    let input = KlInputs::new(&logp, &ref_logp);
+    let grad = kl_divergence_backward(&input, KlEstimator::Abs, &[1.0; 6]).unwrap();
+    assert_eq!(grad, [0.0, 0.0, -1.0, 1.0, -1.0, 1.0]);
+    let value = kl_divergence(&input, KlEstimator::Abs).unwrap();
+    for i in 0..6 {
+        assert_eq!(value[i], (logp[i] - ref_logp[i]).abs());
+    }
+}
+
+/// verl's `kl_penalty` (commit b178a3cd) for every estimator name and TRL's
+/// KL term, values and torch autograd gradients, from
+/// `tests/fixtures/kl_reference.json`.
+#[test]
+fn every_verl_and_trl_estimator_matches_their_code() {
+    let fx = fixture("kl_reference.json");
+    let logp: Vec<f32> = fixture_f64s(&fx["logp"]).iter().map(|&x| x as f32).collect();
+    let ref_logp: Vec<f32> = fixture_f64s(&fx["ref_logp"]).iter().map(|&x| x as f32).collect();
+    let input = KlInputs::new(&logp, &ref_logp);
+    let ones = vec![1.0f32; logp.len()];
+    let check = |what: &str, est: KlEstimator, case: &serde_json::Value| {
+        let value = kl_divergence(&input, est).unwrap();
+        let dlogp = kl_divergence_backward(&input, est, &ones).unwrap();
+        assert_close(
+            &format!("{what} value"),
+            &value,
+            &fixture_f64s(&case["value"]),
+            1e-9,
+            1e-5,
+        );
+        assert_close(
+            &format!("{what} dlogp"),
+            &dlogp,
+            &fixture_f64s(&case["dlogp"]),
+            1e-9,
+            1e-5,
+        );
+    };
+    let cases = fx["verl"].as_array().unwrap();
+    assert_eq!(cases.len(), 12);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let est = KlEstimator::from_verl_name(name).unwrap();
+        // verl at b178a3cd raises for exactly the `+` names (see the module docs).
+        assert_eq!(
+            case["verl_raises"].as_bool(),
+            Some(est.is_straight_through()),
+            "{name}"
+        );
+        check(&format!("verl {name} = {est:?}"), est, case);
+    }
+    check("TRL beta KL", KlEstimator::K3, &fx["trl"]);
+    assert_eq!(KlEstimator::from_verl_name("full"), None);
+    assert_eq!(KlEstimator::from_verl_name("k2+"), Some(KlEstimator::K2));
+}
+
+/// The policy loss takes the new estimators through `PolicyLossConfig::kl`:
+/// its reported mean KL is the estimator's value, its KL gradient the
+/// estimator's (k2's for the straight-through ones).
+#[test]
+fn new_estimators_flow_into_the_policy_loss() {
+    use grpo_kernels::{
+        policy_loss, policy_loss_backward, Advantage, PolicyLossConfig, PolicyLossInputs, SeqLayout,
+    };
+    let mut rng = Rng::new(77);
+    let (seqs, len) = (3, 7);
+    let logp: Vec<f32> = (0..seqs * len).map(|_| rng.range(-4.0, -0.1) as f32).collect();
+    let ref_logp: Vec<f32> = logp.iter().map(|&l| l + rng.range(-3.0, 3.0) as f32).collect();
+    let adv = [0.5f32, -1.0, 0.0];
+    let run = |kl: KlEstimator, beta: f32| {
+        let layout = SeqLayout::Padded {
+            batch: seqs,
+            seq_len: len,
+        };
+        let inputs =
+            PolicyLossInputs::new(&logp, Advantage::PerSequence(&adv[..]), layout).with_ref(&ref_logp);
+        let cfg = PolicyLossConfig {
+            beta,
+            kl,
+            ..PolicyLossConfig::default()
+        };
+        let out = policy_loss(&inputs, &cfg).unwrap();
+        (
+            out.stats().kl_mean,
+            policy_loss_backward(&inputs, &cfg, 1.0, None).unwrap(),
+        )
+    };
+    let (_, pg_only) = run(KlEstimator::K3, 0.0);
+    for est in KL_ESTIMATORS {
+        let (kl_mean, dlogp) = run(est, 0.5);
+        let d: Vec<f64> = logp
+            .iter()
+            .zip(&ref_logp)
+            .map(|(&l, &r)| (r - l) as f64)
+            .collect();
+        let want_mean = d.iter().map(|&d| kl_value_ref(est, d)).sum::<f64>() / d.len() as f64;
+        assert!(
+            (kl_mean as f64 - want_mean).abs() <= 1e-5 * want_mean.abs().max(1.0),
+            "{est:?}"
+        );
+        // Seq-mean of token-means: each token's KL gradient is beta / (S len).
+        let want: Vec<f64> = (0..d.len())
+            .map(|t| pg_only[t] as f64 + 0.5 / (seqs * len) as f64 * kl_grad_ref(est, d[t]))
+            .collect();
+        assert_close(&format!("policy loss dlogp {est:?}"), &dlogp, &want, 1e-6, 1e-5);
     }
 }
 

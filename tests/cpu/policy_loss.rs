@@ -168,6 +168,7 @@ fn kl_ref(est: KlEstimator, d: f64) -> f64 {
         KlEstimator::K2 => d * d / 2.0,
         KlEstimator::K3 => k3(d),
         KlEstimator::LowVarK3 => k3(d.clamp(-20.0, 20.0)).clamp(-10.0, 10.0),
+        other => crate::common::reference::kl_value_ref(other, d),
     }
 }
 

@@ -1,13 +1,15 @@
 //! CUDA group advantages and token broadcasting against the CPU ops: every
 //! mode, weighted components, flat groups and groups of one (exactly 0 on
-//! both), a NaN-poisoned memory pool, and the status word for bad data.
+//! both, or verl's convention), TRL's NaN rewards and normalize_then_sum,
+//! a NaN-poisoned memory pool, and the status word for bad data.
 #![cfg(feature = "cuda")]
 
 use crate::common::gpu::{down, gpu, poison_pool, up};
 use crate::common::{assert_close, Rng, ADVANTAGE_MODES};
 use grpo_kernels::cuda::{self, Device};
 use grpo_kernels::{
-    broadcast_to_tokens, group_advantages, AdvantageMode, DeviceFault, Error, Rewards, SeqLayout,
+    broadcast_to_tokens, group_advantages, AdvantageConfig, AdvantageMode, DeviceFault, Error, Rewards,
+    SeqLayout, Singletons,
 };
 
 fn widen(v: &[f32]) -> Vec<f64> {
@@ -45,7 +47,15 @@ fn advantages_match_cpu() {
     for &(p, g) in &shapes {
         for k in [1, 3] {
             let values = rewards(&mut rng, k, p, g);
-            for mode in ADVANTAGE_MODES {
+            // Every mode, with groups of one at 0 and as verl has them.
+            let configs = ADVANTAGE_MODES.iter().flat_map(|&mode| {
+                [Singletons::Zero, Singletons::Verl].map(|singletons| AdvantageConfig {
+                    mode,
+                    singletons,
+                    ..AdvantageConfig::default()
+                })
+            });
+            for mode in configs {
                 let host = Rewards::new(&values, g);
                 let host = if k == 3 { host.with_weights(&weights) } else { host };
                 let want = group_advantages(&host, mode).unwrap();
@@ -178,5 +188,63 @@ fn bad_data_is_reported() {
             index: 1,
         }) => {}
         other => panic!("expected an InvalidLayout fault at sequence 1, got {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nan_rewards_and_normalize_then_sum_match_cpu() {
+    use crate::common::trl_settings;
+    let gpu = gpu();
+    let mut rng = Rng::new(12);
+    let weights = [1.0f32, 2.0, 5.0];
+    for &(p, g) in &[(1, 1), (5, 1), (7, 5), (64, 16), (1000, 33)] {
+        for k in [1, 3] {
+            let mut values = rewards(&mut rng, k, p, g);
+            for v in values.iter_mut() {
+                if rng.uniform() < 0.2 {
+                    *v = f32::NAN;
+                }
+            }
+            for (key, cfg) in trl_settings() {
+                for singletons in [Singletons::Zero, Singletons::Verl] {
+                    let cfg = AdvantageConfig { singletons, ..cfg };
+                    let host = Rewards::new(&values, g);
+                    let host = if k == 3 { host.with_weights(&weights) } else { host };
+                    let want = group_advantages(&host, cfg).unwrap();
+                    let d_values = up(&gpu, &values);
+                    let dev = Rewards::<Device> {
+                        values: d_values.as_view(),
+                        weights: (k == 3).then_some(&weights[..]),
+                        group_size: g,
+                    };
+                    poison_pool(&gpu, 4 * p * g + 8 * p);
+                    let got = cuda::group_advantages(&gpu, &dev, cfg).unwrap();
+                    gpu.check().unwrap();
+                    let what = format!("{key} {singletons:?} P={p} G={g} K={k}");
+                    let adv = down(&gpu, &got.advantages);
+                    assert_close(
+                        &format!("advantages {what}"),
+                        &adv,
+                        &widen(&want.advantages),
+                        1e-5,
+                        1e-5,
+                    );
+                    let std = down(&gpu, &got.group_std);
+                    assert_close(
+                        &format!("group_std {what}"),
+                        &std,
+                        &widen(&want.group_std),
+                        1e-6,
+                        1e-6,
+                    );
+                    // Unscorable completions are NaN in both, and only they.
+                    let r = down(&gpu, &got.rewards);
+                    for (i, (a, b)) in r.iter().zip(&want.rewards).enumerate() {
+                        assert_eq!(a.is_nan(), b.is_nan(), "reward {i} of {what}");
+                    }
+                }
+            }
+        }
     }
 }

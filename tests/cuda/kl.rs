@@ -8,12 +8,7 @@ use crate::common::{assert_close, Rng};
 use grpo_kernels::cuda::{self, Device};
 use grpo_kernels::{kl_divergence, kl_divergence_backward, DeviceFault, Error, KlEstimator, KlInputs};
 
-const ESTIMATORS: [KlEstimator; 4] = [
-    KlEstimator::K1,
-    KlEstimator::K2,
-    KlEstimator::K3,
-    KlEstimator::LowVarK3,
-];
+const ESTIMATORS: [KlEstimator; 8] = crate::common::KL_ESTIMATORS;
 
 fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
