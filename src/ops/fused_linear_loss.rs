@@ -94,7 +94,8 @@ use crate::ops::layout::SeqLayout;
 use crate::ops::logprob::{active_rows, LogProbConfig, RowGrad};
 use crate::ops::math::{multiversion, SoftmaxState};
 use crate::ops::policy_loss::{
-    Advantage, Aggregation, ImportanceLevel, PolicyLossConfig, PolicyLossStats, TokenLoss,
+    Advantage, Aggregation, ImportanceLevel, PolicyLossConfig, PolicyLossStats, PolicyObjective, TokenIn,
+    TokenLoss,
 };
 
 pub(crate) const OP: &str = "fused_linear_policy_loss";
@@ -148,6 +149,17 @@ impl FusedLossConfig {
                 reason: "sequence-level importance ratios (GSPO) need every token of a sequence \
                          before any gradient, which a one-pass fused loss cannot have: use \
                          fused_linear_logprobs + policy_loss"
+                    .into(),
+            });
+        }
+        let plain = self.loss.objective == PolicyObjective::default()
+            && !self.loss.kl_bias_correction
+            && !self.loss.exclude_empty_seqs;
+        if !plain {
+            return Err(Error::Unsupported {
+                op,
+                reason: "the fused loss takes the default Clip objective (no delta), no KL bias \
+                         correction and every sequence in S: use fused_linear_logprobs + policy_loss"
                     .into(),
             });
         }
@@ -721,7 +733,14 @@ multiversion! {
     /// [`PolicyLossConfig::token_loss`] with the multiply-add flavour
     /// `policy_loss`'s kernels use on this CPU, so both give the same bits.
     fn token_loss_simd(cfg: &PolicyLossConfig, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
-        cfg.token_loss::<Mad>(log_ratio, adv, d_ref)
+        cfg.token_loss::<Mad>(TokenIn {
+            log_ratio,
+            adv,
+            d_ref,
+            logp: 0.0,
+            pg_weight: 1.0,
+            seq_log_w: 0.0,
+        })
     }
 }
 
@@ -765,6 +784,8 @@ impl Sums {
             ratio_max: if tokens == 0 { 0.0 } else { self.ratio_max },
             kl_mean: mean(self.kl),
             tokens: tokens as f32,
+            // Sequence-level clip fractions are not computed by the fused loss.
+            ..PolicyLossStats::default()
         }
     }
 }

@@ -179,19 +179,146 @@ impl Aggregation {
     }
 }
 
+/// The per-token policy-gradient term `pg_t` (see the [module docs](self)
+/// for the formulas and the TRL 1.16 / verl settings each reproduces).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PolicyObjective {
+    /// PPO's clipped surrogate `-min(r' A, clip(r, 1 - eps_low, 1 + eps_high) A)`
+    /// with `r' = min(r, delta)` (TRL's two-sided GRPO, `GRPOConfig.delta`;
+    /// `None`: `r' = r`, plain PPO/GRPO/DAPO/GSPO, verl's `vanilla`/`gspo`).
+    Clip {
+        /// Upper bound of the unclipped ratio, finite and `> 0` (TRL
+        /// recommends `> 1 + eps_high`); `None`: off.
+        delta: Option<f32>,
+    },
+    /// CISPO (MiniMax-M1): `-sg(clamp(r, min_ratio, max_ratio)) A logp`, the
+    /// clipped ratio a detached weight. TRL's `cispo`: `min_ratio = 0`,
+    /// `max_ratio = epsilon_high`; verl's `cispo`: `min_ratio = 1 -
+    /// clip_ratio_low`, `max_ratio = 1 + clip_ratio_high`.
+    Cispo {
+        /// Lower bound of the weight, finite and `>= 0`.
+        min_ratio: f32,
+        /// Upper bound of the weight, finite and `>= min_ratio`.
+        max_ratio: f32,
+    },
+    /// SAPO (soft adaptive policy optimization): `-sigmoid(tau (r - 1)) 4 / tau A`,
+    /// `tau = tau_pos` where `A > 0`, else `tau_neg` (TRL's `sapo` with
+    /// `sapo_temperature_pos/neg`, verl's `sapo` with `tau_pos/neg`).
+    Sapo {
+        /// Temperature for `A > 0`, finite and `> 0`.
+        tau_pos: f32,
+        /// Temperature for `A <= 0`, finite and `> 0`.
+        tau_neg: f32,
+    },
+    /// VESPO (TRL's `vespo`, `get_gamma_weights`): `-sg(phi_s) A logp` with
+    /// the sequence weight `phi = e^lambda w^k e^(-lambda w)` of
+    /// `log w = clamp(sum_{t in s, m = 1} clamp(lr_t, -20, 20), ln 1e-8, 20)`
+    /// (`k, lambda` by the sign of `A >= 0`, `lambda` floored at 1e-4, a
+    /// non-finite `phi` read as 0). Token-level importance only.
+    Vespo {
+        /// `k` for `A >= 0` (TRL `vespo_k_pos`, 2), finite.
+        k_pos: f32,
+        /// `lambda` for `A >= 0` (TRL `vespo_lambda_pos`, 3), finite and `>= 0`.
+        lambda_pos: f32,
+        /// `k` for `A < 0` (TRL `vespo_k_neg`, 3), finite.
+        k_neg: f32,
+        /// `lambda` for `A < 0` (TRL `vespo_lambda_neg`, 2), finite and `>= 0`.
+        lambda_neg: f32,
+    },
+}
+
+impl Default for PolicyObjective {
+    /// `Clip { delta: None }`.
+    fn default() -> Self {
+        PolicyObjective::Clip { delta: None }
+    }
+}
+
+/// VESPO's per-token log-ratio clamp and the clamp of the sequence sum
+/// (TRL 1.16 `get_gamma_weights`).
+pub(crate) const VESPO_TOKEN_CLAMP: f32 = 20.0;
+/// `ln(1e-8)`, VESPO's lower bound of `log w`.
+pub(crate) const VESPO_LOG_W_MIN: f32 = -18.420_681;
+/// TRL's floor on VESPO's `lambda`.
+const VESPO_LAMBDA_MIN: f32 = 1e-4;
+
+impl PolicyObjective {
+    fn validate(self, op: &'static str) -> Result<()> {
+        match self {
+            PolicyObjective::Clip { delta: Some(d) } => {
+                check::param(op, "delta", d as f64, d > 0.0, "finite and > 0")
+            }
+            PolicyObjective::Clip { delta: None } => Ok(()),
+            PolicyObjective::Cispo { min_ratio, max_ratio } => {
+                check::param(
+                    op,
+                    "min_ratio",
+                    min_ratio as f64,
+                    min_ratio >= 0.0,
+                    "finite and >= 0",
+                )?;
+                check::param(
+                    op,
+                    "max_ratio",
+                    max_ratio as f64,
+                    max_ratio >= min_ratio,
+                    "finite and >= min_ratio",
+                )
+            }
+            PolicyObjective::Sapo { tau_pos, tau_neg } => {
+                check::param(op, "tau_pos", tau_pos as f64, tau_pos > 0.0, "finite and > 0")?;
+                check::param(op, "tau_neg", tau_neg as f64, tau_neg > 0.0, "finite and > 0")
+            }
+            PolicyObjective::Vespo {
+                k_pos,
+                lambda_pos,
+                k_neg,
+                lambda_neg,
+            } => {
+                check::param(op, "k_pos", k_pos as f64, true, "finite")?;
+                check::param(op, "k_neg", k_neg as f64, true, "finite")?;
+                check::param(
+                    op,
+                    "lambda_pos",
+                    lambda_pos as f64,
+                    lambda_pos >= 0.0,
+                    "finite and >= 0",
+                )?;
+                check::param(
+                    op,
+                    "lambda_neg",
+                    lambda_neg as f64,
+                    lambda_neg >= 0.0,
+                    "finite and >= 0",
+                )
+            }
+        }
+    }
+
+    /// Whether `pg_t` needs a sequence-level sum (VESPO's `log w`).
+    pub(crate) fn is_sequence_weighted(self) -> bool {
+        matches!(self, PolicyObjective::Vespo { .. })
+    }
+}
+
 /// Parameters of [`policy_loss`] and its backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyLossConfig {
-    /// Lower clip: the ratio is clipped below at `1 - eps_low`; in `[0, 1]`.
+    /// The policy-gradient term; default PPO/GRPO clipping.
+    pub objective: PolicyObjective,
+    /// Lower clip: the ratio is clipped below at `1 - eps_low`; in `[0, 1]`
+    /// (used by `Clip` and by the clip statistics).
     pub eps_low: f32,
     /// Upper clip: the ratio is clipped above at `1 + eps_high` (DAPO's
     /// clip-higher uses 0.28); `>= 0`.
     pub eps_high: f32,
     /// Dual clip `c > 1` (Ye et al., 2020; verl's `clip_ratio_c`): for
-    /// `A < 0` the loss is at most `-c A`.
+    /// `A < 0` the loss is at most `-c A`. `Clip` only.
     pub dual_clip: Option<f32>,
     /// Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]`
-    /// before `exp` (verl: 20); in `(0, 88]`, so that `e^clamp` fits f32.
+    /// before `exp` (verl: 20); in `(0, 88]`, so that `e^clamp` fits f32, or
+    /// `f32::INFINITY`: no clamp, exactly as TRL (a ratio beyond f32 is then
+    /// a `NonFinite` error, not a silently capped value).
     pub log_ratio_clamp: f32,
     /// Token or sequence importance ratio.
     pub importance: ImportanceLevel,
@@ -199,15 +326,24 @@ pub struct PolicyLossConfig {
     pub beta: f32,
     /// KL estimator of the penalty (and of the reported mean KL).
     pub kl: KlEstimator,
+    /// TRL's `use_bias_correction_kl`: the KL term is `kl_t r_t`, the ratio
+    /// differentiated too (`d/dlogp = r (dkl + kl)`).
+    pub kl_bias_correction: bool,
     /// How token losses sum to the loss.
     pub aggregation: Aggregation,
+    /// verl's convention for the `SeqMean*` aggregations: `S` counts only
+    /// sequences with a masked-in token (`false`: every sequence, as TRL's
+    /// `.mean()`).
+    pub exclude_empty_seqs: bool,
 }
 
 impl Default for PolicyLossConfig {
-    /// GRPO as R1-SGG trains it: `eps = 0.2` both sides, no dual clip, clamp
-    /// 20, token ratios, `beta = 0` (k3 when enabled), sequence-mean of token-means.
+    /// GRPO as R1-SGG trains it: `Clip` with `eps = 0.2` both sides, no dual
+    /// clip, clamp 20, token ratios, `beta = 0` (k3 when enabled, no bias
+    /// correction), sequence-mean of token-means over every sequence.
     fn default() -> Self {
         Self {
+            objective: PolicyObjective::default(),
             eps_low: 0.2,
             eps_high: 0.2,
             dual_clip: None,
@@ -215,7 +351,9 @@ impl Default for PolicyLossConfig {
             importance: ImportanceLevel::Token,
             beta: 0.0,
             kl: KlEstimator::K3,
+            kl_bias_correction: false,
             aggregation: Aggregation::SeqMeanTokenMean,
+            exclude_empty_seqs: false,
         }
     }
 }
@@ -223,20 +361,37 @@ impl Default for PolicyLossConfig {
 /// One token's loss, its derivative and what the statistics count.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TokenLoss {
-    /// `l_t = pg_t + beta kl_t`.
+    /// `l_t = pw_t pg_t + beta kl_t`.
     pub loss: f32,
     /// `dl_t / dlogp_t`.
     pub grad: f32,
     /// The importance ratio `r_t` (after the log-ratio clamp).
     pub ratio: f32,
-    /// `kl_t`.
+    /// `kl_t` (times `r_t` with the bias correction).
     pub kl: f32,
-    /// `r < 1 - eps_low` and `A < 0`: the ratio is clipped below.
+    /// `r` below the objective's lower bound and `A < 0`.
     pub clip_low: bool,
-    /// `r > 1 + eps_high` and `A > 0`: the ratio is clipped above.
+    /// `r` above the objective's upper bound and `A > 0`.
     pub clip_high: bool,
     /// `A < 0` and the dual-clip bound `-c A` binds.
     pub dual_clip: bool,
+}
+
+/// One token's inputs to [`PolicyLossConfig::token_loss`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenIn {
+    /// The (unclamped) importance log-ratio: the token's, or its sequence's mean.
+    pub log_ratio: f32,
+    /// `A_t`.
+    pub adv: f32,
+    /// `ref_logp - logp` (0 without a reference model).
+    pub d_ref: f32,
+    /// `logp_t` (CISPO's and VESPO's `pg` is linear in it).
+    pub logp: f32,
+    /// The detached weight of `pg_t` (1 when absent).
+    pub pg_weight: f32,
+    /// VESPO's clamped sequence `log w` (unused otherwise).
+    pub seq_log_w: f32,
 }
 
 impl PolicyLossConfig {
@@ -252,15 +407,24 @@ impl PolicyLossConfig {
         check::param(op, "eps_high", hi, hi >= 0.0, "finite and >= 0")?;
         if let Some(c) = self.dual_clip {
             check::param(op, "dual_clip", c as f64, c > 1.0, "finite and > 1")?;
+            check::param(
+                op,
+                "dual_clip",
+                c as f64,
+                matches!(self.objective, PolicyObjective::Clip { .. }),
+                "None unless the objective is Clip",
+            )?;
         }
         let clamp = self.log_ratio_clamp as f64;
-        check::param(
-            op,
-            "log_ratio_clamp",
-            clamp,
-            clamp > 0.0 && clamp <= MAX_LOG_RATIO_CLAMP,
-            "in (0, 88]: e^clamp must fit f32",
-        )?;
+        if clamp != f64::INFINITY {
+            check::param(
+                op,
+                "log_ratio_clamp",
+                clamp,
+                clamp > 0.0 && clamp <= MAX_LOG_RATIO_CLAMP,
+                "in (0, 88] (e^clamp must fit f32) or +inf (no clamp)",
+            )?;
+        }
         let beta = self.beta as f64;
         check::param(op, "beta", beta, beta >= 0.0, "finite and >= 0")?;
         check::param(
@@ -270,43 +434,129 @@ impl PolicyLossConfig {
             beta == 0.0 || has_ref,
             "0 when `ref_logp` is None",
         )?;
+        self.objective.validate(op)?;
+        if self.objective.is_sequence_weighted() && self.importance == ImportanceLevel::Sequence {
+            return Err(Error::Unsupported {
+                op,
+                reason: "VESPO weighs sequences itself: use ImportanceLevel::Token".into(),
+            });
+        }
         self.aggregation.validate(op)
     }
 
-    /// The loss of one token from its (unclamped) importance log-ratio
-    /// `log_ratio` (the token's, or its sequence's mean), its advantage and
-    /// `d_ref = ref_logp - logp` (0 without a reference model).
+    /// `S`, the sequence count of the `SeqMean*` aggregations, from every
+    /// sequence's masked-in count: all sequences, or with
+    /// `exclude_empty_seqs` those with a token (at least 1).
+    pub(crate) fn seq_divisor(&self, counts: impl ExactSizeIterator<Item = usize>) -> usize {
+        if self.exclude_empty_seqs {
+            counts.filter(|&c| c > 0).count().max(1)
+        } else {
+            counts.len()
+        }
+    }
+
+    /// The loss of one token (see the module docs).
     #[inline(always)]
-    pub(crate) fn token_loss<M: MulAdd>(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
+    pub(crate) fn token_loss<M: MulAdd>(&self, x: TokenIn) -> TokenLoss {
+        let (log_ratio, adv) = (x.log_ratio, x.adv);
         let c = self.log_ratio_clamp;
         let clamped = log_ratio > c || log_ratio < -c;
         let lr = if log_ratio > c { c } else { log_ratio };
         let lr = if lr < -c { -c } else { lr };
-        let ratio = math::exp::<M>(lr);
-
-        let (lo, hi) = (1.0 - self.eps_low, 1.0 + self.eps_high);
-        let clipped_ratio = if ratio < lo { lo } else { ratio };
-        let clipped_ratio = if clipped_ratio > hi { hi } else { clipped_ratio };
-        let clip_low = ratio < lo && adv < 0.0;
-        let clip_high = ratio > hi && adv > 0.0;
-        // -min(r A, clip(r) A) = max(-r A, -clip(r) A).
-        let (unclipped_pg, clipped_pg) = (-adv * ratio, -adv * clipped_ratio);
-        let pg = if unclipped_pg > clipped_pg {
-            unclipped_pg
+        // Without a clamp, a ratio beyond f32 is infinite (`math::exp` caps).
+        let ratio = if lr > MAX_LOG_RATIO_CLAMP as f32 + 0.5 {
+            f32::INFINITY
         } else {
-            clipped_pg
+            math::exp::<M>(lr)
+        };
+        // d r / dlogp = r, or 0 where the log-ratio is clamped.
+        let dratio = if clamped { 0.0 } else { ratio };
+
+        let (mut clip_low, mut clip_high, mut dual_clip) = (false, false, false);
+        let (pg, pg_grad) = match self.objective {
+            PolicyObjective::Clip { delta } => {
+                let (lo, hi) = (1.0 - self.eps_low, 1.0 + self.eps_high);
+                let clipped_ratio = if ratio < lo { lo } else { ratio };
+                let clipped_ratio = if clipped_ratio > hi { hi } else { clipped_ratio };
+                clip_low = ratio < lo && adv < 0.0;
+                clip_high = ratio > hi && adv > 0.0;
+                let delta = delta.unwrap_or(f32::INFINITY);
+                let capped = if ratio > delta { delta } else { ratio };
+                // -min(r' A, clip(r) A) = max(-r' A, -clip(r) A); each term's
+                // gradient flows where its clamp passes (bounds inclusive, as
+                // torch.clamp), a tie splits it (as torch.min).
+                let (unclipped, clipped) = (-adv * capped, -adv * clipped_ratio);
+                let d_unclipped = if ratio <= delta { -adv * dratio } else { 0.0 };
+                let d_clipped = if ratio >= lo && ratio <= hi {
+                    -adv * dratio
+                } else {
+                    0.0
+                };
+                let (pg, grad) = if unclipped > clipped {
+                    (unclipped, d_unclipped)
+                } else if clipped > unclipped {
+                    (clipped, d_clipped)
+                } else {
+                    (unclipped, 0.5 * (d_unclipped + d_clipped))
+                };
+                let dual_bound = -self.dual_clip.unwrap_or(f32::INFINITY) * adv;
+                dual_clip = adv < 0.0 && pg > dual_bound;
+                if dual_clip {
+                    (dual_bound, 0.0)
+                } else {
+                    (pg, grad)
+                }
+            }
+            PolicyObjective::Cispo { min_ratio, max_ratio } => {
+                clip_low = ratio < min_ratio && adv < 0.0;
+                clip_high = ratio > max_ratio && adv > 0.0;
+                let w = if ratio < min_ratio { min_ratio } else { ratio };
+                let w = if w > max_ratio { max_ratio } else { w };
+                (-w * adv * x.logp, -w * adv)
+            }
+            PolicyObjective::Sapo { tau_pos, tau_neg } => {
+                let tau = if adv > 0.0 { tau_pos } else { tau_neg };
+                // sigmoid(z) = 1 / (1 + e^-z); d/dr (sigmoid(tau (r - 1)) 4 / tau) = 4 s (1 - s).
+                let s = 1.0 / (1.0 + math::exp::<M>(-tau * (ratio - 1.0)));
+                (-s * (4.0 / tau) * adv, -adv * 4.0 * s * (1.0 - s) * dratio)
+            }
+            PolicyObjective::Vespo {
+                k_pos,
+                lambda_pos,
+                k_neg,
+                lambda_neg,
+            } => {
+                let (k, lambda) = if adv >= 0.0 {
+                    (k_pos, lambda_pos)
+                } else {
+                    (k_neg, lambda_neg)
+                };
+                let lambda = if lambda < VESPO_LAMBDA_MIN {
+                    VESPO_LAMBDA_MIN
+                } else {
+                    lambda
+                };
+                let log_phi = lambda + k * x.seq_log_w - lambda * math::exp::<M>(x.seq_log_w);
+                // e^log_phi overflowing is TRL's posinf, read as 0.
+                let phi = if log_phi > MAX_LOG_RATIO_CLAMP as f32 {
+                    0.0
+                } else {
+                    math::exp::<M>(log_phi)
+                };
+                (-phi * adv * x.logp, -phi * adv)
+            }
         };
 
-        let dual_bound = -self.dual_clip.unwrap_or(f32::INFINITY) * adv;
-        let dual_clip = adv < 0.0 && pg > dual_bound;
-        let pg = if dual_clip { dual_bound } else { pg };
-        let constant = clip_low || clip_high || dual_clip || clamped;
-        let pg_grad = if constant { 0.0 } else { -adv * ratio };
-
-        let kl = self.kl.value_with::<M>(d_ref);
+        let kl = self.kl.value_with::<M>(x.d_ref);
+        let dkl = self.kl.grad_logp_with::<M>(x.d_ref);
+        let (kl, dkl) = if self.kl_bias_correction {
+            (kl * ratio, dkl * ratio + kl * dratio)
+        } else {
+            (kl, dkl)
+        };
         TokenLoss {
-            loss: pg + self.beta * kl,
-            grad: pg_grad + self.beta * self.kl.grad_logp_with::<M>(d_ref),
+            loss: x.pg_weight * pg + self.beta * kl,
+            grad: x.pg_weight * pg_grad + self.beta * dkl,
             ratio,
             kl,
             clip_low,
@@ -329,6 +579,11 @@ pub struct PolicyLossInputs<'a, M: Memory = Host> {
     pub advantages: Advantage<'a, M>,
     /// `[N]`: 0 = padding (never read), any other value = 1; `None`: every token counts.
     pub mask: Option<M::Buf<'a, u8>>,
+    /// `[N]` detached weights of the policy-gradient term only, finite and
+    /// `>= 0` at masked-in tokens: `l_t = pw_t pg_t + beta kl_t`, as TRL
+    /// multiplies `per_token_loss` by its off-policy mask, entropy mask and
+    /// vLLM importance-sampling ratio before adding `beta * kl`; `None`: 1.
+    pub pg_weights: Option<M::Buf<'a, f32>>,
     /// How the `N` tokens group into sequences.
     pub layout: SeqLayout<'a, M>,
 }
@@ -348,6 +603,9 @@ impl<M: Memory> PolicyLossInputs<'_, M> {
         if let Some(len) = opt_len::<M, u8>(&self.mask) {
             check::len(op, "mask", n, len)?;
         }
+        if let Some(len) = opt_len::<M, f32>(&self.pg_weights) {
+            check::len(op, "pg_weights", n, len)?;
+        }
         match &self.advantages {
             Advantage::PerSequence(a) => check::len(op, "advantages (per sequence)", seqs, M::len(a))?,
             Advantage::PerToken(a) => check::len(op, "advantages (per token)", n, M::len(a))?,
@@ -366,6 +624,7 @@ impl<'a> PolicyLossInputs<'a, Host> {
             ref_logp: None,
             advantages,
             mask: None,
+            pg_weights: None,
             layout,
         }
     }
@@ -394,12 +653,34 @@ impl<'a> PolicyLossInputs<'a, Host> {
         }
     }
 
+    /// The same inputs with detached weights of the policy-gradient term.
+    pub fn with_pg_weights(self, pg_weights: &'a [f32]) -> Self {
+        Self {
+            pg_weights: Some(pg_weights),
+            ..self
+        }
+    }
+
     /// Full host validation of lengths, parameters and offsets; returns
     /// each sequence's token range.
     fn validate_host(&self, op: &'static str, cfg: &PolicyLossConfig) -> Result<Vec<Range<usize>>> {
         let (n, _) = self.validate(op, cfg)?;
         self.layout.validate(op, n)?;
-        Ok(self.layout.ranges().collect())
+        let ranges: Vec<Range<usize>> = self.layout.ranges().collect();
+        if let Some(w) = self.pg_weights {
+            // Weights are parameters of the loss: a negative one is refused
+            // up front (a non-finite one is `NonFinite`, found by the kernels).
+            let active = |t: &usize| self.mask.is_none_or(|m| m[*t] != 0);
+            if let Some(t) = (0..n).filter(active).find(|&t| w[t] < 0.0) {
+                return Err(Error::InvalidParameter {
+                    op,
+                    name: "pg_weights",
+                    value: w[t] as f64,
+                    expected: "finite and >= 0 at masked-in tokens",
+                });
+            }
+        }
+        Ok(ranges)
     }
 
     /// Sequence `s`'s inputs, with absent ones resolved: `old = logp` gives
@@ -415,6 +696,7 @@ impl<'a> PolicyLossInputs<'a, Host> {
                 Advantage::PerToken(a) => SeqAdv::Tokens(&a[range.clone()]),
             },
             mask: self.mask.map(|m| &m[range.clone()]),
+            pg_weights: self.pg_weights.map(|w| &w[range.clone()]),
             grad_per_token: grad_per_token.map(|g| &g[range]),
         }
     }
@@ -442,6 +724,8 @@ impl<'a> PolicyLossInputs<'a, Host> {
                     Some(("old_logp", t))
                 } else if self.ref_logp.is_some_and(|r| bad(r[t])) {
                     Some(("ref_logp", t))
+                } else if self.pg_weights.is_some_and(|w| bad(w[t])) {
+                    Some(("pg_weights", t))
                 } else if grad_per_token.is_some_and(|g| bad(g[t])) {
                     Some(("grad_per_token", t))
                 } else {
@@ -508,6 +792,19 @@ pub struct PolicyLossStats {
     pub kl_mean: f32,
     /// Number of masked-in tokens `M`.
     pub tokens: f32,
+    /// Mean over all `S` sequences of each one's fraction of tokens counted
+    /// by `clip_frac_low` (0 for an empty one): TRL's `clip_ratio/low_mean`
+    /// at `importance_sampling_level="sequence"`.
+    pub clip_frac_low_seq: f32,
+    /// As `clip_frac_low_seq`, of `clip_frac_high`'s tokens (TRL's
+    /// `clip_ratio/high_mean` at the sequence level).
+    pub clip_frac_high_seq: f32,
+    /// Smallest fraction of a non-empty sequence's tokens counted by
+    /// `clip_frac_low` (TRL's `clip_ratio/low_min`); 0 with no tokens.
+    pub clip_frac_low_seq_min: f32,
+    /// Largest fraction of a non-empty sequence's tokens counted by
+    /// `clip_frac_high` (TRL's `clip_ratio/high_max`); 0 with no tokens.
+    pub clip_frac_high_seq_max: f32,
 }
 
 impl PolicyLossStats {
@@ -527,8 +824,16 @@ impl PolicyLossStats {
     pub const KL_MEAN: usize = 6;
     /// Index of [`Self::tokens`].
     pub const TOKENS: usize = 7;
+    /// Index of [`Self::clip_frac_low_seq`].
+    pub const CLIP_FRAC_LOW_SEQ: usize = 8;
+    /// Index of [`Self::clip_frac_high_seq`].
+    pub const CLIP_FRAC_HIGH_SEQ: usize = 9;
+    /// Index of [`Self::clip_frac_low_seq_min`].
+    pub const CLIP_FRAC_LOW_SEQ_MIN: usize = 10;
+    /// Index of [`Self::clip_frac_high_seq_max`].
+    pub const CLIP_FRAC_HIGH_SEQ_MAX: usize = 11;
     /// Length of the summary buffer.
-    pub const SUMMARY_LEN: usize = 8;
+    pub const SUMMARY_LEN: usize = 12;
 
     /// The fields, in summary order.
     pub fn to_summary(&self) -> [f32; Self::SUMMARY_LEN] {
@@ -541,6 +846,10 @@ impl PolicyLossStats {
             self.ratio_max,
             self.kl_mean,
             self.tokens,
+            self.clip_frac_low_seq,
+            self.clip_frac_high_seq,
+            self.clip_frac_low_seq_min,
+            self.clip_frac_high_seq_max,
         ]
     }
 
@@ -555,6 +864,10 @@ impl PolicyLossStats {
             ratio_max: s[Self::RATIO_MAX],
             kl_mean: s[Self::KL_MEAN],
             tokens: s[Self::TOKENS],
+            clip_frac_low_seq: s[Self::CLIP_FRAC_LOW_SEQ],
+            clip_frac_high_seq: s[Self::CLIP_FRAC_HIGH_SEQ],
+            clip_frac_low_seq_min: s[Self::CLIP_FRAC_LOW_SEQ_MIN],
+            clip_frac_high_seq_max: s[Self::CLIP_FRAC_HIGH_SEQ_MAX],
         }
     }
 }
@@ -611,12 +924,17 @@ pub fn policy_loss_into(
     }
 
     let tokens: usize = sums.iter().map(|s| s.tokens).sum();
+    let seqs = cfg.seq_divisor(sums.iter().map(|s| s.tokens));
     let mut total = SeqSums::default();
     let mut loss = 0.0f64;
+    let mut seq_clip = SeqClipStats::default();
     for s in &sums {
-        loss += cfg.aggregation.weight(s.tokens, ranges.len(), tokens) * s.loss;
+        loss += cfg.aggregation.weight(s.tokens, seqs, tokens) * s.loss;
         total.merge(s);
+        seq_clip.add(s.tokens, s.clip_low, s.clip_high);
     }
+    let (clip_frac_low_seq, clip_frac_high_seq, clip_frac_low_seq_min, clip_frac_high_seq_max) =
+        seq_clip.finish(ranges.len());
     let mean = |x: f64| {
         if tokens == 0 {
             0.0
@@ -633,6 +951,10 @@ pub fn policy_loss_into(
         ratio_max: if tokens == 0 { 0.0 } else { total.ratio_max },
         kl_mean: mean(total.kl),
         tokens: tokens as f32,
+        clip_frac_low_seq,
+        clip_frac_high_seq,
+        clip_frac_low_seq_min,
+        clip_frac_high_seq_max,
     };
     if !stats.loss.is_finite() {
         return Err(Error::NonFinite {
@@ -694,6 +1016,7 @@ pub fn policy_loss_backward_into(
         .map(|(s, range)| inputs.seq(s, range.clone(), None).tokens())
         .collect();
     let tokens = counts.iter().sum();
+    let seqs = cfg.seq_divisor(counts.iter().copied());
 
     let outs = split_by_ranges(dlogp, &ranges);
     let finite = ranges
@@ -704,7 +1027,7 @@ pub fn policy_loss_backward_into(
         .with_min_len(min_seqs)
         .map(|(s, ((range, out), &count))| {
             let seq = inputs.seq(s, range.clone(), grad_per_token);
-            let w = cfg.aggregation.weight(count, ranges.len(), tokens) as f32;
+            let w = cfg.aggregation.weight(count, seqs, tokens) as f32;
             seq_backward(cfg, &seq, grad_loss * w, out)
         })
         .reduce(|| true, |a, b| a && b);
@@ -747,6 +1070,7 @@ struct SeqData<'a> {
     ref_logp: &'a [f32],
     adv: SeqAdv<'a>,
     mask: Option<&'a [u8]>,
+    pg_weights: Option<&'a [f32]>,
     grad_per_token: Option<&'a [f32]>,
 }
 
@@ -757,6 +1081,7 @@ struct Lanes {
     old: [f32; LANES],
     ref_logp: [f32; LANES],
     adv: [f32; LANES],
+    pg_weight: [f32; LANES],
     grad: [f32; LANES],
     active: [bool; LANES],
 }
@@ -789,6 +1114,7 @@ impl SeqData<'_> {
             old: [0.0; LANES],
             ref_logp: [0.0; LANES],
             adv: [0.0; LANES],
+            pg_weight: [1.0; LANES],
             grad: [0.0; LANES],
             active: [false; LANES],
         };
@@ -799,6 +1125,9 @@ impl SeqData<'_> {
         match self.adv {
             SeqAdv::Const(a) => x.adv[..k].fill(a),
             SeqAdv::Tokens(a) => x.adv[..k].copy_from_slice(&a[span.clone()]),
+        }
+        if let Some(w) = self.pg_weights {
+            x.pg_weight[..k].copy_from_slice(&w[span.clone()]);
         }
         if let Some(g) = self.grad_per_token {
             x.grad[..k].copy_from_slice(&g[span.clone()]);
@@ -823,10 +1152,10 @@ impl SeqData<'_> {
         }
     }
 
-    /// `(masked-in tokens, their mean log-ratio)`: the sequence's importance
-    /// log-ratio at the sequence level.
+    /// `(masked-in tokens, their sum of log-ratios each clamped to
+    /// `[-clamp, clamp]`)`.
     #[inline(always)]
-    fn mean_log_ratio(&self) -> (usize, f32) {
+    fn log_ratio_sum(&self, clamp: f32) -> (usize, f64) {
         let (mut tokens, mut sum) = (0usize, 0.0f64);
         for block in (0..self.len()).step_by(BLOCK) {
             let mut acc = [0.0f32; LANES];
@@ -834,20 +1163,65 @@ impl SeqData<'_> {
             for at in (block..self.len().min(block + BLOCK)).step_by(LANES) {
                 let x = self.load(at);
                 for i in 0..LANES {
-                    acc[i] += if x.active[i] { x.logp[i] - x.old[i] } else { 0.0 };
+                    let lr = x.logp[i] - x.old[i];
+                    let lr = if lr > clamp { clamp } else { lr };
+                    let lr = if lr < -clamp { -clamp } else { lr };
+                    acc[i] += if x.active[i] { lr } else { 0.0 };
                     count[i] += x.active[i] as u32;
                 }
             }
             sum += acc.iter().map(|&v| v as f64).sum::<f64>();
             tokens += count.iter().sum::<u32>() as usize;
         }
-        (tokens, (sum / tokens.max(1) as f64) as f32)
+        (tokens, sum)
     }
 
-    /// The log-ratio of lane `i`: its own, or the sequence's.
+    /// The masked-in token count and the sequence-level values of `cfg`'s
+    /// loss, from one pass over the sequence where it needs one.
     #[inline(always)]
-    fn log_ratio(x: &Lanes, i: usize, seq_log_ratio: Option<f32>) -> f32 {
-        seq_log_ratio.unwrap_or(x.logp[i] - x.old[i])
+    fn context(&self, cfg: &PolicyLossConfig) -> (usize, SeqContext) {
+        if cfg.importance == ImportanceLevel::Sequence {
+            let (tokens, sum) = self.log_ratio_sum(f32::INFINITY);
+            let log_ratio = (sum / tokens.max(1) as f64) as f32;
+            (
+                tokens,
+                SeqContext {
+                    log_ratio: Some(log_ratio),
+                    log_w: 0.0,
+                },
+            )
+        } else if cfg.objective.is_sequence_weighted() {
+            let (tokens, sum) = self.log_ratio_sum(VESPO_TOKEN_CLAMP);
+            let log_w = (sum as f32).clamp(VESPO_LOG_W_MIN, VESPO_TOKEN_CLAMP);
+            (
+                tokens,
+                SeqContext {
+                    log_ratio: None,
+                    log_w,
+                },
+            )
+        } else {
+            (
+                self.tokens(),
+                SeqContext {
+                    log_ratio: None,
+                    log_w: 0.0,
+                },
+            )
+        }
+    }
+
+    /// The inputs of lane `i`'s [`PolicyLossConfig::token_loss`].
+    #[inline(always)]
+    fn token_in(x: &Lanes, i: usize, ctx: SeqContext) -> TokenIn {
+        TokenIn {
+            log_ratio: ctx.log_ratio.unwrap_or(x.logp[i] - x.old[i]),
+            adv: x.adv[i],
+            d_ref: x.ref_logp[i] - x.logp[i],
+            logp: x.logp[i],
+            pg_weight: x.pg_weight[i],
+            seq_log_w: ctx.log_w,
+        }
     }
 
     /// Whether every input of lane `i` is finite, or the lane is inactive.
@@ -857,8 +1231,66 @@ impl SeqData<'_> {
             & x.old[i].is_finite()
             & x.ref_logp[i].is_finite()
             & x.adv[i].is_finite()
+            & x.pg_weight[i].is_finite()
             & x.grad[i].is_finite();
         all | !x.active[i]
+    }
+}
+
+/// A sequence's values of the loss: its mean log-ratio at the sequence
+/// level (GSPO), VESPO's `log w`.
+#[derive(Clone, Copy)]
+struct SeqContext {
+    log_ratio: Option<f32>,
+    log_w: f32,
+}
+
+/// Sequence-level clip statistics, as TRL's `masked_seq_mean`: each
+/// sequence's fraction of clipped tokens.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeqClipStats {
+    low_sum: f64,
+    high_sum: f64,
+    low_min: f64,
+    high_max: f64,
+}
+
+impl Default for SeqClipStats {
+    fn default() -> Self {
+        Self {
+            low_sum: 0.0,
+            high_sum: 0.0,
+            low_min: f64::INFINITY,
+            high_max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl SeqClipStats {
+    /// Adds a sequence of `tokens` masked-in tokens, `low` and `high` of them clipped.
+    pub(crate) fn add(&mut self, tokens: usize, low: f64, high: f64) {
+        if tokens == 0 {
+            return;
+        }
+        let (low, high) = (low / tokens as f64, high / tokens as f64);
+        self.low_sum += low;
+        self.high_sum += high;
+        self.low_min = self.low_min.min(low);
+        self.high_max = self.high_max.max(high);
+    }
+
+    /// `(low mean, high mean, low min, high max)` over `seqs` sequences
+    /// (empty ones count 0 in the means and are skipped by min and max;
+    /// all 0 when every sequence is empty).
+    pub(crate) fn finish(&self, seqs: usize) -> (f32, f32, f32, f32) {
+        let mean = |x: f64| (x / seqs.max(1) as f64) as f32;
+        let bound = |x: f64| if x.is_finite() { x as f32 } else { 0.0 };
+        (
+            mean(self.low_sum),
+            mean(self.high_sum),
+            bound(self.low_min),
+            bound(self.high_max),
+        )
     }
 }
 
@@ -986,13 +1418,7 @@ multiversion! {
 /// The body of [`seq_forward`].
 #[inline(always)]
 fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
-    let (tokens, seq_log_ratio) = match cfg.importance {
-        ImportanceLevel::Token => (seq.tokens(), None),
-        ImportanceLevel::Sequence => {
-            let (tokens, lr) = seq.mean_log_ratio();
-            (tokens, Some(lr))
-        }
-    };
+    let (tokens, ctx) = seq.context(cfg);
     let mut sums = SeqSums {
         tokens,
         finite: true,
@@ -1004,11 +1430,7 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
             let x = seq.load(at);
             let mut terms = [0.0f32; LANES];
             for (i, term) in terms.iter_mut().enumerate() {
-                let t = cfg.token_loss::<M>(
-                    SeqData::log_ratio(&x, i, seq_log_ratio),
-                    x.adv[i],
-                    x.ref_logp[i] - x.logp[i],
-                );
+                let t = cfg.token_loss::<M>(SeqData::token_in(&x, i, ctx));
                 let on = x.active[i];
                 let count = |flag: bool| (on & flag) as u32 as f32;
                 *term = if on { t.loss } else { 0.0 };
@@ -1036,20 +1458,20 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
 /// The body of [`seq_backward`].
 #[inline(always)]
 fn backward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
-    let seq_log_ratio = match cfg.importance {
-        ImportanceLevel::Token => None,
-        ImportanceLevel::Sequence => Some(seq.mean_log_ratio().1),
+    let ctx = if cfg.importance == ImportanceLevel::Sequence || cfg.objective.is_sequence_weighted() {
+        seq.context(cfg).1
+    } else {
+        SeqContext {
+            log_ratio: None,
+            log_w: 0.0,
+        }
     };
     let mut finite = [true; LANES];
     for at in (0..seq.len()).step_by(LANES) {
         let x = seq.load(at);
         let mut grads = [0.0f32; LANES];
         for i in 0..LANES {
-            let t = cfg.token_loss::<M>(
-                SeqData::log_ratio(&x, i, seq_log_ratio),
-                x.adv[i],
-                x.ref_logp[i] - x.logp[i],
-            );
+            let t = cfg.token_loss::<M>(SeqData::token_in(&x, i, ctx));
             grads[i] = if x.active[i] {
                 (scale + x.grad[i]) * t.grad
             } else {

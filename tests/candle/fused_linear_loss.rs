@@ -80,6 +80,7 @@ impl Case {
             advantages: &self.adv,
             mask: Some(&self.mask),
             cu_seqlens: self.cu.as_ref(),
+            pg_weights: None,
         }
     }
 }

@@ -53,6 +53,7 @@ fn policy_loss_equals_raw_op_and_composed_candle_math() {
         advantages: &adv_t,
         mask: Some(&mask_t),
         cu_seqlens: None,
+        pg_weights: None,
     };
     let ours = policy_loss(&logp_t, &inputs, &cfg).unwrap();
     assert_eq!(ours.loss.to_scalar::<f32>().unwrap(), raw.loss());
@@ -114,6 +115,7 @@ fn policy_loss_packed_per_token_advantages_gradient_matches_raw_backward() {
             advantages: &adv_t,
             mask: None,
             cu_seqlens: Some(&cu_t),
+            pg_weights: None,
         },
         &cfg,
     )
@@ -134,6 +136,7 @@ fn policy_loss_rejects_bad_shapes_and_dtypes() {
         advantages: &adv,
         mask: None,
         cu_seqlens: None,
+        pg_weights: None,
     };
     let cfg = PolicyLossConfig {
         beta: 0.0,
@@ -212,6 +215,7 @@ fn policy_loss_gradient_matches_finite_differences() {
         advantages: &adv_t,
         mask: Some(&mask_t),
         cu_seqlens: None,
+        pg_weights: None,
     };
     let out = policy_loss(&lv, &inputs, &cfg).unwrap();
     // The loss and a weighted sum of the per-token terms: both outputs' backward.

@@ -124,6 +124,7 @@ pub mod bad_input;
 pub mod composed;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod policy_loss_fixture;
 pub mod reference;
 
 /// Central finite differences of `f` at `x`, step `h`.

@@ -193,6 +193,7 @@ fn policy_cpu(c: &PolicyCase) -> Result<Vec<f32>> {
             batch: c.batch,
             seq_len: c.logp.len() / c.batch,
         },
+        pg_weights: None,
     };
     let out = policy_loss(&inputs, &c.cfg)?;
     match &c.backward {

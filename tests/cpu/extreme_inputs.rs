@@ -317,6 +317,7 @@ fn policy_cfg() -> impl Strategy<Value = PolicyLossConfig> {
                     beta,
                     kl: ESTIMATORS[kl],
                     aggregation,
+                    ..Default::default()
                 }
             },
         )
@@ -369,6 +370,7 @@ proptest! {
             advantages: Advantage::PerSequence(&b.adv[..]),
             mask: Some(&b.mask[..]),
             layout: SeqLayout::Padded { batch: b.s, seq_len: n / b.s },
+            pg_weights: None,
         };
         match policy_loss(&inputs, &cfg) {
             Ok(out) => prop_assert!(finite(&out.per_token) && finite(&out.summary), "{out:?}"),

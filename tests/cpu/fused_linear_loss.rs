@@ -88,6 +88,7 @@ impl Problem {
             },
             kl,
             aggregation,
+            ..Default::default()
         };
         let cfg = FusedLossConfig {
             logprob: LogProbConfig {

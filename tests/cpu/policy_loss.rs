@@ -74,6 +74,7 @@ impl Case {
             advantages,
             mask: self.mask.as_deref(),
             layout: self.lay.layout(),
+            pg_weights: None,
         }
     }
     fn active(&self, t: usize) -> bool {
@@ -741,7 +742,8 @@ fn bad_parameters_are_typed_errors() {
             ),
             (
                 PolicyLossConfig {
-                    log_ratio_clamp: x,
+                    // +inf turns the clamp off; NaN and -inf are refused.
+                    log_ratio_clamp: -x,
                     ..base
                 },
                 "log_ratio_clamp",
@@ -893,4 +895,41 @@ fn non_finite_inputs_at_masked_in_tokens_are_reported_first_by_position() {
             ..
         }
     ));
+}
+
+/// TRL 1.16's `GRPOTrainer._compute_loss` and verl's policy losses
+/// (tests/fixtures/policy_loss_reference.py): the loss, `d loss / d logp`
+/// and the logged statistics, for every loss type and option, each case
+/// also with NaN in the padding.
+#[test]
+fn matches_trl_and_verl_fixtures() {
+    for c in crate::common::policy_loss_fixture::all_cases() {
+        let advantages = if c.per_token_advantages {
+            Advantage::per_token(&c.advantages)
+        } else {
+            Advantage::per_sequence(&c.advantages)
+        };
+        let layout = SeqLayout::Padded {
+            batch: c.batch,
+            seq_len: c.seq_len,
+        };
+        let mut inputs = PolicyLossInputs::new(&c.logp, advantages, layout)
+            .with_old(&c.old_logp)
+            .with_mask(&c.mask);
+        if let Some(r) = &c.ref_logp {
+            inputs = inputs.with_ref(r);
+        }
+        if let Some(w) = &c.pg_weights {
+            inputs = inputs.with_pg_weights(w);
+        }
+        let out = policy_loss(&inputs, &c.cfg).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_close(&format!("{} loss", c.name), &[out.loss()], &[c.loss], 1e-6, 1e-5);
+        let stats = out.stats();
+        for (name, want) in &c.stats {
+            let got = crate::common::policy_loss_fixture::FixtureCase::stat(&stats, name);
+            assert_close(&format!("{} {name}", c.name), &[got], &[*want], 1e-6, 1e-5);
+        }
+        let dlogp = policy_loss_backward(&inputs, &c.cfg, 1.0, None).unwrap();
+        assert_close(&format!("{} dlogp", c.name), &dlogp, &c.dlogp, 1e-7, 1e-5);
+    }
 }
