@@ -805,6 +805,9 @@ pub struct PolicyLossStats {
     /// Largest fraction of a non-empty sequence's tokens counted by
     /// `clip_frac_high` (TRL's `clip_ratio/high_max`); 0 with no tokens.
     pub clip_frac_high_seq_max: f32,
+    /// `S`, the sequences the `SeqMean*` aggregations divide by: all, or
+    /// with `exclude_empty_seqs` those with a masked-in token (at least 1).
+    pub seqs: f32,
 }
 
 impl PolicyLossStats {
@@ -832,8 +835,10 @@ impl PolicyLossStats {
     pub const CLIP_FRAC_LOW_SEQ_MIN: usize = 10;
     /// Index of [`Self::clip_frac_high_seq_max`].
     pub const CLIP_FRAC_HIGH_SEQ_MAX: usize = 11;
+    /// Index of [`Self::seqs`].
+    pub const SEQS: usize = 12;
     /// Length of the summary buffer.
-    pub const SUMMARY_LEN: usize = 12;
+    pub const SUMMARY_LEN: usize = 13;
 
     /// The fields, in summary order.
     pub fn to_summary(&self) -> [f32; Self::SUMMARY_LEN] {
@@ -850,6 +855,7 @@ impl PolicyLossStats {
             self.clip_frac_high_seq,
             self.clip_frac_low_seq_min,
             self.clip_frac_high_seq_max,
+            self.seqs,
         ]
     }
 
@@ -868,6 +874,7 @@ impl PolicyLossStats {
             clip_frac_high_seq: s[Self::CLIP_FRAC_HIGH_SEQ],
             clip_frac_low_seq_min: s[Self::CLIP_FRAC_LOW_SEQ_MIN],
             clip_frac_high_seq_max: s[Self::CLIP_FRAC_HIGH_SEQ_MAX],
+            seqs: s[Self::SEQS],
         }
     }
 }
@@ -955,6 +962,7 @@ pub fn policy_loss_into(
         clip_frac_high_seq,
         clip_frac_low_seq_min,
         clip_frac_high_seq_max,
+        seqs: seqs as f32,
     };
     if !stats.loss.is_finite() {
         return Err(Error::NonFinite {

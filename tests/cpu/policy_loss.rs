@@ -495,7 +495,10 @@ fn no_masked_in_tokens_gives_zeros() {
             ..PolicyLossConfig::default()
         };
         let out = policy_loss(&inputs, &cfg).unwrap();
-        assert_eq!(out.summary, vec![0.0; PolicyLossStats::SUMMARY_LEN]);
+        // All zeros but S, the sequence count (2).
+        let mut want = vec![0.0; PolicyLossStats::SUMMARY_LEN];
+        want[PolicyLossStats::SEQS] = 2.0;
+        assert_eq!(out.summary, want);
         assert_eq!(out.per_token, vec![0.0; 3]);
         assert_eq!(
             policy_loss_backward(&inputs, &cfg, 1.0, None).unwrap(),

@@ -380,6 +380,7 @@ fn mean_stats(parts: &[PolicyLossStats]) -> PolicyLossStats {
             .iter()
             .map(|s| s.clip_frac_high_seq_max)
             .fold(f32::MIN, f32::max),
+        seqs: parts.iter().map(|s| s.seqs).sum(),
     }
 }
 
