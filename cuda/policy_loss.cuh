@@ -64,9 +64,10 @@ __device__ __forceinline__ TokenTerms token_loss(const TokenParams& p, const Tok
         }
         case OBJ_SAPO: {
             const float tau = adv > 0.f ? p.a : p.b;
-            const float s = 1.f / (1.f + expf(-tau * (r - 1.f)));
+            const float e = expf(-tau * (r - 1.f)), s = 1.f / (1.f + e);
+            const float one_minus_s = e < 1.f ? e * s : 1.f - s;  // no cancellation near s = 1
             pg = -s * (4.f / tau) * adv;
-            dpg = -adv * 4.f * s * (1.f - s) * dr;
+            dpg = -adv * 4.f * s * one_minus_s * dr;
             break;
         }
         case OBJ_VESPO: {

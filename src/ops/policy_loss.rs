@@ -516,9 +516,12 @@ impl PolicyLossConfig {
             }
             PolicyObjective::Sapo { tau_pos, tau_neg } => {
                 let tau = if adv > 0.0 { tau_pos } else { tau_neg };
-                // sigmoid(z) = 1 / (1 + e^-z); d/dr (sigmoid(tau (r - 1)) 4 / tau) = 4 s (1 - s).
-                let s = 1.0 / (1.0 + math::exp::<M>(-tau * (ratio - 1.0)));
-                (-s * (4.0 / tau) * adv, -adv * 4.0 * s * (1.0 - s) * dratio)
+                // s = sigmoid(z) = 1 / (1 + e^-z); 1 - s = e^-z s where s
+                // is near 1 (no cancellation); d/dr (s 4 / tau) = 4 s (1 - s).
+                let e = math::exp::<M>(-tau * (ratio - 1.0));
+                let s = 1.0 / (1.0 + e);
+                let one_minus_s = if e < 1.0 { e * s } else { 1.0 - s };
+                (-s * (4.0 / tau) * adv, -adv * 4.0 * s * one_minus_s * dratio)
             }
             PolicyObjective::Vespo {
                 k_pos,
