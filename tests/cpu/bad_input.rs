@@ -390,6 +390,7 @@ mod candle {
             advantages: &advantages,
             mask: mask.as_ref(),
             cu_seqlens: None,
+            pg_weights: None,
         };
         let out = ops::policy_loss(&logp, &inputs, &c.cfg)?;
         let Some((grad_loss, per_token)) = &c.backward else {

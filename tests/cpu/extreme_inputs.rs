@@ -523,6 +523,7 @@ mod candle {
             advantages: &adv,
             mask: Some(&mask),
             cu_seqlens: None,
+            pg_weights: None,
         };
         let out = ops::policy_loss(&logp, &inputs, cfg)?;
         let n = b.logp.len();
