@@ -54,7 +54,11 @@
 //! token of its sequence has its log-prob, and sequences can straddle row
 //! chunks. That would need a second pass over the logits (the four GEMMs the
 //! op exists to avoid), so [`ImportanceLevel::Sequence`] is refused with
-//! [`Error::Unsupported`]; use the two-call form for GSPO.
+//! [`Error::Unsupported`]; use the two-call form for GSPO. So are, for now,
+//! the policy loss's other objectives and options (a `delta`, CISPO, SAPO,
+//! VESPO, the bias-corrected KL, `exclude_empty_seqs`: the fused loss takes
+//! the default `Clip { delta: None }`), and the fused summary leaves the
+//! sequence-level statistics and `seqs` at 0.
 //!
 //! **Entropy** (with `logprob.entropy`) is returned per row for logging or
 //! masking, as TRL uses it; it is not differentiated (the loss has no

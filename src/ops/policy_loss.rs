@@ -1,17 +1,27 @@
-//! The clipped policy-gradient loss of GRPO (Shao et al., "DeepSeekMath",
-//! 2024) with its variants, an optional KL penalty, and the aggregations
-//! used by TRL, verl and DAPO.
+//! The policy-gradient losses of GRPO and its successors (PPO's clipped
+//! surrogate, TRL's two-sided "delta" clipping, CISPO, SAPO, VESPO, GSPO)
+//! with an optional KL penalty and the aggregations used by TRL, verl and
+//! DAPO; each setting of TRL 1.16's `GRPOTrainer` and of verl's policy
+//! losses (commit b178a3c) maps to one configuration (table below).
 //!
-//! For token `t` of sequence `s`, with mask `m_t`, advantage `A_t` and
-//! `C = log_ratio_clamp`:
+//! For token `t` of sequence `s`, with mask `m_t`, advantage `A_t`,
+//! policy-gradient weight `pw_t` (1 without `pg_weights`) and
+//! `C = log_ratio_clamp` (`+inf`: no clamp):
 //!
 //! ```text
 //! lr_t   = logp_t - old_t                      (old = detached logp when absent: ratio 1)
 //! Token:     r_t = exp(clamp(lr_t, -C, C))
 //! Sequence:  r_t = exp(clamp(mean_{t' in s, m = 1} lr_t', -C, C))    (GSPO-token)
-//! pg_t   = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
-//!          if dual clip c and A_t < 0:  pg_t = min(pg_t, -c A_t)
-//! l_t    = pg_t + beta kl_t,       kl_t = KlEstimator::value(ref_t - logp_t)
+//! pg_t   = PolicyObjective:
+//!   Clip { delta }:  -min(min(r_t, delta) A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+//!                    if dual clip c and A_t < 0:  pg_t = min(pg_t, -c A_t)
+//!   Cispo { min_ratio, max_ratio }:  -sg(clamp(r_t, min_ratio, max_ratio)) A_t logp_t
+//!   Sapo { tau_pos, tau_neg }:       -sigmoid(tau (r_t - 1)) 4 / tau A_t,  tau = tau_pos iff A_t > 0
+//!   Vespo { k, lambda by A_t >= 0 }: -sg(phi_s) A_t logp_t,
+//!        log w_s = clamp(sum_{t' in s, m = 1} clamp(lr_t', -20, 20), ln 1e-8, 20),
+//!        phi_s   = exp(lambda + k log w_s - lambda w_s)   (0 if not finite; lambda >= 1e-4)
+//! kl_t   = KlEstimator::value(ref_t - logp_t), times r_t with kl_bias_correction
+//! l_t    = pw_t pg_t + beta kl_t
 //! loss   = sum_t m_t w_t l_t
 //! ```
 //!
@@ -19,34 +29,89 @@
 //! sequence level the ratio's value is the sequence's, but its gradient flows
 //! only through the token's own log-prob, `r_t = sg(r_s) exp(logp_t -
 //! sg(logp_t))` (verl's `gspo` loss, "GSPO-token" in Zheng et al., "Group
-//! Sequence Policy Optimization", 2025). `pg_t` has gradient `-A_t r_t` where
-//! the unclipped term is the one taken, and 0 where the ratio is clipped
-//! (`r < 1 - eps_low` with `A < 0`, or `r > 1 + eps_high` with `A > 0`, strict
-//! as in torch), the dual clip binds, or the log-ratio is clamped (strictly
-//! beyond `C`). The backward returns
-//! `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`.
+//! Sequence Policy Optimization", 2025), and it is 0 where the log-ratio is
+//! clamped (strictly beyond `C`). `Clip`'s `pg_t` takes the gradient of the
+//! larger term, each term's clamp passing it inside its bounds (inclusive,
+//! as `torch.clamp`; a tie splits it, as `torch.min`): `-A_t r_t` where the
+//! unclipped term is taken with `r <= delta`, 0 where the ratio is clipped
+//! (`r < 1 - eps_low` with `A < 0`, or `r > 1 + eps_high` with `A > 0`), beyond
+//! `delta`, or where the dual clip binds. CISPO's and VESPO's gradient is
+//! their detached weight, `-w A_t`; SAPO's `-A_t 4 s (1 - s) r_t` with `s`
+//! the sigmoid. With the bias correction the KL term's derivative is
+//! `r_t (dkl_t + kl_t)` (TRL does not detach the ratio). `pw_t` is detached.
+//! The backward returns `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`.
 //!
 //! **Aggregation** (`S` sequences, `L_s` masked-in tokens of sequence `s`,
 //! `M` in all):
 //!
 //! | [`Aggregation`] | `w_t` | used by |
 //! |---|---|---|
-//! | `TokenMean { normalizer }` | `1 / normalizer`, default `max(1, M)` | DAPO, TRL "bnpo"/"dapo", verl "token-mean" |
-//! | `SeqMeanTokenMean` | `1 / (S max(1, L_s))` | GRPO paper, TRL "grpo" |
-//! | `SeqMeanTokenSum` | `1 / S` | verl "seq-mean-token-sum" |
-//! | `SeqMeanTokenSumNorm { constant }` | `1 / (S constant)` | Dr. GRPO, TRL "dr_grpo" (constant = max completion length) |
+//! | `TokenMean { normalizer }` | `1 / normalizer`, default `max(1, M)` | DAPO, TRL "bnpo"/"dapo"/"cispo"/"vespo", verl "token-mean"; with `normalizer = loss_scale_factor`: verl "seq-mean-token-sum-norm" |
+//! | `SeqMeanTokenMean` | `1 / (S max(1, L_s))` | GRPO paper, TRL "grpo"/"sapo", verl "seq-mean-token-mean" |
+//! | `SeqMeanTokenSum` | `1 / S` | verl "seq-mean-token-sum", TRL "luspo" |
+//! | `SeqMeanTokenSumNorm { constant }` | `1 / (S constant)` | Dr. GRPO, TRL "dr_grpo" (constant = max completion length); *not* verl's "seq-mean-token-sum-norm", which divides by its constant only |
 //!
 //! `S` counts every sequence of the layout, empty or fully masked ones too
-//! (as TRL's `.mean()` over the batch does). A multi-GPU trainer passes the
-//! global token count as `normalizer`.
+//! (as TRL's `.mean()` over the batch does), or with
+//! [`PolicyLossConfig::exclude_empty_seqs`] only those with a masked-in token
+//! (verl's `agg_loss`; at least 1). A multi-GPU trainer passes the global
+//! token count as `normalizer`.
 //!
 //! **Statistics** (means over masked-in tokens, 0 when there are none):
-//! clip fractions as TRL logs them, the dual-clip fraction as verl's
-//! `pg_clipfrac_lower`, mean and max ratio, mean KL (reported whenever
-//! `ref_logp` is given, also with `beta = 0`). They are returned with the
-//! loss in one small buffer, [`PolicyLoss::summary`], in a fixed order
-//! ([`PolicyLossStats::LOSS`] and the other index constants), so a CUDA
-//! kernel can write them all to one device buffer.
+//! clip fractions as TRL logs them (`clip_ratio/low_mean`, `high_mean`; for
+//! CISPO its `cispo_clip_ratio` is `clip_frac_high`, the ratio above
+//! `max_ratio` with `A > 0`; SAPO and VESPO clip nothing), the dual-clip
+//! fraction as verl's `pg_clipfrac_lower`, mean and max ratio, mean KL
+//! (reported whenever `ref_logp` is given, also with `beta = 0`; the
+//! bias-corrected value with the correction); then the sequence-level clip
+//! fractions of TRL's `masked_seq_mean` (mean over all `S` sequences of each
+//! one's fraction: TRL's `clip_ratio/*_mean` at the sequence level; the
+//! smallest low and largest high fraction over non-empty sequences: TRL's
+//! `clip_ratio/low_min` and `high_max`) and the divisor `S`. They are
+//! returned with the loss in one small buffer, [`PolicyLoss::summary`], in a
+//! fixed order ([`PolicyLossStats::LOSS`] and the other index constants), so
+//! a CUDA kernel can write them all to one device buffer.
+//!
+//! **Reproducing TRL 1.16 and verl** (proven by the fixtures of
+//! `tests/fixtures/policy_loss_reference.py`, which call TRL's own
+//! `GRPOTrainer._compute_loss` and verl's functions copied verbatim):
+//!
+//! | Reference setting | Configuration |
+//! |---|---|
+//! | TRL `loss_type="grpo"` | `Clip { delta: None }`, `SeqMeanTokenMean`, `log_ratio_clamp: f32::INFINITY` |
+//! | TRL `"bnpo"` | as "grpo" with `TokenMean { normalizer: None }` |
+//! | TRL `"dr_grpo"` | as "grpo" with `SeqMeanTokenSumNorm { constant: max_completion_length }` |
+//! | TRL `"dapo"` | as "grpo" with `TokenMean`, `normalizer` = `num_items_in_batch / num_processes` (`None` on one process) |
+//! | TRL `"luspo"` | as "grpo" with `SeqMeanTokenSum` (with `importance_sampling_level="sequence"`: `ImportanceLevel::Sequence`) |
+//! | TRL `"cispo"` | `Cispo { min_ratio: 0.0, max_ratio: epsilon_high }`, `TokenMean` as "dapo" |
+//! | TRL `"sapo"` | `Sapo { tau_pos: sapo_temperature_pos, tau_neg: sapo_temperature_neg }`, `SeqMeanTokenMean` |
+//! | TRL `"vespo"` | `Vespo { k_pos, lambda_pos, k_neg, lambda_neg }` (`vespo_*`), `TokenMean` as "dapo" |
+//! | TRL `epsilon` / `epsilon_high` | `eps_low` / `eps_high` |
+//! | TRL `delta` | `Clip { delta: Some(delta) }` |
+//! | TRL `importance_sampling_level="sequence"` | `ImportanceLevel::Sequence` |
+//! | TRL `beta` (k3) | `beta`, `KlEstimator::K3`, `ref_logp` |
+//! | TRL `use_bias_correction_kl` | `kl_bias_correction: true` |
+//! | TRL off-policy mask, `top_entropy_quantile` mask, vLLM `importance_sampling_ratio` | their product as `PolicyLossInputs::pg_weights` |
+//! | verl `policy_loss="vanilla"` (`clip_ratio_low/high/c`) | `Clip { delta: None }`, `eps_low/high`, `dual_clip: Some(clip_ratio_c)`, clamp 20 |
+//! | verl `"gspo"` | `Clip`, `ImportanceLevel::Sequence`, `log_ratio_clamp: 10.0`, `SeqMeanTokenMean`, `exclude_empty_seqs` |
+//! | verl `"sapo"` (`tau_pos/neg`) | `Sapo`, clamp 20, `SeqMeanTokenMean`, `exclude_empty_seqs` |
+//! | verl `"cispo"` | `Cispo { min_ratio: 1 - clip_ratio_low, max_ratio: 1 + clip_ratio_high }`, clamp 20 |
+//! | verl `rollout_is_weights` | `pg_weights` |
+//! | verl `use_kl_loss`, `kl_loss_type`, `kl_loss_coef` | `ref_logp`, `kl` (`"low_var_kl"`: `LowVarK3`), `beta` |
+//! | verl `loss_agg_mode` "token-mean" / "seq-mean-token-mean" / "seq-mean-token-sum" | `TokenMean` / `SeqMeanTokenMean` / `SeqMeanTokenSum`, `exclude_empty_seqs: true` |
+//! | verl "seq-mean-token-sum-norm" | `TokenMean { normalizer: Some(loss_scale_factor) }` (default: the padded length `T`) |
+//!
+//! Deliberate differences: the default clamp 20 (verl's; TRL clamps
+//! nothing: set `f32::INFINITY`); verl's `gspo` clamps the log-ratio above
+//! only (at 10; this crate on both sides); at the sequence level the SAPO
+//! ratio's and the bias correction's gradient is GSPO-token's (each token's
+//! own log-prob), which equals TRL's for per-sequence advantages and
+//! uniform weights within a sequence but not with per-token advantages or
+//! `pg_weights`; `clip_frac_low_seq_min` skips empty sequences, which TRL
+//! counts (as 0) at the sequence level; VESPO's `importance_sampling_ratio`
+//! input to the gamma weights (TRL, with vLLM) is not taken; VESPO is
+//! token-level only. verl's CISPO `pg_clipfrac` (any ratio outside the
+//! bounds) is not reported.
 //!
 //! **Masking and non-finite values** (the crate's [rule](crate::error)).
 //! Masked-out tokens are never read: NaN there is fine, and their loss and
@@ -66,8 +131,16 @@
 //! is a ratio; `eps_low = 1` turns lower clipping off), `eps_high >= 0`, the
 //! dual clip `c > 1` (verl's `clip_ratio_c`, typically 3),
 //! `log_ratio_clamp` in `(0, 88]` (so that the ratio `e^C` fits f32, whose
-//! largest `e^x` is at `x = 88.72`), `beta >= 0`, and `ref_logp` is required
-//! when `beta != 0`.
+//! largest `e^x` is at `x = 88.72`) or `+inf` (no clamp: a ratio beyond f32
+//! is then a `NonFinite` loss; `+inf` rather than an `Option` because an
+//! infinite clamp *is* no clamp, on the GPU too, and the field keeps its
+//! type), `beta >= 0`, and `ref_logp` is required when `beta != 0`; the
+//! dual clip is `Clip`'s only; `delta > 0`; CISPO's `0 <= min_ratio <=
+//! max_ratio`; SAPO's temperatures `> 0`; VESPO's `k` finite and `lambda >=
+//! 0`, at the token level only ([`Error::Unsupported`] with
+//! `ImportanceLevel::Sequence`). `pg_weights` must be `>= 0` at masked-in
+//! tokens ([`Error::InvalidParameter`] on the host; the CUDA kernels report
+//! a negative or non-finite one as non-finite data at its token).
 //!
 //! The CPU kernel runs one rayon task per run of sequences, each in
 //! 2048-token blocks of 16-lane f32 accumulators, reduced to f64 per
@@ -123,7 +196,8 @@ pub enum ImportanceLevel {
     Sequence,
 }
 
-/// How per-token losses sum to the loss; see the [module docs](self).
+/// How per-token losses sum to the loss; see the [module docs](self) for
+/// which TRL `loss_type` and verl `loss_agg_mode` each reproduces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Aggregation {
     /// `sum l / normalizer`, default `max(1, M)`.
@@ -135,7 +209,10 @@ pub enum Aggregation {
     SeqMeanTokenMean,
     /// Mean over sequences of each sequence's token sum.
     SeqMeanTokenSum,
-    /// Mean over sequences of each sequence's token sum divided by `constant`.
+    /// Mean over sequences of each sequence's token sum divided by
+    /// `constant`: Dr. GRPO, TRL's `dr_grpo` (`sum / (S constant)`). verl's
+    /// `seq-mean-token-sum-norm` (`sum / loss_scale_factor`, no `S`) is
+    /// `TokenMean { normalizer: Some(loss_scale_factor) }` instead.
     SeqMeanTokenSumNorm {
         /// Divisor of every sequence's sum, `> 0` (the max completion length).
         constant: f32,
