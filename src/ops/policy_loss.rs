@@ -1448,6 +1448,26 @@ impl LaneSums {
     }
 }
 
+/// `$call` with `$cfg` rebound, where the objective is `Clip` (the
+/// default), to a copy whose objective is the `Clip` variant by
+/// construction: its `match` then folds away inside the loops, which
+/// vectorize as before the other objectives existed (those take the
+/// general path). A macro for the reason of `with_fixed_kl!`.
+macro_rules! with_fixed_objective {
+    ($cfg:ident, $call:expr) => {
+        match $cfg.objective {
+            PolicyObjective::Clip { delta } => {
+                let $cfg = &PolicyLossConfig {
+                    objective: PolicyObjective::Clip { delta },
+                    ..*$cfg
+                };
+                $call
+            }
+            _ => $call,
+        }
+    };
+}
+
 /// `$call` with `$cfg` rebound to a copy whose KL estimator is a constant
 /// to the optimizer: the estimator's `match` folds away inside the loops,
 /// which then vectorize (one copy per estimator). A macro, not a closure:
@@ -1461,28 +1481,28 @@ macro_rules! with_fixed_kl {
                     kl: KlEstimator::K1,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             KlEstimator::K2 => {
                 let $cfg = &PolicyLossConfig {
                     kl: KlEstimator::K2,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             KlEstimator::K3 => {
                 let $cfg = &PolicyLossConfig {
                     kl: KlEstimator::K3,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             KlEstimator::LowVarK3 => {
                 let $cfg = &PolicyLossConfig {
                     kl: KlEstimator::LowVarK3,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
         }
     };
