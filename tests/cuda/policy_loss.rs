@@ -400,3 +400,63 @@ fn policy_loss_reports_bad_offsets_and_non_finite_tokens() {
     );
     gpu.check().expect("check clears the status");
 }
+
+/// The TRL 1.16 / verl fixtures on the GPU: loss, statistics and
+/// `d loss / d logp` against the references' values.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn policy_loss_matches_trl_and_verl_fixtures() {
+    use crate::common::policy_loss_fixture::{all_cases, FixtureCase};
+    let gpu = gpu();
+    for c in all_cases() {
+        let (logp, old, adv, mask) = (
+            up(&gpu, &c.logp),
+            up(&gpu, &c.old_logp),
+            up(&gpu, &c.advantages),
+            up(&gpu, &c.mask),
+        );
+        let reference = c.ref_logp.as_ref().map(|r| up(&gpu, r));
+        let weights = c.pg_weights.as_ref().map(|w| up(&gpu, w));
+        let inputs = PolicyLossInputs::<Device> {
+            logp: logp.as_view(),
+            old_logp: Some(old.as_view()),
+            ref_logp: reference.as_ref().map(|r| r.as_view()),
+            advantages: if c.per_token_advantages {
+                Advantage::PerToken(adv.as_view())
+            } else {
+                Advantage::PerSequence(adv.as_view())
+            },
+            mask: Some(mask.as_view()),
+            pg_weights: weights.as_ref().map(|w| w.as_view()),
+            layout: SeqLayout::Padded {
+                batch: c.batch,
+                seq_len: c.seq_len,
+            },
+        };
+        let out = cuda::policy_loss(&gpu, &inputs, &c.cfg).unwrap();
+        let g_loss = up(&gpu, &[1.0f32]);
+        let dlogp = cuda::policy_loss_backward(
+            &gpu,
+            &inputs,
+            &c.cfg,
+            &out.summary.as_view(),
+            &g_loss.as_view(),
+            None,
+        )
+        .unwrap();
+        gpu.check().unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let stats = PolicyLossStats::from_summary(&down(&gpu, &out.summary));
+        assert_close(&format!("{} loss", c.name), &[stats.loss], &[c.loss], 1e-6, 2e-5);
+        for (name, want) in &c.stats {
+            let got = FixtureCase::stat(&stats, name);
+            assert_close(&format!("{} {name}", c.name), &[got], &[*want], 1e-6, 2e-5);
+        }
+        assert_close(
+            &format!("{} dlogp", c.name),
+            &down(&gpu, &dlogp),
+            &c.dlogp,
+            1e-7,
+            2e-5,
+        );
+    }
+}
