@@ -746,21 +746,7 @@ impl<'a> PolicyLossInputs<'a, Host> {
     fn validate_host(&self, op: &'static str, cfg: &PolicyLossConfig) -> Result<Vec<Range<usize>>> {
         let (n, _) = self.validate(op, cfg)?;
         self.layout.validate(op, n)?;
-        let ranges: Vec<Range<usize>> = self.layout.ranges().collect();
-        if let Some(w) = self.pg_weights {
-            // Weights are parameters of the loss: a negative one is refused
-            // up front (a non-finite one is `NonFinite`, found by the kernels).
-            let active = |t: &usize| self.mask.is_none_or(|m| m[*t] != 0);
-            if let Some(t) = (0..n).filter(active).find(|&t| w[t] < 0.0) {
-                return Err(Error::InvalidParameter {
-                    op,
-                    name: "pg_weights",
-                    value: w[t] as f64,
-                    expected: "finite and >= 0 at masked-in tokens",
-                });
-            }
-        }
-        Ok(ranges)
+        Ok(self.layout.ranges().collect())
     }
 
     /// Sequence `s`'s inputs, with absent ones resolved: `old = logp` gives
@@ -781,7 +767,8 @@ impl<'a> PolicyLossInputs<'a, Host> {
         }
     }
 
-    /// Errors on the first non-finite value read at a masked-in token, else
+    /// Errors on the first non-finite value (or negative `pg_weights`) read
+    /// at a masked-in token, else
     /// on the first non-finite value of `results` (`(what, values)`, `[N]`
     /// each) at one (run only once a kernel has seen one: the kernels check
     /// as they go).
@@ -806,6 +793,15 @@ impl<'a> PolicyLossInputs<'a, Host> {
                     Some(("ref_logp", t))
                 } else if self.pg_weights.is_some_and(|w| bad(w[t])) {
                     Some(("pg_weights", t))
+                } else if let Some(w) = self.pg_weights.filter(|w| w[t] < 0.0) {
+                    // A weight is a parameter of the loss: a negative one is
+                    // refused as such (the kernels flag it with the non-finite).
+                    return Err(Error::InvalidParameter {
+                        op,
+                        name: "pg_weights",
+                        value: w[t] as f64,
+                        expected: "finite and >= 0 at masked-in tokens",
+                    });
                 } else if grad_per_token.is_some_and(|g| bad(g[t])) {
                     Some(("grad_per_token", t))
                 } else {
@@ -962,9 +958,10 @@ impl PolicyLossStats {
 /// The loss, its per-token terms and statistics.
 ///
 /// Errors: empty `logp`; an invalid layout; a length that disagrees with `N`
-/// (`old_logp`, `ref_logp`, `mask`, per-token advantages) or `S`
-/// (per-sequence advantages); a parameter out of range (see the module
-/// docs); a non-finite input at a masked-in token.
+/// (`old_logp`, `ref_logp`, `mask`, `pg_weights`, per-token advantages) or
+/// `S` (per-sequence advantages); a parameter out of range (see the module
+/// docs); a non-finite input at a masked-in token, or a negative
+/// `pg_weights` there (`InvalidParameter`, the first by position).
 pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Result<PolicyLoss> {
     let mut per_token = vec![0.0f32; inputs.logp.len()];
     let mut summary = vec![0.0f32; PolicyLossStats::SUMMARY_LEN];
@@ -1320,6 +1317,7 @@ impl SeqData<'_> {
             & x.ref_logp[i].is_finite()
             & x.adv[i].is_finite()
             & x.pg_weight[i].is_finite()
+            & (x.pg_weight[i] >= 0.0)
             & x.grad[i].is_finite();
         all | !x.active[i]
     }
