@@ -115,7 +115,7 @@ __device__ void rows_loss(const RowParams p, const float* target_logits, const I
     const TokenTerms k = token_loss(tp, {lr, adv, ref - lp, lp, 1.f, 0.f}, has_ref);
     const float w = token_weight(p, s), g = w * k.dloss_dlogp;
     // |dz_j| <= 2 |g| / T must fit f32 (the tile's type) and T (dz's).
-    bad = bad || !isfinite(k.loss) || !isfinite(k.kl) || !isfinite(g) ||
+    bad = bad || !isfinite(k.loss) || !isfinite(k.kl) || !isfinite(k.ratio) || !isfinite(g) ||
           2.0 * fabs((double)g) * (double)p.inv_t * (1.0 + 1e-5) > 3.4028234663852886e38;
     if (bad && spec.in_range && isfinite(lp)) raise(status, OP_FUSED_LINEAR_LOSS, NON_FINITE, row);
     per_token[row] = bad ? NAN : k.loss;

@@ -135,7 +135,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
         bool bad;
         const TokenTerms k = token_terms(p, t, advantage(p, s, t), seq, &bad);
-        bad = bad || !isfinite(k.loss) || !isfinite(k.kl);  // finite inputs can overflow f32
+        bad = bad || !isfinite(k.loss) || !isfinite(k.kl) || !isfinite(k.ratio);  // finite inputs can overflow f32
         if (bad) raise(status, OP_POLICY_LOSS, NON_FINITE, t);
         per_token[t] = bad ? NAN : k.loss;
         acc = CombinePartial{}(acc, {bad ? NAN : k.loss, 1.f, (float)k.clip_low, (float)k.clip_high, (float)k.dual,

@@ -551,7 +551,7 @@ fn run<T: Float, I: TokenId>(
             }
             let (old, reference, adv) = per_row.at(i);
             let t = token_loss(&cfg.loss, old.map(|o| logp - o), adv, reference.map(|r| r - logp));
-            for (what, v) in [("kl", t.kl), ("per_token", t.loss)] {
+            for (what, v) in [("kl", t.kl), ("ratio", t.ratio), ("per_token", t.loss)] {
                 if !v.is_finite() {
                     return Err(Error::NonFinite {
                         op: OP,

@@ -767,6 +767,39 @@ impl<'a> PolicyLossInputs<'a, Host> {
         }
     }
 
+    /// Every token's importance ratio `r_t` (for the error path).
+    fn ratios(&self, cfg: &PolicyLossConfig, ranges: &[Range<usize>]) -> Vec<f32> {
+        let mut out = vec![0.0; self.logp.len()];
+        for range in ranges {
+            let old = |t: usize| self.old_logp.map_or(self.logp[t], |o| o[t]);
+            let active: Vec<usize> = range
+                .clone()
+                .filter(|&t| self.mask.is_none_or(|m| m[t] != 0))
+                .collect();
+            let mean = active
+                .iter()
+                .map(|&t| (self.logp[t] - old(t)) as f64)
+                .sum::<f64>()
+                / active.len().max(1) as f64;
+            for &t in &active {
+                let log_ratio = match cfg.importance {
+                    ImportanceLevel::Token => self.logp[t] - old(t),
+                    ImportanceLevel::Sequence => mean as f32,
+                };
+                let x = TokenIn {
+                    log_ratio,
+                    adv: 0.0,
+                    d_ref: 0.0,
+                    logp: 0.0,
+                    pg_weight: 1.0,
+                    seq_log_w: 0.0,
+                };
+                out[t] = cfg.token_loss::<math::Baseline>(x).ratio;
+            }
+        }
+        out
+    }
+
     /// Errors on the first non-finite value (or negative `pg_weights`) read
     /// at a masked-in token, else
     /// on the first non-finite value of `results` (`(what, values)`, `[N]`
@@ -997,14 +1030,21 @@ pub fn policy_loss_into(
         .map(|(s, (range, out))| seq_forward(cfg, &inputs.seq(s, range.clone(), None), out))
         .collect();
     if sums.iter().any(|s| !s.finite) {
-        // Only on the error path: the KL estimates, to name an overflowing one.
+        // Only on the error path: the KL estimates and ratios (a ratio
+        // beyond f32 without a clamp), to name an overflowing one.
         let kl: Vec<f32> = inputs.ref_logp.map_or_else(Vec::new, |r| {
             r.iter()
                 .zip(inputs.logp)
                 .map(|(&r, &l)| cfg.kl.value_with::<math::Baseline>(r - l))
                 .collect()
         });
-        inputs.check_finite(OP, &ranges, None, &[("kl", &kl), ("per_token", per_token)])?;
+        let ratio = inputs.ratios(cfg, &ranges);
+        inputs.check_finite(
+            OP,
+            &ranges,
+            None,
+            &[("kl", &kl), ("ratio", &ratio), ("per_token", per_token)],
+        )?;
     }
 
     let tokens: usize = sums.iter().map(|s| s.tokens).sum();
@@ -1551,7 +1591,7 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
                     acc.ratio_max[i]
                 };
                 acc.kl[i] += if on { t.kl } else { 0.0 };
-                let results_finite = t.loss.is_finite() & t.kl.is_finite();
+                let results_finite = t.loss.is_finite() & t.kl.is_finite() & t.ratio.is_finite();
                 acc.finite[i] &= SeqData::lane_finite(&x, i) & (results_finite | !on);
             }
             SeqData::store(out, at, &terms);
