@@ -117,13 +117,14 @@
 //! Masked-out tokens are never read: NaN there is fine, and their loss and
 //! gradient are 0. So is the advantage of a sequence with no masked-in
 //! token. A NaN or infinity in `logp`, `old_logp`, `ref_logp`, the
-//! advantages (or the backward's `grad_per_token`) at a masked-in token is
+//! advantages, `pg_weights` (or the backward's `grad_per_token`) at a masked-in token is
 //! an [`Error::NonFinite`] naming the first such token (or sequence, for
 //! per-sequence advantages); so is a non-finite `grad_loss` (`index: 0`).
 //! Finite inputs of extreme magnitude can still overflow f32 (`r A` with
 //! `r` up to `e^C` and a huge advantage, a `k2` of a huge `d`, a sum of
-//! large token losses): the first token whose loss or KL estimate is not
-//! finite is `NonFinite` with `what: "per_token"` or `"kl"`, a loss that
+//! large token losses, a ratio beyond f32 without a clamp): the first
+//! token whose KL estimate, ratio or loss is not finite is `NonFinite` with
+//! `what: "kl"`, `"ratio"` or `"per_token"` (in that order), a loss that
 //! overflows in the aggregation is `what: "loss"` (`index: 0`), and the
 //! backward's first non-finite gradient is `what: "dlogp"`.
 //!
