@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use grpo_kernels::{
-    AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, KlEstimator, LogProbConfig,
+    AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, ImportanceLevel, KlEstimator, LogProbConfig,
     PolicyLossConfig, PolicyObjective, SamplingConfig,
 };
 
@@ -646,6 +646,26 @@ pub fn policy_cases() -> Vec<PolicyCase> {
             },
             None,
             bad_param(FWD, "dual_clip", 3.0, "None unless the objective is Clip"),
+        ),
+        case(
+            "VESPO with sequence-level importance ratios",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Vespo {
+                    k_pos: 2.0,
+                    lambda_pos: 3.0,
+                    k_neg: 3.0,
+                    lambda_neg: 2.0,
+                },
+                importance: ImportanceLevel::Sequence,
+                ..cfg
+            },
+            None,
+            Some(Error::Unsupported {
+                op: FWD,
+                reason: "VESPO weighs sequences itself: use ImportanceLevel::Token".into(),
+            }),
         ),
         PolicyCase {
             old_logp: Some(vec![-11.0, -2.0]),
