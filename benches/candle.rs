@@ -68,6 +68,7 @@ impl Batch {
             advantages: &self.adv,
             mask: Some(&self.mask),
             cu_seqlens: None,
+            pg_weights: None,
         };
         let out = policy_loss(&lp.logp, &inputs, cfg).unwrap();
         out.loss.backward().unwrap().remove(&self.logits).unwrap()

@@ -209,6 +209,7 @@ fn bench_cuda(c: &mut Criterion) {
             batch: SEQS,
             seq_len: SEQ_LEN,
         },
+        pg_weights: None,
     };
     let mut g = c.benchmark_group("cuda_policy_loss");
     g.sample_size(30).throughput(Throughput::Elements(n as u64));
@@ -273,6 +274,7 @@ fn bench_cuda(c: &mut Criterion) {
                             batch: seqs,
                             seq_len: len,
                         },
+                        pg_weights: None,
                     };
                     let out = cuda::policy_loss(&gpu, &step, &loss_cfg).unwrap();
                     let dlogp = cuda::policy_loss_backward(

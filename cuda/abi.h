@@ -95,8 +95,11 @@ static_assert(sizeof(GroupStats) == 40, "GroupStats: five 8-byte words per group
 // Loss aggregation (`Aggregation` in src/ops/policy_loss.rs).
 enum Aggregation : int { TOKEN_MEAN = 0, SEQ_MEAN_TOKEN_MEAN = 1, SEQ_MEAN_TOKEN_SUM = 2, SEQ_MEAN_TOKEN_SUM_NORM = 3 };
 
+// The policy-gradient term (`PolicyObjective` in src/ops/policy_loss.rs).
+enum Objective : int { OBJ_CLIP = 0, OBJ_CISPO = 1, OBJ_SAPO = 2, OBJ_VESPO = 3 };
+
 // Indices of the forward's summary (`PolicyLossStats`' index constants).
-enum Summary : int { LOSS = 0, CLIP_LOW = 1, CLIP_HIGH = 2, DUAL_CLIP = 3, RATIO_MEAN = 4, RATIO_MAX = 5, KL_MEAN = 6, TOKENS = 7, SUMMARY_LEN = 8 };
+enum Summary : int { LOSS = 0, CLIP_LOW = 1, CLIP_HIGH = 2, DUAL_CLIP = 3, RATIO_MEAN = 4, RATIO_MAX = 5, KL_MEAN = 6, TOKENS = 7, CLIP_LOW_SEQ = 8, CLIP_HIGH_SEQ = 9, CLIP_LOW_SEQ_MIN = 10, CLIP_HIGH_SEQ_MAX = 11, SEQS = 12, SUMMARY_LEN = 13 };
 
 // Everything the policy loss kernels read but their outputs, passed by
 // value. Null inputs are absent (`old_logp`: ratio 1; `ref_logp`: no KL;
@@ -110,6 +113,8 @@ struct PolicyLossParams {
     const uint8_t* mask;
     // Null: padded, sequence s = [s * seq_len, (s + 1) * seq_len).
     const uint32_t* cu_seqlens;
+    // Null: every policy-gradient weight is 1.
+    const float* pg_weights;
     int64_t seqs;
     int64_t tokens;
     int64_t seq_len;
@@ -117,21 +122,35 @@ struct PolicyLossParams {
     float eps_high;
     // 0: no dual clip.
     float dual_clip;
+    // +inf: no clamp.
     float log_ratio_clamp;
     float beta;
     // TokenMean's normalizer (0: the masked-in token count), or
     // SeqMeanTokenSumNorm's constant.
     float agg_constant;
+    // Clip's delta (0: off).
+    float delta;
+    // The objective's parameters: CISPO (min_ratio, max_ratio), SAPO
+    // (tau_pos, tau_neg), VESPO (k_pos, lambda_pos, k_neg, lambda_neg).
+    float obj_a;
+    float obj_b;
+    float obj_c;
+    float obj_d;
     // Sequence-level importance sampling (GSPO) when nonzero.
     int seq_level;
+    // TRL's use_bias_correction_kl when nonzero.
+    int kl_bias_correction;
+    // verl's SeqMean divisor (non-empty sequences only) when nonzero.
+    int exclude_empty_seqs;
     KlKind kl_kind;
     Aggregation aggregation;
+    Objective objective;
 };
-static_assert(sizeof(PolicyLossParams) == 120, "PolicyLossParams: 120 bytes");
-static_assert(offsetof(PolicyLossParams, seqs) == 56, "PolicyLossParams: scalars after 7 pointers");
-static_assert(offsetof(PolicyLossParams, eps_low) == 80, "PolicyLossParams: floats after 3 i64");
-static_assert(offsetof(PolicyLossParams, seq_level) == 104, "PolicyLossParams: ints after 6 floats");
-static_assert(offsetof(PolicyLossParams, aggregation) == 112, "PolicyLossParams: aggregation last");
+static_assert(sizeof(PolicyLossParams) == 160, "PolicyLossParams: 160 bytes");
+static_assert(offsetof(PolicyLossParams, seqs) == 64, "PolicyLossParams: scalars after 8 pointers");
+static_assert(offsetof(PolicyLossParams, eps_low) == 88, "PolicyLossParams: floats after 3 i64");
+static_assert(offsetof(PolicyLossParams, seq_level) == 132, "PolicyLossParams: ints after 11 floats");
+static_assert(offsetof(PolicyLossParams, objective) == 152, "PolicyLossParams: objective last");
 
 // A sequence's sums in the policy loss forward, folded by the last block,
 // and a row's in the fused LM-head loss (`fll_rows`' per-row statistics,

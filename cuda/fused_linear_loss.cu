@@ -112,10 +112,10 @@ __device__ void rows_loss(const RowParams p, const float* target_logits, const I
     const float ref = has_ref ? p.ref_logp[row] : 0.f;
     bool bad = !isfinite(lp) || !isfinite(lr) || !isfinite(adv) || (has_ref && !isfinite(ref));
     const TokenParams tp = {p.eps_low, p.eps_high, p.dual_clip, p.log_ratio_clamp, p.beta, p.kl_kind};
-    const TokenTerms k = token_loss(tp, lr, adv, has_ref, ref - lp);
+    const TokenTerms k = token_loss(tp, {lr, adv, ref - lp, lp, 1.f, 0.f}, has_ref);
     const float w = token_weight(p, s), g = w * k.dloss_dlogp;
     // |dz_j| <= 2 |g| / T must fit f32 (the tile's type) and T (dz's).
-    bad = bad || !isfinite(k.loss) || !isfinite(k.kl) || !isfinite(g) ||
+    bad = bad || !isfinite(k.loss) || !isfinite(k.kl) || !isfinite(k.ratio) || !isfinite(g) ||
           2.0 * fabs((double)g) * (double)p.inv_t * (1.0 + 1e-5) > 3.4028234663852886e38;
     if (bad && spec.in_range && isfinite(lp)) raise(status, OP_FUSED_LINEAR_LOSS, NON_FINITE, row);
     per_token[row] = bad ? NAN : k.loss;
@@ -171,6 +171,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     summary[RATIO_MAX] = m > 0.f ? acc.ratio_max : 0.f;
     summary[KL_MEAN] = acc.kl_sum * per;
     summary[TOKENS] = m;
+    // Sequence-level statistics are not computed by the fused loss.
+    for (int i = TOKENS + 1; i < SUMMARY_LEN; ++i) summary[i] = 0.f;
 }
 
 // fll_counts: grid (seqs), THREADS threads. fll_tile_fwd: grid (chunk rows),

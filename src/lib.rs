@@ -61,6 +61,6 @@ pub use ops::math::{active_simd_level, set_simd_level, simd_level, SimdLevel};
 pub use ops::philox::{philox4x32_10, RowStream};
 pub use ops::policy_loss::{
     policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into, Advantage, Aggregation,
-    ImportanceLevel, PolicyLoss, PolicyLossConfig, PolicyLossInputs, PolicyLossStats,
+    ImportanceLevel, PolicyLoss, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, PolicyObjective,
 };
 pub use ops::sampling::{sample, sample_into, SampleInputs, Samples, SamplesOut, SamplingConfig};

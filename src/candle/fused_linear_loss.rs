@@ -71,7 +71,7 @@ pub struct FusedLossOutput {
 /// let weight = Var::randn(0f32, 0.3, (17, 8), &dev)?;
 /// let targets = Tensor::new(&[[1u32, 2, 3], [4, 5, 16]], &dev)?;
 /// let adv = Tensor::new(&[1.0f32, -1.0], &dev)?;
-/// let inputs = PolicyLossTensors { old_logp: None, ref_logp: None, advantages: &adv, mask: None, cu_seqlens: None };
+/// let inputs = PolicyLossTensors { old_logp: None, ref_logp: None, advantages: &adv, mask: None, pg_weights: None, cu_seqlens: None };
 /// let out = fused_linear_policy_loss(&hidden, &weight, &targets, &inputs, &FusedLossConfig::default())?;
 /// let grads = out.loss.backward()?;
 /// assert_eq!(grads.get(&weight).unwrap().dims(), &[17, 8]);
@@ -84,6 +84,12 @@ pub fn fused_linear_policy_loss(
     inputs: &PolicyLossTensors<'_>,
     cfg: &FusedLossConfig,
 ) -> Result<FusedLossOutput> {
+    if inputs.pg_weights.is_some() {
+        return Err(wrap(Error::Unsupported {
+            op: OP,
+            reason: "pg_weights: use fused_linear_logprobs + policy_loss".into(),
+        }));
+    }
     let (vocab, h) = weight.dims2()?;
     let shape = targets.shape().clone();
     if hidden.dims().last() != Some(&h)
@@ -148,6 +154,7 @@ pub fn fused_linear_policy_loss(
                 .transpose()?,
             advantages: capture(inputs.advantages, "advantages", DType::F32)?,
             per_token_adv,
+            pg_weights: None,
             // The rows' mask above is the loss's mask.
             mask: None,
             layout,

@@ -34,7 +34,7 @@
 //! // Update: log-probs straight from the hidden states, the clipped loss, a step.
 //! let lp = fused_linear_logprobs(&h, &head, &tokens, None, &FusedLinearConfig::default())?;
 //! let (old, advantages) = (old_logp.unsqueeze(1)?, adv.advantages.flatten_all()?);
-//! let inputs = PolicyLossTensors { old_logp: Some(&old), ref_logp: None, advantages: &advantages, mask: None, cu_seqlens: None };
+//! let inputs = PolicyLossTensors { old_logp: Some(&old), ref_logp: None, advantages: &advantages, mask: None, pg_weights: None, cu_seqlens: None };
 //! let out = policy_loss(&lp.logp.unsqueeze(1)?, &inputs, &PolicyLossConfig::default())?;
 //! opt.backward_step(&out.loss)?;
 //! println!("loss {} clip fraction {}", out.loss.to_scalar::<f32>()?, out.stats.clip_frac_high);

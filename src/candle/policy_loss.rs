@@ -25,6 +25,10 @@ pub struct PolicyLossTensors<'a> {
     pub advantages: &'a Tensor,
     /// U8, shaped like `logp`; 0 drops the token.
     pub mask: Option<&'a Tensor>,
+    /// Detached weights of the policy-gradient term, shaped like `logp`,
+    /// finite and `>= 0` at masked-in tokens (TRL's off-policy and entropy
+    /// masks, vLLM importance-sampling ratio); `None`: 1.
+    pub pg_weights: Option<&'a Tensor>,
     /// U32 `[S + 1]` offsets when `logp` is packed `[N]`; `None` when `logp`
     /// is padded `[S, T]`.
     pub cu_seqlens: Option<&'a Tensor>,
@@ -52,7 +56,14 @@ pub struct PolicyLossOutput {
 /// let dev = Device::Cpu;
 /// let logp = Var::from_tensor(&(Tensor::randn(0f32, 0.1, (2, 4), &dev)? - 1.0)?)?;
 /// let adv = Tensor::new(&[1.0f32, -1.0], &dev)?;
-/// let inputs = PolicyLossTensors { old_logp: None, ref_logp: None, advantages: &adv, mask: None, cu_seqlens: None };
+/// let inputs = PolicyLossTensors {
+///     old_logp: None,
+///     ref_logp: None,
+///     advantages: &adv,
+///     mask: None,
+///     pg_weights: None,
+///     cu_seqlens: None,
+/// };
 /// let cfg = PolicyLossConfig { beta: 0.0, ..Default::default() };
 /// let out = policy_loss(&logp, &inputs, &cfg)?;
 /// let grads = out.loss.backward()?;
@@ -81,6 +92,7 @@ pub fn policy_loss(
     named.extend(inputs.old_logp.map(|t| ("old_logp", t)));
     named.extend(inputs.ref_logp.map(|t| ("ref_logp", t)));
     named.extend(inputs.mask.map(|t| ("mask", t)));
+    named.extend(inputs.pg_weights.map(|t| ("pg_weights", t)));
     same_device(logp.device(), OP, &named)?;
     let n = shape.elem_count();
     let per_token_adv = inputs.advantages.elem_count() == n && inputs.advantages.rank() == logp.rank();
@@ -97,6 +109,10 @@ pub fn policy_loss(
             advantages: capture(inputs.advantages, "advantages", DType::F32)?,
             per_token_adv,
             mask: inputs.mask.map(|t| capture(t, "mask", DType::U8)).transpose()?,
+            pg_weights: inputs
+                .pg_weights
+                .map(|t| capture(t, "pg_weights", DType::F32))
+                .transpose()?,
             layout,
             cfg: *cfg,
         }),
@@ -134,6 +150,7 @@ pub(super) struct Captured {
     pub(super) advantages: Tensor,
     pub(super) per_token_adv: bool,
     pub(super) mask: Option<Tensor>,
+    pub(super) pg_weights: Option<Tensor>,
     pub(super) layout: Sequences,
     pub(super) cfg: PolicyLossConfig,
 }
@@ -157,6 +174,7 @@ pub(super) struct HostInputs {
     pub(super) reference: Option<Vec<f32>>,
     pub(super) advantages: Vec<f32>,
     pub(super) mask: Option<Vec<u8>>,
+    pub(super) pg_weights: Option<Vec<f32>>,
     /// Read when packed.
     pub(super) cu_seqlens: Option<Vec<u32>>,
 }
@@ -171,6 +189,11 @@ impl Captured {
             reference: self.reference.as_ref().map(|t| read(t, "ref_logp")).transpose()?,
             advantages: read(&self.advantages, "advantages")?,
             mask: self.mask.as_ref().map(|t| read(t, "mask")).transpose()?,
+            pg_weights: self
+                .pg_weights
+                .as_ref()
+                .map(|t| read(t, "pg_weights"))
+                .transpose()?,
             cu_seqlens: match &self.layout {
                 Sequences::Packed(t) => Some(read(t, "cu_seqlens")?),
                 Sequences::Padded { .. } => None,
@@ -198,6 +221,7 @@ impl Captured {
             ref_logp: host.reference.as_deref(),
             advantages,
             mask: host.mask.as_deref(),
+            pg_weights: host.pg_weights.as_deref(),
             layout,
         })
     }
@@ -311,6 +335,7 @@ mod cuda {
         let reference = c.reference.as_ref().map(Tensor::storage_and_layout);
         let adv = c.advantages.storage_and_layout();
         let mask = c.mask.as_ref().map(Tensor::storage_and_layout);
+        let pg_weights = c.pg_weights.as_ref().map(Tensor::storage_and_layout);
         let cu = match &c.layout {
             Sequences::Packed(t) => Some(t.storage_and_layout()),
             Sequences::Padded { .. } => None,
@@ -332,6 +357,10 @@ mod cuda {
                 Advantage::PerSequence(adv_view)
             },
             mask: mask.as_ref().map(|g| v::<u8>(&g.0, g.1, "mask")).transpose()?,
+            pg_weights: pg_weights
+                .as_ref()
+                .map(|g| v::<f32>(&g.0, g.1, "pg_weights"))
+                .transpose()?,
             layout: match (&c.layout, &cu) {
                 (&Sequences::Padded { batch, seq_len }, _) => SeqLayout::Padded { batch, seq_len },
                 (Sequences::Packed(_), Some(g)) => SeqLayout::Packed {

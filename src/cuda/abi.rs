@@ -633,10 +633,10 @@ mod tests {
         assert_reported(&check(&logprob, ptx::LOGPROB), "no kernel `logprob_fwd_f64_u32`");
         // The struct passed by value, one field short.
         let mut policy = policy_loss::kernel::declared();
-        policy.sigs[0].params[0] = Ptx::Bytes { align: 8, size: 112 };
+        policy.sigs[0].params[0] = Ptx::Bytes { align: 8, size: 152 };
         assert_reported(
             &check(&policy, ptx::POLICY_LOSS),
-            "`policy_loss_fwd` takes [Bytes { align: 8, size: 120 }",
+            "`policy_loss_fwd` takes [Bytes { align: 8, size: 160 }",
         );
     }
 
@@ -650,7 +650,7 @@ mod tests {
             rust.contains("pub(crate) enum KlKind {\n    KL_K1 = 0,"),
             "{rust}"
         );
-        assert!(rust.contains("const _: () = assert!(std::mem::size_of::<PolicyLossParams>() == 120);"));
+        assert!(rust.contains("const _: () = assert!(std::mem::size_of::<PolicyLossParams>() == 160);"));
         let cases = [
             ("enum E : int { A, B };", "line 1: every value is explicit"),
             (

@@ -15,7 +15,7 @@ use crate::error::{check, Error, Result};
 use crate::ops::layout::SeqLayout;
 use crate::ops::policy_loss::{
     Advantage, Aggregation, ImportanceLevel, PolicyLoss, PolicyLossConfig, PolicyLossInputs, PolicyLossStats,
-    OP, OP_BWD,
+    PolicyObjective, OP, OP_BWD,
 };
 
 const FILE: KernelFile = KernelFile {
@@ -63,6 +63,11 @@ const _: () = {
     assert!(PolicyLossStats::RATIO_MAX == Summary::RATIO_MAX as usize);
     assert!(PolicyLossStats::KL_MEAN == Summary::KL_MEAN as usize);
     assert!(PolicyLossStats::TOKENS == Summary::TOKENS as usize);
+    assert!(PolicyLossStats::CLIP_FRAC_LOW_SEQ == Summary::CLIP_LOW_SEQ as usize);
+    assert!(PolicyLossStats::CLIP_FRAC_HIGH_SEQ == Summary::CLIP_HIGH_SEQ as usize);
+    assert!(PolicyLossStats::CLIP_FRAC_LOW_SEQ_MIN == Summary::CLIP_LOW_SEQ_MIN as usize);
+    assert!(PolicyLossStats::CLIP_FRAC_HIGH_SEQ_MAX == Summary::CLIP_HIGH_SEQ_MAX as usize);
+    assert!(PolicyLossStats::SEQS == Summary::SEQS as usize);
     assert!(PolicyLossStats::SUMMARY_LEN == Summary::SUMMARY_LEN as usize);
 };
 
@@ -91,6 +96,7 @@ fn pointers<'a>(
     let logp = ptr(Some(&inputs.logp));
     let old_logp = ptr(inputs.old_logp.as_ref());
     let ref_logp = ptr(inputs.ref_logp.as_ref());
+    let pg_weights = ptr(inputs.pg_weights.as_ref());
     let (adv_seq, adv_tok) = match &inputs.advantages {
         Advantage::PerSequence(a) => (ptr(Some(a)), 0),
         Advantage::PerToken(a) => (0, ptr(Some(a))),
@@ -116,6 +122,25 @@ fn pointers<'a>(
             (abi::Aggregation::SEQ_MEAN_TOKEN_SUM_NORM, constant)
         }
     };
+    let (objective, delta, [obj_a, obj_b, obj_c, obj_d]) = match cfg.objective {
+        PolicyObjective::Clip { delta } => (abi::Objective::OBJ_CLIP, delta.unwrap_or(0.0), [0.0; 4]),
+        PolicyObjective::Cispo { min_ratio, max_ratio } => {
+            (abi::Objective::OBJ_CISPO, 0.0, [min_ratio, max_ratio, 0.0, 0.0])
+        }
+        PolicyObjective::Sapo { tau_pos, tau_neg } => {
+            (abi::Objective::OBJ_SAPO, 0.0, [tau_pos, tau_neg, 0.0, 0.0])
+        }
+        PolicyObjective::Vespo {
+            k_pos,
+            lambda_pos,
+            k_neg,
+            lambda_neg,
+        } => (
+            abi::Objective::OBJ_VESPO,
+            0.0,
+            [k_pos, lambda_pos, k_neg, lambda_neg],
+        ),
+    };
     Pointers {
         params: PolicyLossParams {
             logp,
@@ -125,6 +150,7 @@ fn pointers<'a>(
             adv_tok,
             mask,
             cu_seqlens,
+            pg_weights,
             seqs: seqs as i64,
             tokens: n as i64,
             seq_len,
@@ -134,9 +160,17 @@ fn pointers<'a>(
             log_ratio_clamp: cfg.log_ratio_clamp,
             beta: cfg.beta,
             agg_constant,
+            delta,
+            obj_a,
+            obj_b,
+            obj_c,
+            obj_d,
             seq_level: (cfg.importance == ImportanceLevel::Sequence) as i32,
+            kl_bias_correction: cfg.kl_bias_correction as i32,
+            exclude_empty_seqs: cfg.exclude_empty_seqs as i32,
             kl_kind: cfg.kl.kind(),
             aggregation,
+            objective,
         },
         _guards: guards,
     }
@@ -160,7 +194,7 @@ fn per_sequence(op: &'static str, seqs: usize) -> Result<LaunchConfig> {
 /// [`crate::policy_loss`] on the GPU: per-token losses `[N]` and the summary
 /// `[PolicyLossStats::SUMMARY_LEN]` (loss first), both on the device; read
 /// the summary with [`PolicyLossStats::from_summary`]. Bad offsets,
-/// non-finite inputs at masked-in tokens, and token losses or KL estimates
+/// non-finite inputs (or a negative `pg_weights`) at masked-in tokens, and token losses or KL estimates
 /// that overflow f32 are reported by [`Gpu::check`] (the index is the
 /// token's, also for per-sequence advantages; 0 for a loss whose f32 sum
 /// overflows).

@@ -54,7 +54,11 @@
 //! token of its sequence has its log-prob, and sequences can straddle row
 //! chunks. That would need a second pass over the logits (the four GEMMs the
 //! op exists to avoid), so [`ImportanceLevel::Sequence`] is refused with
-//! [`Error::Unsupported`]; use the two-call form for GSPO.
+//! [`Error::Unsupported`]; use the two-call form for GSPO. So are, for now,
+//! the policy loss's other objectives and options (a `delta`, CISPO, SAPO,
+//! VESPO, the bias-corrected KL, `exclude_empty_seqs`: the fused loss takes
+//! the default `Clip { delta: None }`), and the fused summary leaves the
+//! sequence-level statistics and `seqs` at 0.
 //!
 //! **Entropy** (with `logprob.entropy`) is returned per row for logging or
 //! masking, as TRL uses it; it is not differentiated (the loss has no
@@ -94,7 +98,8 @@ use crate::ops::layout::SeqLayout;
 use crate::ops::logprob::{active_rows, LogProbConfig, RowGrad};
 use crate::ops::math::{multiversion, SoftmaxState};
 use crate::ops::policy_loss::{
-    Advantage, Aggregation, ImportanceLevel, PolicyLossConfig, PolicyLossStats, TokenLoss,
+    Advantage, Aggregation, ImportanceLevel, PolicyLossConfig, PolicyLossStats, PolicyObjective, TokenIn,
+    TokenLoss,
 };
 
 pub(crate) const OP: &str = "fused_linear_policy_loss";
@@ -148,6 +153,17 @@ impl FusedLossConfig {
                 reason: "sequence-level importance ratios (GSPO) need every token of a sequence \
                          before any gradient, which a one-pass fused loss cannot have: use \
                          fused_linear_logprobs + policy_loss"
+                    .into(),
+            });
+        }
+        let plain = self.loss.objective == PolicyObjective::default()
+            && !self.loss.kl_bias_correction
+            && !self.loss.exclude_empty_seqs;
+        if !plain {
+            return Err(Error::Unsupported {
+                op,
+                reason: "the fused loss takes the default Clip objective (no delta), no KL bias \
+                         correction and every sequence in S: use fused_linear_logprobs + policy_loss"
                     .into(),
             });
         }
@@ -517,7 +533,7 @@ fn run<T: Float, I: TokenId>(
             }
             let (old, reference, adv) = per_row.at(i);
             let t = token_loss(&cfg.loss, old.map(|o| logp - o), adv, reference.map(|r| r - logp));
-            for (what, v) in [("kl", t.kl), ("per_token", t.loss)] {
+            for (what, v) in [("kl", t.kl), ("ratio", t.ratio), ("per_token", t.loss)] {
                 if !v.is_finite() {
                     return Err(Error::NonFinite {
                         op: OP,
@@ -703,7 +719,14 @@ multiversion! {
     /// [`PolicyLossConfig::token_loss`] with the multiply-add flavour
     /// `policy_loss`'s kernels use on this CPU, so both give the same bits.
     fn token_loss_simd(cfg: &PolicyLossConfig, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
-        cfg.token_loss::<Mad>(log_ratio, adv, d_ref)
+        cfg.token_loss::<Mad>(TokenIn {
+            log_ratio,
+            adv,
+            d_ref,
+            logp: 0.0,
+            pg_weight: 1.0,
+            seq_log_w: 0.0,
+        })
     }
 }
 
@@ -747,6 +770,8 @@ impl Sums {
             ratio_max: if tokens == 0 { 0.0 } else { self.ratio_max },
             kl_mean: mean(self.kl),
             tokens: tokens as f32,
+            // Sequence-level clip fractions are not computed by the fused loss.
+            ..PolicyLossStats::default()
         }
     }
 }

@@ -1,17 +1,27 @@
-//! The clipped policy-gradient loss of GRPO (Shao et al., "DeepSeekMath",
-//! 2024) with its variants, an optional KL penalty, and the aggregations
-//! used by TRL, verl and DAPO.
+//! The policy-gradient losses of GRPO and its successors (PPO's clipped
+//! surrogate, TRL's two-sided "delta" clipping, CISPO, SAPO, VESPO, GSPO)
+//! with an optional KL penalty and the aggregations used by TRL, verl and
+//! DAPO; each setting of TRL 1.16's `GRPOTrainer` and of verl's policy
+//! losses (commit b178a3c) maps to one configuration (table below).
 //!
-//! For token `t` of sequence `s`, with mask `m_t`, advantage `A_t` and
-//! `C = log_ratio_clamp`:
+//! For token `t` of sequence `s`, with mask `m_t`, advantage `A_t`,
+//! policy-gradient weight `pw_t` (1 without `pg_weights`) and
+//! `C = log_ratio_clamp` (`+inf`: no clamp):
 //!
 //! ```text
 //! lr_t   = logp_t - old_t                      (old = detached logp when absent: ratio 1)
 //! Token:     r_t = exp(clamp(lr_t, -C, C))
 //! Sequence:  r_t = exp(clamp(mean_{t' in s, m = 1} lr_t', -C, C))    (GSPO-token)
-//! pg_t   = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
-//!          if dual clip c and A_t < 0:  pg_t = min(pg_t, -c A_t)
-//! l_t    = pg_t + beta kl_t,       kl_t = KlEstimator::value(ref_t - logp_t)
+//! pg_t   = PolicyObjective:
+//!   Clip { delta }:  -min(min(r_t, delta) A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+//!                    if dual clip c and A_t < 0:  pg_t = min(pg_t, -c A_t)
+//!   Cispo { min_ratio, max_ratio }:  -sg(clamp(r_t, min_ratio, max_ratio)) A_t logp_t
+//!   Sapo { tau_pos, tau_neg }:       -sigmoid(tau (r_t - 1)) 4 / tau A_t,  tau = tau_pos iff A_t > 0
+//!   Vespo { k, lambda by A_t >= 0 }: -sg(phi_s) A_t logp_t,
+//!        log w_s = clamp(sum_{t' in s, m = 1} clamp(lr_t', -20, 20), ln 1e-8, 20),
+//!        phi_s   = exp(lambda + k log w_s - lambda w_s)   (0 if not finite; lambda >= 1e-4)
+//! kl_t   = KlEstimator::value(ref_t - logp_t), times r_t with kl_bias_correction
+//! l_t    = pw_t pg_t + beta kl_t
 //! loss   = sum_t m_t w_t l_t
 //! ```
 //!
@@ -19,46 +29,102 @@
 //! sequence level the ratio's value is the sequence's, but its gradient flows
 //! only through the token's own log-prob, `r_t = sg(r_s) exp(logp_t -
 //! sg(logp_t))` (verl's `gspo` loss, "GSPO-token" in Zheng et al., "Group
-//! Sequence Policy Optimization", 2025). `pg_t` has gradient `-A_t r_t` where
-//! the unclipped term is the one taken, and 0 where the ratio is clipped
-//! (`r < 1 - eps_low` with `A < 0`, or `r > 1 + eps_high` with `A > 0`, strict
-//! as in torch), the dual clip binds, or the log-ratio is clamped (strictly
-//! beyond `C`). The backward returns
-//! `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`.
+//! Sequence Policy Optimization", 2025), and it is 0 where the log-ratio is
+//! clamped (strictly beyond `C`). `Clip`'s `pg_t` takes the gradient of the
+//! larger term, each term's clamp passing it inside its bounds (inclusive,
+//! as `torch.clamp`; a tie splits it, as `torch.min`): `-A_t r_t` where the
+//! unclipped term is taken with `r <= delta`, 0 where the ratio is clipped
+//! (`r < 1 - eps_low` with `A < 0`, or `r > 1 + eps_high` with `A > 0`), beyond
+//! `delta`, or where the dual clip binds. CISPO's and VESPO's gradient is
+//! their detached weight, `-w A_t`; SAPO's `-A_t 4 s (1 - s) r_t` with `s`
+//! the sigmoid. With the bias correction the KL term's derivative is
+//! `r_t (dkl_t + kl_t)` (TRL does not detach the ratio). `pw_t` is detached.
+//! The backward returns `dlogp_t = m_t (grad_loss w_t + grad_per_token_t) dl_t/dlogp_t`.
 //!
 //! **Aggregation** (`S` sequences, `L_s` masked-in tokens of sequence `s`,
 //! `M` in all):
 //!
 //! | [`Aggregation`] | `w_t` | used by |
 //! |---|---|---|
-//! | `TokenMean { normalizer }` | `1 / normalizer`, default `max(1, M)` | DAPO, TRL "bnpo"/"dapo", verl "token-mean" |
-//! | `SeqMeanTokenMean` | `1 / (S max(1, L_s))` | GRPO paper, TRL "grpo" |
-//! | `SeqMeanTokenSum` | `1 / S` | verl "seq-mean-token-sum" |
-//! | `SeqMeanTokenSumNorm { constant }` | `1 / (S constant)` | Dr. GRPO, TRL "dr_grpo" (constant = max completion length) |
+//! | `TokenMean { normalizer }` | `1 / normalizer`, default `max(1, M)` | DAPO, TRL "bnpo"/"dapo"/"cispo"/"vespo", verl "token-mean"; with `normalizer = loss_scale_factor`: verl "seq-mean-token-sum-norm" |
+//! | `SeqMeanTokenMean` | `1 / (S max(1, L_s))` | GRPO paper, TRL "grpo"/"sapo", verl "seq-mean-token-mean" |
+//! | `SeqMeanTokenSum` | `1 / S` | verl "seq-mean-token-sum", TRL "luspo" |
+//! | `SeqMeanTokenSumNorm { constant }` | `1 / (S constant)` | Dr. GRPO, TRL "dr_grpo" (constant = max completion length); *not* verl's "seq-mean-token-sum-norm", which divides by its constant only |
 //!
 //! `S` counts every sequence of the layout, empty or fully masked ones too
-//! (as TRL's `.mean()` over the batch does). A multi-GPU trainer passes the
-//! global token count as `normalizer`.
+//! (as TRL's `.mean()` over the batch does), or with
+//! [`PolicyLossConfig::exclude_empty_seqs`] only those with a masked-in token
+//! (verl's `agg_loss`; at least 1). A multi-GPU trainer passes the global
+//! token count as `normalizer`.
 //!
 //! **Statistics** (means over masked-in tokens, 0 when there are none):
-//! clip fractions as TRL logs them, the dual-clip fraction as verl's
-//! `pg_clipfrac_lower`, mean and max ratio, mean KL (reported whenever
-//! `ref_logp` is given, also with `beta = 0`). They are returned with the
-//! loss in one small buffer, [`PolicyLoss::summary`], in a fixed order
-//! ([`PolicyLossStats::LOSS`] and the other index constants), so a CUDA
-//! kernel can write them all to one device buffer.
+//! clip fractions as TRL logs them (`clip_ratio/low_mean`, `high_mean`; for
+//! CISPO its `cispo_clip_ratio` is `clip_frac_high`, the ratio above
+//! `max_ratio` with `A > 0`; SAPO and VESPO clip nothing), the dual-clip
+//! fraction as verl's `pg_clipfrac_lower`, mean and max ratio, mean KL
+//! (reported whenever `ref_logp` is given, also with `beta = 0`; the
+//! bias-corrected value with the correction); then the sequence-level clip
+//! fractions of TRL's `masked_seq_mean` (mean over all `S` sequences of each
+//! one's fraction: TRL's `clip_ratio/*_mean` at the sequence level; the
+//! smallest low and largest high fraction over non-empty sequences: TRL's
+//! `clip_ratio/low_min` and `high_max`) and the divisor `S`. They are
+//! returned with the loss in one small buffer, [`PolicyLoss::summary`], in a
+//! fixed order ([`PolicyLossStats::LOSS`] and the other index constants), so
+//! a CUDA kernel can write them all to one device buffer.
+//!
+//! **Reproducing TRL 1.16 and verl** (proven by the fixtures of
+//! `tests/fixtures/policy_loss_reference.py`, which call TRL's own
+//! `GRPOTrainer._compute_loss` and verl's functions copied verbatim):
+//!
+//! | Reference setting | Configuration |
+//! |---|---|
+//! | TRL `loss_type="grpo"` | `Clip { delta: None }`, `SeqMeanTokenMean`, `log_ratio_clamp: f32::INFINITY` |
+//! | TRL `"bnpo"` | as "grpo" with `TokenMean { normalizer: None }` |
+//! | TRL `"dr_grpo"` | as "grpo" with `SeqMeanTokenSumNorm { constant: max_completion_length }` |
+//! | TRL `"dapo"` | as "grpo" with `TokenMean`, `normalizer` = `num_items_in_batch / num_processes` (`None` on one process) |
+//! | TRL `"luspo"` | as "grpo" with `SeqMeanTokenSum` (with `importance_sampling_level="sequence"`: `ImportanceLevel::Sequence`) |
+//! | TRL `"cispo"` | `Cispo { min_ratio: 0.0, max_ratio: epsilon_high }`, `TokenMean` as "dapo" |
+//! | TRL `"sapo"` | `Sapo { tau_pos: sapo_temperature_pos, tau_neg: sapo_temperature_neg }`, `SeqMeanTokenMean` |
+//! | TRL `"vespo"` | `Vespo { k_pos, lambda_pos, k_neg, lambda_neg }` (`vespo_*`), `TokenMean` as "dapo" |
+//! | TRL `epsilon` / `epsilon_high` | `eps_low` / `eps_high` |
+//! | TRL `delta` | `Clip { delta: Some(delta) }` |
+//! | TRL `importance_sampling_level="sequence"` | `ImportanceLevel::Sequence` |
+//! | TRL `beta` (k3) | `beta`, `KlEstimator::K3`, `ref_logp` |
+//! | TRL `use_bias_correction_kl` | `kl_bias_correction: true` |
+//! | TRL off-policy mask, `top_entropy_quantile` mask, vLLM `importance_sampling_ratio` | their product as `PolicyLossInputs::pg_weights` |
+//! | verl `policy_loss="vanilla"` (`clip_ratio_low/high/c`) | `Clip { delta: None }`, `eps_low/high`, `dual_clip: Some(clip_ratio_c)`, clamp 20 |
+//! | verl `"gspo"` | `Clip`, `ImportanceLevel::Sequence`, `log_ratio_clamp: 10.0`, `SeqMeanTokenMean`, `exclude_empty_seqs` |
+//! | verl `"sapo"` (`tau_pos/neg`) | `Sapo`, clamp 20, `SeqMeanTokenMean`, `exclude_empty_seqs` |
+//! | verl `"cispo"` | `Cispo { min_ratio: 1 - clip_ratio_low, max_ratio: 1 + clip_ratio_high }`, clamp 20 |
+//! | verl `rollout_is_weights` | `pg_weights` |
+//! | verl `use_kl_loss`, `kl_loss_type`, `kl_loss_coef` | `ref_logp`, `kl` (`"low_var_kl"`: `LowVarK3`), `beta` |
+//! | verl `loss_agg_mode` "token-mean" / "seq-mean-token-mean" / "seq-mean-token-sum" | `TokenMean` / `SeqMeanTokenMean` / `SeqMeanTokenSum`, `exclude_empty_seqs: true` |
+//! | verl "seq-mean-token-sum-norm" | `TokenMean { normalizer: Some(loss_scale_factor) }` (default: the padded length `T`) |
+//!
+//! Deliberate differences: the default clamp 20 (verl's; TRL clamps
+//! nothing: set `f32::INFINITY`); verl's `gspo` clamps the log-ratio above
+//! only (at 10; this crate on both sides); at the sequence level the SAPO
+//! ratio's and the bias correction's gradient is GSPO-token's (each token's
+//! own log-prob), which equals TRL's for per-sequence advantages and
+//! uniform weights within a sequence but not with per-token advantages or
+//! `pg_weights`; `clip_frac_low_seq_min` skips empty sequences, which TRL
+//! counts (as 0) at the sequence level; VESPO's `importance_sampling_ratio`
+//! input to the gamma weights (TRL, with vLLM) is not taken; VESPO is
+//! token-level only. verl's CISPO `pg_clipfrac` (any ratio outside the
+//! bounds) is not reported.
 //!
 //! **Masking and non-finite values** (the crate's [rule](crate::error)).
 //! Masked-out tokens are never read: NaN there is fine, and their loss and
 //! gradient are 0. So is the advantage of a sequence with no masked-in
 //! token. A NaN or infinity in `logp`, `old_logp`, `ref_logp`, the
-//! advantages (or the backward's `grad_per_token`) at a masked-in token is
+//! advantages, `pg_weights` (or the backward's `grad_per_token`) at a masked-in token is
 //! an [`Error::NonFinite`] naming the first such token (or sequence, for
 //! per-sequence advantages); so is a non-finite `grad_loss` (`index: 0`).
 //! Finite inputs of extreme magnitude can still overflow f32 (`r A` with
 //! `r` up to `e^C` and a huge advantage, a `k2` of a huge `d`, a sum of
-//! large token losses): the first token whose loss or KL estimate is not
-//! finite is `NonFinite` with `what: "per_token"` or `"kl"`, a loss that
+//! large token losses, a ratio beyond f32 without a clamp): the first
+//! token whose KL estimate, ratio or loss is not finite is `NonFinite` with
+//! `what: "kl"`, `"ratio"` or `"per_token"` (in that order), a loss that
 //! overflows in the aggregation is `what: "loss"` (`index: 0`), and the
 //! backward's first non-finite gradient is `what: "dlogp"`.
 //!
@@ -66,8 +132,16 @@
 //! is a ratio; `eps_low = 1` turns lower clipping off), `eps_high >= 0`, the
 //! dual clip `c > 1` (verl's `clip_ratio_c`, typically 3),
 //! `log_ratio_clamp` in `(0, 88]` (so that the ratio `e^C` fits f32, whose
-//! largest `e^x` is at `x = 88.72`), `beta >= 0`, and `ref_logp` is required
-//! when `beta != 0`.
+//! largest `e^x` is at `x = 88.72`) or `+inf` (no clamp: a ratio beyond f32
+//! is then a `NonFinite` loss; `+inf` rather than an `Option` because an
+//! infinite clamp *is* no clamp, on the GPU too, and the field keeps its
+//! type), `beta >= 0`, and `ref_logp` is required when `beta != 0`; the
+//! dual clip is `Clip`'s only; `delta > 0`; CISPO's `0 <= min_ratio <=
+//! max_ratio`; SAPO's temperatures `> 0`; VESPO's `k` finite and `lambda >=
+//! 0`, at the token level only ([`Error::Unsupported`] with
+//! `ImportanceLevel::Sequence`). `pg_weights` must be `>= 0` at masked-in
+//! tokens ([`Error::InvalidParameter`] on the host; the CUDA kernels report
+//! a negative or non-finite one as non-finite data at its token).
 //!
 //! The CPU kernel runs one rayon task per run of sequences, each in
 //! 2048-token blocks of 16-lane f32 accumulators, reduced to f64 per
@@ -123,7 +197,8 @@ pub enum ImportanceLevel {
     Sequence,
 }
 
-/// How per-token losses sum to the loss; see the [module docs](self).
+/// How per-token losses sum to the loss; see the [module docs](self) for
+/// which TRL `loss_type` and verl `loss_agg_mode` each reproduces.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Aggregation {
     /// `sum l / normalizer`, default `max(1, M)`.
@@ -135,7 +210,10 @@ pub enum Aggregation {
     SeqMeanTokenMean,
     /// Mean over sequences of each sequence's token sum.
     SeqMeanTokenSum,
-    /// Mean over sequences of each sequence's token sum divided by `constant`.
+    /// Mean over sequences of each sequence's token sum divided by
+    /// `constant`: Dr. GRPO, TRL's `dr_grpo` (`sum / (S constant)`). verl's
+    /// `seq-mean-token-sum-norm` (`sum / loss_scale_factor`, no `S`) is
+    /// `TokenMean { normalizer: Some(loss_scale_factor) }` instead.
     SeqMeanTokenSumNorm {
         /// Divisor of every sequence's sum, `> 0` (the max completion length).
         constant: f32,
@@ -179,19 +257,146 @@ impl Aggregation {
     }
 }
 
+/// The per-token policy-gradient term `pg_t` (see the [module docs](self)
+/// for the formulas and the TRL 1.16 / verl settings each reproduces).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PolicyObjective {
+    /// PPO's clipped surrogate `-min(r' A, clip(r, 1 - eps_low, 1 + eps_high) A)`
+    /// with `r' = min(r, delta)` (TRL's two-sided GRPO, `GRPOConfig.delta`;
+    /// `None`: `r' = r`, plain PPO/GRPO/DAPO/GSPO, verl's `vanilla`/`gspo`).
+    Clip {
+        /// Upper bound of the unclipped ratio, finite and `> 0` (TRL
+        /// recommends `> 1 + eps_high`); `None`: off.
+        delta: Option<f32>,
+    },
+    /// CISPO (MiniMax-M1): `-sg(clamp(r, min_ratio, max_ratio)) A logp`, the
+    /// clipped ratio a detached weight. TRL's `cispo`: `min_ratio = 0`,
+    /// `max_ratio = epsilon_high`; verl's `cispo`: `min_ratio = 1 -
+    /// clip_ratio_low`, `max_ratio = 1 + clip_ratio_high`.
+    Cispo {
+        /// Lower bound of the weight, finite and `>= 0`.
+        min_ratio: f32,
+        /// Upper bound of the weight, finite and `>= min_ratio`.
+        max_ratio: f32,
+    },
+    /// SAPO (soft adaptive policy optimization): `-sigmoid(tau (r - 1)) 4 / tau A`,
+    /// `tau = tau_pos` where `A > 0`, else `tau_neg` (TRL's `sapo` with
+    /// `sapo_temperature_pos/neg`, verl's `sapo` with `tau_pos/neg`).
+    Sapo {
+        /// Temperature for `A > 0`, finite and `> 0`.
+        tau_pos: f32,
+        /// Temperature for `A <= 0`, finite and `> 0`.
+        tau_neg: f32,
+    },
+    /// VESPO (TRL's `vespo`, `get_gamma_weights`): `-sg(phi_s) A logp` with
+    /// the sequence weight `phi = e^lambda w^k e^(-lambda w)` of
+    /// `log w = clamp(sum_{t in s, m = 1} clamp(lr_t, -20, 20), ln 1e-8, 20)`
+    /// (`k, lambda` by the sign of `A >= 0`, `lambda` floored at 1e-4, a
+    /// non-finite `phi` read as 0). Token-level importance only.
+    Vespo {
+        /// `k` for `A >= 0` (TRL `vespo_k_pos`, 2), finite.
+        k_pos: f32,
+        /// `lambda` for `A >= 0` (TRL `vespo_lambda_pos`, 3), finite and `>= 0`.
+        lambda_pos: f32,
+        /// `k` for `A < 0` (TRL `vespo_k_neg`, 3), finite.
+        k_neg: f32,
+        /// `lambda` for `A < 0` (TRL `vespo_lambda_neg`, 2), finite and `>= 0`.
+        lambda_neg: f32,
+    },
+}
+
+impl Default for PolicyObjective {
+    /// `Clip { delta: None }`.
+    fn default() -> Self {
+        PolicyObjective::Clip { delta: None }
+    }
+}
+
+/// VESPO's per-token log-ratio clamp and the clamp of the sequence sum
+/// (TRL 1.16 `get_gamma_weights`).
+pub(crate) const VESPO_TOKEN_CLAMP: f32 = 20.0;
+/// `ln(1e-8)`, VESPO's lower bound of `log w`.
+pub(crate) const VESPO_LOG_W_MIN: f32 = -18.420_681;
+/// TRL's floor on VESPO's `lambda`.
+const VESPO_LAMBDA_MIN: f32 = 1e-4;
+
+impl PolicyObjective {
+    fn validate(self, op: &'static str) -> Result<()> {
+        match self {
+            PolicyObjective::Clip { delta: Some(d) } => {
+                check::param(op, "delta", d as f64, d > 0.0, "finite and > 0")
+            }
+            PolicyObjective::Clip { delta: None } => Ok(()),
+            PolicyObjective::Cispo { min_ratio, max_ratio } => {
+                check::param(
+                    op,
+                    "min_ratio",
+                    min_ratio as f64,
+                    min_ratio >= 0.0,
+                    "finite and >= 0",
+                )?;
+                check::param(
+                    op,
+                    "max_ratio",
+                    max_ratio as f64,
+                    max_ratio >= min_ratio,
+                    "finite and >= min_ratio",
+                )
+            }
+            PolicyObjective::Sapo { tau_pos, tau_neg } => {
+                check::param(op, "tau_pos", tau_pos as f64, tau_pos > 0.0, "finite and > 0")?;
+                check::param(op, "tau_neg", tau_neg as f64, tau_neg > 0.0, "finite and > 0")
+            }
+            PolicyObjective::Vespo {
+                k_pos,
+                lambda_pos,
+                k_neg,
+                lambda_neg,
+            } => {
+                check::param(op, "k_pos", k_pos as f64, true, "finite")?;
+                check::param(op, "k_neg", k_neg as f64, true, "finite")?;
+                check::param(
+                    op,
+                    "lambda_pos",
+                    lambda_pos as f64,
+                    lambda_pos >= 0.0,
+                    "finite and >= 0",
+                )?;
+                check::param(
+                    op,
+                    "lambda_neg",
+                    lambda_neg as f64,
+                    lambda_neg >= 0.0,
+                    "finite and >= 0",
+                )
+            }
+        }
+    }
+
+    /// Whether `pg_t` needs a sequence-level sum (VESPO's `log w`).
+    pub(crate) fn is_sequence_weighted(self) -> bool {
+        matches!(self, PolicyObjective::Vespo { .. })
+    }
+}
+
 /// Parameters of [`policy_loss`] and its backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyLossConfig {
-    /// Lower clip: the ratio is clipped below at `1 - eps_low`; in `[0, 1]`.
+    /// The policy-gradient term; default PPO/GRPO clipping.
+    pub objective: PolicyObjective,
+    /// Lower clip: the ratio is clipped below at `1 - eps_low`; in `[0, 1]`
+    /// (used by `Clip` and by the clip statistics).
     pub eps_low: f32,
     /// Upper clip: the ratio is clipped above at `1 + eps_high` (DAPO's
     /// clip-higher uses 0.28); `>= 0`.
     pub eps_high: f32,
     /// Dual clip `c > 1` (Ye et al., 2020; verl's `clip_ratio_c`): for
-    /// `A < 0` the loss is at most `-c A`.
+    /// `A < 0` the loss is at most `-c A`. `Clip` only.
     pub dual_clip: Option<f32>,
     /// Log-ratios are clamped to `[-log_ratio_clamp, log_ratio_clamp]`
-    /// before `exp` (verl: 20); in `(0, 88]`, so that `e^clamp` fits f32.
+    /// before `exp` (verl: 20); in `(0, 88]`, so that `e^clamp` fits f32, or
+    /// `f32::INFINITY`: no clamp, exactly as TRL (a ratio beyond f32 is then
+    /// a `NonFinite` error, not a silently capped value).
     pub log_ratio_clamp: f32,
     /// Token or sequence importance ratio.
     pub importance: ImportanceLevel,
@@ -199,15 +404,24 @@ pub struct PolicyLossConfig {
     pub beta: f32,
     /// KL estimator of the penalty (and of the reported mean KL).
     pub kl: KlEstimator,
+    /// TRL's `use_bias_correction_kl`: the KL term is `kl_t r_t`, the ratio
+    /// differentiated too (`d/dlogp = r (dkl + kl)`).
+    pub kl_bias_correction: bool,
     /// How token losses sum to the loss.
     pub aggregation: Aggregation,
+    /// verl's convention for the `SeqMean*` aggregations: `S` counts only
+    /// sequences with a masked-in token (`false`: every sequence, as TRL's
+    /// `.mean()`).
+    pub exclude_empty_seqs: bool,
 }
 
 impl Default for PolicyLossConfig {
-    /// GRPO as R1-SGG trains it: `eps = 0.2` both sides, no dual clip, clamp
-    /// 20, token ratios, `beta = 0` (k3 when enabled), sequence-mean of token-means.
+    /// GRPO as R1-SGG trains it: `Clip` with `eps = 0.2` both sides, no dual
+    /// clip, clamp 20, token ratios, `beta = 0` (k3 when enabled, no bias
+    /// correction), sequence-mean of token-means over every sequence.
     fn default() -> Self {
         Self {
+            objective: PolicyObjective::default(),
             eps_low: 0.2,
             eps_high: 0.2,
             dual_clip: None,
@@ -215,7 +429,9 @@ impl Default for PolicyLossConfig {
             importance: ImportanceLevel::Token,
             beta: 0.0,
             kl: KlEstimator::K3,
+            kl_bias_correction: false,
             aggregation: Aggregation::SeqMeanTokenMean,
+            exclude_empty_seqs: false,
         }
     }
 }
@@ -223,20 +439,37 @@ impl Default for PolicyLossConfig {
 /// One token's loss, its derivative and what the statistics count.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct TokenLoss {
-    /// `l_t = pg_t + beta kl_t`.
+    /// `l_t = pw_t pg_t + beta kl_t`.
     pub loss: f32,
     /// `dl_t / dlogp_t`.
     pub grad: f32,
     /// The importance ratio `r_t` (after the log-ratio clamp).
     pub ratio: f32,
-    /// `kl_t`.
+    /// `kl_t` (times `r_t` with the bias correction).
     pub kl: f32,
-    /// `r < 1 - eps_low` and `A < 0`: the ratio is clipped below.
+    /// `r` below the objective's lower bound and `A < 0`.
     pub clip_low: bool,
-    /// `r > 1 + eps_high` and `A > 0`: the ratio is clipped above.
+    /// `r` above the objective's upper bound and `A > 0`.
     pub clip_high: bool,
     /// `A < 0` and the dual-clip bound `-c A` binds.
     pub dual_clip: bool,
+}
+
+/// One token's inputs to [`PolicyLossConfig::token_loss`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenIn {
+    /// The (unclamped) importance log-ratio: the token's, or its sequence's mean.
+    pub log_ratio: f32,
+    /// `A_t`.
+    pub adv: f32,
+    /// `ref_logp - logp` (0 without a reference model).
+    pub d_ref: f32,
+    /// `logp_t` (CISPO's and VESPO's `pg` is linear in it).
+    pub logp: f32,
+    /// The detached weight of `pg_t` (1 when absent).
+    pub pg_weight: f32,
+    /// VESPO's clamped sequence `log w` (unused otherwise).
+    pub seq_log_w: f32,
 }
 
 impl PolicyLossConfig {
@@ -252,15 +485,24 @@ impl PolicyLossConfig {
         check::param(op, "eps_high", hi, hi >= 0.0, "finite and >= 0")?;
         if let Some(c) = self.dual_clip {
             check::param(op, "dual_clip", c as f64, c > 1.0, "finite and > 1")?;
+            check::param(
+                op,
+                "dual_clip",
+                c as f64,
+                matches!(self.objective, PolicyObjective::Clip { .. }),
+                "None unless the objective is Clip",
+            )?;
         }
         let clamp = self.log_ratio_clamp as f64;
-        check::param(
-            op,
-            "log_ratio_clamp",
-            clamp,
-            clamp > 0.0 && clamp <= MAX_LOG_RATIO_CLAMP,
-            "in (0, 88]: e^clamp must fit f32",
-        )?;
+        if clamp != f64::INFINITY {
+            check::param(
+                op,
+                "log_ratio_clamp",
+                clamp,
+                clamp > 0.0 && clamp <= MAX_LOG_RATIO_CLAMP,
+                "in (0, 88] (e^clamp must fit f32) or +inf (no clamp)",
+            )?;
+        }
         let beta = self.beta as f64;
         check::param(op, "beta", beta, beta >= 0.0, "finite and >= 0")?;
         check::param(
@@ -270,43 +512,132 @@ impl PolicyLossConfig {
             beta == 0.0 || has_ref,
             "0 when `ref_logp` is None",
         )?;
+        self.objective.validate(op)?;
+        if self.objective.is_sequence_weighted() && self.importance == ImportanceLevel::Sequence {
+            return Err(Error::Unsupported {
+                op,
+                reason: "VESPO weighs sequences itself: use ImportanceLevel::Token".into(),
+            });
+        }
         self.aggregation.validate(op)
     }
 
-    /// The loss of one token from its (unclamped) importance log-ratio
-    /// `log_ratio` (the token's, or its sequence's mean), its advantage and
-    /// `d_ref = ref_logp - logp` (0 without a reference model).
+    /// `S`, the sequence count of the `SeqMean*` aggregations, from every
+    /// sequence's masked-in count: all sequences, or with
+    /// `exclude_empty_seqs` those with a token (at least 1).
+    pub(crate) fn seq_divisor(&self, counts: impl ExactSizeIterator<Item = usize>) -> usize {
+        if self.exclude_empty_seqs {
+            counts.filter(|&c| c > 0).count().max(1)
+        } else {
+            counts.len()
+        }
+    }
+
+    /// The loss of one token (see the module docs).
     #[inline(always)]
-    pub(crate) fn token_loss<M: MulAdd>(&self, log_ratio: f32, adv: f32, d_ref: f32) -> TokenLoss {
+    pub(crate) fn token_loss<M: MulAdd>(&self, x: TokenIn) -> TokenLoss {
+        let (log_ratio, adv) = (x.log_ratio, x.adv);
         let c = self.log_ratio_clamp;
         let clamped = log_ratio > c || log_ratio < -c;
         let lr = if log_ratio > c { c } else { log_ratio };
         let lr = if lr < -c { -c } else { lr };
-        let ratio = math::exp::<M>(lr);
-
-        let (lo, hi) = (1.0 - self.eps_low, 1.0 + self.eps_high);
-        let clipped_ratio = if ratio < lo { lo } else { ratio };
-        let clipped_ratio = if clipped_ratio > hi { hi } else { clipped_ratio };
-        let clip_low = ratio < lo && adv < 0.0;
-        let clip_high = ratio > hi && adv > 0.0;
-        // -min(r A, clip(r) A) = max(-r A, -clip(r) A).
-        let (unclipped_pg, clipped_pg) = (-adv * ratio, -adv * clipped_ratio);
-        let pg = if unclipped_pg > clipped_pg {
-            unclipped_pg
+        // Without a clamp, a ratio beyond f32 is infinite (`math::exp` caps).
+        let ratio = if lr > MAX_LOG_RATIO_CLAMP as f32 + 0.5 {
+            f32::INFINITY
         } else {
-            clipped_pg
+            math::exp::<M>(lr)
+        };
+        // d r / dlogp = r, or 0 where the log-ratio is clamped.
+        let dratio = if clamped { 0.0 } else { ratio };
+
+        let (mut clip_low, mut clip_high, mut dual_clip) = (false, false, false);
+        let (pg, pg_grad) = match self.objective {
+            PolicyObjective::Clip { delta } => {
+                let (lo, hi) = (1.0 - self.eps_low, 1.0 + self.eps_high);
+                let clipped_ratio = if ratio < lo { lo } else { ratio };
+                let clipped_ratio = if clipped_ratio > hi { hi } else { clipped_ratio };
+                clip_low = ratio < lo && adv < 0.0;
+                clip_high = ratio > hi && adv > 0.0;
+                let delta = delta.unwrap_or(f32::INFINITY);
+                let capped = if ratio > delta { delta } else { ratio };
+                // -min(r' A, clip(r) A) = max(-r' A, -clip(r) A); each term's
+                // gradient flows where its clamp passes (bounds inclusive, as
+                // torch.clamp), a tie splits it (as torch.min).
+                let (unclipped, clipped) = (-adv * capped, -adv * clipped_ratio);
+                let d_unclipped = if ratio <= delta { -adv * dratio } else { 0.0 };
+                let d_clipped = if ratio >= lo && ratio <= hi {
+                    -adv * dratio
+                } else {
+                    0.0
+                };
+                let (pg, grad) = if unclipped > clipped {
+                    (unclipped, d_unclipped)
+                } else if clipped > unclipped {
+                    (clipped, d_clipped)
+                } else {
+                    (unclipped, 0.5 * (d_unclipped + d_clipped))
+                };
+                let dual_bound = -self.dual_clip.unwrap_or(f32::INFINITY) * adv;
+                dual_clip = adv < 0.0 && pg > dual_bound;
+                if dual_clip {
+                    (dual_bound, 0.0)
+                } else {
+                    (pg, grad)
+                }
+            }
+            PolicyObjective::Cispo { min_ratio, max_ratio } => {
+                clip_low = ratio < min_ratio && adv < 0.0;
+                clip_high = ratio > max_ratio && adv > 0.0;
+                let w = if ratio < min_ratio { min_ratio } else { ratio };
+                let w = if w > max_ratio { max_ratio } else { w };
+                (-w * adv * x.logp, -w * adv)
+            }
+            PolicyObjective::Sapo { tau_pos, tau_neg } => {
+                let tau = if adv > 0.0 { tau_pos } else { tau_neg };
+                // s = sigmoid(z) = 1 / (1 + e^-z); 1 - s = e^-z s where s
+                // is near 1 (no cancellation); d/dr (s 4 / tau) = 4 s (1 - s).
+                let e = math::exp::<M>(-tau * (ratio - 1.0));
+                let s = 1.0 / (1.0 + e);
+                let one_minus_s = if e < 1.0 { e * s } else { 1.0 - s };
+                (-s * (4.0 / tau) * adv, -adv * 4.0 * s * one_minus_s * dratio)
+            }
+            PolicyObjective::Vespo {
+                k_pos,
+                lambda_pos,
+                k_neg,
+                lambda_neg,
+            } => {
+                let (k, lambda) = if adv >= 0.0 {
+                    (k_pos, lambda_pos)
+                } else {
+                    (k_neg, lambda_neg)
+                };
+                let lambda = if lambda < VESPO_LAMBDA_MIN {
+                    VESPO_LAMBDA_MIN
+                } else {
+                    lambda
+                };
+                let log_phi = lambda + k * x.seq_log_w - lambda * math::exp::<M>(x.seq_log_w);
+                // e^log_phi overflowing is TRL's posinf, read as 0.
+                let phi = if log_phi > MAX_LOG_RATIO_CLAMP as f32 {
+                    0.0
+                } else {
+                    math::exp::<M>(log_phi)
+                };
+                (-phi * adv * x.logp, -phi * adv)
+            }
         };
 
-        let dual_bound = -self.dual_clip.unwrap_or(f32::INFINITY) * adv;
-        let dual_clip = adv < 0.0 && pg > dual_bound;
-        let pg = if dual_clip { dual_bound } else { pg };
-        let constant = clip_low || clip_high || dual_clip || clamped;
-        let pg_grad = if constant { 0.0 } else { -adv * ratio };
-
-        let kl = self.kl.value_with::<M>(d_ref);
+        let kl = self.kl.value_with::<M>(x.d_ref);
+        let dkl = self.kl.grad_logp_with::<M>(x.d_ref);
+        let (kl, dkl) = if self.kl_bias_correction {
+            (kl * ratio, dkl * ratio + kl * dratio)
+        } else {
+            (kl, dkl)
+        };
         TokenLoss {
-            loss: pg + self.beta * kl,
-            grad: pg_grad + self.beta * self.kl.grad_logp_with::<M>(d_ref),
+            loss: x.pg_weight * pg + self.beta * kl,
+            grad: x.pg_weight * pg_grad + self.beta * dkl,
             ratio,
             kl,
             clip_low,
@@ -329,6 +660,11 @@ pub struct PolicyLossInputs<'a, M: Memory = Host> {
     pub advantages: Advantage<'a, M>,
     /// `[N]`: 0 = padding (never read), any other value = 1; `None`: every token counts.
     pub mask: Option<M::Buf<'a, u8>>,
+    /// `[N]` detached weights of the policy-gradient term only, finite and
+    /// `>= 0` at masked-in tokens: `l_t = pw_t pg_t + beta kl_t`, as TRL
+    /// multiplies `per_token_loss` by its off-policy mask, entropy mask and
+    /// vLLM importance-sampling ratio before adding `beta * kl`; `None`: 1.
+    pub pg_weights: Option<M::Buf<'a, f32>>,
     /// How the `N` tokens group into sequences.
     pub layout: SeqLayout<'a, M>,
 }
@@ -348,6 +684,9 @@ impl<M: Memory> PolicyLossInputs<'_, M> {
         if let Some(len) = opt_len::<M, u8>(&self.mask) {
             check::len(op, "mask", n, len)?;
         }
+        if let Some(len) = opt_len::<M, f32>(&self.pg_weights) {
+            check::len(op, "pg_weights", n, len)?;
+        }
         match &self.advantages {
             Advantage::PerSequence(a) => check::len(op, "advantages (per sequence)", seqs, M::len(a))?,
             Advantage::PerToken(a) => check::len(op, "advantages (per token)", n, M::len(a))?,
@@ -366,6 +705,7 @@ impl<'a> PolicyLossInputs<'a, Host> {
             ref_logp: None,
             advantages,
             mask: None,
+            pg_weights: None,
             layout,
         }
     }
@@ -394,6 +734,14 @@ impl<'a> PolicyLossInputs<'a, Host> {
         }
     }
 
+    /// The same inputs with detached weights of the policy-gradient term.
+    pub fn with_pg_weights(self, pg_weights: &'a [f32]) -> Self {
+        Self {
+            pg_weights: Some(pg_weights),
+            ..self
+        }
+    }
+
     /// Full host validation of lengths, parameters and offsets; returns
     /// each sequence's token range.
     fn validate_host(&self, op: &'static str, cfg: &PolicyLossConfig) -> Result<Vec<Range<usize>>> {
@@ -415,11 +763,46 @@ impl<'a> PolicyLossInputs<'a, Host> {
                 Advantage::PerToken(a) => SeqAdv::Tokens(&a[range.clone()]),
             },
             mask: self.mask.map(|m| &m[range.clone()]),
+            pg_weights: self.pg_weights.map(|w| &w[range.clone()]),
             grad_per_token: grad_per_token.map(|g| &g[range]),
         }
     }
 
-    /// Errors on the first non-finite value read at a masked-in token, else
+    /// Every token's importance ratio `r_t` (for the error path).
+    fn ratios(&self, cfg: &PolicyLossConfig, ranges: &[Range<usize>]) -> Vec<f32> {
+        let mut out = vec![0.0; self.logp.len()];
+        for range in ranges {
+            let old = |t: usize| self.old_logp.map_or(self.logp[t], |o| o[t]);
+            let active: Vec<usize> = range
+                .clone()
+                .filter(|&t| self.mask.is_none_or(|m| m[t] != 0))
+                .collect();
+            let mean = active
+                .iter()
+                .map(|&t| (self.logp[t] - old(t)) as f64)
+                .sum::<f64>()
+                / active.len().max(1) as f64;
+            for &t in &active {
+                let log_ratio = match cfg.importance {
+                    ImportanceLevel::Token => self.logp[t] - old(t),
+                    ImportanceLevel::Sequence => mean as f32,
+                };
+                let x = TokenIn {
+                    log_ratio,
+                    adv: 0.0,
+                    d_ref: 0.0,
+                    logp: 0.0,
+                    pg_weight: 1.0,
+                    seq_log_w: 0.0,
+                };
+                out[t] = cfg.token_loss::<math::Baseline>(x).ratio;
+            }
+        }
+        out
+    }
+
+    /// Errors on the first non-finite value (or negative `pg_weights`) read
+    /// at a masked-in token, else
     /// on the first non-finite value of `results` (`(what, values)`, `[N]`
     /// each) at one (run only once a kernel has seen one: the kernels check
     /// as they go).
@@ -442,6 +825,17 @@ impl<'a> PolicyLossInputs<'a, Host> {
                     Some(("old_logp", t))
                 } else if self.ref_logp.is_some_and(|r| bad(r[t])) {
                     Some(("ref_logp", t))
+                } else if self.pg_weights.is_some_and(|w| bad(w[t])) {
+                    Some(("pg_weights", t))
+                } else if let Some(w) = self.pg_weights.filter(|w| w[t] < 0.0) {
+                    // A weight is a parameter of the loss: a negative one is
+                    // refused as such (the kernels flag it with the non-finite).
+                    return Err(Error::InvalidParameter {
+                        op,
+                        name: "pg_weights",
+                        value: w[t] as f64,
+                        expected: "finite and >= 0 at masked-in tokens",
+                    });
                 } else if grad_per_token.is_some_and(|g| bad(g[t])) {
                     Some(("grad_per_token", t))
                 } else {
@@ -508,6 +902,22 @@ pub struct PolicyLossStats {
     pub kl_mean: f32,
     /// Number of masked-in tokens `M`.
     pub tokens: f32,
+    /// Mean over all `S` sequences of each one's fraction of tokens counted
+    /// by `clip_frac_low` (0 for an empty one): TRL's `clip_ratio/low_mean`
+    /// at `importance_sampling_level="sequence"`.
+    pub clip_frac_low_seq: f32,
+    /// As `clip_frac_low_seq`, of `clip_frac_high`'s tokens (TRL's
+    /// `clip_ratio/high_mean` at the sequence level).
+    pub clip_frac_high_seq: f32,
+    /// Smallest fraction of a non-empty sequence's tokens counted by
+    /// `clip_frac_low` (TRL's `clip_ratio/low_min`); 0 with no tokens.
+    pub clip_frac_low_seq_min: f32,
+    /// Largest fraction of a non-empty sequence's tokens counted by
+    /// `clip_frac_high` (TRL's `clip_ratio/high_max`); 0 with no tokens.
+    pub clip_frac_high_seq_max: f32,
+    /// `S`, the sequences the `SeqMean*` aggregations divide by: all, or
+    /// with `exclude_empty_seqs` those with a masked-in token (at least 1).
+    pub seqs: f32,
 }
 
 impl PolicyLossStats {
@@ -527,8 +937,18 @@ impl PolicyLossStats {
     pub const KL_MEAN: usize = 6;
     /// Index of [`Self::tokens`].
     pub const TOKENS: usize = 7;
+    /// Index of [`Self::clip_frac_low_seq`].
+    pub const CLIP_FRAC_LOW_SEQ: usize = 8;
+    /// Index of [`Self::clip_frac_high_seq`].
+    pub const CLIP_FRAC_HIGH_SEQ: usize = 9;
+    /// Index of [`Self::clip_frac_low_seq_min`].
+    pub const CLIP_FRAC_LOW_SEQ_MIN: usize = 10;
+    /// Index of [`Self::clip_frac_high_seq_max`].
+    pub const CLIP_FRAC_HIGH_SEQ_MAX: usize = 11;
+    /// Index of [`Self::seqs`].
+    pub const SEQS: usize = 12;
     /// Length of the summary buffer.
-    pub const SUMMARY_LEN: usize = 8;
+    pub const SUMMARY_LEN: usize = 13;
 
     /// The fields, in summary order.
     pub fn to_summary(&self) -> [f32; Self::SUMMARY_LEN] {
@@ -541,6 +961,11 @@ impl PolicyLossStats {
             self.ratio_max,
             self.kl_mean,
             self.tokens,
+            self.clip_frac_low_seq,
+            self.clip_frac_high_seq,
+            self.clip_frac_low_seq_min,
+            self.clip_frac_high_seq_max,
+            self.seqs,
         ]
     }
 
@@ -555,6 +980,11 @@ impl PolicyLossStats {
             ratio_max: s[Self::RATIO_MAX],
             kl_mean: s[Self::KL_MEAN],
             tokens: s[Self::TOKENS],
+            clip_frac_low_seq: s[Self::CLIP_FRAC_LOW_SEQ],
+            clip_frac_high_seq: s[Self::CLIP_FRAC_HIGH_SEQ],
+            clip_frac_low_seq_min: s[Self::CLIP_FRAC_LOW_SEQ_MIN],
+            clip_frac_high_seq_max: s[Self::CLIP_FRAC_HIGH_SEQ_MAX],
+            seqs: s[Self::SEQS],
         }
     }
 }
@@ -562,9 +992,10 @@ impl PolicyLossStats {
 /// The loss, its per-token terms and statistics.
 ///
 /// Errors: empty `logp`; an invalid layout; a length that disagrees with `N`
-/// (`old_logp`, `ref_logp`, `mask`, per-token advantages) or `S`
-/// (per-sequence advantages); a parameter out of range (see the module
-/// docs); a non-finite input at a masked-in token.
+/// (`old_logp`, `ref_logp`, `mask`, `pg_weights`, per-token advantages) or
+/// `S` (per-sequence advantages); a parameter out of range (see the module
+/// docs); a non-finite input at a masked-in token, or a negative
+/// `pg_weights` there (`InvalidParameter`, the first by position).
 pub fn policy_loss(inputs: &PolicyLossInputs<'_>, cfg: &PolicyLossConfig) -> Result<PolicyLoss> {
     let mut per_token = vec![0.0f32; inputs.logp.len()];
     let mut summary = vec![0.0f32; PolicyLossStats::SUMMARY_LEN];
@@ -600,23 +1031,35 @@ pub fn policy_loss_into(
         .map(|(s, (range, out))| seq_forward(cfg, &inputs.seq(s, range.clone(), None), out))
         .collect();
     if sums.iter().any(|s| !s.finite) {
-        // Only on the error path: the KL estimates, to name an overflowing one.
+        // Only on the error path: the KL estimates and ratios (a ratio
+        // beyond f32 without a clamp), to name an overflowing one.
         let kl: Vec<f32> = inputs.ref_logp.map_or_else(Vec::new, |r| {
             r.iter()
                 .zip(inputs.logp)
                 .map(|(&r, &l)| cfg.kl.value_with::<math::Baseline>(r - l))
                 .collect()
         });
-        inputs.check_finite(OP, &ranges, None, &[("kl", &kl), ("per_token", per_token)])?;
+        let ratio = inputs.ratios(cfg, &ranges);
+        inputs.check_finite(
+            OP,
+            &ranges,
+            None,
+            &[("kl", &kl), ("ratio", &ratio), ("per_token", per_token)],
+        )?;
     }
 
     let tokens: usize = sums.iter().map(|s| s.tokens).sum();
+    let seqs = cfg.seq_divisor(sums.iter().map(|s| s.tokens));
     let mut total = SeqSums::default();
     let mut loss = 0.0f64;
+    let mut seq_clip = SeqClipStats::default();
     for s in &sums {
-        loss += cfg.aggregation.weight(s.tokens, ranges.len(), tokens) * s.loss;
+        loss += cfg.aggregation.weight(s.tokens, seqs, tokens) * s.loss;
         total.merge(s);
+        seq_clip.add(s.tokens, s.clip_low, s.clip_high);
     }
+    let (clip_frac_low_seq, clip_frac_high_seq, clip_frac_low_seq_min, clip_frac_high_seq_max) =
+        seq_clip.finish(ranges.len());
     let mean = |x: f64| {
         if tokens == 0 {
             0.0
@@ -633,6 +1076,11 @@ pub fn policy_loss_into(
         ratio_max: if tokens == 0 { 0.0 } else { total.ratio_max },
         kl_mean: mean(total.kl),
         tokens: tokens as f32,
+        clip_frac_low_seq,
+        clip_frac_high_seq,
+        clip_frac_low_seq_min,
+        clip_frac_high_seq_max,
+        seqs: seqs as f32,
     };
     if !stats.loss.is_finite() {
         return Err(Error::NonFinite {
@@ -694,6 +1142,7 @@ pub fn policy_loss_backward_into(
         .map(|(s, range)| inputs.seq(s, range.clone(), None).tokens())
         .collect();
     let tokens = counts.iter().sum();
+    let seqs = cfg.seq_divisor(counts.iter().copied());
 
     let outs = split_by_ranges(dlogp, &ranges);
     let finite = ranges
@@ -704,7 +1153,7 @@ pub fn policy_loss_backward_into(
         .with_min_len(min_seqs)
         .map(|(s, ((range, out), &count))| {
             let seq = inputs.seq(s, range.clone(), grad_per_token);
-            let w = cfg.aggregation.weight(count, ranges.len(), tokens) as f32;
+            let w = cfg.aggregation.weight(count, seqs, tokens) as f32;
             seq_backward(cfg, &seq, grad_loss * w, out)
         })
         .reduce(|| true, |a, b| a && b);
@@ -747,6 +1196,7 @@ struct SeqData<'a> {
     ref_logp: &'a [f32],
     adv: SeqAdv<'a>,
     mask: Option<&'a [u8]>,
+    pg_weights: Option<&'a [f32]>,
     grad_per_token: Option<&'a [f32]>,
 }
 
@@ -757,6 +1207,7 @@ struct Lanes {
     old: [f32; LANES],
     ref_logp: [f32; LANES],
     adv: [f32; LANES],
+    pg_weight: [f32; LANES],
     grad: [f32; LANES],
     active: [bool; LANES],
 }
@@ -789,6 +1240,7 @@ impl SeqData<'_> {
             old: [0.0; LANES],
             ref_logp: [0.0; LANES],
             adv: [0.0; LANES],
+            pg_weight: [1.0; LANES],
             grad: [0.0; LANES],
             active: [false; LANES],
         };
@@ -799,6 +1251,9 @@ impl SeqData<'_> {
         match self.adv {
             SeqAdv::Const(a) => x.adv[..k].fill(a),
             SeqAdv::Tokens(a) => x.adv[..k].copy_from_slice(&a[span.clone()]),
+        }
+        if let Some(w) = self.pg_weights {
+            x.pg_weight[..k].copy_from_slice(&w[span.clone()]);
         }
         if let Some(g) = self.grad_per_token {
             x.grad[..k].copy_from_slice(&g[span.clone()]);
@@ -823,10 +1278,10 @@ impl SeqData<'_> {
         }
     }
 
-    /// `(masked-in tokens, their mean log-ratio)`: the sequence's importance
-    /// log-ratio at the sequence level.
+    /// `(masked-in tokens, their sum of log-ratios each clamped to
+    /// `[-clamp, clamp]`)`.
     #[inline(always)]
-    fn mean_log_ratio(&self) -> (usize, f32) {
+    fn log_ratio_sum(&self, clamp: f32) -> (usize, f64) {
         let (mut tokens, mut sum) = (0usize, 0.0f64);
         for block in (0..self.len()).step_by(BLOCK) {
             let mut acc = [0.0f32; LANES];
@@ -834,20 +1289,65 @@ impl SeqData<'_> {
             for at in (block..self.len().min(block + BLOCK)).step_by(LANES) {
                 let x = self.load(at);
                 for i in 0..LANES {
-                    acc[i] += if x.active[i] { x.logp[i] - x.old[i] } else { 0.0 };
+                    let lr = x.logp[i] - x.old[i];
+                    let lr = if lr > clamp { clamp } else { lr };
+                    let lr = if lr < -clamp { -clamp } else { lr };
+                    acc[i] += if x.active[i] { lr } else { 0.0 };
                     count[i] += x.active[i] as u32;
                 }
             }
             sum += acc.iter().map(|&v| v as f64).sum::<f64>();
             tokens += count.iter().sum::<u32>() as usize;
         }
-        (tokens, (sum / tokens.max(1) as f64) as f32)
+        (tokens, sum)
     }
 
-    /// The log-ratio of lane `i`: its own, or the sequence's.
+    /// The masked-in token count and the sequence-level values of `cfg`'s
+    /// loss, from one pass over the sequence where it needs one.
     #[inline(always)]
-    fn log_ratio(x: &Lanes, i: usize, seq_log_ratio: Option<f32>) -> f32 {
-        seq_log_ratio.unwrap_or(x.logp[i] - x.old[i])
+    fn context(&self, cfg: &PolicyLossConfig) -> (usize, SeqContext) {
+        if cfg.importance == ImportanceLevel::Sequence {
+            let (tokens, sum) = self.log_ratio_sum(f32::INFINITY);
+            let log_ratio = (sum / tokens.max(1) as f64) as f32;
+            (
+                tokens,
+                SeqContext {
+                    log_ratio: Some(log_ratio),
+                    log_w: 0.0,
+                },
+            )
+        } else if cfg.objective.is_sequence_weighted() {
+            let (tokens, sum) = self.log_ratio_sum(VESPO_TOKEN_CLAMP);
+            let log_w = (sum as f32).clamp(VESPO_LOG_W_MIN, VESPO_TOKEN_CLAMP);
+            (
+                tokens,
+                SeqContext {
+                    log_ratio: None,
+                    log_w,
+                },
+            )
+        } else {
+            (
+                self.tokens(),
+                SeqContext {
+                    log_ratio: None,
+                    log_w: 0.0,
+                },
+            )
+        }
+    }
+
+    /// The inputs of lane `i`'s [`PolicyLossConfig::token_loss`].
+    #[inline(always)]
+    fn token_in(x: &Lanes, i: usize, ctx: SeqContext) -> TokenIn {
+        TokenIn {
+            log_ratio: ctx.log_ratio.unwrap_or(x.logp[i] - x.old[i]),
+            adv: x.adv[i],
+            d_ref: x.ref_logp[i] - x.logp[i],
+            logp: x.logp[i],
+            pg_weight: x.pg_weight[i],
+            seq_log_w: ctx.log_w,
+        }
     }
 
     /// Whether every input of lane `i` is finite, or the lane is inactive.
@@ -857,8 +1357,67 @@ impl SeqData<'_> {
             & x.old[i].is_finite()
             & x.ref_logp[i].is_finite()
             & x.adv[i].is_finite()
+            & x.pg_weight[i].is_finite()
+            & (x.pg_weight[i] >= 0.0)
             & x.grad[i].is_finite();
         all | !x.active[i]
+    }
+}
+
+/// A sequence's values of the loss: its mean log-ratio at the sequence
+/// level (GSPO), VESPO's `log w`.
+#[derive(Clone, Copy)]
+struct SeqContext {
+    log_ratio: Option<f32>,
+    log_w: f32,
+}
+
+/// Sequence-level clip statistics, as TRL's `masked_seq_mean`: each
+/// sequence's fraction of clipped tokens.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeqClipStats {
+    low_sum: f64,
+    high_sum: f64,
+    low_min: f64,
+    high_max: f64,
+}
+
+impl Default for SeqClipStats {
+    fn default() -> Self {
+        Self {
+            low_sum: 0.0,
+            high_sum: 0.0,
+            low_min: f64::INFINITY,
+            high_max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl SeqClipStats {
+    /// Adds a sequence of `tokens` masked-in tokens, `low` and `high` of them clipped.
+    pub(crate) fn add(&mut self, tokens: usize, low: f64, high: f64) {
+        if tokens == 0 {
+            return;
+        }
+        let (low, high) = (low / tokens as f64, high / tokens as f64);
+        self.low_sum += low;
+        self.high_sum += high;
+        self.low_min = self.low_min.min(low);
+        self.high_max = self.high_max.max(high);
+    }
+
+    /// `(low mean, high mean, low min, high max)` over `seqs` sequences
+    /// (empty ones count 0 in the means and are skipped by min and max;
+    /// all 0 when every sequence is empty).
+    pub(crate) fn finish(&self, seqs: usize) -> (f32, f32, f32, f32) {
+        let mean = |x: f64| (x / seqs.max(1) as f64) as f32;
+        let bound = |x: f64| if x.is_finite() { x as f32 } else { 0.0 };
+        (
+            mean(self.low_sum),
+            mean(self.high_sum),
+            bound(self.low_min),
+            bound(self.high_max),
+        )
     }
 }
 
@@ -928,6 +1487,26 @@ impl LaneSums {
     }
 }
 
+/// `$call` with `$cfg` rebound, where the objective is `Clip` (the
+/// default), to a copy whose objective is the `Clip` variant by
+/// construction: its `match` then folds away inside the loops, which
+/// vectorize as before the other objectives existed (those take the
+/// general path). A macro for the reason of `with_fixed_kl!`.
+macro_rules! with_fixed_objective {
+    ($cfg:ident, $call:expr) => {
+        match $cfg.objective {
+            PolicyObjective::Clip { delta } => {
+                let $cfg = &PolicyLossConfig {
+                    objective: PolicyObjective::Clip { delta },
+                    ..*$cfg
+                };
+                $call
+            }
+            _ => $call,
+        }
+    };
+}
+
 /// `$call` with `$cfg` rebound to a copy whose KL estimator is a constant
 /// to the optimizer: the estimator's `match` folds away inside the loops,
 /// which then vectorize (one copy per estimator). A macro, not a closure:
@@ -941,28 +1520,28 @@ macro_rules! with_fixed_kl {
                     kl: KlEstimator::K1,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             KlEstimator::K2 => {
                 let $cfg = &PolicyLossConfig {
                     kl: KlEstimator::K2,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             KlEstimator::K3 => {
                 let $cfg = &PolicyLossConfig {
                     kl: KlEstimator::K3,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             KlEstimator::LowVarK3 => {
                 let $cfg = &PolicyLossConfig {
                     kl: KlEstimator::LowVarK3,
                     ..*$cfg
                 };
-                $call
+                with_fixed_objective!($cfg, $call)
             }
             // The other estimators (`kl::with_estimator!` lists them all), unfolded.
             _ => $call,
@@ -988,13 +1567,7 @@ multiversion! {
 /// The body of [`seq_forward`].
 #[inline(always)]
 fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut [f32]) -> SeqSums {
-    let (tokens, seq_log_ratio) = match cfg.importance {
-        ImportanceLevel::Token => (seq.tokens(), None),
-        ImportanceLevel::Sequence => {
-            let (tokens, lr) = seq.mean_log_ratio();
-            (tokens, Some(lr))
-        }
-    };
+    let (tokens, ctx) = seq.context(cfg);
     let mut sums = SeqSums {
         tokens,
         finite: true,
@@ -1006,11 +1579,7 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
             let x = seq.load(at);
             let mut terms = [0.0f32; LANES];
             for (i, term) in terms.iter_mut().enumerate() {
-                let t = cfg.token_loss::<M>(
-                    SeqData::log_ratio(&x, i, seq_log_ratio),
-                    x.adv[i],
-                    x.ref_logp[i] - x.logp[i],
-                );
+                let t = cfg.token_loss::<M>(SeqData::token_in(&x, i, ctx));
                 let on = x.active[i];
                 let count = |flag: bool| (on & flag) as u32 as f32;
                 *term = if on { t.loss } else { 0.0 };
@@ -1025,7 +1594,7 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
                     acc.ratio_max[i]
                 };
                 acc.kl[i] += if on { t.kl } else { 0.0 };
-                let results_finite = t.loss.is_finite() & t.kl.is_finite();
+                let results_finite = t.loss.is_finite() & t.kl.is_finite() & t.ratio.is_finite();
                 acc.finite[i] &= SeqData::lane_finite(&x, i) & (results_finite | !on);
             }
             SeqData::store(out, at, &terms);
@@ -1038,20 +1607,20 @@ fn forward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, out: &mut
 /// The body of [`seq_backward`].
 #[inline(always)]
 fn backward_lanes<M: MulAdd>(cfg: &PolicyLossConfig, seq: &SeqData<'_>, scale: f32, out: &mut [f32]) -> bool {
-    let seq_log_ratio = match cfg.importance {
-        ImportanceLevel::Token => None,
-        ImportanceLevel::Sequence => Some(seq.mean_log_ratio().1),
+    let ctx = if cfg.importance == ImportanceLevel::Sequence || cfg.objective.is_sequence_weighted() {
+        seq.context(cfg).1
+    } else {
+        SeqContext {
+            log_ratio: None,
+            log_w: 0.0,
+        }
     };
     let mut finite = [true; LANES];
     for at in (0..seq.len()).step_by(LANES) {
         let x = seq.load(at);
         let mut grads = [0.0f32; LANES];
         for i in 0..LANES {
-            let t = cfg.token_loss::<M>(
-                SeqData::log_ratio(&x, i, seq_log_ratio),
-                x.adv[i],
-                x.ref_logp[i] - x.logp[i],
-            );
+            let t = cfg.token_loss::<M>(SeqData::token_in(&x, i, ctx));
             grads[i] = if x.active[i] {
                 (scale + x.grad[i]) * t.grad
             } else {

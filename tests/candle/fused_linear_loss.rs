@@ -80,6 +80,7 @@ impl Case {
             advantages: &self.adv,
             mask: Some(&self.mask),
             cu_seqlens: self.cu.as_ref(),
+            pg_weights: None,
         }
     }
 }
@@ -188,6 +189,15 @@ fn bad_inputs_are_typed_errors() {
             index: 2,
         },
     );
+    let weights = c.old.ones_like().unwrap();
+    let inputs = PolicyLossTensors {
+        pg_weights: Some(&weights),
+        ..c.inputs()
+    };
+    let msg = fused_linear_policy_loss(&c.hidden, &c.weight, &c.targets, &inputs, &c.cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(OP) && msg.contains("pg_weights"), "{msg}");
     let short = c.weight.narrow(1, 0, 11).unwrap();
     let msg = fused_linear_policy_loss(&c.hidden, &short, &c.targets, &c.inputs(), &c.cfg)
         .unwrap_err()

@@ -53,6 +53,7 @@ fn policy_loss_equals_raw_op_and_composed_candle_math() {
         advantages: &adv_t,
         mask: Some(&mask_t),
         cu_seqlens: None,
+        pg_weights: None,
     };
     let ours = policy_loss(&logp_t, &inputs, &cfg).unwrap();
     assert_eq!(ours.loss.to_scalar::<f32>().unwrap(), raw.loss());
@@ -114,6 +115,7 @@ fn policy_loss_packed_per_token_advantages_gradient_matches_raw_backward() {
             advantages: &adv_t,
             mask: None,
             cu_seqlens: Some(&cu_t),
+            pg_weights: None,
         },
         &cfg,
     )
@@ -134,6 +136,7 @@ fn policy_loss_rejects_bad_shapes_and_dtypes() {
         advantages: &adv,
         mask: None,
         cu_seqlens: None,
+        pg_weights: None,
     };
     let cfg = PolicyLossConfig {
         beta: 0.0,
@@ -212,6 +215,7 @@ fn policy_loss_gradient_matches_finite_differences() {
         advantages: &adv_t,
         mask: Some(&mask_t),
         cu_seqlens: None,
+        pg_weights: None,
     };
     let out = policy_loss(&lv, &inputs, &cfg).unwrap();
     // The loss and a weighted sum of the per-token terms: both outputs' backward.
@@ -242,4 +246,151 @@ fn policy_loss_gradient_matches_finite_differences() {
         1e-5,
         1e-4,
     );
+}
+
+/// TRL 1.16's `_compute_loss` and verl's losses
+/// (tests/fixtures/policy_loss_reference.py) through candle's autograd: the
+/// loss, its gradient in `logp` and the statistics, every objective and
+/// option, each case also with NaN in the padding.
+#[test]
+fn matches_trl_and_verl_fixtures_through_autograd() {
+    use crate::common::policy_loss_fixture::{all_cases, FixtureCase};
+    let dev = Device::Cpu;
+    for c in all_cases() {
+        let shape = (c.batch, c.seq_len);
+        let logp = Var::from_tensor(&Tensor::from_vec(c.logp.clone(), shape, &dev).unwrap()).unwrap();
+        let old = Tensor::from_vec(c.old_logp.clone(), shape, &dev).unwrap();
+        let reference = c
+            .ref_logp
+            .clone()
+            .map(|r| Tensor::from_vec(r, shape, &dev).unwrap());
+        let adv = if c.per_token_advantages {
+            Tensor::from_vec(c.advantages.clone(), shape, &dev).unwrap()
+        } else {
+            Tensor::from_vec(c.advantages.clone(), c.batch, &dev).unwrap()
+        };
+        let mask = Tensor::from_vec(c.mask.clone(), shape, &dev).unwrap();
+        let weights = c
+            .pg_weights
+            .clone()
+            .map(|w| Tensor::from_vec(w, shape, &dev).unwrap());
+        let inputs = PolicyLossTensors {
+            old_logp: Some(&old),
+            ref_logp: reference.as_ref(),
+            advantages: &adv,
+            mask: Some(&mask),
+            pg_weights: weights.as_ref(),
+            cu_seqlens: None,
+        };
+        let out = policy_loss(&logp, &inputs, &c.cfg).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let loss = out.loss.to_scalar::<f32>().unwrap();
+        assert_close(&format!("{} loss", c.name), &[loss], &[c.loss], 1e-6, 1e-5);
+        for (name, want) in &c.stats {
+            let got = FixtureCase::stat(&out.stats, name);
+            assert_close(&format!("{} {name}", c.name), &[got], &[*want], 1e-6, 1e-5);
+        }
+        let grads = out.loss.backward().unwrap();
+        let dlogp = to32(&grads.get(&logp).unwrap().flatten_all().unwrap());
+        assert_close(&format!("{} dlogp", c.name), &dlogp, &c.dlogp, 1e-7, 1e-5);
+    }
+}
+
+/// The new objectives with TRL's bias-corrected KL and `pg_weights`
+/// through candle's autograd (both outputs' backward) against finite
+/// differences of an f64 reference that holds the detached parts (CISPO's
+/// and VESPO's weights, `pg_weights`) at their values.
+#[test]
+fn objectives_backward_matches_finite_differences() {
+    use grpo_kernels::PolicyObjective;
+    let mut rng = Rng::new(29);
+    let (s, t) = (3, 6);
+    let n = s * t;
+    let logp: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.3 - 1.5) as f32).collect();
+    let old: Vec<f32> = logp.iter().map(|&l| l - rng.range(-0.4, 0.4) as f32).collect();
+    let ref_logp: Vec<f32> = logp.iter().map(|&l| l + rng.range(-0.3, 0.3) as f32).collect();
+    let adv: Vec<f32> = vec![1.3, -0.7, 0.4];
+    let mask: Vec<u8> = (0..n).map(|i| (i % 5 != 3) as u8).collect();
+    let pw: Vec<f32> = (0..n).map(|_| rng.range(0.0, 1.5) as f32).collect();
+    let w: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let tensor = |x: &[f32]| Tensor::from_vec(x.to_vec(), (s, t), &CPU).unwrap();
+    let (old_t, ref_t, pw_t, w_t) = (tensor(&old), tensor(&ref_logp), tensor(&pw), tensor(&w));
+    let adv_t = Tensor::new(adv.as_slice(), &CPU).unwrap();
+    let mask_t = Tensor::from_vec(mask.clone(), (s, t), &CPU).unwrap();
+    let inputs = PolicyLossTensors {
+        old_logp: Some(&old_t),
+        ref_logp: Some(&ref_t),
+        advantages: &adv_t,
+        mask: Some(&mask_t),
+        pg_weights: Some(&pw_t),
+        cu_seqlens: None,
+    };
+    for objective in [
+        PolicyObjective::Sapo {
+            tau_pos: 1.0,
+            tau_neg: 1.05,
+        },
+        PolicyObjective::Cispo {
+            min_ratio: 0.0,
+            max_ratio: 1.1,
+        },
+        PolicyObjective::Vespo {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        },
+    ] {
+        let cfg = PolicyLossConfig {
+            objective,
+            beta: 0.04,
+            kl: KlEstimator::K3,
+            kl_bias_correction: true,
+            log_ratio_clamp: f32::INFINITY,
+            aggregation: Aggregation::TokenMean { normalizer: None },
+            ..PolicyLossConfig::default()
+        };
+        let lv = var(&logp, &[s, t]);
+        let out = policy_loss(&lv, &inputs, &cfg).unwrap();
+        let total = (&out.loss + out.per_token.mul(&w_t).unwrap().sum_all().unwrap()).unwrap();
+        let grads = total.backward().unwrap();
+
+        let tokens = mask.iter().filter(|&&m| m != 0).count() as f64;
+        let lr0: Vec<f64> = (0..n).map(|i| logp[i] as f64 - old[i] as f64).collect();
+        let reference = |live: &[f64]| -> f64 {
+            let mut sum = 0.0;
+            for (q, &a) in adv.iter().enumerate() {
+                let a = a as f64;
+                let act: Vec<usize> = (q * t..(q + 1) * t).filter(|&i| mask[i] != 0).collect();
+                let log_w = act.iter().map(|&i| lr0[i]).sum::<f64>().clamp(1e-8f64.ln(), 20.0);
+                for &i in &act {
+                    let r = (live[i] - old[i] as f64).exp();
+                    let pg = match objective {
+                        PolicyObjective::Sapo { tau_pos, tau_neg } => {
+                            let tau = if a > 0.0 { tau_pos } else { tau_neg } as f64;
+                            -4.0 / tau * a / (1.0 + (-tau * (r - 1.0)).exp())
+                        }
+                        PolicyObjective::Cispo { max_ratio, .. } => {
+                            -lr0[i].exp().min(max_ratio as f64) * a * live[i]
+                        }
+                        _ => {
+                            let (k, l) = if a >= 0.0 { (2.0, 3.0) } else { (3.0, 2.0) };
+                            -(l + k * log_w - l * log_w.exp()).exp() * a * live[i]
+                        }
+                    };
+                    let kl = kl_ref(KlEstimator::K3, ref_logp[i] as f64 - live[i]) * r;
+                    let l = pw[i] as f64 * pg + cfg.beta as f64 * kl;
+                    sum += l / tokens + w[i] as f64 * l;
+                }
+            }
+            sum
+        };
+        let want = finite_diff(&f64s(&logp), 1e-6, reference);
+        assert_close(
+            &format!("{objective:?} dlogp"),
+            &to32(grads.get(&lv).unwrap()),
+            &want,
+            1e-5,
+            1e-4,
+        );
+    }
 }

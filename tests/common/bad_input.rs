@@ -8,9 +8,9 @@
 #![allow(dead_code)]
 
 use grpo_kernels::{
-    AdvantageConfig, AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, IsMode, KlEstimator,
-    LogProbConfig, NanRewards, PolicyLossConfig, RewardAggregation, SamplerIsConfig, SamplingConfig,
-    Singletons,
+    AdvantageConfig, AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, ImportanceLevel, IsMode,
+    KlEstimator, LogProbConfig, NanRewards, PolicyLossConfig, PolicyObjective, RewardAggregation,
+    SamplerIsConfig, SamplingConfig, Singletons,
 };
 
 const NAN: f32 = f32::NAN;
@@ -666,7 +666,118 @@ pub fn policy_cases() -> Vec<PolicyCase> {
                 ..cfg
             },
             None,
-            bad_param(FWD, "log_ratio_clamp", 88.5, "in (0, 88]: e^clamp must fit f32"),
+            bad_param(
+                FWD,
+                "log_ratio_clamp",
+                88.5,
+                "in (0, 88] (e^clamp must fit f32) or +inf (no clamp)",
+            ),
+        ),
+        case(
+            "a two-sided clipping delta of 0",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Clip { delta: Some(0.0) },
+                ..cfg
+            },
+            None,
+            bad_param(FWD, "delta", 0.0, "finite and > 0"),
+        ),
+        case(
+            "a CISPO upper bound below its lower bound",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Cispo {
+                    min_ratio: 0.8,
+                    max_ratio: 0.5,
+                },
+                ..cfg
+            },
+            None,
+            bad_param(FWD, "max_ratio", 0.5, "finite and >= min_ratio"),
+        ),
+        case(
+            "a SAPO temperature of 0",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Sapo {
+                    tau_pos: 1.0,
+                    tau_neg: 0.0,
+                },
+                ..cfg
+            },
+            None,
+            bad_param(FWD, "tau_neg", 0.0, "finite and > 0"),
+        ),
+        case(
+            "a negative VESPO lambda",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Vespo {
+                    k_pos: 2.0,
+                    lambda_pos: -1.0,
+                    k_neg: 3.0,
+                    lambda_neg: 2.0,
+                },
+                ..cfg
+            },
+            None,
+            bad_param(FWD, "lambda_pos", -1.0, "finite and >= 0"),
+        ),
+        case(
+            "an infinite VESPO k",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Vespo {
+                    k_pos: 2.0,
+                    lambda_pos: 3.0,
+                    k_neg: f32::INFINITY,
+                    lambda_neg: 2.0,
+                },
+                ..cfg
+            },
+            None,
+            bad_param(FWD, "k_neg", f32::INFINITY, "finite"),
+        ),
+        case(
+            "a dual clip with the SAPO objective",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Sapo {
+                    tau_pos: 1.0,
+                    tau_neg: 1.05,
+                },
+                dual_clip: Some(3.0),
+                ..cfg
+            },
+            None,
+            bad_param(FWD, "dual_clip", 3.0, "None unless the objective is Clip"),
+        ),
+        case(
+            "VESPO with sequence-level importance ratios",
+            logp.clone(),
+            vec![1.0],
+            PolicyLossConfig {
+                objective: PolicyObjective::Vespo {
+                    k_pos: 2.0,
+                    lambda_pos: 3.0,
+                    k_neg: 3.0,
+                    lambda_neg: 2.0,
+                },
+                importance: ImportanceLevel::Sequence,
+                ..cfg
+            },
+            None,
+            Some(Error::Unsupported {
+                op: FWD,
+                reason: "VESPO weighs sequences itself: use ImportanceLevel::Token".into(),
+            }),
         ),
         PolicyCase {
             old_logp: Some(vec![-11.0, -2.0]),

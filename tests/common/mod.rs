@@ -125,6 +125,7 @@ pub mod composed;
 pub mod corrections;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod policy_loss_fixture;
 pub mod reference;
 
 /// Central finite differences of `f` at `x`, step `h`.

@@ -223,6 +223,7 @@ fn policy_cpu(c: &PolicyCase) -> Result<Vec<f32>> {
             batch: c.batch,
             seq_len: c.logp.len() / c.batch,
         },
+        pg_weights: None,
     };
     let out = policy_loss(&inputs, &c.cfg)?;
     match &c.backward {
@@ -454,6 +455,7 @@ mod candle {
             advantages: &advantages,
             mask: mask.as_ref(),
             cu_seqlens: None,
+            pg_weights: None,
         };
         let out = ops::policy_loss(&logp, &inputs, &c.cfg)?;
         let Some((grad_loss, per_token)) = &c.backward else {

@@ -11,8 +11,8 @@ use grpo_kernels::{
     kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, sample, token_logprobs,
     token_logprobs_backward, token_logprobs_backward_inplace, Advantage, AdvantageMode, Aggregation, Error,
     Float, FusedLinearConfig, ImportanceLevel, KlEstimator, KlInputs, LinearRows, LogProbConfig,
-    LogProbGrads, LogitRows, PolicyLossConfig, PolicyLossInputs, Rewards, SampleInputs, SamplingConfig,
-    SeqLayout,
+    LogProbGrads, LogitRows, PolicyLossConfig, PolicyLossInputs, PolicyObjective, Rewards, SampleInputs,
+    SamplingConfig, SeqLayout,
 };
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -317,6 +317,7 @@ fn policy_cfg() -> impl Strategy<Value = PolicyLossConfig> {
                     beta,
                     kl: ESTIMATORS[kl],
                     aggregation,
+                    ..Default::default()
                 }
             },
         )
@@ -369,10 +370,78 @@ proptest! {
             advantages: Advantage::PerSequence(&b.adv[..]),
             mask: Some(&b.mask[..]),
             layout: SeqLayout::Padded { batch: b.s, seq_len: n / b.s },
+            pg_weights: None,
         };
         match policy_loss(&inputs, &cfg) {
             Ok(out) => prop_assert!(finite(&out.per_token) && finite(&out.summary), "{out:?}"),
-            Err(e) => allowed(&e, &["per_token", "kl", "loss"]),
+            // "ratio": a sequence's mean log-ratio of extremes (differences
+            // overflowing to +inf and -inf in one sequence) has no value.
+            Err(e) => allowed(&e, &["per_token", "kl", "ratio", "loss"]),
+        }
+        match policy_loss_backward(&inputs, &cfg, b.grad[n], Some(&b.grad[..n])) {
+            Ok(d) => prop_assert!(finite(&d), "{d:?}"),
+            Err(e) => allowed(&e, &["dlogp"]),
+        }
+    }
+}
+
+/// Every objective, with extreme parameters too.
+fn objective() -> impl Strategy<Value = PolicyObjective> {
+    prop_oneof![
+        prop::option::of(positive()).prop_map(|delta| PolicyObjective::Clip { delta }),
+        (positive(), positive()).prop_map(|(a, b)| PolicyObjective::Cispo {
+            min_ratio: a.min(b),
+            max_ratio: a.max(b),
+        }),
+        (positive(), positive()).prop_map(|(tau_pos, tau_neg)| PolicyObjective::Sapo { tau_pos, tau_neg }),
+        (extreme(), positive(), extreme(), positive()).prop_map(|(k_pos, lambda_pos, k_neg, lambda_neg)| {
+            PolicyObjective::Vespo {
+                k_pos,
+                lambda_pos,
+                k_neg,
+                lambda_neg,
+            }
+        }),
+    ]
+}
+
+proptest! {
+    /// The objectives and options with extreme inputs: a typed error or
+    /// finite outputs.
+    #[test]
+    fn policy_objectives_and_options(
+        b in batch(),
+        cfg in policy_cfg(),
+        objective in objective(),
+        opts in (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+    ) {
+        let n = b.logp.len();
+        let weights: Vec<f32> = b.old.iter().map(|x| x.abs()).collect();
+        let cfg = PolicyLossConfig {
+            objective,
+            dual_clip: cfg.dual_clip.filter(|_| matches!(objective, PolicyObjective::Clip { .. })),
+            importance: if matches!(objective, PolicyObjective::Vespo { .. }) {
+                ImportanceLevel::Token
+            } else {
+                cfg.importance
+            },
+            log_ratio_clamp: if opts.0 { f32::INFINITY } else { cfg.log_ratio_clamp },
+            kl_bias_correction: opts.1,
+            exclude_empty_seqs: opts.2,
+            ..cfg
+        };
+        let inputs = PolicyLossInputs {
+            logp: &b.logp[..],
+            old_logp: Some(&b.old[..]),
+            ref_logp: Some(&b.reference[..]),
+            advantages: Advantage::PerSequence(&b.adv[..]),
+            mask: Some(&b.mask[..]),
+            layout: SeqLayout::Padded { batch: b.s, seq_len: n / b.s },
+            pg_weights: opts.3.then_some(&weights[..]),
+        };
+        match policy_loss(&inputs, &cfg) {
+            Ok(out) => prop_assert!(finite(&out.per_token) && finite(&out.summary), "{out:?}"),
+            Err(e) => allowed(&e, &["per_token", "kl", "ratio", "loss"]),
         }
         match policy_loss_backward(&inputs, &cfg, b.grad[n], Some(&b.grad[..n])) {
             Ok(d) => prop_assert!(finite(&d), "{d:?}"),
@@ -521,6 +590,7 @@ mod candle {
             advantages: &adv,
             mask: Some(&mask),
             cu_seqlens: None,
+            pg_weights: None,
         };
         let out = ops::policy_loss(&logp, &inputs, cfg)?;
         let n = b.logp.len();

@@ -10,7 +10,7 @@ use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_policy_loss, policy_loss,
     policy_loss_backward, Advantage, Aggregation, Error, Float, FusedLinearConfig, FusedLossConfig,
     ImportanceLevel, KlEstimator, LinearGrads, LinearLoss, LinearLossInputs, LinearRows, LogProbConfig,
-    LogProbGrads, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, SeqLayout,
+    LogProbGrads, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, PolicyObjective, SeqLayout,
 };
 use half::bf16;
 
@@ -88,6 +88,7 @@ impl Problem {
             },
             kl,
             aggregation,
+            ..Default::default()
         };
         let cfg = FusedLossConfig {
             logprob: LogProbConfig {
@@ -391,8 +392,9 @@ fn matches_the_two_call_form() {
         // Loss and statistics: equal up to the summation order.
         assert_close(
             &format!("{ctx} summary"),
-            &fused.summary,
-            &widen(&summary),
+            // The fused loss leaves the sequence-level statistics at 0.
+            &fused.summary[..=PolicyLossStats::TOKENS],
+            &widen(&summary[..=PolicyLossStats::TOKENS]),
             1e-5,
             1e-4,
         );
@@ -502,8 +504,9 @@ fn bf16_matches_the_two_call_form() {
         assert_close(&format!("{ctx} logp"), &fused.logp, &widen(&logp), 1e-5, 1e-5);
         assert_close(
             &format!("{ctx} summary"),
-            &fused.summary,
-            &widen(&summary),
+            // The fused loss leaves the sequence-level statistics at 0.
+            &fused.summary[..=PolicyLossStats::TOKENS],
+            &widen(&summary[..=PolicyLossStats::TOKENS]),
             1e-5,
             1e-4,
         );
@@ -603,6 +606,24 @@ fn bad_inputs_are_typed_errors() {
     // GSPO cannot be fused in one pass.
     assert!(matches!(
         err(&|p| p.cfg.loss.importance = ImportanceLevel::Sequence),
+        Error::Unsupported { op: OP, .. }
+    ));
+    // Nor, for now, the other objectives and options.
+    let sapo = PolicyObjective::Sapo {
+        tau_pos: 1.0,
+        tau_neg: 1.05,
+    };
+    for objective in [sapo, PolicyObjective::Clip { delta: Some(2.0) }] {
+        assert!(matches!(
+            err(&|p| {
+                p.cfg.loss.objective = objective;
+                p.cfg.loss.dual_clip = None;
+            }),
+            Error::Unsupported { op: OP, .. }
+        ));
+    }
+    assert!(matches!(
+        err(&|p| p.cfg.loss.exclude_empty_seqs = true),
         Error::Unsupported { op: OP, .. }
     ));
     assert_eq!(

@@ -8,7 +8,7 @@ use std::ops::Range;
 use crate::common::{assert_close, widen, Rng};
 use grpo_kernels::{
     broadcast_to_tokens, policy_loss, policy_loss_backward, Advantage, Aggregation, Error, ImportanceLevel,
-    KlEstimator, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, SeqLayout,
+    KlEstimator, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, PolicyObjective, SeqLayout,
 };
 use proptest::prelude::*;
 
@@ -58,6 +58,7 @@ struct Case {
     adv_seq: Option<Vec<f32>>,
     adv_tok: Option<Vec<f32>>,
     mask: Option<Vec<u8>>,
+    pg_weights: Option<Vec<f32>>,
 }
 
 impl Case {
@@ -74,6 +75,7 @@ impl Case {
             advantages,
             mask: self.mask.as_deref(),
             layout: self.lay.layout(),
+            pg_weights: self.pg_weights.as_deref(),
         }
     }
     fn active(&self, t: usize) -> bool {
@@ -157,6 +159,7 @@ fn make_case(lay: Lay, o: Opts, seed: u64) -> Case {
         adv_seq: o.per_seq_adv.then_some(adv_seq),
         adv_tok: (!o.per_seq_adv).then_some(adv_tok),
         mask,
+        pg_weights: None,
         lay,
     }
 }
@@ -178,6 +181,63 @@ struct RefOut {
     per_token: Vec<f64>,
     /// clip_low, clip_high, dual_clip, ratio_mean, ratio_max, kl_mean, tokens.
     stats: [f64; 7],
+    /// clip_low_seq, clip_high_seq, clip_low_seq_min, clip_high_seq_max, seqs.
+    seq_stats: [f64; 5],
+}
+
+/// `pg_t` of `cfg`'s objective for the ratio `r` (of the differentiated
+/// logp `live`, clamped), the detached ratio `r_det` (CISPO's weight), VESPO's
+/// `log w` and the advantage: `(pg, clip_low, clip_high, dual_clip)`.
+fn pg_ref(
+    cfg: &PolicyLossConfig,
+    r: f64,
+    r_det: f64,
+    log_w: f64,
+    live: f64,
+    a: f64,
+) -> (f64, bool, bool, bool) {
+    let (lo, hi) = (1.0 - cfg.eps_low as f64, 1.0 + cfg.eps_high as f64);
+    match cfg.objective {
+        PolicyObjective::Clip { delta } => {
+            let capped = delta.map_or(r, |d| r.min(d as f64));
+            let mut pg = -(capped * a).min(r.clamp(lo, hi) * a);
+            let mut dual = false;
+            if let Some(c) = cfg.dual_clip {
+                let bound = -(c as f64) * a;
+                if a < 0.0 && pg > bound {
+                    pg = bound;
+                    dual = true;
+                }
+            }
+            (pg, r < lo && a < 0.0, r > hi && a > 0.0, dual)
+        }
+        PolicyObjective::Cispo { min_ratio, max_ratio } => {
+            let (mn, mx) = (min_ratio as f64, max_ratio as f64);
+            let w = r_det.clamp(mn, mx);
+            (-w * a * live, r_det < mn && a < 0.0, r_det > mx && a > 0.0, false)
+        }
+        PolicyObjective::Sapo { tau_pos, tau_neg } => {
+            let tau = if a > 0.0 { tau_pos } else { tau_neg } as f64;
+            let sig = 1.0 / (1.0 + (-tau * (r - 1.0)).exp());
+            (-sig * 4.0 / tau * a, false, false, false)
+        }
+        PolicyObjective::Vespo {
+            k_pos,
+            lambda_pos,
+            k_neg,
+            lambda_neg,
+        } => {
+            let (k, l) = if a >= 0.0 {
+                (k_pos, lambda_pos)
+            } else {
+                (k_neg, lambda_neg)
+            };
+            let (k, l) = (k as f64, (l as f64).max(1e-4));
+            let phi = (l + k * log_w - l * log_w.exp()).exp();
+            let phi = if phi.is_finite() { phi } else { 0.0 };
+            (-phi * a * live, false, false, false)
+        }
+    }
 }
 
 /// The loss in f64, one sequence and one token at a time. `live` is the
@@ -188,20 +248,34 @@ fn reference(case: &Case, cfg: &PolicyLossConfig, live: &[f64]) -> RefOut {
     let det = widen(&case.logp);
     let old = case.old.as_deref().map_or(det.clone(), widen);
     let ranges = case.lay.ranges();
-    let seqs = ranges.len() as f64;
+    let nonempty = ranges
+        .iter()
+        .filter(|r| (*r).clone().any(|t| case.active(t)))
+        .count();
+    let seqs = if cfg.exclude_empty_seqs {
+        nonempty.max(1) as f64
+    } else {
+        ranges.len() as f64
+    };
     let total = (0..live.len()).filter(|&t| case.active(t)).count();
-    let (lo, hi) = (1.0 - cfg.eps_low as f64, 1.0 + cfg.eps_high as f64);
     let clamp = cfg.log_ratio_clamp as f64;
     let mut out = RefOut {
         loss: 0.0,
         per_token: vec![0.0; live.len()],
         stats: [0.0; 7],
+        seq_stats: [0.0, 0.0, f64::INFINITY, f64::NEG_INFINITY, seqs],
     };
     let [clip_low, clip_high, dual, ratio_sum, ratio_max, kl_sum, _] = &mut out.stats;
     for (s, range) in ranges.iter().enumerate() {
         let act: Vec<usize> = range.clone().filter(|&t| case.active(t)).collect();
         let len = act.len();
         let seq_log_ratio = act.iter().map(|&t| det[t] - old[t]).sum::<f64>() / len.max(1) as f64;
+        let log_w = act
+            .iter()
+            .map(|&t| (det[t] - old[t]).clamp(-20.0, 20.0))
+            .sum::<f64>()
+            .clamp(1e-8f64.ln(), 20.0);
+        let (mut seq_low, mut seq_high) = (0.0, 0.0);
         let w = match cfg.aggregation {
             Aggregation::TokenMean { normalizer } => {
                 1.0 / normalizer.map_or(total.max(1) as f64, |x| x as f64)
@@ -216,27 +290,45 @@ fn reference(case: &Case, cfg: &PolicyLossConfig, live: &[f64]) -> RefOut {
                 ImportanceLevel::Sequence => live[t] - det[t] + seq_log_ratio,
             };
             let r = raw.clamp(-clamp, clamp).exp();
+            let raw_det = match cfg.importance {
+                ImportanceLevel::Token => det[t] - old[t],
+                ImportanceLevel::Sequence => seq_log_ratio,
+            };
+            let r_det = raw_det.clamp(-clamp, clamp).exp();
             let a = case.adv(s, t);
-            let mut pg = -(r * a).min(r.clamp(lo, hi) * a);
-            *clip_low += (r < lo && a < 0.0) as u8 as f64;
-            *clip_high += (r > hi && a > 0.0) as u8 as f64;
-            if let Some(c) = cfg.dual_clip {
-                let bound = -(c as f64) * a;
-                if a < 0.0 && pg > bound {
-                    pg = bound;
-                    *dual += 1.0;
-                }
-            }
+            let (pg, low, high, dual_clip) = pg_ref(cfg, r, r_det, log_w, live[t], a);
+            *clip_low += low as u8 as f64;
+            *clip_high += high as u8 as f64;
+            *dual += dual_clip as u8 as f64;
+            seq_low += low as u8 as f64 / len as f64;
+            seq_high += high as u8 as f64 / len as f64;
+            let pw = case.pg_weights.as_ref().map_or(1.0, |w| w[t] as f64);
             let kl = case
                 .ref_logp
                 .as_ref()
                 .map_or(0.0, |rf| kl_ref(cfg.kl, rf[t] as f64 - live[t]));
-            let l = pg + cfg.beta as f64 * kl;
+            let kl = if cfg.kl_bias_correction { kl * r } else { kl };
+            let l = pw * pg + cfg.beta as f64 * kl;
             out.per_token[t] = l;
             out.loss += w * l;
             *ratio_sum += r;
             *ratio_max = ratio_max.max(r);
             *kl_sum += kl;
+        }
+        if len > 0 {
+            let q = &mut out.seq_stats;
+            q[0] += seq_low;
+            q[1] += seq_high;
+            q[2] = q[2].min(seq_low);
+            q[3] = q[3].max(seq_high);
+        }
+    }
+    let q = &mut out.seq_stats;
+    q[0] /= ranges.len() as f64;
+    q[1] /= ranges.len() as f64;
+    for x in &mut q[2..4] {
+        if !x.is_finite() {
+            *x = 0.0;
         }
     }
     let m = total.max(1) as f64;
@@ -271,6 +363,20 @@ fn check_forward(case: &Case, cfg: &PolicyLossConfig, what: &str) {
         s.tokens,
     ];
     assert_close(&format!("stats {what}"), &stats, &want.stats, 1e-6, 1e-5);
+    let seq_stats = [
+        s.clip_frac_low_seq,
+        s.clip_frac_high_seq,
+        s.clip_frac_low_seq_min,
+        s.clip_frac_high_seq_max,
+        s.seqs,
+    ];
+    assert_close(
+        &format!("seq stats {what}"),
+        &seq_stats,
+        &want.seq_stats,
+        1e-6,
+        1e-5,
+    );
     for (t, &x) in got.per_token.iter().enumerate() {
         if !case.active(t) {
             assert_eq!(x, 0.0, "masked-out per_token[{t}] {what}");
@@ -495,7 +601,10 @@ fn no_masked_in_tokens_gives_zeros() {
             ..PolicyLossConfig::default()
         };
         let out = policy_loss(&inputs, &cfg).unwrap();
-        assert_eq!(out.summary, vec![0.0; PolicyLossStats::SUMMARY_LEN]);
+        // All zeros but S, the sequence count (2).
+        let mut want = vec![0.0; PolicyLossStats::SUMMARY_LEN];
+        want[PolicyLossStats::SEQS] = 2.0;
+        assert_eq!(out.summary, want);
         assert_eq!(out.per_token, vec![0.0; 3]);
         assert_eq!(
             policy_loss_backward(&inputs, &cfg, 1.0, None).unwrap(),
@@ -683,6 +792,7 @@ fn bad_lengths_and_layouts_are_typed_errors() {
         adv_seq: Some(vec![]),
         adv_tok: None,
         mask: None,
+        pg_weights: None,
     };
     assert!(matches!(fwd_err(&empty, &cfg), Error::Empty { what: "logp", .. }));
 
@@ -742,7 +852,8 @@ fn bad_parameters_are_typed_errors() {
             ),
             (
                 PolicyLossConfig {
-                    log_ratio_clamp: x,
+                    // +inf turns the clamp off; NaN and -inf are refused.
+                    log_ratio_clamp: -x,
                     ..base
                 },
                 "log_ratio_clamp",
@@ -891,6 +1002,207 @@ fn non_finite_inputs_at_masked_in_tokens_are_reported_first_by_position() {
         Error::NonFinite {
             what: "advantages (per sequence)",
             index: 2,
+            ..
+        }
+    ));
+}
+
+/// TRL 1.16's `GRPOTrainer._compute_loss` and verl's policy losses
+/// (tests/fixtures/policy_loss_reference.py): the loss, `d loss / d logp`
+/// and the logged statistics, for every loss type and option, each case
+/// also with NaN in the padding.
+#[test]
+fn matches_trl_and_verl_fixtures() {
+    for c in crate::common::policy_loss_fixture::all_cases() {
+        let advantages = if c.per_token_advantages {
+            Advantage::per_token(&c.advantages)
+        } else {
+            Advantage::per_sequence(&c.advantages)
+        };
+        let layout = SeqLayout::Padded {
+            batch: c.batch,
+            seq_len: c.seq_len,
+        };
+        let mut inputs = PolicyLossInputs::new(&c.logp, advantages, layout)
+            .with_old(&c.old_logp)
+            .with_mask(&c.mask);
+        if let Some(r) = &c.ref_logp {
+            inputs = inputs.with_ref(r);
+        }
+        if let Some(w) = &c.pg_weights {
+            inputs = inputs.with_pg_weights(w);
+        }
+        let out = policy_loss(&inputs, &c.cfg).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_close(&format!("{} loss", c.name), &[out.loss()], &[c.loss], 1e-6, 1e-5);
+        let stats = out.stats();
+        for (name, want) in &c.stats {
+            let got = crate::common::policy_loss_fixture::FixtureCase::stat(&stats, name);
+            assert_close(&format!("{} {name}", c.name), &[got], &[*want], 1e-6, 1e-5);
+        }
+        let dlogp = policy_loss_backward(&inputs, &c.cfg, 1.0, None).unwrap();
+        assert_close(&format!("{} dlogp", c.name), &dlogp, &c.dlogp, 1e-7, 1e-5);
+    }
+}
+
+/// Every objective with every new option (delta, no clamp, bias-corrected
+/// KL, `pg_weights`, verl's divisor) against the f64 reference, forward and
+/// finite differences, padded and packed.
+#[test]
+fn objectives_and_options_match_reference() {
+    let objectives = [
+        PolicyObjective::Clip { delta: Some(2.0) },
+        PolicyObjective::Cispo {
+            min_ratio: 0.0,
+            max_ratio: 1.28,
+        },
+        PolicyObjective::Cispo {
+            min_ratio: 0.8,
+            max_ratio: 1.28,
+        },
+        PolicyObjective::Sapo {
+            tau_pos: 1.0,
+            tau_neg: 1.05,
+        },
+        PolicyObjective::Vespo {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        },
+        PolicyObjective::Vespo {
+            k_pos: 1.5,
+            lambda_pos: 0.0,
+            k_neg: -0.5,
+            lambda_neg: 1.0,
+        },
+    ];
+    let mut cases = 0;
+    for (li, lay) in [
+        Lay::Padded(1, 1),
+        Lay::Padded(3, 5),
+        Lay::packed(&[4, 0, 9, 1, 17]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (oi, &objective) in objectives.iter().enumerate() {
+            let vespo = matches!(objective, PolicyObjective::Vespo { .. });
+            for bits in 0..32u32 {
+                let bit = |i: u32| bits >> i & 1 == 1;
+                let o = Opts {
+                    old: true,
+                    ref_logp: bit(0),
+                    per_seq_adv: bit(1),
+                    mask: bit(2),
+                    seq_level: !vespo && bit(3),
+                };
+                let seed = 77_000 + (li * 1000 + oi * 100) as u64 + bits as u64;
+                let mut case = make_case(lay.clone(), o, seed);
+                if vespo {
+                    // Small log-ratios, so that the sequence weights are not all 0.
+                    let logp = case.logp.clone();
+                    for (old, &l) in case.old.as_mut().unwrap().iter_mut().zip(&logp) {
+                        *old = l - (l - *old) * 0.05;
+                    }
+                }
+                if bit(4) {
+                    let mut rng = Rng::new(seed);
+                    let w = (0..case.logp.len())
+                        .map(|t| {
+                            if case.active(t) {
+                                rng.range(0.0, 1.5) as f32
+                            } else {
+                                f32::NAN
+                            }
+                        })
+                        .collect();
+                    case.pg_weights = Some(w);
+                }
+                let cfg = PolicyLossConfig {
+                    objective,
+                    eps_high: 0.28,
+                    log_ratio_clamp: if bits % 3 == 0 { f32::INFINITY } else { 20.0 },
+                    importance: if o.seq_level {
+                        ImportanceLevel::Sequence
+                    } else {
+                        ImportanceLevel::Token
+                    },
+                    beta: if o.ref_logp { 0.05 } else { 0.0 },
+                    kl: [KlEstimator::K3, KlEstimator::K2][bits as usize % 2],
+                    kl_bias_correction: o.ref_logp && bits % 5 < 3,
+                    aggregation: AGGREGATIONS[bits as usize % 5],
+                    exclude_empty_seqs: bits % 7 < 3,
+                    ..PolicyLossConfig::default()
+                };
+                let what = format!("{lay:?} {o:?} {cfg:?} weights {}", bit(4));
+                check_forward(&case, &cfg, &what);
+                check_backward(&case, &cfg, 24, seed, &what);
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 3 * 6 * 32);
+}
+
+/// A negative policy-gradient weight at a masked-in token is a typed
+/// error; a NaN one is `NonFinite`; either is ignored where masked out.
+#[test]
+fn bad_pg_weights_are_typed_errors() {
+    const LOGP: [f32; 3] = [-1.0, -2.0, -0.5];
+    const ADV: [f32; 1] = [1.0];
+    const MASK: [u8; 3] = [1, 0, 1];
+    let cfg = PolicyLossConfig::default();
+    let run = |w: &[f32]| {
+        let inputs = PolicyLossInputs::new(
+            &LOGP,
+            Advantage::per_sequence(&ADV),
+            SeqLayout::Padded { batch: 1, seq_len: 3 },
+        )
+        .with_mask(&MASK)
+        .with_pg_weights(w);
+        (
+            policy_loss(&inputs, &cfg).map(|_| ()),
+            policy_loss_backward(&inputs, &cfg, 1.0, None).map(|_| ()),
+        )
+    };
+    let negative = Error::InvalidParameter {
+        op: "policy_loss",
+        name: "pg_weights",
+        value: -0.5,
+        expected: "finite and >= 0 at masked-in tokens",
+    };
+    let (f, b) = run(&[1.0, 1.0, -0.5]);
+    assert_eq!(f.unwrap_err(), negative);
+    assert!(matches!(
+        b.unwrap_err(),
+        Error::InvalidParameter {
+            name: "pg_weights",
+            ..
+        }
+    ));
+    let (f, b) = run(&[f32::NAN, 1.0, 1.0]);
+    let nan = |op| Error::NonFinite {
+        op,
+        what: "pg_weights",
+        index: 0,
+    };
+    assert_eq!(f.unwrap_err(), nan("policy_loss"));
+    assert_eq!(b.unwrap_err(), nan("policy_loss_backward"));
+    let (f, b) = run(&[1.0, f32::NAN, 1.0]);
+    f.unwrap();
+    b.unwrap();
+    let (f, _) = run(&[1.0, -3.0, 0.0]);
+    f.unwrap();
+    let short = PolicyLossInputs::new(
+        &LOGP,
+        Advantage::per_sequence(&ADV),
+        SeqLayout::Padded { batch: 1, seq_len: 3 },
+    )
+    .with_pg_weights(&[1.0]);
+    assert!(matches!(
+        policy_loss(&short, &cfg).unwrap_err(),
+        Error::ShapeMismatch {
+            what: "pg_weights",
             ..
         }
     ));

@@ -270,6 +270,7 @@ fn policy_gpu(gpu: &Gpu, c: &PolicyCase) -> Result<Outs> {
         ref_logp: reference.as_ref().map(|r| r.as_view()),
         advantages: Advantage::PerSequence(adv.as_view()),
         mask: mask.as_ref().map(|m| m.as_view()),
+        pg_weights: None,
         layout: SeqLayout::Padded {
             batch: c.batch,
             seq_len: c.logp.len() / c.batch,

@@ -103,6 +103,7 @@ fn policy_loss_and_sampling_on_cuda_equal_cpu() {
                 advantages: &a,
                 mask: Some(&m),
                 cu_seqlens: None,
+                pg_weights: None,
             };
             let out = policy_loss(&x, &inputs, &cfg).unwrap();
             // Gradient through both the loss and the per-token terms.

@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use grpo_kernels::cuda::{self, Device, Gpu};
 use grpo_kernels::{
     policy_loss, policy_loss_backward, Advantage, Aggregation, DeviceFault, Error, ImportanceLevel,
-    KlEstimator, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, SeqLayout,
+    KlEstimator, PolicyLossConfig, PolicyLossInputs, PolicyLossStats, PolicyObjective, SeqLayout,
 };
 
 const ESTIMATORS: [KlEstimator; 4] = [
@@ -32,6 +32,7 @@ struct Problem {
     per_token_adv: bool,
     mask: Option<Vec<u8>>,
     cu_seqlens: Option<Vec<u32>>,
+    pg_weights: Option<Vec<f32>>,
     padded: (usize, usize),
     grad_per_token: Vec<f32>,
 }
@@ -76,6 +77,7 @@ impl Problem {
             .collect();
         let mask = (rng.below(2) == 0).then(|| (0..n).map(|_| (rng.below(5) != 0) as u8).collect());
         let grad_per_token = (0..n).map(|_| rng.normal() as f32 * 0.1).collect();
+        let pg_weights = (rng.below(2) == 0).then(|| (0..n).map(|_| rng.uniform() as f32 * 1.5).collect());
         Self {
             logp,
             old,
@@ -84,6 +86,7 @@ impl Problem {
             per_token_adv,
             mask,
             cu_seqlens: cu,
+            pg_weights,
             padded,
             grad_per_token,
         }
@@ -107,7 +110,25 @@ impl Problem {
                     seq_len: self.padded.1,
                 },
             },
+            pg_weights: self.pg_weights.as_deref(),
         }
+    }
+
+    /// The fewest masked-in tokens of a non-empty sequence (1 when none).
+    fn min_seq_tokens(&self) -> usize {
+        let ranges: Vec<(usize, usize)> = match &self.cu_seqlens {
+            Some(cu) => cu.windows(2).map(|w| (w[0] as usize, w[1] as usize)).collect(),
+            None => (0..self.padded.0)
+                .map(|s| (s * self.padded.1, (s + 1) * self.padded.1))
+                .collect(),
+        };
+        let active = |t: usize| self.mask.as_ref().is_none_or(|m| m[t] != 0);
+        ranges
+            .iter()
+            .map(|&(a, b)| (a..b).filter(|&t| active(t)).count())
+            .filter(|&c| c > 0)
+            .min()
+            .unwrap_or(1)
     }
 }
 
@@ -119,6 +140,7 @@ struct OnDevice {
     adv: CudaSlice<f32>,
     mask: Option<CudaSlice<u8>>,
     cu: Option<CudaSlice<u32>>,
+    pg_weights: Option<CudaSlice<f32>>,
 }
 
 impl OnDevice {
@@ -130,6 +152,7 @@ impl OnDevice {
             adv: up(gpu, &p.adv),
             mask: p.mask.as_ref().map(|v| up(gpu, v)),
             cu: p.cu_seqlens.as_ref().map(|v| up(gpu, v)),
+            pg_weights: p.pg_weights.as_ref().map(|v| up(gpu, v)),
         }
     }
 
@@ -153,6 +176,7 @@ impl OnDevice {
                     seq_len: p.padded.1,
                 },
             },
+            pg_weights: self.pg_weights.as_ref().map(|v| v.as_view()),
         }
     }
 }
@@ -167,19 +191,42 @@ fn random_config(rng: &mut Rng, has_ref: bool) -> PolicyLossConfig {
         3 => Aggregation::SeqMeanTokenSum,
         _ => Aggregation::SeqMeanTokenSumNorm { constant: 333.0 },
     };
+    let objective = match rng.below(6) {
+        0 => PolicyObjective::Clip { delta: Some(1.5) },
+        1 => PolicyObjective::Cispo {
+            min_ratio: [0.0, 0.8][rng.below(2)],
+            max_ratio: 1.3,
+        },
+        2 => PolicyObjective::Sapo {
+            tau_pos: 1.0,
+            tau_neg: 1.05,
+        },
+        3 => PolicyObjective::Vespo {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        },
+        _ => PolicyObjective::Clip { delta: None },
+    };
+    let clip = matches!(objective, PolicyObjective::Clip { .. });
+    let vespo = matches!(objective, PolicyObjective::Vespo { .. });
     PolicyLossConfig {
+        objective,
         eps_low: [0.2, 0.1, 1.0][rng.below(3)],
         eps_high: [0.2, 0.28][rng.below(2)],
-        dual_clip: (rng.below(2) == 0).then_some(3.0),
-        log_ratio_clamp: [20.0, 0.25][rng.below(2)],
-        importance: if rng.below(3) == 0 {
+        dual_clip: (clip && rng.below(2) == 0).then_some(3.0),
+        log_ratio_clamp: [20.0, 0.25, f32::INFINITY][rng.below(3)],
+        importance: if !vespo && rng.below(3) == 0 {
             ImportanceLevel::Sequence
         } else {
             ImportanceLevel::Token
         },
         beta: if has_ref { 0.04 } else { 0.0 },
         kl: ESTIMATORS[rng.below(4)],
+        kl_bias_correction: rng.below(2) == 0,
         aggregation,
+        exclude_empty_seqs: rng.below(2) == 0,
     }
 }
 
@@ -247,6 +294,24 @@ fn policy_loss_matches_cpu() {
         field("ratio_max", gs.ratio_max, ws.ratio_max, 1e-6);
         field("kl_mean", gs.kl_mean, ws.kl_mean, 1e-5);
         assert_eq!(gs.tokens, ws.tokens, "tokens {what}");
+        // One flipped flag moves a sequence's fraction by 1 / L_s.
+        let one_seq = 1.5 / p.min_seq_tokens() as f64;
+        for (name, g, w) in [
+            ("clip_frac_low_seq", gs.clip_frac_low_seq, ws.clip_frac_low_seq),
+            ("clip_frac_high_seq", gs.clip_frac_high_seq, ws.clip_frac_high_seq),
+            (
+                "clip_frac_low_seq_min",
+                gs.clip_frac_low_seq_min,
+                ws.clip_frac_low_seq_min,
+            ),
+            (
+                "clip_frac_high_seq_max",
+                gs.clip_frac_high_seq_max,
+                ws.clip_frac_high_seq_max,
+            ),
+        ] {
+            field(name, g, w, one_seq);
+        }
         let got_d = down(&gpu, &got_d);
         let off: Vec<usize> = (0..got_d.len())
             .filter(|&i| {
@@ -284,6 +349,7 @@ fn policy_loss_reports_bad_offsets_and_non_finite_tokens() {
         ref_logp: None,
         advantages: Advantage::PerSequence(d_adv.as_view()),
         mask: None,
+        pg_weights: None,
         layout: SeqLayout::Packed {
             cu_seqlens: bad_cu.as_view(),
         },
@@ -314,6 +380,7 @@ fn policy_loss_reports_bad_offsets_and_non_finite_tokens() {
         ref_logp: None,
         advantages: Advantage::PerSequence(d_adv.as_view()),
         mask: Some(d_mask.as_view()),
+        pg_weights: None,
         layout: SeqLayout::Packed {
             cu_seqlens: cu.as_view(),
         },
@@ -332,4 +399,64 @@ fn policy_loss_reports_bad_offsets_and_non_finite_tokens() {
         "{err}"
     );
     gpu.check().expect("check clears the status");
+}
+
+/// The TRL 1.16 / verl fixtures on the GPU: loss, statistics and
+/// `d loss / d logp` against the references' values.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn policy_loss_matches_trl_and_verl_fixtures() {
+    use crate::common::policy_loss_fixture::{all_cases, FixtureCase};
+    let gpu = gpu();
+    for c in all_cases() {
+        let (logp, old, adv, mask) = (
+            up(&gpu, &c.logp),
+            up(&gpu, &c.old_logp),
+            up(&gpu, &c.advantages),
+            up(&gpu, &c.mask),
+        );
+        let reference = c.ref_logp.as_ref().map(|r| up(&gpu, r));
+        let weights = c.pg_weights.as_ref().map(|w| up(&gpu, w));
+        let inputs = PolicyLossInputs::<Device> {
+            logp: logp.as_view(),
+            old_logp: Some(old.as_view()),
+            ref_logp: reference.as_ref().map(|r| r.as_view()),
+            advantages: if c.per_token_advantages {
+                Advantage::PerToken(adv.as_view())
+            } else {
+                Advantage::PerSequence(adv.as_view())
+            },
+            mask: Some(mask.as_view()),
+            pg_weights: weights.as_ref().map(|w| w.as_view()),
+            layout: SeqLayout::Padded {
+                batch: c.batch,
+                seq_len: c.seq_len,
+            },
+        };
+        let out = cuda::policy_loss(&gpu, &inputs, &c.cfg).unwrap();
+        let g_loss = up(&gpu, &[1.0f32]);
+        let dlogp = cuda::policy_loss_backward(
+            &gpu,
+            &inputs,
+            &c.cfg,
+            &out.summary.as_view(),
+            &g_loss.as_view(),
+            None,
+        )
+        .unwrap();
+        gpu.check().unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let stats = PolicyLossStats::from_summary(&down(&gpu, &out.summary));
+        assert_close(&format!("{} loss", c.name), &[stats.loss], &[c.loss], 1e-6, 2e-5);
+        for (name, want) in &c.stats {
+            let got = FixtureCase::stat(&stats, name);
+            assert_close(&format!("{} {name}", c.name), &[got], &[*want], 1e-6, 2e-5);
+        }
+        assert_close(
+            &format!("{} dlogp", c.name),
+            &down(&gpu, &dlogp),
+            &c.dlogp,
+            1e-7,
+            2e-5,
+        );
+    }
 }

@@ -162,6 +162,7 @@ fn update(
                 advantages: &adv,
                 mask: Some(&ones),
                 cu_seqlens: None,
+                pg_weights: None,
             },
             &loss_cfg,
         )

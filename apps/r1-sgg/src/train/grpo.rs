@@ -294,6 +294,7 @@ pub fn grpo(
                         advantages: &r.advantages,
                         mask: Some(r.policy_mask.as_ref().unwrap_or(&target_mask)),
                         cu_seqlens: None,
+                        pg_weights: None,
                     },
                     &cfg.loss,
                 )?;
@@ -369,6 +370,17 @@ fn mean_stats(parts: &[PolicyLossStats]) -> PolicyLossStats {
         ratio_max: parts.iter().map(|s| s.ratio_max).fold(f32::MIN, f32::max),
         kl_mean: mean(|s| s.kl_mean),
         tokens: parts.iter().map(|s| s.tokens).sum(),
+        clip_frac_low_seq: mean(|s| s.clip_frac_low_seq),
+        clip_frac_high_seq: mean(|s| s.clip_frac_high_seq),
+        clip_frac_low_seq_min: parts
+            .iter()
+            .map(|s| s.clip_frac_low_seq_min)
+            .fold(f32::MAX, f32::min),
+        clip_frac_high_seq_max: parts
+            .iter()
+            .map(|s| s.clip_frac_high_seq_max)
+            .fold(f32::MIN, f32::max),
+        seqs: parts.iter().map(|s| s.seqs).sum(),
     }
 }
 
