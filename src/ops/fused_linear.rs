@@ -290,7 +290,7 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
 }
 
 /// [`fused_linear_logprobs`] into caller-provided `[rows]` buffers (the
-/// host twin of [`cuda::fused_linear_logprobs_into`](crate::cuda)): with
+/// host twin of the CUDA side's `cuda::fused_linear_logprobs_into`): with
 /// them reused, a loop of calls allocates nothing but the per-row target
 /// list (the chunk buffers are kept per thread). Skipped rows get 0.
 /// Errors: those of [`fused_linear_logprobs`], and output lengths (an
