@@ -324,3 +324,107 @@ fn extreme_inputs_give_finite_weights_or_a_typed_error() {
         assert!(w.iter().all(|&x| x == 0.0 || x == 1.0) && t.is_none_or(f32::is_finite));
     }
 }
+
+/// One GRPO loss step with every correction on, against TRL's own
+/// `_compute_loss` (`tests/fixtures/grpo_step_trl.json`, written by
+/// `grpo_step_reference.py`): the sampler's importance weights
+/// (`sequence_mask`, max 3), the off-policy sequence mask and the
+/// high-entropy mask, multiplied into one `pg_weights` buffer by the
+/// `_into` forms, then `policy_loss` with TRL's "grpo" settings (no clamp,
+/// k3 KL) gives TRL's loss and d loss / d logp.
+#[test]
+fn corrections_into_pg_weights_equal_trl_compute_loss() {
+    use grpo_kernels::{
+        policy_loss, policy_loss_backward, Advantage, Aggregation, KlEstimator, PolicyLossConfig,
+        PolicyLossInputs, PolicyObjective, SeqLayout,
+    };
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/grpo_step_trl.json");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(!cases.is_empty());
+    for (k, c) in cases.iter().enumerate() {
+        let (b, t) = (
+            c["batch"].as_u64().unwrap() as usize,
+            c["seq_len"].as_u64().unwrap() as usize,
+        );
+        let layout = || SeqLayout::Padded { batch: b, seq_len: t };
+        let (mask, logp, old, sampler) = (
+            u8s(&c["mask"]),
+            f32s(&c["logp"]),
+            f32s(&c["old_logp"]),
+            f32s(&c["sampler_logp"]),
+        );
+        let (reference, entropy, adv) = (f32s(&c["ref_logp"]), f32s(&c["entropy"]), f32s(&c["advantages"]));
+        let num = |key: &str| c[key].as_f64().unwrap();
+
+        let mut pg_weights = vec![1.0f32; b * t];
+        let sampler_of = |logp| SamplerLogps {
+            logp,
+            sampler_logp: &sampler[..],
+            mask: Some(&mask[..]),
+            layout: layout(),
+        };
+        let is_cfg = SamplerIsConfig {
+            mode: IsMode::SequenceMask,
+            clip_min: None,
+            clip_max: Some(num("is_clip_max") as f32),
+        };
+        sampler_is_weights_into(&sampler_of(&old[..]), &is_cfg, &mut pg_weights).unwrap();
+        off_policy_mask_into(
+            &sampler_of(&logp[..]),
+            &adv,
+            num("opsm_threshold") as f32,
+            &mut pg_weights,
+        )
+        .unwrap();
+        high_entropy_mask_into(
+            &entropy,
+            Some(&mask),
+            num("top_entropy_quantile"),
+            &mut pg_weights,
+        )
+        .unwrap();
+
+        let inputs = PolicyLossInputs::new(&logp, Advantage::per_sequence(&adv), layout())
+            .with_old(&old)
+            .with_ref(&reference)
+            .with_mask(&mask)
+            .with_pg_weights(&pg_weights);
+        let cfg = PolicyLossConfig {
+            objective: PolicyObjective::Clip { delta: None },
+            eps_low: num("eps_low") as f32,
+            eps_high: num("eps_high") as f32,
+            log_ratio_clamp: f32::INFINITY,
+            beta: num("beta") as f32,
+            kl: KlEstimator::K3,
+            aggregation: Aggregation::SeqMeanTokenMean,
+            ..PolicyLossConfig::default()
+        };
+        let out = policy_loss(&inputs, &cfg).unwrap();
+        let what = format!("case {k}");
+        assert_close(
+            &format!("{what}: loss"),
+            &[out.loss()],
+            &[num("loss")],
+            1e-7,
+            RTOL,
+        );
+        let dlogp = policy_loss_backward(&inputs, &cfg, 1.0, None).unwrap();
+        // TRL's gradient at padding is 0, as ours.
+        let want: Vec<f64> = c["dlogp"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_close(&format!("{what}: dlogp"), &dlogp, &want, 1e-8, RTOL);
+        // Every correction acts in some case: some weight is 0, some is
+        // neither 0 nor 1.
+        assert!(pg_weights.contains(&0.0), "{what}: no token dropped");
+        assert!(
+            pg_weights.iter().any(|&w| w != 0.0 && w != 1.0),
+            "{what}: no importance weight"
+        );
+    }
+}
