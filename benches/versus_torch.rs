@@ -44,7 +44,7 @@
 //! | `kl_k3_fwd`, `kl_k3_fwd_bwd` | 128 x 2048 tokens | `kl_divergence_into` (+ `kl_divergence_backward_into`) |
 //! | `policy_loss_fwd`, `policy_loss_fwd_bwd` | 128 x 2048 tokens, completions of 256..2048, k3 beta 0.04, sequence mean of token means | `policy_loss_into` (+ `policy_loss_backward_into`) |
 //! | `sample` | logits [64, 151936] f32, temperature 0.7, top-k 50, top-p 0.9 | `sample_into` |
-//! | `advantages` | 2^20 rewards in groups of 8 | `group_advantages` (no `_into` form) |
+//! | `advantages` | 2^20 rewards in groups of 8 | `group_advantages_into` |
 
 mod util;
 
@@ -53,11 +53,11 @@ use std::time::Instant;
 
 use grpo_kernels::{
     fused_linear_logprobs_backward_into, fused_linear_logprobs_into, fused_linear_policy_loss_into,
-    group_advantages, kl_divergence_backward_into, kl_divergence_into, policy_loss_backward_into,
+    group_advantages_into, kl_divergence_backward_into, kl_divergence_into, policy_loss_backward_into,
     policy_loss_into, sample_into, token_logprobs_backward_into, token_logprobs_into, Advantage,
-    AdvantageMode, Float, FusedLinearConfig, KlEstimator, KlInputs, LinearGradsOut, LinearLossOut,
-    LogProbConfig, LogProbGrads, LogProbSaved, LogProbsOut, LogitRows, PolicyLossConfig, PolicyLossInputs,
-    PolicyLossStats, Rewards, SampleInputs, SamplesOut, SamplingConfig, SeqLayout,
+    AdvantageMode, Float, FusedLinearConfig, GroupAdvantagesOut, KlEstimator, KlInputs, LinearGradsOut,
+    LinearLossOut, LogProbConfig, LogProbGrads, LogProbSaved, LogProbsOut, LogitRows, PolicyLossConfig,
+    PolicyLossInputs, PolicyLossStats, Rewards, SampleInputs, SamplesOut, SamplingConfig, SeqLayout,
 };
 use half::bf16;
 use serde_json::{json, Value};
@@ -245,7 +245,7 @@ const CASES: &[Case] = &[
         name: "advantages",
         op: "advantages",
         dtype: "f32",
-        form: "group_advantages, allocating: no _into form",
+        form: "group_advantages_into",
         kind: Kind::Advantages,
     },
 ];
@@ -656,12 +656,21 @@ struct AdvantagesRun {
     rewards: Vec<f32>,
     group: usize,
     advantages: Vec<f32>,
+    combined: Vec<f32>,
+    group_mean: Vec<f32>,
+    group_std: Vec<f32>,
 }
 
 impl Run for AdvantagesRun {
     fn call(&mut self) {
         let r = Rewards::new(&self.rewards, self.group);
-        self.advantages = group_advantages(&r, AdvantageMode::default()).unwrap().advantages;
+        let mut out = GroupAdvantagesOut {
+            advantages: &mut self.advantages,
+            rewards: &mut self.combined,
+            group_mean: &mut self.group_mean,
+            group_std: &mut self.group_std,
+        };
+        group_advantages_into(&r, AdvantageMode::default(), &mut out).unwrap();
     }
 
     fn outputs(&self) -> Vec<Output<'_>> {
@@ -752,11 +761,18 @@ fn load(kind: Kind, s: &Sizes, dir: &Path) -> Box<dyn Run> {
             tokens: vec![0; s.sample_rows],
             logp: vec![0.0; s.sample_rows],
         }),
-        Kind::Advantages => Box::new(AdvantagesRun {
-            rewards: f32s("rewards.f32"),
-            group: s.group,
-            advantages: Vec::new(),
-        }),
+        Kind::Advantages => {
+            let rewards = f32s("rewards.f32");
+            let (n, groups) = (rewards.len(), rewards.len() / s.group);
+            Box::new(AdvantagesRun {
+                rewards,
+                group: s.group,
+                advantages: vec![0.0; n],
+                combined: vec![0.0; n],
+                group_mean: vec![0.0; groups],
+                group_std: vec![0.0; groups],
+            })
+        }
     }
 }
 

@@ -32,8 +32,8 @@ pub use element::{DType, Float, TokenId};
 pub use error::{CudaFailure, DeviceFault, Error, Result};
 pub use memory::{Host, Memory};
 pub use ops::advantages::{
-    broadcast_to_tokens, group_advantages, AdvantageConfig, AdvantageMode, GroupAdvantages, NanRewards,
-    RewardAggregation, Rewards, Singletons,
+    broadcast_to_tokens, broadcast_to_tokens_into, group_advantages, group_advantages_into, AdvantageConfig,
+    AdvantageMode, GroupAdvantages, GroupAdvantagesOut, NanRewards, RewardAggregation, Rewards, Singletons,
 };
 pub use ops::corrections::{
     high_entropy_mask, high_entropy_mask_into, mask_truncated_completions, off_policy_mask,

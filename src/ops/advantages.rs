@@ -581,9 +581,59 @@ pub fn group_advantages(
     rewards: &Rewards<'_>,
     config: impl Into<AdvantageConfig>,
 ) -> Result<GroupAdvantages> {
+    let (_, n) = rewards.validate(OP)?;
+    let groups = n / rewards.group_size;
+    let mut advantages = check::filled(OP, "advantages", n, 0.0f32)?;
+    let mut combined = check::filled(OP, "rewards", n, 0.0f32)?;
+    let mut group_mean = check::filled(OP, "group_mean", groups, 0.0f32)?;
+    let mut group_std = check::filled(OP, "group_std", groups, 0.0f32)?;
+    group_advantages_into(
+        rewards,
+        config,
+        &mut GroupAdvantagesOut {
+            advantages: &mut advantages,
+            rewards: &mut combined,
+            group_mean: &mut group_mean,
+            group_std: &mut group_std,
+        },
+    )?;
+    Ok(GroupAdvantages {
+        advantages,
+        rewards: combined,
+        group_mean,
+        group_std,
+    })
+}
+
+/// Where [`group_advantages_into`] writes: caller-provided buffers, as
+/// [`GroupAdvantages`] holds them (`[P * G]`, `[P * G]`, `[P]`, `[P]`).
+/// Every element is written; after an error their contents are unspecified.
+pub struct GroupAdvantagesOut<'a> {
+    /// `[P * G]` advantages.
+    pub advantages: &'a mut [f32],
+    /// `[P * G]` combined rewards.
+    pub rewards: &'a mut [f32],
+    /// `[P]` group means.
+    pub group_mean: &'a mut [f32],
+    /// `[P]` group standard deviations.
+    pub group_std: &'a mut [f32],
+}
+
+/// [`group_advantages`] into caller-provided buffers. Errors: those of
+/// [`group_advantages`], and output lengths.
+pub fn group_advantages_into(
+    rewards: &Rewards<'_>,
+    config: impl Into<AdvantageConfig>,
+    out: &mut GroupAdvantagesOut<'_>,
+) -> Result<()> {
     let cfg: AdvantageConfig = config.into();
     let (_, n) = rewards.validate(OP)?;
     cfg.validate(OP)?;
+    let groups = n / rewards.group_size;
+    check::len(OP, "advantages (output)", n, out.advantages.len())?;
+    check::len(OP, "rewards (output)", n, out.rewards.len())?;
+    check::len(OP, "group_mean (output)", groups, out.group_mean.len())?;
+    check::len(OP, "group_std (output)", groups, out.group_std.len())?;
     match cfg.nan_rewards {
         NanRewards::Error => check::finite(OP, "values", rewards.values)?,
         NanRewards::Skip => {
@@ -610,7 +660,8 @@ pub fn group_advantages(
             rewards.combine_group(n, p, cfg.aggregation, out)
         }),
     }
-    let combined: Vec<f32> = r.iter().map(|&x| x as f32).collect();
+    let combined = &mut *out.rewards;
+    combined.iter_mut().zip(&r).for_each(|(c, &x)| *c = x as f32);
     if let Some(i) = combined.iter().position(|x| x.is_infinite()) {
         return Err(Error::NonFinite {
             op: OP,
@@ -626,28 +677,29 @@ pub fn group_advantages(
     } else {
         r.chunks(g).map(|grp| GroupStats::of(grp, unbiased)).collect()
     };
-    let group_mean: Vec<f32> = stats.iter().map(|s| s.mean as f32).collect();
-    let group_std: Vec<f32> = stats.iter().map(|s| s.std as f32).collect();
-    check::finite(OP, "group_std", &group_std)?;
+    for ((m, sd), st) in out
+        .group_mean
+        .iter_mut()
+        .zip(out.group_std.iter_mut())
+        .zip(&stats)
+    {
+        (*m, *sd) = (st.mean as f32, st.std as f32);
+    }
+    check::finite(OP, "group_std", out.group_std)?;
     let batch = if cfg.mode.uses_batch() {
         GroupStats::batch(&stats, unbiased)
     } else {
         GroupStats::of(&[], unbiased)
     };
-    let mut advantages = vec![0.0f32; n];
-    each_group(&mut advantages, g, |p, adv| {
+    let advantages = &mut *out.advantages;
+    each_group(advantages, g, |p, adv| {
         let affine = cfg.group_affine(&stats[p], g, &batch);
         for (a, &x) in adv.iter_mut().zip(&r[p * g..(p + 1) * g]) {
             *a = affine.apply(x) as f32;
         }
     });
-    check::finite(OP, "advantages", &advantages)?;
-    Ok(GroupAdvantages {
-        advantages,
-        rewards: combined,
-        group_mean,
-        group_std,
-    })
+    check::finite(OP, "advantages", advantages)?;
+    Ok(())
 }
 
 /// Repeats each sequence's value over its tokens: `[S]` in, `[N]` out, with
@@ -658,6 +710,26 @@ pub fn group_advantages(
 /// padded layout of more tokens than can be allocated
 /// ([`Error::Allocation`]: its `batch * seq_len` is not backed by any input).
 pub fn broadcast_to_tokens(per_seq: &[f32], layout: &SeqLayout<'_>) -> Result<Vec<f32>> {
+    let tokens = validate_broadcast(per_seq, layout)?;
+    let mut out = check::filled(OP_BROADCAST, "tokens", tokens, 0.0f32)?;
+    broadcast_to_tokens_into(per_seq, layout, &mut out)?;
+    Ok(out)
+}
+
+/// [`broadcast_to_tokens`] into a caller's `[N]` buffer. Errors: those of
+/// [`broadcast_to_tokens`], and `out`'s length.
+pub fn broadcast_to_tokens_into(per_seq: &[f32], layout: &SeqLayout<'_>, out: &mut [f32]) -> Result<()> {
+    let tokens = validate_broadcast(per_seq, layout)?;
+    check::len(OP_BROADCAST, "out", tokens, out.len())?;
+    for (range, &v) in layout.ranges().zip(per_seq) {
+        out[range].fill(v);
+    }
+    Ok(())
+}
+
+/// Validates a broadcast's layout and values; returns the token count
+/// (`batch * seq_len`, or the last offset).
+fn validate_broadcast(per_seq: &[f32], layout: &SeqLayout<'_>) -> Result<usize> {
     let tokens = match layout {
         SeqLayout::Padded { batch, seq_len } => {
             batch.checked_mul(*seq_len).ok_or_else(|| Error::InvalidLayout {
@@ -670,10 +742,5 @@ pub fn broadcast_to_tokens(per_seq: &[f32], layout: &SeqLayout<'_>) -> Result<Ve
     let seqs = layout.validate(OP_BROADCAST, tokens)?;
     check::len(OP_BROADCAST, "per_seq", seqs, per_seq.len())?;
     check::finite(OP_BROADCAST, "per_seq", per_seq)?;
-    let mut out = check::with_capacity(OP_BROADCAST, "tokens", tokens)?;
-    // The validated ranges cover 0..tokens in order.
-    for (range, &v) in layout.ranges().zip(per_seq) {
-        out.extend(std::iter::repeat_n(v, range.len()));
-    }
-    Ok(out)
+    Ok(tokens)
 }

@@ -4,13 +4,15 @@
 
 use crate::common::Rng;
 use grpo_kernels::{
-    fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_logprobs_backward_into,
-    fused_linear_logprobs_into, kl_divergence, kl_divergence_backward, kl_divergence_backward_into,
-    kl_divergence_into, policy_loss, policy_loss_backward, policy_loss_backward_into, policy_loss_into,
-    sample, sample_into, token_logprobs, token_logprobs_backward, token_logprobs_backward_into,
-    token_logprobs_into, Advantage, Error, FusedLinearConfig, KlEstimator, KlInputs, LinearGradsOut,
-    LinearRows, LogProbConfig, LogProbGrads, LogProbsOut, LogitRows, PolicyLossConfig, PolicyLossInputs,
-    PolicyLossStats, SampleInputs, SamplesOut, SamplingConfig, SeqLayout,
+    broadcast_to_tokens, broadcast_to_tokens_into, fused_linear_logprobs, fused_linear_logprobs_backward,
+    fused_linear_logprobs_backward_into, fused_linear_logprobs_into, group_advantages, group_advantages_into,
+    kl_divergence, kl_divergence_backward, kl_divergence_backward_into, kl_divergence_into, policy_loss,
+    policy_loss_backward, policy_loss_backward_into, policy_loss_into, sample, sample_into, token_logprobs,
+    token_logprobs_backward, token_logprobs_backward_into, token_logprobs_into, Advantage, AdvantageConfig,
+    AdvantageMode, Error, FusedLinearConfig, GroupAdvantagesOut, KlEstimator, KlInputs, LinearGradsOut,
+    LinearRows, LogProbConfig, LogProbGrads, LogProbsOut, LogitRows, NanRewards, PolicyLossConfig,
+    PolicyLossInputs, PolicyLossStats, RewardAggregation, Rewards, SampleInputs, SamplesOut, SamplingConfig,
+    SeqLayout,
 };
 
 fn bits(xs: &[f32]) -> Vec<u32> {
@@ -330,4 +332,79 @@ fn sample_into_equals_allocating() {
             ..
         }
     ));
+}
+
+/// `group_advantages_into` and `broadcast_to_tokens_into` write what their
+/// allocating forms return (every setting that changes the outputs), and
+/// refuse outputs of the wrong length.
+#[test]
+fn advantages_into_equal_allocating() {
+    let mut rng = Rng::new(6);
+    let (p, g, k) = (13, 5, 2);
+    let mut values: Vec<f32> = rng.normals(k * p * g, 1.0);
+    values[7] = f32::NAN;
+    let weights = [0.7f32, 1.3];
+    let rewards = Rewards::new(&values, g).with_weights(&weights);
+    for cfg in [
+        AdvantageConfig {
+            nan_rewards: NanRewards::Skip,
+            ..AdvantageConfig::default()
+        },
+        AdvantageConfig {
+            nan_rewards: NanRewards::Skip,
+            aggregation: RewardAggregation::NormalizeThenSum { eps: 1e-4 },
+            mode: AdvantageMode::Whiten {
+                eps: 1e-4,
+                unbiased: true,
+            },
+            ..AdvantageConfig::default()
+        },
+    ] {
+        let want = group_advantages(&rewards, cfg).unwrap();
+        let (mut adv, mut r, mut mean, mut std) = (
+            vec![f32::NAN; p * g],
+            vec![0.5f32; p * g],
+            vec![f32::NAN; p],
+            vec![f32::NAN; p],
+        );
+        let mut out = GroupAdvantagesOut {
+            advantages: &mut adv,
+            rewards: &mut r,
+            group_mean: &mut mean,
+            group_std: &mut std,
+        };
+        group_advantages_into(&rewards, cfg, &mut out).unwrap();
+        assert_eq!(bits(&adv), bits(&want.advantages));
+        assert_eq!(bits(&r), bits(&want.rewards));
+        assert_eq!(bits(&mean), bits(&want.group_mean));
+        assert_eq!(bits(&std), bits(&want.group_std));
+        let mut short = GroupAdvantagesOut {
+            advantages: &mut adv,
+            rewards: &mut r,
+            group_mean: &mut mean[1..],
+            group_std: &mut std,
+        };
+        assert!(matches!(
+            group_advantages_into(&rewards, cfg, &mut short).unwrap_err(),
+            Error::ShapeMismatch {
+                what: "group_mean (output)",
+                ..
+            }
+        ));
+    }
+    let per_seq: Vec<f32> = rng.normals(4, 1.0);
+    let cu = [0u32, 3, 3, 10, 12];
+    for layout in [
+        SeqLayout::Packed { cu_seqlens: &cu[..] },
+        SeqLayout::Padded { batch: 4, seq_len: 5 },
+    ] {
+        let want = broadcast_to_tokens(&per_seq, &layout).unwrap();
+        let mut out = vec![f32::NAN; want.len()];
+        broadcast_to_tokens_into(&per_seq, &layout, &mut out).unwrap();
+        assert_eq!(bits(&out), bits(&want));
+        assert!(matches!(
+            broadcast_to_tokens_into(&per_seq, &layout, &mut out[1..]).unwrap_err(),
+            Error::ShapeMismatch { what: "out", .. }
+        ));
+    }
 }
