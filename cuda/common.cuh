@@ -50,6 +50,37 @@ __device__ __forceinline__ void raise(uint32_t* status, OpId op, StatusKind kind
     atomicMin(status + 1 + kind, (uint32_t)min(index, (uint64_t)0xFFFFFFFEu));
 }
 
+// ------------------------------------------------------------ sequences
+
+// Sequence s's token range [*begin, *end) of `tokens`: s * seq_len onward
+// when padded (cu_seqlens null), else cu_seqlens[s] to cu_seqlens[s + 1].
+// Offsets that decrease, pass `tokens`, or do not start at 0 and end at
+// `tokens` raise BAD_LAYOUT for `op` (thread 0) and read as empty.
+__device__ __forceinline__ void seq_range(const uint32_t* cu_seqlens, int64_t seq_len, int64_t seqs, int64_t tokens,
+                                          int64_t s, OpId op, int64_t* begin, int64_t* end, uint32_t* status) {
+    if (!cu_seqlens) {
+        *begin = s * seq_len;
+        *end = *begin + seq_len;
+        return;
+    }
+    const int64_t a = cu_seqlens[s], b = cu_seqlens[s + 1];
+    const bool ok = a <= b && b <= tokens && (s != 0 || a == 0) && (s != seqs - 1 || b == tokens);
+    if (!ok) {
+        if (threadIdx.x == 0) raise(status, op, BAD_LAYOUT, s);
+        *begin = *end = 0;
+        return;
+    }
+    *begin = a;
+    *end = b;
+}
+
+// The same from a kernel's parameters (`cu_seqlens`, `seq_len`, `seqs`, `tokens`).
+template <typename P>
+__device__ __forceinline__ void seq_range(const P& p, OpId op, int64_t s, int64_t* begin, int64_t* end,
+                                          uint32_t* status) {
+    seq_range(p.cu_seqlens, p.seq_len, p.seqs, p.tokens, s, op, begin, end, status);
+}
+
 // ------------------------------------------------------------ reductions
 
 struct Sum {

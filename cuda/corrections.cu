@@ -23,24 +23,6 @@ constexpr int THREADS = CORRECTIONS_THREADS;
 constexpr int SELECT_THREADS = ENTROPY_SELECT_THREADS;
 using Params = CorrectionParams;
 
-// Sequence s's token range; bad offsets raise BAD_LAYOUT and read as empty.
-__device__ __forceinline__ void seq_range(const Params& p, int64_t s, int64_t* begin, int64_t* end, uint32_t* status) {
-    if (!p.cu_seqlens) {
-        *begin = s * p.seq_len;
-        *end = *begin + p.seq_len;
-        return;
-    }
-    const int64_t a = p.cu_seqlens[s], b = p.cu_seqlens[s + 1];
-    const bool ok = a <= b && b <= p.tokens && (s != 0 || a == 0) && (s != p.seqs - 1 || b == p.tokens);
-    if (!ok) {
-        if (threadIdx.x == 0) raise(status, OP_CORRECTIONS, BAD_LAYOUT, s);
-        *begin = *end = 0;
-        return;
-    }
-    *begin = a;
-    *end = b;
-}
-
 __device__ __forceinline__ bool active(const uint8_t* mask, int64_t t) { return !mask || mask[t] != 0; }
 
 // torch.nan_to_num(x, nan=0.0) in f32.
@@ -108,7 +90,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     __shared__ Partial scratch[THREADS / 32];
     const int64_t s = blockIdx.x;
     int64_t begin, end;
-    seq_range(p, s, &begin, &end, status);
+    seq_range(p, OP_CORRECTIONS, s, &begin, &end, status);
     const bool seq_level = p.mode == IS_SEQUENCE_TRUNCATE || p.mode == IS_SEQUENCE_MASK;
     Partial acc = {0.0, 0.0, 0.0, 0ull, 0ull, INFINITY, -INFINITY, -INFINITY};
     for (int64_t t = begin + threadIdx.x; t < end; t += THREADS) {
@@ -152,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) corr_off_policy(Params p, 
     __shared__ SumCount scratch[THREADS / 32];
     const int64_t s = blockIdx.x;
     int64_t begin, end;
-    seq_range(p, s, &begin, &end, status);
+    seq_range(p, OP_CORRECTIONS, s, &begin, &end, status);
     const float adv = p.advantages[s];
     if (threadIdx.x == 0 && !isfinite(adv)) raise(status, OP_CORRECTIONS, NON_FINITE, s);
     SumCount acc = {0.0, 0ull};

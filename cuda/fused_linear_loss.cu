@@ -41,16 +41,8 @@ __device__ void counts(const I* targets, const uint8_t* mask, int64_t ignore_ind
                        int32_t* seq_of, uint32_t* status) {
     __shared__ float scratch[THREADS / 32];
     const int64_t s = blockIdx.x;
-    int64_t begin = s * seq_len, end = begin + seq_len;
-    if (cu_seqlens) {
-        begin = cu_seqlens[s];
-        end = cu_seqlens[s + 1];
-        const bool ok = begin <= end && end <= rows && (s != 0 || begin == 0) && (s != seqs - 1 || end == rows);
-        if (!ok) {
-            if (threadIdx.x == 0) raise(status, OP_FUSED_LINEAR_LOSS, BAD_LAYOUT, s);
-            begin = end = 0;
-        }
-    }
+    int64_t begin, end;
+    seq_range(cu_seqlens, seq_len, seqs, rows, s, OP_FUSED_LINEAR_LOSS, &begin, &end, status);
     float n = 0.f;
     for (int64_t t = begin + threadIdx.x; t < end; t += THREADS) {
         seq_of[t] = (int32_t)s;

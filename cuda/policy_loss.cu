@@ -20,24 +20,6 @@ constexpr int THREADS = POLICY_LOSS_THREADS;
 using Params = PolicyLossParams;
 using Partial = PolicyLossPartial;
 
-// Sequence s's token range; bad offsets raise BAD_LAYOUT and read as empty.
-__device__ __forceinline__ void seq_range(const Params& p, int64_t s, int64_t* begin, int64_t* end, uint32_t* status) {
-    if (!p.cu_seqlens) {
-        *begin = s * p.seq_len;
-        *end = *begin + p.seq_len;
-        return;
-    }
-    const int64_t a = p.cu_seqlens[s], b = p.cu_seqlens[s + 1];
-    const bool ok = a <= b && b <= p.tokens && (s != 0 || a == 0) && (s != p.seqs - 1 || b == p.tokens);
-    if (!ok) {
-        if (threadIdx.x == 0) raise(status, OP_POLICY_LOSS, BAD_LAYOUT, s);
-        *begin = *end = 0;
-        return;
-    }
-    *begin = a;
-    *end = b;
-}
-
 __device__ __forceinline__ bool active(const Params& p, int64_t t) { return !p.mask || p.mask[t] != 0; }
 
 __device__ __forceinline__ float log_ratio(const Params& p, int64_t t) {
@@ -124,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     __shared__ bool is_last;
     const int64_t s = blockIdx.x;
     int64_t begin, end;
-    seq_range(p, s, &begin, &end, status);
+    seq_range(p, OP_POLICY_LOSS, s, &begin, &end, status);
     const SeqInputs seq = seq_inputs(seq_totals(p, begin, end));
 
     Partial acc = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, -INFINITY, 0.f};
@@ -207,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                     float* dlogp, uint32_t* status) {
     const int64_t s = blockIdx.x;
     int64_t begin, end;
-    seq_range(p, s, &begin, &end, status);
+    seq_range(p, OP_POLICY_LOSS, s, &begin, &end, status);
     const CountSum totals = seq_totals(p, begin, end);
     const SeqInputs seq = seq_inputs(totals);
     const float seqs = summary[SEQS];

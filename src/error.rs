@@ -367,6 +367,27 @@ pub(crate) mod check {
         }
     }
 
+    /// An output buffer that is given exactly when `expected` is `Some`
+    /// (an entropy buffer when entropies are asked for, a bias gradient
+    /// when there is a bias): its length, or `Unsupported` stating `rule`
+    /// when it is given without reason or missing.
+    pub fn paired_len(
+        op: &'static str,
+        what: &'static str,
+        expected: Option<usize>,
+        got: Option<usize>,
+        rule: &str,
+    ) -> Result<()> {
+        match (expected, got) {
+            (Some(expected), Some(got)) => len(op, what, expected, got),
+            (None, None) => Ok(()),
+            _ => Err(Error::Unsupported {
+                op,
+                reason: rule.into(),
+            }),
+        }
+    }
+
     /// An empty `Vec` with room for `n` elements, or an `Allocation` error
     /// (instead of an abort) when `n` values of `T` exceed the address
     /// space or the allocator refuses them.
@@ -377,6 +398,13 @@ pub(crate) mod check {
             what,
             elements: n,
         })?;
+        Ok(v)
+    }
+
+    /// `n` copies of `fill`, or an `Allocation` error (see [`with_capacity`]).
+    pub fn filled<T: Clone>(op: &'static str, what: &'static str, n: usize, fill: T) -> Result<Vec<T>> {
+        let mut v = with_capacity(op, what, n)?;
+        v.resize(n, fill);
         Ok(v)
     }
 

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
 use super::abi::{self, GroupStats};
-use super::{ptx, Device, Gpu, KernelFile};
+use super::{grid_x, ptx, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::advantages::{
     AdvantageConfig, AdvantageMode, GroupAdvantages, NanRewards, RewardAggregation, Rewards, Singletons, OP,
@@ -176,12 +176,7 @@ pub fn broadcast_to_tokens(
     check::non_empty(OP_BROADCAST, "tokens", tokens)?;
     let seqs = layout.validate_shape(OP_BROADCAST, tokens)?;
     check::len(OP_BROADCAST, "per_seq", seqs, per_seq.len())?;
-    if seqs > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            op: OP_BROADCAST,
-            reason: format!("{seqs} sequences exceed a CUDA grid (2^31 - 1)"),
-        });
-    }
+    grid_x(OP_BROADCAST, "sequences", seqs)?;
     if tokens > isize::MAX as usize / std::mem::size_of::<f32>() {
         return Err(Error::Allocation {
             op: OP_BROADCAST,

@@ -11,13 +11,14 @@
 //! quantile in one block (radix selection, about six reads of the
 //! entropies: `cuda/corrections.cu`), the threshold staying on the device.
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, SyncOnDrop};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig};
 
 use super::abi::{self, CorrectionParams, IsModeKind, IsSeqPartial};
-use super::{ptx, Device, Gpu, KernelFile};
+use super::{block_per_sequence, ptx, Addresses, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::corrections::{
-    entropy_q, IsMode, IsPartial, SamplerIsConfig, SamplerIsStats, SamplerLogps, OP_ENTROPY, OP_IS, OP_OPSM,
+    entropy_q, validate_entropy_mask, IsMode, IsPartial, SamplerIsConfig, SamplerIsStats, SamplerLogps,
+    OP_IS, OP_OPSM,
 };
 use crate::ops::layout::SeqLayout;
 
@@ -91,7 +92,7 @@ impl From<IsSeqPartial> for IsPartial {
 /// The kernels' parameters, with guards keeping the inputs readable.
 struct Pointers<'a> {
     params: CorrectionParams,
-    _guards: Vec<SyncOnDrop<'a>>,
+    _addresses: Addresses<'a>,
 }
 
 fn pointers<'a>(
@@ -100,29 +101,14 @@ fn pointers<'a>(
     advantages: Option<&'a CudaView<'_, f32>>,
     (n, seqs): (usize, usize),
 ) -> Pointers<'a> {
-    let mut guards = Vec::new();
-    let mut ptr = |p: u64, g: SyncOnDrop<'a>| {
-        guards.push(g);
-        p
-    };
-    let (logp, g) = inputs.logp.device_ptr(stream);
-    let logp = ptr(logp, g);
-    let (sampler, g) = inputs.sampler_logp.device_ptr(stream);
-    let sampler_logp = ptr(sampler, g);
-    let mask = inputs.mask.as_ref().map_or(0, |m| {
-        let (p, g) = m.device_ptr(stream);
-        ptr(p, g)
-    });
-    let advantages = advantages.map_or(0, |a| {
-        let (p, g) = a.device_ptr(stream);
-        ptr(p, g)
-    });
+    let mut at = Addresses::new(stream);
+    let logp = at.of(&inputs.logp);
+    let sampler_logp = at.of(&inputs.sampler_logp);
+    let mask = at.opt(inputs.mask.as_ref());
+    let advantages = at.opt(advantages);
     let (cu_seqlens, seq_len) = match &inputs.layout {
         SeqLayout::Padded { seq_len, .. } => (0, *seq_len as i64),
-        SeqLayout::Packed { cu_seqlens } => {
-            let (p, g) = cu_seqlens.device_ptr(stream);
-            (ptr(p, g), 0)
-        }
+        SeqLayout::Packed { cu_seqlens } => (at.of(cu_seqlens), 0),
     };
     Pointers {
         params: CorrectionParams {
@@ -139,23 +125,8 @@ fn pointers<'a>(
             threshold: 0.0,
             mode: IsModeKind::IS_TOKEN_TRUNCATE,
         },
-        _guards: guards,
+        _addresses: at,
     }
-}
-
-/// One block per sequence; sequences must fit a grid dimension.
-fn per_sequence(op: &'static str, seqs: usize) -> Result<LaunchConfig> {
-    if seqs > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            op,
-            reason: format!("{seqs} sequences exceed a CUDA grid (2^31 - 1)"),
-        });
-    }
-    Ok(LaunchConfig {
-        grid_dim: (seqs as u32, 1, 1),
-        block_dim: (abi::CORRECTIONS_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 /// [`crate::sampler_is_weights_into`] on the GPU: multiplies the sampler
@@ -171,7 +142,7 @@ pub fn sampler_is_weights_into(
     cfg.validate(OP_IS)?;
     let (n, seqs) = inputs.validate_shape(OP_IS)?;
     check::len(OP_IS, "weights", n, weights.len())?;
-    let launch = per_sequence(OP_IS, seqs)?;
+    let launch = block_per_sequence(OP_IS, seqs, abi::CORRECTIONS_THREADS)?;
     let stream = gpu.stream();
     let mut partials = gpu.alloc::<IsSeqPartial>(seqs)?;
     {
@@ -201,7 +172,7 @@ pub fn off_policy_mask_into(
     let (n, seqs) = inputs.validate_shape(OP_OPSM)?;
     check::len(OP_OPSM, "advantages", seqs, advantages.len())?;
     check::len(OP_OPSM, "weights", n, weights.len())?;
-    let launch = per_sequence(OP_OPSM, seqs)?;
+    let launch = block_per_sequence(OP_OPSM, seqs, abi::CORRECTIONS_THREADS)?;
     let mut ptrs = pointers(gpu.stream(), inputs, Some(advantages), (n, seqs));
     ptrs.params.threshold = threshold;
     let status = gpu.status();
@@ -220,20 +191,7 @@ pub fn high_entropy_mask_into(
     top_quantile: f64,
     weights: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let op = OP_ENTROPY;
-    check::param(
-        op,
-        "top_quantile",
-        top_quantile,
-        (0.0..=1.0).contains(&top_quantile),
-        "in [0, 1]",
-    )?;
-    let n = entropy.len();
-    check::non_empty(op, "entropy", n)?;
-    if let Some(m) = mask {
-        check::len(op, "mask", n, m.len())?;
-    }
-    check::len(op, "weights", n, weights.len())?;
+    let n = validate_entropy_mask(entropy.len(), mask.map(|m| m.len()), top_quantile, weights.len())?;
     let mut threshold = gpu.alloc::<f32>(2)?;
     let status = gpu.status();
     let one_block = LaunchConfig {

@@ -487,16 +487,13 @@ pub fn fused_linear_logprobs_backward_into<T: GpuFloat, I: GpuId>(
     let (h, rc, vc) = (plan.hidden, plan.chunk_rows, plan.chunk_vocab);
     check::len(OP_BWD, "dhidden (output)", plan.rows * h, out.hidden.len())?;
     check::len(OP_BWD, "dweight (output)", plan.vocab * h, out.weight.len())?;
-    match (&rows.bias, &out.bias) {
-        (Some(_), Some(db)) => check::len(OP_BWD, "dbias (output)", plan.vocab, db.len())?,
-        (None, None) => {}
-        _ => {
-            return Err(Error::Unsupported {
-                op: OP_BWD,
-                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
-            })
-        }
-    }
+    check::paired_len(
+        OP_BWD,
+        "dbias (output)",
+        rows.bias.as_ref().map(|_| plan.vocab),
+        out.bias.as_ref().map(|b| b.len()),
+        "a dbias output buffer is given exactly when the inputs have a bias",
+    )?;
     let stream = gpu.stream();
     let mut tile = gpu.alloc::<f32>(rc * vc)?;
     let mut d_tile = gpu.alloc::<T>(rc * vc)?;

@@ -25,17 +25,17 @@
 //! row, token loss or gradient, bad `cu_seqlens`; the rows concerned get
 //! NaN, and so do `dW` and `db`, to which every row contributes.
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::abi::{self, DevAddr, FusedLossRowParams, PolicyLossPartial, SoftmaxPartial};
 use super::fused_linear::{
     self, active_hidden_grid, elementwise, gemm, logits_tile, per_row, warp_per_row, Mat, Plan,
 };
-use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile};
-use crate::error::{check, Error, Result};
+use super::{grid_x, ptx, Addresses, Device, Gpu, GpuFloat, GpuId, KernelFile};
+use crate::error::{check, Result};
 use crate::ops::fused_linear_loss::{FusedLossConfig, LinearLossInputs, OP};
 use crate::ops::layout::SeqLayout;
-use crate::ops::policy_loss::{Advantage, Aggregation, PolicyLossStats};
+use crate::ops::policy_loss::{Advantage, PolicyLossStats};
 
 const FILE: KernelFile = KernelFile {
     name: "fused_linear_loss",
@@ -161,21 +161,6 @@ pub struct LinearLossOut<'a, T> {
     pub dbias: Option<CudaViewMut<'a, T>>,
 }
 
-fn ptr_of<'a, T>(
-    stream: &'a CudaStream,
-    v: Option<&'a CudaView<'_, T>>,
-    guards: &mut Vec<SyncOnDrop<'a>>,
-) -> u64 {
-    match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr(stream);
-            guards.push(g);
-            p
-        }
-        None => 0,
-    }
-}
-
 /// [`crate::fused_linear_policy_loss`] on the GPU, into caller-provided
 /// buffers. Asynchronous: data faults are reported by [`Gpu::check`].
 ///
@@ -202,32 +187,21 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
     )?;
     check::len(OP, "dhidden (output)", n * h, out.dhidden.len())?;
     check::len(OP, "dweight (output)", v * h, out.dweight.len())?;
-    match (&out.entropy, cfg.logprob.entropy) {
-        (Some(e), true) => check::len(OP, "entropy (output)", n, e.len())?,
-        (None, false) => {}
-        _ => {
-            return Err(Error::Unsupported {
-                op: OP,
-                reason: "an entropy output buffer is given exactly when `logprob.entropy` is set".into(),
-            })
-        }
-    }
-    match (&rows.bias, &out.dbias) {
-        (Some(_), Some(db)) => check::len(OP, "dbias (output)", v, db.len())?,
-        (None, None) => {}
-        _ => {
-            return Err(Error::Unsupported {
-                op: OP,
-                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
-            })
-        }
-    }
-    if seqs > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            op: OP,
-            reason: format!("{seqs} sequences exceed a CUDA grid (2^31 - 1)"),
-        });
-    }
+    check::paired_len(
+        OP,
+        "entropy (output)",
+        cfg.logprob.entropy.then_some(n),
+        out.entropy.as_ref().map(|e| e.len()),
+        "an entropy output buffer is given exactly when `logprob.entropy` is set",
+    )?;
+    check::paired_len(
+        OP,
+        "dbias (output)",
+        rows.bias.as_ref().map(|_| v),
+        out.dbias.as_ref().map(|b| b.len()),
+        "a dbias output buffer is given exactly when the inputs have a bias",
+    )?;
+    grid_x(OP, "sequences", seqs)?;
     let (rc, vc, chunks) = (plan.chunk_rows, plan.chunk_vocab, plan.num_col_chunks());
     let stream = gpu.stream();
     let mut logits = gpu.alloc::<f32>(rc * v)?;
@@ -288,21 +262,14 @@ pub fn fused_linear_policy_loss_into<T: GpuFloat, I: GpuId>(
         )
     }?;
 
-    let mut guards = Vec::new();
-    let old_logp = ptr_of(stream, inputs.old_logp.as_ref(), &mut guards);
-    let ref_logp = ptr_of(stream, inputs.ref_logp.as_ref(), &mut guards);
+    let mut at = Addresses::new(stream);
+    let old_logp = at.opt(inputs.old_logp.as_ref());
+    let ref_logp = at.opt(inputs.ref_logp.as_ref());
     let (adv_seq, adv_tok) = match &inputs.advantages {
-        Advantage::PerSequence(a) => (ptr_of(stream, Some(a), &mut guards), 0),
-        Advantage::PerToken(a) => (0, ptr_of(stream, Some(a), &mut guards)),
+        Advantage::PerSequence(a) => (at.of(a), 0),
+        Advantage::PerToken(a) => (0, at.of(a)),
     };
-    let (aggregation, agg_constant) = match cfg.loss.aggregation {
-        Aggregation::TokenMean { normalizer } => (abi::Aggregation::TOKEN_MEAN, normalizer.unwrap_or(0.0)),
-        Aggregation::SeqMeanTokenMean => (abi::Aggregation::SEQ_MEAN_TOKEN_MEAN, 0.0),
-        Aggregation::SeqMeanTokenSum => (abi::Aggregation::SEQ_MEAN_TOKEN_SUM, 0.0),
-        Aggregation::SeqMeanTokenSumNorm { constant } => {
-            (abi::Aggregation::SEQ_MEAN_TOKEN_SUM_NORM, constant)
-        }
-    };
+    let (aggregation, agg_constant) = cfg.loss.aggregation.kernel_params();
     let (counts_ptr, _c) = counts.device_ptr(stream);
     let (total_ptr, _t) = total.device_ptr(stream);
     let (seq_of_ptr, _s) = seq_of.device_ptr(stream);

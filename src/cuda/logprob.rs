@@ -4,8 +4,8 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig};
 
 use super::abi::{self, DevAddr, SoftmaxPartial};
-use super::{ptx, Device, Gpu, GpuFloat, GpuId, KernelFile};
-use crate::error::{check, Error, Result};
+use super::{grid_x, ptx, Device, Gpu, GpuFloat, GpuId, KernelFile};
+use crate::error::{check, Result};
 use crate::ops::logprob::{
     validate_lens, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogitRows, OP, OP_BWD,
 };
@@ -97,14 +97,13 @@ impl LogProbsOut<'_> {
     pub(crate) fn validate(&self, op: &'static str, rows: usize, entropy: bool) -> Result<()> {
         check::len(op, "logp (output)", rows, self.logp.len())?;
         check::len(op, "lse (output)", rows, self.lse.len())?;
-        match &self.entropy {
-            Some(e) if entropy => check::len(op, "entropy (output)", rows, e.len()),
-            None if !entropy => Ok(()),
-            _ => Err(Error::Unsupported {
-                op,
-                reason: "an entropy output buffer is given exactly when `entropy` is set".into(),
-            }),
-        }
+        check::paired_len(
+            op,
+            "entropy (output)",
+            entropy.then_some(rows),
+            self.entropy.as_ref().map(|e| e.len()),
+            "an entropy output buffer is given exactly when `entropy` is set",
+        )
     }
 }
 
@@ -120,13 +119,7 @@ impl LogProbs<Device> {
 
 /// Grid over (row, vocab slice); rows must fit a grid dimension.
 fn grid(op: &'static str, rows: usize, splits: usize) -> Result<(u32, u32)> {
-    if rows > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            op,
-            reason: format!("{rows} rows exceed a CUDA grid (2^31 - 1)"),
-        });
-    }
-    Ok((rows as u32, splits.min(u16::MAX as usize) as u32))
+    Ok((grid_x(op, "rows", rows)?, splits.min(u16::MAX as usize) as u32))
 }
 
 /// [`crate::token_logprobs`] on the GPU, into caller-provided buffers.

@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use cudarc::cublas::{sys::cudaDataType_t, CudaBlas};
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
-    ValidAsZeroBits,
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DeviceRepr, LaunchConfig, SyncOnDrop, ValidAsZeroBits,
 };
 
 use crate::element::{Float, TokenId};
@@ -339,6 +339,57 @@ fn library_present(unix: &[&str], windows: &[&str]) -> bool {
     names
         .iter()
         .any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
+}
+
+/// `count` (rows, sequences: `what`) as a grid's x dimension, one block
+/// each, or `Unsupported` when they exceed it (2^31 - 1).
+pub(crate) fn grid_x(op: &'static str, what: &str, count: usize) -> Result<u32> {
+    if count > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            op,
+            reason: format!("{count} {what} exceed a CUDA grid (2^31 - 1)"),
+        });
+    }
+    Ok(count as u32)
+}
+
+/// One block of `threads` per sequence, the sequences checked by [`grid_x`].
+pub(crate) fn block_per_sequence(op: &'static str, seqs: usize, threads: u32) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_x(op, "sequences", seqs)?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// The device addresses of buffers that a kernel reads through a struct
+/// passed by value (`PolicyLossParams`, ...), each with the guard that
+/// orders the kernel's reads after the stream's earlier work on it: keep
+/// this alive until the launch is enqueued.
+pub(crate) struct Addresses<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Addresses<'a> {
+    pub(crate) fn new(stream: &'a CudaStream) -> Self {
+        Self {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    /// `buf`'s address.
+    pub(crate) fn of<T>(&mut self, buf: &'a CudaView<'_, T>) -> u64 {
+        let (ptr, guard) = buf.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// `buf`'s address, or null (0) when absent.
+    pub(crate) fn opt<T>(&mut self, buf: Option<&'a CudaView<'_, T>>) -> u64 {
+        buf.map_or(0, |b| self.of(b))
+    }
 }
 
 /// A launch's result as this crate's error.

@@ -7,10 +7,10 @@
 //! loss gradient as a device scalar, so an autograd backward never waits
 //! for the host.
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
 use super::abi::{self, PolicyLossParams, PolicyLossPartial, Summary};
-use super::{ptx, Device, Gpu, KernelFile};
+use super::{block_per_sequence, ptx, Addresses, Device, Gpu, KernelFile};
 use crate::error::{check, Error, Result};
 use crate::ops::layout::SeqLayout;
 use crate::ops::policy_loss::{
@@ -71,10 +71,27 @@ const _: () = {
     assert!(PolicyLossStats::SUMMARY_LEN == Summary::SUMMARY_LEN as usize);
 };
 
+impl Aggregation {
+    /// The aggregation's id in `cuda/abi.h` and its constant (`TokenMean`'s
+    /// normalizer, 0 for the batch's count; `SeqMeanTokenSumNorm`'s divisor).
+    pub(crate) fn kernel_params(self) -> (abi::Aggregation, f32) {
+        match self {
+            Aggregation::TokenMean { normalizer } => {
+                (abi::Aggregation::TOKEN_MEAN, normalizer.unwrap_or(0.0))
+            }
+            Aggregation::SeqMeanTokenMean => (abi::Aggregation::SEQ_MEAN_TOKEN_MEAN, 0.0),
+            Aggregation::SeqMeanTokenSum => (abi::Aggregation::SEQ_MEAN_TOKEN_SUM, 0.0),
+            Aggregation::SeqMeanTokenSumNorm { constant } => {
+                (abi::Aggregation::SEQ_MEAN_TOKEN_SUM_NORM, constant)
+            }
+        }
+    }
+}
+
 /// Device pointers of the inputs, kept readable until the guards drop.
 struct Pointers<'a> {
     params: PolicyLossParams,
-    _guards: Vec<SyncOnDrop<'a>>,
+    _addresses: Addresses<'a>,
 }
 
 fn pointers<'a>(
@@ -84,44 +101,21 @@ fn pointers<'a>(
     n: usize,
     seqs: usize,
 ) -> Pointers<'a> {
-    let mut guards = Vec::new();
-    let mut ptr = |v: Option<&'a CudaView<'_, f32>>| match v {
-        Some(v) => {
-            let (p, g) = v.device_ptr(stream);
-            guards.push(g);
-            p
-        }
-        None => 0,
-    };
-    let logp = ptr(Some(&inputs.logp));
-    let old_logp = ptr(inputs.old_logp.as_ref());
-    let ref_logp = ptr(inputs.ref_logp.as_ref());
-    let pg_weights = ptr(inputs.pg_weights.as_ref());
+    let mut at = Addresses::new(stream);
+    let logp = at.of(&inputs.logp);
+    let old_logp = at.opt(inputs.old_logp.as_ref());
+    let ref_logp = at.opt(inputs.ref_logp.as_ref());
+    let pg_weights = at.opt(inputs.pg_weights.as_ref());
     let (adv_seq, adv_tok) = match &inputs.advantages {
-        Advantage::PerSequence(a) => (ptr(Some(a)), 0),
-        Advantage::PerToken(a) => (0, ptr(Some(a))),
+        Advantage::PerSequence(a) => (at.of(a), 0),
+        Advantage::PerToken(a) => (0, at.of(a)),
     };
-    let mask = inputs.mask.as_ref().map_or(0, |m| {
-        let (p, g) = m.device_ptr(stream);
-        guards.push(g);
-        p
-    });
+    let mask = at.opt(inputs.mask.as_ref());
     let (cu_seqlens, seq_len) = match &inputs.layout {
         SeqLayout::Padded { seq_len, .. } => (0, *seq_len as i64),
-        SeqLayout::Packed { cu_seqlens } => {
-            let (p, g) = cu_seqlens.device_ptr(stream);
-            guards.push(g);
-            (p, 0)
-        }
+        SeqLayout::Packed { cu_seqlens } => (at.of(cu_seqlens), 0),
     };
-    let (aggregation, agg_constant) = match cfg.aggregation {
-        Aggregation::TokenMean { normalizer } => (abi::Aggregation::TOKEN_MEAN, normalizer.unwrap_or(0.0)),
-        Aggregation::SeqMeanTokenMean => (abi::Aggregation::SEQ_MEAN_TOKEN_MEAN, 0.0),
-        Aggregation::SeqMeanTokenSum => (abi::Aggregation::SEQ_MEAN_TOKEN_SUM, 0.0),
-        Aggregation::SeqMeanTokenSumNorm { constant } => {
-            (abi::Aggregation::SEQ_MEAN_TOKEN_SUM_NORM, constant)
-        }
-    };
+    let (aggregation, agg_constant) = cfg.aggregation.kernel_params();
     let (objective, delta, [obj_a, obj_b, obj_c, obj_d]) = match cfg.objective {
         PolicyObjective::Clip { delta } => (abi::Objective::OBJ_CLIP, delta.unwrap_or(0.0), [0.0; 4]),
         PolicyObjective::Cispo { min_ratio, max_ratio } => {
@@ -172,23 +166,8 @@ fn pointers<'a>(
             aggregation,
             objective,
         },
-        _guards: guards,
+        _addresses: at,
     }
-}
-
-/// One block per sequence; sequences must fit a grid dimension.
-fn per_sequence(op: &'static str, seqs: usize) -> Result<LaunchConfig> {
-    if seqs > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            op,
-            reason: format!("{seqs} sequences exceed a CUDA grid (2^31 - 1)"),
-        });
-    }
-    Ok(LaunchConfig {
-        grid_dim: (seqs as u32, 1, 1),
-        block_dim: (abi::POLICY_LOSS_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
 /// [`crate::policy_loss`] on the GPU: per-token losses `[N]` and the summary
@@ -204,7 +183,7 @@ pub fn policy_loss(
     cfg: &PolicyLossConfig,
 ) -> Result<PolicyLoss<Device>> {
     let (n, seqs) = inputs.validate(OP, cfg)?;
-    let launch_cfg = per_sequence(OP, seqs)?;
+    let launch_cfg = block_per_sequence(OP, seqs, abi::POLICY_LOSS_THREADS)?;
     let stream = gpu.stream();
     let mut per_token = gpu.alloc::<f32>(n)?;
     let mut summary = gpu.alloc::<f32>(PolicyLossStats::SUMMARY_LEN)?;
@@ -251,7 +230,7 @@ pub fn policy_loss_backward(
     if let Some(g) = grad_per_token {
         check::len(OP_BWD, "grad_per_token", n, g.len())?;
     }
-    let launch_cfg = per_sequence(OP_BWD, seqs)?;
+    let launch_cfg = block_per_sequence(OP_BWD, seqs, abi::POLICY_LOSS_THREADS)?;
     let stream = gpu.stream();
     let mut dlogp = gpu.alloc::<f32>(n)?;
     let ptrs = pointers(stream, inputs, cfg, n, seqs);

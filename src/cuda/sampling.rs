@@ -8,8 +8,8 @@
 use cudarc::driver::LaunchConfig;
 
 use super::abi;
-use super::{ptx, Device, Gpu, GpuFloat, KernelFile};
-use crate::error::{Error, Result};
+use super::{grid_x, ptx, Device, Gpu, GpuFloat, KernelFile};
+use crate::error::Result;
 use crate::ops::sampling::{SampleInputs, Samples, SamplingConfig, OP};
 
 const FILE: KernelFile = KernelFile {
@@ -47,12 +47,7 @@ pub fn sample<T: GpuFloat>(
 ) -> Result<Samples<Device>> {
     let rows = inputs.validate(OP)?;
     cfg.validate(OP)?;
-    if rows > i32::MAX as usize {
-        return Err(Error::Unsupported {
-            op: OP,
-            reason: format!("{rows} rows exceed a CUDA grid (2^31 - 1)"),
-        });
-    }
+    grid_x(OP, "rows", rows)?;
     let mut tokens = gpu.alloc::<u32>(rows)?;
     let mut logp = gpu.alloc::<f32>(rows)?;
     let vocab = inputs.vocab as i64;

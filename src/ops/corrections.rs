@@ -356,8 +356,7 @@ pub struct SamplerIs {
 /// mode with no bound ([`Error::Unsupported`]), a non-finite weight.
 pub fn sampler_is_weights(inputs: &SamplerLogps<'_>, cfg: &SamplerIsConfig) -> Result<SamplerIs> {
     let n = inputs.logp.len();
-    let mut weights = check::with_capacity(OP_IS, "weights", n)?;
-    weights.resize(n, 1.0f32);
+    let mut weights = check::filled(OP_IS, "weights", n, 1.0f32)?;
     let stats = sampler_is_weights_into(inputs, cfg, &mut weights)?;
     Ok(SamplerIs { weights, stats })
 }
@@ -542,6 +541,30 @@ pub fn high_entropy_mask(
     Ok((w, t))
 }
 
+/// The lengths and quantile of [`high_entropy_mask_into`] (and its CUDA
+/// form), for `n` entropies: returns `n`.
+pub(crate) fn validate_entropy_mask(
+    n: usize,
+    mask: Option<usize>,
+    top_quantile: f64,
+    weights: usize,
+) -> Result<usize> {
+    let op = OP_ENTROPY;
+    check::param(
+        op,
+        "top_quantile",
+        top_quantile,
+        (0.0..=1.0).contains(&top_quantile),
+        "in [0, 1]",
+    )?;
+    check::non_empty(op, "entropy", n)?;
+    if let Some(m) = mask {
+        check::len(op, "mask", n, m)?;
+    }
+    check::len(op, "weights", n, weights)?;
+    Ok(n)
+}
+
 /// [`high_entropy_mask`] multiplied into `weights` `[N]`; returns the
 /// threshold. Allocates one scratch copy of the masked-in entropies for the
 /// selection.
@@ -552,19 +575,7 @@ pub fn high_entropy_mask_into(
     weights: &mut [f32],
 ) -> Result<Option<f32>> {
     let op = OP_ENTROPY;
-    check::param(
-        op,
-        "top_quantile",
-        top_quantile,
-        (0.0..=1.0).contains(&top_quantile),
-        "in [0, 1]",
-    )?;
-    let n = entropy.len();
-    check::non_empty(op, "entropy", n)?;
-    if let Some(m) = mask {
-        check::len(op, "mask", n, m.len())?;
-    }
-    check::len(op, "weights", n, weights.len())?;
+    let n = validate_entropy_mask(entropy.len(), mask.map(<[u8]>::len), top_quantile, weights.len())?;
     let on = |i: usize| mask.is_none_or(|m| m[i] != 0);
     if let Some(index) = (0..n).find(|&i| on(i) && !entropy[i].is_finite()) {
         return Err(Error::NonFinite {
@@ -619,8 +630,7 @@ pub fn mask_truncated_completions<T: TokenId>(
 
 /// Ones `[n]`, then `apply` multiplies into them.
 fn ones(op: &'static str, n: usize, apply: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Vec<f32>> {
-    let mut w = check::with_capacity(op, "weights", n)?;
-    w.resize(n, 1.0f32);
+    let mut w = check::filled(op, "weights", n, 1.0f32)?;
     apply(&mut w)?;
     Ok(w)
 }

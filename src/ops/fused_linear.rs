@@ -269,11 +269,7 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
     cfg: &FusedLinearConfig,
 ) -> Result<LogProbs> {
     let n = rows.validate(OP)?.rows;
-    let zeros = |what| -> Result<Vec<f32>> {
-        let mut x = check::with_capacity(OP, what, n)?;
-        x.resize(n, 0.0);
-        Ok(x)
-    };
+    let zeros = |what| check::filled(OP, what, n, 0.0f32);
     let (mut logp, mut lse) = (zeros("logp")?, zeros("lse")?);
     let mut entropy = cfg.logprob.entropy.then(|| zeros("entropy")).transpose()?;
     fused_linear_logprobs_into(
@@ -400,11 +396,7 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<LinearGrads<T>> {
     let shape = rows.validate(OP_BWD)?;
-    let zeros = |len: usize, what| -> Result<Vec<T>> {
-        let mut x = check::with_capacity(OP_BWD, what, len)?;
-        x.resize(len, T::default());
-        Ok(x)
-    };
+    let zeros = |len, what| check::filled(OP_BWD, what, len, T::default());
     let mut hidden = zeros(shape.rows * shape.hidden, "dhidden")?;
     let mut weight = zeros(shape.vocab * shape.hidden, "dweight")?;
     let mut bias = rows.bias.map(|_| zeros(shape.vocab, "dbias")).transpose()?;
@@ -452,16 +444,13 @@ pub fn fused_linear_logprobs_backward_into<T: Float, I: TokenId>(
     let h = shape.hidden;
     check::len(OP_BWD, "dhidden (output)", shape.rows * h, out.hidden.len())?;
     check::len(OP_BWD, "dweight (output)", shape.vocab * h, out.weight.len())?;
-    match (&rows.bias, &out.bias) {
-        (Some(_), Some(db)) => check::len(OP_BWD, "dbias (output)", shape.vocab, db.len())?,
-        (None, None) => {}
-        _ => {
-            return Err(Error::Unsupported {
-                op: OP_BWD,
-                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
-            })
-        }
-    }
+    check::paired_len(
+        OP_BWD,
+        "dbias (output)",
+        rows.bias.map(|_| shape.vocab),
+        out.bias.as_ref().map(|b| b.len()),
+        "a dbias output buffer is given exactly when the inputs have a bias",
+    )?;
     let coefs = backward_coefs::<f32, I>(
         OP_BWD,
         rows.targets,

@@ -334,24 +334,20 @@ impl<T> LinearLossOut<'_, T> {
         )?;
         check::len(OP, "dhidden (output)", n * h, self.dhidden.len())?;
         check::len(OP, "dweight (output)", v * h, self.dweight.len())?;
-        match (&self.entropy, entropy) {
-            (Some(e), true) => check::len(OP, "entropy (output)", n, e.len())?,
-            (None, false) => {}
-            _ => {
-                return Err(Error::Unsupported {
-                    op: OP,
-                    reason: "an entropy output buffer is given exactly when `logprob.entropy` is set".into(),
-                })
-            }
-        }
-        match (&self.dbias, has_bias) {
-            (Some(b), true) => check::len(OP, "dbias (output)", v, b.len()),
-            (None, false) => Ok(()),
-            _ => Err(Error::Unsupported {
-                op: OP,
-                reason: "a dbias output buffer is given exactly when the inputs have a bias".into(),
-            }),
-        }
+        check::paired_len(
+            OP,
+            "entropy (output)",
+            entropy.then_some(n),
+            self.entropy.as_ref().map(|e| e.len()),
+            "an entropy output buffer is given exactly when `logprob.entropy` is set",
+        )?;
+        check::paired_len(
+            OP,
+            "dbias (output)",
+            has_bias.then_some(v),
+            self.dbias.as_ref().map(|b| b.len()),
+            "a dbias output buffer is given exactly when the inputs have a bias",
+        )
     }
 }
 
@@ -379,16 +375,8 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
     let (shape, _) = inputs.validate(OP, cfg)?;
     let (n, h, v) = (shape.rows, shape.hidden, shape.vocab);
     // Sized by the inputs; refused rather than aborting when they cannot be allocated.
-    let uninit = |len: usize, what| -> Result<Vec<f32>> {
-        let mut x = check::with_capacity(OP, what, len)?;
-        x.resize(len, 0.0);
-        Ok(x)
-    };
-    let grad = |len: usize, what| -> Result<Vec<T>> {
-        let mut x = check::with_capacity(OP, what, len)?;
-        x.resize(len, T::default());
-        Ok(x)
-    };
+    let uninit = |len, what| check::filled(OP, what, len, 0.0f32);
+    let grad = |len, what| check::filled(OP, what, len, T::default());
     let mut out = LinearLoss {
         logp: uninit(n, "logp")?,
         entropy: cfg.logprob.entropy.then(|| uninit(n, "entropy")).transpose()?,

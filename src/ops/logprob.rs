@@ -282,14 +282,13 @@ impl LogProbsOut<'_> {
     pub(crate) fn validate(&self, op: &'static str, n: usize, entropy: bool) -> Result<()> {
         check::len(op, "logp (output)", n, self.logp.len())?;
         check::len(op, "lse (output)", n, self.lse.len())?;
-        match (&self.entropy, entropy) {
-            (Some(e), true) => check::len(op, "entropy (output)", n, e.len()),
-            (None, false) => Ok(()),
-            _ => Err(Error::Unsupported {
-                op,
-                reason: "an entropy output buffer is given exactly when `entropy` is set".into(),
-            }),
-        }
+        check::paired_len(
+            op,
+            "entropy (output)",
+            entropy.then_some(n),
+            self.entropy.as_ref().map(|e| e.len()),
+            "an entropy output buffer is given exactly when `entropy` is set",
+        )
     }
 }
 

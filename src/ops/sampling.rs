@@ -258,10 +258,8 @@ pub struct Samples<M: Memory = Host> {
 /// `+inf` (or no finite logit).
 pub fn sample<T: Float>(inputs: &SampleInputs<'_, T>, cfg: &SamplingConfig) -> Result<Samples> {
     let rows = inputs.validate(OP)?;
-    let mut tokens = check::with_capacity(OP, "tokens", rows)?;
-    tokens.resize(rows, 0);
-    let mut logp = check::with_capacity(OP, "logp", rows)?;
-    logp.resize(rows, 0.0);
+    let mut tokens = check::filled(OP, "tokens", rows, 0u32)?;
+    let mut logp = check::filled(OP, "logp", rows, 0.0f32)?;
     sample_into(
         inputs,
         cfg,
