@@ -12,7 +12,8 @@ mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grpo_kernels::{
-    policy_loss, policy_loss_backward, Advantage, KlEstimator, PolicyLossConfig, PolicyLossInputs, SeqLayout,
+    policy_loss, policy_loss_backward, Advantage, ImportanceLevel, KlEstimator, PolicyLossConfig,
+    PolicyLossInputs, PolicyObjective, SeqLayout,
 };
 
 const SEQS: usize = 128;
@@ -113,17 +114,20 @@ fn bench_policy_loss(c: &mut Criterion) {
     let mask: Vec<u8> = (0..n)
         .map(|t| ((t % SEQ_LEN) < lens[t / SEQ_LEN] as usize) as u8)
         .collect();
-    let inputs = PolicyLossInputs::new(
-        &logp,
-        Advantage::per_sequence(&adv),
-        SeqLayout::Padded {
-            batch: SEQS,
-            seq_len: SEQ_LEN,
-        },
-    )
-    .with_old(&old)
-    .with_ref(&ref_logp)
-    .with_mask(&mask);
+    let batch = || {
+        PolicyLossInputs::new(
+            &logp,
+            Advantage::per_sequence(&adv),
+            SeqLayout::Padded {
+                batch: SEQS,
+                seq_len: SEQ_LEN,
+            },
+        )
+        .with_old(&old)
+        .with_ref(&ref_logp)
+        .with_mask(&mask)
+    };
+    let inputs = batch();
     let cfg = PolicyLossConfig {
         beta: 0.04,
         kl: KlEstimator::K3,
@@ -155,6 +159,79 @@ fn bench_policy_loss(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("naive_backward_1thread", &id), |b| {
         b.iter(|| naive_policy_loss_backward(&logp, &old, &ref_logp, &adv, &mask, cfg.beta))
     });
+    g.finish();
+
+    // Each objective and option against plain GRPO (the group above's
+    // forward and backward), on the same batch: they ride in the same
+    // passes, so each should cost about what plain GRPO does.
+    let weights = util::uniforms(n, 0.0, 2.0, 6);
+    let weighted = batch().with_pg_weights(&weights);
+    let variants: [(&str, PolicyLossConfig, &PolicyLossInputs<'_>); 7] = [
+        ("clip", cfg, &inputs),
+        (
+            "cispo",
+            PolicyLossConfig {
+                objective: PolicyObjective::Cispo {
+                    min_ratio: 0.0,
+                    max_ratio: 1.28,
+                },
+                ..cfg
+            },
+            &inputs,
+        ),
+        (
+            "sapo",
+            PolicyLossConfig {
+                objective: PolicyObjective::Sapo {
+                    tau_pos: 1.0,
+                    tau_neg: 1.05,
+                },
+                ..cfg
+            },
+            &inputs,
+        ),
+        (
+            "vespo",
+            PolicyLossConfig {
+                objective: PolicyObjective::Vespo {
+                    k_pos: 2.0,
+                    lambda_pos: 3.0,
+                    k_neg: 3.0,
+                    lambda_neg: 2.0,
+                },
+                ..cfg
+            },
+            &inputs,
+        ),
+        (
+            "gspo",
+            PolicyLossConfig {
+                importance: ImportanceLevel::Sequence,
+                ..cfg
+            },
+            &inputs,
+        ),
+        (
+            "kl_bias_correction_no_clamp",
+            PolicyLossConfig {
+                kl_bias_correction: true,
+                log_ratio_clamp: f32::INFINITY,
+                ..cfg
+            },
+            &inputs,
+        ),
+        ("pg_weights", cfg, &weighted),
+    ];
+    let mut g = c.benchmark_group("policy_loss_objectives");
+    g.throughput(Throughput::Elements(n as u64));
+    for (name, cfg, inputs) in variants {
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd_bwd"), &id), |b| {
+            b.iter(|| {
+                let out = policy_loss(inputs, &cfg).unwrap();
+                (out, policy_loss_backward(inputs, &cfg, 1.0, None).unwrap())
+            })
+        });
+    }
     g.finish();
 }
 
