@@ -56,7 +56,9 @@ while [ $# -gt 0 ]; do
 done
 py=${PYTHON:-python3}
 tmp=${TMPDIR:-/tmp}
+# The commit measured: the tree the bench binary is built from, now.
 commit=$(git rev-parse --short HEAD)
+[ -z "$(git status --porcelain --untracked-files=no)" ] || commit+=+
 if [ -n "$small" ]; then
   # One fresh process per case and side: each PyTorch one imports torch and TRL (seconds).
   rounds=${rounds:-1} threads=${threads:-1} calls=${calls:-1}
@@ -116,6 +118,6 @@ done
 
 echo "== results"
 report=("$py" bench/torch/versus.py --report "$raw" --meta "$dir/meta.json")
-[ -z "$csv" ] || report+=(--csv "$csv" --source "$out")
+[ -z "$csv" ] || report+=(--csv "$csv" --source "$out" --commit "$commit")
 "${report[@]}" | tee "$out"
 echo "table: $out; JSON lines: $raw; log: $log"

@@ -430,9 +430,11 @@ def render_report(args):
     print(f"\nPyTorch {torch_version} eager, {rounds} round(s) of fresh processes, {cpu_model()}")
     if not args.csv:
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-    commit += "+" if dirty.strip() else ""
+    commit = args.commit
+    if not commit:  # the tree now, which is the one measured only if nothing changed since
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        commit += "+" if dirty.strip() else ""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     with open(args.csv, "a", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -455,6 +457,7 @@ def main():
     ap.add_argument("--meta", help="with --report: the dump's meta.json")
     ap.add_argument("--csv", help="with --report: append rows to this kernels.csv")
     ap.add_argument("--source", default="", help="with --csv: the file the rows cite")
+    ap.add_argument("--commit", help="with --csv: the commit measured (default: HEAD now)")
     args = ap.parse_args()
     if args.report:
         render_report(args)
