@@ -396,10 +396,13 @@ pub fn fused_linear_logprobs_backward<T: Float, I: TokenId>(
     grads: &LogProbGrads<'_>,
 ) -> Result<LinearGrads<T>> {
     let shape = rows.validate(OP_BWD)?;
-    let zeros = |len, what| check::filled(OP_BWD, what, len, T::default());
-    let mut hidden = zeros(shape.rows * shape.hidden, "dhidden")?;
-    let mut weight = zeros(shape.vocab * shape.hidden, "dweight")?;
-    let mut bias = rows.bias.map(|_| zeros(shape.vocab, "dbias")).transpose()?;
+    // The gradients are the inputs' own sizes (validated above). Zeros from
+    // `vec!` are pages the `_into` form then writes once; a filled buffer
+    // would be written twice (dW is the size of the LM head).
+    let zeros = |len| vec![T::default(); len];
+    let mut hidden = zeros(shape.rows * shape.hidden);
+    let mut weight = zeros(shape.vocab * shape.hidden);
+    let mut bias = rows.bias.map(|_| zeros(shape.vocab));
     fused_linear_logprobs_backward_into(
         rows,
         cfg,

@@ -374,18 +374,21 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
 ) -> Result<LinearLoss<T>> {
     let (shape, _) = inputs.validate(OP, cfg)?;
     let (n, h, v) = (shape.rows, shape.hidden, shape.vocab);
-    // Sized by the inputs; refused rather than aborting when they cannot be allocated.
+    // Per-token outputs, refused rather than aborting when they cannot be
+    // allocated. The gradients are the inputs' own sizes (validated above):
+    // zeros from `vec!` are pages the `_into` form then writes once, where a
+    // filled buffer would be written twice (dW is the size of the LM head).
     let uninit = |len, what| check::filled(OP, what, len, 0.0f32);
-    let grad = |len, what| check::filled(OP, what, len, T::default());
+    let grad = |len| vec![T::default(); len];
     let mut out = LinearLoss {
         logp: uninit(n, "logp")?,
         entropy: cfg.logprob.entropy.then(|| uninit(n, "entropy")).transpose()?,
         per_token: uninit(n, "per_token")?,
         summary: vec![0.0; PolicyLossStats::SUMMARY_LEN],
         grads: LinearGrads {
-            hidden: grad(n * h, "dhidden")?,
-            weight: grad(v * h, "dweight")?,
-            bias: inputs.rows.bias.map(|_| grad(v, "dbias")).transpose()?,
+            hidden: grad(n * h),
+            weight: grad(v * h),
+            bias: inputs.rows.bias.map(|_| grad(v)),
         },
     };
     fused_linear_policy_loss_into(
