@@ -26,7 +26,7 @@ use std::time::Instant;
 use grpo_kernels::{
     fused_linear_logprobs, fused_linear_logprobs_backward, fused_linear_policy_loss,
     fused_linear_policy_loss_into, policy_loss, policy_loss_backward, Advantage, FusedLinearConfig,
-    FusedLossConfig, LinearLossOut, LogProbGrads, PolicyLossInputs,
+    FusedLossConfig, LinearLossOut, LogProbGrads, PolicyLossInputs, PolicyLossStats,
 };
 use util::fused_loss::{fused_cfg, loss_cfg, Problem};
 use util::median;
@@ -58,7 +58,7 @@ fn fused_into(x: &Problem, cfg: &FusedLossConfig, out: &mut Outputs) -> f32 {
         dbias: None,
     };
     fused_linear_policy_loss_into(&x.loss_inputs(), cfg, &mut o).unwrap();
-    out.summary[0]
+    out.summary[PolicyLossStats::LOSS]
 }
 
 /// Ours, the two-call form.
@@ -140,7 +140,7 @@ fn main() {
     let mut outputs = Outputs {
         logp: vec![0.0; n],
         per_token: vec![0.0; n],
-        summary: vec![0.0; 8],
+        summary: vec![0.0; PolicyLossStats::SUMMARY_LEN],
         dh: vec![0.0; n * H],
         dw: vec![0.0; V * H],
     };
@@ -184,6 +184,17 @@ fn main() {
     }
     let ratio =
         |a: usize, b: usize| -> Vec<f64> { times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect() };
+    let gemm_flops = 3.0 * 2.0 * (n * H * V) as f64;
+    let gemms_gflops = gemm_flops / median(times[0].clone()) / 1e9;
+    match util::fma_peak_gflops() {
+        Some(peak) => println!(
+            "3 GEMMs: {gemms_gflops:.0} GFLOP/s, {:.0}% of this machine's f32 FMA peak ({peak:.0} GFLOP/s on {threads} thread(s)): \
+             no code computing them runs more than {:.2}x faster here",
+            100.0 * gemms_gflops / peak,
+            peak / gemms_gflops,
+        ),
+        None => println!("3 GEMMs: {gemms_gflops:.0} GFLOP/s (no FMA peak measured on this CPU)"),
+    }
     for (a, b, what) in [
         (1, 0, "fused / 3 GEMMs"),
         (3, 0, "fused _into / 3 GEMMs"),

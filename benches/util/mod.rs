@@ -176,3 +176,83 @@ pub mod gpu {
         Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 / 1e3)
     }
 }
+
+/// The f32 multiply-add peak of this machine's `threads` cores in GFLOP/s
+/// (2 flops per lane per FMA), measured: each rayon thread runs
+/// independent FMA chains, enough to cover the FMA units' latency, on the
+/// widest vectors it has (AVX-512, else AVX2 + FMA, else none: `None`).
+/// A GEMM's GFLOP/s over this is the fraction of the hardware it uses.
+pub fn fma_peak_gflops() -> Option<f64> {
+    use rayon::prelude::*;
+    use std::time::Instant;
+    #[cfg(target_arch = "x86_64")]
+    {
+        const ITERS: u64 = 50_000_000;
+        let lanes = if is_x86_feature_detected!("avx512f") {
+            16
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            8
+        } else {
+            return None;
+        };
+        let threads = rayon::current_num_threads();
+        let run = || {
+            // SAFETY: the feature was detected above.
+            (0..threads)
+                .into_par_iter()
+                .map(|_| unsafe {
+                    if lanes == 16 {
+                        fma_chains_avx512(ITERS)
+                    } else {
+                        fma_chains_avx2(ITERS)
+                    }
+                })
+                .sum::<f32>()
+        };
+        std::hint::black_box(run());
+        let t0 = Instant::now();
+        std::hint::black_box(run());
+        let flops = (threads as u64 * ITERS * FMA_CHAINS as u64 * lanes * 2) as f64;
+        Some(flops / t0.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Independent accumulators per thread: two FMA ports of 4-cycle latency
+/// need 8 in flight; 12 leaves room.
+const FMA_CHAINS: usize = 12;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); FMA_CHAINS];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    acc.iter()
+        .map(|&x| {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), x);
+            lanes.iter().sum::<f32>()
+        })
+        .sum()
+}
