@@ -5,17 +5,16 @@
 //! cases on a GPU.
 
 use crate::common::bad_input::{
-    advantage_cases, broadcast_cases, correction_cases, fused_cases, kl_cases, logprob_cases, policy_cases,
-    sample_cases, AdvCase, Correction, CorrectionCase, FusedCase, KlCase, LogProbCase, PolicyCase,
-    SampleCase,
+    advantage_cases, broadcast_cases, correction_cases, for_dtype, fused_cases, kl_cases, logprob_cases,
+    policy_cases, sample_cases, to, widened, AdvCase, Correction, CorrectionCase, FusedCase, KlCase,
+    LogProbCase, PolicyCase, SampleCase,
 };
 use grpo_kernels::{
     broadcast_to_tokens, fused_linear_logprobs, fused_linear_logprobs_backward, group_advantages,
     kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, sample, token_logprobs,
-    token_logprobs_backward, token_logprobs_backward_inplace, Advantage, DType, Error, Float, KlInputs,
-    LinearRows, LogProbGrads, LogitRows, PolicyLossInputs, Result, Rewards, SampleInputs, SeqLayout,
+    token_logprobs_backward, token_logprobs_backward_inplace, Advantage, Error, Float, KlInputs, LinearRows,
+    LogProbGrads, LogitRows, PolicyLossInputs, Result, Rewards, SampleInputs, SeqLayout,
 };
-use half::{bf16, f16};
 
 /// `r`'s outcome against a case's `want`: its error, or success with every
 /// output finite.
@@ -27,34 +26,6 @@ fn check(name: &str, r: Result<Vec<f32>>, want: &Option<Error>) {
         (Ok(_), Some(want)) => panic!("{name}: expected {want}"),
         (Ok(out), None) => assert!(out.iter().all(|x| x.is_finite()), "{name}: {out:?}"),
     }
-}
-
-/// Runs `$body` with `$t` the case's float type.
-macro_rules! for_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-        }
-    };
-}
-
-fn to<T: Float>(xs: &[f32]) -> Vec<T> {
-    xs.iter().map(|&x| T::from_f32(x)).collect()
-}
-
-fn widened<T: Float>(xs: &[T]) -> Vec<f32> {
-    xs.iter().map(|x| x.to_f32()).collect()
 }
 
 // ------------------------------------------------------------------ CPU
@@ -259,6 +230,7 @@ mod candle {
     //! outputs are exactly the case's upstream gradients.
     use candle_core::{DType as CDType, Device, Tensor, Var};
     use grpo_kernels::candle as ops;
+    use grpo_kernels::DType;
 
     use super::*;
 
