@@ -1,8 +1,11 @@
 //! The candle ops (`src/candle/`, feature `candle`) on CPU tensors, one
 //! module per op family plus `nn`: values against the raw ops and composed
 //! candle math, typed errors, and gradients through candle's autograd
-//! against finite differences of f64 references. The candle ops on CUDA
-//! tensors are in `tests/cuda/candle.rs`. Layout: `tests/README.md`.
+//! against finite differences of f64 references. Plus `bad_input`, which
+//! runs every family: the bad-input cases the CPU ops are checked with
+//! (`tests/cpu/bad_input.rs`) give the same typed errors here. The candle
+//! ops on CUDA tensors are in `tests/cuda/candle.rs`. Layout:
+//! `tests/README.md`.
 
 #[cfg(feature = "candle")]
 #[path = "../common/mod.rs"]
@@ -10,6 +13,8 @@ mod common;
 
 #[cfg(feature = "candle")]
 mod advantages;
+#[cfg(feature = "candle")]
+mod bad_input;
 #[cfg(feature = "candle")]
 mod corrections;
 #[cfg(feature = "candle")]

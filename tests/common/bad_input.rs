@@ -1,7 +1,7 @@
 //! The bad-input cases of every op family, as data: each holds its inputs
 //! and the error it must give (or `None`: it must succeed with finite
-//! outputs), so that the CPU and candle suite (`tests/cpu/bad_input.rs`) and
-//! the CUDA suite (`tests/cuda/bad_input.rs`) check the same cases. The
+//! outputs), so that the CPU, candle and CUDA suites (`bad_input.rs` of
+//! `tests/cpu/`, `tests/candle/` and `tests/cuda/`) check the same cases. The
 //! kinds follow the crate's rule on non-finite values (`src/error.rs`): a
 //! non-finite input or upstream gradient, a result beyond its type's range,
 //! a parameter out of range, a size that cannot be allocated.
