@@ -1,8 +1,12 @@
 //! The candle ops (`src/candle/`, feature `candle`) on CPU tensors, one
 //! module per op family plus `nn`: values against the raw ops and composed
 //! candle math, typed errors, and gradients through candle's autograd
-//! against finite differences of f64 references. The candle ops on CUDA
-//! tensors are in `tests/cuda/candle.rs`. Layout: `tests/README.md`.
+//! against finite differences of f64 references. Plus the two suites that
+//! run every family on the same inputs as the CPU ops' in `tests/cpu/`:
+//! `bad_input` (each kind of bad call gives the CPU ops' typed error) and
+//! `extreme_inputs` (random finite inputs of extreme magnitude give a typed
+//! error or finite outputs and gradients). The candle ops on CUDA tensors
+//! are in `tests/cuda/candle.rs`. Layout: `tests/README.md`.
 
 #[cfg(feature = "candle")]
 #[path = "../common/mod.rs"]
@@ -11,7 +15,11 @@ mod common;
 #[cfg(feature = "candle")]
 mod advantages;
 #[cfg(feature = "candle")]
+mod bad_input;
+#[cfg(feature = "candle")]
 mod corrections;
+#[cfg(feature = "candle")]
+mod extreme_inputs;
 #[cfg(feature = "candle")]
 mod fused_linear;
 #[cfg(feature = "candle")]

@@ -1,17 +1,51 @@
 //! The bad-input cases of every op family, as data: each holds its inputs
 //! and the error it must give (or `None`: it must succeed with finite
-//! outputs), so that the CPU and candle suite (`tests/cpu/bad_input.rs`) and
-//! the CUDA suite (`tests/cuda/bad_input.rs`) check the same cases. The
+//! outputs), so that the CPU, candle and CUDA suites (`bad_input.rs` of
+//! `tests/cpu/`, `tests/candle/` and `tests/cuda/`) check the same cases. The
 //! kinds follow the crate's rule on non-finite values (`src/error.rs`): a
 //! non-finite input or upstream gradient, a result beyond its type's range,
 //! a parameter out of range, a size that cannot be allocated.
 #![allow(dead_code)]
 
 use grpo_kernels::{
-    AdvantageConfig, AdvantageMode, Aggregation, DType, Error, FusedLinearConfig, ImportanceLevel, IsMode,
-    KlEstimator, LogProbConfig, NanRewards, PolicyLossConfig, PolicyObjective, RewardAggregation,
+    AdvantageConfig, AdvantageMode, Aggregation, DType, Error, Float, FusedLinearConfig, ImportanceLevel,
+    IsMode, KlEstimator, LogProbConfig, NanRewards, PolicyLossConfig, PolicyObjective, RewardAggregation,
     SamplerIsConfig, SamplingConfig, Singletons,
 };
+
+/// Runs `$body` with `$t` the float type of a case's `dtype`. (The allows:
+/// `dead_code` does not cover macros, and not every binary uses it.)
+#[allow(unused_macros)]
+macro_rules! for_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            grpo_kernels::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            grpo_kernels::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            grpo_kernels::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use for_dtype;
+
+/// A case's values in `T`, rounded as its `dtype` stores them.
+pub fn to<T: Float>(xs: &[f32]) -> Vec<T> {
+    xs.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+/// `T`'s values in f32 (exact: every `T` widens to f32).
+pub fn widened<T: Float>(xs: &[T]) -> Vec<f32> {
+    xs.iter().map(|x| x.to_f32()).collect()
+}
 
 const NAN: f32 = f32::NAN;
 const INF: f32 = f32::INFINITY;

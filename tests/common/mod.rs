@@ -123,6 +123,7 @@ pub mod bad_input;
 #[cfg(feature = "candle")]
 pub mod composed;
 pub mod corrections;
+pub mod extreme;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod policy_loss_fixture;

@@ -3,42 +3,22 @@
 //! parameters to match, either fails with a typed error of the kind the
 //! crate's rule allows for finite inputs (`src/error.rs`: a result beyond
 //! its type's range, a parameter out of range) or returns finite outputs.
-//! Never a panic, never a NaN or infinity handed back as a result. With
-//! feature `candle`, the candle ops and their backward too.
+//! Never a panic, never a NaN or infinity handed back as a result. The
+//! candle ops and their backward, on inputs drawn alike (the strategies both
+//! draw are `common::extreme`'s), are `tests/candle/extreme_inputs.rs`.
 
+use crate::common::extreme::{
+    batch, extreme, extremes, head, logprob_cfg, policy_cfg, positive, rows, Head, Rows, ESTIMATORS,
+};
 use grpo_kernels::{
     broadcast_to_tokens, fused_linear_logprobs, fused_linear_logprobs_backward, group_advantages,
     kl_divergence, kl_divergence_backward, policy_loss, policy_loss_backward, sample, token_logprobs,
-    token_logprobs_backward, token_logprobs_backward_inplace, Advantage, AdvantageMode, Aggregation, Error,
-    Float, FusedLinearConfig, ImportanceLevel, KlEstimator, KlInputs, LinearRows, LogProbConfig,
-    LogProbGrads, LogitRows, PolicyLossConfig, PolicyLossInputs, PolicyObjective, Rewards, SampleInputs,
-    SamplingConfig, SeqLayout,
+    token_logprobs_backward, token_logprobs_backward_inplace, Advantage, AdvantageMode, Error, Float,
+    FusedLinearConfig, ImportanceLevel, KlInputs, LinearRows, LogProbConfig, LogProbGrads, LogitRows,
+    PolicyLossConfig, PolicyLossInputs, PolicyObjective, Rewards, SampleInputs, SamplingConfig, SeqLayout,
 };
 use half::{bf16, f16};
 use proptest::prelude::*;
-
-/// A finite f32 of any magnitude.
-fn extreme() -> impl Strategy<Value = f32> {
-    let huge = (1e30f32..=f32::MAX, any::<bool>()).prop_map(|(x, neg)| if neg { -x } else { x });
-    prop_oneof![
-        3 => -10.0f32..10.0,
-        2 => huge,
-        1 => prop::sample::select(vec![0.0, -0.0, f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-45, -1e-45, 1e-38]),
-        2 => any::<u32>().prop_map(f32::from_bits).prop_filter("finite", |x| x.is_finite()),
-    ]
-}
-
-/// A positive finite f32 of any magnitude (a temperature, a normalizer).
-fn positive() -> impl Strategy<Value = f32> {
-    prop_oneof![
-        2 => 0.05f32..4.0,
-        1 => extreme().prop_map(f32::abs).prop_filter("> 0", |&x| x > 0.0),
-    ]
-}
-
-fn extremes(n: usize) -> impl Strategy<Value = Vec<f32>> {
-    prop::collection::vec(extreme(), n)
-}
 
 /// `xs` in `T`, clamped to `T`'s range so that every value stays finite.
 fn to<T: Float>(xs: &[f32]) -> Vec<T> {
@@ -62,40 +42,6 @@ fn allowed(e: &Error, results: &[&str]) {
         _ => false,
     };
     assert!(ok, "{e:?} (allowed: parameters and {results:?})");
-}
-
-/// Every log-prob config: temperatures of any magnitude, with and without entropy.
-fn logprob_cfg() -> impl Strategy<Value = LogProbConfig> {
-    (positive(), any::<bool>()).prop_map(|(temperature, entropy)| LogProbConfig {
-        temperature,
-        entropy,
-        ignore_index: Some(-100),
-    })
-}
-
-/// Logit rows `[rows, vocab]`, valid targets (some ignored), a random mask.
-#[derive(Debug, Clone)]
-struct Rows {
-    logits: Vec<f32>,
-    targets: Vec<i64>,
-    mask: Vec<u8>,
-    vocab: usize,
-}
-
-fn rows() -> impl Strategy<Value = Rows> {
-    (1usize..4, 1usize..6).prop_flat_map(|(n, vocab)| {
-        (
-            extremes(n * vocab),
-            prop::collection::vec(prop_oneof![9 => 0..vocab as i64, 1 => Just(-100i64)], n),
-            prop::collection::vec(prop_oneof![4 => Just(1u8), 1 => Just(0u8)], n),
-        )
-            .prop_map(move |(logits, targets, mask)| Rows {
-                logits,
-                targets,
-                mask,
-                vocab,
-            })
-    })
 }
 
 fn logprobs<T: Float>(r: &Rows, cfg: &LogProbConfig, g: &[f32]) {
@@ -149,34 +95,6 @@ proptest! {
         logprobs::<bf16>(&r, &cfg, &g);
         logprobs::<f16>(&r, &cfg, &g);
     }
-}
-
-/// An LM head's rows: hidden `[n, h]`, weight `[v, h]`, an optional bias.
-#[derive(Debug, Clone)]
-struct Head {
-    hidden: Vec<f32>,
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    targets: Vec<i64>,
-    h: usize,
-}
-
-fn head() -> impl Strategy<Value = Head> {
-    (1usize..4, 1usize..4, 1usize..5).prop_flat_map(|(n, h, v)| {
-        (
-            extremes(n * h),
-            extremes(v * h),
-            prop::option::of(extremes(v)),
-            prop::collection::vec(0..v as i64, n),
-        )
-            .prop_map(move |(hidden, weight, bias, targets)| Head {
-                hidden,
-                weight,
-                bias,
-                targets,
-                h,
-            })
-    })
 }
 
 fn fused<T: Float>(x: &Head, cfg: &FusedLinearConfig, g: &[f32]) {
@@ -262,13 +180,6 @@ proptest! {
     }
 }
 
-const ESTIMATORS: [KlEstimator; 4] = [
-    KlEstimator::K1,
-    KlEstimator::K2,
-    KlEstimator::K3,
-    KlEstimator::LowVarK3,
-];
-
 proptest! {
     #[test]
     fn kl_and_backward(x in (1usize..20).prop_flat_map(|n| (extremes(n), extremes(n), extremes(n)))) {
@@ -285,78 +196,6 @@ proptest! {
             }
         }
     }
-}
-
-fn policy_cfg() -> impl Strategy<Value = PolicyLossConfig> {
-    let aggregation = prop_oneof![
-        prop::option::of(positive()).prop_map(|normalizer| Aggregation::TokenMean { normalizer }),
-        Just(Aggregation::SeqMeanTokenMean),
-        Just(Aggregation::SeqMeanTokenSum),
-        positive().prop_map(|constant| Aggregation::SeqMeanTokenSumNorm { constant }),
-    ];
-    (
-        (0.0f32..=1.0, positive(), prop::option::of(1.01f32..10.0)),
-        (
-            prop_oneof![0.1f32..=88.0, Just(88.0)],
-            prop_oneof![Just(0.0f32), positive()],
-        ),
-        (0..4usize, any::<bool>(), aggregation),
-    )
-        .prop_map(
-            |((eps_low, eps_high, dual_clip), (log_ratio_clamp, beta), (kl, seq, aggregation))| {
-                PolicyLossConfig {
-                    eps_low,
-                    eps_high,
-                    dual_clip,
-                    log_ratio_clamp,
-                    importance: if seq {
-                        ImportanceLevel::Sequence
-                    } else {
-                        ImportanceLevel::Token
-                    },
-                    beta,
-                    kl: ESTIMATORS[kl],
-                    aggregation,
-                    ..Default::default()
-                }
-            },
-        )
-}
-
-/// A padded batch `[s, t]`: log-probs of the policy, of the sampler, of the
-/// reference; per-sequence advantages; a mask; upstream gradients.
-#[derive(Debug, Clone)]
-struct Batch {
-    s: usize,
-    logp: Vec<f32>,
-    old: Vec<f32>,
-    reference: Vec<f32>,
-    adv: Vec<f32>,
-    mask: Vec<u8>,
-    grad: Vec<f32>,
-}
-
-fn batch() -> impl Strategy<Value = Batch> {
-    (1usize..3, 1usize..5).prop_flat_map(|(s, t)| {
-        let n = s * t;
-        (
-            (extremes(n), extremes(n), extremes(n)),
-            (
-                extremes(s),
-                prop::collection::vec(prop_oneof![4 => Just(1u8), 1 => Just(0u8)], n),
-            ),
-            extremes(n + 1),
-        )
-            .prop_map(move |((logp, old, reference), (adv, mask), grad)| Batch {
-                s,
-                logp,
-                old,
-                reference,
-                adv,
-                mask,
-                grad,
-            })
-    })
 }
 
 proptest! {
@@ -488,140 +327,5 @@ proptest! {
         draw::<f32>(&logits, vocab, &cfg);
         draw::<bf16>(&logits, vocab, &cfg);
         draw::<f16>(&logits, vocab, &cfg);
-    }
-}
-
-#[cfg(feature = "candle")]
-mod candle {
-    //! The candle ops, forward and `backward()` with upstream gradients of
-    //! any magnitude: a typed error (this crate's, wrapped) or finite
-    //! outputs and gradients.
-    use candle_core::{DType, Device, Tensor, Var};
-    use grpo_kernels::candle as ops;
-
-    use super::*;
-
-    type CResult<T> = candle_core::Result<T>;
-
-    fn tensor(xs: &[f32], shape: &[usize]) -> Tensor {
-        Tensor::from_vec(xs.to_vec(), shape, &Device::Cpu).unwrap()
-    }
-
-    /// `sum(x * g)`: its gradient with respect to `x` is `g`.
-    fn weighted(x: &Tensor, g: &[f32]) -> CResult<Tensor> {
-        (x * tensor(&g[..x.elem_count()], x.dims()))?.sum_all()
-    }
-
-    /// Ok: every tensor finite. Err: this crate's error (candle wraps it).
-    #[track_caller]
-    fn check(r: CResult<Vec<Tensor>>) {
-        match r {
-            Ok(ts) => {
-                for t in ts {
-                    let v = t
-                        .flatten_all()
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap();
-                    assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
-                }
-            }
-            Err(mut e) => {
-                if let candle_core::Error::WithBacktrace { inner, .. } = e {
-                    e = *inner;
-                }
-                assert!(
-                    matches!(e, candle_core::Error::Wrapped(_)),
-                    "candle's own error: {e:?}"
-                );
-            }
-        }
-    }
-
-    fn logprob_step(r: &Rows, cfg: &LogProbConfig, g: &[f32]) -> CResult<Vec<Tensor>> {
-        let n = r.targets.len();
-        let logits = Var::from_tensor(&tensor(&r.logits, &[n, r.vocab]))?;
-        let targets = Tensor::new(&r.targets[..], &Device::Cpu)?;
-        let mask = Tensor::new(&r.mask[..], &Device::Cpu)?;
-        let out = ops::token_logprobs(&logits, &targets, Some(&mask), cfg)?;
-        let mut loss = (weighted(&out.logp, g)? + weighted(&out.lse, &g[n..])?)?;
-        if let Some(h) = &out.entropy {
-            loss = (loss + weighted(h, &g[2 * n..])?)?;
-        }
-        let grads = loss.backward()?;
-        Ok(vec![out.logp, out.lse, grads.get(&logits).unwrap().clone()])
-    }
-
-    fn fused_step(x: &Head, cfg: &FusedLinearConfig, g: &[f32]) -> CResult<Vec<Tensor>> {
-        let n = x.targets.len();
-        let hidden = Var::from_tensor(&tensor(&x.hidden, &[n, x.h]))?;
-        let weight = Var::from_tensor(&tensor(&x.weight, &[x.weight.len() / x.h, x.h]))?;
-        let targets = Tensor::new(&x.targets[..], &Device::Cpu)?;
-        let out = ops::fused_linear_logprobs(&hidden, &weight, &targets, None, cfg)?;
-        let grads = (weighted(&out.logp, g)? + weighted(&out.lse, &g[n..])?)?.backward()?;
-        Ok(vec![
-            out.logp,
-            grads.get(&hidden).unwrap().clone(),
-            grads.get(&weight).unwrap().clone(),
-        ])
-    }
-
-    fn kl_step(x: &[f32], est: KlEstimator) -> CResult<Vec<Tensor>> {
-        let n = x.len() / 3;
-        let logp = Var::from_tensor(&tensor(&x[..n], &[n]))?;
-        let kl = ops::kl_divergence(&logp, &tensor(&x[n..2 * n], &[n]), est)?;
-        let grads = weighted(&kl, &x[2 * n..])?.backward()?;
-        Ok(vec![kl, grads.get(&logp).unwrap().clone()])
-    }
-
-    fn policy_step(b: &Batch, cfg: &PolicyLossConfig) -> CResult<Vec<Tensor>> {
-        let shape = [b.s, b.logp.len() / b.s];
-        let logp = Var::from_tensor(&tensor(&b.logp, &shape))?;
-        let (old, reference) = (tensor(&b.old, &shape), tensor(&b.reference, &shape));
-        let (adv, mask) = (
-            tensor(&b.adv, &[b.s]),
-            Tensor::from_vec(b.mask.clone(), &shape[..], &Device::Cpu)?,
-        );
-        let inputs = ops::PolicyLossTensors {
-            old_logp: Some(&old),
-            ref_logp: (cfg.beta > 0.0).then_some(&reference),
-            advantages: &adv,
-            mask: Some(&mask),
-            cu_seqlens: None,
-            pg_weights: None,
-        };
-        let out = ops::policy_loss(&logp, &inputs, cfg)?;
-        let n = b.logp.len();
-        let loss = (out.loss.affine(b.grad[n] as f64, 0.0)? + weighted(&out.per_token, &b.grad)?)?;
-        let grads = loss.backward()?;
-        Ok(vec![out.loss, out.per_token, grads.get(&logp).unwrap().clone()])
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-
-        #[test]
-        fn candle_ops_and_backward(
-            r in rows(),
-            x in head(),
-            b in batch(),
-            logprob in logprob_cfg(),
-            policy in policy_cfg(),
-            g in extremes(12),
-            est in 0..4usize,
-        ) {
-            check(logprob_step(&r, &logprob, &g));
-            let fused = FusedLinearConfig { logprob, ..FusedLinearConfig::default() };
-            check(fused_step(&x, &fused, &g));
-            check(kl_step(&g[..9], ESTIMATORS[est]));
-            check(policy_step(&b, &policy));
-            let rewards = tensor(&g[..4], &[2, 2]);
-            check(ops::group_advantages(&rewards, None, AdvantageMode::LeaveOneOut)
-                .map(|a| vec![a.advantages, a.group_std]));
-            let cfg = SamplingConfig { temperature: logprob.temperature, ..SamplingConfig::default() };
-            check(ops::sample(&tensor(&r.logits, &[r.targets.len(), r.vocab]), &cfg).map(|(_, logp)| vec![logp]));
-        }
     }
 }

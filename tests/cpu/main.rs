@@ -1,9 +1,9 @@
 //! The CPU ops, one module per op family (as `src/ops/`), plus the two
 //! suites that run every family: `bad_input` (each kind of bad call gives its
 //! typed error) and `extreme_inputs` (random finite inputs of extreme
-//! magnitude give a typed error or finite outputs). Those two also run each
-//! case through the candle ops, in their `candle` submodules, because the
-//! point of both is one outcome on both paths from one table of cases.
+//! magnitude give a typed error or finite outputs). The candle ops run both
+//! on the same inputs in the candle binary (`tests/candle/bad_input.rs`,
+//! `tests/candle/extreme_inputs.rs`).
 //!
 //! `tests/simd_level.rs` is a binary of its own: it caps the instruction set
 //! process-wide, which would change the bits other tests here compute.

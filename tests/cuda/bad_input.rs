@@ -6,18 +6,17 @@
 #![cfg(feature = "cuda")]
 
 use crate::common::bad_input::{
-    advantage_cases, broadcast_cases, correction_cases, cuda_op, fused_cases, kl_cases, logprob_cases,
-    policy_cases, sample_cases, AdvCase, Correction, CorrectionCase, FusedCase, KlCase, LogProbCase,
-    PolicyCase, SampleCase,
+    advantage_cases, broadcast_cases, correction_cases, cuda_op, for_dtype, fused_cases, kl_cases,
+    logprob_cases, policy_cases, sample_cases, to, widened, AdvCase, Correction, CorrectionCase, FusedCase,
+    KlCase, LogProbCase, PolicyCase, SampleCase,
 };
 use crate::common::gpu::{down, gpu, up};
 use cudarc::driver::{CudaSlice, DeviceRepr};
 use grpo_kernels::cuda::{self, Device, Gpu, GpuFloat};
 use grpo_kernels::{
-    Advantage, DType, DeviceFault, Error, Float, KlInputs, LinearRows, LogProbGrads, LogitRows,
-    PolicyLossInputs, Result, Rewards, SampleInputs, SeqLayout,
+    Advantage, DeviceFault, Error, Float, KlInputs, LinearRows, LogProbGrads, LogitRows, PolicyLossInputs,
+    Result, Rewards, SampleInputs, SeqLayout,
 };
-use half::{bf16, f16};
 
 /// The CPU's error as the GPU reports it: data faults through the status
 /// word (named by the family's forward op), the rest unchanged.
@@ -56,32 +55,12 @@ fn check(gpu: &Gpu, name: &str, r: Result<Outs>, want: &Option<Error>) {
     gpu.check().expect("check clears the status");
 }
 
-/// Runs `$body` with `$t` the case's float type.
-macro_rules! for_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-        }
-    };
-}
-
 fn up_as<T: Float + DeviceRepr>(gpu: &Gpu, xs: &[f32]) -> CudaSlice<T> {
-    up(gpu, &xs.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
+    up(gpu, &to::<T>(xs))
 }
 
 fn down32<T: Float + DeviceRepr + Default>(gpu: &Gpu, xs: &CudaSlice<T>) -> Vec<f32> {
-    down(gpu, xs).iter().map(|x| x.to_f32()).collect()
+    widened(&down(gpu, xs))
 }
 
 fn logprob_gpu<T: GpuFloat>(gpu: &Gpu, c: &LogProbCase) -> Result<Outs> {
