@@ -10,17 +10,22 @@
 //!
 //! Throughput is in FLOPs of the GEMMs (`2NHV` per GEMM), so each line reads
 //! as the rate the matmul alone reaches. Also prints the op's peak extra
-//! memory (computed from the chunk sizes) against the `N x V x 4` bytes of
-//! f32 logits the naive code holds.
+//! heap memory beyond its outputs (measured by a counting allocator)
+//! against the `N x V x 4` bytes of f32 logits the naive code holds.
 
+#[path = "util/peak_heap.rs"]
+mod peak_heap;
 mod util;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use grpo_kernels::{
-    fused_linear_logprobs, fused_linear_logprobs_backward, DType, Float, FusedLinearConfig, LinearRows,
-    LogProbGrads,
+    fused_linear_logprobs, fused_linear_logprobs_backward, Float, FusedLinearConfig, LinearRows, LogProbGrads,
 };
 use half::bf16;
+use peak_heap::{peak_extra, Counting};
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 const N: usize = 512;
 const H: usize = 896;
@@ -143,18 +148,13 @@ impl Naive {
     }
 }
 
-/// The op's largest simultaneous f32 buffers (see `ops::fused_linear`):
-/// hidden rows and tile, the widened weight chunk for bf16/f16, and in the
-/// backward the dh accumulator and, for bf16/f16, a dW chunk.
-fn peak_extra_bytes(cfg: &FusedLinearConfig, dtype: DType, backward: bool) -> usize {
-    let (rows, cols) = (cfg.chunk_rows.min(N), cfg.chunk_vocab.min(V));
-    let widened = (dtype != DType::F32) as usize;
-    let forward = rows * H + rows * cols + widened * cols * H;
-    4 * if backward {
-        forward + rows * H + widened * cols * H
-    } else {
-        forward
-    }
+/// The heap bytes `f` holds at its peak beyond what was live before,
+/// measured (the counting allocator) on a fresh rayon pool from a fresh
+/// thread, so that no working buffer kept per thread by an earlier call
+/// hides its own.
+fn fresh_peak(f: impl FnOnce() + Send) -> usize {
+    let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+    std::thread::scope(|s| s.spawn(|| peak_extra(|| pool.install(f))).join().unwrap())
 }
 
 fn case<T: Float>(c: &mut Criterion) {
@@ -171,15 +171,26 @@ fn case<T: Float>(c: &mut Criterion) {
         lse: None,
     };
     let logits_bytes = N * V * 4;
-    for backward in [false, true] {
-        let peak = peak_extra_bytes(&cfg, T::DTYPE, backward);
+    // Beyond the outputs: the per-row values, and the gradients (in T).
+    let outputs = N * 4 * 2 + (N * H + V * H) * std::mem::size_of::<T>();
+    let forward = fresh_peak(|| {
+        fused_linear_logprobs(&rows, &cfg).unwrap();
+    });
+    let both = fresh_peak(|| {
+        let lp = fused_linear_logprobs(&rows, &cfg).unwrap();
+        fused_linear_logprobs_backward(&rows, &cfg, &lp.saved(), &grads).unwrap();
+    });
+    for (what, peak) in [
+        ("forward", forward),
+        ("forward+backward", both.saturating_sub(outputs)),
+    ] {
         eprintln!(
-            "{:?} {}: peak extra memory {:.1} MiB (chunks {}x{}) vs f32 logits {:.1} MiB ({:.1}%)",
+            "{:?} {what}: peak extra memory {:.1} MiB, measured (chunks {}x{}, {} threads) vs f32 logits {:.1} MiB ({:.1}%)",
             T::DTYPE,
-            if backward { "forward+backward" } else { "forward" },
             peak as f64 / (1 << 20) as f64,
             cfg.chunk_rows,
             cfg.chunk_vocab,
+            rayon::current_num_threads(),
             logits_bytes as f64 / (1 << 20) as f64,
             100.0 * peak as f64 / logits_bytes as f64,
         );

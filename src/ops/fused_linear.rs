@@ -15,23 +15,36 @@
 //! gradient of the logits.
 //!
 //! **Tiles.** Rows are taken `chunk_rows` at a time (outer loop), the
-//! vocabulary `chunk_vocab` columns at a time (inner loop). Forward: each
+//! vocabulary `chunk_vocab` columns at a time (tiles). Forward: each
 //! `[rows, cols]` tile `(h_rows W_cols^T + b_cols) / T` is one f32 GEMM,
-//! folded into each row's online-softmax state; the target's logit is picked up
-//! from the tile holding it. Backward: each tile is recomputed, turned into
-//! `dz` in place by token_logprobs_backward's row math, then
-//! `dh_rows += dz W_cols`, `dW_cols += dz^T h_rows`, `db_cols += column
-//! sums of dz`. This is the chunked scheme of Liger-Kernel's fused linear
-//! cross-entropy (which chunks rows only), extended to vocab chunks so that
-//! memory does not grow with V either; the CUDA version (`cuda/fused_linear.cu`)
-//! runs the same loops with cuBLAS.
+//! folded into per-row partial softmax states while it is in cache; the
+//! target's logit is picked up from the tile holding it. Backward: each tile
+//! is recomputed, turned into `dz` in place by token_logprobs_backward's
+//! row math, then `dW_cols (+)= dz^T h_rows`, `db_cols (+)= column sums of
+//! dz`, and `dh_rows += dz W_cols`. This is the chunked scheme of
+//! Liger-Kernel's fused linear cross-entropy (which chunks rows only),
+//! extended to vocab chunks so that memory does not grow with V either;
+//! the CUDA version (`cuda/fused_linear.cu`) runs the same loops with
+//! cuBLAS.
+//!
+//! **Threads.** Tiles run in parallel, [`GROUP_TILES`] at a time, each tile's
+//! GEMMs on one thread: at these sizes a tile-sized GEMM split across
+//! threads loses much of its speed (2 cores: the forward 517 -> 473 ms at
+//! N = 512, the two-call forward + backward 1.83 -> 1.62 s at N = 256,
+//! against each tile's GEMMs on both threads). The tiles' softmax partials
+//! are merged in tile order, and `dh += dz W_cols` runs tile by tile in
+//! order after each group (those GEMMs on all threads: their output is
+//! large), so every value is computed by the same operations in the same
+//! order whatever the thread count: results are deterministic.
 //!
 //! **Memory.** Besides the per-row outputs, a call holds f32 buffers of
-//! `chunk_rows x H` (the row chunk's hidden states) and `chunk_rows x
-//! chunk_vocab` (the tile); for bf16/f16 inputs also `chunk_vocab x H` (the
-//! weight chunk in f32). The backward adds `chunk_rows x H` (the dh
-//! accumulator) and, for bf16/f16, `chunk_vocab x H` (a dW contribution).
-//! None of it depends on N, and none on V beyond the outputs.
+//! `chunk_rows x H` (the row chunk's hidden states) and per thread one
+//! `chunk_rows x chunk_vocab` tile and, for bf16/f16 inputs, a `chunk_vocab
+//! x H` weight tile in f32. The backward holds a group of tiles instead
+//! (`chunk_rows x GROUP_TILES x chunk_vocab`: 16 MiB at the defaults), a
+//! `chunk_rows x H` dh accumulator and, for bf16/f16, a `chunk_vocab x H`
+//! dW contribution per thread. None of it depends on N, and none on V
+//! beyond the outputs.
 //!
 //! **Precision.** GEMMs run in f32 on f32 copies of bf16/f16 inputs. `dh`
 //! accumulates over the whole vocabulary in f32 and is rounded once. For
@@ -63,23 +76,20 @@
 //! the element's index. The tile is sized by the chunk sizes and the
 //! dimensions: one too large to allocate is [`Error::Allocation`].
 //!
-//! **Threads.** The GEMMs run on all rayon threads (the `gemm` crate splits
-//! the output, never the inner dimension) and the row math is split over
-//! rows, so every value is computed by the same operations in the same
-//! order on every run: results are deterministic.
-
 use std::any::TypeId;
 use std::cell::Cell;
 use std::ops::Range;
+use std::thread::LocalKey;
 
 use gemm::Parallelism;
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 use crate::element::{Float, TokenId};
 use crate::error::{check, Error, Result};
 use crate::memory::{opt_len, Host, Memory};
 use crate::ops::logprob::{
-    active_rows, backward_coefs, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogProbsOut,
+    active_rows, backward_coefs, LogProbConfig, LogProbGrads, LogProbSaved, LogProbs, LogProbsOut, RowGrad,
 };
 use crate::ops::math::{multiversion, SoftmaxState, BLOCK};
 
@@ -101,20 +111,20 @@ pub struct FusedLinearConfig {
 }
 
 impl Default for FusedLinearConfig {
-    /// `chunk_rows = 512`, `chunk_vocab = 2048`. On the CPU the GEMMs set
-    /// the pace: 512 rows amortize each pass over `W` (and its f32
-    /// conversion for bf16/f16) over many rows, and a 2048-wide tile gives
-    /// the GEMM a large enough panel while one tile row (8 KiB) stays in L1
-    /// between the max and exp passes of its softmax fold. Measured at
-    /// Qwen2.5-0.5B's head (N = 512, H = 896, V = 151936, 2 AVX-512 cores):
-    /// 512 x 2048 and 512 x 4096 were fastest, 256 x 1024 and 128 x 2048
-    /// 10-20% slower in the forward. The tile is 4 MiB; at H = 896 the other
-    /// buffers are 1.8 MiB (rows) and 7 MiB (bf16 weight chunk).
+    /// `chunk_rows = 512`, `chunk_vocab = 256`, sized for a core's L2 (2
+    /// MiB on the machine measured): a `512 x 256` f32 tile is 512 KiB and
+    /// its weight tile at H = 896 another 896 KiB, so each tile's softmax
+    /// fold reads it from cache, and 512 rows amortize each pass over `W`
+    /// (and its f32 conversion for bf16/f16). Measured at Qwen2.5-0.5B's
+    /// head (H = 896, V = 151936, 2 AVX-512 cores, each tile on one
+    /// thread): the forward at N = 512 took 473 ms with 512 x 256 tiles,
+    /// 510 with 512 x 512, 518 with 512 x 2048 and 530-531 with 512 x 128
+    /// or 256 x 256.
     fn default() -> Self {
         Self {
             logprob: LogProbConfig::default(),
             chunk_rows: 512,
-            chunk_vocab: 2048,
+            chunk_vocab: 256,
         }
     }
 }
@@ -304,6 +314,7 @@ pub fn fused_linear_logprobs_into<T: Float, I: TokenId>(
         .enumerate()
         .filter_map(|(i, target)| target.map(|y| (i, y)))
         .collect();
+    let (row_ids, ys): (Vec<usize>, Vec<usize>) = active.into_iter().unzip();
     let head = Head::new(rows, shape, cfg);
     let (logp, lse) = (&mut *out.logp, &mut *out.lse);
     let mut entropy = out.entropy.as_deref_mut();
@@ -313,56 +324,14 @@ pub fn fused_linear_logprobs_into<T: Float, I: TokenId>(
         e.fill(0.0);
     }
     Workspace::with(|ws| {
-        let Workspace {
-            buf,
-            states,
-            target_logits,
-            ..
-        } = ws;
-        for chunk in active.chunks(cfg.chunk_rows) {
-            gather_rows(
-                rows.hidden,
-                shape.hidden,
-                chunk.iter().map(|&(i, _)| i),
-                &mut buf.hidden,
-            );
-            states.clear();
-            states.resize(chunk.len(), SoftmaxState::EMPTY);
-            target_logits.clear();
-            target_logits.resize(chunk.len(), 0.0f32);
-            for cols in head.col_chunks() {
-                let width = cols.len();
-                let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
-                head.logits(
-                    OP,
-                    &buf.hidden,
-                    w_cols,
-                    cols.clone(),
-                    &mut buf.bias,
-                    &mut buf.tile,
-                )?;
-                let rows_per_task = MIN_TASK / width + 1;
-                buf.tile
-                    .par_chunks(width * rows_per_task)
-                    .zip(states.par_chunks_mut(rows_per_task))
-                    .for_each(|(tile, states)| fold_rows(tile, width, cfg.logprob.entropy, states));
-                for ((&(_, y), x), row) in chunk
-                    .iter()
-                    .zip(target_logits.iter_mut())
-                    .zip(buf.tile.chunks(width))
-                {
-                    if cols.contains(&y) {
-                        *x = row[y - cols.start];
-                    }
-                }
-            }
-            for ((&(i, _), state), &x) in chunk.iter().zip(states.iter()).zip(target_logits.iter()) {
-                let (row_lse, row_h) = state.finish().ok_or(Error::NonFinite {
-                    op: OP,
-                    what: "logits",
-                    index: i,
-                })?;
-                logp[i] = x - row_lse;
+        let Workspace { hidden, soft, .. } = ws;
+        for (chunk, ys) in row_ids.chunks(cfg.chunk_rows).zip(ys.chunks(cfg.chunk_rows)) {
+            gather_rows(rows.hidden, shape.hidden, chunk.iter().copied(), hidden);
+            soft.reset(chunk.len());
+            head.fold_tiles(hidden, ys, cfg.logprob.entropy, 0..head.tiles(), None, soft)?;
+            for (r, &i) in chunk.iter().enumerate() {
+                let (row_lse, row_h) = soft.finish(OP, r, i)?;
+                logp[i] = soft.target_logits[r] - row_lse;
                 if !logp[i].is_finite() {
                     return Err(Error::NonFinite {
                         op: OP,
@@ -482,56 +451,31 @@ pub fn fused_linear_logprobs_backward_into<T: Float, I: TokenId>(
     }
     Workspace::with(|ws| {
         let Workspace {
-            buf,
+            hidden,
+            tiles,
+            weight,
             d_hidden,
-            d_weight,
-            d_bias,
             ..
         } = ws;
         for (c, chunk) in active.chunks(cfg.chunk_rows).enumerate() {
-            let first = c == 0;
-            gather_rows(rows.hidden, h, chunk.iter().copied(), &mut buf.hidden);
+            gather_rows(rows.hidden, h, chunk.iter().copied(), hidden);
             let n_rows = chunk.len();
+            d_hidden.clear();
             d_hidden.resize(n_rows * h, 0.0f32);
-            for (k, cols) in head.col_chunks().enumerate() {
-                let width = cols.len();
-                let w_cols = head.weight_rows(cols.clone(), &mut buf.weight);
-                head.logits(
-                    OP_BWD,
-                    &buf.hidden,
-                    w_cols,
-                    cols.clone(),
-                    &mut buf.bias,
-                    &mut buf.tile,
-                )?;
-                buf.tile
-                    .par_chunks_mut(width)
-                    .zip(chunk)
-                    .with_min_len(MIN_TASK / width + 1)
-                    .for_each(|(row, &i)| coefs[i].apply(row, cols.start));
-                let dz = Mat::new(&buf.tile, n_rows, width);
-                matmul(
-                    &mut d_hidden[..n_rows * h],
-                    (k > 0).then_some(1.0),
-                    1.0,
-                    dz,
-                    Mat::new(w_cols, width, h),
-                );
-                let d_weight_cols = &mut d_weight_out[cols.start * h..cols.end * h];
-                accumulate(d_weight_cols, d_weight, first, |acc, add| {
-                    matmul(
-                        acc,
-                        add.then_some(1.0),
-                        1.0,
-                        dz.t(),
-                        Mat::new(&buf.hidden, n_rows, h),
-                    )
-                });
-                if let Some(bias) = &mut d_bias_out {
-                    accumulate(&mut bias[cols], d_bias, first, |acc, add| {
-                        column_sums(&buf.tile, width, acc, add)
-                    });
-                }
+            let group = (GROUP_TILES * cfg.chunk_vocab).min(shape.vocab);
+            check::grow(OP_BWD, "logits tiles", tiles, n_rows.saturating_mul(group), 0.0)?;
+            let mut grads = WeightGrads {
+                weight: d_weight_out,
+                bias: d_bias_out.as_deref_mut(),
+                first: c == 0,
+            };
+            for first in (0..head.tiles()).step_by(GROUP_TILES) {
+                let group = first..(first + GROUP_TILES).min(head.tiles());
+                let dz = Dz {
+                    coef: |r: usize| &coefs[chunk[r]],
+                    logits_kept: false,
+                };
+                head.backward_tiles(hidden, &dz, group, tiles, &mut grads, (d_hidden, weight));
             }
             for (src, &i) in d_hidden.chunks(h).zip(chunk) {
                 T::store(src, &mut d_hidden_out[i * h..(i + 1) * h]);
@@ -568,53 +512,119 @@ pub(crate) struct Head<'a, T> {
     inv_t: f32,
 }
 
-/// f32 working buffers, reused from tile to tile.
-#[derive(Default)]
-pub(crate) struct Buffers {
-    /// `[rows, H]`: the row chunk's hidden states.
-    pub(crate) hidden: Vec<f32>,
-    /// `[cols, H]`: the weight chunk, when not stored as f32.
-    pub(crate) weight: Vec<f32>,
-    /// `[cols]`: the bias chunk, when not stored as f32.
-    pub(crate) bias: Vec<f32>,
-    /// `[rows, cols]`: logits, then (backward) their gradient.
-    pub(crate) tile: Vec<f32>,
-}
-
 /// The working buffers of one fused call (log-probs, their backward, the
 /// fused LM-head loss), kept per thread between calls so that a training
-/// loop's steady state allocates none: each grows to the largest chunk it
+/// loop's steady state allocates none: each grows to the largest size it
 /// has held and is reused. The calling thread holds them until it exits.
 #[derive(Default)]
 pub(crate) struct Workspace {
-    pub(crate) buf: Buffers,
-    /// `[chunk_rows, V]`: the fused loss's row-chunk logits, then their gradient.
-    pub(crate) logits: Vec<f32>,
-    /// Each chunk row's softmax state.
-    pub(crate) states: Vec<SoftmaxState>,
-    /// Each chunk row's target logit.
-    pub(crate) target_logits: Vec<f32>,
+    /// `[rows, H]`: the row chunk's hidden states in f32.
+    pub(crate) hidden: Vec<f32>,
+    /// Logits tiles, then their gradient, tile after tile (tile `k`'s
+    /// `[rows, cols_k]` block after tile `k - 1`'s): one group of
+    /// [`GROUP_TILES`] in the two-call forms, a row chunk's whole `[rows, V]`
+    /// in the fused loss.
+    pub(crate) tiles: Vec<f32>,
+    /// `[cols, H]`: a weight tile in f32 for `dh`, when not stored as f32.
+    pub(crate) weight: Vec<f32>,
+    /// Each chunk row's softmax state and target logit.
+    pub(crate) soft: RowSoftmax,
     /// `[rows, H]` f32 accumulator of a row chunk's `dh`.
     pub(crate) d_hidden: Vec<f32>,
-    /// f32 accumulators of `dW` and `db` for dtypes other than f32.
-    pub(crate) d_weight: Vec<f32>,
-    pub(crate) d_bias: Vec<f32>,
+}
+
+/// What one tile task needs for itself, kept per thread as the workspace is.
+#[derive(Default)]
+struct TileScratch {
+    /// `[rows, cols]`: a logits tile not kept for a backward.
+    tile: Vec<f32>,
+    /// `[cols, H]`: the weight tile, when not stored as f32.
+    weight: Vec<f32>,
+    /// `[cols]`: the bias tile, when not stored as f32.
+    bias: Vec<f32>,
+    /// f32 contributions to `dW` and `db` for dtypes other than f32.
+    d_weight: Vec<f32>,
+    d_bias: Vec<f32>,
 }
 
 thread_local! {
     static WORKSPACE: Cell<Option<Box<Workspace>>> = const { Cell::new(None) };
+    static TILE_SCRATCH: Cell<Option<Box<TileScratch>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with this thread's value in `slot`, taken out of it for the
+/// call (a nested call, or one after a panic, starts from an empty one) and
+/// put back after.
+fn with_local<S: Default, R>(
+    slot: &'static LocalKey<Cell<Option<Box<S>>>>,
+    f: impl FnOnce(&mut S) -> R,
+) -> R {
+    let mut value = slot.with(Cell::take).unwrap_or_default();
+    let result = f(&mut value);
+    slot.with(|s| s.set(Some(value)));
+    result
 }
 
 impl Workspace {
-    /// Runs `f` with this thread's workspace, taken out of its slot for the
-    /// call (a nested call, or one after a panic, starts from an empty one)
-    /// and put back after.
+    /// Runs `f` with this thread's workspace.
     pub(crate) fn with<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
-        let mut ws = WORKSPACE.with(Cell::take).unwrap_or_default();
-        let result = f(&mut ws);
-        WORKSPACE.with(|slot| slot.set(Some(ws)));
-        result
+        with_local(&WORKSPACE, f)
     }
+}
+
+/// Vocabulary tiles in flight at once: the tile loops run a group's tiles
+/// in parallel, then merge their softmax partials in order (forward) or
+/// add their `dz W` to `dh` (backward). 32 tasks keep a workstation's
+/// threads busy; the two-call forms hold one group, `chunk_rows x 32 x
+/// chunk_vocab` f32 (16 MiB at the default chunks).
+pub(crate) const GROUP_TILES: usize = 32;
+
+/// Each row of a row chunk: its softmax state and target logit over the
+/// tiles merged so far, and per-tile partials of the group in flight.
+#[derive(Default)]
+pub(crate) struct RowSoftmax {
+    states: Vec<SoftmaxState>,
+    /// The row's target logit, once the tile holding it has been merged.
+    pub(crate) target_logits: Vec<f32>,
+    tile_states: Vec<SoftmaxState>,
+    tile_targets: Vec<f32>,
+}
+
+impl RowSoftmax {
+    /// No tile seen yet, for `rows` rows.
+    pub(crate) fn reset(&mut self, rows: usize) {
+        self.states.clear();
+        self.states.resize(rows, SoftmaxState::EMPTY);
+        self.target_logits.clear();
+        self.target_logits.resize(rows, 0.0);
+    }
+
+    /// Chunk row `r`'s `(lse, entropy)`; a NaN or `+inf` logit (or none
+    /// finite) is `NonFinite` naming `"logits"` and the input row `index`.
+    pub(crate) fn finish(&self, op: &'static str, r: usize, index: usize) -> Result<(f32, f32)> {
+        self.states[r].finish().ok_or(Error::NonFinite {
+            op,
+            what: "logits",
+            index,
+        })
+    }
+}
+
+/// Where [`Head::backward_tiles`] writes `dW` and `db`: the whole outputs,
+/// of which it writes the tiles' columns.
+pub(crate) struct WeightGrads<'a, T> {
+    pub(crate) weight: &'a mut [T],
+    pub(crate) bias: Option<&'a mut [T]>,
+    /// The first row chunk: its contribution is stored, not added.
+    pub(crate) first: bool,
+}
+
+/// How [`Head::backward_tiles`] turns a tile into `dz`: by chunk row `r`'s
+/// constants `coef(r)`, applied to logits the buffer already holds (the
+/// fused loss's pass kept them) or recomputed first.
+pub(crate) struct Dz<F> {
+    pub(crate) coef: F,
+    pub(crate) logits_kept: bool,
 }
 
 impl<'a, T: Float> Head<'a, T> {
@@ -629,11 +639,20 @@ impl<'a, T: Float> Head<'a, T> {
         }
     }
 
-    /// The vocabulary's column ranges, in order.
-    pub(crate) fn col_chunks(&self) -> impl Iterator<Item = Range<usize>> + '_ {
-        (0..self.vocab)
-            .step_by(self.chunk_vocab)
-            .map(|start| start..(start + self.chunk_vocab).min(self.vocab))
+    /// Number of vocabulary tiles.
+    pub(crate) fn tiles(&self) -> usize {
+        self.vocab.div_ceil(self.chunk_vocab)
+    }
+
+    /// Tile `k`'s columns.
+    pub(crate) fn tile_cols(&self, k: usize) -> Range<usize> {
+        let start = k * self.chunk_vocab;
+        start..(start + self.chunk_vocab).min(self.vocab)
+    }
+
+    /// The columns of tiles `tiles`.
+    fn span(&self, tiles: &Range<usize>) -> Range<usize> {
+        self.tile_cols(tiles.start).start..self.tile_cols(tiles.end - 1).end
     }
 
     /// Weight rows `cols` in f32: borrowed when stored as f32, else
@@ -645,25 +664,166 @@ impl<'a, T: Float> Head<'a, T> {
         )
     }
 
-    /// `tile = (h_rows W_cols^T + b_cols) / T`, `[rows, cols.len()]` row-major.
-    pub(crate) fn logits(
+    /// Computes the logits of the row chunk `h_rows` over `tiles`, folding
+    /// each tile into the rows' softmax states while it is in cache and
+    /// picking up each row's target logit (`ys[r]`: chunk row `r`'s
+    /// target). With `keep`, the logits stay there, tile after tile from
+    /// its start (for the backward); else each task reuses one tile buffer
+    /// of its thread. Tiles run in parallel, [`GROUP_TILES`] at a time,
+    /// each one GEMM on one thread: a tile-sized GEMM split across threads
+    /// loses much of its speed. Each tile's partial states are merged in
+    /// tile order, so every value is the same for any thread count.
+    pub(crate) fn fold_tiles(
         &self,
-        op: &'static str,
         h_rows: &[f32],
-        w_cols: &[f32],
-        cols: Range<usize>,
-        bias_buf: &mut Vec<f32>,
-        tile: &mut Vec<f32>,
+        ys: &[usize],
+        entropy: bool,
+        tiles: Range<usize>,
+        mut keep: Option<&mut [f32]>,
+        soft: &mut RowSoftmax,
     ) -> Result<()> {
-        let (n_rows, width) = (h_rows.len() / self.hidden, cols.len());
-        // Sized by the caller's chunk sizes, not by an input: it may not fit.
-        check::grow(op, "logits tile", tile, n_rows.saturating_mul(width), 0.0)?;
-        self.logits_into(h_rows, w_cols, cols, bias_buf, tile);
+        let rows = ys.len();
+        let origin = self.span(&tiles).start;
+        for first in tiles.clone().step_by(GROUP_TILES) {
+            let group = first..(first + GROUP_TILES).min(tiles.end);
+            let span = self.span(&group);
+            let n = group.len() * rows;
+            let RowSoftmax {
+                states,
+                target_logits,
+                tile_states,
+                tile_targets,
+            } = soft;
+            tile_states.clear();
+            tile_states.resize(n, SoftmaxState::EMPTY);
+            tile_targets.clear();
+            tile_targets.resize(n, 0.0);
+            let kept = match keep.as_deref_mut() {
+                Some(buf) => Either::Left(
+                    buf[rows * (span.start - origin)..rows * (span.end - origin)]
+                        .par_chunks_mut(rows * self.chunk_vocab)
+                        .map(Some),
+                ),
+                None => Either::Right((0..group.len()).into_par_iter().map(|_| None)),
+            };
+            kept.zip(tile_states.par_chunks_mut(rows))
+                .zip(tile_targets.par_chunks_mut(rows))
+                .enumerate()
+                .try_for_each(|(j, ((kept, tile_states), tile_targets))| {
+                    let cols = self.tile_cols(group.start + j);
+                    let width = cols.len();
+                    with_local(&TILE_SCRATCH, |s| {
+                        let tile = match kept {
+                            Some(tile) => tile,
+                            None => {
+                                // Sized by the caller's chunk sizes: it may not fit.
+                                check::grow(OP, "logits tile", &mut s.tile, rows.saturating_mul(width), 0.0)?;
+                                &mut s.tile[..rows * width]
+                            }
+                        };
+                        let w_cols = self.weight_rows(cols.clone(), &mut s.weight);
+                        self.logits_into(h_rows, w_cols, cols.clone(), &mut s.bias, tile);
+                        fold_rows(tile, width, entropy, tile_states);
+                        for ((row, x), &y) in tile.chunks(width).zip(tile_targets).zip(ys) {
+                            if cols.contains(&y) {
+                                *x = row[y - cols.start];
+                            }
+                        }
+                        Ok(())
+                    })
+                })?;
+            for (j, (part, part_targets)) in tile_states
+                .chunks(rows)
+                .zip(tile_targets.chunks(rows))
+                .enumerate()
+            {
+                let cols = self.tile_cols(group.start + j);
+                for r in 0..rows {
+                    states[r] = states[r].merge(part[r]);
+                    if cols.contains(&ys[r]) {
+                        target_logits[r] = part_targets[r];
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
-    /// [`Self::logits`] into a tile of exactly `[rows, cols.len()]`.
-    pub(crate) fn logits_into(
+    /// The backward over `tiles` of the row chunk `h_rows`, whose buffer
+    /// `buf` holds their logits as [`Self::fold_tiles`] leaves them (or is
+    /// recomputed, per `dz`): each tile turned into `dz` in place, and its
+    /// columns of `dW = dz^T h` and `db` written into `grads` (tiles in
+    /// parallel, each GEMM on one thread); then `dh += dz_k W_k` tile by
+    /// tile in order (GEMMs on all threads; `w_buf` converts non-f32
+    /// weights). Every value is the same for any thread count.
+    pub(crate) fn backward_tiles<'c, F: Fn(usize) -> &'c RowGrad + Sync>(
+        &self,
+        h_rows: &[f32],
+        dz: &Dz<F>,
+        tiles: Range<usize>,
+        buf: &mut [f32],
+        grads: &mut WeightGrads<'_, T>,
+        (d_hidden, w_buf): (&mut [f32], &mut Vec<f32>),
+    ) {
+        let (h, rows) = (self.hidden, h_rows.len() / self.hidden);
+        let span = self.span(&tiles);
+        let buf = &mut buf[..rows * span.len()];
+        let biases = match grads.bias.as_deref_mut() {
+            Some(b) => Either::Left(b[span.clone()].par_chunks_mut(self.chunk_vocab).map(Some)),
+            None => Either::Right((0..tiles.len()).into_par_iter().map(|_| None)),
+        };
+        let first = grads.first;
+        buf.par_chunks_mut(rows * self.chunk_vocab)
+            .zip(grads.weight[span.start * h..span.end * h].par_chunks_mut(self.chunk_vocab * h))
+            .zip(biases)
+            .enumerate()
+            .for_each(|(j, ((tile, d_weight), d_bias))| {
+                let cols = self.tile_cols(tiles.start + j);
+                let width = cols.len();
+                with_local(&TILE_SCRATCH, |s| {
+                    if !dz.logits_kept {
+                        let w_cols = self.weight_rows(cols.clone(), &mut s.weight);
+                        self.logits_into(h_rows, w_cols, cols.clone(), &mut s.bias, tile);
+                    }
+                    for (r, row) in tile.chunks_mut(width).enumerate() {
+                        (dz.coef)(r).apply(row, cols.start);
+                    }
+                    let dz = Mat::new(tile, rows, width);
+                    accumulate(d_weight, &mut s.d_weight, first, |acc, add| {
+                        matmul(
+                            acc,
+                            add.then_some(1.0),
+                            1.0,
+                            dz.t(),
+                            Mat::new(h_rows, rows, h),
+                            ONE_THREAD,
+                        )
+                    });
+                    if let Some(d_bias) = d_bias {
+                        accumulate(d_bias, &mut s.d_bias, first, |acc, add| {
+                            column_sums(tile, width, acc, add)
+                        });
+                    }
+                });
+            });
+        for (j, tile) in buf.chunks(rows * self.chunk_vocab).enumerate() {
+            let cols = self.tile_cols(tiles.start + j);
+            let width = cols.len();
+            let w_cols = self.weight_rows(cols, w_buf);
+            matmul(
+                d_hidden,
+                Some(1.0),
+                1.0,
+                Mat::new(tile, rows, width),
+                Mat::new(w_cols, width, h),
+                ALL_THREADS,
+            );
+        }
+    }
+
+    /// `tile = (h_rows W_cols^T + b_cols) / T`, `[rows, cols.len()]`
+    /// row-major, one GEMM on the calling thread.
+    fn logits_into(
         &self,
         h_rows: &[f32],
         w_cols: &[f32],
@@ -687,6 +847,7 @@ impl<'a, T: Float> Head<'a, T> {
             self.inv_t,
             Mat::new(h_rows, n_rows, self.hidden),
             Mat::new(w_cols, width, self.hidden).t(),
+            ONE_THREAD,
         );
     }
 }
@@ -745,7 +906,7 @@ fn f32_view<'b, T: Float>(xs: &'b [T], buf: &'b mut Vec<f32>) -> &'b [f32] {
 /// The first contribution is written, not added to zeros: reading a fresh
 /// zeroed allocation before writing it faults each page twice (zero page,
 /// then copy on write), which doubled the time of the dW GEMM.
-pub(crate) fn accumulate<T: Float>(
+fn accumulate<T: Float>(
     out: &mut [T],
     buf: &mut Vec<f32>,
     first: bool,
@@ -778,7 +939,7 @@ pub(crate) fn accumulate<T: Float>(
 multiversion! {
     /// Folds each `cols`-wide row of `tile` into its softmax state (its
     /// entropy sum only if `entropy`).
-    pub(crate) fn fold_rows(tile: &[f32], cols: usize, entropy: bool, states: &mut [SoftmaxState]) {
+    fn fold_rows(tile: &[f32], cols: usize, entropy: bool, states: &mut [SoftmaxState]) {
         for (row, state) in tile.chunks(cols).zip(states) {
             *state = state.fold::<Mad>(row, entropy);
         }
@@ -788,7 +949,7 @@ multiversion! {
 multiversion! {
     /// The column sums of a `cols`-wide row-major tile, written into
     /// `sums` (`add == false`) or added to it.
-    pub(crate) fn column_sums(tile: &[f32], cols: usize, sums: &mut [f32], add: bool) {
+    fn column_sums(tile: &[f32], cols: usize, sums: &mut [f32], add: bool) {
         if !add {
             sums.fill(0.0);
         }
@@ -837,7 +998,14 @@ impl<'a> Mat<'a> {
 
 /// `dst = beta a b`, or `dst = alpha dst + beta a b` when `alpha` is given,
 /// for a row-major `dst [a.rows, b.cols]`; f32 GEMM on all rayon threads.
-pub(crate) fn matmul(dst: &mut [f32], alpha: Option<f32>, beta: f32, a: Mat<'_>, b: Mat<'_>) {
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    alpha: Option<f32>,
+    beta: f32,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    threads: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() == m * n, "matmul shapes");
     // SAFETY: `Mat::new` checked that each operand's buffer holds its rows x
@@ -864,7 +1032,12 @@ pub(crate) fn matmul(dst: &mut [f32], alpha: Option<f32>, beta: f32, a: Mat<'_>,
             false,
             false,
             false,
-            Parallelism::Rayon(0),
+            threads,
         )
     }
 }
+
+/// [`matmul`] on the calling thread.
+pub(crate) const ONE_THREAD: Parallelism = Parallelism::None;
+/// [`matmul`] on all rayon threads.
+pub(crate) const ALL_THREADS: Parallelism = Parallelism::Rayon(0);

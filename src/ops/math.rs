@@ -446,7 +446,6 @@ impl SoftmaxState {
     /// The state of the union of the values behind `self` and `other` (what
     /// the CUDA kernels do across threads; checked by the tests below).
     #[inline]
-    #[cfg_attr(not(test), allow(dead_code))]
     pub fn merge(self, other: Self) -> Self {
         let m = self.m.max(other.m);
         if m == f32::NEG_INFINITY {

@@ -187,7 +187,8 @@ fn forward_matches_f64_reference_on_awkward_sizes() {
 
 #[test]
 fn forward_at_qwen_vocab() {
-    // Default chunks: many vocab tiles and a short last one (151936 = 74 * 2048 + 384).
+    // Default chunks: many vocab tiles in many groups of tiles, the last
+    // group partial and its last tile short (151936 = 593 * 256 + 128).
     let c = Case {
         n: 5,
         h: 64,
@@ -196,7 +197,7 @@ fn forward_at_qwen_vocab() {
         mask: false,
         t: 1.0,
         chunk_rows: 512,
-        chunk_vocab: 2048,
+        chunk_vocab: 256,
         seed: 9,
     };
     assert_eq!(FusedLinearConfig::default().chunk_vocab, c.chunk_vocab);
