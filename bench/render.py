@@ -242,6 +242,22 @@ def kernels_torch_cpu(rows, _all):
                   "its median / ours", "peak RSS ours / its"], body)
 
 
+def kernels_before_after(rows, _all):
+    """CPU: criterion's median of each CPU op's benchmark from an earlier
+    commit (impl `ours at REV`) and from the run's commit (`ours`), measured
+    one after the other (bench/cpu/before_after.sh); op is criterion's ID."""
+    after = {r["op"]: r for r in rows if r["impl"] == "ours"}
+    body = []
+    for b in rows:
+        a = after.get(b["op"])
+        if b["impl"].startswith("ours at ") and a:
+            tb, ta = num(b["time_us"]), num(a["time_us"])
+            body.append([f"`{b['op']}`", t3(tb), t3(ta), f"{ta / tb:.2f}"])
+    before = next((r["impl"][len("ours at "):] for r in rows if r["impl"].startswith("ours at ")), "?")
+    after_commit = rows[0]["commit"] if rows else "?"
+    return table(["criterion benchmark", f"before ({before})", f"after ({after_commit})", "after / before"], body)
+
+
 # ---------------------------------------------------------------- R1-SGG tables
 
 STAGE = {"sft": "SFT", "grpo": "SFT + GRPO"}
@@ -281,6 +297,7 @@ KINDS = {
     "kernels-versus": ("kernels.csv", kernels_versus),
     "kernels-threads": ("kernels.csv", kernels_threads),
     "kernels-torch-cpu": ("kernels.csv", kernels_torch_cpu),
+    "kernels-before-after": ("kernels.csv", kernels_before_after),
     "r1sgg-evals": ("r1_sgg.csv", r1sgg_evals),
     "r1sgg-seeds": ("r1_sgg.csv", r1sgg_seeds),
 }
