@@ -50,6 +50,7 @@ commit=$(git rev-parse --short HEAD)
 [ -z "$(git status --porcelain --untracked-files=no)" ] || commit+=+
 out=${out:-bench/cpu/logs/$(date -u +%F)-$commit-before-after/results.md}
 mkdir -p "$(dirname "$out")"
+out=$(realpath "$out")  # the old tree's build runs in another directory
 log=${out%.md}.log
 : > "$log"
 home=$(mktemp -d "$tmp/gk-criterion-XXXX")
