@@ -408,6 +408,33 @@ pub(crate) mod check {
         Ok(v)
     }
 
+    /// `n` f32 zeros, or an `Allocation` error (see [`with_capacity`]).
+    /// The memory comes zeroed from the allocator (`calloc`: for a large
+    /// buffer, pages the OS zeroes on first touch), so an output the op
+    /// then writes in its parallel pass is not written twice, and its page
+    /// faults are taken by the threads that write it.
+    pub fn zeros(op: &'static str, what: &'static str, n: usize) -> Result<Vec<f32>> {
+        let refused = Error::Allocation {
+            op,
+            what,
+            elements: n,
+        };
+        let layout = match std::alloc::Layout::array::<f32>(n) {
+            Ok(layout) if layout.size() > 0 => layout,
+            Ok(_) => return Ok(Vec::new()),
+            Err(_) => return Err(refused),
+        };
+        // SAFETY: the layout's size is not zero.
+        let data = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
+        if data.is_null() {
+            return Err(refused);
+        }
+        // SAFETY: `data` was allocated by the global allocator with the
+        // layout of `n` f32s, which is what a Vec of capacity `n` frees it
+        // with, and its `n` zeroed f32s are initialized (all-zero bits are 0.0).
+        Ok(unsafe { Vec::from_raw_parts(data, n, n) })
+    }
+
     /// Resizes `v` to `n` elements (new ones `fill`), or returns an
     /// `Allocation` error instead of aborting when growing it fails.
     pub fn grow<T: Clone>(

@@ -583,10 +583,10 @@ pub fn group_advantages(
 ) -> Result<GroupAdvantages> {
     let (_, n) = rewards.validate(OP)?;
     let groups = n / rewards.group_size;
-    let mut advantages = check::filled(OP, "advantages", n, 0.0f32)?;
-    let mut combined = check::filled(OP, "rewards", n, 0.0f32)?;
-    let mut group_mean = check::filled(OP, "group_mean", groups, 0.0f32)?;
-    let mut group_std = check::filled(OP, "group_std", groups, 0.0f32)?;
+    let mut advantages = check::zeros(OP, "advantages", n)?;
+    let mut combined = check::zeros(OP, "rewards", n)?;
+    let mut group_mean = check::zeros(OP, "group_mean", groups)?;
+    let mut group_std = check::zeros(OP, "group_std", groups)?;
     group_advantages_into(
         rewards,
         config,
@@ -634,6 +634,11 @@ pub fn group_advantages_into(
     check::len(OP, "rewards (output)", n, out.rewards.len())?;
     check::len(OP, "group_mean (output)", groups, out.group_mean.len())?;
     check::len(OP, "group_std (output)", groups, out.group_std.len())?;
+    if group_pass(rewards, &cfg, out) {
+        return Ok(());
+    }
+    // A non-finite value somewhere: the same computation, pass by pass,
+    // names the first one.
     match cfg.nan_rewards {
         NanRewards::Error => check::finite(OP, "values", rewards.values)?,
         NanRewards::Skip => {
@@ -702,6 +707,128 @@ pub fn group_advantages_into(
     Ok(())
 }
 
+/// [`group_advantages_into`]'s work group by group, in one pass (two when
+/// the mode needs the batch's statistics first), in parallel for large
+/// batches, with no `[P * G]` temporary: each group's combined rewards go
+/// through a `[G]` scratch. Returns whether every value read and written
+/// was finite (NaN rewards allowed by [`NanRewards::Skip`]); when not, the
+/// outputs are unspecified and the caller's checked passes, which compute
+/// the same values the same way, name the culprit.
+fn group_pass(rewards: &Rewards<'_>, cfg: &AdvantageConfig, out: &mut GroupAdvantagesOut<'_>) -> bool {
+    let (n, g) = (out.advantages.len(), rewards.group_size);
+    let unbiased = cfg.mode.unbiased();
+    let components = rewards.weights.map_or(1, <[f32]>::len);
+    let readable = |x: &f32| match cfg.nan_rewards {
+        NanRewards::Error => x.is_finite(),
+        NanRewards::Skip => !x.is_infinite(),
+    };
+    // Group p's combined rewards into `r`, if its values are all readable.
+    let combine = |p: usize, r: &mut Vec<f64>| -> bool {
+        let ok = (0..components).all(|k| {
+            rewards.values[k * n + p * g..k * n + (p + 1) * g]
+                .iter()
+                .all(readable)
+        });
+        r.resize(g, 0.0);
+        match (rewards.weights, cfg.aggregation) {
+            (None, RewardAggregation::SumThenNormalize) => r
+                .iter_mut()
+                .zip(&rewards.values[p * g..(p + 1) * g])
+                .for_each(|(r, &v)| *r = v as f64),
+            _ => rewards.combine_group(n, p, cfg.aggregation, r),
+        }
+        ok
+    };
+    let map = |stats: &GroupStats, batch: &GroupStats, r: &[f64], adv: &mut [f32]| -> bool {
+        let affine = cfg.group_affine(stats, g, batch);
+        let mut ok = true;
+        for (a, &x) in adv.iter_mut().zip(r) {
+            *a = affine.apply(x) as f32;
+            ok &= a.is_finite();
+        }
+        ok
+    };
+    let no_batch = GroupStats::of(&[], unbiased);
+    let batch_first = cfg.mode.uses_batch();
+    // Pass 1: combined rewards and statistics (and, without a batch term,
+    // the advantages) of group p; `(stats, all finite)`.
+    let first = |r: &mut Vec<f64>, (p, (((comb, adv), mean), std)): (usize, GroupOut<'_>)| {
+        let mut ok = combine(p, r);
+        for (c, &x) in comb.iter_mut().zip(r.iter()) {
+            *c = x as f32;
+            ok &= !c.is_infinite();
+        }
+        let stats = GroupStats::of(r, unbiased);
+        (*mean, *std) = (stats.mean as f32, stats.std as f32);
+        ok &= std.is_finite();
+        if !batch_first {
+            ok &= map(&stats, &no_batch, r, adv);
+        }
+        (stats, ok)
+    };
+    // Each group's output slices, numbered.
+    macro_rules! groups {
+        ($chunks:ident, $items:ident) => {
+            out.rewards
+                .$chunks(g)
+                .zip(out.advantages.$chunks(g))
+                .zip(out.group_mean.$items())
+                .zip(out.group_std.$items())
+                .enumerate()
+        };
+    }
+    // Small batches (GRPO's usual few hundred rewards) stay on this thread:
+    // a rayon dispatch costs more than the whole op.
+    let parallel = n > MIN_TASK;
+    let min_groups = (MIN_TASK / g).max(1);
+    let mut r = Vec::new();
+    if !batch_first {
+        return if parallel {
+            groups!(par_chunks_mut, par_iter_mut)
+                .with_min_len(min_groups)
+                .map_init(Vec::new, |r, item| first(r, item).1)
+                .all(|ok| ok)
+        } else {
+            groups!(chunks_mut, iter_mut).all(|item| first(&mut r, item).1)
+        };
+    }
+    let (stats, ok): (Vec<GroupStats>, Vec<bool>) = if parallel {
+        groups!(par_chunks_mut, par_iter_mut)
+            .with_min_len(min_groups)
+            .map_init(Vec::new, first)
+            .unzip()
+    } else {
+        groups!(chunks_mut, iter_mut)
+            .map(|item| first(&mut r, item))
+            .unzip()
+    };
+    if !ok.iter().all(|&ok| ok) {
+        return false;
+    }
+    let batch = GroupStats::batch(&stats, unbiased);
+    let second = |r: &mut Vec<f64>, (p, adv): (usize, &mut [f32])| {
+        combine(p, r);
+        map(&stats[p], &batch, r, adv)
+    };
+    if parallel {
+        out.advantages
+            .par_chunks_mut(g)
+            .with_min_len(min_groups)
+            .enumerate()
+            .map_init(Vec::new, second)
+            .all(|ok| ok)
+    } else {
+        out.advantages
+            .chunks_mut(g)
+            .enumerate()
+            .all(|item| second(&mut r, item))
+    }
+}
+
+/// One group's slices of [`GroupAdvantagesOut`], numbered: combined
+/// rewards, advantages, mean, std.
+type GroupOut<'a> = (((&'a mut [f32], &'a mut [f32]), &'a mut f32), &'a mut f32);
+
 /// Repeats each sequence's value over its tokens: `[S]` in, `[N]` out, with
 /// `N` the layout's token count (e.g. per-completion advantages to the
 /// per-token advantages of the policy loss).
@@ -711,7 +838,7 @@ pub fn group_advantages_into(
 /// ([`Error::Allocation`]: its `batch * seq_len` is not backed by any input).
 pub fn broadcast_to_tokens(per_seq: &[f32], layout: &SeqLayout<'_>) -> Result<Vec<f32>> {
     let tokens = validate_broadcast(per_seq, layout)?;
-    let mut out = check::filled(OP_BROADCAST, "tokens", tokens, 0.0f32)?;
+    let mut out = check::zeros(OP_BROADCAST, "tokens", tokens)?;
     broadcast_to_tokens_into(per_seq, layout, &mut out)?;
     Ok(out)
 }

@@ -279,7 +279,7 @@ pub fn fused_linear_logprobs<T: Float, I: TokenId>(
     cfg: &FusedLinearConfig,
 ) -> Result<LogProbs> {
     let n = rows.validate(OP)?.rows;
-    let zeros = |what| check::filled(OP, what, n, 0.0f32);
+    let zeros = |what| check::zeros(OP, what, n);
     let (mut logp, mut lse) = (zeros("logp")?, zeros("lse")?);
     let mut entropy = cfg.logprob.entropy.then(|| zeros("entropy")).transpose()?;
     fused_linear_logprobs_into(

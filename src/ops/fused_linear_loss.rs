@@ -381,7 +381,7 @@ pub fn fused_linear_policy_loss<T: Float, I: TokenId>(
     // allocated. The gradients are the inputs' own sizes (validated above):
     // zeros from `vec!` are pages the `_into` form then writes once, where a
     // filled buffer would be written twice (dW is the size of the LM head).
-    let uninit = |len, what| check::filled(OP, what, len, 0.0f32);
+    let uninit = |len, what| check::zeros(OP, what, len);
     let grad = |len| vec![T::default(); len];
     let mut out = LinearLoss {
         logp: uninit(n, "logp")?,

@@ -259,7 +259,7 @@ pub struct Samples<M: Memory = Host> {
 pub fn sample<T: Float>(inputs: &SampleInputs<'_, T>, cfg: &SamplingConfig) -> Result<Samples> {
     let rows = inputs.validate(OP)?;
     let mut tokens = check::filled(OP, "tokens", rows, 0u32)?;
-    let mut logp = check::filled(OP, "logp", rows, 0.0f32)?;
+    let mut logp = check::zeros(OP, "logp", rows)?;
     sample_into(
         inputs,
         cfg,

@@ -420,6 +420,8 @@ fn every_setting_matches_f64_reference_with_nan_rewards() {
         (7, 3, 3),
         (4, 6, 2),
         (2, 9, 1),
+        // Past the op's threshold for running groups in parallel.
+        (1500, 7, 2),
     ] {
         for discrete in [false, true] {
             let mut values = rewards(&mut rng, k * p * g, discrete);
