@@ -27,7 +27,7 @@
 //! the CUDA version (`cuda/fused_linear.cu`) runs the same loops with
 //! cuBLAS.
 //!
-//! **Threads.** Tiles run in parallel, [`GROUP_TILES`] at a time, each tile's
+//! **Threads.** Tiles run in parallel, 32 at a time, each tile's
 //! GEMMs on one thread: at these sizes a tile-sized GEMM split across
 //! threads loses much of its speed (2 cores: the forward 517 -> 473 ms at
 //! N = 512, the two-call forward + backward 1.83 -> 1.62 s at N = 256,
@@ -41,7 +41,7 @@
 //! `chunk_rows x H` (the row chunk's hidden states) and per thread one
 //! `chunk_rows x chunk_vocab` tile and, for bf16/f16 inputs, a `chunk_vocab
 //! x H` weight tile in f32. The backward holds a group of tiles instead
-//! (`chunk_rows x GROUP_TILES x chunk_vocab`: 16 MiB at the defaults), a
+//! (`chunk_rows x 32 x chunk_vocab`: 16 MiB at the defaults), a
 //! `chunk_rows x H` dh accumulator and, for bf16/f16, a `chunk_vocab x H`
 //! dW contribution per thread. None of it depends on N, and none on V
 //! beyond the outputs.
