@@ -551,21 +551,6 @@ pub struct GroupAdvantages<M: Memory = Host> {
     pub group_std: M::Owned<f32>,
 }
 
-/// `f(p, chunk)` for each group `p`'s `g`-long chunk of `out`; on rayon for
-/// large batches (a dispatch costs more than a GRPO batch's few hundred
-/// rewards).
-fn each_group<T: Send>(out: &mut [T], g: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
-    if out.len() > MIN_TASK {
-        let min_groups = (MIN_TASK / g).max(1);
-        out.par_chunks_mut(g)
-            .with_min_len(min_groups)
-            .enumerate()
-            .for_each(|(p, c)| f(p, c));
-    } else {
-        out.chunks_mut(g).enumerate().for_each(|(p, c)| f(p, c));
-    }
-}
-
 /// Advantages of `P * G` completions from their (weighted) rewards, with
 /// `config` an [`AdvantageConfig`] or just an [`AdvantageMode`] (the
 /// defaults: NaN is an error, weighted sum first, groups of one get 0).
@@ -637,8 +622,8 @@ pub fn group_advantages_into(
     if group_pass(rewards, &cfg, out) {
         return Ok(());
     }
-    // A non-finite value somewhere: the same computation, pass by pass,
-    // names the first one.
+    // Something was not finite: name the first culprit, in the order the
+    // values flow (the pass wrote every output that it reached).
     match cfg.nan_rewards {
         NanRewards::Error => check::finite(OP, "values", rewards.values)?,
         NanRewards::Skip => {
@@ -651,69 +636,26 @@ pub fn group_advantages_into(
             }
         }
     }
-    let g = rewards.group_size;
-    let unbiased = cfg.mode.unbiased();
-
-    // Combined rewards in f64 (exact for one component), group statistics,
-    // then each group's affine map of its rewards.
-    let mut r = vec![0.0f64; n];
-    match (rewards.weights, cfg.aggregation) {
-        (None, RewardAggregation::SumThenNormalize) => {
-            r.iter_mut().zip(rewards.values).for_each(|(r, &v)| *r = v as f64)
-        }
-        _ => each_group(&mut r, g, |p, out| {
-            rewards.combine_group(n, p, cfg.aggregation, out)
-        }),
-    }
-    let combined = &mut *out.rewards;
-    combined.iter_mut().zip(&r).for_each(|(c, &x)| *c = x as f32);
-    if let Some(i) = combined.iter().position(|x| x.is_infinite()) {
+    if let Some(i) = out.rewards.iter().position(|x| x.is_infinite()) {
         return Err(Error::NonFinite {
             op: OP,
             what: "weighted rewards",
             index: i,
         });
     }
-    let stats: Vec<GroupStats> = if n > MIN_TASK {
-        r.par_chunks(g)
-            .with_min_len((MIN_TASK / g).max(1))
-            .map(|grp| GroupStats::of(grp, unbiased))
-            .collect()
-    } else {
-        r.chunks(g).map(|grp| GroupStats::of(grp, unbiased)).collect()
-    };
-    for ((m, sd), st) in out
-        .group_mean
-        .iter_mut()
-        .zip(out.group_std.iter_mut())
-        .zip(&stats)
-    {
-        (*m, *sd) = (st.mean as f32, st.std as f32);
-    }
     check::finite(OP, "group_std", out.group_std)?;
-    let batch = if cfg.mode.uses_batch() {
-        GroupStats::batch(&stats, unbiased)
-    } else {
-        GroupStats::of(&[], unbiased)
-    };
-    let advantages = &mut *out.advantages;
-    each_group(advantages, g, |p, adv| {
-        let affine = cfg.group_affine(&stats[p], g, &batch);
-        for (a, &x) in adv.iter_mut().zip(&r[p * g..(p + 1) * g]) {
-            *a = affine.apply(x) as f32;
-        }
-    });
-    check::finite(OP, "advantages", advantages)?;
-    Ok(())
+    check::finite(OP, "advantages", out.advantages)
 }
 
 /// [`group_advantages_into`]'s work group by group, in one pass (two when
 /// the mode needs the batch's statistics first), in parallel for large
 /// batches, with no `[P * G]` temporary: each group's combined rewards go
 /// through a `[G]` scratch. Returns whether every value read and written
-/// was finite (NaN rewards allowed by [`NanRewards::Skip`]); when not, the
-/// outputs are unspecified and the caller's checked passes, which compute
-/// the same values the same way, name the culprit.
+/// was finite (NaN rewards allowed by [`NanRewards::Skip`]). Every group is
+/// computed either way (no early exit), so that the caller can name the
+/// first non-finite value in the outputs: a failed first pass is always
+/// explained by the rewards, combined rewards or standard deviations it
+/// wrote, so the second pass runs only after a clean first one.
 fn group_pass(rewards: &Rewards<'_>, cfg: &AdvantageConfig, out: &mut GroupAdvantagesOut<'_>) -> bool {
     let (n, g) = (out.advantages.len(), rewards.group_size);
     let unbiased = cfg.mode.unbiased();
@@ -787,9 +729,9 @@ fn group_pass(rewards: &Rewards<'_>, cfg: &AdvantageConfig, out: &mut GroupAdvan
             groups!(par_chunks_mut, par_iter_mut)
                 .with_min_len(min_groups)
                 .map_init(Vec::new, |r, item| first(r, item).1)
-                .all(|ok| ok)
+                .reduce(|| true, |a, b| a & b)
         } else {
-            groups!(chunks_mut, iter_mut).all(|item| first(&mut r, item).1)
+            groups!(chunks_mut, iter_mut).fold(true, |ok, item| first(&mut r, item).1 & ok)
         };
     }
     let (stats, ok): (Vec<GroupStats>, Vec<bool>) = if parallel {
