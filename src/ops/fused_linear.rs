@@ -522,8 +522,9 @@ pub(crate) struct Workspace {
     pub(crate) hidden: Vec<f32>,
     /// Logits tiles, then their gradient, tile after tile (tile `k`'s
     /// `[rows, cols_k]` block after tile `k - 1`'s): one group of
-    /// [`GROUP_TILES`] in the two-call forms, a row chunk's whole `[rows, V]`
-    /// in the fused loss.
+    /// [`GROUP_TILES`] in the two-call backward, a row chunk's whole
+    /// `[rows, V]` in the fused loss (the two-call forward keeps none: each
+    /// task folds its tile from its thread's scratch).
     pub(crate) tiles: Vec<f32>,
     /// `[cols, H]`: a weight tile in f32 for `dh`, when not stored as f32.
     pub(crate) weight: Vec<f32>,
